@@ -1,0 +1,504 @@
+//! The coordinator actor: the one writer of work batches for this instance.
+//!
+//! Owns the flush strategy (immediate, scoped, interval), the queue of units waiting to be
+//! committed, the reports (completions, failures, releases) waiting to be written, claims of
+//! pending work, the heartbeat, and the hand-off of committed or claimed rows to partition
+//! actors and the publisher. It keeps at most one batch in flight and hands rows off in commit
+//! order, which is what keeps each stream in order from the store to the handlers. Units that
+//! arrive while a batch is in flight go into the next one (group commit).
+//! It must not run user code and must never wait on a partition actor (they wait on it).
+
+use crate::config::{Config, FlushStrategy};
+use crate::error::DispatchError;
+use crate::partition::{InboxJob, PartitionDirectory};
+use crate::publisher::{PublishRows, Publisher};
+use crate::store::{
+    AppendedEvent, ClaimBudget, Failure, InboxWork, InstanceId, OutboxWork, Store, UnitOfWork,
+    UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
+};
+use actix::prelude::*;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Told when the perspectives of one inbox row have run (or failed).
+pub type AppliedSender = oneshot::Sender<Result<(), DispatchError>>;
+pub type AppliedReceiver = oneshot::Receiver<Result<(), DispatchError>>;
+
+/// What a committed unit gives back to its writer.
+#[derive(Debug)]
+pub struct CommitOutcome {
+    pub appended: Vec<AppendedEvent>,
+    /// One receiver per new inbox row, resolved when its perspectives have run (only when the
+    /// commit asked to wait).
+    pub applied: Vec<AppliedReceiver>,
+    /// Inbox rows that were seen before.
+    pub duplicates: Vec<Uuid>,
+}
+
+struct PendingUnit {
+    unit: UnitOfWork,
+    wait: bool,
+    reply: oneshot::Sender<Result<CommitOutcome, DispatchError>>,
+}
+
+/// Settings the coordinator needs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    pub strategy: FlushStrategy,
+    pub flush_interval: Duration,
+    pub poll_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub claim_budget: ClaimBudget,
+    pub max_batch: usize,
+}
+
+impl CoordinatorSettings {
+    pub fn from_config(config: &Config) -> CoordinatorSettings {
+        let c = &config.coordinator;
+        CoordinatorSettings {
+            strategy: c.flush_strategy,
+            flush_interval: Duration::from_millis(c.flush_interval_ms),
+            poll_interval: Duration::from_millis(c.poll_interval_ms),
+            heartbeat_interval: Duration::from_secs(config.partitions.heartbeat_seconds),
+            claim_budget: ClaimBudget {
+                outbox: c.claim_batch_size,
+                inbox: c.claim_batch_size,
+            },
+            max_batch: c.max_batch_size as usize,
+        }
+    }
+}
+
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    instance: InstanceId,
+    settings: CoordinatorSettings,
+    pending: VecDeque<PendingUnit>,
+    reports: WorkBatch,
+    /// Waiters parked with released rows, handed back when the rows are claimed again.
+    released_waiters: HashMap<Uuid, Vec<AppliedSender>>,
+    /// Waiters of rows this instance could not claim (another instance holds the partition).
+    remote_waiters: HashMap<Uuid, Vec<AppliedSender>>,
+    flushing: bool,
+    claim_wanted: bool,
+    partitions: Option<PartitionDirectory>,
+    publisher: Option<Addr<Publisher>>,
+    stopped: bool,
+    shutdown_reply: Option<oneshot::Sender<Result<(), DispatchError>>>,
+}
+
+impl Coordinator {
+    pub fn new(store: Arc<dyn Store>, instance: InstanceId, settings: CoordinatorSettings) -> Self {
+        Coordinator {
+            store,
+            instance,
+            settings,
+            pending: VecDeque::new(),
+            reports: WorkBatch::default(),
+            released_waiters: HashMap::new(),
+            remote_waiters: HashMap::new(),
+            flushing: false,
+            // Claim once at start: work left by an earlier run of this service.
+            claim_wanted: true,
+            partitions: None,
+            publisher: None,
+            stopped: false,
+            shutdown_reply: None,
+        }
+    }
+
+    fn wants_flush(&self) -> bool {
+        let draining = self.stopped && (!self.pending.is_empty() || self.reports.reports() > 0);
+        draining
+            || self.claim_wanted
+            || (!self.pending.is_empty() && self.settings.strategy != FlushStrategy::Interval)
+            || self.reports.reports() >= self.settings.max_batch
+    }
+
+    /// Starts a batch unless one is in flight; the completion of a batch calls this again.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.flushing || self.partitions.is_none() {
+            return;
+        }
+        let take = match self.settings.strategy {
+            FlushStrategy::Immediate => 1,
+            _ => self.settings.max_batch,
+        };
+        let units: Vec<PendingUnit> = (0..take).map_while(|_| self.pending.pop_front()).collect();
+        let mut batch = std::mem::take(&mut self.reports);
+        batch.units = units.iter().map(|p| p.unit.clone()).collect();
+        if self.claim_wanted && !self.stopped {
+            batch.claim = Some(self.settings.claim_budget);
+        }
+        self.claim_wanted = false;
+        if batch.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let store = self.store.clone();
+        let instance = self.instance;
+        let reports = WorkBatch {
+            units: Vec::new(),
+            claim: None,
+            ..batch.clone()
+        };
+        ctx.spawn(
+            async move { store.process_work_batch(instance, batch).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.flushing = false;
+                    match result {
+                        Ok(result) => act.distribute(result, units),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "work batch failed; reports kept for the next batch");
+                            act.restore_reports(reports);
+                            let err = DispatchError::from(e);
+                            for unit in units {
+                                let _ = unit.reply.send(Err(err.clone()));
+                            }
+                        }
+                    }
+                    if act.wants_flush() {
+                        act.flush(ctx);
+                    }
+                    act.finish_shutdown_when_drained(ctx);
+                }),
+        );
+    }
+
+    /// After `Shutdown`: once nothing is queued or in flight, release every partition at once
+    /// (so other instances take over without waiting for expiry) and answer.
+    fn finish_shutdown_when_drained(&mut self, ctx: &mut Context<Self>) {
+        if self.flushing || !self.pending.is_empty() || self.reports.reports() > 0 {
+            return;
+        }
+        let Some(reply) = self.shutdown_reply.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        let instance = self.instance;
+        ctx.spawn(
+            async move {
+                let result = store
+                    .release_partitions(instance, None)
+                    .await
+                    .map_err(DispatchError::from);
+                let _ = reply.send(result);
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn restore_reports(&mut self, old: WorkBatch) {
+        let r = &mut self.reports;
+        r.outbox_completions.extend(old.outbox_completions);
+        r.outbox_failures.extend(old.outbox_failures);
+        r.outbox_releases.extend(old.outbox_releases);
+        r.inbox_completions.extend(old.inbox_completions);
+        r.inbox_failures.extend(old.inbox_failures);
+        r.inbox_releases.extend(old.inbox_releases);
+    }
+
+    /// Hands committed and claimed rows on, in commit order, and answers the writers.
+    fn distribute(&mut self, result: WorkBatchResult, units: Vec<PendingUnit>) {
+        for (pending, outcome) in units.into_iter().zip(result.units) {
+            match outcome {
+                UnitOutcome::Committed {
+                    appended,
+                    claimed_outbox,
+                    claimed_inbox,
+                    duplicate_inbox,
+                } => {
+                    let mut applied = Vec::new();
+                    let mut claimed_ids = Vec::with_capacity(claimed_inbox.len());
+                    for work in claimed_inbox {
+                        claimed_ids.push(work.envelope.message_id);
+                        let mut done = Vec::new();
+                        if pending.wait {
+                            let (tx, rx) = oneshot::channel();
+                            done.push(tx);
+                            applied.push(rx);
+                        }
+                        self.hand_inbox(work, done);
+                    }
+                    if pending.wait {
+                        for row in &pending.unit.inbox {
+                            let id = row.envelope.message_id;
+                            if !claimed_ids.contains(&id) && !duplicate_inbox.contains(&id) {
+                                let (tx, rx) = oneshot::channel();
+                                self.remote_waiters.entry(id).or_default().push(tx);
+                                applied.push(rx);
+                            }
+                        }
+                    }
+                    self.hand_outbox(claimed_outbox);
+                    let _ = pending.reply.send(Ok(CommitOutcome {
+                        appended,
+                        applied,
+                        duplicates: duplicate_inbox,
+                    }));
+                }
+                UnitOutcome::Conflict {
+                    stream_id,
+                    expected,
+                    actual,
+                } => {
+                    let _ = pending.reply.send(Err(DispatchError::VersionConflict {
+                        stream_id,
+                        expected,
+                        actual,
+                    }));
+                }
+            }
+        }
+        self.hand_outbox(result.claimed_outbox);
+        for work in result.claimed_inbox {
+            let id = work.envelope.message_id;
+            let mut done = self.released_waiters.remove(&id).unwrap_or_default();
+            done.extend(self.remote_waiters.remove(&id).unwrap_or_default());
+            self.hand_inbox(work, done);
+        }
+        for id in &result.dead_lettered {
+            tracing::warn!(message_id = %id, "message dead-lettered after max attempts; its stream is parked");
+            for tx in self.released_waiters.remove(id).into_iter().flatten() {
+                let _ = tx.send(Err(DispatchError::PerspectiveFailed {
+                    message_id: *id,
+                    error: "dead-lettered".into(),
+                }));
+            }
+        }
+        if !result.stale.is_empty() {
+            tracing::debug!(
+                count = result.stale.len(),
+                "reports refused: lease lost (fencing)"
+            );
+        }
+    }
+
+    fn hand_inbox(&mut self, work: InboxWork, done: Vec<AppliedSender>) {
+        if let Some(dir) = &self.partitions {
+            dir.enqueue(
+                work.work.partition,
+                crate::partition::Job::Inbox(InboxJob { work, done }),
+            );
+        }
+    }
+
+    fn hand_outbox(&mut self, rows: Vec<OutboxWork>) {
+        if rows.is_empty() {
+            return;
+        }
+        match &self.publisher {
+            // do_send: the publisher never stops before the coordinator, and must not make the
+            // coordinator wait (see the module docs).
+            Some(p) => p.do_send(PublishRows(rows)),
+            None => {
+                // No publisher (a service that only consumes): hand the rows back.
+                self.reports
+                    .outbox_releases
+                    .extend(rows.into_iter().map(|r| r.work));
+            }
+        }
+    }
+
+    fn arm_work_signal(&self, ctx: &mut Context<Self>, mut rx: tokio::sync::watch::Receiver<u64>) {
+        ctx.spawn(
+            async move {
+                let changed = rx.changed().await.is_ok();
+                (changed, rx)
+            }
+            .into_actor(self)
+            .map(|(changed, rx), act, ctx| {
+                if changed && !act.stopped {
+                    act.claim_wanted = true;
+                    act.flush(ctx);
+                    act.arm_work_signal(ctx, rx);
+                }
+            }),
+        );
+    }
+
+    fn check_remote_waiters(&mut self, ctx: &mut Context<Self>) {
+        if self.remote_waiters.is_empty() {
+            return;
+        }
+        let ids: Vec<Uuid> = self.remote_waiters.keys().copied().collect();
+        let store = self.store.clone();
+        ctx.spawn(
+            async move { store.inbox_processed(&ids).await }
+                .into_actor(self)
+                .map(|result, act, _ctx| {
+                    if let Ok(done) = result {
+                        for id in done {
+                            for tx in act.remote_waiters.remove(&id).into_iter().flatten() {
+                                let _ = tx.send(Ok(()));
+                            }
+                        }
+                    }
+                }),
+        );
+    }
+}
+
+impl Actor for Coordinator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+        let s = self.settings.clone();
+        ctx.run_interval(s.flush_interval, |act, ctx| {
+            if !act.pending.is_empty() || act.reports.reports() > 0 {
+                act.flush(ctx);
+            }
+        });
+        ctx.run_interval(s.poll_interval, |act, ctx| {
+            act.claim_wanted = true;
+            act.flush(ctx);
+            act.check_remote_waiters(ctx);
+        });
+        ctx.run_interval(s.heartbeat_interval, |act, ctx| {
+            let store = act.store.clone();
+            let instance = act.instance;
+            ctx.spawn(
+                async move { store.heartbeat(instance).await }
+                    .into_actor(act)
+                    .map(|result, _act, _ctx| match result {
+                        Ok(hb) if !hb.released.is_empty() => {
+                            tracing::debug!(
+                                released = hb.released.len(),
+                                held = hb.held_partitions.len(),
+                                live = hb.live_instances,
+                                "heartbeat released partitions"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                    }),
+            );
+        });
+        self.arm_work_signal(ctx, self.store.work_signal());
+    }
+}
+
+/// Wires the coordinator to the actors it hands work to (they need its address first).
+pub struct Attach {
+    pub partitions: PartitionDirectory,
+    pub publisher: Option<Addr<Publisher>>,
+}
+
+impl Message for Attach {
+    type Result = ();
+}
+
+impl Handler<Attach> for Coordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Attach, ctx: &mut Self::Context) {
+        self.partitions = Some(msg.partitions);
+        self.publisher = msg.publisher;
+        self.flush(ctx);
+    }
+}
+
+/// Queues a unit; answered when it is committed (or conflicted, or the batch failed).
+pub struct Commit {
+    pub unit: UnitOfWork,
+    /// Return receivers that resolve when the unit's inbox rows have been processed.
+    pub wait: bool,
+}
+
+impl Message for Commit {
+    type Result = Result<CommitOutcome, DispatchError>;
+}
+
+impl Handler<Commit> for Coordinator {
+    type Result = ResponseFuture<Result<CommitOutcome, DispatchError>>;
+
+    fn handle(&mut self, msg: Commit, ctx: &mut Self::Context) -> Self::Result {
+        if self.stopped {
+            return Box::pin(async { Err(DispatchError::Unavailable("runtime stopped".into())) });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.pending.push_back(PendingUnit {
+            unit: msg.unit,
+            wait: msg.wait,
+            reply,
+        });
+        if self.wants_flush() {
+            self.flush(ctx);
+        }
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(DispatchError::Unavailable("coordinator stopped".into())))
+        })
+    }
+}
+
+/// What a partition actor or the publisher reports about a row it was handed.
+pub enum Report {
+    OutboxDone(WorkRef),
+    OutboxFailed(Failure),
+    OutboxReleased(WorkRef),
+    InboxDone(WorkRef),
+    InboxFailed(Failure),
+    /// Handed back unprocessed (its stream is parked); the waiters go with it.
+    InboxReleased(WorkRef, Vec<AppliedSender>),
+}
+
+impl Message for Report {
+    type Result = ();
+}
+
+impl Handler<Report> for Coordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Report, ctx: &mut Self::Context) {
+        let r = &mut self.reports;
+        match msg {
+            Report::OutboxDone(w) => r.outbox_completions.push(w),
+            Report::OutboxFailed(f) => r.outbox_failures.push(f),
+            Report::OutboxReleased(w) => r.outbox_releases.push(w),
+            Report::InboxDone(w) => r.inbox_completions.push(w),
+            Report::InboxFailed(f) => r.inbox_failures.push(f),
+            Report::InboxReleased(w, waiters) => {
+                r.inbox_releases.push(w);
+                if !waiters.is_empty() {
+                    self.released_waiters
+                        .entry(w.message_id)
+                        .or_default()
+                        .extend(waiters);
+                }
+            }
+        }
+        if self.wants_flush() {
+            self.flush(ctx);
+        }
+    }
+}
+
+/// Writes everything still queued, then gives up this instance's partitions. Answered when
+/// done; the coordinator accepts no new units afterwards.
+pub struct Shutdown;
+
+impl Message for Shutdown {
+    type Result = Result<(), DispatchError>;
+}
+
+impl Handler<Shutdown> for Coordinator {
+    type Result = ResponseFuture<Result<(), DispatchError>>;
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) -> Self::Result {
+        self.stopped = true;
+        let (tx, rx) = oneshot::channel();
+        self.shutdown_reply = Some(tx);
+        self.flush(ctx);
+        self.finish_shutdown_when_drained(ctx);
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(DispatchError::Unavailable("coordinator stopped".into())))
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! The dispatcher actor: the public entry point, with the seed's three patterns.
+//!
+//! - [`SendCommand`]: handle a command and return a [`DeliveryReceipt`] once its effects are
+//!   committed (`Delivered`), or once it is stored in the outbox for a remote receptor
+//!   (`Accepted`). Perspectives run afterwards, asynchronously.
+//! - [`LocalInvoke`]: handle a command and return the receptor's typed result only after its
+//!   events are committed (event store + outbox, atomically) and every perspective registered
+//!   for them has run: read-your-writes.
+//! - [`PublishEvent`]: append an event and send it to its perspectives and the outbox.
+//!
+//! Owns envelope creation (UUIDv7 id, correlation, causation, hops) and routing a command to the
+//! partition actor of its stream. It must not run handlers or wait inside its own mailbox: each
+//! call is a future of its own, so calls on different streams proceed concurrently.
+
+use crate::coordinator::{Commit, Coordinator};
+use crate::envelope::{Envelope, MessageKind};
+use crate::error::DispatchError;
+use crate::message::{self, Command, Event};
+use crate::partition::{CommandJob, Job, PartitionDirectory};
+use crate::registry::RegistryView;
+use crate::routing::{Origin, add_message};
+use crate::store::{AppendedEvent, CorrelationStatus, Store, UnitOfWork};
+use actix::prelude::*;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// Tracing context for a dispatch: continue an existing conversation, or start a new one.
+#[derive(Debug, Clone, Default)]
+pub struct DispatchOptions {
+    pub correlation_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl DispatchOptions {
+    /// Continue the conversation of `cause`: same correlation id, `cause` as the causation.
+    pub fn caused_by(correlation_id: Uuid, causation_id: Uuid) -> DispatchOptions {
+        DispatchOptions {
+            correlation_id: Some(correlation_id),
+            causation_id: Some(causation_id),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// Whether the receipt means "handled here and committed" or "queued for a remote receptor".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptStatus {
+    /// A local receptor handled the command and its events are committed.
+    Delivered,
+    /// The message is committed to the outbox and will reach its destination.
+    Accepted,
+}
+
+/// What `send` and `publish` return.
+#[derive(Debug, Clone)]
+pub struct DeliveryReceipt {
+    pub message_id: Uuid,
+    pub correlation_id: Uuid,
+    pub stream_id: String,
+    pub timestamp_us: i64,
+    pub status: ReceiptStatus,
+    /// Events committed by this dispatch.
+    pub events: Vec<AppendedEvent>,
+}
+
+impl DeliveryReceipt {
+    fn of(envelope: &Envelope, status: ReceiptStatus, events: Vec<AppendedEvent>) -> Self {
+        DeliveryReceipt {
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id,
+            stream_id: envelope.stream_id.clone(),
+            timestamp_us: envelope.timestamp_us,
+            status,
+            events,
+        }
+    }
+}
+
+/// Handle a command and wait for its typed result and its perspectives.
+pub struct LocalInvoke<C, R> {
+    pub command: C,
+    pub options: DispatchOptions,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<C, R> LocalInvoke<C, R> {
+    pub fn new(command: C) -> Self {
+        LocalInvoke {
+            command,
+            options: DispatchOptions::default(),
+            _result: PhantomData,
+        }
+    }
+
+    pub fn with_options(mut self, options: DispatchOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+impl<C: Command, R: Send + 'static> Message for LocalInvoke<C, R> {
+    type Result = Result<R, DispatchError>;
+}
+
+/// Handle (or forward) a command and return a receipt.
+pub struct SendCommand<C> {
+    pub command: C,
+    pub options: DispatchOptions,
+}
+
+impl<C> SendCommand<C> {
+    pub fn new(command: C) -> Self {
+        SendCommand {
+            command,
+            options: DispatchOptions::default(),
+        }
+    }
+
+    pub fn with_options(mut self, options: DispatchOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+impl<C: Command> Message for SendCommand<C> {
+    type Result = Result<DeliveryReceipt, DispatchError>;
+}
+
+/// Append an event and send it to its perspectives and the outbox.
+pub struct PublishEvent<E> {
+    pub event: E,
+    pub options: DispatchOptions,
+}
+
+impl<E> PublishEvent<E> {
+    pub fn new(event: E) -> Self {
+        PublishEvent {
+            event,
+            options: DispatchOptions::default(),
+        }
+    }
+}
+
+impl<E: Event> Message for PublishEvent<E> {
+    type Result = Result<DeliveryReceipt, DispatchError>;
+}
+
+/// Everything the store knows about what one request caused.
+pub struct Status(pub Uuid);
+
+impl Message for Status {
+    type Result = Result<CorrelationStatus, DispatchError>;
+}
+
+pub struct Dispatcher {
+    origin: Origin,
+    registry: RegistryView,
+    partitions: PartitionDirectory,
+    coordinator: Addr<Coordinator>,
+    store: Arc<dyn Store>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        origin: Origin,
+        registry: RegistryView,
+        partitions: PartitionDirectory,
+        coordinator: Addr<Coordinator>,
+        store: Arc<dyn Store>,
+    ) -> Dispatcher {
+        Dispatcher {
+            origin,
+            registry,
+            partitions,
+            coordinator,
+            store,
+        }
+    }
+
+    fn envelope(
+        &self,
+        kind: MessageKind,
+        message_type: &str,
+        stream_id: String,
+        payload: Vec<u8>,
+        options: DispatchOptions,
+    ) -> Envelope {
+        let mut envelope = Envelope::new(kind, message_type, stream_id, payload);
+        if let Some(c) = options.correlation_id {
+            envelope.correlation_id = c;
+        }
+        envelope.causation_id = options.causation_id;
+        envelope.metadata = options.metadata;
+        envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
+        envelope
+    }
+
+    /// Queues a command on its stream's partition actor; the receiver answers when it is done.
+    fn run_locally<C: Command>(
+        &self,
+        command: C,
+        options: DispatchOptions,
+        wait: bool,
+    ) -> (
+        Envelope,
+        oneshot::Receiver<Result<crate::partition::CommandOutcome, DispatchError>>,
+    ) {
+        // The payload is encoded only if the command itself must be stored (outbox/inbox):
+        // a local receptor gets the typed value.
+        let envelope = self.envelope(
+            MessageKind::Command,
+            C::TYPE_NAME,
+            command.stream_id(),
+            Vec::new(),
+            options,
+        );
+        let (reply, rx) = oneshot::channel();
+        self.partitions.enqueue(
+            self.origin.partition(&envelope.stream_id),
+            Job::Command(CommandJob {
+                envelope: envelope.clone(),
+                typed: Some(Box::new(command)),
+                wait,
+                reply,
+            }),
+        );
+        (envelope, rx)
+    }
+}
+
+impl Actor for Dispatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+fn gone<E>(_: E) -> DispatchError {
+    DispatchError::Unavailable("partition actor stopped".into())
+}
+
+impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
+    type Result = ResponseFuture<Result<R, DispatchError>>;
+
+    fn handle(&mut self, msg: LocalInvoke<C, R>, _ctx: &mut Self::Context) -> Self::Result {
+        if self.registry.current().receptor(C::TYPE_NAME).is_none() {
+            return Box::pin(async {
+                Err(DispatchError::HandlerNotFound {
+                    message_type: C::TYPE_NAME.into(),
+                })
+            });
+        }
+        let (_, rx) = self.run_locally(msg.command, msg.options, true);
+        Box::pin(async move {
+            let outcome = rx.await.map_err(gone)??;
+            for applied in outcome.applied {
+                applied.await.map_err(gone)??;
+            }
+            outcome
+                .result
+                .downcast::<R>()
+                .map(|r| *r)
+                .map_err(|_| DispatchError::ResultType {
+                    message_type: C::TYPE_NAME.into(),
+                    expected: std::any::type_name::<R>(),
+                })
+        })
+    }
+}
+
+impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
+    type Result = ResponseFuture<Result<DeliveryReceipt, DispatchError>>;
+
+    fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
+        let table = self.registry.current();
+        if table.receptor(C::TYPE_NAME).is_some() {
+            let (envelope, rx) = self.run_locally(msg.command, msg.options, false);
+            return Box::pin(async move {
+                let outcome = rx.await.map_err(gone)??;
+                Ok(DeliveryReceipt::of(
+                    &envelope,
+                    ReceiptStatus::Delivered,
+                    outcome.appended,
+                ))
+            });
+        }
+        if table.topic(C::TYPE_NAME).is_none() {
+            return Box::pin(async {
+                Err(DispatchError::HandlerNotFound {
+                    message_type: C::TYPE_NAME.into(),
+                })
+            });
+        }
+        // A remote receptor: the command itself goes to the outbox.
+        let payload = match message::encode(&msg.command) {
+            Ok(p) => p,
+            Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
+        };
+        let envelope = self.envelope(
+            MessageKind::Command,
+            C::TYPE_NAME,
+            msg.command.stream_id(),
+            payload,
+            msg.options,
+        );
+        commit_one(
+            &self.origin,
+            &self.registry,
+            &self.coordinator,
+            envelope,
+            ReceiptStatus::Accepted,
+        )
+    }
+}
+
+impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
+    type Result = ResponseFuture<Result<DeliveryReceipt, DispatchError>>;
+
+    fn handle(&mut self, msg: PublishEvent<E>, _ctx: &mut Self::Context) -> Self::Result {
+        let payload = match message::encode(&msg.event) {
+            Ok(p) => p,
+            Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
+        };
+        let envelope = self.envelope(
+            MessageKind::Event,
+            E::TYPE_NAME,
+            msg.event.stream_id(),
+            payload,
+            msg.options,
+        );
+        commit_one(
+            &self.origin,
+            &self.registry,
+            &self.coordinator,
+            envelope,
+            ReceiptStatus::Accepted,
+        )
+    }
+}
+
+/// Commits a unit holding one message and answers with its receipt.
+fn commit_one(
+    origin: &Origin,
+    registry: &RegistryView,
+    coordinator: &Addr<Coordinator>,
+    mut envelope: Envelope,
+    status: ReceiptStatus,
+) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
+    let mut unit = UnitOfWork {
+        claim_for_writer: true,
+        ..UnitOfWork::default()
+    };
+    // `add_message` stamps its own hop: drop the dispatcher's to keep one per step.
+    envelope.hops.pop();
+    let planned = add_message(origin, &registry.current(), &mut unit, envelope.clone());
+    let coordinator = coordinator.clone();
+    Box::pin(async move {
+        planned?;
+        let outcome = coordinator.send(Commit { unit, wait: false }).await??;
+        Ok(DeliveryReceipt::of(&envelope, status, outcome.appended))
+    })
+}
+
+impl Handler<Status> for Dispatcher {
+    type Result = ResponseFuture<Result<CorrelationStatus, DispatchError>>;
+
+    fn handle(&mut self, msg: Status, _ctx: &mut Self::Context) -> Self::Result {
+        let store = self.store.clone();
+        Box::pin(async move { Ok(store.correlation_status(msg.0).await?) })
+    }
+}

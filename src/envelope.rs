@@ -1,0 +1,141 @@
+//! The envelope: what travels with every message through store, transport and handlers.
+//!
+//! Owns identity (UUIDv7 message id), the correlation / causation chain, the hops a message took
+//! and free-form metadata. It must not know how a payload is interpreted: the payload is opaque
+//! bytes produced by [`crate::message::encode`].
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+/// Whether a message is a command (one receptor) or an event (event store + perspectives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageKind {
+    Command,
+    Event,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Command => "command",
+            MessageKind::Event => "event",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MessageKind> {
+        match s {
+            "command" => Some(MessageKind::Command),
+            "event" => Some(MessageKind::Event),
+            _ => None,
+        }
+    }
+}
+
+/// One step of a message's journey: which service instance handled it, on which topic, stream
+/// and partition, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hop {
+    pub service: String,
+    pub instance: Uuid,
+    pub topic: Option<String>,
+    pub stream_id: String,
+    pub partition: u32,
+    pub timestamp_us: i64,
+}
+
+/// A message with everything the runtime needs to route, order, trace and deduplicate it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// UUIDv7: unique, and time-ordered so indexes stay compact.
+    pub message_id: Uuid,
+    /// Shared by every message caused, directly or not, by the same original request.
+    pub correlation_id: Uuid,
+    /// The message id of the message that caused this one; `None` for an original request.
+    pub causation_id: Option<Uuid>,
+    /// Creation time, microseconds since the Unix epoch.
+    pub timestamp_us: i64,
+    /// The stable type name ([`crate::message::Message::TYPE_NAME`]).
+    pub message_type: String,
+    pub kind: MessageKind,
+    pub stream_id: String,
+    pub hops: Vec<Hop>,
+    pub metadata: BTreeMap<String, String>,
+    /// The rmp-serde encoded message.
+    pub payload: Vec<u8>,
+}
+
+impl Envelope {
+    /// A new original message: fresh message id, a new correlation id, no cause.
+    pub fn new(
+        kind: MessageKind,
+        message_type: &str,
+        stream_id: String,
+        payload: Vec<u8>,
+    ) -> Envelope {
+        let message_id = Uuid::now_v7();
+        Envelope {
+            message_id,
+            correlation_id: message_id,
+            causation_id: None,
+            timestamp_us: now_us(),
+            message_type: message_type.to_string(),
+            kind,
+            stream_id,
+            hops: Vec::new(),
+            metadata: BTreeMap::new(),
+            payload,
+        }
+    }
+
+    /// A message caused by `cause`: keeps its correlation id, takes its message id as the
+    /// causation id, and inherits its metadata.
+    pub fn caused_by(
+        cause: &Envelope,
+        kind: MessageKind,
+        message_type: &str,
+        stream_id: String,
+        payload: Vec<u8>,
+    ) -> Envelope {
+        let mut envelope = Envelope::new(kind, message_type, stream_id, payload);
+        envelope.correlation_id = cause.correlation_id;
+        envelope.causation_id = Some(cause.message_id);
+        envelope.metadata = cause.metadata.clone();
+        envelope
+    }
+
+    pub fn push_hop(&mut self, hop: Hop) {
+        self.hops.push(hop);
+    }
+}
+
+/// Microseconds since the Unix epoch, by this machine's clock (used for traces, never leases).
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caused_message_keeps_correlation_and_points_at_its_cause() {
+        let cmd = Envelope::new(MessageKind::Command, "CreateOrder", "o-1".into(), vec![]);
+        assert_eq!(cmd.correlation_id, cmd.message_id);
+        assert_eq!(cmd.message_id.get_version_num(), 7);
+        let ev = Envelope::caused_by(
+            &cmd,
+            MessageKind::Event,
+            "OrderCreated",
+            "o-1".into(),
+            vec![],
+        );
+        assert_eq!(ev.correlation_id, cmd.correlation_id);
+        assert_eq!(ev.causation_id, Some(cmd.message_id));
+        assert_ne!(ev.message_id, cmd.message_id);
+    }
+}

@@ -1,0 +1,442 @@
+//! User handlers and the actors that run them.
+//!
+//! Owns the two traits users implement — [`Receptor`] (a command → a decision: a typed result,
+//! events, follow-on commands) and [`Perspective`] (an event → a read-model update) — their
+//! type-erased adapters, and [`ReceptorActor`] / [`PerspectiveActor`], which run user code with
+//! every panic caught and turned into a failure of that one message. It must not touch the
+//! store or decide ordering: partition actors call these actors one message at a time per
+//! stream.
+
+use crate::envelope::{Envelope, MessageKind};
+use crate::message::{self, CodecError, Command, Event};
+use crate::store::ExpectedVersion;
+use actix::prelude::*;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Why a receptor refused a command. Each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceptorError {
+    /// The command is malformed or incomplete (400).
+    #[error("validation failed: {0}")]
+    Validation(String),
+    /// A business rule forbids it in the current state (409).
+    #[error("business rule conflict: {0}")]
+    Conflict(String),
+    /// Something it refers to does not exist (404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The receptor itself failed (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ReceptorError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ReceptorError::Validation(_) => 400,
+            ReceptorError::Conflict(_) => 409,
+            ReceptorError::NotFound(_) => 404,
+            ReceptorError::Internal(_) => 500,
+        }
+    }
+}
+
+/// A perspective could not apply an event; the inbox row is retried with backoff and
+/// dead-lettered after `max_attempts`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PerspectiveError(pub String);
+
+/// What a receptor knows about the command it handles.
+#[derive(Debug, Clone)]
+pub struct ReceptorContext {
+    pub message_id: Uuid,
+    pub correlation_id: Uuid,
+    pub causation_id: Option<Uuid>,
+    pub stream_id: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a perspective knows about the event it applies.
+#[derive(Debug, Clone)]
+pub struct EventMeta {
+    pub message_id: Uuid,
+    pub correlation_id: Uuid,
+    pub causation_id: Option<Uuid>,
+    pub stream_id: String,
+    pub timestamp_us: i64,
+}
+
+impl EventMeta {
+    fn of(envelope: &Envelope) -> EventMeta {
+        EventMeta {
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id,
+            causation_id: envelope.causation_id,
+            stream_id: envelope.stream_id.clone(),
+            timestamp_us: envelope.timestamp_us,
+        }
+    }
+}
+
+/// A message a receptor wants written, already encoded.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    pub kind: MessageKind,
+    pub message_type: &'static str,
+    pub stream_id: String,
+    pub payload: Result<Vec<u8>, String>,
+}
+
+/// A receptor's decision: the typed result for the caller, the events to append (in order),
+/// follow-on commands, and optional expected versions. All of it is committed atomically, or
+/// none of it.
+pub struct Decision<R> {
+    pub result: R,
+    pub events: Vec<Emitted>,
+    pub commands: Vec<Emitted>,
+    pub expectations: Vec<(String, ExpectedVersion)>,
+}
+
+impl<R> Decision<R> {
+    /// A decision with a result and nothing to write yet.
+    pub fn new(result: R) -> Decision<R> {
+        Decision {
+            result,
+            events: Vec::new(),
+            commands: Vec::new(),
+            expectations: Vec::new(),
+        }
+    }
+
+    /// Appends an event to the decision.
+    pub fn emit<E: Event>(mut self, event: &E) -> Decision<R> {
+        self.events.push(emitted(MessageKind::Event, event));
+        self
+    }
+
+    /// Adds a follow-on command, dispatched after this decision commits (its causation id is
+    /// the command being handled).
+    pub fn then_send<C: Command>(mut self, command: &C) -> Decision<R> {
+        self.commands.push(emitted(MessageKind::Command, command));
+        self
+    }
+
+    /// Requires `stream_id` to be at `expected` when the decision commits.
+    pub fn expect_version(
+        mut self,
+        stream_id: impl Into<String>,
+        expected: ExpectedVersion,
+    ) -> Self {
+        self.expectations.push((stream_id.into(), expected));
+        self
+    }
+}
+
+impl<E: Event + Clone> Decision<E> {
+    /// The common case: one event that is also the result.
+    pub fn event(event: E) -> Decision<E> {
+        let emitted = emitted(MessageKind::Event, &event);
+        let mut decision = Decision::new(event);
+        decision.events.push(emitted);
+        decision
+    }
+}
+
+fn emitted<M: crate::message::Message>(kind: MessageKind, m: &M) -> Emitted {
+    Emitted {
+        kind,
+        message_type: M::TYPE_NAME,
+        stream_id: m.stream_id(),
+        payload: message::encode(m).map_err(|e| e.to_string()),
+    }
+}
+
+/// Handles one command type. Exactly one receptor may be registered per command type.
+pub trait Receptor<C: Command>: Send + Sync + 'static {
+    /// What `local_invoke` returns to the caller.
+    type Result: Send + 'static;
+
+    fn handle(
+        &self,
+        command: C,
+        ctx: ReceptorContext,
+    ) -> impl Future<Output = Result<Decision<Self::Result>, ReceptorError>> + Send;
+}
+
+/// Applies one event type to a read model. Any number may be registered per event type; each
+/// sees a stream's events in order.
+pub trait Perspective<E: Event>: Send + Sync + 'static {
+    fn apply(
+        &self,
+        event: E,
+        meta: EventMeta,
+    ) -> impl Future<Output = Result<(), PerspectiveError>> + Send;
+}
+
+/// A decision with its result type erased, on its way through the actors.
+pub struct ErasedDecision {
+    pub result: Box<dyn Any + Send>,
+    pub events: Vec<Emitted>,
+    pub commands: Vec<Emitted>,
+    pub expectations: Vec<(String, ExpectedVersion)>,
+}
+
+/// Why running user code failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HandlerFailure {
+    #[error(transparent)]
+    Rejected(ReceptorError),
+    #[error("handler panicked: {0}")]
+    Panicked(String),
+    #[error(transparent)]
+    Perspective(PerspectiveError),
+    #[error("{0}")]
+    Decode(String),
+}
+
+pub(crate) trait ErasedReceptor: Send + Sync + 'static {
+    fn invoke(
+        &self,
+        envelope: &Envelope,
+        typed: Option<Box<dyn Any + Send>>,
+        ctx: ReceptorContext,
+    ) -> BoxFuture<'static, Result<ErasedDecision, HandlerFailure>>;
+}
+
+pub(crate) struct ReceptorAdapter<C, R> {
+    receptor: Arc<R>,
+    _command: PhantomData<fn(C)>,
+}
+
+impl<C, R> ReceptorAdapter<C, R> {
+    pub(crate) fn new(receptor: R) -> Self {
+        ReceptorAdapter {
+            receptor: Arc::new(receptor),
+            _command: PhantomData,
+        }
+    }
+}
+
+impl<C: Command, R: Receptor<C>> ErasedReceptor for ReceptorAdapter<C, R> {
+    fn invoke(
+        &self,
+        envelope: &Envelope,
+        typed: Option<Box<dyn Any + Send>>,
+        ctx: ReceptorContext,
+    ) -> BoxFuture<'static, Result<ErasedDecision, HandlerFailure>> {
+        let command: Result<C, CodecError> = match typed.map(|b| b.downcast::<C>()) {
+            Some(Ok(c)) => Ok(*c),
+            _ => message::decode::<C>(&envelope.payload),
+        };
+        let receptor = self.receptor.clone();
+        async move {
+            let command = command.map_err(|e| HandlerFailure::Decode(e.to_string()))?;
+            let decision = receptor
+                .handle(command, ctx)
+                .await
+                .map_err(HandlerFailure::Rejected)?;
+            Ok(ErasedDecision {
+                result: Box::new(decision.result),
+                events: decision.events,
+                commands: decision.commands,
+                expectations: decision.expectations,
+            })
+        }
+        .boxed()
+    }
+}
+
+pub(crate) trait ErasedPerspective: Send + Sync + 'static {
+    fn apply(&self, envelope: &Envelope) -> BoxFuture<'static, Result<(), HandlerFailure>>;
+}
+
+pub(crate) struct PerspectiveAdapter<E, P> {
+    perspective: Arc<P>,
+    _event: PhantomData<fn(E)>,
+}
+
+impl<E, P> PerspectiveAdapter<E, P> {
+    pub(crate) fn new(perspective: P) -> Self {
+        PerspectiveAdapter {
+            perspective: Arc::new(perspective),
+            _event: PhantomData,
+        }
+    }
+}
+
+impl<E: Event, P: Perspective<E>> ErasedPerspective for PerspectiveAdapter<E, P> {
+    fn apply(&self, envelope: &Envelope) -> BoxFuture<'static, Result<(), HandlerFailure>> {
+        let event = message::decode::<E>(&envelope.payload);
+        let meta = EventMeta::of(envelope);
+        let perspective = self.perspective.clone();
+        async move {
+            let event = event.map_err(|e| HandlerFailure::Decode(e.to_string()))?;
+            perspective
+                .apply(event, meta)
+                .await
+                .map_err(HandlerFailure::Perspective)
+        }
+        .boxed()
+    }
+}
+
+/// Turns a panic payload into its message.
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".into()
+    }
+}
+
+async fn guarded<T>(
+    fut: BoxFuture<'static, Result<T, HandlerFailure>>,
+) -> Result<T, HandlerFailure> {
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => Err(HandlerFailure::Panicked(panic_message(payload))),
+    }
+}
+
+/// Runs one receptor. Calls run concurrently (ordering is the partition actor's job); a panic
+/// in user code becomes [`HandlerFailure::Panicked`] for that one call.
+pub struct ReceptorActor {
+    pub(crate) command_type: &'static str,
+    pub(crate) receptor: Arc<dyn ErasedReceptor>,
+    restarts: u32,
+}
+
+impl ReceptorActor {
+    pub(crate) fn new(command_type: &'static str, receptor: Arc<dyn ErasedReceptor>) -> Self {
+        ReceptorActor {
+            command_type,
+            receptor,
+            restarts: 0,
+        }
+    }
+}
+
+impl Actor for ReceptorActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Partition actors await every call, so the mailbox never needs to drop anything.
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl actix::Supervised for ReceptorActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restarts += 1;
+        tracing::warn!(
+            command_type = self.command_type,
+            restarts = self.restarts,
+            "receptor actor restarted"
+        );
+    }
+}
+
+/// Runs the receptor on one command.
+pub struct Invoke {
+    pub envelope: Envelope,
+    pub typed: Option<Box<dyn Any + Send>>,
+}
+
+impl Message for Invoke {
+    type Result = Result<ErasedDecision, HandlerFailure>;
+}
+
+impl Handler<Invoke> for ReceptorActor {
+    type Result = ResponseFuture<Result<ErasedDecision, HandlerFailure>>;
+
+    fn handle(&mut self, msg: Invoke, _ctx: &mut Self::Context) -> Self::Result {
+        let ctx = ReceptorContext {
+            message_id: msg.envelope.message_id,
+            correlation_id: msg.envelope.correlation_id,
+            causation_id: msg.envelope.causation_id,
+            stream_id: msg.envelope.stream_id.clone(),
+            metadata: msg.envelope.metadata.clone(),
+        };
+        let receptor = self.receptor.clone();
+        // Building the future may run user code too (a non-async `handle`): guard it as well.
+        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            receptor.invoke(&msg.envelope, msg.typed, ctx)
+        }));
+        match fut {
+            Ok(fut) => Box::pin(guarded(fut)),
+            Err(payload) => {
+                let message = panic_message(payload);
+                Box::pin(async move { Err(HandlerFailure::Panicked(message)) })
+            }
+        }
+    }
+}
+
+/// Runs one perspective. Calls for different streams run concurrently; a panic becomes
+/// [`HandlerFailure::Panicked`] for that one event.
+pub struct PerspectiveActor {
+    pub(crate) name: String,
+    pub(crate) perspective: Arc<dyn ErasedPerspective>,
+    restarts: u32,
+}
+
+impl PerspectiveActor {
+    pub(crate) fn new(name: String, perspective: Arc<dyn ErasedPerspective>) -> Self {
+        PerspectiveActor {
+            name,
+            perspective,
+            restarts: 0,
+        }
+    }
+}
+
+impl Actor for PerspectiveActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl actix::Supervised for PerspectiveActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restarts += 1;
+        tracing::warn!(perspective = %self.name, restarts = self.restarts, "perspective actor restarted");
+    }
+}
+
+/// Applies one event.
+pub struct Apply {
+    pub envelope: Arc<Envelope>,
+}
+
+impl Message for Apply {
+    type Result = Result<(), HandlerFailure>;
+}
+
+impl Handler<Apply> for PerspectiveActor {
+    type Result = ResponseFuture<Result<(), HandlerFailure>>;
+
+    fn handle(&mut self, msg: Apply, _ctx: &mut Self::Context) -> Self::Result {
+        let perspective = self.perspective.clone();
+        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| perspective.apply(&msg.envelope)));
+        match fut {
+            Ok(fut) => Box::pin(guarded(fut)),
+            Err(payload) => {
+                let message = panic_message(payload);
+                Box::pin(async move { Err(HandlerFailure::Panicked(message)) })
+            }
+        }
+    }
+}

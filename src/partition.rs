@@ -1,0 +1,361 @@
+//! Partition actors: one per active stream partition, each running its jobs strictly one after
+//! another.
+//!
+//! Owns per-partition ordering. A job is either a command from the dispatcher (receptor →
+//! commit) or an inbox row (an event → its perspectives, or a command from the inbox → its
+//! receptor). The actor never lets two jobs overlap: actix would start the next message while
+//! an async handler awaits, so the handler only queues, and a pump runs one job at a time. When
+//! an inbox row fails, the later queued rows of the same stream are handed back (the stream is
+//! parked until the retry). It must not write to the store itself: it reports to the
+//! coordinator.
+
+use crate::coordinator::{AppliedSender, Commit, CommitOutcome, Coordinator, Report};
+use crate::envelope::{Envelope, MessageKind};
+use crate::error::DispatchError;
+use crate::handler::{Apply, HandlerFailure, Invoke};
+use crate::registry::RegistryView;
+use crate::routing::{Origin, plan_unit};
+use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
+use actix::prelude::*;
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+/// What a handled command gives back.
+pub struct CommandOutcome {
+    pub result: Box<dyn Any + Send>,
+    pub appended: Vec<AppendedEvent>,
+    pub applied: Vec<crate::coordinator::AppliedReceiver>,
+}
+
+/// A command from the dispatcher.
+pub struct CommandJob {
+    pub envelope: Envelope,
+    pub typed: Option<Box<dyn Any + Send>>,
+    /// Wait for the perspectives of the resulting events (local_invoke).
+    pub wait: bool,
+    pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
+}
+
+/// An inbox row, with whoever waits for it to be processed.
+pub struct InboxJob {
+    pub work: InboxWork,
+    pub done: Vec<AppliedSender>,
+}
+
+pub enum Job {
+    Command(CommandJob),
+    Inbox(InboxJob),
+}
+
+impl Job {
+    fn inbox_stream(&self) -> Option<&str> {
+        match self {
+            Job::Inbox(j) => Some(&j.work.envelope.stream_id),
+            Job::Command(_) => None,
+        }
+    }
+}
+
+struct Enqueue(Job);
+
+impl Message for Enqueue {
+    type Result = ();
+}
+
+/// What every partition actor shares.
+#[derive(Clone)]
+pub struct PartitionDeps {
+    pub origin: Origin,
+    pub registry: RegistryView,
+    pub coordinator: Addr<Coordinator>,
+}
+
+/// The live partition actors of this instance, started on first use.
+#[derive(Clone)]
+pub struct PartitionDirectory {
+    deps: PartitionDeps,
+    actors: Arc<Mutex<HashMap<u32, Addr<PartitionActor>>>>,
+}
+
+impl PartitionDirectory {
+    pub fn new(deps: PartitionDeps) -> PartitionDirectory {
+        PartitionDirectory {
+            deps,
+            actors: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Queues a job on its partition's actor. Queuing never waits and never drops: partition
+    /// actors live as long as the system, and their handler only appends to a queue.
+    pub fn enqueue(&self, partition: u32, job: Job) {
+        let addr = {
+            let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+            actors
+                .entry(partition)
+                .or_insert_with(|| {
+                    PartitionActor {
+                        partition,
+                        deps: self.deps.clone(),
+                        queue: VecDeque::new(),
+                        busy: false,
+                        partial: HashMap::new(),
+                    }
+                    .start()
+                })
+                .clone()
+        };
+        addr.do_send(Enqueue(job));
+    }
+
+    pub fn active(&self) -> usize {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+pub struct PartitionActor {
+    partition: u32,
+    deps: PartitionDeps,
+    queue: VecDeque<Job>,
+    busy: bool,
+    /// Perspectives that already applied a row whose other perspectives failed: skipped on the
+    /// retry so each perspective applies each event once.
+    partial: HashMap<Uuid, Vec<String>>,
+}
+
+impl Actor for PartitionActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Enqueue> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) {
+        self.queue.push_back(msg.0);
+        self.pump(ctx);
+    }
+}
+
+enum InboxResult {
+    Done,
+    /// A command from the inbox: its completion was part of its unit.
+    CommittedWithUnit,
+    Failed(FailureKind, String, Vec<String>),
+}
+
+impl PartitionActor {
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        let Some(job) = self.queue.pop_front() else {
+            return;
+        };
+        self.busy = true;
+        let deps = self.deps.clone();
+        match job {
+            Job::Command(job) => {
+                ctx.spawn(
+                    async move {
+                        let CommandJob {
+                            envelope,
+                            typed,
+                            wait,
+                            reply,
+                        } = job;
+                        let result = run_command(&deps, envelope, typed, None, wait).await;
+                        let _ = reply.send(result);
+                    }
+                    .into_actor(self)
+                    .map(|_, act, ctx| {
+                        act.busy = false;
+                        act.pump(ctx);
+                    }),
+                );
+            }
+            Job::Inbox(job) => {
+                let skip = self
+                    .partial
+                    .remove(&job.work.envelope.message_id)
+                    .unwrap_or_default();
+                ctx.spawn(
+                    async move {
+                        let result = process_inbox(&deps, &job.work, skip).await;
+                        (job, result)
+                    }
+                    .into_actor(self)
+                    .map(|(job, result), act, ctx| {
+                        act.finish_inbox(job, result);
+                        act.busy = false;
+                        act.pump(ctx);
+                    }),
+                );
+            }
+        }
+    }
+
+    fn finish_inbox(&mut self, job: InboxJob, result: InboxResult) {
+        let coordinator = &self.deps.coordinator;
+        let id = job.work.envelope.message_id;
+        match result {
+            InboxResult::Done => {
+                coordinator.do_send(Report::InboxDone(job.work.work));
+                for tx in job.done {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            InboxResult::CommittedWithUnit => {
+                for tx in job.done {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            InboxResult::Failed(kind, error, applied) => {
+                tracing::warn!(
+                    partition = self.partition,
+                    message_id = %id,
+                    message_type = %job.work.envelope.message_type,
+                    attempts = job.work.attempts + 1,
+                    %error,
+                    "inbox message failed; its stream waits for the retry"
+                );
+                if !applied.is_empty() {
+                    self.partial.insert(id, applied);
+                }
+                coordinator.do_send(Report::InboxFailed(Failure {
+                    work: job.work.work,
+                    kind,
+                    error: error.clone(),
+                }));
+                for tx in job.done {
+                    let _ = tx.send(Err(DispatchError::PerspectiveFailed {
+                        message_id: id,
+                        error: error.clone(),
+                    }));
+                }
+                self.park_stream(&job.work.envelope.stream_id);
+            }
+        }
+    }
+
+    /// Hands back the queued rows of a stream whose earlier row failed.
+    fn park_stream(&mut self, stream_id: &str) {
+        let (parked, kept): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|j| j.inbox_stream() == Some(stream_id));
+        self.queue = kept;
+        for job in parked {
+            if let Job::Inbox(job) = job {
+                self.deps
+                    .coordinator
+                    .do_send(Report::InboxReleased(job.work.work, job.done));
+            }
+        }
+    }
+}
+
+/// Receptor → unit → commit. Shared by commands from the dispatcher and from the inbox.
+async fn run_command(
+    deps: &PartitionDeps,
+    envelope: Envelope,
+    typed: Option<Box<dyn Any + Send>>,
+    completes: Option<WorkRef>,
+    wait: bool,
+) -> Result<CommandOutcome, DispatchError> {
+    let table = deps.registry.current();
+    let message_type = envelope.message_type.clone();
+    let receptor = table
+        .receptor(&message_type)
+        .ok_or_else(|| DispatchError::HandlerNotFound {
+            message_type: message_type.clone(),
+        })?
+        .addr
+        .clone();
+    let decision = receptor
+        .send(Invoke {
+            envelope: envelope.clone(),
+            typed,
+        })
+        .await?
+        .map_err(|f| DispatchError::from_handler(&message_type, f))?;
+    let unit = plan_unit(
+        &deps.origin,
+        &table,
+        &envelope,
+        decision.events,
+        decision.commands,
+        decision.expectations,
+        completes,
+    )?;
+    let CommitOutcome {
+        appended, applied, ..
+    } = deps.coordinator.send(Commit { unit, wait }).await??;
+    Ok(CommandOutcome {
+        result: decision.result,
+        appended,
+        applied,
+    })
+}
+
+async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>) -> InboxResult {
+    match work.envelope.kind {
+        MessageKind::Command => {
+            match run_command(deps, work.envelope.clone(), None, Some(work.work), false).await {
+                Ok(_) => InboxResult::CommittedWithUnit,
+                Err(e) => {
+                    let kind = match &e {
+                        DispatchError::Panicked { .. } => FailureKind::Panicked,
+                        e if e.is_retryable() && !e.is_conflict() => FailureKind::Transient,
+                        _ => FailureKind::Failed,
+                    };
+                    InboxResult::Failed(kind, e.to_string(), Vec::new())
+                }
+            }
+        }
+        MessageKind::Event => {
+            let table = deps.registry.current();
+            let envelope = Arc::new(work.envelope.clone());
+            let perspectives: Vec<_> = table
+                .perspectives(&envelope.message_type)
+                .iter()
+                .filter(|p| !skip.contains(&p.name))
+                .cloned()
+                .collect();
+            // The perspectives of one event run in parallel; the next event waits for all.
+            let results = futures::future::join_all(perspectives.iter().map(|p| {
+                p.addr.send(Apply {
+                    envelope: envelope.clone(),
+                })
+            }))
+            .await;
+            let mut applied = skip;
+            let mut failure: Option<(FailureKind, String)> = None;
+            for (p, result) in perspectives.iter().zip(results) {
+                match result {
+                    Ok(Ok(())) => applied.push(p.name.clone()),
+                    Ok(Err(HandlerFailure::Panicked(m))) => {
+                        failure.get_or_insert((
+                            FailureKind::Panicked,
+                            format!("{}: panicked: {m}", p.name),
+                        ));
+                    }
+                    Ok(Err(other)) => {
+                        failure
+                            .get_or_insert((FailureKind::Failed, format!("{}: {other}", p.name)));
+                    }
+                    Err(mailbox) => {
+                        failure.get_or_insert((
+                            FailureKind::Transient,
+                            format!("{}: {mailbox}", p.name),
+                        ));
+                    }
+                }
+            }
+            match failure {
+                None => InboxResult::Done,
+                Some((kind, error)) => InboxResult::Failed(kind, error, applied),
+            }
+        }
+    }
+}

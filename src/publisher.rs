@@ -1,0 +1,141 @@
+//! The publisher actor: claimed outbox rows → transport, in order per stream, pipelined across
+//! streams.
+//!
+//! Owns the send window: up to `publisher_window` sends in flight, at most one per stream (a
+//! later message of a stream is sent only once the earlier one was accepted, so a failure can
+//! never let it overtake). Every send has a timeout. Accepted rows are reported done, failed
+//! rows failed (and the rest of their stream handed back, parked behind the retry). It must not
+//! write to the store: the coordinator batches its reports.
+
+use crate::coordinator::{Coordinator, Report};
+use crate::routing::Origin;
+use crate::store::{Failure, FailureKind, OutboxWork};
+use crate::transport::{Transport, TransportError};
+use actix::prelude::*;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Rows to publish, in commit order.
+pub struct PublishRows(pub Vec<OutboxWork>);
+
+impl Message for PublishRows {
+    type Result = ();
+}
+
+pub struct Publisher {
+    transport: Arc<dyn Transport>,
+    coordinator: Addr<Coordinator>,
+    origin: Origin,
+    window: usize,
+    send_timeout: Duration,
+    in_flight: usize,
+    /// Rows waiting per stream; a stream is in `ready` when it has rows and nothing in flight.
+    streams: HashMap<String, VecDeque<OutboxWork>>,
+    busy: std::collections::HashSet<String>,
+    ready: VecDeque<String>,
+}
+
+impl Publisher {
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        coordinator: Addr<Coordinator>,
+        origin: Origin,
+        window: usize,
+        send_timeout: Duration,
+    ) -> Publisher {
+        Publisher {
+            transport,
+            coordinator,
+            origin,
+            window: window.max(1),
+            send_timeout,
+            in_flight: 0,
+            streams: HashMap::new(),
+            busy: Default::default(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while self.in_flight < self.window {
+            let Some(stream) = self.ready.pop_front() else {
+                return;
+            };
+            let Some(row) = self.streams.get_mut(&stream).and_then(VecDeque::pop_front) else {
+                continue;
+            };
+            self.busy.insert(stream.clone());
+            self.in_flight += 1;
+            let transport = self.transport.clone();
+            let timeout = self.send_timeout;
+            let mut envelope = row.envelope.clone();
+            envelope.push_hop(self.origin.hop(&envelope.stream_id, Some(&row.topic)));
+            let topic = row.topic.clone();
+            ctx.spawn(
+                async move {
+                    match tokio::time::timeout(timeout, transport.publish(&topic, &envelope)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(TransportError::Timeout { topic }),
+                    }
+                }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.in_flight -= 1;
+                    act.busy.remove(&stream);
+                    match result {
+                        Ok(()) => act.coordinator.do_send(Report::OutboxDone(row.work)),
+                        Err(e) => {
+                            tracing::warn!(message_id = %row.envelope.message_id, topic = %row.topic, error = %e, "publish failed; stream parked until the retry");
+                            let kind = if e.is_transient() {
+                                FailureKind::Transient
+                            } else {
+                                FailureKind::Failed
+                            };
+                            act.coordinator.do_send(Report::OutboxFailed(Failure {
+                                work: row.work,
+                                kind,
+                                error: e.to_string(),
+                            }));
+                            for later in act.streams.remove(&stream).into_iter().flatten() {
+                                act.coordinator.do_send(Report::OutboxReleased(later.work));
+                            }
+                        }
+                    }
+                    act.mark_ready(&stream);
+                    act.pump(ctx);
+                }),
+            );
+        }
+    }
+
+    fn mark_ready(&mut self, stream: &str) {
+        let has_rows = self.streams.get(stream).is_some_and(|q| !q.is_empty());
+        if !has_rows {
+            self.streams.remove(stream);
+        } else if !self.busy.contains(stream) && !self.ready.iter().any(|s| s == stream) {
+            self.ready.push_back(stream.to_string());
+        }
+    }
+}
+
+impl Actor for Publisher {
+    type Context = Context<Self>;
+}
+
+impl Handler<PublishRows> for Publisher {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishRows, ctx: &mut Self::Context) {
+        for row in msg.0 {
+            let stream = row.envelope.stream_id.clone();
+            let queue = self.streams.entry(stream.clone()).or_default();
+            let was_empty = queue.is_empty();
+            queue.push_back(row);
+            if was_empty && !self.busy.contains(&stream) {
+                self.ready.push_back(stream);
+            }
+        }
+        self.pump(ctx);
+    }
+}

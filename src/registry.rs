@@ -1,0 +1,231 @@
+//! The registry actor: message-type name → the one receptor of a command type, the perspectives
+//! of an event type, and the destination topic.
+//!
+//! Owns registration (a second receptor for one command type is an error) and publishes an
+//! immutable snapshot of its table through a [`RegistryView`] so that the dispatcher, partition
+//! and consumer actors resolve handlers without a round trip per message. It must not run user
+//! code: it only starts the supervised actors that do.
+
+use crate::envelope::MessageKind;
+use crate::handler::{
+    ErasedPerspective, ErasedReceptor, PerspectiveActor, PerspectiveAdapter, ReceptorActor,
+    ReceptorAdapter,
+};
+use crate::message::{self, Command, Event};
+use crate::{Perspective, Receptor};
+use actix::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+/// Checks that a payload decodes as its declared type (used to reject bad deliveries early).
+pub type DecodeCheck = fn(&[u8]) -> Result<(), String>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("a receptor for command type `{0}` is already registered")]
+    DuplicateReceptor(String),
+    #[error("perspective `{name}` is already registered for event type `{event_type}`")]
+    DuplicatePerspective { name: String, event_type: String },
+    #[error("`{0}` is registered as both a command and an event type")]
+    KindClash(String),
+}
+
+#[derive(Clone)]
+pub struct ReceptorEntry {
+    pub addr: Addr<ReceptorActor>,
+}
+
+#[derive(Clone)]
+pub struct PerspectiveEntry {
+    pub name: String,
+    pub addr: Addr<PerspectiveActor>,
+}
+
+/// One snapshot of the registry.
+#[derive(Clone, Default)]
+pub struct RegistryTable {
+    receptors: HashMap<String, ReceptorEntry>,
+    perspectives: HashMap<String, Vec<PerspectiveEntry>>,
+    kinds: HashMap<String, (MessageKind, DecodeCheck)>,
+    topics: BTreeMap<String, String>,
+}
+
+impl RegistryTable {
+    pub fn receptor(&self, command_type: &str) -> Option<&ReceptorEntry> {
+        self.receptors.get(command_type)
+    }
+
+    pub fn perspectives(&self, event_type: &str) -> &[PerspectiveEntry] {
+        self.perspectives
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The topic a message type is published to, if it leaves this service.
+    pub fn topic(&self, message_type: &str) -> Option<&str> {
+        self.topics.get(message_type).map(String::as_str)
+    }
+
+    /// The kind and payload check of a registered type; `None` for a type this service does not
+    /// handle.
+    pub fn known(&self, message_type: &str) -> Option<(MessageKind, DecodeCheck)> {
+        self.kinds.get(message_type).copied()
+    }
+}
+
+/// A shared, lock-briefly view of the current registry snapshot.
+#[derive(Clone, Default)]
+pub struct RegistryView(Arc<RwLock<Arc<RegistryTable>>>);
+
+impl RegistryView {
+    pub fn current(&self) -> Arc<RegistryTable> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, table: RegistryTable) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+}
+
+/// The registry actor.
+pub struct Registry {
+    table: RegistryTable,
+    view: RegistryView,
+}
+
+impl Registry {
+    pub fn new(topics: BTreeMap<String, String>, view: RegistryView) -> Registry {
+        let table = RegistryTable {
+            topics,
+            ..RegistryTable::default()
+        };
+        view.replace(table.clone());
+        Registry { table, view }
+    }
+
+    fn claim_kind(
+        &mut self,
+        message_type: &str,
+        kind: MessageKind,
+        check: DecodeCheck,
+    ) -> Result<(), RegistryError> {
+        match self.table.kinds.get(message_type) {
+            Some((k, _)) if *k != kind => Err(RegistryError::KindClash(message_type.into())),
+            _ => {
+                self.table
+                    .kinds
+                    .insert(message_type.to_string(), (kind, check));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// Registers the receptor of a command type.
+pub struct RegisterReceptor {
+    pub(crate) command_type: &'static str,
+    pub(crate) check: DecodeCheck,
+    pub(crate) receptor: Arc<dyn ErasedReceptor>,
+}
+
+impl RegisterReceptor {
+    pub fn new<C: Command, R: Receptor<C>>(receptor: R) -> RegisterReceptor {
+        RegisterReceptor {
+            command_type: C::TYPE_NAME,
+            check: |b| {
+                message::decode::<C>(b)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            receptor: Arc::new(ReceptorAdapter::<C, R>::new(receptor)),
+        }
+    }
+}
+
+impl Message for RegisterReceptor {
+    type Result = Result<(), RegistryError>;
+}
+
+impl Handler<RegisterReceptor> for Registry {
+    type Result = Result<(), RegistryError>;
+
+    fn handle(&mut self, msg: RegisterReceptor, _ctx: &mut Self::Context) -> Self::Result {
+        if self.table.receptors.contains_key(msg.command_type) {
+            return Err(RegistryError::DuplicateReceptor(msg.command_type.into()));
+        }
+        self.claim_kind(msg.command_type, MessageKind::Command, msg.check)?;
+        let (command_type, receptor) = (msg.command_type, msg.receptor);
+        let addr =
+            actix::Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone()));
+        self.table
+            .receptors
+            .insert(command_type.to_string(), ReceptorEntry { addr });
+        self.view.replace(self.table.clone());
+        Ok(())
+    }
+}
+
+/// Registers a perspective of an event type under a name (unique per event type).
+pub struct RegisterPerspective {
+    pub(crate) event_type: &'static str,
+    pub(crate) name: String,
+    pub(crate) check: DecodeCheck,
+    pub(crate) perspective: Arc<dyn ErasedPerspective>,
+}
+
+impl RegisterPerspective {
+    pub fn new<E: Event, P: Perspective<E>>(name: impl Into<String>, perspective: P) -> Self {
+        RegisterPerspective {
+            event_type: E::TYPE_NAME,
+            name: name.into(),
+            check: |b| {
+                message::decode::<E>(b)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            perspective: Arc::new(PerspectiveAdapter::<E, P>::new(perspective)),
+        }
+    }
+}
+
+impl Message for RegisterPerspective {
+    type Result = Result<(), RegistryError>;
+}
+
+impl Handler<RegisterPerspective> for Registry {
+    type Result = Result<(), RegistryError>;
+
+    fn handle(&mut self, msg: RegisterPerspective, _ctx: &mut Self::Context) -> Self::Result {
+        if self
+            .table
+            .perspectives(msg.event_type)
+            .iter()
+            .any(|p| p.name == msg.name)
+        {
+            return Err(RegistryError::DuplicatePerspective {
+                name: msg.name,
+                event_type: msg.event_type.into(),
+            });
+        }
+        self.claim_kind(msg.event_type, MessageKind::Event, msg.check)?;
+        let (name, perspective) = (msg.name.clone(), msg.perspective);
+        let addr = actix::Supervisor::start(move |_| {
+            PerspectiveActor::new(name.clone(), perspective.clone())
+        });
+        self.table
+            .perspectives
+            .entry(msg.event_type.to_string())
+            .or_default()
+            .push(PerspectiveEntry {
+                name: msg.name,
+                addr,
+            });
+        self.view.replace(self.table.clone());
+        Ok(())
+    }
+}

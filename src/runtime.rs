@@ -1,0 +1,311 @@
+//! Starting and stopping the actor system of one service instance.
+//!
+//! Owns the wiring: it builds the store and transport named by the configuration (or takes the
+//! ones given), starts the registry, coordinator, partition directory, publisher, dispatcher and
+//! one consumer per subscription, registers the handlers before any delivery can arrive, and on
+//! shutdown stops consuming, writes what is queued and releases the partition leases at once.
+//! It must be called inside a running actix system (`#[actix::main]`). It must not hold
+//! business logic.
+
+use crate::config::{Config, StoreBackend, TransportKind};
+use crate::consumer::{Consumer, StopConsumer};
+use crate::coordinator::{Attach, Coordinator, CoordinatorSettings, Shutdown};
+use crate::dispatcher::{
+    DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent, SendCommand, Status,
+};
+use crate::error::{DispatchError, StartError};
+use crate::handler::{Perspective, Receptor};
+use crate::message::{Command, Event};
+use crate::partition::{PartitionDeps, PartitionDirectory};
+use crate::publisher::Publisher;
+use crate::registry::{RegisterPerspective, RegisterReceptor, Registry, RegistryView};
+use crate::routing::Origin;
+use crate::store::memory::MemoryStore;
+use crate::store::{CorrelationStatus, InstanceId, Store, StoreSettings};
+use crate::transport::Transport;
+use crate::transport::memory::{MemoryBus, MemoryTransport};
+use actix::prelude::*;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Collects handlers and overrides, then starts the runtime.
+pub struct RuntimeBuilder {
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    transport: Option<Arc<dyn Transport>>,
+    receptors: Vec<RegisterReceptor>,
+    perspectives: Vec<RegisterPerspective>,
+    instance: Option<InstanceId>,
+}
+
+impl RuntimeBuilder {
+    /// Registers the receptor of command type `C`.
+    pub fn receptor<C: Command, R: Receptor<C>>(mut self, receptor: R) -> Self {
+        self.receptors.push(RegisterReceptor::new::<C, R>(receptor));
+        self
+    }
+
+    /// Registers a perspective of event type `E` under `name`.
+    pub fn perspective<E: Event, P: Perspective<E>>(
+        mut self,
+        name: impl Into<String>,
+        perspective: P,
+    ) -> Self {
+        self.perspectives
+            .push(RegisterPerspective::new::<E, P>(name, perspective));
+        self
+    }
+
+    /// Uses this store instead of the one the configuration names (tests share one store
+    /// between instances this way).
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Uses this transport instead of the one the configuration names.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    pub fn instance_id(mut self, instance: InstanceId) -> Self {
+        self.instance = Some(instance);
+        self
+    }
+
+    /// Starts every actor. On error nothing is left consuming or publishing.
+    pub async fn start(self) -> Result<Runtime, StartError> {
+        let config = self.config;
+        config.validate(std::path::Path::new("(runtime config)"))?;
+        let instance = self.instance.unwrap_or_else(Uuid::now_v7);
+        let store: Arc<dyn Store> = match self.store {
+            Some(s) => s,
+            None => match config.store.backend {
+                StoreBackend::Memory => {
+                    Arc::new(MemoryStore::new(StoreSettings::from_config(&config)))
+                }
+                StoreBackend::Postgres => {
+                    return Err(StartError::Unsupported(
+                        "store.backend = \"postgres\" is not available in this build yet; use \"memory\"".into(),
+                    ));
+                }
+            },
+        };
+        let transport: Arc<dyn Transport> = match self.transport {
+            Some(t) => t,
+            None => match config.transport.kind {
+                TransportKind::Memory => Arc::new(MemoryTransport::new(MemoryBus::new())),
+                TransportKind::Amqp => {
+                    return Err(StartError::Unsupported(
+                        "transport.kind = \"amqp\" is not available in this build yet; use \"memory\"".into(),
+                    ));
+                }
+            },
+        };
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        store
+            .register_instance(instance, &config.service.name, &host)
+            .await?;
+
+        let origin = Origin {
+            service: config.service.name.clone(),
+            instance,
+            partition_count: config.partitions.partition_count,
+        };
+        let view = RegistryView::default();
+        let registry = Registry::new(config.routing.topics.clone(), view.clone()).start();
+        for r in self.receptors {
+            registry
+                .send(r)
+                .await
+                .map_err(|e| StartError::Actor(e.to_string()))??;
+        }
+        for p in self.perspectives {
+            registry
+                .send(p)
+                .await
+                .map_err(|e| StartError::Actor(e.to_string()))??;
+        }
+
+        let mut topics: Vec<String> = config.routing.topics.values().cloned().collect();
+        topics.sort();
+        topics.dedup();
+        let subscriptions: Vec<(String, String)> = config
+            .routing
+            .subscriptions
+            .iter()
+            .map(|s| (s.topic.clone(), s.name.clone()))
+            .collect();
+        transport.check_topology(&topics, &subscriptions).await?;
+
+        let coordinator = Coordinator::new(
+            store.clone(),
+            instance,
+            CoordinatorSettings::from_config(&config),
+        )
+        .start();
+        let partitions = PartitionDirectory::new(PartitionDeps {
+            origin: origin.clone(),
+            registry: view.clone(),
+            coordinator: coordinator.clone(),
+        });
+        let publisher = Publisher::new(
+            transport.clone(),
+            coordinator.clone(),
+            origin.clone(),
+            config.transport.publisher_window as usize,
+            Duration::from_millis(config.transport.send_timeout_ms),
+        )
+        .start();
+        coordinator
+            .send(Attach {
+                partitions: partitions.clone(),
+                publisher: Some(publisher),
+            })
+            .await
+            .map_err(|e| StartError::Actor(e.to_string()))?;
+        let dispatcher = Dispatcher::new(
+            origin.clone(),
+            view.clone(),
+            partitions.clone(),
+            coordinator.clone(),
+            store.clone(),
+        )
+        .start();
+
+        let consumers = config
+            .routing
+            .subscriptions
+            .iter()
+            .map(|s| {
+                Consumer {
+                    topic: s.topic.clone(),
+                    subscription: s.name.clone(),
+                    transport: transport.clone(),
+                    coordinator: coordinator.clone(),
+                    registry: view.clone(),
+                    origin: origin.clone(),
+                    prefetch: config.transport.prefetch,
+                    max_message_bytes: config.transport.max_message_bytes as usize,
+                }
+                .start()
+            })
+            .collect();
+        tracing::info!(service = %config.service.name, %instance, store = ?config.store.backend, transport = ?config.transport.kind, "runtime started");
+        Ok(Runtime {
+            config,
+            instance,
+            store,
+            transport,
+            registry,
+            dispatcher,
+            coordinator,
+            partitions,
+            consumers,
+        })
+    }
+}
+
+/// A running instance of a service.
+pub struct Runtime {
+    config: Config,
+    instance: InstanceId,
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    registry: Addr<Registry>,
+    dispatcher: Addr<Dispatcher>,
+    coordinator: Addr<Coordinator>,
+    partitions: PartitionDirectory,
+    consumers: Vec<Addr<Consumer>>,
+}
+
+impl Runtime {
+    pub fn builder(config: Config) -> RuntimeBuilder {
+        RuntimeBuilder {
+            config,
+            store: None,
+            transport: None,
+            receptors: Vec::new(),
+            perspectives: Vec::new(),
+            instance: None,
+        }
+    }
+
+    /// The dispatcher actor: send it [`LocalInvoke`], [`SendCommand`], [`PublishEvent`],
+    /// [`Status`].
+    pub fn dispatcher(&self) -> Addr<Dispatcher> {
+        self.dispatcher.clone()
+    }
+
+    /// The registry actor: handlers can be registered after start too.
+    pub fn registry(&self) -> Addr<Registry> {
+        self.registry.clone()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    pub fn instance_id(&self) -> InstanceId {
+        self.instance
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Partition actors started so far.
+    pub fn active_partitions(&self) -> usize {
+        self.partitions.active()
+    }
+
+    /// `LocalInvoke`: the typed result, after the events are stored and perspectives ran.
+    pub async fn local_invoke<C: Command, R: Send + 'static>(
+        &self,
+        command: C,
+    ) -> Result<R, DispatchError> {
+        self.dispatcher
+            .send(LocalInvoke::<C, R>::new(command))
+            .await?
+    }
+
+    /// `LocalInvoke` continuing a conversation.
+    pub async fn local_invoke_with<C: Command, R: Send + 'static>(
+        &self,
+        command: C,
+        options: DispatchOptions,
+    ) -> Result<R, DispatchError> {
+        self.dispatcher
+            .send(LocalInvoke::<C, R>::new(command).with_options(options))
+            .await?
+    }
+
+    /// `Send`: a receipt once the command's effects are committed.
+    pub async fn send<C: Command>(&self, command: C) -> Result<DeliveryReceipt, DispatchError> {
+        self.dispatcher.send(SendCommand::new(command)).await?
+    }
+
+    /// `Publish`: append an event, then perspectives and outbox.
+    pub async fn publish<E: Event>(&self, event: E) -> Result<DeliveryReceipt, DispatchError> {
+        self.dispatcher.send(PublishEvent::new(event)).await?
+    }
+
+    /// What one request caused, by correlation id.
+    pub async fn status(&self, correlation_id: Uuid) -> Result<CorrelationStatus, DispatchError> {
+        self.dispatcher.send(Status(correlation_id)).await?
+    }
+
+    /// Stops consuming, writes everything queued and releases this instance's partitions.
+    pub async fn shutdown(self) -> Result<(), DispatchError> {
+        for consumer in &self.consumers {
+            let _ = consumer.send(StopConsumer).await;
+        }
+        self.coordinator.send(Shutdown).await?
+    }
+}

@@ -1,0 +1,883 @@
+//! The in-memory store: the embedded default, with the same semantics as the Postgres store.
+//!
+//! Owns an in-process event store, outbox, inbox, dedup records and partition leases behind one
+//! mutex, so every [`WorkBatch`] is atomic. Its clock is the process clock, which plays the part
+//! of the database clock. It must not be used where durability matters: everything is lost when
+//! the process exits.
+
+use super::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
+
+struct Lease {
+    instance: InstanceId,
+    generation: u64,
+    expires: Instant,
+}
+
+struct Row {
+    seq: u64,
+    envelope: Envelope,
+    topic: String,
+    partition: u32,
+    attempts: u32,
+    next_attempt: Option<Instant>,
+    last_error: Option<String>,
+    claimed: Option<(InstanceId, u64)>,
+    dead: bool,
+}
+
+/// The outbox or the inbox: rows by id, ordered per stream, streams grouped per partition.
+#[derive(Default)]
+struct RowQueue {
+    rows: HashMap<Uuid, Row>,
+    streams: HashMap<String, BTreeMap<u64, Uuid>>,
+    partitions: HashMap<u32, HashSet<String>>,
+}
+
+impl RowQueue {
+    fn insert(&mut self, row: Row) {
+        let stream = row.envelope.stream_id.clone();
+        self.partitions
+            .entry(row.partition)
+            .or_default()
+            .insert(stream.clone());
+        self.streams
+            .entry(stream)
+            .or_default()
+            .insert(row.seq, row.envelope.message_id);
+        self.rows.insert(row.envelope.message_id, row);
+    }
+
+    fn remove(&mut self, id: &Uuid) -> Option<Row> {
+        let row = self.rows.remove(id)?;
+        let stream = &row.envelope.stream_id;
+        if let Some(seqs) = self.streams.get_mut(stream) {
+            seqs.remove(&row.seq);
+            if seqs.is_empty() {
+                self.streams.remove(stream);
+                if let Some(set) = self.partitions.get_mut(&row.partition) {
+                    set.remove(stream);
+                    if set.is_empty() {
+                        self.partitions.remove(&row.partition);
+                    }
+                }
+            }
+        }
+        Some(row)
+    }
+
+    /// True when every row of `stream` before `seq` is in flight at (instance, generation):
+    /// only then may a new row be handed straight to the writer without overtaking anything.
+    fn only_in_flight_before(&self, stream: &str, seq: u64, holder: (InstanceId, u64)) -> bool {
+        self.streams.get(stream).is_none_or(|seqs| {
+            seqs.range(..seq)
+                .all(|(_, id)| self.rows[id].claimed == Some(holder) && !self.rows[id].dead)
+        })
+    }
+
+    fn has_claims_in(&self, partition: u32, holder: (InstanceId, u64)) -> bool {
+        self.partitions.get(&partition).is_some_and(|streams| {
+            streams.iter().any(|s| {
+                self.streams[s]
+                    .values()
+                    .any(|id| self.rows[id].claimed == Some(holder))
+            })
+        })
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    versions: HashMap<String, u64>,
+    events: Vec<StoredEvent>,
+    by_stream: HashMap<String, Vec<usize>>,
+    by_correlation: HashMap<Uuid, Vec<usize>>,
+    outbox: RowQueue,
+    inbox: RowQueue,
+    /// Dedup records: message id → (processed at, correlation id).
+    processed: HashMap<Uuid, (Instant, Uuid)>,
+    leases: HashMap<u32, Lease>,
+    generations: HashMap<u32, u64>,
+    held: HashMap<InstanceId, BTreeSet<u32>>,
+    instances: HashMap<InstanceId, Instant>,
+}
+
+/// The embedded store. Cheap to create; share it behind an `Arc` between instances to simulate
+/// several processes on one database.
+pub struct MemoryStore {
+    settings: StoreSettings,
+    state: Mutex<State>,
+    signal: tokio::sync::watch::Sender<u64>,
+}
+
+impl MemoryStore {
+    pub fn new(settings: StoreSettings) -> MemoryStore {
+        MemoryStore {
+            settings,
+            state: Mutex::new(State::default()),
+            signal: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave half a batch: batches are applied only
+        // after all their checks passed. Recover the guard rather than poison every caller.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.signal.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl State {
+    fn current_holder(&self, partition: u32) -> Option<(InstanceId, u64)> {
+        self.leases
+            .get(&partition)
+            .map(|l| (l.instance, l.generation))
+    }
+
+    /// Fencing: a report is accepted only while the lease it was claimed under is still the
+    /// partition's lease (expired but not taken over still counts).
+    fn fenced(&self, instance: InstanceId, work: &WorkRef) -> bool {
+        self.current_holder(work.partition) == Some((instance, work.generation))
+    }
+
+    fn held_by_other_live(&self, partition: u32, instance: InstanceId, now: Instant) -> bool {
+        self.leases
+            .get(&partition)
+            .is_some_and(|l| l.instance != instance && l.expires > now)
+    }
+
+    fn release(&mut self, partition: u32) {
+        if let Some(lease) = self.leases.remove(&partition)
+            && let Some(set) = self.held.get_mut(&lease.instance)
+        {
+            set.remove(&partition);
+        }
+    }
+
+    fn partition_has_rows(&self, partition: u32) -> bool {
+        self.outbox.partitions.contains_key(&partition)
+            || self.inbox.partitions.contains_key(&partition)
+    }
+
+    fn partition_in_flight(&self, partition: u32) -> bool {
+        match self.current_holder(partition) {
+            Some(holder) => {
+                self.outbox.has_claims_in(partition, holder)
+                    || self.inbox.has_claims_in(partition, holder)
+            }
+            None => false,
+        }
+    }
+
+    /// Leases `partition` to `instance` if it is free, expired or already its own; at the
+    /// per-instance maximum it first gives up one of its partitions with nothing in flight.
+    fn try_acquire(
+        &mut self,
+        partition: u32,
+        instance: InstanceId,
+        now: Instant,
+        settings: &StoreSettings,
+    ) -> Option<u64> {
+        if let Some(lease) = self.leases.get_mut(&partition) {
+            if lease.instance == instance {
+                lease.expires = now + settings.lease;
+                return Some(lease.generation);
+            }
+            if lease.expires > now {
+                return None;
+            }
+        }
+        let held = self.held.get(&instance).map_or(0, |s| s.len());
+        if held >= settings.max_partitions_per_instance as usize {
+            let idle = self.held.get(&instance).and_then(|set| {
+                set.iter()
+                    .copied()
+                    .find(|p| !self.partition_in_flight(*p) && !self.partition_has_rows(*p))
+            });
+            self.release(idle?);
+        }
+        self.release(partition);
+        let generation = self.generations.entry(partition).or_default();
+        *generation += 1;
+        let generation = *generation;
+        self.leases.insert(
+            partition,
+            Lease {
+                instance,
+                generation,
+                expires: now + settings.lease,
+            },
+        );
+        self.held.entry(instance).or_default().insert(partition);
+        Some(generation)
+    }
+
+    fn is_duplicate_inbox(&self, id: &Uuid) -> bool {
+        self.processed.contains_key(id) || self.inbox.rows.contains_key(id)
+    }
+
+    fn complete(
+        &mut self,
+        queue: Queue,
+        instance: InstanceId,
+        work: &WorkRef,
+        now: Instant,
+    ) -> bool {
+        if !self.fenced(instance, work) {
+            return false;
+        }
+        let q = match queue {
+            Queue::Outbox => &mut self.outbox,
+            Queue::Inbox => &mut self.inbox,
+        };
+        match q.rows.get(&work.message_id) {
+            Some(row) if row.claimed == Some((instance, work.generation)) => {}
+            _ => return false,
+        }
+        if let Some(row) = q.remove(&work.message_id)
+            && queue == Queue::Inbox
+        {
+            self.processed
+                .insert(work.message_id, (now, row.envelope.correlation_id));
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fail(
+        &mut self,
+        queue: Queue,
+        instance: InstanceId,
+        failure: &Failure,
+        now: Instant,
+        settings: &StoreSettings,
+        dead_lettered: &mut Vec<Uuid>,
+    ) -> bool {
+        if !self.fenced(instance, &failure.work) {
+            return false;
+        }
+        let q = match queue {
+            Queue::Outbox => &mut self.outbox,
+            Queue::Inbox => &mut self.inbox,
+        };
+        let Some(row) = q.rows.get_mut(&failure.work.message_id) else {
+            return false;
+        };
+        if row.claimed != Some((instance, failure.work.generation)) {
+            return false;
+        }
+        row.claimed = None;
+        row.last_error = Some(format!("{}: {}", failure.kind.as_str(), failure.error));
+        if failure.kind == FailureKind::Transient {
+            row.next_attempt = Some(now + settings.backoff_base);
+            return true;
+        }
+        row.attempts += 1;
+        if row.attempts >= settings.max_attempts {
+            row.dead = true;
+            row.next_attempt = None;
+            dead_lettered.push(failure.work.message_id);
+        } else {
+            row.next_attempt = Some(now + settings.backoff(row.attempts));
+        }
+        true
+    }
+
+    fn release_row(&mut self, queue: Queue, instance: InstanceId, work: &WorkRef) -> bool {
+        if !self.fenced(instance, work) {
+            return false;
+        }
+        let q = match queue {
+            Queue::Outbox => &mut self.outbox,
+            Queue::Inbox => &mut self.inbox,
+        };
+        match q.rows.get_mut(&work.message_id) {
+            Some(row) if row.claimed == Some((instance, work.generation)) => {
+                row.claimed = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Claims rows of `queue` in the partitions `instance` holds, in stream order, never past
+    /// a parked row.
+    fn claim(
+        &mut self,
+        queue: Queue,
+        instance: InstanceId,
+        mut budget: u32,
+        now: Instant,
+    ) -> Vec<(Uuid, WorkRef)> {
+        let mut out = Vec::new();
+        let held: Vec<u32> = self
+            .held
+            .get(&instance)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let q = match queue {
+            Queue::Outbox => &mut self.outbox,
+            Queue::Inbox => &mut self.inbox,
+        };
+        for partition in held {
+            let Some(holder) = self
+                .leases
+                .get(&partition)
+                .filter(|l| l.instance == instance && l.expires > now)
+                .map(|l| (l.instance, l.generation))
+            else {
+                continue;
+            };
+            let Some(streams) = q.partitions.get(&partition) else {
+                continue;
+            };
+            let mut streams: Vec<&String> = streams.iter().collect();
+            streams.sort();
+            for stream in streams {
+                for id in q.streams[stream].values() {
+                    if budget == 0 {
+                        return out;
+                    }
+                    let row = q.rows.get_mut(id).expect("indexed row exists");
+                    if row.dead {
+                        break;
+                    }
+                    if row.claimed == Some(holder) {
+                        continue;
+                    }
+                    if row.next_attempt.is_some_and(|t| t > now) {
+                        break;
+                    }
+                    row.claimed = Some(holder);
+                    budget -= 1;
+                    out.push((
+                        *id,
+                        WorkRef {
+                            message_id: *id,
+                            partition,
+                            generation: holder.1,
+                        },
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Leases free or expired partitions that have claimable rows, up to the maximum.
+    fn acquire_partitions_with_work(
+        &mut self,
+        instance: InstanceId,
+        now: Instant,
+        settings: &StoreSettings,
+    ) {
+        let mut candidates: Vec<u32> = self
+            .outbox
+            .partitions
+            .keys()
+            .chain(self.inbox.partitions.keys())
+            .copied()
+            .filter(|p| !self.held_by_other_live(*p, instance, now))
+            .filter(|p| {
+                !self
+                    .leases
+                    .get(p)
+                    .is_some_and(|l| l.instance == instance && l.expires > now)
+            })
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        for p in candidates {
+            let held = self.held.get(&instance).map_or(0, |s| s.len());
+            if held >= settings.max_partitions_per_instance as usize {
+                break;
+            }
+            self.try_acquire(p, instance, now, settings);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn register_instance(
+        &self,
+        instance: InstanceId,
+        _service: &str,
+        _host: &str,
+    ) -> Result<(), StoreError> {
+        self.lock().instances.insert(instance, Instant::now());
+        Ok(())
+    }
+
+    async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError> {
+        let now = Instant::now();
+        let settings = &self.settings;
+        let mut st = self.lock();
+        st.instances.insert(instance, now);
+        let lease = settings.lease;
+        st.instances.retain(|_, seen| *seen + lease > now);
+        let live = st.instances.len().max(1) as u32;
+        let mine: Vec<u32> = st
+            .held
+            .get(&instance)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for p in &mine {
+            if let Some(l) = st.leases.get_mut(p) {
+                l.expires = now + lease;
+            }
+        }
+        // Idle partitions go back at once; beyond the fair share, a few per heartbeat.
+        let total: usize = st
+            .held
+            .iter()
+            .filter(|(i, _)| st.instances.contains_key(i))
+            .map(|(_, s)| s.len())
+            .sum();
+        let fair = total.div_ceil(live as usize);
+        let mut released = Vec::new();
+        let mut excess = mine.len().saturating_sub(fair).min(10);
+        for p in &mine {
+            if st.partition_in_flight(*p) {
+                continue;
+            }
+            if !st.partition_has_rows(*p) {
+                st.release(*p);
+                released.push(*p);
+                excess = excess.saturating_sub(1);
+            } else if excess > 0 {
+                st.release(*p);
+                released.push(*p);
+                excess -= 1;
+            }
+        }
+        let retention = settings.dedup_retention;
+        st.processed.retain(|_, (at, _)| *at + retention > now);
+        let held_partitions = st
+            .held
+            .get(&instance)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        drop(st);
+        if !released.is_empty() {
+            self.bump();
+        }
+        Ok(Heartbeat {
+            live_instances: live,
+            held_partitions,
+            released,
+        })
+    }
+
+    async fn process_work_batch(
+        &self,
+        instance: InstanceId,
+        batch: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError> {
+        let now = Instant::now();
+        let settings = &self.settings;
+        let mut left_pending = false;
+        let mut result = WorkBatchResult::default();
+        let mut st = self.lock();
+        let st = &mut *st;
+
+        // Reports first: they free the streams that new work may queue behind.
+        for w in &batch.outbox_completions {
+            if !st.complete(Queue::Outbox, instance, w, now) {
+                result.stale.push(w.message_id);
+            }
+        }
+        for w in &batch.inbox_completions {
+            if !st.complete(Queue::Inbox, instance, w, now) {
+                result.stale.push(w.message_id);
+            }
+        }
+        for f in &batch.outbox_failures {
+            if !st.fail(
+                Queue::Outbox,
+                instance,
+                f,
+                now,
+                settings,
+                &mut result.dead_lettered,
+            ) {
+                result.stale.push(f.work.message_id);
+            }
+        }
+        for f in &batch.inbox_failures {
+            if !st.fail(
+                Queue::Inbox,
+                instance,
+                f,
+                now,
+                settings,
+                &mut result.dead_lettered,
+            ) {
+                result.stale.push(f.work.message_id);
+            }
+        }
+        for w in &batch.outbox_releases {
+            if st.release_row(Queue::Outbox, instance, w) {
+                left_pending = true;
+            }
+        }
+        for w in &batch.inbox_releases {
+            if st.release_row(Queue::Inbox, instance, w) {
+                left_pending = true;
+            }
+        }
+
+        for unit in batch.units {
+            let conflict = unit.expectations.iter().find_map(|(stream, expected)| {
+                let actual = st.versions.get(stream).copied().unwrap_or(0);
+                (!expected.matches(actual)).then(|| UnitOutcome::Conflict {
+                    stream_id: stream.clone(),
+                    expected: *expected,
+                    actual,
+                })
+            });
+            if let Some(conflict) = conflict {
+                result.units.push(conflict);
+                continue;
+            }
+            for w in &unit.completes_inbox {
+                if !st.complete(Queue::Inbox, instance, w, now) {
+                    result.stale.push(w.message_id);
+                }
+            }
+            let mut appended = Vec::with_capacity(unit.events.len());
+            for envelope in unit.events {
+                let version = st.versions.entry(envelope.stream_id.clone()).or_default();
+                *version += 1;
+                let version = *version;
+                let position = st.events.len() as u64 + 1;
+                let index = st.events.len();
+                st.by_stream
+                    .entry(envelope.stream_id.clone())
+                    .or_default()
+                    .push(index);
+                st.by_correlation
+                    .entry(envelope.correlation_id)
+                    .or_default()
+                    .push(index);
+                appended.push(AppendedEvent {
+                    message_id: envelope.message_id,
+                    stream_id: envelope.stream_id.clone(),
+                    version,
+                    position,
+                });
+                st.events.push(StoredEvent {
+                    position,
+                    version,
+                    envelope,
+                });
+            }
+            let mut claimed_outbox = Vec::new();
+            for row in unit.outbox {
+                if st.outbox.rows.contains_key(&row.envelope.message_id) {
+                    continue; // the same message queued twice: already on its way
+                }
+                st.next_seq += 1;
+                let seq = st.next_seq;
+                let id = row.envelope.message_id;
+                let stream = row.envelope.stream_id.clone();
+                st.outbox.insert(Row {
+                    seq,
+                    envelope: row.envelope,
+                    topic: row.topic,
+                    partition: row.partition,
+                    attempts: 0,
+                    next_attempt: None,
+                    last_error: None,
+                    claimed: None,
+                    dead: false,
+                });
+                let claim = if unit.claim_for_writer {
+                    st.try_acquire(row.partition, instance, now, settings)
+                } else {
+                    None
+                };
+                match claim {
+                    Some(generation)
+                        if st.outbox.only_in_flight_before(
+                            &stream,
+                            seq,
+                            (instance, generation),
+                        ) =>
+                    {
+                        let r = st.outbox.rows.get_mut(&id).expect("just inserted");
+                        r.claimed = Some((instance, generation));
+                        claimed_outbox.push(OutboxWork {
+                            envelope: r.envelope.clone(),
+                            topic: r.topic.clone(),
+                            work: WorkRef {
+                                message_id: id,
+                                partition: row.partition,
+                                generation,
+                            },
+                            attempts: 0,
+                        });
+                    }
+                    _ => left_pending = true,
+                }
+            }
+            let mut claimed_inbox = Vec::new();
+            let mut duplicate_inbox = Vec::new();
+            for row in unit.inbox {
+                let id = row.envelope.message_id;
+                if st.is_duplicate_inbox(&id) {
+                    duplicate_inbox.push(id);
+                    continue;
+                }
+                st.next_seq += 1;
+                let seq = st.next_seq;
+                let stream = row.envelope.stream_id.clone();
+                st.inbox.insert(Row {
+                    seq,
+                    envelope: row.envelope,
+                    topic: String::new(),
+                    partition: row.partition,
+                    attempts: 0,
+                    next_attempt: None,
+                    last_error: None,
+                    claimed: None,
+                    dead: false,
+                });
+                let claim = if unit.claim_for_writer {
+                    st.try_acquire(row.partition, instance, now, settings)
+                } else {
+                    None
+                };
+                match claim {
+                    Some(generation)
+                        if st
+                            .inbox
+                            .only_in_flight_before(&stream, seq, (instance, generation)) =>
+                    {
+                        let r = st.inbox.rows.get_mut(&id).expect("just inserted");
+                        r.claimed = Some((instance, generation));
+                        claimed_inbox.push(InboxWork {
+                            envelope: r.envelope.clone(),
+                            work: WorkRef {
+                                message_id: id,
+                                partition: row.partition,
+                                generation,
+                            },
+                            attempts: 0,
+                        });
+                    }
+                    _ => left_pending = true,
+                }
+            }
+            result.units.push(UnitOutcome::Committed {
+                appended,
+                claimed_outbox,
+                claimed_inbox,
+                duplicate_inbox,
+            });
+        }
+
+        if let Some(budget) = batch.claim {
+            st.acquire_partitions_with_work(instance, now, settings);
+            for (id, work) in st.claim(Queue::Outbox, instance, budget.outbox, now) {
+                let row = &st.outbox.rows[&id];
+                result.claimed_outbox.push(OutboxWork {
+                    envelope: row.envelope.clone(),
+                    topic: row.topic.clone(),
+                    work,
+                    attempts: row.attempts,
+                });
+            }
+            for (id, work) in st.claim(Queue::Inbox, instance, budget.inbox, now) {
+                let row = &st.inbox.rows[&id];
+                result.claimed_inbox.push(InboxWork {
+                    envelope: row.envelope.clone(),
+                    work,
+                    attempts: row.attempts,
+                });
+            }
+        }
+        if left_pending || !result.dead_lettered.is_empty() {
+            self.bump();
+        }
+        Ok(result)
+    }
+
+    async fn release_partitions(
+        &self,
+        instance: InstanceId,
+        partitions: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let mine: Vec<u32> = match partitions {
+            Some(list) => list.to_vec(),
+            None => st
+                .held
+                .get(&instance)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+        };
+        for p in mine {
+            if st.leases.get(&p).is_some_and(|l| l.instance == instance) {
+                st.release(p);
+            }
+        }
+        if partitions.is_none() {
+            st.instances.remove(&instance);
+        }
+        drop(st);
+        self.bump();
+        Ok(())
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let st = self.lock();
+        Ok(st
+            .by_stream
+            .get(stream_id)
+            .map(|idx| {
+                idx.iter()
+                    .map(|i| &st.events[*i])
+                    .filter(|e| e.version >= from_version)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn read_all(
+        &self,
+        after_position: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let st = self.lock();
+        let start = (after_position as usize).min(st.events.len());
+        Ok(st.events[start..]
+            .iter()
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let st = self.lock();
+        Ok(message_ids
+            .iter()
+            .filter(|id| st.processed.contains_key(id))
+            .copied()
+            .collect())
+    }
+
+    async fn correlation_status(
+        &self,
+        correlation_id: Uuid,
+    ) -> Result<CorrelationStatus, StoreError> {
+        let st = self.lock();
+        let mut status = CorrelationStatus::default();
+        if let Some(idx) = st.by_correlation.get(&correlation_id) {
+            for i in idx {
+                let e = &st.events[*i];
+                status.events.push((
+                    e.envelope.message_type.clone(),
+                    e.envelope.stream_id.clone(),
+                    e.version,
+                ));
+            }
+        }
+        for row in st.outbox.rows.values() {
+            if row.envelope.correlation_id == correlation_id {
+                if row.dead {
+                    status.dead_lettered += 1;
+                } else {
+                    status.outbox_pending += 1;
+                }
+            }
+        }
+        for row in st.inbox.rows.values() {
+            if row.envelope.correlation_id == correlation_id {
+                if row.dead {
+                    status.dead_lettered += 1;
+                } else {
+                    status.inbox_pending += 1;
+                }
+            }
+        }
+        status.inbox_processed = st
+            .processed
+            .values()
+            .filter(|(_, c)| *c == correlation_id)
+            .count() as u64;
+        Ok(status)
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (queue, q) in [(Queue::Outbox, &st.outbox), (Queue::Inbox, &st.inbox)] {
+            let mut rows: Vec<&Row> = q.rows.values().filter(|r| r.dead).collect();
+            rows.sort_by_key(|r| r.seq);
+            out.extend(rows.into_iter().map(|r| DeadLetter {
+                queue,
+                message_id: r.envelope.message_id,
+                message_type: r.envelope.message_type.clone(),
+                stream_id: r.envelope.stream_id.clone(),
+                attempts: r.attempts,
+                error: r.last_error.clone().unwrap_or_default(),
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn requeue_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let in_outbox = st.outbox.rows.get(&message_id).is_some_and(|r| r.dead);
+        let row = if in_outbox {
+            st.outbox.rows.get_mut(&message_id)
+        } else {
+            st.inbox.rows.get_mut(&message_id).filter(|r| r.dead)
+        };
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("dead letter {message_id}")));
+        };
+        row.dead = false;
+        row.attempts = 0;
+        row.next_attempt = None;
+        row.claimed = None;
+        drop(st);
+        self.bump();
+        Ok(())
+    }
+
+    async fn skip_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if st.outbox.rows.get(&message_id).is_some_and(|r| r.dead) {
+            st.outbox.remove(&message_id);
+        } else if st.inbox.rows.get(&message_id).is_some_and(|r| r.dead) {
+            if let Some(row) = st.inbox.remove(&message_id) {
+                // Still a dedup record: a redelivery of a skipped message stays skipped.
+                st.processed
+                    .insert(message_id, (now, row.envelope.correlation_id));
+            }
+        } else {
+            return Err(StoreError::NotFound(format!("dead letter {message_id}")));
+        }
+        drop(st);
+        self.bump();
+        Ok(())
+    }
+
+    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.signal.subscribe()
+    }
+}

@@ -1,0 +1,427 @@
+//! The store seam: the work coordinator contract that the in-memory and the Postgres stores both
+//! implement, with the same semantics.
+//!
+//! Owns the vocabulary of durable work: units of work (event-store appends, outbox rows, inbox
+//! rows with dedup, all or nothing per unit), completions, failures with backoff and dead
+//! letters, releases, claims of pending work in leased partitions, heartbeats and leases.
+//! It must not know about actors or handlers: the coordinator drives it.
+//!
+//! Rules every implementation keeps (the conformance tests in `tests/store_conformance.rs` pin
+//! them):
+//! - One [`WorkBatch`] is applied in one atomic step; inside it each [`UnitOfWork`] either
+//!   commits whole or comes back as [`UnitOutcome::Conflict`] while the rest commits.
+//! - Versions are 1..n per stream with no gaps; positions are global and increasing.
+//! - An inbox row whose message id was seen before is reported as a duplicate and has no effect.
+//! - A partition is leased to at most one live instance; every row claim and every completion
+//!   carries the lease's generation (fencing token) and a stale one is refused.
+//! - A stream's rows are claimed in order, never past a row that is waiting for a retry or is
+//!   dead-lettered (the stream is parked).
+//! - Lease times come from the store's own clock.
+
+pub mod memory;
+
+use crate::envelope::Envelope;
+use async_trait::async_trait;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Identifies one running instance of a service.
+pub type InstanceId = Uuid;
+
+/// The knobs a store needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub partition_count: u32,
+    pub max_partitions_per_instance: u32,
+    pub lease: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub dedup_retention: Duration,
+}
+
+impl StoreSettings {
+    pub fn from_config(config: &crate::config::Config) -> StoreSettings {
+        StoreSettings {
+            partition_count: config.partitions.partition_count,
+            max_partitions_per_instance: config.partitions.max_partitions_per_instance,
+            lease: Duration::from_secs(config.partitions.lease_seconds),
+            max_attempts: config.store.max_attempts,
+            backoff_base: Duration::from_millis(config.store.backoff_base_ms),
+            backoff_max: Duration::from_millis(config.store.backoff_max_ms),
+            dedup_retention: Duration::from_secs(config.store.dedup_retention_hours * 3600),
+        }
+    }
+
+    /// The delay before retry number `attempts` (1-based): base · 2^(attempts-1), capped.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempts.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.backoff_base
+            .checked_mul(factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+}
+
+/// What a writer expects of a stream before appending to it (optimistic concurrency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the current version is.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream's current version must be exactly this.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    pub fn matches(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exact(v) => current == v,
+        }
+    }
+}
+
+/// A row for the outbox: `envelope` is to be published to `topic`.
+#[derive(Debug, Clone)]
+pub struct NewOutboxRow {
+    pub envelope: Envelope,
+    pub topic: String,
+    pub partition: u32,
+}
+
+/// A row for the inbox: `envelope` is to be processed by this service (perspectives of an
+/// event, or the receptor of a command).
+#[derive(Debug, Clone)]
+pub struct NewInboxRow {
+    pub envelope: Envelope,
+    pub partition: u32,
+}
+
+/// All or nothing: the writes of one command (or one delivery).
+#[derive(Debug, Clone, Default)]
+pub struct UnitOfWork {
+    /// Checked before anything of the unit is written.
+    pub expectations: Vec<(String, ExpectedVersion)>,
+    /// Appended to the event store in this order.
+    pub events: Vec<Envelope>,
+    pub outbox: Vec<NewOutboxRow>,
+    /// Inserted with dedup by message id.
+    pub inbox: Vec<NewInboxRow>,
+    /// Inbox rows this unit finishes (a command taken from the inbox): completed only if the
+    /// unit commits, so the command's effects and its completion are one atomic step.
+    pub completes_inbox: Vec<WorkRef>,
+    /// Lease the new rows to the writer at once where it can hold their partition, so they are
+    /// processed without waiting for a claim.
+    pub claim_for_writer: bool,
+}
+
+/// Where an appended event landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendedEvent {
+    pub message_id: Uuid,
+    pub stream_id: String,
+    pub version: u64,
+    pub position: u64,
+}
+
+/// A claimed outbox row: this instance must publish it, then report it.
+#[derive(Debug, Clone)]
+pub struct OutboxWork {
+    pub envelope: Envelope,
+    pub topic: String,
+    pub work: WorkRef,
+    pub attempts: u32,
+}
+
+/// A claimed inbox row: this instance must process it, then report it.
+#[derive(Debug, Clone)]
+pub struct InboxWork {
+    pub envelope: Envelope,
+    pub work: WorkRef,
+    pub attempts: u32,
+}
+
+/// Names a claimed row and the lease it was claimed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkRef {
+    pub message_id: Uuid,
+    pub partition: u32,
+    /// The partition lease's fencing token at claim time.
+    pub generation: u64,
+}
+
+/// Why processing a row failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The handler returned an error or the broker refused the message: counts as an attempt.
+    Failed,
+    /// User code panicked: counts as an attempt.
+    Panicked,
+    /// The infrastructure was unavailable (broker down, timeout): retried after the base
+    /// backoff without counting an attempt, so an outage never dead-letters messages.
+    Transient,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Failed => "failed",
+            FailureKind::Panicked => "panicked",
+            FailureKind::Transient => "transient",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub work: WorkRef,
+    pub kind: FailureKind,
+    pub error: String,
+}
+
+/// How much pending work to claim in this batch.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimBudget {
+    pub outbox: u32,
+    pub inbox: u32,
+}
+
+/// One atomic round trip to the store.
+#[derive(Debug, Clone, Default)]
+pub struct WorkBatch {
+    pub units: Vec<UnitOfWork>,
+    pub outbox_completions: Vec<WorkRef>,
+    pub outbox_failures: Vec<Failure>,
+    /// Rows handed back unprocessed (their stream was parked behind a failure): no attempt.
+    pub outbox_releases: Vec<WorkRef>,
+    pub inbox_completions: Vec<WorkRef>,
+    pub inbox_failures: Vec<Failure>,
+    pub inbox_releases: Vec<WorkRef>,
+    pub claim: Option<ClaimBudget>,
+}
+
+impl WorkBatch {
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+            && self.outbox_completions.is_empty()
+            && self.outbox_failures.is_empty()
+            && self.outbox_releases.is_empty()
+            && self.inbox_completions.is_empty()
+            && self.inbox_failures.is_empty()
+            && self.inbox_releases.is_empty()
+            && self.claim.is_none()
+    }
+
+    /// Number of row-level items, used to cap batch size.
+    pub fn reports(&self) -> usize {
+        self.outbox_completions.len()
+            + self.outbox_failures.len()
+            + self.outbox_releases.len()
+            + self.inbox_completions.len()
+            + self.inbox_failures.len()
+            + self.inbox_releases.len()
+    }
+}
+
+/// What became of one unit.
+#[derive(Debug, Clone)]
+pub enum UnitOutcome {
+    Committed {
+        appended: Vec<AppendedEvent>,
+        /// New outbox rows leased to the writer: publish them now.
+        claimed_outbox: Vec<OutboxWork>,
+        /// New inbox rows leased to the writer: process them now.
+        claimed_inbox: Vec<InboxWork>,
+        /// Inbox rows of this unit that were seen before and were not stored again.
+        duplicate_inbox: Vec<Uuid>,
+    },
+    /// An expected version did not match: nothing of this unit was written.
+    Conflict {
+        stream_id: String,
+        expected: ExpectedVersion,
+        actual: u64,
+    },
+}
+
+/// The answer to one [`WorkBatch`], units in the order they were given.
+#[derive(Debug, Clone, Default)]
+pub struct WorkBatchResult {
+    pub units: Vec<UnitOutcome>,
+    pub claimed_outbox: Vec<OutboxWork>,
+    pub claimed_inbox: Vec<InboxWork>,
+    /// Reports refused because the lease they were claimed under is gone (fencing).
+    pub stale: Vec<Uuid>,
+    /// Rows that reached `max_attempts` in this batch.
+    pub dead_lettered: Vec<Uuid>,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub position: u64,
+    pub version: u64,
+    pub envelope: Envelope,
+}
+
+/// Which queue a row lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Outbox,
+    Inbox,
+}
+
+impl Queue {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Queue::Outbox => "outbox",
+            Queue::Inbox => "inbox",
+        }
+    }
+}
+
+/// A row parked after `max_attempts`; its stream waits behind it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub queue: Queue,
+    pub message_id: Uuid,
+    pub message_type: String,
+    pub stream_id: String,
+    pub attempts: u32,
+    pub error: String,
+}
+
+/// What the store knows about everything one request caused (status lookup by correlation id).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorrelationStatus {
+    /// Events stored, in position order: (type, stream, version).
+    pub events: Vec<(String, String, u64)>,
+    pub outbox_pending: u64,
+    pub inbox_pending: u64,
+    pub inbox_processed: u64,
+    pub dead_lettered: u64,
+}
+
+/// A heartbeat's answer.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeat {
+    pub live_instances: u32,
+    pub held_partitions: Vec<u32>,
+    /// Partitions given up in this heartbeat (idle, or above this instance's fair share).
+    pub released: Vec<u32>,
+}
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store query failed: {0}")]
+    Query(String),
+    #[error("migration error: {0}")]
+    Migration(String),
+    #[error("no such row: {0}")]
+    NotFound(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Worth retrying the same call later (a connection problem, not a bug or bad data).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// The work coordinator contract.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Registers (or re-registers) an instance of a service.
+    async fn register_instance(
+        &self,
+        instance: InstanceId,
+        service: &str,
+        host: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Renews this instance's leases and liveness; gives up idle partitions and, gradually,
+    /// partitions above its fair share; purges expired dedup records.
+    async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError>;
+
+    /// Applies one batch atomically (see the module docs).
+    async fn process_work_batch(
+        &self,
+        instance: InstanceId,
+        batch: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError>;
+
+    /// Gives up the given partitions, or all of them (graceful shutdown): their pending work
+    /// becomes claimable by other instances at once.
+    async fn release_partitions(
+        &self,
+        instance: InstanceId,
+        partitions: Option<&[u32]>,
+    ) -> Result<(), StoreError>;
+
+    /// A stream's events from `from_version` (inclusive), in version order.
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// All events after `after_position`, in position order, at most `limit`.
+    async fn read_all(
+        &self,
+        after_position: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Of the given inbox message ids, those that are processed.
+    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
+
+    /// What a request caused, by correlation id.
+    async fn correlation_status(
+        &self,
+        correlation_id: Uuid,
+    ) -> Result<CorrelationStatus, StoreError>;
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Puts a dead-lettered row back as pending with its attempts reset.
+    async fn requeue_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError>;
+
+    /// Drops a dead-lettered row so its stream moves on.
+    async fn skip_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError>;
+
+    /// Bumped whenever work becomes claimable (new pending rows, released partitions); the
+    /// coordinator waits on it instead of polling.
+    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let s = StoreSettings {
+            partition_count: 1,
+            max_partitions_per_instance: 1,
+            lease: Duration::from_secs(1),
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1000),
+            dedup_retention: Duration::from_secs(1),
+        };
+        assert_eq!(s.backoff(1), Duration::from_millis(100));
+        assert_eq!(s.backoff(2), Duration::from_millis(200));
+        assert_eq!(s.backoff(4), Duration::from_millis(800));
+        assert_eq!(s.backoff(5), Duration::from_millis(1000));
+        assert_eq!(s.backoff(100), Duration::from_millis(1000));
+    }
+}

@@ -1,0 +1,95 @@
+//! The transport seam: how messages leave one service and reach another. The in-process bus and
+//! the AMQP 1.0 transport both implement it, with the same semantics.
+//!
+//! Owns the vocabulary of the wire: publishing an envelope to a topic (resolved only once the
+//! broker has accepted it), receiving deliveries from a subscription with credit, and settling
+//! each delivery (accept, reject with a reason, release). A delivery that could not be turned
+//! back into an envelope arrives as [`Delivery::message`] = `Err(..)` so the consumer can reject
+//! it with its reason. It must not know about the store or handlers.
+
+pub mod memory;
+
+use crate::envelope::Envelope;
+use async_trait::async_trait;
+
+/// A delivery the transport could not decode into an envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedDelivery {
+    /// The broker message id, when there was one.
+    pub message_id: Option<String>,
+    pub reason: String,
+}
+
+/// One message received from a subscription, to be settled by its tag.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub tag: u64,
+    pub message: Result<Envelope, MalformedDelivery>,
+}
+
+/// What the consumer decided about a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Stored (or a duplicate): the broker may forget it.
+    Accept,
+    /// Poison: never deliver again; dead-lettered where the broker supports it.
+    Reject(String),
+    /// Not processed (shutting down): deliver again later.
+    Release,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("transport connection failed: {0}")]
+    Connection(String),
+    #[error("send to {topic} not accepted: {reason}")]
+    Rejected { topic: String, reason: String },
+    #[error("send to {topic} timed out")]
+    Timeout { topic: String },
+    #[error("topology check failed: {0}")]
+    Topology(String),
+    #[error("subscription closed")]
+    Closed,
+}
+
+impl TransportError {
+    /// True for failures of the infrastructure rather than of the message.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Connection(_) | TransportError::Timeout { .. } | TransportError::Closed
+        )
+    }
+}
+
+/// Sends envelopes to topics and opens subscriptions.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Publishes one envelope; resolves once the broker has accepted it. Callers may keep many
+    /// of these futures in flight (pipelining).
+    async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<(), TransportError>;
+
+    /// Opens a receiver on `subscription` of `topic` with `prefetch` credit.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        prefetch: u32,
+    ) -> Result<Box<dyn Subscription>, TransportError>;
+
+    /// Verifies that the topics and subscriptions exist before anything is sent.
+    async fn check_topology(
+        &self,
+        topics: &[String],
+        subscriptions: &[(String, String)],
+    ) -> Result<(), TransportError>;
+}
+
+/// An open receiver.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Waits for at least one delivery, returns at most `max`.
+    async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
+
+    async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError>;
+}
