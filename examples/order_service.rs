@@ -1,0 +1,416 @@
+//! The main job: an order service and an inventory service exchanging events.
+//!
+//! `cargo run --release --example order_service [-- --config PATH]`
+//!
+//! On the default configuration (`config/whizbang.toml`: in-memory store, in-process transport)
+//! it needs no servers. It walks through the message lifecycle and prints each step:
+//! `local_invoke` with read-your-writes, `send` with a receipt and a status lookup by correlation
+//! id, the event travelling outbox → publisher → transport → consumer → inbox → perspective of
+//! the inventory service, and rejected commands that leave nothing behind.
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use whizbang::config::{SubscriptionConfig, TransportKind};
+use whizbang::transport::memory::{MemoryBus, MemoryTransport};
+use whizbang::{
+    Command, Config, Decision, DispatchError, Event, EventMeta, Message, Perspective,
+    PerspectiveError, ReceiptStatus, Receptor, ReceptorContext, ReceptorError, Runtime,
+};
+
+#[derive(Parser)]
+#[command(about = "Order service scenario on the whizbang runtime")]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = "config/whizbang.toml")]
+    config: PathBuf,
+}
+
+// ---- Messages ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderLine {
+    sku: String,
+    quantity: i32,
+    unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CreateOrder {
+    order_id: String,
+    customer_id: String,
+    lines: Vec<OrderLine>,
+}
+
+impl Message for CreateOrder {
+    const TYPE_NAME: &'static str = "CreateOrder";
+    fn stream_id(&self) -> String {
+        format!("order-{}", self.order_id)
+    }
+}
+impl Command for CreateOrder {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderCreated {
+    order_id: String,
+    customer_id: String,
+    lines: Vec<OrderLine>,
+    total_cents: i64,
+}
+
+impl Message for OrderCreated {
+    const TYPE_NAME: &'static str = "OrderCreated";
+    fn stream_id(&self) -> String {
+        format!("order-{}", self.order_id)
+    }
+}
+impl Event for OrderCreated {}
+
+// ---- Receptor ---------------------------------------------------------------------------
+
+/// Validates an order against the catalog and a credit limit, then decides `OrderCreated`.
+struct CreateOrderReceptor {
+    catalog: HashMap<&'static str, i64>,
+    credit_limit_cents: i64,
+}
+
+impl Receptor<CreateOrder> for CreateOrderReceptor {
+    type Result = OrderCreated;
+
+    async fn handle(
+        &self,
+        cmd: CreateOrder,
+        _ctx: ReceptorContext,
+    ) -> Result<Decision<OrderCreated>, ReceptorError> {
+        if cmd.lines.is_empty() {
+            return Err(ReceptorError::Validation(
+                "an order needs at least one line".into(),
+            ));
+        }
+        if let Some(bad) = cmd.lines.iter().find(|l| l.quantity <= 0) {
+            return Err(ReceptorError::Validation(format!(
+                "quantity of {} must be positive, got {}",
+                bad.sku, bad.quantity
+            )));
+        }
+        if let Some(unknown) = cmd
+            .lines
+            .iter()
+            .find(|l| !self.catalog.contains_key(l.sku.as_str()))
+        {
+            return Err(ReceptorError::NotFound(format!("product {}", unknown.sku)));
+        }
+        let total_cents: i64 = cmd
+            .lines
+            .iter()
+            .map(|l| i64::from(l.quantity) * l.unit_price_cents)
+            .sum();
+        if total_cents > self.credit_limit_cents {
+            return Err(ReceptorError::Conflict(format!(
+                "total {} exceeds the credit limit {} of customer {}",
+                cents(total_cents),
+                cents(self.credit_limit_cents),
+                cmd.customer_id
+            )));
+        }
+        Ok(Decision::event(OrderCreated {
+            order_id: cmd.order_id,
+            customer_id: cmd.customer_id,
+            lines: cmd.lines,
+            total_cents,
+        }))
+    }
+}
+
+// ---- Perspectives -----------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct OrderSummary {
+    customer_id: String,
+    lines: usize,
+    total_cents: i64,
+}
+
+#[derive(Clone, Default)]
+struct OrderSummaries(Arc<Mutex<BTreeMap<String, OrderSummary>>>);
+
+impl Perspective<OrderCreated> for OrderSummaries {
+    async fn apply(&self, e: OrderCreated, _meta: EventMeta) -> Result<(), PerspectiveError> {
+        self.0.lock().unwrap().insert(
+            e.order_id,
+            OrderSummary {
+                customer_id: e.customer_id,
+                lines: e.lines.len(),
+                total_cents: e.total_cents,
+            },
+        );
+        Ok(())
+    }
+}
+
+#[derive(Clone, Default)]
+struct Inventory(Arc<Mutex<BTreeMap<String, i64>>>);
+
+impl Perspective<OrderCreated> for Inventory {
+    async fn apply(&self, e: OrderCreated, _meta: EventMeta) -> Result<(), PerspectiveError> {
+        let mut reserved = self.0.lock().unwrap();
+        for line in e.lines {
+            *reserved.entry(line.sku).or_default() += i64::from(line.quantity);
+        }
+        Ok(())
+    }
+}
+
+fn cents(c: i64) -> String {
+    format!("${}.{:02}", c / 100, c % 100)
+}
+
+fn line(sku: &str, quantity: i32, unit_price_cents: i64) -> OrderLine {
+    OrderLine {
+        sku: sku.into(),
+        quantity,
+        unit_price_cents,
+    }
+}
+
+async fn wait_until(
+    what: &str,
+    deadline: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+#[actix::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let config = Config::load(&args.config)?;
+
+    // The two services share one transport: the in-process bus by default.
+    let transport: Option<Arc<dyn whizbang::transport::Transport>> = match config.transport.kind {
+        TransportKind::Memory => Some(Arc::new(MemoryTransport::new(MemoryBus::new()))),
+        TransportKind::Amqp => None,
+    };
+    let with_transport = |b: whizbang::RuntimeBuilder| match &transport {
+        Some(t) => b.transport(t.clone()),
+        None => b,
+    };
+
+    let orders_topic = config
+        .routing
+        .topics
+        .get(OrderCreated::TYPE_NAME)
+        .cloned()
+        .context("config routing.topics must name a topic for OrderCreated")?;
+
+    // Inventory service: consumes the order events from its own subscription.
+    let mut inventory_config = config.clone();
+    inventory_config.service.name = "inventory-service".into();
+    inventory_config.store.schema = format!("{}_inventory", config.store.schema);
+    inventory_config.routing.topics.clear();
+    inventory_config.routing.subscriptions = vec![SubscriptionConfig {
+        topic: orders_topic.clone(),
+        name: "inventory".into(),
+    }];
+    let inventory = Inventory::default();
+    let inventory_service = with_transport(Runtime::builder(inventory_config))
+        .perspective::<OrderCreated, _>("inventory", inventory.clone())
+        .start()
+        .await?;
+
+    // Order service: the receptor and the order-summary read model.
+    let summaries = OrderSummaries::default();
+    let receptor = CreateOrderReceptor {
+        catalog: HashMap::from([("WIDGET", 2_500), ("GADGET", 9_900), ("GIZMO", 450)]),
+        credit_limit_cents: 100_000,
+    };
+    let order_service = with_transport(Runtime::builder(config.clone()))
+        .receptor::<CreateOrder, _>(receptor)
+        .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+        .start()
+        .await?;
+
+    println!("== whizbang order service ==");
+    println!(
+        "config {} | store: {:?} | transport: {:?} | partitions: {} (at most {} per instance) | flush: {:?}",
+        args.config.display(),
+        config.store.backend,
+        config.transport.kind,
+        config.partitions.partition_count,
+        config.partitions.max_partitions_per_instance,
+        config.coordinator.flush_strategy,
+    );
+    println!(
+        "order-service instance {} publishes OrderCreated to topic `{orders_topic}`; inventory-service instance {} consumes `{orders_topic}/inventory`",
+        order_service.instance_id(),
+        inventory_service.instance_id()
+    );
+
+    // 1. LocalInvoke: typed result, and the read model already shows it.
+    println!(
+        "\n1. local_invoke(CreateOrder A-1001): waits for the event store, outbox and perspectives"
+    );
+    let created: OrderCreated = order_service
+        .local_invoke(CreateOrder {
+            order_id: "A-1001".into(),
+            customer_id: "alice".into(),
+            lines: vec![line("WIDGET", 2, 2_500), line("GIZMO", 10, 450)],
+        })
+        .await?;
+    println!(
+        "   -> OrderCreated {{ order_id: {}, total: {} }}",
+        created.order_id,
+        cents(created.total_cents)
+    );
+    let summary = summaries
+        .0
+        .lock()
+        .unwrap()
+        .get("A-1001")
+        .cloned()
+        .context("read-your-writes broken: order summary missing right after local_invoke")?;
+    println!(
+        "   read model right after the call: customer {}, {} lines, total {}",
+        summary.customer_id,
+        summary.lines,
+        cents(summary.total_cents)
+    );
+
+    // 2. Send: a receipt now, perspectives asynchronously, status by correlation id.
+    println!(
+        "\n2. send(CreateOrder B-2002): returns a delivery receipt once the events are committed"
+    );
+    let receipt = order_service
+        .send(CreateOrder {
+            order_id: "B-2002".into(),
+            customer_id: "bob".into(),
+            lines: vec![line("GADGET", 3, 9_900)],
+        })
+        .await?;
+    println!(
+        "   -> receipt: message {} | correlation {} | {:?} | {} event(s), stream {} version {}",
+        receipt.message_id,
+        receipt.correlation_id,
+        receipt.status,
+        receipt.events.len(),
+        receipt.events[0].stream_id,
+        receipt.events[0].version
+    );
+    anyhow::ensure!(
+        receipt.status == ReceiptStatus::Delivered,
+        "expected a Delivered receipt"
+    );
+    let start = Instant::now();
+    let status = loop {
+        let status = order_service.status(receipt.correlation_id).await?;
+        if status.inbox_processed > 0 && status.outbox_pending == 0 {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("order B-2002 not processed in time: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!(
+        "   status lookup by correlation id: events {:?}, perspectives applied {}, outbox pending {}",
+        status.events, status.inbox_processed, status.outbox_pending
+    );
+
+    // 3. The events crossed the transport into the inventory service.
+    println!(
+        "\n3. inventory-service: OrderCreated travelled outbox -> publisher -> transport -> consumer -> inbox -> perspective"
+    );
+    wait_until(
+        "the inventory perspective to see both orders",
+        Duration::from_secs(10),
+        || {
+            inventory.0.lock().unwrap().get("GADGET") == Some(&3)
+                && inventory.0.lock().unwrap().get("WIDGET") == Some(&2)
+        },
+    )
+    .await?;
+    for (sku, qty) in inventory.0.lock().unwrap().iter() {
+        println!("   reserved {qty:>3} x {sku}");
+    }
+
+    // 4. Rejected commands leave nothing behind.
+    println!("\n4. rejected commands: typed errors, nothing stored");
+    let rejected = [
+        (
+            "empty order",
+            CreateOrder {
+                order_id: "C-1".into(),
+                customer_id: "carol".into(),
+                lines: vec![],
+            },
+        ),
+        (
+            "unknown product",
+            CreateOrder {
+                order_id: "C-2".into(),
+                customer_id: "carol".into(),
+                lines: vec![line("DOODAD", 1, 100)],
+            },
+        ),
+        (
+            "over the credit limit",
+            CreateOrder {
+                order_id: "C-3".into(),
+                customer_id: "carol".into(),
+                lines: vec![line("GADGET", 20, 9_900)],
+            },
+        ),
+    ];
+    for (what, cmd) in rejected {
+        let stream = cmd.stream_id();
+        match order_service
+            .local_invoke::<CreateOrder, OrderCreated>(cmd)
+            .await
+        {
+            Err(e @ DispatchError::Rejected { .. }) => {
+                let stored = order_service.store().read_stream(&stream, 1).await?;
+                anyhow::ensure!(stored.is_empty(), "a rejected command stored events");
+                println!(
+                    "   {what:<22} -> HTTP {} {e}; events stored: {}",
+                    e.http_status(),
+                    stored.len()
+                );
+            }
+            other => bail!("{what}: expected a rejection, got {other:?}"),
+        }
+    }
+    anyhow::ensure!(
+        summaries.0.lock().unwrap().len() == 2,
+        "rejected orders reached the read model"
+    );
+
+    order_service.shutdown().await?;
+    inventory_service.shutdown().await?;
+    println!(
+        "\nDone: 2 orders accepted, 3 rejected, every perspective up to date. Shut down cleanly."
+    );
+    Ok(())
+}
