@@ -99,6 +99,7 @@ pub struct StoreConfig {
     pub backoff_max_ms: u64,
     pub dedup_retention_hours: u64,
     pub connect_timeout_ms: u64,
+    pub startup_timeout_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -113,6 +114,7 @@ impl Default for StoreConfig {
             backoff_max_ms: 60_000,
             dedup_retention_hours: 168,
             connect_timeout_ms: 5_000,
+            startup_timeout_ms: 60_000,
         }
     }
 }
@@ -324,6 +326,9 @@ impl Config {
         let s = &self.store;
         if s.max_attempts == 0 {
             return fail("store.max_attempts", "must be at least 1".into());
+        }
+        if s.connect_timeout_ms == 0 {
+            return fail("store.connect_timeout_ms", "must be at least 1".into());
         }
         if s.pool_size == 0 {
             return fail("store.pool_size", "must be at least 1".into());

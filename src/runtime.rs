@@ -87,9 +87,7 @@ impl RuntimeBuilder {
                     Arc::new(MemoryStore::new(StoreSettings::from_config(&config)))
                 }
                 StoreBackend::Postgres => {
-                    return Err(StartError::Unsupported(
-                        "store.backend = \"postgres\" is not available in this build yet; use \"memory\"".into(),
-                    ));
+                    Arc::new(crate::store::postgres::PostgresStore::connect(&config).await?)
                 }
             },
         };

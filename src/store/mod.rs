@@ -19,6 +19,8 @@
 //! - Lease times come from the store's own clock.
 
 pub mod memory;
+pub mod migrate;
+pub mod postgres;
 
 use crate::envelope::Envelope;
 use async_trait::async_trait;

@@ -1,0 +1,873 @@
+//! The Postgres store: the durable implementation of the work-coordinator contract.
+//!
+//! Owns the bb8 pool of tokio-postgres connections (each with the batch statements prepared
+//! once), the translation of a [`WorkBatch`] into the arrays of `wb_process_work_batch` (one
+//! statement, one round trip, one transaction; see `schema/0002_work_batch.sql`), the LISTEN
+//! connection that wakes the coordinator when work is stored, and start-up with retries while
+//! the database is unreachable. Lease times are the database's `now()`, never this process's
+//! clock. It must not hold state of its own between calls: everything lives in the database.
+
+use super::migrate::{describe, migrate};
+use super::*;
+use crate::config::{Config, redact};
+use crate::envelope::{Hop, MessageKind};
+use bb8_postgres::PostgresConnectionManager;
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::Instant;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
+
+/// A pooled connection with its prepared statements.
+pub struct PgConnection {
+    client: Client,
+    batch: Statement,
+    heartbeat: Statement,
+}
+
+/// Connects, then prepares the statements every batch uses.
+pub struct PgManager {
+    inner: PostgresConnectionManager<NoTls>,
+    schema: String,
+}
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConnection;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConnection, tokio_postgres::Error> {
+        let client = self.inner.connect().await?;
+        let s = &self.schema;
+        let params: Vec<String> = (1..=36).map(|i| format!("${i}")).collect();
+        let batch = client
+            .prepare(&format!(
+                "SELECT * FROM {s}.wb_process_work_batch({})",
+                params.join(", ")
+            ))
+            .await?;
+        let heartbeat = client
+            .prepare(&format!("SELECT * FROM {s}.wb_heartbeat($1, $2, $3)"))
+            .await?;
+        Ok(PgConnection {
+            client,
+            batch,
+            heartbeat,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut PgConnection) -> Result<(), tokio_postgres::Error> {
+        conn.client.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+pub struct PostgresStore {
+    pool: bb8::Pool<PgManager>,
+    schema: String,
+    settings: StoreSettings,
+    signal: tokio::sync::watch::Sender<u64>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn unavailable(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(describe(&e))
+}
+
+fn query_error(e: tokio_postgres::Error) -> StoreError {
+    // A closed connection or a server going away is worth retrying; anything else is a bug or
+    // bad data.
+    if e.is_closed() || e.as_db_error().is_none() {
+        StoreError::Unavailable(describe(&e))
+    } else {
+        StoreError::Query(describe(&e))
+    }
+}
+
+fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
+    match e {
+        bb8::RunError::User(e) => unavailable(e),
+        bb8::RunError::TimedOut => {
+            StoreError::Unavailable("timed out waiting for a connection".into())
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the configured database (retrying with capped backoff until
+    /// `store.startup_timeout_ms`), applies the migrations, and opens the pool and the LISTEN
+    /// connection.
+    pub async fn connect(config: &Config) -> Result<PostgresStore, StoreError> {
+        let pg_config = tokio_postgres::Config::from_str(&config.store.database_url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid store.database_url: {e}")))?;
+        let settings = StoreSettings::from_config(config);
+        let schema = config.store.schema.clone();
+        let mut pg_config = pg_config;
+        pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
+        pg_config.application_name(format!("whizbang:{}", config.service.name));
+
+        let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
+        let mut backoff = Duration::from_millis(100);
+        let endpoint = redact(&config.store.database_url);
+        let mut client = loop {
+            match connect_one(&pg_config).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() + backoff < deadline => {
+                    tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "database {endpoint} unreachable for {} ms: {e}",
+                        config.store.startup_timeout_ms
+                    )));
+                }
+            }
+        };
+        let applied = migrate(&mut client, &schema).await?;
+        if !applied.is_empty() {
+            tracing::info!(schema = %schema, ?applied, "migrations applied");
+        }
+        drop(client);
+
+        let manager = PgManager {
+            inner: PostgresConnectionManager::new(pg_config.clone(), NoTls),
+            schema: schema.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(config.store.pool_size)
+            .connection_timeout(Duration::from_millis(config.store.connect_timeout_ms))
+            // A broken connection is detected by `has_broken`; a check per checkout would
+            // double the round trips of every batch.
+            .test_on_check_out(false)
+            .build(manager)
+            .await
+            .map_err(unavailable)?;
+        let signal = tokio::sync::watch::channel(0).0;
+        let listener = tokio::spawn(listen(pg_config, schema.clone(), signal.clone()));
+        Ok(PostgresStore {
+            pool,
+            schema,
+            settings,
+            signal,
+            listener,
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let conn = self.conn().await?;
+        conn.client.query(sql, params).await.map_err(query_error)
+    }
+}
+
+async fn connect_one(config: &tokio_postgres::Config) -> Result<Client, String> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "migration connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Keeps a LISTEN connection open for the life of the store; bumps `signal` on every
+/// notification and after every reconnect (notifications may have been missed meanwhile).
+async fn listen(
+    config: tokio_postgres::Config,
+    schema: String,
+    signal: tokio::sync::watch::Sender<u64>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    use futures::StreamExt;
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => {
+                                let _ = tx.send(());
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN wb_work_{schema}"))
+                    .await
+                    .is_ok()
+                {
+                    backoff = Duration::from_millis(100);
+                    signal.send_modify(|n| *n = n.wrapping_add(1));
+                    while rx.recv().await.is_some() {
+                        signal.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+                driver.abort();
+                tracing::warn!("LISTEN connection lost; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Hops and metadata travel in one column.
+fn encode_meta(envelope: &Envelope) -> Vec<u8> {
+    rmp_serde::to_vec(&(&envelope.hops, &envelope.metadata)).unwrap_or_default()
+}
+
+fn decode_envelope(row: &Row, kind_col: &str) -> Result<Envelope, StoreError> {
+    let meta: Vec<u8> = row.get("meta");
+    let (hops, metadata): (Vec<Hop>, BTreeMap<String, String>) = rmp_serde::from_slice(&meta)
+        .map_err(|e| StoreError::Corrupt(format!("meta column: {e}")))?;
+    let kind: String = row.get(kind_col);
+    Ok(Envelope {
+        message_id: row.get("message_id"),
+        correlation_id: row.get("correlation_id"),
+        causation_id: row.get("causation_id"),
+        timestamp_us: row.get("timestamp_us"),
+        message_type: row.get("message_type"),
+        kind: MessageKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("message kind `{kind}`")))?,
+        stream_id: row.get("stream_id"),
+        hops,
+        metadata,
+        payload: row.get("payload"),
+    })
+}
+
+/// The batch as the arrays `wb_process_work_batch` takes.
+#[derive(Default)]
+struct BatchArrays {
+    r_queue: Vec<&'static str>,
+    r_op: Vec<&'static str>,
+    r_id: Vec<Uuid>,
+    r_part: Vec<i32>,
+    r_gen: Vec<i64>,
+    r_error: Vec<Option<String>>,
+    u_claim: Vec<bool>,
+    x_unit: Vec<i32>,
+    x_stream: Vec<String>,
+    x_expected: Vec<i64>,
+    m_unit: Vec<i32>,
+    m_id: Vec<Uuid>,
+    m_kind: Vec<&'static str>,
+    m_stream: Vec<String>,
+    m_part: Vec<i32>,
+    m_corr: Vec<Uuid>,
+    m_cause: Vec<Option<Uuid>>,
+    m_type: Vec<String>,
+    m_ts: Vec<i64>,
+    m_meta: Vec<Vec<u8>>,
+    m_payload: Vec<Vec<u8>>,
+    m_append: Vec<bool>,
+    m_topic: Vec<Option<String>>,
+    m_inbox: Vec<bool>,
+    c_unit: Vec<i32>,
+    c_id: Vec<Uuid>,
+    c_part: Vec<i32>,
+    c_gen: Vec<i64>,
+}
+
+impl BatchArrays {
+    fn report(
+        &mut self,
+        queue: &'static str,
+        op: &'static str,
+        w: &WorkRef,
+        error: Option<String>,
+    ) {
+        self.r_queue.push(queue);
+        self.r_op.push(op);
+        self.r_id.push(w.message_id);
+        self.r_part.push(w.partition as i32);
+        self.r_gen.push(w.generation as i64);
+        self.r_error.push(error);
+    }
+
+    fn failure(&mut self, queue: &'static str, f: &Failure) {
+        let op = if f.kind == FailureKind::Transient {
+            "transient"
+        } else {
+            "fail"
+        };
+        self.report(
+            queue,
+            op,
+            &f.work,
+            Some(format!("{}: {}", f.kind.as_str(), f.error)),
+        );
+    }
+
+    /// Adds a unit's messages; returns message id → array index for reading the answer.
+    fn unit(&mut self, index: i32, unit: &UnitOfWork, positions: &mut HashMap<Uuid, usize>) {
+        self.u_claim.push(unit.claim_for_writer);
+        for (stream, expected) in &unit.expectations {
+            let v = match expected {
+                ExpectedVersion::Any => continue,
+                ExpectedVersion::NoStream => 0,
+                ExpectedVersion::Exact(v) => *v as i64,
+            };
+            self.x_unit.push(index);
+            self.x_stream.push(stream.clone());
+            self.x_expected.push(v);
+        }
+        let mut slot = |arrays: &mut BatchArrays, envelope: &Envelope, partition: u32| -> usize {
+            if let Some(i) = positions.get(&envelope.message_id) {
+                return *i;
+            }
+            let i = arrays.m_id.len();
+            positions.insert(envelope.message_id, i);
+            arrays.m_unit.push(index);
+            arrays.m_id.push(envelope.message_id);
+            arrays.m_kind.push(envelope.kind.as_str());
+            arrays.m_stream.push(envelope.stream_id.clone());
+            arrays.m_part.push(partition as i32);
+            arrays.m_corr.push(envelope.correlation_id);
+            arrays.m_cause.push(envelope.causation_id);
+            arrays.m_type.push(envelope.message_type.clone());
+            arrays.m_ts.push(envelope.timestamp_us);
+            arrays.m_meta.push(encode_meta(envelope));
+            arrays.m_payload.push(envelope.payload.clone());
+            arrays.m_append.push(false);
+            arrays.m_topic.push(None);
+            arrays.m_inbox.push(false);
+            i
+        };
+        for e in &unit.events {
+            // An event only appended has no queue row, so its partition is never read; an
+            // outbox or inbox row of the same message sets it below.
+            let i = slot(self, e, 0);
+            self.m_append[i] = true;
+        }
+        for row in &unit.outbox {
+            let i = slot(self, &row.envelope, row.partition);
+            self.m_part[i] = row.partition as i32;
+            self.m_topic[i] = Some(row.topic.clone());
+        }
+        for row in &unit.inbox {
+            let i = slot(self, &row.envelope, row.partition);
+            self.m_part[i] = row.partition as i32;
+            self.m_inbox[i] = true;
+        }
+        for w in &unit.completes_inbox {
+            self.c_unit.push(index);
+            self.c_id.push(w.message_id);
+            self.c_part.push(w.partition as i32);
+            self.c_gen.push(w.generation as i64);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn register_instance(
+        &self,
+        instance: InstanceId,
+        service: &str,
+        host: &str,
+    ) -> Result<(), StoreError> {
+        self.query(
+            &format!(
+                "INSERT INTO {}.wb_instances (instance_id, service, host) VALUES ($1, $2, $3)
+                 ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
+                self.schema
+            ),
+            &[&instance, &service, &host],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError> {
+        let conn = self.conn().await?;
+        let lease = self.settings.lease.as_secs_f64();
+        let retention = self.settings.dedup_retention.as_secs_f64();
+        let row = conn
+            .client
+            .query_one(&conn.heartbeat, &[&instance, &lease, &retention])
+            .await
+            .map_err(query_error)?;
+        let held: Vec<i32> = row.get("held");
+        let released: Vec<i32> = row.get("released");
+        Ok(Heartbeat {
+            live_instances: row.get::<_, i32>("live_instances") as u32,
+            held_partitions: held.into_iter().map(|p| p as u32).collect(),
+            released: released.into_iter().map(|p| p as u32).collect(),
+        })
+    }
+
+    async fn process_work_batch(
+        &self,
+        instance: InstanceId,
+        batch: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError> {
+        let mut a = BatchArrays::default();
+        for w in &batch.outbox_completions {
+            a.report("o", "done", w, None);
+        }
+        for f in &batch.outbox_failures {
+            a.failure("o", f);
+        }
+        for w in &batch.outbox_releases {
+            a.report("o", "release", w, None);
+        }
+        for w in &batch.inbox_completions {
+            a.report("i", "done", w, None);
+        }
+        for f in &batch.inbox_failures {
+            a.failure("i", f);
+        }
+        for w in &batch.inbox_releases {
+            a.report("i", "release", w, None);
+        }
+        let mut positions = HashMap::new();
+        for (i, unit) in batch.units.iter().enumerate() {
+            a.unit(i as i32, unit, &mut positions);
+        }
+        let s = &self.settings;
+        let lease = s.lease.as_secs_f64();
+        let max_partitions = s.max_partitions_per_instance as i32;
+        let max_attempts = s.max_attempts as i32;
+        let base = s.backoff_base.as_millis() as i64;
+        let cap = s.backoff_max.as_millis() as i64;
+        let claim_o = batch.claim.map_or(0, |c| c.outbox as i32);
+        let claim_i = batch.claim.map_or(0, |c| c.inbox as i32);
+        let params: Vec<&(dyn ToSql + Sync)> = vec![
+            &instance,
+            &lease,
+            &max_partitions,
+            &max_attempts,
+            &base,
+            &cap,
+            &a.r_queue,
+            &a.r_op,
+            &a.r_id,
+            &a.r_part,
+            &a.r_gen,
+            &a.r_error,
+            &a.u_claim,
+            &a.x_unit,
+            &a.x_stream,
+            &a.x_expected,
+            &a.m_unit,
+            &a.m_id,
+            &a.m_kind,
+            &a.m_stream,
+            &a.m_part,
+            &a.m_corr,
+            &a.m_cause,
+            &a.m_type,
+            &a.m_ts,
+            &a.m_meta,
+            &a.m_payload,
+            &a.m_append,
+            &a.m_topic,
+            &a.m_inbox,
+            &a.c_unit,
+            &a.c_id,
+            &a.c_part,
+            &a.c_gen,
+            &claim_o,
+            &claim_i,
+        ];
+        let rows = {
+            let conn = self.conn().await?;
+            conn.client
+                .query(&conn.batch, &params)
+                .await
+                .map_err(query_error)?
+        };
+        read_answer(&batch, &a, &positions, rows)
+    }
+
+    async fn release_partitions(
+        &self,
+        instance: InstanceId,
+        partitions: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
+        let s = &self.schema;
+        match partitions {
+            Some(list) => {
+                let list: Vec<i32> = list.iter().map(|p| *p as i32).collect();
+                self.query(
+                    &format!(
+                        "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                          WHERE instance_id = $1 AND partition = ANY($2) RETURNING 1)
+                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x"
+                    ),
+                    &[&instance, &list],
+                )
+                .await?;
+            }
+            None => {
+                self.query(
+                    &format!(
+                        "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                          WHERE instance_id = $1 RETURNING 1),
+                         gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
+                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x"
+                    ),
+                    &[&instance],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT *, 'event' AS message_kind FROM {}.wb_events
+                      WHERE stream_id = $1 AND version >= $2 ORDER BY version",
+                    self.schema
+                ),
+                &[&stream_id, &(from_version as i64)],
+            )
+            .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after_position: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT *, 'event' AS message_kind FROM {}.wb_events
+                      WHERE position > $1 ORDER BY position LIMIT $2",
+                    self.schema
+                ),
+                &[&(after_position as i64), &(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT message_id FROM {}.wb_dedup
+                      WHERE message_id = ANY($1) AND processed_at IS NOT NULL",
+                    self.schema
+                ),
+                &[&message_ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn correlation_status(
+        &self,
+        correlation_id: Uuid,
+    ) -> Result<CorrelationStatus, StoreError> {
+        let s = &self.schema;
+        let events = self
+            .query(
+                &format!(
+                    "SELECT message_type, stream_id, version FROM {s}.wb_events
+                      WHERE correlation_id = $1 ORDER BY position"
+                ),
+                &[&correlation_id],
+            )
+            .await?;
+        let counts = self
+            .query(
+                &format!(
+                    "SELECT
+                       (SELECT count(*) FROM {s}.wb_outbox WHERE correlation_id = $1 AND NOT dead),
+                       (SELECT count(*) FROM {s}.wb_inbox WHERE correlation_id = $1 AND NOT dead),
+                       (SELECT count(*) FROM {s}.wb_dedup WHERE correlation_id = $1 AND processed_at IS NOT NULL),
+                       (SELECT count(*) FROM {s}.wb_outbox WHERE correlation_id = $1 AND dead)
+                     + (SELECT count(*) FROM {s}.wb_inbox WHERE correlation_id = $1 AND dead)"
+                ),
+                &[&correlation_id],
+            )
+            .await?;
+        let c = &counts[0];
+        Ok(CorrelationStatus {
+            events: events
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+                .collect(),
+            outbox_pending: c.get::<_, i64>(0) as u64,
+            inbox_pending: c.get::<_, i64>(1) as u64,
+            inbox_processed: c.get::<_, i64>(2) as u64,
+            dead_lettered: c.get::<_, i64>(3) as u64,
+        })
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let s = &self.schema;
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT 'outbox' AS q, message_id, message_type, stream_id, attempts, coalesce(last_error, '') AS err, seq
+                       FROM {s}.wb_outbox WHERE dead
+                     UNION ALL
+                     SELECT 'inbox', message_id, message_type, stream_id, attempts, coalesce(last_error, ''), seq
+                       FROM {s}.wb_inbox WHERE dead
+                     ORDER BY q DESC, seq"
+                ),
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                queue: if r.get::<_, &str>(0) == "outbox" {
+                    Queue::Outbox
+                } else {
+                    Queue::Inbox
+                },
+                message_id: r.get(1),
+                message_type: r.get(2),
+                stream_id: r.get(3),
+                attempts: r.get::<_, i32>(4) as u32,
+                error: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn requeue_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
+        let s = &self.schema;
+        let rows = self
+            .query(
+                &format!(
+                    "WITH o AS (UPDATE {s}.wb_outbox SET dead = false, attempts = 0, next_attempt_at = NULL,
+                                    claimed_by = NULL, claimed_generation = NULL
+                                 WHERE message_id = $1 AND dead RETURNING 1),
+                          i AS (UPDATE {s}.wb_inbox SET dead = false, attempts = 0, next_attempt_at = NULL,
+                                    claimed_by = NULL, claimed_generation = NULL
+                                 WHERE message_id = $1 AND dead RETURNING 1),
+                          n AS (SELECT (SELECT count(*) FROM o) + (SELECT count(*) FROM i) AS c)
+                     SELECT c, pg_notify('wb_work_{s}', '') FROM n"
+                ),
+                &[&message_id],
+            )
+            .await?;
+        if rows[0].get::<_, i64>(0) == 0 {
+            return Err(StoreError::NotFound(format!("dead letter {message_id}")));
+        }
+        Ok(())
+    }
+
+    async fn skip_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
+        let s = &self.schema;
+        let rows = self
+            .query(
+                &format!(
+                    "WITH o AS (DELETE FROM {s}.wb_outbox WHERE message_id = $1 AND dead RETURNING 1),
+                          i AS (DELETE FROM {s}.wb_inbox WHERE message_id = $1 AND dead RETURNING message_id),
+                          d AS (UPDATE {s}.wb_dedup SET processed_at = now()
+                                 WHERE message_id IN (SELECT message_id FROM i) RETURNING 1),
+                          n AS (SELECT (SELECT count(*) FROM o) + (SELECT count(*) FROM i)
+                                     + 0 * (SELECT count(*) FROM d) AS c)
+                     SELECT c, pg_notify('wb_work_{s}', '') FROM n"
+                ),
+                &[&message_id],
+            )
+            .await?;
+        if rows[0].get::<_, i64>(0) == 0 {
+            return Err(StoreError::NotFound(format!("dead letter {message_id}")));
+        }
+        Ok(())
+    }
+
+    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.signal.subscribe()
+    }
+}
+
+fn stored_event(row: &Row) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        position: row.get::<_, i64>("position") as u64,
+        version: row.get::<_, i64>("version") as u64,
+        envelope: decode_envelope(row, "message_kind")?,
+    })
+}
+
+/// Turns the rows of `wb_process_work_batch` back into a [`WorkBatchResult`].
+fn read_answer(
+    batch: &WorkBatch,
+    a: &BatchArrays,
+    positions: &HashMap<Uuid, usize>,
+    rows: Vec<Row>,
+) -> Result<WorkBatchResult, StoreError> {
+    let mut result = WorkBatchResult::default();
+    let mut outcomes: Vec<UnitOutcome> = batch
+        .units
+        .iter()
+        .map(|_| UnitOutcome::Committed {
+            appended: Vec::new(),
+            claimed_outbox: Vec::new(),
+            claimed_inbox: Vec::new(),
+            duplicate_inbox: Vec::new(),
+        })
+        .collect();
+    // Writer claims come back unordered: collected, then sorted by position in the batch.
+    let mut wclaims: Vec<(usize, bool, WorkRef)> = Vec::new();
+    for row in rows {
+        let kind: &str = row.get("kind");
+        let unit = row.get::<_, Option<i32>>("unit").map(|u| u as usize);
+        let message_id: Option<Uuid> = row.get("message_id");
+        match kind {
+            "stale" => result.stale.extend(message_id),
+            "dead" => result.dead_lettered.extend(message_id),
+            "conflict" => {
+                let u = unit.ok_or_else(|| StoreError::Corrupt("conflict without unit".into()))?;
+                let stream: String = row.get("stream_id");
+                let actual: i64 = row.get("position");
+                let expected = batch.units[u]
+                    .expectations
+                    .iter()
+                    .find(|(s, _)| *s == stream)
+                    .map_or(ExpectedVersion::Any, |(_, e)| *e);
+                outcomes[u] = UnitOutcome::Conflict {
+                    stream_id: stream,
+                    expected,
+                    actual: actual as u64,
+                };
+            }
+            "appended" => {
+                let u = unit.ok_or_else(|| StoreError::Corrupt("append without unit".into()))?;
+                if let UnitOutcome::Committed { appended, .. } = &mut outcomes[u] {
+                    appended.push(AppendedEvent {
+                        message_id: message_id.unwrap_or_default(),
+                        stream_id: row.get("stream_id"),
+                        version: row.get::<_, i64>("version") as u64,
+                        position: row.get::<_, i64>("position") as u64,
+                    });
+                }
+            }
+            "dup" => {
+                let u = unit.ok_or_else(|| StoreError::Corrupt("dup without unit".into()))?;
+                if let UnitOutcome::Committed {
+                    duplicate_inbox, ..
+                } = &mut outcomes[u]
+                {
+                    duplicate_inbox.extend(message_id);
+                }
+            }
+            "wclaim_o" | "wclaim_i" => {
+                let id = message_id.unwrap_or_default();
+                let index = *positions
+                    .get(&id)
+                    .ok_or_else(|| StoreError::Corrupt(format!("claimed unknown row {id}")))?;
+                wclaims.push((
+                    index,
+                    kind == "wclaim_o",
+                    WorkRef {
+                        message_id: id,
+                        partition: row.get::<_, i32>("partition") as u32,
+                        generation: row.get::<_, i64>("generation") as u64,
+                    },
+                ));
+            }
+            "claim_o" | "claim_i" => {
+                let envelope = decode_envelope(&row, "message_kind")?;
+                let work = WorkRef {
+                    message_id: envelope.message_id,
+                    partition: row.get::<_, i32>("partition") as u32,
+                    generation: row.get::<_, i64>("generation") as u64,
+                };
+                let attempts = row.get::<_, i32>("attempts") as u32;
+                if kind == "claim_o" {
+                    result.claimed_outbox.push(OutboxWork {
+                        envelope,
+                        topic: row.get("topic"),
+                        work,
+                        attempts,
+                    });
+                } else {
+                    result.claimed_inbox.push(InboxWork {
+                        envelope,
+                        work,
+                        attempts,
+                    });
+                }
+            }
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown batch row kind {other}"
+                )));
+            }
+        }
+    }
+    wclaims.sort_by_key(|(index, _, _)| *index);
+    for (index, outbox, work) in wclaims {
+        let u = a.m_unit[index] as usize;
+        let unit = &batch.units[u];
+        if let UnitOutcome::Committed {
+            claimed_outbox,
+            claimed_inbox,
+            ..
+        } = &mut outcomes[u]
+        {
+            if outbox {
+                if let Some(row) = unit
+                    .outbox
+                    .iter()
+                    .find(|r| r.envelope.message_id == work.message_id)
+                {
+                    claimed_outbox.push(OutboxWork {
+                        envelope: row.envelope.clone(),
+                        topic: row.topic.clone(),
+                        work,
+                        attempts: 0,
+                    });
+                }
+            } else if let Some(row) = unit
+                .inbox
+                .iter()
+                .find(|r| r.envelope.message_id == work.message_id)
+            {
+                claimed_inbox.push(InboxWork {
+                    envelope: row.envelope.clone(),
+                    work,
+                    attempts: 0,
+                });
+            }
+        }
+    }
+    result.units = outcomes;
+    Ok(result)
+}
