@@ -9,6 +9,7 @@
 --   claim_o / claim_i     the whole row                        (pending row claimed)
 --   stale      message_id                               (report refused by fencing)
 --   dead       message_id                               (dead-lettered in this batch)
+--   retry      version (= milliseconds until the soonest failed row of this batch is due)
 CREATE TYPE {{schema}}.wb_batch_row AS (
     kind           text,
     unit           integer,
@@ -159,7 +160,7 @@ BEGIN
           FROM fenced f
          WHERE f.q = 'o' AND f.op IN ('fail', 'transient') AND o.message_id = f.id
            AND o.claimed_by = p_instance AND o.claimed_generation = f.gen
-        RETURNING o.message_id, o.dead
+        RETURNING o.message_id, o.dead, o.next_attempt_at
     ),
     i_fail AS (
         UPDATE {{schema}}.wb_inbox i SET
@@ -175,7 +176,7 @@ BEGIN
           FROM fenced f
          WHERE f.q = 'i' AND f.op IN ('fail', 'transient') AND i.message_id = f.id
            AND i.claimed_by = p_instance AND i.claimed_generation = f.gen
-        RETURNING i.message_id, i.dead
+        RETURNING i.message_id, i.dead, i.next_attempt_at
     ),
     o_release AS (
         UPDATE {{schema}}.wb_outbox o SET claimed_by = NULL, claimed_generation = NULL
@@ -204,7 +205,13 @@ BEGIN
     SELECT 'dead', NULL, d.message_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            NULL, NULL, NULL, NULL
       FROM (SELECT message_id, dead FROM o_fail UNION ALL SELECT message_id, dead FROM i_fail) d
-     WHERE d.dead;
+     WHERE d.dead
+    UNION ALL
+    SELECT 'retry', NULL, NULL, NULL,
+           ceil(extract(epoch FROM min(d.at) - now()) * 1000)::bigint,
+           NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+      FROM (SELECT next_attempt_at AS at FROM o_fail UNION ALL SELECT next_attempt_at FROM i_fail) d
+    HAVING min(d.at) IS NOT NULL;
     IF cardinality(r_op) > 0 AND 'release' = ANY (r_op) THEN
         v_notify := true;
     END IF;

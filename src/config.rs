@@ -154,7 +154,7 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             flush_strategy: FlushStrategy::Scoped,
             flush_interval_ms: 100,
-            poll_interval_ms: 1_000,
+            poll_interval_ms: 5_000,
             claim_batch_size: 100,
             max_batch_size: 1_000,
         }

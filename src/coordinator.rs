@@ -151,7 +151,7 @@ impl Coordinator {
                 .map(move |result, act, ctx| {
                     act.flushing = false;
                     match result {
-                        Ok(result) => act.distribute(result, units),
+                        Ok(result) => act.distribute(result, units, ctx),
                         Err(e) => {
                             tracing::warn!(error = %e, "work batch failed; reports kept for the next batch");
                             act.restore_reports(reports);
@@ -203,7 +203,19 @@ impl Coordinator {
     }
 
     /// Hands committed and claimed rows on, in commit order, and answers the writers.
-    fn distribute(&mut self, result: WorkBatchResult, units: Vec<PendingUnit>) {
+    fn distribute(
+        &mut self,
+        result: WorkBatchResult,
+        units: Vec<PendingUnit>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(delay) = result.next_retry_in {
+            // A failed row is due then: claim it without waiting for the fallback poll.
+            ctx.run_later(delay + Duration::from_millis(1), |act, ctx| {
+                act.claim_wanted = true;
+                act.flush(ctx);
+            });
+        }
         for (pending, outcome) in units.into_iter().zip(result.units) {
             match outcome {
                 UnitOutcome::Committed {

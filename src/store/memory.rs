@@ -249,7 +249,6 @@ impl State {
         true
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn fail(
         &mut self,
         queue: Queue,
@@ -257,7 +256,7 @@ impl State {
         failure: &Failure,
         now: Instant,
         settings: &StoreSettings,
-        dead_lettered: &mut Vec<Uuid>,
+        result: &mut WorkBatchResult,
     ) -> bool {
         if !self.fenced(instance, &failure.work) {
             return false;
@@ -274,17 +273,26 @@ impl State {
         }
         row.claimed = None;
         row.last_error = Some(format!("{}: {}", failure.kind.as_str(), failure.error));
-        if failure.kind == FailureKind::Transient {
-            row.next_attempt = Some(now + settings.backoff_base);
-            return true;
-        }
-        row.attempts += 1;
-        if row.attempts >= settings.max_attempts {
-            row.dead = true;
-            row.next_attempt = None;
-            dead_lettered.push(failure.work.message_id);
+        let delay = if failure.kind == FailureKind::Transient {
+            Some(settings.backoff_base)
         } else {
-            row.next_attempt = Some(now + settings.backoff(row.attempts));
+            row.attempts += 1;
+            (row.attempts < settings.max_attempts).then(|| settings.backoff(row.attempts))
+        };
+        match delay {
+            Some(delay) => {
+                row.next_attempt = Some(now + delay);
+                result.next_retry_in = Some(
+                    result
+                        .next_retry_in
+                        .map_or(delay, |d: Duration| d.min(delay)),
+                );
+            }
+            None => {
+                row.dead = true;
+                row.next_attempt = None;
+                result.dead_lettered.push(failure.work.message_id);
+            }
         }
         true
     }
@@ -499,26 +507,12 @@ impl Store for MemoryStore {
             }
         }
         for f in &batch.outbox_failures {
-            if !st.fail(
-                Queue::Outbox,
-                instance,
-                f,
-                now,
-                settings,
-                &mut result.dead_lettered,
-            ) {
+            if !st.fail(Queue::Outbox, instance, f, now, settings, &mut result) {
                 result.stale.push(f.work.message_id);
             }
         }
         for f in &batch.inbox_failures {
-            if !st.fail(
-                Queue::Inbox,
-                instance,
-                f,
-                now,
-                settings,
-                &mut result.dead_lettered,
-            ) {
+            if !st.fail(Queue::Inbox, instance, f, now, settings, &mut result) {
                 result.stale.push(f.work.message_id);
             }
         }

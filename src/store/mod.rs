@@ -260,6 +260,9 @@ pub struct WorkBatchResult {
     pub stale: Vec<Uuid>,
     /// Rows that reached `max_attempts` in this batch.
     pub dead_lettered: Vec<Uuid>,
+    /// The soonest a row failed in this batch becomes claimable again: the coordinator claims
+    /// then instead of waiting for the slow fallback poll.
+    pub next_retry_in: Option<Duration>,
 }
 
 /// An event as stored.

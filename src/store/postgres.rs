@@ -752,6 +752,10 @@ fn read_answer(
         match kind {
             "stale" => result.stale.extend(message_id),
             "dead" => result.dead_lettered.extend(message_id),
+            "retry" => {
+                let ms: i64 = row.get("version");
+                result.next_retry_in = Some(Duration::from_millis(ms.max(0) as u64));
+            }
             "conflict" => {
                 let u = unit.ok_or_else(|| StoreError::Corrupt("conflict without unit".into()))?;
                 let stream: String = row.get("stream_id");
