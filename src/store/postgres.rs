@@ -163,6 +163,12 @@ impl PostgresStore {
         })
     }
 
+    /// Uses a lease shorter than the configuration's whole seconds allow.
+    pub fn with_lease(mut self, lease: Duration) -> PostgresStore {
+        self.settings.lease = lease;
+        self
+    }
+
     pub fn schema(&self) -> &str {
         &self.schema
     }
@@ -328,7 +334,7 @@ impl BatchArrays {
         );
     }
 
-    /// Adds a unit's messages; returns message id → array index for reading the answer.
+    /// Adds a unit's messages; records message id → first array index for reading the answer.
     fn unit(&mut self, index: i32, unit: &UnitOfWork, positions: &mut HashMap<Uuid, usize>) {
         self.u_claim.push(unit.claim_for_writer);
         for (stream, expected) in &unit.expectations {
@@ -341,12 +347,16 @@ impl BatchArrays {
             self.x_stream.push(stream.clone());
             self.x_expected.push(v);
         }
+        // One slot per message of this unit (its event, outbox and inbox rows share it); the
+        // same message in another unit (a second delivery) gets a slot of its own.
+        let mut here: HashMap<Uuid, usize> = HashMap::new();
         let mut slot = |arrays: &mut BatchArrays, envelope: &Envelope, partition: u32| -> usize {
-            if let Some(i) = positions.get(&envelope.message_id) {
+            if let Some(i) = here.get(&envelope.message_id) {
                 return *i;
             }
             let i = arrays.m_id.len();
-            positions.insert(envelope.message_id, i);
+            here.insert(envelope.message_id, i);
+            positions.entry(envelope.message_id).or_insert(i);
             arrays.m_unit.push(index);
             arrays.m_id.push(envelope.message_id);
             arrays.m_kind.push(envelope.kind.as_str());

@@ -1,0 +1,908 @@
+//! The store conformance suite: the same cases run against the in-memory store and the Postgres
+//! store (each Postgres case in a schema of its own, so they run in parallel). A case that
+//! cannot reach Postgres fails.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use whizbang::envelope::{Envelope, MessageKind};
+use whizbang::routing::partition_of;
+use whizbang::store::memory::MemoryStore;
+use whizbang::store::postgres::PostgresStore;
+use whizbang::store::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    Postgres,
+}
+
+fn settings() -> StoreSettings {
+    StoreSettings {
+        partition_count: 16,
+        max_partitions_per_instance: 16,
+        lease: Duration::from_secs(30),
+        max_attempts: 10,
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        dedup_retention: Duration::from_secs(3600),
+    }
+}
+
+async fn open(backend: Backend, s: StoreSettings) -> Arc<dyn Store> {
+    match backend {
+        Backend::Memory => Arc::new(MemoryStore::new(s)),
+        Backend::Postgres => {
+            let mut c = whizbang::Config::default();
+            c.store.backend = whizbang::config::StoreBackend::Postgres;
+            c.store.database_url = std::env::var("WHIZBANG_TEST_DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            c.store.schema = format!("t_{}", Uuid::now_v7().simple());
+            c.store.startup_timeout_ms = 5_000;
+            c.store.pool_size = 4;
+            c.partitions.partition_count = s.partition_count;
+            c.partitions.max_partitions_per_instance = s.max_partitions_per_instance;
+            c.partitions.lease_seconds = s.lease.as_secs().max(2);
+            c.partitions.heartbeat_seconds = 1;
+            c.store.max_attempts = s.max_attempts;
+            c.store.backoff_base_ms = s.backoff_base.as_millis() as u64;
+            c.store.backoff_max_ms = s.backoff_max.as_millis() as u64;
+            let store = PostgresStore::connect(&c)
+                .await
+                .expect("Postgres must be reachable for the conformance suite");
+            // The config knob is whole seconds; the suite wants 1 s leases.
+            Arc::new(store.with_lease(s.lease))
+        }
+    }
+}
+
+fn event(stream: &str, n: u8) -> Envelope {
+    Envelope::new(MessageKind::Event, "Tick", stream.to_string(), vec![n])
+}
+
+fn part(stream: &str) -> u32 {
+    partition_of(stream, settings().partition_count)
+}
+
+/// A unit appending `e`, with an outbox row (topic "t") and an inbox row.
+fn unit(e: &Envelope, claim: bool) -> UnitOfWork {
+    UnitOfWork {
+        events: vec![e.clone()],
+        outbox: vec![NewOutboxRow {
+            envelope: e.clone(),
+            topic: "t".into(),
+            partition: part(&e.stream_id),
+        }],
+        inbox: vec![NewInboxRow {
+            envelope: e.clone(),
+            partition: part(&e.stream_id),
+        }],
+        claim_for_writer: claim,
+        ..UnitOfWork::default()
+    }
+}
+
+fn inbox_only(e: &Envelope, claim: bool) -> UnitOfWork {
+    UnitOfWork {
+        inbox: vec![NewInboxRow {
+            envelope: e.clone(),
+            partition: part(&e.stream_id),
+        }],
+        claim_for_writer: claim,
+        ..UnitOfWork::default()
+    }
+}
+
+async fn batch(store: &Arc<dyn Store>, instance: InstanceId, b: WorkBatch) -> WorkBatchResult {
+    store.process_work_batch(instance, b).await.expect("batch")
+}
+
+fn units(units: Vec<UnitOfWork>) -> WorkBatch {
+    WorkBatch {
+        units,
+        ..WorkBatch::default()
+    }
+}
+
+fn claim_all() -> WorkBatch {
+    WorkBatch {
+        claim: Some(ClaimBudget {
+            outbox: 1000,
+            inbox: 1000,
+        }),
+        ..WorkBatch::default()
+    }
+}
+
+fn committed(
+    o: &UnitOutcome,
+) -> (
+    &Vec<AppendedEvent>,
+    &Vec<OutboxWork>,
+    &Vec<InboxWork>,
+    &Vec<Uuid>,
+) {
+    match o {
+        UnitOutcome::Committed {
+            appended,
+            claimed_outbox,
+            claimed_inbox,
+            duplicate_inbox,
+        } => (appended, claimed_outbox, claimed_inbox, duplicate_inbox),
+        UnitOutcome::Conflict { .. } => panic!("unexpected conflict: {o:?}"),
+    }
+}
+
+async fn instance(store: &Arc<dyn Store>) -> InstanceId {
+    let id = Uuid::now_v7();
+    store.register_instance(id, "svc", "host").await.unwrap();
+    id
+}
+
+/// Claims, keeps the first inbox row and hands the others back (a processor that parks its
+/// stream behind the head it is retrying).
+async fn claim_head(store: &Arc<dyn Store>, a: InstanceId) -> Option<InboxWork> {
+    let r = batch(store, a, claim_all()).await;
+    let mut rows = r.claimed_inbox.into_iter();
+    let head = rows.next();
+    let rest: Vec<WorkRef> = rows.map(|w| w.work).collect();
+    if !rest.is_empty() {
+        batch(
+            store,
+            a,
+            WorkBatch {
+                inbox_releases: rest,
+                ..WorkBatch::default()
+            },
+        )
+        .await;
+    }
+    head
+}
+
+/// Polls `f` until it yields `Some`, failing after `secs`.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async fn heartbeat_with_no_work(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let hb = store.heartbeat(a).await.unwrap();
+    assert!(hb.live_instances >= 1);
+    assert!(hb.held_partitions.is_empty());
+    let r = batch(&store, a, WorkBatch::default()).await;
+    assert!(r.units.is_empty() && r.stale.is_empty());
+    let r = batch(&store, a, claim_all()).await;
+    assert!(r.claimed_outbox.is_empty() && r.claimed_inbox.is_empty());
+}
+
+async fn versions_per_stream_and_positions(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (x1, y1, x2) = (event("x", 1), event("y", 1), event("x", 2));
+    let r = batch(
+        &store,
+        a,
+        units(vec![unit(&x1, true), unit(&y1, true), unit(&x2, true)]),
+    )
+    .await;
+    let versions: Vec<(String, u64)> = r
+        .units
+        .iter()
+        .flat_map(|u| {
+            committed(u)
+                .0
+                .iter()
+                .map(|e| (e.stream_id.clone(), e.version))
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        vec![("x".into(), 1), ("y".into(), 1), ("x".into(), 2)]
+    );
+    for n in 3..=5 {
+        let e = event("x", n);
+        let r = batch(&store, a, units(vec![unit(&e, false)])).await;
+        assert_eq!(committed(&r.units[0]).0[0].version, n as u64);
+    }
+    let stream = store.read_stream("x", 1).await.unwrap();
+    assert_eq!(
+        stream.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(stream[1].envelope, {
+        let mut e = x2.clone();
+        e.hops.clear();
+        e
+    });
+    let all = store.read_all(0, 100).await.unwrap();
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=6).collect::<Vec<_>>(), "gap-free positions");
+    assert_eq!(store.read_all(4, 100).await.unwrap().len(), 2);
+    assert_eq!(store.read_stream("x", 4).await.unwrap().len(), 2);
+}
+
+async fn conflict_goes_to_its_unit_only(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e0, e1, e2) = (event("s", 0), event("s", 1), event("s", 2));
+    let mut u0 = unit(&e0, true);
+    u0.expectations
+        .push(("s".into(), ExpectedVersion::NoStream));
+    let mut u1 = unit(&e1, true);
+    u1.expectations
+        .push(("s".into(), ExpectedVersion::Exact(0)));
+    let u2 = unit(&e2, true);
+    let r = batch(&store, a, units(vec![u0, u1, u2])).await;
+    committed(&r.units[0]);
+    match &r.units[1] {
+        UnitOutcome::Conflict {
+            stream_id,
+            expected,
+            actual,
+        } => {
+            assert_eq!(stream_id, "s");
+            assert_eq!(*expected, ExpectedVersion::Exact(0));
+            assert_eq!(*actual, 1);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(committed(&r.units[2]).0[0].version, 2);
+    let stream = store.read_stream("s", 1).await.unwrap();
+    let ids: Vec<Uuid> = stream.iter().map(|e| e.envelope.message_id).collect();
+    assert_eq!(ids, vec![e0.message_id, e2.message_id]);
+    // The conflicting unit left no queue rows either.
+    let status = store.correlation_status(e1.correlation_id).await.unwrap();
+    assert_eq!(status, CorrelationStatus::default());
+}
+
+async fn concurrent_writers_exactly_one_wins(b: Backend) {
+    let store = open(b, settings()).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    for round in 0..10u64 {
+        let (ea, ec) = (event("hot", 1), event("hot", 2));
+        let mut ua = unit(&ea, false);
+        ua.expectations
+            .push(("hot".into(), ExpectedVersion::Exact(round)));
+        let mut uc = unit(&ec, false);
+        uc.expectations
+            .push(("hot".into(), ExpectedVersion::Exact(round)));
+        let (ra, rc) = tokio::join!(
+            store.process_work_batch(a, units(vec![ua])),
+            store.process_work_batch(c, units(vec![uc]))
+        );
+        let outcomes = [&ra.unwrap().units[0], &rc.unwrap().units[0]].map(|o| o.clone());
+        let wins = outcomes
+            .iter()
+            .filter(|o| matches!(o, UnitOutcome::Committed { .. }))
+            .count();
+        assert_eq!(wins, 1, "round {round}: {outcomes:?}");
+        assert!(outcomes.iter().any(|o| matches!(o,
+            UnitOutcome::Conflict { actual, .. } if *actual == round + 1)));
+    }
+    assert_eq!(store.read_stream("hot", 1).await.unwrap().len(), 10);
+}
+
+async fn inbox_dedup(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e = event("d", 1);
+    let r = batch(&store, a, units(vec![inbox_only(&e, true)])).await;
+    let (_, _, claimed, dups) = committed(&r.units[0]);
+    assert_eq!(claimed.len(), 1);
+    assert!(dups.is_empty());
+    // Again while pending, and twice within one batch: duplicates, no second row.
+    let r = batch(
+        &store,
+        a,
+        units(vec![inbox_only(&e, true), inbox_only(&e, true)]),
+    )
+    .await;
+    for u in &r.units {
+        let (_, _, claimed, dups) = committed(u);
+        assert!(claimed.is_empty());
+        assert_eq!(dups, &vec![e.message_id]);
+    }
+    let f = event("d", 2);
+    let r = batch(
+        &store,
+        a,
+        units(vec![inbox_only(&f, true), inbox_only(&f, true)]),
+    )
+    .await;
+    assert_eq!(committed(&r.units[0]).2.len(), 1);
+    assert_eq!(committed(&r.units[1]).3, &vec![f.message_id]);
+    // After processing, the dedup record still refuses it.
+    let work = claimed[0].work;
+    let done = WorkBatch {
+        inbox_completions: vec![work],
+        ..WorkBatch::default()
+    };
+    assert!(batch(&store, a, done).await.stale.is_empty());
+    assert_eq!(
+        store
+            .inbox_processed(&[e.message_id, f.message_id])
+            .await
+            .unwrap(),
+        vec![e.message_id]
+    );
+    let r = batch(&store, a, units(vec![inbox_only(&e, true)])).await;
+    assert_eq!(committed(&r.units[0]).3, &vec![e.message_id]);
+}
+
+async fn writer_claims_and_completes(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e = event("w", 1);
+    let r = batch(&store, a, units(vec![unit(&e, true)])).await;
+    let (_, out, inb, _) = committed(&r.units[0]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(inb.len(), 1);
+    assert_eq!(out[0].envelope.message_id, e.message_id);
+    assert_eq!(out[0].topic, "t");
+    assert_eq!(out[0].work.partition, part("w"));
+    // In flight: a claim does not hand them out again.
+    let again = batch(&store, a, claim_all()).await;
+    assert!(again.claimed_outbox.is_empty() && again.claimed_inbox.is_empty());
+    let status = store.correlation_status(e.correlation_id).await.unwrap();
+    assert_eq!((status.outbox_pending, status.inbox_pending), (1, 1));
+    let done = WorkBatch {
+        outbox_completions: vec![out[0].work],
+        inbox_completions: vec![inb[0].work],
+        ..WorkBatch::default()
+    };
+    assert!(batch(&store, a, done.clone()).await.stale.is_empty());
+    let status = store.correlation_status(e.correlation_id).await.unwrap();
+    assert_eq!(status.events.len(), 1);
+    assert_eq!(
+        (
+            status.outbox_pending,
+            status.inbox_pending,
+            status.inbox_processed
+        ),
+        (0, 0, 1)
+    );
+    // Completing twice is refused, not applied twice.
+    assert_eq!(batch(&store, a, done).await.stale.len(), 2);
+}
+
+async fn writer_claim_never_overtakes_pending_rows(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e1, e2) = (event("o", 1), event("o", 2));
+    let r = batch(&store, a, units(vec![inbox_only(&e1, false)])).await;
+    assert!(committed(&r.units[0]).2.is_empty(), "not asked to claim");
+    let r = batch(&store, a, units(vec![inbox_only(&e2, true)])).await;
+    assert!(
+        committed(&r.units[0]).2.is_empty(),
+        "e2 would overtake the pending e1"
+    );
+    let r = batch(&store, a, claim_all()).await;
+    let ids: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![e1.message_id, e2.message_id]);
+}
+
+async fn failure_backs_off_and_parks_the_stream(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e1, e2) = (event("p", 1), event("p", 2));
+    let other = event("q", 1);
+    let r = batch(
+        &store,
+        a,
+        units(vec![
+            inbox_only(&e1, true),
+            inbox_only(&e2, true),
+            inbox_only(&other, false),
+        ]),
+    )
+    .await;
+    let w1 = committed(&r.units[0]).2[0].clone();
+    let w2 = committed(&r.units[1]).2[0].clone();
+    let fail = WorkBatch {
+        inbox_failures: vec![Failure {
+            work: w1.work,
+            kind: FailureKind::Failed,
+            error: "boom".into(),
+        }],
+        inbox_releases: vec![w2.work],
+        ..claim_all()
+    };
+    let r = batch(&store, a, fail).await;
+    assert!(r.stale.is_empty(), "{:?}", r.stale);
+    assert!(
+        r.next_retry_in
+            .is_some_and(|d| d <= Duration::from_millis(50))
+    );
+    // The other stream is not held back; p is parked behind its failed head.
+    let ids: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![other.message_id]);
+    let retried = eventually(5, "the retry", || {
+        let store = store.clone();
+        async move {
+            let r = batch(&store, a, claim_all()).await;
+            (!r.claimed_inbox.is_empty()).then_some(r.claimed_inbox)
+        }
+    })
+    .await;
+    let ids: Vec<Uuid> = retried.iter().map(|w| w.envelope.message_id).collect();
+    assert_eq!(
+        ids,
+        vec![e1.message_id, e2.message_id],
+        "retry first, then the rest, in order"
+    );
+    assert_eq!(retried[0].attempts, 1);
+}
+
+async fn dead_letter_after_max_attempts_then_requeue_and_skip(b: Backend) {
+    let mut s = settings();
+    s.max_attempts = 3;
+    s.backoff_base = Duration::from_millis(10);
+    s.backoff_max = Duration::from_millis(20);
+    let store = open(b, s).await;
+    let a = instance(&store).await;
+    let (e1, e2) = (event("z", 1), event("z", 2));
+    let r = batch(
+        &store,
+        a,
+        units(vec![inbox_only(&e1, true), inbox_only(&e2, false)]),
+    )
+    .await;
+    let mut work = committed(&r.units[0]).2[0].work;
+    for attempt in 1..=3 {
+        let r = batch(
+            &store,
+            a,
+            WorkBatch {
+                inbox_failures: vec![Failure {
+                    work,
+                    kind: FailureKind::Failed,
+                    error: format!("failure {attempt}"),
+                }],
+                ..WorkBatch::default()
+            },
+        )
+        .await;
+        if attempt == 3 {
+            assert_eq!(r.dead_lettered, vec![e1.message_id]);
+            break;
+        }
+        assert!(r.dead_lettered.is_empty());
+        work = eventually(5, "retry claim", || {
+            let store = store.clone();
+            async move {
+                claim_head(&store, a).await.map(|w| {
+                    assert_eq!(
+                        w.envelope.message_id, e1.message_id,
+                        "parked stream overtaken"
+                    );
+                    w.work
+                })
+            }
+        })
+        .await;
+    }
+    let dead = store.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, e1.message_id);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].queue, Queue::Inbox);
+    assert!(dead[0].error.contains("failure 3"), "{}", dead[0].error);
+    // Parked: nothing of the stream is claimable, even after the backoff.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(batch(&store, a, claim_all()).await.claimed_inbox.is_empty());
+    store.requeue_dead_letter(e1.message_id).await.unwrap();
+    let r = batch(&store, a, claim_all()).await;
+    let ids: Vec<(Uuid, u32)> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| (w.envelope.message_id, w.attempts))
+        .collect();
+    assert_eq!(ids, vec![(e1.message_id, 0), (e2.message_id, 0)]);
+    // Dead-letter it again, then skip it: the stream moves on.
+    let mut work = r.claimed_inbox[0].work;
+    let rest = r.claimed_inbox[1].work;
+    let mut first = true;
+    for _ in 0..3 {
+        let r = batch(
+            &store,
+            a,
+            WorkBatch {
+                inbox_failures: vec![Failure {
+                    work,
+                    kind: FailureKind::Failed,
+                    error: "again".into(),
+                }],
+                inbox_releases: if first { vec![rest] } else { vec![] },
+                ..WorkBatch::default()
+            },
+        )
+        .await;
+        first = false;
+        if !r.dead_lettered.is_empty() {
+            break;
+        }
+        work = eventually(5, "retry claim", || {
+            let store = store.clone();
+            async move { claim_head(&store, a).await.map(|w| w.work) }
+        })
+        .await;
+    }
+    assert_eq!(store.dead_letters().await.unwrap().len(), 1);
+    store.skip_dead_letter(e1.message_id).await.unwrap();
+    assert!(store.dead_letters().await.unwrap().is_empty());
+    let r = batch(&store, a, claim_all()).await;
+    let ids: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![e2.message_id]);
+    assert!(store.requeue_dead_letter(Uuid::now_v7()).await.is_err());
+}
+
+async fn transient_failure_does_not_count(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e = event("tr", 1);
+    let r = batch(&store, a, units(vec![unit(&e, true)])).await;
+    let w = committed(&r.units[0]).1[0].work;
+    batch(
+        &store,
+        a,
+        WorkBatch {
+            outbox_failures: vec![Failure {
+                work: w,
+                kind: FailureKind::Transient,
+                error: "broker down".into(),
+            }],
+            ..WorkBatch::default()
+        },
+    )
+    .await;
+    let claimed = eventually(5, "transient retry", || {
+        let store = store.clone();
+        async move {
+            let r = batch(&store, a, claim_all()).await;
+            r.claimed_outbox.first().cloned()
+        }
+    })
+    .await;
+    assert_eq!(claimed.envelope.message_id, e.message_id);
+    assert_eq!(claimed.attempts, 0);
+}
+
+async fn orphaned_work_recovered_after_lease_expiry(b: Backend) {
+    let mut s = settings();
+    s.lease = Duration::from_secs(1);
+    let store = open(b, s).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    let events: Vec<Envelope> = (1..=3).map(|n| event("orphan", n)).collect();
+    let r = batch(
+        &store,
+        a,
+        units(events.iter().map(|e| unit(e, true)).collect()),
+    )
+    .await;
+    let a_work = committed(&r.units[0]).1[0].work;
+    // A "crashes": no completion, no heartbeat. C cannot take a live lease.
+    let r = batch(&store, c, claim_all()).await;
+    assert!(
+        r.claimed_outbox.is_empty() && r.claimed_inbox.is_empty(),
+        "took a live lease"
+    );
+    let claimed = eventually(10, "takeover after expiry", || {
+        let store = store.clone();
+        async move {
+            let r = batch(&store, c, claim_all()).await;
+            (!r.claimed_outbox.is_empty()).then_some(r)
+        }
+    })
+    .await;
+    let ids: Vec<Uuid> = claimed
+        .claimed_outbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(
+        ids,
+        events.iter().map(|e| e.message_id).collect::<Vec<_>>(),
+        "in stream order"
+    );
+    assert_eq!(claimed.claimed_inbox.len(), 3);
+    assert!(
+        claimed.claimed_outbox[0].work.generation > a_work.generation,
+        "fencing token grew"
+    );
+    // A wakes up and reports: refused (fencing), and C's claim stands.
+    let r = batch(
+        &store,
+        a,
+        WorkBatch {
+            outbox_completions: vec![a_work],
+            ..WorkBatch::default()
+        },
+    )
+    .await;
+    assert_eq!(r.stale, vec![a_work.message_id]);
+    let r = batch(
+        &store,
+        c,
+        WorkBatch {
+            outbox_completions: claimed.claimed_outbox.iter().map(|w| w.work).collect(),
+            ..WorkBatch::default()
+        },
+    )
+    .await;
+    assert!(r.stale.is_empty());
+}
+
+async fn graceful_release_hands_over_at_once(b: Backend) {
+    let store = open(b, settings()).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    let e = event("g", 1);
+    let r = batch(&store, a, units(vec![unit(&e, true)])).await;
+    assert_eq!(committed(&r.units[0]).1.len(), 1);
+    assert!(
+        batch(&store, c, claim_all())
+            .await
+            .claimed_outbox
+            .is_empty()
+    );
+    store.release_partitions(a, None).await.unwrap();
+    let r = batch(&store, c, claim_all()).await;
+    assert_eq!(r.claimed_outbox.len(), 1);
+    assert_eq!(r.claimed_inbox.len(), 1);
+}
+
+async fn instances_share_partitions_without_overlap(b: Backend) {
+    let mut s = settings();
+    s.partition_count = 12;
+    s.max_partitions_per_instance = 4;
+    let store = open(b, s.clone()).await;
+    let writer = instance(&store).await;
+    let streams: Vec<String> = (0..48).map(|i| format!("share-{i}")).collect();
+    let mut all = Vec::new();
+    for st in &streams {
+        for n in 0..3 {
+            let e = event(st, n);
+            let mut u = inbox_only(&e, false);
+            u.inbox[0].partition = partition_of(st, 12);
+            all.push(e.message_id);
+            batch(&store, writer, units(vec![u])).await;
+        }
+    }
+    let ids = [
+        instance(&store).await,
+        instance(&store).await,
+        instance(&store).await,
+    ];
+    let mut seen = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < all.len() {
+        assert!(
+            Instant::now() < deadline,
+            "not all rows were processed: {}/{}",
+            seen.len(),
+            all.len()
+        );
+        for &i in &ids {
+            let r = batch(&store, i, claim_all()).await;
+            let hb = store.heartbeat(i).await.unwrap();
+            assert!(
+                hb.held_partitions.len() <= 4,
+                "max partitions exceeded: {:?}",
+                hb.held_partitions
+            );
+            let mut done = Vec::new();
+            for w in r.claimed_inbox {
+                assert_eq!(partition_of(&w.envelope.stream_id, 12), w.work.partition);
+                assert!(
+                    seen.insert(w.envelope.message_id, i).is_none(),
+                    "row claimed twice"
+                );
+                done.push(w.work);
+            }
+            let r = batch(
+                &store,
+                i,
+                WorkBatch {
+                    inbox_completions: done,
+                    ..WorkBatch::default()
+                },
+            )
+            .await;
+            assert!(r.stale.is_empty());
+        }
+        // No partition is held by two instances at once.
+        let mut held = std::collections::HashSet::new();
+        for &i in &ids {
+            for p in store.heartbeat(i).await.unwrap().held_partitions {
+                assert!(held.insert(p), "partition {p} held twice");
+            }
+        }
+    }
+    let per: Vec<usize> = ids
+        .iter()
+        .map(|i| seen.values().filter(|v| *v == i).count())
+        .collect();
+    assert!(
+        per.iter().filter(|n| **n > 0).count() >= 2,
+        "work was not shared: {per:?}"
+    );
+}
+
+async fn joiner_gets_work_as_others_release_excess(b: Backend) {
+    let mut s = settings();
+    s.partition_count = 64;
+    s.max_partitions_per_instance = 64;
+    let store = open(b, s).await;
+    let a = instance(&store).await;
+    let mut rows = Vec::new();
+    for i in 0..40 {
+        let st = format!("fair-{i}");
+        let e = event(&st, 0);
+        let mut u = inbox_only(&e, true);
+        u.inbox[0].partition = partition_of(&st, 64);
+        let r = batch(&store, a, units(vec![u])).await;
+        rows.extend(committed(&r.units[0]).2.iter().map(|w| w.work));
+    }
+    // A holds the partitions; it hands the rows back unprocessed so they are pending but its.
+    batch(
+        &store,
+        a,
+        WorkBatch {
+            inbox_releases: rows,
+            ..WorkBatch::default()
+        },
+    )
+    .await;
+    let held_before = store.heartbeat(a).await.unwrap().held_partitions.len();
+    assert!(held_before > 10);
+    let c = instance(&store).await;
+    assert!(
+        batch(&store, c, claim_all()).await.claimed_inbox.is_empty(),
+        "took live leases"
+    );
+    store.heartbeat(c).await.unwrap();
+    let hb = store.heartbeat(a).await.unwrap();
+    assert!(!hb.released.is_empty(), "no excess released");
+    assert!(
+        hb.released.len() <= 10,
+        "released everything at once: {}",
+        hb.released.len()
+    );
+    let r = batch(&store, c, claim_all()).await;
+    assert!(
+        !r.claimed_inbox.is_empty(),
+        "the joiner got none of the released work"
+    );
+    for w in &r.claimed_inbox {
+        assert!(
+            hb.released.contains(&w.work.partition),
+            "took partition {} not released",
+            w.work.partition
+        );
+    }
+    let still_a = store.heartbeat(a).await.unwrap().held_partitions;
+    assert!(
+        !still_a.is_empty(),
+        "no global reshuffle: A keeps most of its partitions"
+    );
+}
+
+async fn heartbeat_releases_idle_partitions(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e = event("idle", 1);
+    let r = batch(&store, a, units(vec![unit(&e, true)])).await;
+    let (_, out, inb, _) = committed(&r.units[0]);
+    let busy = store.heartbeat(a).await.unwrap();
+    assert_eq!(busy.held_partitions, vec![part("idle")], "in flight: kept");
+    assert!(busy.released.is_empty());
+    batch(
+        &store,
+        a,
+        WorkBatch {
+            outbox_completions: vec![out[0].work],
+            inbox_completions: vec![inb[0].work],
+            ..WorkBatch::default()
+        },
+    )
+    .await;
+    let hb = store.heartbeat(a).await.unwrap();
+    assert_eq!(hb.released, vec![part("idle")]);
+    assert!(hb.held_partitions.is_empty());
+}
+
+async fn max_partitions_per_instance_is_respected(b: Backend) {
+    let mut s = settings();
+    s.max_partitions_per_instance = 2;
+    let store = open(b, s).await;
+    let writer = instance(&store).await;
+    let streams: Vec<String> = (0..40).map(|i| format!("max-{i}")).collect();
+    let mut parts = std::collections::HashSet::new();
+    for st in &streams {
+        parts.insert(part(st));
+        batch(
+            &store,
+            writer,
+            units(vec![inbox_only(&event(st, 0), false)]),
+        )
+        .await;
+    }
+    assert!(parts.len() > 2);
+    let a = instance(&store).await;
+    let r = batch(&store, a, claim_all()).await;
+    let claimed: std::collections::HashSet<u32> =
+        r.claimed_inbox.iter().map(|w| w.work.partition).collect();
+    assert!(!claimed.is_empty() && claimed.len() <= 2, "{claimed:?}");
+    assert!(store.heartbeat(a).await.unwrap().held_partitions.len() <= 2);
+}
+
+async fn work_signal_fires_for_pending_work(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let mut rx = store.work_signal();
+    rx.borrow_and_update();
+    let e = event("sig", 1);
+    batch(&store, a, units(vec![unit(&e, false)])).await;
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("no wake-up for pending work")
+        .unwrap();
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test] async fn $case() { super::$case(super::Backend::Memory).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $case() { super::$case(super::Backend::Postgres).await } )*
+        }
+    };
+}
+
+conformance!(
+    heartbeat_with_no_work,
+    versions_per_stream_and_positions,
+    conflict_goes_to_its_unit_only,
+    concurrent_writers_exactly_one_wins,
+    inbox_dedup,
+    writer_claims_and_completes,
+    writer_claim_never_overtakes_pending_rows,
+    failure_backs_off_and_parks_the_stream,
+    dead_letter_after_max_attempts_then_requeue_and_skip,
+    transient_failure_does_not_count,
+    orphaned_work_recovered_after_lease_expiry,
+    graceful_release_hands_over_at_once,
+    instances_share_partitions_without_overlap,
+    joiner_gets_work_as_others_release_excess,
+    heartbeat_releases_idle_partitions,
+    max_partitions_per_instance_is_respected,
+    work_signal_fires_for_pending_work,
+);
