@@ -1,0 +1,621 @@
+//! Migrations against the real Postgres server (`WHIZBANG_TEST_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`): idempotent, checksummed, refused for bad
+//! schema names, safe when many instances start at once; the `whizbang` CLI on top of them; and
+//! the SQL partition function against the Rust one.
+//!
+//! Each test works in its own schema (`t_<uuid>`), so they run in parallel. A server that
+//! cannot be reached fails the test: nothing here skips.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+use whizbang::routing::partition_of;
+use whizbang::store::StoreError;
+use whizbang::store::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
+
+fn database_url() -> String {
+    std::env::var("WHIZBANG_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn new_schema() -> String {
+    format!("t_{}", Uuid::now_v7().simple())
+}
+
+async fn connect() -> Client {
+    let url = database_url();
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(&url, NoTls),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out connecting to the test database {url}"))
+    .unwrap_or_else(|e| {
+        panic!("cannot reach the test database {url} (set WHIZBANG_TEST_DATABASE_URL): {e}")
+    });
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+async fn drop_schema(client: &Client, schema: &str) {
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .expect("drop test schema");
+}
+
+async fn tables(client: &Client, schema: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+              WHERE table_schema = $1 ORDER BY table_name",
+            &[&schema],
+        )
+        .await
+        .expect("list tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn recorded(client: &Client, schema: &str) -> Vec<(i32, String, String)> {
+    client
+        .query(
+            &format!("SELECT version, name, checksum FROM {schema}.wb_migrations ORDER BY version"),
+            &[],
+        )
+        .await
+        .expect("read wb_migrations")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn all_names() -> Vec<String> {
+    MIGRATIONS.iter().map(|m| m.name.to_string()).collect()
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_recorded_with_checksums() {
+    let mut client = connect().await;
+    let schema = new_schema();
+
+    let first = migrate(&mut client, &schema)
+        .await
+        .expect("first migration");
+    assert_eq!(
+        first,
+        all_names(),
+        "the first run applies every file in order"
+    );
+    let before = tables(&client, &schema).await;
+    for t in [
+        "wb_instances",
+        "wb_partition_leases",
+        "wb_outbox",
+        "wb_inbox",
+        "wb_dedup",
+        "wb_events",
+        "wb_streams",
+        "wb_perspective_checkpoints",
+        "wb_migrations",
+    ] {
+        assert!(
+            before.contains(&t.to_string()),
+            "table {t} missing: {before:?}"
+        );
+    }
+    let rec = recorded(&client, &schema).await;
+    assert_eq!(rec.len(), MIGRATIONS.len());
+    for (m, (version, name, sum)) in MIGRATIONS.iter().zip(&rec) {
+        assert_eq!((*version, name.as_str()), (m.version, m.name));
+        assert_eq!(sum, &checksum(m.sql), "checksum of {}", m.name);
+    }
+
+    // Data written between runs survives the second run, which applies nothing.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_perspective_checkpoints (perspective, position) VALUES ('p', 42)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let second = migrate(&mut client, &schema)
+        .await
+        .expect("second migration");
+    assert!(second.is_empty(), "second run applied {second:?}");
+    let third = migrate(&mut client, &schema)
+        .await
+        .expect("third migration");
+    assert!(third.is_empty(), "third run applied {third:?}");
+    assert_eq!(tables(&client, &schema).await, before);
+    assert_eq!(recorded(&client, &schema).await, rec);
+    let position: i64 = client
+        .query_one(
+            &format!(
+                "SELECT position FROM {schema}.wb_perspective_checkpoints WHERE perspective = 'p'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(position, 42);
+    drop_schema(&client, &schema).await;
+}
+
+#[tokio::test]
+async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migration");
+
+    // File 1 edited after it was applied, and a new file 3 shipped alongside.
+    let altered: &'static str =
+        Box::leak(format!("{}\n-- an innocent-looking edit\n", MIGRATIONS[0].sql).into_boxed_str());
+    let changed = [
+        Migration {
+            version: 1,
+            name: MIGRATIONS[0].name,
+            sql: altered,
+        },
+        Migration {
+            version: 2,
+            name: MIGRATIONS[1].name,
+            sql: MIGRATIONS[1].sql,
+        },
+        Migration {
+            version: 3,
+            name: "0003_new.sql",
+            sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
+        },
+    ];
+    let err = migrate_with(&mut client, &schema, &changed)
+        .await
+        .expect_err("a changed applied migration must be refused");
+    assert!(matches!(err, StoreError::Migration(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("0001_tables.sql"),
+        "the error names the file: {text}"
+    );
+    assert!(!err.is_retryable(), "a changed file is not worth retrying");
+    assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+    assert!(
+        !tables(&client, &schema)
+            .await
+            .contains(&"wb_new_table".to_string()),
+        "nothing of a refused run may be applied"
+    );
+
+    // The untouched files with the new one: applies exactly the new one.
+    let mut extended: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|m| Migration {
+            version: m.version,
+            name: m.name,
+            sql: m.sql,
+        })
+        .collect();
+    extended.push(Migration {
+        version: 3,
+        name: "0003_new.sql",
+        sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
+    });
+    let applied = migrate_with(&mut client, &schema, &extended).await.unwrap();
+    assert_eq!(applied, vec!["0003_new.sql".to_string()]);
+    assert!(
+        tables(&client, &schema)
+            .await
+            .contains(&"wb_new_table".to_string())
+    );
+    drop_schema(&client, &schema).await;
+}
+
+#[tokio::test]
+async fn a_failing_file_rolls_back_the_whole_run() {
+    let mut client = connect().await;
+    let schema = new_schema();
+    let broken = [
+        Migration {
+            version: 1,
+            name: "0001_ok.sql",
+            sql: "CREATE TABLE {{schema}}.wb_first (id integer);",
+        },
+        Migration {
+            version: 2,
+            name: "0002_broken.sql",
+            sql: "CREATE TABLE {{schema}}.wb_second (id integer); SELECT no_such_function();",
+        },
+    ];
+    let err = migrate_with(&mut client, &schema, &broken)
+        .await
+        .expect_err("a failing file fails the run");
+    assert!(err.to_string().contains("0002_broken.sql"), "{err}");
+    let present: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !present,
+        "the run is one transaction: not even the schema remains"
+    );
+}
+
+#[tokio::test]
+async fn invalid_schema_names_are_refused() {
+    let mut client = connect().await;
+    for bad in [
+        "Bad-Name",
+        "x;drop",
+        "x; DROP TABLE y",
+        "",
+        "1abc",
+        "has space",
+        "Upper",
+    ] {
+        let err = migrate(&mut client, bad)
+            .await
+            .expect_err(&format!("schema name {bad:?} must be refused"));
+        assert!(matches!(err, StoreError::Migration(_)), "{bad:?}: {err:?}");
+        assert!(
+            err.to_string().contains("identifier"),
+            "{bad:?}: the error says why: {err}"
+        );
+    }
+    let too_long = "a".repeat(64);
+    assert!(migrate(&mut client, &too_long).await.is_err());
+    let count: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('Bad-Name', 'x;drop', 'Upper', 'upper')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0, "no schema was created for a refused name");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_apply_each_file_once() {
+    let schema = new_schema();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect().await);
+    }
+    // All four start together.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(4));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let schema = schema.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                migrate(&mut client, &schema).await
+            })
+        })
+        .collect();
+    let mut applied: Vec<String> = Vec::new();
+    for task in tasks {
+        let names = task
+            .await
+            .expect("task")
+            .expect("every concurrent migration succeeds");
+        applied.extend(names);
+    }
+    applied.sort();
+    assert_eq!(
+        applied,
+        all_names(),
+        "each file applied exactly once across the four connections"
+    );
+    let client = connect().await;
+    assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+    drop_schema(&client, &schema).await;
+}
+
+#[tokio::test]
+async fn sql_partition_function_equals_the_rust_one() {
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.unwrap();
+
+    // A small deterministic generator (seeded from the clock, printed on failure).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut state = seed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet: Vec<char> =
+        "abcxyzABC0189-_:/ .éüßñÅøЖжλΩ中文字日本🚀🦀😀\u{0}\u{7f}\u{80}\u{ffff}"
+            .chars()
+            .collect();
+    let mut streams: Vec<String> = vec![
+        String::new(),
+        "a".into(),
+        "order-1".into(),
+        "order-ünïcödé".into(),
+        "🦀".repeat(40),
+    ];
+    // Postgres text cannot hold NUL: those strings are tested on the Rust side only.
+    while streams.len() < 400 {
+        let len = (next() % 40) as usize;
+        let s: String = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .filter(|c| *c != '\u{0}')
+            .collect();
+        streams.push(s);
+    }
+    for count in [1_i32, 7, 64, 10_000, 1_000_000] {
+        let rows = client
+            .query(
+                &format!("SELECT s, {schema}.wb_partition_of(s, $2) FROM unnest($1::text[]) AS s"),
+                &[&streams, &count],
+            )
+            .await
+            .expect("wb_partition_of");
+        assert_eq!(rows.len(), streams.len());
+        for row in rows {
+            let s: String = row.get(0);
+            let sql: i32 = row.get(1);
+            assert_eq!(
+                sql as u32,
+                partition_of(&s, count as u32),
+                "stream {s:?} with {count} partitions (seed {seed})"
+            );
+        }
+    }
+    drop_schema(&client, &schema).await;
+}
+
+// ---- the whizbang CLI ---------------------------------------------------------------------
+
+fn postgres_config() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/config/postgres.toml").to_string()
+}
+
+/// Runs `whizbang --config <config> <args>` against `schema`.
+fn cli(config: &str, schema: &str, url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whizbang"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("WHIZBANG_DATABASE_URL", url)
+        .env("WHIZBANG_SCHEMA", schema)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the whizbang binary")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The test URL with a password added (trust auth ignores it), to check it is never printed.
+fn url_with_password() -> String {
+    let url = database_url();
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((user, host)) = rest.split_once('@')
+        && !user.contains(':')
+    {
+        return format!("{scheme}://{user}:hunter2secret@{host}");
+    }
+    url
+}
+
+#[tokio::test]
+async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
+    let schema = new_schema();
+    let url = url_with_password();
+    let config = postgres_config();
+
+    let out = cli(&config, &schema, &url, &["migrate"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "migrate: {stdout}\n{stderr}");
+    for m in MIGRATIONS {
+        assert!(stdout.contains(m.name), "lists {}: {stdout}", m.name);
+    }
+    assert!(stdout.contains(&schema), "{stdout}");
+    assert!(
+        !stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"),
+        "the password is never printed: {stdout}\n{stderr}"
+    );
+
+    let out = cli(&config, &schema, &url, &["migrate"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("up to date"), "second run: {stdout}");
+    assert!(!stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"));
+
+    let client = connect().await;
+    assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+
+    let out = cli(&config, &schema, &url, &["dead-letters", "list"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("no dead letters"), "{stdout}");
+    drop_schema(&client, &schema).await;
+}
+
+#[tokio::test]
+async fn cli_lists_requeues_and_skips_dead_letters() {
+    let schema = new_schema();
+    let url = database_url();
+    let config = postgres_config();
+    let mut client = connect().await;
+    migrate(&mut client, &schema).await.unwrap();
+
+    // Two parked rows, as the store leaves them after max attempts.
+    let (outbox_id, inbox_id) = (Uuid::now_v7(), Uuid::now_v7());
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                        correlation_id, message_type, timestamp_us, meta, payload, attempts, last_error, dead)
+                 VALUES ($1, 'event', 'order-7', 3, 'orders', $1, 'OrderCreated', 0, '\\x'::bytea,
+                         '\\x'::bytea, 10, 'send to orders not accepted:
+ quota exceeded', true)"
+            ),
+            &[&outbox_id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("INSERT INTO {schema}.wb_dedup (message_id, correlation_id) VALUES ($1, $1)"),
+            &[&inbox_id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_inbox (message_id, message_kind, stream_id, partition,
+                        correlation_id, message_type, timestamp_us, meta, payload, attempts, last_error, dead)
+                 VALUES ($1, 'event', 'stock-9', 4, $1, 'StockReserved', 0, '\\x'::bytea, '\\x'::bytea,
+                         10, 'failed: inventory: out of widgets', true)"
+            ),
+            &[&inbox_id],
+        )
+        .await
+        .unwrap();
+
+    let out = cli(&config, &schema, &url, &["dead-letters", "list"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let header = stdout.lines().next().unwrap_or_default();
+    for column in ["QUEUE", "MESSAGE ID", "TYPE", "STREAM", "ATTEMPTS", "ERROR"] {
+        assert!(header.contains(column), "header has {column}: {stdout}");
+    }
+    let line_of = |id: Uuid| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&id.to_string()))
+            .unwrap_or_else(|| panic!("{id} listed: {stdout}"))
+            .to_string()
+    };
+    let o = line_of(outbox_id);
+    for cell in ["outbox", "OrderCreated", "order-7", "10", "quota exceeded"] {
+        assert!(o.contains(cell), "{cell} in {o:?}");
+    }
+    let i = line_of(inbox_id);
+    for cell in ["inbox", "StockReserved", "stock-9", "out of widgets"] {
+        assert!(i.contains(cell), "{cell} in {i:?}");
+    }
+
+    // Requeue: pending again, attempts reset.
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "requeue", &outbox_id.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let row = client
+        .query_one(
+            &format!("SELECT dead, attempts FROM {schema}.wb_outbox WHERE message_id = $1"),
+            &[&outbox_id],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i32>(1), 0);
+
+    // Skip: gone from the inbox, marked processed for dedup.
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "skip", &inbox_id.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let left: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.wb_inbox WHERE message_id = $1"),
+            &[&inbox_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+
+    // Nothing dead remains; an unknown id is a runtime error (1), a malformed one usage (2).
+    let out = cli(&config, &schema, &url, &["dead-letters", "list"]);
+    assert!(text(&out).0.contains("no dead letters"), "{:?}", text(&out));
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "skip", &inbox_id.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains(&inbox_id.to_string()),
+        "{:?}",
+        text(&out)
+    );
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "requeue", "not-a-uuid"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    drop_schema(&client, &schema).await;
+}
+
+#[test]
+fn cli_refuses_the_memory_backend_and_bad_config() {
+    let schema = new_schema();
+    let memory = concat!(env!("CARGO_MANIFEST_DIR"), "/config/whizbang.toml");
+    let out = cli(memory, &schema, &database_url(), &["migrate"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("memory"), "says why: {stderr}");
+    let out = cli(memory, &schema, &database_url(), &["dead-letters", "list"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+
+    let out = cli(
+        &postgres_config(),
+        "Bad-Name",
+        &database_url(),
+        &["migrate"],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("store.schema"), "{stderr}");
+
+    let out = cli(
+        "/nonexistent/whizbang.toml",
+        &schema,
+        &database_url(),
+        &["migrate"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_whizbang"))
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+}
