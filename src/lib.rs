@@ -29,6 +29,7 @@
 //! | [`envelope`] | message id, correlation, causation, hops, metadata |
 //! | [`handler`] | the `Receptor` / `Perspective` traits and the actors that run them |
 //! | [`registry`] | message type → receptor, perspectives, topic |
+//! | [`replay`] | rebuilding or resuming a perspective from the event store |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
 //! | [`partition`] | per-partition actors that run jobs strictly in order |
@@ -52,6 +53,7 @@ pub mod message;
 pub mod partition;
 pub mod publisher;
 pub mod registry;
+pub mod replay;
 pub mod routing;
 pub mod runtime;
 pub mod store;

@@ -62,6 +62,19 @@ impl RegistryTable {
             .unwrap_or_default()
     }
 
+    /// Every registration of the perspective `name`: (event type, actor).
+    pub fn perspectives_named(&self, name: &str) -> Vec<(String, Addr<PerspectiveActor>)> {
+        self.perspectives
+            .iter()
+            .flat_map(|(event_type, entries)| {
+                entries
+                    .iter()
+                    .filter(|p| p.name == name)
+                    .map(|p| (event_type.clone(), p.addr.clone()))
+            })
+            .collect()
+    }
+
     /// The topic a message type is published to, if it leaves this service.
     pub fn topic(&self, message_type: &str) -> Option<&str> {
         self.topics.get(message_type).map(String::as_str)

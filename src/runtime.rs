@@ -202,6 +202,7 @@ impl RuntimeBuilder {
             coordinator,
             partitions,
             consumers,
+            view,
         })
     }
 }
@@ -217,6 +218,7 @@ pub struct Runtime {
     coordinator: Addr<Coordinator>,
     partitions: PartitionDirectory,
     consumers: Vec<Addr<Consumer>>,
+    view: RegistryView,
 }
 
 impl Runtime {
@@ -297,6 +299,16 @@ impl Runtime {
     /// What one request caused, by correlation id.
     pub async fn status(&self, correlation_id: Uuid) -> Result<CorrelationStatus, DispatchError> {
         self.dispatcher.send(Status(correlation_id)).await?
+    }
+
+    /// Replays the event store through the perspective `name` (rebuild from scratch, or resume
+    /// from its checkpoint), saving its checkpoint as it goes.
+    pub async fn replay_perspective(
+        &self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+    ) -> Result<crate::replay::ReplayReport, DispatchError> {
+        crate::replay::replay(&self.store, &self.view, name, from, 500).await
     }
 
     /// Stops consuming, writes everything queued and releases this instance's partitions.

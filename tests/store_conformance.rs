@@ -876,6 +876,16 @@ async fn work_signal_fires_for_pending_work(b: Backend) {
         .unwrap();
 }
 
+async fn perspective_checkpoints(b: Backend) {
+    let store = open(b, settings()).await;
+    assert_eq!(store.load_checkpoint("summary").await.unwrap(), None);
+    store.save_checkpoint("summary", 41).await.unwrap();
+    store.save_checkpoint("summary", 42).await.unwrap();
+    store.save_checkpoint("other", 7).await.unwrap();
+    assert_eq!(store.load_checkpoint("summary").await.unwrap(), Some(42));
+    assert_eq!(store.load_checkpoint("other").await.unwrap(), Some(7));
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -905,4 +915,5 @@ conformance!(
     heartbeat_releases_idle_partitions,
     max_partitions_per_instance_is_respected,
     work_signal_fires_for_pending_work,
+    perspective_checkpoints,
 );

@@ -103,6 +103,7 @@ struct State {
     generations: HashMap<u32, u64>,
     held: HashMap<InstanceId, BTreeSet<u32>>,
     instances: HashMap<InstanceId, Instant>,
+    checkpoints: HashMap<String, u64>,
 }
 
 /// The embedded store. Cheap to create; share it behind an `Arc` between instances to simulate
@@ -378,6 +379,15 @@ impl State {
         out
     }
 
+    /// True when some partition with rows is not leased to a live instance.
+    fn has_unleased_rows(&self, now: Instant) -> bool {
+        self.outbox
+            .partitions
+            .keys()
+            .chain(self.inbox.partitions.keys())
+            .any(|p| !self.leases.get(p).is_some_and(|l| l.expires > now))
+    }
+
     /// Leases free or expired partitions that have claimable rows, up to the maximum.
     fn acquire_partitions_with_work(
         &mut self,
@@ -401,12 +411,13 @@ impl State {
             .collect();
         candidates.sort_unstable();
         candidates.dedup();
+        // At the maximum, `try_acquire` gives up one of this instance's idle partitions to
+        // make room; without that, work in an unheld partition would wait for a heartbeat to
+        // release the idle ones. `None` means none is idle: stop.
         for p in candidates {
-            let held = self.held.get(&instance).map_or(0, |s| s.len());
-            if held >= settings.max_partitions_per_instance as usize {
+            if self.try_acquire(p, instance, now, settings).is_none() {
                 break;
             }
-            self.try_acquire(p, instance, now, settings);
         }
     }
 }
@@ -496,13 +507,18 @@ impl Store for MemoryStore {
         let st = &mut *st;
 
         // Reports first: they free the streams that new work may queue behind.
+        let mut completed = false;
         for w in &batch.outbox_completions {
-            if !st.complete(Queue::Outbox, instance, w, now) {
+            if st.complete(Queue::Outbox, instance, w, now) {
+                completed = true;
+            } else {
                 result.stale.push(w.message_id);
             }
         }
         for w in &batch.inbox_completions {
-            if !st.complete(Queue::Inbox, instance, w, now) {
+            if st.complete(Queue::Inbox, instance, w, now) {
+                completed = true;
+            } else {
                 result.stale.push(w.message_id);
             }
         }
@@ -541,7 +557,9 @@ impl Store for MemoryStore {
                 continue;
             }
             for w in &unit.completes_inbox {
-                if !st.complete(Queue::Inbox, instance, w, now) {
+                if st.complete(Queue::Inbox, instance, w, now) {
+                    completed = true;
+                } else {
                     result.stale.push(w.message_id);
                 }
             }
@@ -697,7 +715,12 @@ impl Store for MemoryStore {
                 });
             }
         }
-        if left_pending || !result.dead_lettered.is_empty() {
+        // A completion may leave a held partition idle while rows wait in a partition nobody
+        // holds (written while this instance was at max_partitions_per_instance): wake the
+        // coordinators so that a claim trades the idle partition for it, rather than leaving
+        // those rows to the fallback poll.
+        let starved = completed && st.has_unleased_rows(now);
+        if left_pending || starved || !result.dead_lettered.is_empty() {
             self.bump();
         }
         Ok(result)
@@ -868,6 +891,17 @@ impl Store for MemoryStore {
         }
         drop(st);
         self.bump();
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self, perspective: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.lock().checkpoints.get(perspective).copied())
+    }
+
+    async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError> {
+        self.lock()
+            .checkpoints
+            .insert(perspective.to_string(), position);
         Ok(())
     }
 

@@ -403,6 +403,12 @@ pub trait Store: Send + Sync + 'static {
     /// Drops a dead-lettered row so its stream moves on.
     async fn skip_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError>;
 
+    /// The event-store position a perspective has been replayed up to, if it has a checkpoint.
+    async fn load_checkpoint(&self, perspective: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Records the position a perspective has been replayed up to.
+    async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError>;
+
     /// Bumped whenever work becomes claimable (new pending rows, released partitions); the
     /// coordinator waits on it instead of polling.
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64>;

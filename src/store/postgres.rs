@@ -722,6 +722,32 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn load_checkpoint(&self, perspective: &str) -> Result<Option<u64>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT position FROM {}.wb_perspective_checkpoints WHERE perspective = $1",
+                    self.schema
+                ),
+                &[&perspective],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError> {
+        self.query(
+            &format!(
+                "INSERT INTO {}.wb_perspective_checkpoints (perspective, position) VALUES ($1, $2)
+                 ON CONFLICT (perspective) DO UPDATE SET position = excluded.position, updated_at = now()",
+                self.schema
+            ),
+            &[&perspective, &(position as i64)],
+        )
+        .await
+        .map(|_| ())
+    }
+
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.signal.subscribe()
     }
