@@ -418,7 +418,8 @@ BEGIN
 
     ---------------------------------------------------------------- claims
     IF p_claim_outbox > 0 OR p_claim_inbox > 0 THEN
-        SELECT p_max_partitions - count(*) INTO v_room
+        -- At the maximum, wb_acquire trades idle partitions of this instance for busy ones.
+        SELECT greatest(p_max_partitions - count(*), 16) INTO v_room
           FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
         IF v_room > 0 THEN
             v_parts := ARRAY(

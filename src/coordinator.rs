@@ -84,6 +84,9 @@ pub struct Coordinator {
     remote_waiters: HashMap<Uuid, Vec<AppliedSender>>,
     flushing: bool,
     claim_wanted: bool,
+    /// A committed unit left rows this instance could not lease (at its partition maximum, or
+    /// another instance holds them): claim again as soon as completions may have freed room.
+    unclaimed_rows: bool,
     partitions: Option<PartitionDirectory>,
     publisher: Option<Addr<Publisher>>,
     stopped: bool,
@@ -101,6 +104,7 @@ impl Coordinator {
             released_waiters: HashMap::new(),
             remote_waiters: HashMap::new(),
             flushing: false,
+            unclaimed_rows: false,
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
             partitions: None,
@@ -130,6 +134,10 @@ impl Coordinator {
         let units: Vec<PendingUnit> = (0..take).map_while(|_| self.pending.pop_front()).collect();
         let mut batch = std::mem::take(&mut self.reports);
         batch.units = units.iter().map(|p| p.unit.clone()).collect();
+        let completes = !batch.outbox_completions.is_empty() || !batch.inbox_completions.is_empty();
+        if self.unclaimed_rows && completes {
+            self.claim_wanted = true;
+        }
         if self.claim_wanted && !self.stopped {
             batch.claim = Some(self.settings.claim_budget);
         }
@@ -145,13 +153,14 @@ impl Coordinator {
             claim: None,
             ..batch.clone()
         };
+        let claimed = batch.claim.is_some();
         ctx.spawn(
             async move { store.process_work_batch(instance, batch).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.flushing = false;
                     match result {
-                        Ok(result) => act.distribute(result, units, ctx),
+                        Ok(result) => act.distribute(result, units, claimed, ctx),
                         Err(e) => {
                             tracing::warn!(error = %e, "work batch failed; reports kept for the next batch");
                             act.restore_reports(reports);
@@ -207,6 +216,7 @@ impl Coordinator {
         &mut self,
         result: WorkBatchResult,
         units: Vec<PendingUnit>,
+        claimed: bool,
         ctx: &mut Context<Self>,
     ) {
         if let Some(delay) = result.next_retry_in {
@@ -225,6 +235,11 @@ impl Coordinator {
                     duplicate_inbox,
                 } => {
                     let mut applied = Vec::new();
+                    if claimed_inbox.len() + duplicate_inbox.len() < pending.unit.inbox.len()
+                        || claimed_outbox.len() < pending.unit.outbox.len()
+                    {
+                        self.unclaimed_rows = true;
+                    }
                     let mut claimed_ids = Vec::with_capacity(claimed_inbox.len());
                     for work in claimed_inbox {
                         claimed_ids.push(work.envelope.message_id);
@@ -265,6 +280,10 @@ impl Coordinator {
                     }));
                 }
             }
+        }
+        if claimed && result.claimed_inbox.is_empty() && result.claimed_outbox.is_empty() {
+            // Nothing left to catch up on (or nothing this instance can take yet).
+            self.unclaimed_rows = false;
         }
         self.hand_outbox(result.claimed_outbox);
         for work in result.claimed_inbox {

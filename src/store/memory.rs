@@ -385,7 +385,7 @@ impl State {
             .partitions
             .keys()
             .chain(self.inbox.partitions.keys())
-            .any(|p| !self.leases.get(p).is_some_and(|l| l.expires > now))
+            .any(|p| self.leases.get(p).is_none_or(|l| l.expires <= now))
     }
 
     /// Leases free or expired partitions that have claimable rows, up to the maximum.
