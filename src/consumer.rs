@@ -91,19 +91,14 @@ impl ReceiveLoop {
         loop {
             let deliveries = sub.receive(self.prefetch as usize).await?;
             let mut accepted = Vec::new();
-            let mut commits = Vec::new();
+            let mut rows = Vec::new();
             for delivery in deliveries {
                 match self.admit(delivery.message) {
                     Ok(envelope) => {
-                        let unit = UnitOfWork {
-                            inbox: vec![NewInboxRow {
-                                partition: self.origin.partition(&envelope.stream_id),
-                                envelope,
-                            }],
-                            claim_for_writer: true,
-                            ..UnitOfWork::default()
-                        };
-                        commits.push(self.coordinator.send(Commit { unit, wait: false }));
+                        rows.push(NewInboxRow {
+                            partition: self.origin.partition(&envelope.stream_id),
+                            envelope,
+                        });
                         accepted.push(delivery.tag);
                     }
                     Err(reason) => {
@@ -112,21 +107,31 @@ impl ReceiveLoop {
                     }
                 }
             }
-            // All queued before any is awaited: one batch, in delivery order.
-            let results = futures::future::join_all(commits).await;
-            for (tag, result) in accepted.into_iter().zip(results) {
-                let settlement = match result {
-                    Ok(Ok(_)) => Settlement::Accept,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "inbox commit failed; delivery released");
-                        Settlement::Release
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "coordinator unavailable; delivery released");
-                        Settlement::Release
-                    }
-                };
-                sub.settle(tag, settlement).await?;
+            if accepted.is_empty() {
+                continue;
+            }
+            // One unit for the whole receive: committed all together or not at all. With one
+            // unit per delivery the coordinator could split them over two batches, and when the
+            // first batch failed (its deliveries released) while the second committed, a later
+            // message of a stream entered the inbox ahead of an earlier one.
+            let unit = UnitOfWork {
+                inbox: rows,
+                claim_for_writer: true,
+                ..UnitOfWork::default()
+            };
+            let settlement = match self.coordinator.send(Commit { unit, wait: false }).await {
+                Ok(Ok(_)) => Settlement::Accept,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");
+                    Settlement::Release
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, deliveries = accepted.len(), "coordinator unavailable; deliveries released");
+                    Settlement::Release
+                }
+            };
+            for tag in accepted {
+                sub.settle(tag, settlement.clone()).await?;
             }
         }
     }

@@ -84,8 +84,15 @@ fn unavailable(e: tokio_postgres::Error) -> StoreError {
 
 fn query_error(e: tokio_postgres::Error) -> StoreError {
     // A closed connection or a server going away is worth retrying; anything else is a bug or
-    // bad data.
-    if e.is_closed() || e.as_db_error().is_none() {
+    // bad data. A server that terminates the connection under a running query (a restart, an
+    // operator's `pg_terminate_backend`) answers with an error of its own first: SQLSTATE class
+    // 08 (connection exception), 57P01-57P03 (shutdown, crash, not accepting connections yet)
+    // or 53300 (too many connections).
+    let server_going_away = e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+    });
+    if e.is_closed() || e.as_db_error().is_none() || server_going_away {
         StoreError::Unavailable(describe(&e))
     } else {
         StoreError::Query(describe(&e))

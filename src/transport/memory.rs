@@ -19,8 +19,12 @@ struct SubscriptionQueue {
 #[derive(Default)]
 struct QueueState {
     next_tag: u64,
-    ready: VecDeque<Result<Envelope, MalformedDelivery>>,
-    unsettled: HashMap<u64, Result<Envelope, MalformedDelivery>>,
+    /// Arrival number of the next message: released messages go back to their place by it.
+    next_arrival: u64,
+    /// (arrival, message), in arrival order.
+    ready: VecDeque<(u64, Result<Envelope, MalformedDelivery>)>,
+    /// tag → (arrival, message).
+    unsettled: HashMap<u64, (u64, Result<Envelope, MalformedDelivery>)>,
     dead: Vec<(Result<Envelope, MalformedDelivery>, String)>,
 }
 
@@ -98,11 +102,11 @@ impl MemoryBus {
                 .unwrap_or_default()
         };
         for q in subs {
-            q.state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .ready
-                .push_back(message.clone());
+            let mut st = q.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.next_arrival += 1;
+            let arrival = st.next_arrival;
+            st.ready.push_back((arrival, message.clone()));
+            drop(st);
             q.ready.notify_one();
         }
     }
@@ -169,12 +173,12 @@ impl Subscription for MemorySubscription {
                 if !st.ready.is_empty() {
                     let mut out = Vec::new();
                     while out.len() < max.max(1) {
-                        let Some(message) = st.ready.pop_front() else {
+                        let Some((arrival, message)) = st.ready.pop_front() else {
                             break;
                         };
                         st.next_tag += 1;
                         let tag = st.next_tag;
-                        st.unsettled.insert(tag, message.clone());
+                        st.unsettled.insert(tag, (arrival, message.clone()));
                         out.push(Delivery { tag, message });
                     }
                     return Ok(out);
@@ -186,14 +190,17 @@ impl Subscription for MemorySubscription {
 
     async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError> {
         let mut st = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(message) = st.unsettled.remove(&tag) else {
+        let Some((arrival, message)) = st.unsettled.remove(&tag) else {
             return Ok(()); // settling twice is harmless
         };
         match settlement {
             Settlement::Accept => {}
             Settlement::Reject(reason) => st.dead.push((message, reason)),
             Settlement::Release => {
-                st.ready.push_front(message);
+                // Back to its place in arrival order (ahead of everything that arrived after
+                // it): releasing several deliveries must not reverse them.
+                let at = st.ready.partition_point(|(a, _)| *a < arrival);
+                st.ready.insert(at, (arrival, message));
                 drop(st);
                 self.queue.ready.notify_one();
             }
