@@ -1,7 +1,8 @@
 //! Configuration: the one TOML file that tunes the runtime.
 //!
 //! Owns parsing (`config/*.toml`), validation of every knob, and the environment overrides for
-//! endpoints and secrets (`WHIZBANG_DATABASE_URL`, `WHIZBANG_AMQP_URL`, `WHIZBANG_SERVICE_NAME`).
+//! endpoints and secrets (`WHIZBANG_DATABASE_URL`, `WHIZBANG_AMQP_URL`,
+//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`).
 //! It must not start anything: a config that loads is a config that is valid, so nothing starts
 //! half-way. Unknown keys are rejected, and every error names the key and the file.
 //! Secrets never appear in `Debug` output: URLs are printed with their password masked.
@@ -58,6 +59,32 @@ pub enum TransportKind {
     Memory,
     /// AMQP 1.0 (Azure Service Bus, or RabbitMQ's AMQP 1.0 plugin in development).
     Amqp,
+}
+
+/// Which AMQP 1.0 broker the address templates default to (`transport.amqp.flavour`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpFlavour {
+    /// RabbitMQ 3.x with the `rabbitmq_amqp1_0` plugin: topics are topic exchanges
+    /// (`/exchange/{topic}`), subscriptions pre-declared queues bound with `#`
+    /// (`/amq/queue/{topic}.{subscription}`).
+    RabbitMq,
+    /// Azure Service Bus: topics `{topic}`, subscriptions `{topic}/Subscriptions/{subscription}`.
+    ServiceBus,
+}
+
+/// How an AMQP connection authenticates (`transport.amqp.auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpAuth {
+    /// SASL PLAIN: the user and password of `transport.amqp_url`, or the key name and key of
+    /// `transport.amqp.connection_string`.
+    Plain,
+    /// SASL ANONYMOUS, nothing else.
+    Anonymous,
+    /// Service Bus claims-based security: SASL ANONYMOUS, then a SAS token (made from the
+    /// connection string's key) put on `$cbs` for each link's entity, renewed before expiry.
+    Cbs,
 }
 
 /// When queued work is written to the store (the seed's three strategies).
@@ -170,6 +197,8 @@ pub struct TransportConfig {
     pub prefetch: u32,
     pub max_message_bytes: u32,
     pub send_timeout_ms: u64,
+    /// `[transport.amqp]`: broker flavour, addresses, authentication, reconnects.
+    pub amqp: AmqpConfig,
 }
 
 impl Default for TransportConfig {
@@ -181,8 +210,212 @@ impl Default for TransportConfig {
             prefetch: 500,
             max_message_bytes: 1_048_576,
             send_timeout_ms: 10_000,
+            amqp: AmqpConfig::default(),
         }
     }
+}
+
+/// `[transport.amqp]`: only read when `transport.kind = "amqp"`.
+///
+/// Addresses are templates: `{topic}` and `{subscription}` are replaced by the names used in
+/// `[routing]`. Omitted templates take the flavour's defaults; `addresses` pins single names
+/// (`"orders"` for a topic, `"orders/inventory"` for a subscription) to a literal address.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub flavour: AmqpFlavour,
+    /// Service Bus connection string (`Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…`).
+    /// When set it replaces `transport.amqp_url`. Never logged.
+    pub connection_string: String,
+    pub auth: AmqpAuth,
+    pub topic_address: Option<String>,
+    pub subscription_address: Option<String>,
+    pub addresses: BTreeMap<String, String>,
+    pub connect_timeout_ms: u64,
+    /// AMQP idle timeout announced to the broker; 0 = none.
+    pub idle_timeout_ms: u64,
+    pub reconnect_backoff_base_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    pub token_ttl_seconds: u64,
+    pub token_renew_before_seconds: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            flavour: AmqpFlavour::RabbitMq,
+            connection_string: String::new(),
+            auth: AmqpAuth::Plain,
+            topic_address: None,
+            subscription_address: None,
+            addresses: BTreeMap::new(),
+            connect_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            reconnect_backoff_base_ms: 100,
+            reconnect_backoff_max_ms: 10_000,
+            token_ttl_seconds: 3_600,
+            token_renew_before_seconds: 300,
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// The topic address template in force (configured, or the flavour's default).
+    pub fn topic_template(&self) -> &str {
+        self.topic_address.as_deref().unwrap_or(match self.flavour {
+            AmqpFlavour::RabbitMq => "/exchange/{topic}",
+            AmqpFlavour::ServiceBus => "{topic}",
+        })
+    }
+
+    /// The subscription address template in force (configured, or the flavour's default).
+    pub fn subscription_template(&self) -> &str {
+        self.subscription_address
+            .as_deref()
+            .unwrap_or(match self.flavour {
+                AmqpFlavour::RabbitMq => "/amq/queue/{topic}.{subscription}",
+                AmqpFlavour::ServiceBus => "{topic}/Subscriptions/{subscription}",
+            })
+    }
+
+    /// The broker address of `topic`.
+    pub fn topic_address_of(&self, topic: &str) -> String {
+        match self.addresses.get(topic) {
+            Some(address) => address.clone(),
+            None => self.topic_template().replace("{topic}", topic),
+        }
+    }
+
+    /// The broker address of `subscription` on `topic`.
+    pub fn subscription_address_of(&self, topic: &str, subscription: &str) -> String {
+        match self.addresses.get(&format!("{topic}/{subscription}")) {
+            Some(address) => address.clone(),
+            None => self
+                .subscription_template()
+                .replace("{topic}", topic)
+                .replace("{subscription}", subscription),
+        }
+    }
+
+    /// Checks the section; keys are reported under `transport.amqp.`.
+    fn validate(&self, amqp_url: &str) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("transport.amqp.{k}");
+        let template_ok = |t: &str, required: &[&str]| {
+            let mut rest = t.to_string();
+            for placeholder in required {
+                if !rest.contains(placeholder) {
+                    return Err(format!("`{t}` must contain {placeholder}"));
+                }
+                rest = rest.replace(placeholder, "");
+            }
+            rest = rest.replace("{topic}", "");
+            if rest.contains('{') || rest.contains('}') {
+                return Err(format!(
+                    "`{t}` has an unknown placeholder (known: {{topic}}, {{subscription}})"
+                ));
+            }
+            Ok(())
+        };
+        template_ok(self.topic_template(), &["{topic}"]).map_err(|m| (key("topic_address"), m))?;
+        template_ok(self.subscription_template(), &["{subscription}"])
+            .map_err(|m| (key("subscription_address"), m))?;
+        for (name, address) in &self.addresses {
+            if name.trim().is_empty() || name.matches('/').count() > 1 {
+                return Err((
+                    key("addresses"),
+                    format!("`{name}` must be TOPIC or TOPIC/SUBSCRIPTION"),
+                ));
+            }
+            if address.trim().is_empty() {
+                return Err((
+                    format!("transport.amqp.addresses.{name}"),
+                    "address must not be empty".into(),
+                ));
+            }
+        }
+        if !self.connection_string.is_empty() {
+            crate::transport::amqp::servicebus::ConnectionString::parse(&self.connection_string)
+                .map_err(|e| (key("connection_string"), e.to_string()))?;
+        } else if let Err(m) = check_amqp_url(amqp_url) {
+            return Err(("transport.amqp_url".into(), m));
+        }
+        match self.auth {
+            AmqpAuth::Cbs if self.connection_string.is_empty() => {
+                return Err((
+                    key("auth"),
+                    "\"cbs\" needs transport.amqp.connection_string (its key signs the tokens)"
+                        .into(),
+                ));
+            }
+            AmqpAuth::Plain if self.connection_string.is_empty() && !url_has_user(amqp_url) => {
+                return Err((
+                    key("auth"),
+                    "\"plain\" needs a user in transport.amqp_url (amqp://USER:PASSWORD@HOST) or a connection_string; use \"anonymous\" otherwise".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err((key("connect_timeout_ms"), "must be at least 1".into()));
+        }
+        if self.reconnect_backoff_base_ms == 0
+            || self.reconnect_backoff_base_ms > self.reconnect_backoff_max_ms
+        {
+            return Err((
+                key("reconnect_backoff_base_ms"),
+                format!(
+                    "must be between 1 and transport.amqp.reconnect_backoff_max_ms ({}), got {}",
+                    self.reconnect_backoff_max_ms, self.reconnect_backoff_base_ms
+                ),
+            ));
+        }
+        if self.token_ttl_seconds < 60 {
+            return Err((
+                key("token_ttl_seconds"),
+                format!("must be at least 60, got {}", self.token_ttl_seconds),
+            ));
+        }
+        if self.token_renew_before_seconds == 0
+            || self.token_renew_before_seconds >= self.token_ttl_seconds
+        {
+            return Err((
+                key("token_renew_before_seconds"),
+                format!(
+                    "must be between 1 and transport.amqp.token_ttl_seconds ({}) - 1, got {}",
+                    self.token_ttl_seconds, self.token_renew_before_seconds
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `amqp://` or `amqps://`, a host, an optional port.
+fn check_amqp_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("amqps://")
+        .or_else(|| url.strip_prefix("amqp://"))
+        .ok_or_else(|| format!("`{}` must start with amqp:// or amqps://", redact(url)))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = host_port.split(':').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("`{}` has no host", redact(url)));
+    }
+    if let Some(port) = host_port.split(':').nth(1)
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("`{}` has an invalid port", redact(url)));
+    }
+    Ok(())
+}
+
+fn url_has_user(url: &str) -> bool {
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    authority
+        .split_once('@')
+        .is_some_and(|(user, _)| !user.is_empty())
 }
 
 /// A subscription this service consumes: every event published to `topic` reaches this
@@ -264,6 +497,9 @@ impl Config {
         }
         if let Some(url) = lookup("WHIZBANG_AMQP_URL") {
             self.transport.amqp_url = url;
+        }
+        if let Some(cs) = lookup("WHIZBANG_AMQP_CONNECTION_STRING") {
+            self.transport.amqp.connection_string = cs;
         }
         if let Some(name) = lookup("WHIZBANG_SERVICE_NAME") {
             self.service.name = name;
@@ -367,6 +603,11 @@ impl Config {
         if t.send_timeout_ms == 0 {
             return fail("transport.send_timeout_ms", "must be at least 1".into());
         }
+        if t.kind == TransportKind::Amqp
+            && let Err((key, message)) = t.amqp.validate(&t.amqp_url)
+        {
+            return fail(&key, message);
+        }
         for (ty, topic) in &self.routing.topics {
             if topic.trim().is_empty() {
                 return fail(
@@ -438,6 +679,25 @@ impl fmt::Debug for TransportConfig {
             .field("amqp_url", &redact(&self.amqp_url))
             .field("publisher_window", &self.publisher_window)
             .field("prefetch", &self.prefetch)
+            .field("amqp", &self.amqp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let connection_string = if self.connection_string.is_empty() {
+            String::new()
+        } else {
+            redact(&self.connection_string)
+        };
+        f.debug_struct("AmqpConfig")
+            .field("flavour", &self.flavour)
+            .field("connection_string", &connection_string)
+            .field("auth", &self.auth)
+            .field("topic_address", &self.topic_template())
+            .field("subscription_address", &self.subscription_template())
+            .field("addresses", &self.addresses)
             .finish_non_exhaustive()
     }
 }

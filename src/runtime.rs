@@ -96,9 +96,10 @@ impl RuntimeBuilder {
             None => match config.transport.kind {
                 TransportKind::Memory => Arc::new(MemoryTransport::new(MemoryBus::new())),
                 TransportKind::Amqp => {
-                    return Err(StartError::Unsupported(
-                        "transport.kind = \"amqp\" is not available in this build yet; use \"memory\"".into(),
-                    ));
+                    Arc::new(crate::transport::amqp::AmqpTransport::from_config(
+                        &config.transport,
+                        &config.service.name,
+                    )?)
                 }
             },
         };

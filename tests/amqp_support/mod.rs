@@ -1,0 +1,297 @@
+//! Helpers of the AMQP integration tests: the broker under test (RabbitMQ with AMQP 1.0 on
+//! `WHIZBANG_TEST_AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672`), per-test topology
+//! declared with `scripts/amqp-topology.sh` (and deleted afterwards), message types, a recording
+//! perspective and deadline-bound waits. A broker that cannot be reached fails the test.
+
+#![allow(dead_code)]
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::process::Command as Process;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use whizbang::config::{SubscriptionConfig, TransportConfig, TransportKind};
+use whizbang::envelope::MessageKind;
+use whizbang::transport::amqp::AmqpTransport;
+use whizbang::{
+    Command, Config, Decision, Envelope, Event, EventMeta, Message, Perspective, PerspectiveError,
+    Receptor, ReceptorContext, ReceptorError,
+};
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(5);
+
+pub fn amqp_url() -> String {
+    std::env::var("WHIZBANG_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+pub fn database_url() -> String {
+    std::env::var("WHIZBANG_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Polls `done` until it holds; fails after [`DEADLINE`] naming `what`.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > DEADLINE {
+            anyhow::bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// Like [`wait_until`] with an async condition.
+pub async fn wait_for<F, Fut>(what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !done().await {
+        if start.elapsed() > DEADLINE {
+            anyhow::bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// `[transport]` for the broker under test.
+pub fn amqp_transport_config() -> TransportConfig {
+    let mut t = Config::default().transport;
+    t.kind = TransportKind::Amqp;
+    t.amqp_url = amqp_url();
+    t.send_timeout_ms = 5_000;
+    t.amqp.reconnect_backoff_max_ms = 1_000;
+    t
+}
+
+/// A configuration for `service` on the broker under test (memory store).
+pub fn amqp_config(service: &str) -> Config {
+    let mut c = Config::default();
+    c.service.name = service.into();
+    c.transport = amqp_transport_config();
+    c
+}
+
+pub fn publishing(mut c: Config, message_type: &str, topic: &str) -> Config {
+    c.routing.topics.insert(message_type.into(), topic.into());
+    c
+}
+
+pub fn subscribed(mut c: Config, topic: &str, subscription: &str) -> Config {
+    c.routing.subscriptions.push(SubscriptionConfig {
+        topic: topic.into(),
+        name: subscription.into(),
+    });
+    c
+}
+
+/// The AMQP transport on the broker under test.
+pub fn amqp_transport() -> Arc<AmqpTransport> {
+    Arc::new(AmqpTransport::from_config(&amqp_transport_config(), "whizbang-test").unwrap())
+}
+
+/// Fails (never skips) when the broker does not speak AMQP 1.0 within the deadline.
+pub async fn require_broker() -> anyhow::Result<()> {
+    static READY: OnceLock<()> = OnceLock::new();
+    if READY.get().is_some() {
+        return Ok(());
+    }
+    let start = Instant::now();
+    loop {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(5),
+            fe2o3_amqp::Connection::open("whizbang-probe", amqp_url().as_str()),
+        )
+        .await;
+        match connected {
+            Ok(Ok(mut c)) => {
+                let _ = c.close().await;
+                let _ = READY.set(());
+                return Ok(());
+            }
+            Ok(Err(e)) if start.elapsed() > DEADLINE => anyhow::bail!(
+                "the AMQP 1.0 broker at {} is unreachable: {e}. Start RabbitMQ with the rabbitmq_amqp1_0 plugin (scripts/test.sh does)",
+                amqp_url()
+            ),
+            Err(_) if start.elapsed() > DEADLINE => {
+                anyhow::bail!("the AMQP 1.0 broker at {} does not answer", amqp_url())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Topics and subscriptions declared for one test, deleted when dropped.
+pub struct Topology {
+    specs: Vec<String>,
+}
+
+impl Topology {
+    /// Declares `topic → subscriptions` on the broker (names are used as given: make them
+    /// unique with [`unique`]).
+    pub fn declare(topics: &[(&str, &[&str])]) -> anyhow::Result<Topology> {
+        let specs: Vec<String> = topics
+            .iter()
+            .map(|(topic, subs)| format!("{topic}:{}", subs.join(",")))
+            .collect();
+        run_script(&specs, false)?;
+        Ok(Topology { specs })
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Err(e) = run_script(&self.specs, true) {
+            eprintln!("could not delete test topology {:?}: {e}", self.specs);
+        }
+    }
+}
+
+fn run_script(specs: &[String], delete: bool) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/amqp-topology.sh");
+    let mut cmd = Process::new("bash");
+    cmd.arg(script);
+    if delete {
+        cmd.arg("--delete");
+    }
+    let out = cmd.args(specs).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scripts/amqp-topology.sh {}{} failed: {}{}",
+        if delete { "--delete " } else { "" },
+        specs.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A name unique to this test run (letters, digits and '-': valid in every address form).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Uuid::now_v7().simple().to_string()[16..])
+}
+
+// ---- Messages ---------------------------------------------------------------------------
+
+/// A command that asks for one `Bumped` event on `stream` carrying `seq`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Bump {
+    pub stream: String,
+    pub seq: u32,
+}
+
+impl Message for Bump {
+    const TYPE_NAME: &'static str = "test.Bump";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Command for Bump {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Bumped {
+    pub stream: String,
+    pub seq: u32,
+}
+
+impl Message for Bumped {
+    const TYPE_NAME: &'static str = "test.Bumped";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Event for Bumped {}
+
+pub struct BumpReceptor;
+
+impl Receptor<Bump> for BumpReceptor {
+    type Result = Bumped;
+
+    async fn handle(
+        &self,
+        cmd: Bump,
+        _ctx: ReceptorContext,
+    ) -> Result<Decision<Bumped>, ReceptorError> {
+        Ok(Decision::event(Bumped {
+            stream: cmd.stream,
+            seq: cmd.seq,
+        }))
+    }
+}
+
+/// An event envelope of `Bumped`.
+pub fn bumped_envelope(stream: &str, seq: u32) -> Envelope {
+    let event = Bumped {
+        stream: stream.into(),
+        seq,
+    };
+    Envelope::new(
+        MessageKind::Event,
+        Bumped::TYPE_NAME,
+        event.stream_id(),
+        whizbang::message::encode(&event).expect("encodes"),
+    )
+}
+
+// ---- A recording perspective ------------------------------------------------------------
+
+#[derive(Default)]
+struct RecorderState {
+    by_stream: HashMap<String, Vec<(u32, Uuid)>>,
+    total: usize,
+}
+
+/// Records every `Bumped` it applies, per stream, in application order.
+#[derive(Clone, Default)]
+pub struct Recorder(Arc<Mutex<RecorderState>>);
+
+impl Recorder {
+    pub fn total(&self) -> usize {
+        self.0.lock().unwrap().total
+    }
+
+    pub fn seqs(&self, stream: &str) -> Vec<u32> {
+        self.0
+            .lock()
+            .unwrap()
+            .by_stream
+            .get(stream)
+            .map(|v| v.iter().map(|(s, _)| *s).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn streams(&self) -> Vec<String> {
+        self.0.lock().unwrap().by_stream.keys().cloned().collect()
+    }
+
+    /// How many times each message id was applied, for ids applied more than once.
+    pub fn duplicates(&self) -> Vec<(Uuid, usize)> {
+        let st = self.0.lock().unwrap();
+        let mut counts: HashMap<Uuid, usize> = HashMap::new();
+        for (_, id) in st.by_stream.values().flatten() {
+            *counts.entry(*id).or_default() += 1;
+        }
+        counts.into_iter().filter(|(_, n)| *n > 1).collect()
+    }
+}
+
+impl Perspective<Bumped> for Recorder {
+    async fn apply(&self, event: Bumped, meta: EventMeta) -> Result<(), PerspectiveError> {
+        let mut st = self.0.lock().unwrap();
+        st.total += 1;
+        st.by_stream
+            .entry(meta.stream_id.clone())
+            .or_default()
+            .push((event.seq, meta.message_id));
+        Ok(())
+    }
+}
