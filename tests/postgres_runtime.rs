@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 use whizbang::config::{StoreBackend, SubscriptionConfig};
@@ -214,6 +214,8 @@ struct RecorderState {
     /// Applications per instance tag.
     by_tag: HashMap<&'static str, usize>,
     total: usize,
+    /// Wall-clock time of the first application.
+    first: Option<SystemTime>,
 }
 
 /// Records every event it applies. Clones share the record; `tagged` clones also count which
@@ -246,6 +248,10 @@ impl Recorder {
             .unwrap_or_default()
     }
 
+    fn first(&self) -> Option<SystemTime> {
+        self.state.lock().unwrap().first
+    }
+
     fn by_tag(&self, tag: &str) -> usize {
         self.state
             .lock()
@@ -260,6 +266,7 @@ impl Recorder {
 impl Perspective<Bumped> for Recorder {
     async fn apply(&self, _event: Bumped, meta: EventMeta) -> Result<(), PerspectiveError> {
         let mut st = self.state.lock().unwrap();
+        st.first.get_or_insert_with(SystemTime::now);
         st.total += 1;
         *st.by_tag.entry(self.tag).or_default() += 1;
         st.by_stream
@@ -557,7 +564,11 @@ async fn two_instances_share_one_schema() {
         async move {
             let stream = format!("shared-{s}");
             for seq in 1..=EVENTS {
-                let rt = if (s + seq as usize) % 2 == 0 { a } else { b };
+                let rt = if (s + seq as usize).is_multiple_of(2) {
+                    a
+                } else {
+                    b
+                };
                 let r = rt.send(bump(&stream, seq)).await.expect("send");
                 assert_eq!(r.events[0].version, u64::from(seq));
             }
@@ -711,6 +722,17 @@ async fn takeover_after_an_instance_dies_with_work_in_flight() {
     )
     .await;
     assert!(live_leases > 0, "a holds live leases when it dies");
+    // The earliest A's leases can expire (its heartbeats may only push them later).
+    let a_expiry: SystemTime = client
+        .query_one(
+            &format!(
+                "SELECT min(expires_at) FROM {schema}.wb_partition_leases WHERE instance_id = '{a_id}'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
 
     // A dies.
     let died = Instant::now();
@@ -744,6 +766,13 @@ async fn takeover_after_an_instance_dies_with_work_in_flight() {
     eprintln!(
         "takeover: b finished a's work {:?} after a died",
         died.elapsed()
+    );
+    // Same host, same clock as the database: B applied nothing while A's leases were live.
+    let first = local.first().expect("b applied events");
+    assert!(
+        first >= a_expiry,
+        "b applied an event {:?} before a's lease expired",
+        a_expiry.duration_since(first).unwrap_or_default()
     );
     let stored = stored_events(&client, &schema).await;
     assert_eq!(stored.len(), STREAMS);
@@ -850,7 +879,7 @@ async fn graceful_shutdown_releases_leases_at_once() {
 #[actix_rt::test]
 async fn connections_killed_mid_run_recover_without_loss_or_duplicates() {
     const STREAMS: usize = 40;
-    const EVENTS: u32 = 15;
+    const EVENTS: u32 = 25;
     let client = connect().await;
     let (schema, down_schema) = (new_schema(), new_schema());
     let bus = MemoryBus::new();
