@@ -10,8 +10,9 @@
 //!   exactly as in the runtime).
 //!
 //! Output: one `name: value` line per figure on stdout, so scripts can parse it. Latencies are
-//! medians (and 99th percentiles) of individually timed calls after a warm-up; throughput is
-//! completed calls per second with many concurrent callers, each on its own stream.
+//! medians (and 99th percentiles) of individually timed calls after a warm-up, the baseline and
+//! the runtime measured in alternating blocks; throughput is completed calls per second with
+//! many concurrent callers, each on its own stream.
 
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -51,7 +52,12 @@ struct CoreArgs {
     /// Untimed calls before measuring.
     #[arg(long, default_value_t = 5_000)]
     warmup: usize,
-    /// Concurrent callers of the throughput figure, each on its own stream.
+    /// Blocks the samples are split into, alternating baseline and runtime.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Concurrent callers of the throughput figure, each on its own stream. More streams in
+    /// flight than `partitions.max_partitions_per_instance` (100 by default) currently stall
+    /// until a heartbeat releases partitions.
     #[arg(long, default_value_t = 64)]
     callers: usize,
     /// Calls per caller in the throughput figure.
@@ -229,22 +235,6 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
         return Err("codec round trip changed the event".into());
     }
 
-    // Baseline first, while nothing else runs.
-    let direct_receptor = DepositReceptor;
-    let direct_balances = Balances::default();
-    for i in 0..args.warmup {
-        direct_call(&direct_receptor, &direct_balances, deposit(i % streams, i)).await?;
-    }
-    let mut direct = Vec::with_capacity(args.samples);
-    for i in 0..args.samples {
-        let cmd = deposit(i % streams, i);
-        let start = Instant::now();
-        let result = direct_call(&direct_receptor, &direct_balances, cmd).await?;
-        direct.push(start.elapsed());
-        std::hint::black_box(result);
-    }
-    let direct = Samples::new(direct);
-
     // The runtime: default configuration, scoped flush, in-memory store and transport.
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
@@ -258,30 +248,60 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
         .perspective::<Deposited, _>("balances", balances.clone())
         .start()
         .await?;
+    let direct_receptor = DepositReceptor;
+    let direct_balances = Balances::default();
 
-    // Every call is checked, outside the timed region, for read-your-writes (contract item 7):
-    // the read model shows the deposit as soon as local_invoke has returned.
-    let mut expected = vec![0_i64; streams];
+    // Baseline and runtime are measured in alternating blocks, so that both see the same
+    // machine (on a shared machine the speed of the CPU drifts between and within runs).
+    let rounds = args.rounds.clamp(1, args.samples.max(1));
+    let mut direct = Vec::with_capacity(args.samples);
     let mut invoke = Vec::with_capacity(args.samples);
-    for i in 0..args.warmup + args.samples {
-        let account = i % streams;
-        let cmd = deposit(account, i);
-        let start = Instant::now();
-        let result: Deposited = runtime.local_invoke(cmd).await?;
-        let elapsed = start.elapsed();
-        if i >= args.warmup {
-            invoke.push(elapsed);
+    let mut expected = vec![0_i64; streams];
+    let mut n = 0_usize;
+    for round in 0..=rounds {
+        // Round 0 is the warm-up; rounds 1..=rounds split the samples.
+        let (calls, timed) = if round == 0 {
+            (args.warmup, false)
+        } else {
+            let base = args.samples / rounds;
+            (base + usize::from(round <= args.samples % rounds), true)
+        };
+
+        for i in n..n + calls {
+            let cmd = deposit(i % streams, i);
+            let start = Instant::now();
+            let result = direct_call(&direct_receptor, &direct_balances, cmd).await?;
+            let elapsed = start.elapsed();
+            if timed {
+                direct.push(elapsed);
+            }
+            std::hint::black_box(result);
         }
-        expected[account] += result.amount_cents;
-        let seen = balances.get(&result.account_id);
-        if seen != expected[account] {
-            return Err(format!(
-                "read-your-writes broken: balance of {} is {seen} right after local_invoke, expected {}",
-                result.account_id, expected[account]
-            )
-            .into());
+
+        for i in n..n + calls {
+            let account = i % streams;
+            let cmd = deposit(account, i);
+            let start = Instant::now();
+            let result: Deposited = runtime.local_invoke(cmd).await?;
+            let elapsed = start.elapsed();
+            if timed {
+                invoke.push(elapsed);
+            }
+            // Read-your-writes (contract item 7), checked outside the timed region: the read
+            // model shows the deposit as soon as local_invoke has returned.
+            expected[account] += result.amount_cents;
+            let seen = balances.get(&result.account_id);
+            if seen != expected[account] {
+                return Err(format!(
+                    "read-your-writes broken: balance of {} is {seen} right after local_invoke, expected {}",
+                    result.account_id, expected[account]
+                )
+                .into());
+            }
         }
+        n += calls;
     }
+    let direct = Samples::new(direct);
     let invoke = Samples::new(invoke);
 
     // Throughput: concurrent callers, each on its own stream (distinct from the ones above).
