@@ -105,7 +105,9 @@ CREATE FUNCTION {{schema}}.wb_process_work_batch(
     m_append boolean[], m_topic text[], m_inbox boolean[],
     -- inbox rows completed by their unit
     c_unit integer[], c_id uuid[], c_part integer[], c_gen bigint[],
-    p_claim_outbox integer, p_claim_inbox integer
+    p_claim_outbox integer, p_claim_inbox integer,
+    -- NULL, or the rows this instance really has in flight (see WorkBatch::in_flight)
+    p_in_flight uuid[]
 ) RETURNS SETOF {{schema}}.wb_batch_row LANGUAGE plpgsql AS $$
 DECLARE
     v_conflicts integer[] := '{}';
@@ -446,7 +448,8 @@ BEGIN
             ),
             flagged AS (
                 SELECT o.seq, o.stream_id, o.dead, o.next_attempt_at, m.generation,
-                       coalesce(o.claimed_by = p_instance AND o.claimed_generation = m.generation, false)
+                       coalesce(o.claimed_by = p_instance AND o.claimed_generation = m.generation
+                                AND (p_in_flight IS NULL OR o.message_id = ANY (p_in_flight)), false)
                            AS inflight
                   FROM {{schema}}.wb_outbox o JOIN mine m ON m.partition = o.partition
             ),
@@ -489,7 +492,8 @@ BEGIN
             ),
             flagged AS (
                 SELECT o.seq, o.stream_id, o.dead, o.next_attempt_at, m.generation,
-                       coalesce(o.claimed_by = p_instance AND o.claimed_generation = m.generation, false)
+                       coalesce(o.claimed_by = p_instance AND o.claimed_generation = m.generation
+                                AND (p_in_flight IS NULL OR o.message_id = ANY (p_in_flight)), false)
                            AS inflight
                   FROM {{schema}}.wb_inbox o JOIN mine m ON m.partition = o.partition
             ),

@@ -87,6 +87,13 @@ pub struct Coordinator {
     /// A committed unit left rows this instance could not lease (at its partition maximum, or
     /// another instance holds them): claim again as soon as completions may have freed room.
     unclaimed_rows: bool,
+    /// Rows handed to partition actors or the publisher and not yet reported back.
+    in_flight: std::collections::HashSet<Uuid>,
+    /// A batch failed without an answer: it may have committed claims nobody knows about.
+    /// The next claim passes `in_flight` so the store can hand those rows out again.
+    claims_in_doubt: bool,
+    /// Set while batches fail: the delay before the next attempt (capped doubling).
+    error_backoff: Option<Duration>,
     partitions: Option<PartitionDirectory>,
     publisher: Option<Addr<Publisher>>,
     stopped: bool,
@@ -105,6 +112,9 @@ impl Coordinator {
             remote_waiters: HashMap::new(),
             flushing: false,
             unclaimed_rows: false,
+            in_flight: Default::default(),
+            claims_in_doubt: false,
+            error_backoff: None,
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
             partitions: None,
@@ -131,6 +141,9 @@ impl Coordinator {
             FlushStrategy::Immediate => 1,
             _ => self.settings.max_batch,
         };
+        // After a batch lost its answer, first a recovery batch with no new units: the rows it
+        // may have claimed come back before anything newer of their streams is handed out.
+        let take = if self.claims_in_doubt { 0 } else { take };
         let units: Vec<PendingUnit> = (0..take).map_while(|_| self.pending.pop_front()).collect();
         let mut batch = std::mem::take(&mut self.reports);
         batch.units = units.iter().map(|p| p.unit.clone()).collect();
@@ -138,8 +151,14 @@ impl Coordinator {
         if self.unclaimed_rows && completes {
             self.claim_wanted = true;
         }
+        if self.claims_in_doubt {
+            self.claim_wanted = true;
+        }
         if self.claim_wanted && !self.stopped {
             batch.claim = Some(self.settings.claim_budget);
+            if self.claims_in_doubt {
+                batch.in_flight = Some(self.in_flight.iter().copied().collect());
+            }
         }
         self.claim_wanted = false;
         if batch.is_empty() {
@@ -154,14 +173,26 @@ impl Coordinator {
             ..batch.clone()
         };
         let claimed = batch.claim.is_some();
+        let resolves_doubt = batch.in_flight.is_some();
         ctx.spawn(
             async move { store.process_work_batch(instance, batch).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.flushing = false;
                     match result {
-                        Ok(result) => act.distribute(result, units, claimed, ctx),
+                        Ok(result) => {
+                            act.error_backoff = None;
+                            if resolves_doubt {
+                                act.claims_in_doubt = false;
+                            }
+                            act.distribute(result, units, claimed, ctx)
+                        }
                         Err(e) => {
+                            act.claims_in_doubt = true;
+                            act.error_backoff = Some(act.error_backoff.map_or(
+                                Duration::from_millis(50),
+                                |d| (d * 2).min(Duration::from_secs(5)),
+                            ));
                             tracing::warn!(error = %e, "work batch failed; reports kept for the next batch");
                             act.restore_reports(reports);
                             let err = DispatchError::from(e);
@@ -170,7 +201,11 @@ impl Coordinator {
                             }
                         }
                     }
-                    if act.wants_flush() {
+                    if act.error_backoff.is_some() {
+                        // The store is failing: try again later, not in a tight loop.
+                        let delay = act.error_backoff.unwrap_or_default();
+                        ctx.run_later(delay, |act, ctx| act.flush(ctx));
+                    } else if act.wants_flush() {
                         act.flush(ctx);
                     }
                     act.finish_shutdown_when_drained(ctx);
@@ -311,6 +346,7 @@ impl Coordinator {
 
     fn hand_inbox(&mut self, work: InboxWork, done: Vec<AppliedSender>) {
         if let Some(dir) = &self.partitions {
+            self.in_flight.insert(work.envelope.message_id);
             dir.enqueue(
                 work.work.partition,
                 crate::partition::Job::Inbox(InboxJob { work, done }),
@@ -321,6 +357,10 @@ impl Coordinator {
     fn hand_outbox(&mut self, rows: Vec<OutboxWork>) {
         if rows.is_empty() {
             return;
+        }
+        if self.publisher.is_some() {
+            self.in_flight
+                .extend(rows.iter().map(|r| r.envelope.message_id));
         }
         match &self.publisher {
             // do_send: the publisher never stops before the coordinator, and must not make the
@@ -477,6 +517,9 @@ pub enum Report {
     InboxFailed(Failure),
     /// Handed back unprocessed (its stream is parked); the waiters go with it.
     InboxReleased(WorkRef, Vec<AppliedSender>),
+    /// A command from the inbox whose completion was committed with its own unit: nothing to
+    /// write, only no longer in flight.
+    InboxCommitted(WorkRef),
 }
 
 impl Message for Report {
@@ -487,6 +530,15 @@ impl Handler<Report> for Coordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Report, ctx: &mut Self::Context) {
+        let id = match &msg {
+            Report::OutboxDone(w)
+            | Report::OutboxReleased(w)
+            | Report::InboxDone(w)
+            | Report::InboxReleased(w, _)
+            | Report::InboxCommitted(w) => w.message_id,
+            Report::OutboxFailed(f) | Report::InboxFailed(f) => f.work.message_id,
+        };
+        self.in_flight.remove(&id);
         let r = &mut self.reports;
         match msg {
             Report::OutboxDone(w) => r.outbox_completions.push(w),
@@ -494,6 +546,7 @@ impl Handler<Report> for Coordinator {
             Report::OutboxReleased(w) => r.outbox_releases.push(w),
             Report::InboxDone(w) => r.inbox_completions.push(w),
             Report::InboxFailed(f) => r.inbox_failures.push(f),
+            Report::InboxCommitted(_) => {}
             Report::InboxReleased(w, waiters) => {
                 r.inbox_releases.push(w);
                 if !waiters.is_empty() {

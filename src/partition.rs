@@ -207,6 +207,7 @@ impl PartitionActor {
                 }
             }
             InboxResult::CommittedWithUnit => {
+                coordinator.do_send(Report::InboxCommitted(job.work.work));
                 for tx in job.done {
                     let _ = tx.send(Ok(()));
                 }

@@ -876,6 +876,39 @@ async fn work_signal_fires_for_pending_work(b: Backend) {
         .unwrap();
 }
 
+async fn claims_whose_answer_was_lost_are_handed_out_again(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e1, e2) = (event("lost", 1), event("lost", 2));
+    // Both committed and leased to the writer; pretend the answer for e1 never arrived.
+    let r = batch(
+        &store,
+        a,
+        units(vec![inbox_only(&e1, true), inbox_only(&e2, true)]),
+    )
+    .await;
+    let w2 = committed(&r.units[1]).2[0].work;
+    assert!(
+        batch(&store, a, claim_all()).await.claimed_inbox.is_empty(),
+        "in flight"
+    );
+    let recover = |known: Vec<Uuid>| WorkBatch {
+        in_flight: Some(known),
+        ..claim_all()
+    };
+    // e2 is really in flight, e1 is not: only e1 is handed out again.
+    let r = batch(&store, a, recover(vec![w2.message_id])).await;
+    let ids: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![e1.message_id]);
+    // Now both are known: nothing more.
+    let r = batch(&store, a, recover(vec![e1.message_id, e2.message_id])).await;
+    assert!(r.claimed_inbox.is_empty());
+}
+
 async fn perspective_checkpoints(b: Backend) {
     let store = open(b, settings()).await;
     assert_eq!(store.load_checkpoint("summary").await.unwrap(), None);
@@ -916,4 +949,5 @@ conformance!(
     max_partitions_per_instance_is_respected,
     work_signal_fires_for_pending_work,
     perspective_checkpoints,
+    claims_whose_answer_was_lost_are_handed_out_again,
 );

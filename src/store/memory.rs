@@ -323,6 +323,7 @@ impl State {
         instance: InstanceId,
         mut budget: u32,
         now: Instant,
+        in_flight: Option<&HashSet<Uuid>>,
     ) -> Vec<(Uuid, WorkRef)> {
         let mut out = Vec::new();
         let held: Vec<u32> = self
@@ -357,7 +358,7 @@ impl State {
                     if row.dead {
                         break;
                     }
-                    if row.claimed == Some(holder) {
+                    if row.claimed == Some(holder) && in_flight.is_none_or(|f| f.contains(id)) {
                         continue;
                     }
                     if row.next_attempt.is_some_and(|t| t > now) {
@@ -697,7 +698,12 @@ impl Store for MemoryStore {
 
         if let Some(budget) = batch.claim {
             st.acquire_partitions_with_work(instance, now, settings);
-            for (id, work) in st.claim(Queue::Outbox, instance, budget.outbox, now) {
+            let known: Option<HashSet<Uuid>> = batch
+                .in_flight
+                .as_ref()
+                .map(|ids| ids.iter().copied().collect());
+            let known = known.as_ref();
+            for (id, work) in st.claim(Queue::Outbox, instance, budget.outbox, now, known) {
                 let row = &st.outbox.rows[&id];
                 result.claimed_outbox.push(OutboxWork {
                     envelope: row.envelope.clone(),
@@ -706,7 +712,7 @@ impl Store for MemoryStore {
                     attempts: row.attempts,
                 });
             }
-            for (id, work) in st.claim(Queue::Inbox, instance, budget.inbox, now) {
+            for (id, work) in st.claim(Queue::Inbox, instance, budget.inbox, now, known) {
                 let row = &st.inbox.rows[&id];
                 result.claimed_inbox.push(InboxWork {
                     envelope: row.envelope.clone(),

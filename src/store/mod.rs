@@ -205,6 +205,11 @@ pub struct WorkBatch {
     pub inbox_failures: Vec<Failure>,
     pub inbox_releases: Vec<WorkRef>,
     pub claim: Option<ClaimBudget>,
+    /// After a batch whose outcome is unknown (its reply was lost), the rows this instance
+    /// really has in flight. A row claimed by this instance under its current lease but not in
+    /// this list was claimed by a batch whose answer never arrived: the claim treats it as
+    /// pending again, so it is neither stranded nor overtaken. `None`: trust every claim.
+    pub in_flight: Option<Vec<Uuid>>,
 }
 
 impl WorkBatch {

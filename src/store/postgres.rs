@@ -38,7 +38,7 @@ impl bb8::ManageConnection for PgManager {
     async fn connect(&self) -> Result<PgConnection, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let s = &self.schema;
-        let params: Vec<String> = (1..=36).map(|i| format!("${i}")).collect();
+        let params: Vec<String> = (1..=37).map(|i| format!("${i}")).collect();
         let batch = client
             .prepare(&format!(
                 "SELECT * FROM {s}.wb_process_work_batch({})",
@@ -87,10 +87,15 @@ fn query_error(e: tokio_postgres::Error) -> StoreError {
     // bad data. A server that terminates the connection under a running query (a restart, an
     // operator's `pg_terminate_backend`) answers with an error of its own first: SQLSTATE class
     // 08 (connection exception), 57P01-57P03 (shutdown, crash, not accepting connections yet)
-    // or 53300 (too many connections).
+    // or 53300 (too many connections); a serialization failure or deadlock (40001, 40P01)
+    // rolled the whole batch back and is worth running again.
     let server_going_away = e.as_db_error().is_some_and(|db| {
         let code = db.code().code();
-        code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+        code.starts_with("08")
+            || matches!(
+                code,
+                "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+            )
     });
     if e.is_closed() || e.as_db_error().is_none() || server_going_away {
         StoreError::Unavailable(describe(&e))
@@ -516,6 +521,7 @@ impl Store for PostgresStore {
             &a.c_gen,
             &claim_o,
             &claim_i,
+            &batch.in_flight,
         ];
         let rows = {
             let conn = self.conn().await?;
