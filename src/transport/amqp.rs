@@ -204,19 +204,54 @@ fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
     )
 }
 
-/// A connection and a session that serve one link. Dropping it ends the session, closes the
-/// connection and stops the CBS token renewal.
+/// A connection and a session that serve one link, while the link is being attached.
 struct LinkConnection {
-    // Field order is drop order: the session ends before the connection closes.
     session: SessionHandle<()>,
-    _connection: ConnectionHandle<()>,
-    renewal: Option<JoinHandle<()>>,
+    connection: ConnectionHandle<()>,
+    renewal: Option<AbortOnDrop>,
 }
 
-impl Drop for LinkConnection {
+/// Aborts its task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let Some(task) = self.renewal.take() {
-            task.abort();
+        self.0.abort();
+    }
+}
+
+/// The connection and session of an attached link, watched: `closed` resolves (with the
+/// reason) as soon as the broker ends the session or the connection stops, which fe2o3-amqp
+/// does not report to a sender waiting for outcomes. Dropping it ends the session, closes the
+/// connection and stops the CBS token renewal.
+struct LinkGuard {
+    closed: oneshot::Receiver<String>,
+    _watcher: AbortOnDrop,
+    _renewal: Option<AbortOnDrop>,
+}
+
+impl LinkConnection {
+    /// Hands the session and connection to a watcher task (they live as long as it does).
+    fn watch(self) -> LinkGuard {
+        let LinkConnection {
+            mut session,
+            mut connection,
+            renewal,
+        } = self;
+        let (tx, closed) = oneshot::channel();
+        let watcher = tokio::spawn(async move {
+            let reason = tokio::select! {
+                r = session.on_end() => format!("the session ended ({r:?})"),
+                r = connection.on_close() => format!("the connection closed ({r:?})"),
+            };
+            let _ = tx.send(reason);
+            // Keep both handles until the link is dropped (which aborts this task).
+            std::future::pending::<()>().await;
+        });
+        LinkGuard {
+            closed,
+            _watcher: AbortOnDrop(watcher),
+            _renewal: renewal,
         }
     }
 }
@@ -246,10 +281,10 @@ impl LinkConnection {
                 connection_error(address, &format!("cannot connect to {}", settings.url), e)
             })?;
             let renewal = match &settings.cbs {
-                Some(cbs) => Some(
+                Some(cbs) => Some(AbortOnDrop(
                     servicebus::authorize(&mut connection, cbs, cbs.connection.audience(address))
                         .await?,
-                ),
+                )),
                 None => None,
             };
             let session = Session::begin(&mut connection)
@@ -257,7 +292,7 @@ impl LinkConnection {
                 .map_err(|e| connection_error(address, "cannot begin a session", e))?;
             Ok(LinkConnection {
                 session,
-                _connection: connection,
+                connection,
                 renewal,
             })
         };
@@ -278,8 +313,9 @@ fn link_name(kind: &str, name: &str) -> String {
 // ---- Sending ----------------------------------------------------------------------------
 
 struct SenderLink {
+    // Field order is drop order: the link goes before its session and connection.
     sender: Sender,
-    _connection: LinkConnection,
+    guard: LinkGuard,
 }
 
 struct SendRequest {
@@ -313,6 +349,9 @@ impl SenderTask {
             tokio::select! {
                 Some((seq, settled)) = self.outcomes.next(), if !self.outcomes.is_empty() => {
                     self.finish(seq, settled);
+                }
+                reason = closed(&mut self.link), if self.link.is_some() => {
+                    self.reset(TransportError::Connection(format!("{}: {reason}", self.address)));
                 }
                 request = requests.recv() => match request {
                     Some(request) => self.start(request).await,
@@ -349,7 +388,7 @@ impl SenderTask {
             };
             Ok(SenderLink {
                 sender,
-                _connection: connection,
+                guard: connection.watch(),
             })
         };
         match attempt.await {
@@ -472,6 +511,16 @@ impl SenderTask {
             ))));
         }
         self.last_error = cause.to_string();
+    }
+}
+
+/// Resolves when the link's session or connection is gone (never when there is no link).
+async fn closed(link: &mut Option<SenderLink>) -> String {
+    match link {
+        Some(link) => (&mut link.guard.closed)
+            .await
+            .unwrap_or_else(|_| "the connection watcher stopped".into()),
+        None => std::future::pending().await,
     }
 }
 
@@ -657,7 +706,7 @@ impl Transport for AmqpTransport {
         };
         Ok(Box::new(AmqpSubscription {
             receiver,
-            _connection: connection,
+            guard: connection.watch(),
             address,
             unsettled: HashMap::new(),
             next_tag: 0,
@@ -717,7 +766,7 @@ impl Transport for AmqpTransport {
 struct AmqpSubscription {
     // Field order is drop order: the link goes before its session and connection.
     receiver: Receiver,
-    _connection: LinkConnection,
+    guard: LinkGuard,
     address: String,
     unsettled: HashMap<u64, DeliveryInfo>,
     next_tag: u64,
@@ -739,11 +788,15 @@ impl AmqpSubscription {
 #[async_trait]
 impl Subscription for AmqpSubscription {
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
-        let first = self
-            .receiver
-            .recv::<Body<Value>>()
-            .await
-            .map_err(|e| connection_error(&self.address, "receive failed", e))?;
+        let first = tokio::select! {
+            delivery = self.receiver.recv::<Body<Value>>() => {
+                delivery.map_err(|e| connection_error(&self.address, "receive failed", e))?
+            }
+            reason = &mut self.guard.closed => {
+                let reason = reason.unwrap_or_else(|_| "the connection watcher stopped".into());
+                return Err(connection_error(&self.address, "link lost", reason));
+            }
+        };
         let mut out = vec![self.admit(first)];
         // Whatever else has already arrived (recv is cancel-safe).
         while out.len() < max.max(1) {

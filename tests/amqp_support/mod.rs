@@ -295,3 +295,106 @@ impl Perspective<Bumped> for Recorder {
         Ok(())
     }
 }
+
+// ---- Broker inspection ------------------------------------------------------------------
+
+/// Runs `rabbitmqctl ARGS` (as root, or through sudo) and returns its standard output.
+pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    let is_root = Process::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut cmd = if is_root {
+        Process::new("rabbitmqctl")
+    } else {
+        let mut c = Process::new("sudo");
+        c.arg("rabbitmqctl");
+        c
+    };
+    let out = cmd.args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rabbitmqctl {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Messages in `queue` (ready + unacknowledged), or `None` when it does not exist.
+pub fn queue_depth(queue: &str) -> anyhow::Result<Option<u64>> {
+    let listing = rabbitmqctl(&[
+        "list_queues",
+        "--quiet",
+        "--no-table-headers",
+        "name",
+        "messages",
+    ])?;
+    Ok(listing.lines().find_map(|line| {
+        let mut cols = line.split('\t');
+        (cols.next() == Some(queue)).then(|| cols.next()?.trim().parse().ok())?
+    }))
+}
+
+// ---- Log capture ------------------------------------------------------------------------
+
+/// Everything the runtime logged (at warn and above, plus `RUST_LOG`), for assertions on the
+/// reasons it gives. Installed once per test binary.
+pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        if std::env::var_os("WHIZBANG_TEST_SHOW_LOGS").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The captured log lines that contain `needle`.
+pub fn log_lines_with(logs: &Arc<Mutex<Vec<u8>>>, needle: &str) -> Vec<String> {
+    String::from_utf8_lossy(&logs.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+/// Checks that `ok` keeps holding for `window` (polled): how a test shows that something does
+/// not happen (a duplicate, a redelivery) within a bounded time.
+pub async fn holds_for(
+    what: &str,
+    window: Duration,
+    mut ok: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < window {
+        anyhow::ensure!(ok(), "{what} stopped holding after {:?}", start.elapsed());
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
