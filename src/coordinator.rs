@@ -129,6 +129,8 @@ impl Coordinator {
         draining
             || self.claim_wanted
             || (!self.pending.is_empty() && self.settings.strategy != FlushStrategy::Interval)
+            // Interval: a full batch does not wait for the timer.
+            || self.pending.len() >= self.settings.max_batch
             || self.reports.reports() >= self.settings.max_batch
     }
 
