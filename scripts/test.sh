@@ -103,6 +103,7 @@ installed postgresql || command -v pg_ctlcluster >/dev/null || missing+=(postgre
 command -v psql >/dev/null && command -v pg_isready >/dev/null || missing+=(postgresql-client)
 installed rabbitmq-server || command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+installed libssl-dev && command -v pkg-config >/dev/null || missing+=(libssl-dev pkg-config) # amqps:// (native-tls)
 if ! cargo_ok; then
     command -v curl >/dev/null || missing+=(curl ca-certificates)
 fi
@@ -198,6 +199,9 @@ else
         die "RabbitMQ started but does not speak AMQP 1.0 on 127.0.0.1:5672 after ${SERVER_TIMEOUT}s"
 fi
 
+step "AMQP topology (scripts/amqp-topology.sh)"
+scripts/amqp-topology.sh || die "cannot declare the AMQP topology on RabbitMQ"
+
 # ---- 4. Checks and tests ----------------------------------------------------------------
 
 step "cargo fmt --check"
@@ -214,5 +218,8 @@ cargo test --doc || die "doc tests failed"
 
 step "smoke test: cargo run --release --example order_service"
 cargo run --release --example order_service || die "the order_service example failed"
+
+step "smoke test: scripts/amqp-smoke.sh (order_service and inventory_service over AMQP)"
+scripts/amqp-smoke.sh || die "the two services did not exchange their events over AMQP"
 
 step "all passed"

@@ -790,6 +790,127 @@ mod tests {
         assert_eq!(c.store.database_url, "postgres://a:b@h/db");
     }
 
+    fn amqp(section: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            "[transport]\nkind = \"amqp\"\n[transport.amqp]\n{section}\n"
+        ))
+    }
+
+    const CONNECTION_STRING: &str = "Endpoint=sb://contoso.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=c2VjcmV0LWtleQ==";
+
+    #[test]
+    fn amqp_section_defaults_to_rabbitmq_addresses() {
+        let c = amqp("").unwrap();
+        let a = &c.transport.amqp;
+        assert_eq!(a.flavour, AmqpFlavour::RabbitMq);
+        assert_eq!(a.auth, AmqpAuth::Plain);
+        assert_eq!(a.topic_address_of("orders"), "/exchange/orders");
+        assert_eq!(
+            a.subscription_address_of("orders", "inventory"),
+            "/amq/queue/orders.inventory"
+        );
+        let sb = amqp("flavour = \"servicebus\"").unwrap().transport.amqp;
+        assert_eq!(sb.topic_address_of("orders"), "orders");
+        assert_eq!(
+            sb.subscription_address_of("orders", "inventory"),
+            "orders/Subscriptions/inventory"
+        );
+    }
+
+    #[test]
+    fn amqp_keys_are_named_in_errors() {
+        let cases = [
+            ("topic_adress = \"x\"", "transport.amqp.topic_adress"),
+            ("flavour = \"activemq\"", "transport.amqp.flavour"),
+            ("auth = \"kerberos\"", "transport.amqp.auth"),
+            (
+                "topic_address = \"/exchange/orders\"",
+                "transport.amqp.topic_address",
+            ),
+            (
+                "subscription_address = \"/amq/queue/{topic}\"",
+                "transport.amqp.subscription_address",
+            ),
+            (
+                "topic_address = \"/exchange/{topc}\"",
+                "transport.amqp.topic_address",
+            ),
+            ("auth = \"cbs\"", "transport.amqp.auth"),
+            (
+                "connect_timeout_ms = 0",
+                "transport.amqp.connect_timeout_ms",
+            ),
+            (
+                "reconnect_backoff_base_ms = 5000\nreconnect_backoff_max_ms = 100",
+                "transport.amqp.reconnect_backoff_base_ms",
+            ),
+            (
+                "token_ttl_seconds = 600\ntoken_renew_before_seconds = 600",
+                "transport.amqp.token_renew_before_seconds",
+            ),
+            ("token_ttl_seconds = 10", "transport.amqp.token_ttl_seconds"),
+            (
+                "addresses = { \"a/b/c\" = \"x\" }",
+                "transport.amqp.addresses",
+            ),
+            (
+                "connection_string = \"Endpoint=sb://x/;SharedAccessKeyName=k\"",
+                "transport.amqp.connection_string",
+            ),
+        ];
+        for (section, key) in cases {
+            let e = amqp(section)
+                .err()
+                .unwrap_or_else(|| panic!("{section} was accepted"));
+            assert_eq!(e.key(), Some(key), "{section}: {e}");
+        }
+        let e = parse("[transport]\nkind = \"amqp\"\namqp_url = \"http://x\"\n")
+            .err()
+            .unwrap();
+        assert_eq!(e.key(), Some("transport.amqp_url"));
+        let e = parse("[transport]\nkind = \"amqp\"\namqp_url = \"amqp://127.0.0.1\"\n")
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.key(),
+            Some("transport.amqp.auth"),
+            "PLAIN needs a user: {e}"
+        );
+        amqp("auth = \"anonymous\"").unwrap();
+    }
+
+    #[test]
+    fn amqp_section_is_only_checked_when_used() {
+        parse("[transport]\nkind = \"memory\"\n[transport.amqp]\nauth = \"cbs\"\n").unwrap();
+        // Unknown keys are refused either way.
+        let e = parse("[transport.amqp]\nflavor = \"rabbitmq\"\n")
+            .err()
+            .unwrap();
+        assert_eq!(e.key(), Some("transport.amqp.flavor"));
+    }
+
+    #[test]
+    fn service_bus_connection_string_is_a_secret() {
+        let c = amqp(&format!(
+            "flavour = \"servicebus\"\nauth = \"cbs\"\nconnection_string = \"{CONNECTION_STRING}\""
+        ))
+        .unwrap();
+        let shown = format!("{:?}", c.transport);
+        assert!(!shown.contains("c2VjcmV0LWtleQ"), "{shown}");
+        assert!(shown.contains("SharedAccessKey=***"), "{shown}");
+        let e = amqp("connection_string = \"Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=c2VjcmV0LWtleQ==;Bogus=1\"")
+            .err()
+            .unwrap();
+        assert!(!e.to_string().contains("c2VjcmV0LWtleQ"), "{e}");
+        let mut c = amqp("").unwrap();
+        c.apply_env(|k| {
+            (k == "WHIZBANG_AMQP_CONNECTION_STRING").then(|| CONNECTION_STRING.to_string())
+        });
+        assert_eq!(c.transport.amqp.connection_string, CONNECTION_STRING);
+        c.transport.amqp_url = "amqp://user:hunter2@h:5672".into();
+        assert!(!format!("{:?}", c.transport).contains("hunter2"));
+    }
+
     #[test]
     fn secrets_are_masked() {
         assert_eq!(

@@ -228,3 +228,56 @@ async fn concurrent_publishes_are_pipelined_and_all_accepted() -> anyhow::Result
     println!("receive rate (prefetch 500, accept each): {rate:.0} msg/s");
     Ok(())
 }
+
+#[test]
+fn shipped_configs_carry_the_amqp_section_at_its_defaults() -> anyhow::Result<()> {
+    use whizbang::Config;
+    use whizbang::config::{AmqpAuth, AmqpFlavour, StoreBackend, TransportKind};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let defaults = Config::default().transport.amqp;
+    for file in [
+        "config/whizbang.toml",
+        "config/postgres.toml",
+        "config/amqp.toml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file))?;
+        let c = Config::parse(&text, std::path::Path::new(file))?;
+        let a = &c.transport.amqp;
+        assert_eq!(a.flavour, AmqpFlavour::RabbitMq, "{file}");
+        assert_eq!(a.auth, AmqpAuth::Plain, "{file}");
+        assert_eq!(format!("{a:?}"), format!("{defaults:?}"), "{file}");
+        assert_eq!(a.connect_timeout_ms, defaults.connect_timeout_ms, "{file}");
+        assert_eq!(a.idle_timeout_ms, defaults.idle_timeout_ms, "{file}");
+        assert_eq!(
+            (a.reconnect_backoff_base_ms, a.reconnect_backoff_max_ms),
+            (
+                defaults.reconnect_backoff_base_ms,
+                defaults.reconnect_backoff_max_ms
+            ),
+            "{file}"
+        );
+        assert_eq!(
+            (a.token_ttl_seconds, a.token_renew_before_seconds),
+            (
+                defaults.token_ttl_seconds,
+                defaults.token_renew_before_seconds
+            ),
+            "{file}"
+        );
+    }
+    let text = std::fs::read_to_string(root.join("config/amqp.toml"))?;
+    let c = Config::parse(&text, std::path::Path::new("config/amqp.toml"))?;
+    assert_eq!(c.transport.kind, TransportKind::Amqp);
+    assert_eq!(c.store.backend, StoreBackend::Postgres);
+    assert_eq!(
+        c.routing.topics.get("OrderCreated").map(String::as_str),
+        Some("orders")
+    );
+    let t = AmqpTransport::from_config(&c.transport, "check")?;
+    assert_eq!(t.topic_address("orders"), "/exchange/orders");
+    assert_eq!(
+        t.subscription_address("orders", "inventory"),
+        "/amq/queue/orders.inventory"
+    );
+    Ok(())
+}

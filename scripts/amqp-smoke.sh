@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Two processes over the real broker (config/amqp.toml: Postgres store, AMQP transport on the
+# local RabbitMQ): examples/inventory_service consumes what examples/order_service publishes.
+# Fails when the order service fails or the inventory service has not applied both orders
+# within its timeout.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/amqp-topology.sh orders:inventory
+# Start from an empty subscription so that the two orders of this run are the ones counted.
+if [[ $EUID -eq 0 ]]; then rabbitmqctl purge_queue orders.inventory >/dev/null; else sudo rabbitmqctl purge_queue orders.inventory >/dev/null; fi
+cargo build --release --quiet --example order_service --example inventory_service
+
+log=$(mktemp /tmp/whizbang-inventory.XXXXXX.log)
+target/release/examples/inventory_service --config config/amqp.toml --orders 2 --timeout-secs 60 >"$log" 2>&1 &
+inventory=$!
+trap 'kill "$inventory" 2>/dev/null || true; rm -f "$log"' EXIT
+target/release/examples/order_service --config config/amqp.toml
+if ! wait "$inventory"; then
+    cat "$log" >&2
+    echo "amqp-smoke.sh: the inventory service did not apply both orders" >&2
+    exit 1
+fi
+cat "$log"
