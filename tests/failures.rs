@@ -39,6 +39,10 @@ struct Try {
     fail_times: u32,
     /// Whether the flaky perspective fails by panicking rather than by returning an error.
     panic: bool,
+    /// Further events (seq+1, seq+2, ..) on the same stream in the same decision, which never
+    /// fail.
+    #[serde(default)]
+    more: u32,
 }
 
 impl Try {
@@ -49,6 +53,7 @@ impl Try {
             mode,
             fail_times: 0,
             panic: false,
+            more: 0,
         }
     }
 
@@ -100,12 +105,23 @@ impl Receptor<Try> for TryReceptor {
     ) -> Result<Decision<Tried>, ReceptorError> {
         let what = format!("{} #{}", cmd.stream, cmd.seq);
         match cmd.mode {
-            Mode::Ok => Ok(Decision::event(Tried {
-                stream: cmd.stream,
-                seq: cmd.seq,
-                fail_times: cmd.fail_times,
-                panic: cmd.panic,
-            })),
+            Mode::Ok => {
+                let mut d = Decision::event(Tried {
+                    stream: cmd.stream.clone(),
+                    seq: cmd.seq,
+                    fail_times: cmd.fail_times,
+                    panic: cmd.panic,
+                });
+                for i in 1..=cmd.more {
+                    d = d.emit(&Tried {
+                        stream: cmd.stream.clone(),
+                        seq: cmd.seq + i,
+                        fail_times: 0,
+                        panic: false,
+                    });
+                }
+                Ok(d)
+            }
             Mode::Validation => Err(ReceptorError::Validation(format!("{what} is malformed"))),
             Mode::Conflict => Err(ReceptorError::Conflict(format!("{what} breaks a rule"))),
             Mode::NotFound => Err(ReceptorError::NotFound(format!("{what} refers to nothing"))),
@@ -447,6 +463,88 @@ async fn a_failing_perspective_is_retried_and_its_stream_waits() -> anyhow::Resu
     }
     anyhow::ensure!(s.rt.store().dead_letters().await?.is_empty());
     s.rt.shutdown().await?;
+    Ok(())
+}
+
+/// The events after a failing one were already handed to the partition actor (one decision,
+/// one stream): they are handed back and wait for the retry, never overtaking it.
+#[actix::test]
+async fn events_queued_behind_a_failure_wait_for_its_retry() -> anyhow::Result<()> {
+    let bus = MemoryBus::new();
+    let s = service(quick_retries("queued", 10), &bus).await?;
+    for panic in [false, true] {
+        let stream = unique("queued");
+        let mut cmd = Try::new(&stream, 1, Mode::Ok).failing(2, panic);
+        cmd.more = 4;
+        let e = s.rt.local_invoke::<Try, Tried>(cmd).await.err();
+        anyhow::ensure!(
+            matches!(e, Some(DispatchError::PerspectiveFailed { .. })),
+            "{e:?}"
+        );
+        wait_until("all five events", || {
+            s.flaky.applied.seqs(&stream).len() >= 5
+        })
+        .await?;
+        anyhow::ensure!(
+            s.flaky.applied.seqs(&stream) == vec![1, 2, 3, 4, 5],
+            "flaky applied {:?}",
+            s.flaky.applied.seqs(&stream)
+        );
+        wait_until("the steady perspective", || {
+            s.steady.seqs(&stream).len() >= 5
+        })
+        .await?;
+        anyhow::ensure!(
+            s.steady.seqs(&stream) == vec![1, 2, 3, 4, 5],
+            "steady applied {:?}",
+            s.steady.seqs(&stream)
+        );
+    }
+    s.rt.shutdown().await?;
+    Ok(())
+}
+
+/// The same on the receiving side of the bus: a perspective of the other service fails on an
+/// event; the later events of its stream, delivered meanwhile, wait for it.
+#[actix::test]
+async fn a_failing_remote_perspective_keeps_its_stream_in_order() -> anyhow::Result<()> {
+    const TOPIC: &str = "remote-tries";
+    let bus = MemoryBus::new();
+    let flaky = Flaky::default();
+    let mut remote_config = subscribed(quick_retries("remote", 10), TOPIC, "remote");
+    remote_config.transport.prefetch = 3;
+    let remote = on_bus(remote_config, &bus)
+        .perspective::<Tried, _>("flaky", flaky.clone())
+        .start()
+        .await?;
+    let s = service(
+        publishing(quick_retries("source", 10), Tried::TYPE_NAME, TOPIC),
+        &bus,
+    )
+    .await?;
+    let streams: Vec<String> = (0..5).map(|i| unique(&format!("remote-{i}"))).collect();
+    for seq in 1..=10u32 {
+        for (i, stream) in streams.iter().enumerate() {
+            // Stream i fails its event number i+1 a few times (panicking on odd streams).
+            let fail = if seq == i as u32 + 1 { 3 } else { 0 };
+            let cmd = Try::new(stream, seq, Mode::Ok).failing(fail, i % 2 == 1);
+            s.rt.send(cmd).await?;
+        }
+    }
+    wait_until("every event at the other service", || {
+        streams.iter().all(|st| flaky.applied.seqs(st).len() >= 10)
+    })
+    .await?;
+    for stream in &streams {
+        anyhow::ensure!(
+            flaky.applied.seqs(stream) == (1..=10).collect::<Vec<_>>(),
+            "{stream}: {:?}",
+            flaky.applied.seqs(stream)
+        );
+    }
+    anyhow::ensure!(remote.store().dead_letters().await?.is_empty());
+    s.rt.shutdown().await?;
+    remote.shutdown().await?;
     Ok(())
 }
 
