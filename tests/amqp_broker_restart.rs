@@ -52,7 +52,7 @@ impl Drop for BrokerGuard {
 
 #[actix::test]
 async fn broker_restart_mid_run_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker_alone().await?;
     let logs = captured_logs();
     let topic = unique("restart");
     let _topology = Topology::declare(&[(&topic, &["inventory"])])?;

@@ -24,6 +24,7 @@ struct Fixture {
     transport: Arc<dyn Transport>,
     bus: Option<Arc<MemoryBus>>,
     topologies: Mutex<Vec<Topology>>,
+    _broker: Option<BrokerLease>,
 }
 
 impl Fixture {
@@ -33,15 +34,17 @@ impl Fixture {
             transport: Arc::new(MemoryTransport::new(bus.clone())),
             bus: Some(bus),
             topologies: Mutex::new(Vec::new()),
+            _broker: None,
         }
     }
 
     async fn amqp() -> anyhow::Result<Fixture> {
-        require_broker().await?;
+        let broker = require_broker().await?;
         Ok(Fixture {
             transport: amqp_transport(),
             bus: None,
             topologies: Mutex::new(Vec::new()),
+            _broker: Some(broker),
         })
     }
 

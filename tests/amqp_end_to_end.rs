@@ -97,7 +97,7 @@ fn configs(topic: &str) -> (Config, Config) {
 
 #[actix::test]
 async fn memory_stores_over_amqp_apply_every_event_once_in_order() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let topic = unique("e2e-mem");
     let _topology = Topology::declare(&[(&topic, &["inventory"])])?;
     let (orders, inventory) = configs(&topic);
@@ -106,7 +106,7 @@ async fn memory_stores_over_amqp_apply_every_event_once_in_order() -> anyhow::Re
 
 #[actix::test]
 async fn postgres_stores_over_amqp_apply_every_event_once_in_order() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let topic = unique("e2e-pg");
     let _topology = Topology::declare(&[(&topic, &["inventory"])])?;
     let (orders, inventory) = configs(&topic);

@@ -16,7 +16,7 @@ use whizbang::transport::amqp::wire;
 #[actix::test]
 async fn malformed_deliveries_are_rejected_with_a_reason_and_good_ones_applied()
 -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let logs = captured_logs();
     let topic = unique("bad");
     let _topology = Topology::declare(&[(&topic, &["inventory"])])?;

@@ -19,7 +19,7 @@ use whizbang::{Message, Runtime, StartError};
 
 #[tokio::test]
 async fn topology_check_names_what_is_missing() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let topic = unique("topo");
     let _topology = Topology::declare(&[(&topic, &["present"])])?;
     let t = amqp_transport();
@@ -58,7 +58,7 @@ async fn topology_check_names_what_is_missing() -> anyhow::Result<()> {
 
 #[actix::test]
 async fn runtime_refuses_to_start_without_its_topology() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let topic = unique("nostart");
     let config = subscribed(
         publishing(amqp_config("nostart"), Bumped::TYPE_NAME, &topic),
@@ -81,7 +81,7 @@ async fn runtime_refuses_to_start_without_its_topology() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn send_to_a_missing_exchange_fails_without_hanging() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let t = amqp_transport();
     let start = Instant::now();
     let err = t
@@ -185,7 +185,7 @@ async fn bare_rate(topic: &str, n: usize, window: usize) -> anyhow::Result<f64> 
 
 #[tokio::test]
 async fn concurrent_publishes_are_pipelined_and_all_accepted() -> anyhow::Result<()> {
-    require_broker().await?;
+    let _broker = require_broker().await?;
     let topic = unique("rate");
     let _topology = Topology::declare(&[(&topic, &["s"])])?;
     let t = amqp_transport();
@@ -279,5 +279,42 @@ fn shipped_configs_carry_the_amqp_section_at_its_defaults() -> anyhow::Result<()
         t.subscription_address("orders", "inventory"),
         "/amq/queue/orders.inventory"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsettled_deliveries_come_back_when_a_subscription_is_dropped() -> anyhow::Result<()> {
+    let _broker = require_broker().await?;
+    let topic = unique("unsettled");
+    let _topology = Topology::declare(&[(&topic, &["s"])])?;
+    let t = amqp_transport();
+    let sent: Vec<_> = (1..=5).map(|i| bumped_envelope("s", i)).collect();
+    for e in &sent {
+        t.publish(&topic, e).await?;
+    }
+    let mut sub = t.subscribe(&topic, "s", 10).await?;
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        got.extend(tokio::time::timeout(DEADLINE, sub.receive(10)).await??);
+    }
+    // Accept the first two only, then lose the subscription (a consumer that stops or dies).
+    for d in &got[..2] {
+        sub.settle(d.tag, Settlement::Accept).await?;
+    }
+    drop(sub);
+    let mut sub = t.subscribe(&topic, "s", 10).await?;
+    let mut again = Vec::new();
+    while again.len() < 3 {
+        again.extend(tokio::time::timeout(DEADLINE, sub.receive(10)).await??);
+    }
+    let ids: Vec<_> = again
+        .iter()
+        .map(|d| d.message.as_ref().map(|e| e.message_id).ok())
+        .collect();
+    let expected: Vec<_> = sent[2..].iter().map(|e| Some(e.message_id)).collect();
+    assert_eq!(ids, expected, "the unsettled three come back, in order");
+    for d in &again {
+        sub.settle(d.tag, Settlement::Accept).await?;
+    }
     Ok(())
 }

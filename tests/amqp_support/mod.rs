@@ -99,8 +99,37 @@ pub fn amqp_transport() -> Arc<AmqpTransport> {
     Arc::new(AmqpTransport::from_config(&amqp_transport_config(), "whizbang-test").unwrap())
 }
 
-/// Fails (never skips) when the broker does not speak AMQP 1.0 within the deadline.
-pub async fn require_broker() -> anyhow::Result<()> {
+/// Held by a test while it uses the broker. Tests share it; the broker-restart test takes it
+/// alone, so that stopping the broker never disturbs a test in another test binary or another
+/// `cargo test` process on the same machine (a lock file in the temp directory).
+pub struct BrokerLease(std::fs::File);
+
+fn broker_lock_file() -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("whizbang-amqp-broker.lock"))?)
+}
+
+/// Fails (never skips) when the broker does not speak AMQP 1.0 within the deadline; returns the
+/// shared lease to hold for the rest of the test.
+pub async fn require_broker() -> anyhow::Result<BrokerLease> {
+    let file = broker_lock_file()?;
+    let file = tokio::task::spawn_blocking(move || file.lock_shared().map(|()| file)).await??;
+    check_broker().await?;
+    Ok(BrokerLease(file))
+}
+
+/// Like [`require_broker`], alone: waits until no other test uses the broker.
+pub async fn require_broker_alone() -> anyhow::Result<BrokerLease> {
+    let file = broker_lock_file()?;
+    let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file)).await??;
+    check_broker().await?;
+    Ok(BrokerLease(file))
+}
+
+async fn check_broker() -> anyhow::Result<()> {
     static READY: OnceLock<()> = OnceLock::new();
     if READY.get().is_some() {
         return Ok(());
