@@ -22,7 +22,7 @@ use whizbang::{
 };
 
 /// How long any condition may take before a test fails.
-pub const DEADLINE: Duration = Duration::from_secs(30);
+pub const DEADLINE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(5);
 
 pub fn amqp_url() -> String {
@@ -68,7 +68,6 @@ pub fn amqp_transport_config() -> TransportConfig {
     let mut t = Config::default().transport;
     t.kind = TransportKind::Amqp;
     t.amqp_url = amqp_url();
-    t.send_timeout_ms = 5_000;
     t.amqp.reconnect_backoff_max_ms = 1_000;
     t
 }
