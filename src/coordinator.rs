@@ -347,6 +347,26 @@ impl Coordinator {
     }
 
     fn hand_inbox(&mut self, work: InboxWork, done: Vec<AppliedSender>) {
+        // A row of this partition failed after the batch that claimed `work` was sent (its
+        // report is still queued): `work` may be a later row of the failed row's stream, claimed
+        // while that row was in flight, and arriving after the partition actor parked the
+        // stream. Hand it back so that it cannot overtake the retry.
+        let partition = work.work.partition;
+        if self
+            .reports
+            .inbox_failures
+            .iter()
+            .any(|f| f.work.partition == partition)
+        {
+            self.reports.inbox_releases.push(work.work);
+            if !done.is_empty() {
+                self.released_waiters
+                    .entry(work.envelope.message_id)
+                    .or_default()
+                    .extend(done);
+            }
+            return;
+        }
         if let Some(dir) = &self.partitions {
             self.in_flight.insert(work.envelope.message_id);
             dir.enqueue(
@@ -357,6 +377,18 @@ impl Coordinator {
     }
 
     fn hand_outbox(&mut self, rows: Vec<OutboxWork>) {
+        // As in `hand_inbox`: rows of a partition whose publish failed after this batch was sent
+        // go back, so that none overtakes the failed row of its stream.
+        let (rows, back): (Vec<OutboxWork>, Vec<OutboxWork>) = rows.into_iter().partition(|r| {
+            !self
+                .reports
+                .outbox_failures
+                .iter()
+                .any(|f| f.work.partition == r.work.partition)
+        });
+        self.reports
+            .outbox_releases
+            .extend(back.into_iter().map(|r| r.work));
         if rows.is_empty() {
             return;
         }

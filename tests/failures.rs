@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
-use whizbang::store::{CorrelationStatus, Queue};
+use whizbang::store::{
+    CorrelationStatus, Heartbeat, Queue, StoreError, StoredEvent, WorkBatch, WorkBatchResult,
+};
 use whizbang::transport::memory::MemoryBus;
 use whizbang::{
     Command, Config, Decision, DispatchError, DispatchOptions, Event, EventMeta, Message,
@@ -545,6 +547,277 @@ async fn a_failing_remote_perspective_keeps_its_stream_in_order() -> anyhow::Res
     anyhow::ensure!(remote.store().dead_letters().await?.is_empty());
     s.rt.shutdown().await?;
     remote.shutdown().await?;
+    Ok(())
+}
+
+/// Points of the race below, signalled between the store and the perspective.
+#[derive(Default)]
+struct Gate {
+    /// The batch holding the later event's inbox row is applied (its answer not yet back).
+    later_committed: tokio::sync::Notify,
+    /// The perspective is failing the earlier event.
+    earlier_failing: tokio::sync::Notify,
+}
+
+/// Waits for `notify` at most a few seconds (so that a scenario that cannot happen fails the
+/// test instead of hanging it).
+async fn wait_gate(notify: &tokio::sync::Notify, what: &str) -> Result<(), String> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), notify.notified())
+        .await
+        .map_err(|_| format!("timed out waiting for {what}"))
+}
+
+/// A memory store that answers the batch committing the later event (`seq` 2) only after the
+/// perspective has failed the earlier one: like a database whose reply is still on the wire
+/// after COMMIT.
+struct SlowReplies {
+    inner: whizbang::store::memory::MemoryStore,
+    gate: Arc<Gate>,
+}
+
+#[async_trait::async_trait]
+impl whizbang::store::Store for SlowReplies {
+    async fn register_instance(
+        &self,
+        instance: Uuid,
+        service: &str,
+        host: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.register_instance(instance, service, host).await
+    }
+    async fn heartbeat(&self, instance: Uuid) -> Result<Heartbeat, StoreError> {
+        self.inner.heartbeat(instance).await
+    }
+    async fn process_work_batch(
+        &self,
+        instance: Uuid,
+        batch: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError> {
+        let seq2 = |e: &whizbang::Envelope| {
+            whizbang::message::decode::<Tried>(&e.payload).is_ok_and(|t| t.seq == 2)
+        };
+        let later = batch.units.iter().any(|u| {
+            u.inbox.iter().any(|row| seq2(&row.envelope))
+                || u.outbox.iter().any(|row| seq2(&row.envelope))
+        });
+        let result = self.inner.process_work_batch(instance, batch).await;
+        if later {
+            self.gate.later_committed.notify_one();
+            wait_gate(&self.gate.earlier_failing, "the earlier event to fail")
+                .await
+                .map_err(StoreError::Unavailable)?;
+            // Let the partition actor take in the failure before the answer arrives.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        result
+    }
+    async fn release_partitions(
+        &self,
+        instance: Uuid,
+        partitions: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
+        self.inner.release_partitions(instance, partitions).await
+    }
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.read_stream(stream_id, from).await
+    }
+    async fn read_all(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.read_all(after, limit).await
+    }
+    async fn inbox_processed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        self.inner.inbox_processed(ids).await
+    }
+    async fn correlation_status(&self, id: Uuid) -> Result<CorrelationStatus, StoreError> {
+        self.inner.correlation_status(id).await
+    }
+    async fn dead_letters(&self) -> Result<Vec<whizbang::store::DeadLetter>, StoreError> {
+        self.inner.dead_letters().await
+    }
+    async fn requeue_dead_letter(&self, id: Uuid) -> Result<(), StoreError> {
+        self.inner.requeue_dead_letter(id).await
+    }
+    async fn skip_dead_letter(&self, id: Uuid) -> Result<(), StoreError> {
+        self.inner.skip_dead_letter(id).await
+    }
+    async fn load_checkpoint(&self, perspective: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.load_checkpoint(perspective).await
+    }
+    async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(perspective, position).await
+    }
+    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.work_signal()
+    }
+}
+
+/// Fails the first call on an event with `fail_times > 0`, once the later event is committed.
+#[derive(Clone, Default)]
+struct FailsLate(Recorder, Arc<Mutex<HashMap<Uuid, u32>>>, Arc<Gate>);
+
+impl Perspective<Tried> for FailsLate {
+    async fn apply(&self, event: Tried, meta: EventMeta) -> Result<(), PerspectiveError> {
+        let call = {
+            let mut calls = self.1.lock().unwrap();
+            let n = calls.entry(meta.message_id).or_default();
+            *n += 1;
+            *n
+        };
+        if call <= event.fail_times {
+            wait_gate(&self.2.later_committed, "the later event's commit")
+                .await
+                .map_err(PerspectiveError)?;
+            self.2.earlier_failing.notify_one();
+            return Err(PerspectiveError(format!("late failure on call {call}")));
+        }
+        self.0.apply(event, meta).await
+    }
+}
+
+/// The consumer commits a later event of a stream while an earlier one is being applied; the
+/// earlier one fails before the store's answer for the later one is back (the later row was
+/// leased to this instance straight away, since everything before it was in flight). The later
+/// one must still wait for the earlier one's retry.
+#[actix::test]
+async fn a_failure_while_a_later_row_is_being_committed_does_not_let_it_overtake()
+-> anyhow::Result<()> {
+    const TOPIC: &str = "slow-replies";
+    let bus = MemoryBus::new();
+    let mut remote_config = subscribed(quick_retries("slow-remote", 10), TOPIC, "remote");
+    // One delivery per receive: each event is its own inbox commit.
+    remote_config.transport.prefetch = 1;
+    let gate = Arc::new(Gate::default());
+    let store = SlowReplies {
+        inner: whizbang::store::memory::MemoryStore::new(
+            whizbang::store::StoreSettings::from_config(&remote_config),
+        ),
+        gate: gate.clone(),
+    };
+    let perspective = FailsLate(Recorder::new(), Default::default(), gate);
+    let remote = on_bus(remote_config, &bus)
+        .store(Arc::new(store))
+        .perspective::<Tried, _>("slow-to-fail", perspective.clone())
+        .start()
+        .await?;
+    let s = service(
+        publishing(quick_retries("slow-source", 10), Tried::TYPE_NAME, TOPIC),
+        &bus,
+    )
+    .await?;
+    let stream = unique("overtake");
+    s.rt.send(Try::new(&stream, 1, Mode::Ok).failing(1, false))
+        .await?;
+    s.rt.send(Try::new(&stream, 2, Mode::Ok)).await?;
+    wait_until("both events at the other service", || {
+        perspective.0.seqs(&stream).len() >= 2
+    })
+    .await?;
+    anyhow::ensure!(
+        perspective.0.seqs(&stream) == vec![1, 2],
+        "applied in the order {:?}",
+        perspective.0.seqs(&stream)
+    );
+    s.rt.shutdown().await?;
+    remote.shutdown().await?;
+    Ok(())
+}
+
+/// A memory transport on which the first publish of the earlier event (`seq` 1) fails, once
+/// the later event is committed.
+struct FailsFirstPublish {
+    inner: whizbang::transport::memory::MemoryTransport,
+    gate: Arc<Gate>,
+    failed: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl whizbang::transport::Transport for FailsFirstPublish {
+    async fn publish(
+        &self,
+        topic: &str,
+        envelope: &whizbang::Envelope,
+    ) -> Result<(), whizbang::transport::TransportError> {
+        let earlier =
+            whizbang::message::decode::<Tried>(&envelope.payload).is_ok_and(|t| t.seq == 1);
+        if earlier && !self.failed.swap(true, Ordering::SeqCst) {
+            let waited = wait_gate(&self.gate.later_committed, "the later event's commit").await;
+            self.gate.earlier_failing.notify_one();
+            return Err(whizbang::transport::TransportError::Rejected {
+                topic: topic.into(),
+                reason: format!("refused once ({waited:?})"),
+            });
+        }
+        self.inner.publish(topic, envelope).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        prefetch: u32,
+    ) -> Result<Box<dyn whizbang::transport::Subscription>, whizbang::transport::TransportError>
+    {
+        self.inner.subscribe(topic, subscription, prefetch).await
+    }
+
+    async fn check_topology(
+        &self,
+        topics: &[String],
+        subscriptions: &[(String, String)],
+    ) -> Result<(), whizbang::transport::TransportError> {
+        self.inner.check_topology(topics, subscriptions).await
+    }
+}
+
+/// The same race on the publishing side: the earlier event's publish fails while the batch
+/// committing the later event (and leasing its outbox row to this instance) is answered. The
+/// later event must not be published before the earlier one.
+#[actix::test]
+async fn a_failed_publish_while_a_later_row_is_being_committed_does_not_let_it_overtake()
+-> anyhow::Result<()> {
+    const TOPIC: &str = "slow-publish";
+    let bus = MemoryBus::new();
+    let remote = Recorder::new();
+    let receiver = on_bus(subscribed(config("receiver"), TOPIC, "receiver"), &bus)
+        .perspective::<Tried, _>("remote", remote.clone())
+        .start()
+        .await?;
+    let gate = Arc::new(Gate::default());
+    let sender_config = publishing(quick_retries("publisher", 10), Tried::TYPE_NAME, TOPIC);
+    let store = SlowReplies {
+        inner: whizbang::store::memory::MemoryStore::new(
+            whizbang::store::StoreSettings::from_config(&sender_config),
+        ),
+        gate: gate.clone(),
+    };
+    let transport = FailsFirstPublish {
+        inner: whizbang::transport::memory::MemoryTransport::new(bus.clone()),
+        gate,
+        failed: AtomicBool::new(false),
+    };
+    let sender = Runtime::builder(sender_config)
+        .store(Arc::new(store))
+        .transport(Arc::new(transport))
+        .receptor::<Try, _>(TryReceptor)
+        .start()
+        .await?;
+    let stream = unique("publish-overtake");
+    sender.send(Try::new(&stream, 1, Mode::Ok)).await?;
+    sender.send(Try::new(&stream, 2, Mode::Ok)).await?;
+    wait_until("both events at the other service", || {
+        remote.seqs(&stream).len() >= 2
+    })
+    .await?;
+    anyhow::ensure!(
+        remote.seqs(&stream) == vec![1, 2],
+        "published in the order {:?}",
+        remote.seqs(&stream)
+    );
+    sender.shutdown().await?;
+    receiver.shutdown().await?;
     Ok(())
 }
 
