@@ -295,12 +295,14 @@ async fn partition_rotation_keeps_order_and_makes_progress() -> anyhow::Result<(
         }
         Ok(())
     });
-    // Without prompt trading, each round of 4 partitions waits for the fallback poll.
-    tokio::time::timeout(DEADLINE, futures::future::try_join_all(tasks))
+    // Without prompt trading, each round of 4 partitions waits for the fallback poll (5 s):
+    // minutes. With it, a few seconds; the deadline leaves room for a loaded machine.
+    let deadline = 3 * DEADLINE;
+    tokio::time::timeout(deadline, futures::future::try_join_all(tasks))
         .await
         .map_err(|_| {
             anyhow::anyhow!(
-                "local_invoke stalled: {} of {} events applied after {DEADLINE:?}",
+                "local_invoke stalled: {} of {} events applied after {deadline:?}",
                 a.total(),
                 STREAMS * EVENTS as usize
             )
