@@ -228,6 +228,9 @@ pub struct AmqpConfig {
     /// When set it replaces `transport.amqp_url`. Never logged.
     pub connection_string: String,
     pub auth: AmqpAuth,
+    /// PEM file of an extra CA certificate to trust for `amqps://` (besides the system's);
+    /// empty for none.
+    pub tls_ca_file: String,
     pub topic_address: Option<String>,
     pub subscription_address: Option<String>,
     pub addresses: BTreeMap<String, String>,
@@ -246,6 +249,7 @@ impl Default for AmqpConfig {
             flavour: AmqpFlavour::RabbitMq,
             connection_string: String::new(),
             auth: AmqpAuth::Plain,
+            tls_ca_file: String::new(),
             topic_address: None,
             subscription_address: None,
             addresses: BTreeMap::new(),
@@ -695,6 +699,7 @@ impl fmt::Debug for AmqpConfig {
             .field("flavour", &self.flavour)
             .field("connection_string", &connection_string)
             .field("auth", &self.auth)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("topic_address", &self.topic_template())
             .field("subscription_address", &self.subscription_template())
             .field("addresses", &self.addresses)

@@ -85,6 +85,8 @@ pub struct AmqpSettings {
     pub sasl: SaslProfile,
     /// Present when links are authorized by CBS put-token (Service Bus).
     pub cbs: Option<CbsSettings>,
+    /// An extra CA to trust for `amqps://` (`transport.amqp.tls_ca_file`).
+    pub tls_ca: Option<native_tls::Certificate>,
     /// The address map (templates and overrides).
     pub addresses: AmqpConfig,
     /// Longest wait for a broker outcome, an attach or a credit.
@@ -110,6 +112,7 @@ impl fmt::Debug for AmqpSettings {
             .field("url", &self.url)
             .field("sasl", &sasl)
             .field("cbs", &self.cbs)
+            .field("tls_ca", &self.tls_ca.is_some())
             .field("addresses", &self.addresses)
             .field("send_timeout", &self.send_timeout)
             .finish_non_exhaustive()
@@ -158,10 +161,27 @@ impl AmqpSettings {
             });
             (cs.amqp_url(), sasl, cbs)
         };
+        let tls_ca = if amqp.tls_ca_file.is_empty() {
+            None
+        } else {
+            let pem = std::fs::read(&amqp.tls_ca_file).map_err(|e| {
+                TransportError::Connection(format!(
+                    "transport.amqp.tls_ca_file {}: {e}",
+                    amqp.tls_ca_file
+                ))
+            })?;
+            Some(native_tls::Certificate::from_pem(&pem).map_err(|e| {
+                TransportError::Connection(format!(
+                    "transport.amqp.tls_ca_file {} is not a PEM certificate: {e}",
+                    amqp.tls_ca_file
+                ))
+            })?)
+        };
         Ok(AmqpSettings {
             url,
             sasl,
             cbs,
+            tls_ca,
             addresses: amqp.clone(),
             send_timeout: Duration::from_millis(config.send_timeout_ms),
             connect_timeout: Duration::from_millis(amqp.connect_timeout_ms),
@@ -269,15 +289,38 @@ impl LinkConnection {
     ) -> Result<LinkConnection, TransportError> {
         let connect = async {
             let container_id = format!("{}-{}", settings.container_id, uuid::Uuid::now_v7());
-            let mut builder = Connection::builder()
-                .container_id(container_id)
-                .sasl_profile(settings.sasl.clone())
-                .alt_tls_establishment(true);
-            if !settings.idle_timeout.is_zero() {
-                builder = builder
-                    .idle_time_out(settings.idle_timeout.as_millis().min(u32::MAX as u128) as u32);
+            let idle = settings.idle_timeout.as_millis().min(u32::MAX as u128) as u32;
+            // The same options with the default TLS connector (system roots) or one that also
+            // trusts the configured CA; TLS itself is chosen by the URL's scheme.
+            macro_rules! configured {
+                ($builder:expr) => {{
+                    let builder = $builder
+                        .sasl_profile(settings.sasl.clone())
+                        .alt_tls_establishment(true);
+                    if idle > 0 {
+                        builder.idle_time_out(idle)
+                    } else {
+                        builder
+                    }
+                }};
             }
-            let mut connection = builder.open(settings.url.as_str()).await.map_err(|e| {
+            let builder = Connection::builder().container_id(container_id);
+            let opened = match &settings.tls_ca {
+                None => configured!(builder).open(settings.url.as_str()).await,
+                Some(ca) => {
+                    let connector = native_tls::TlsConnector::builder()
+                        .add_root_certificate(ca.clone())
+                        .build()
+                        .map_err(|e| connection_error(address, "TLS setup", e))?;
+                    configured!(
+                        builder
+                            .native_tls_connector(tokio_native_tls::TlsConnector::from(connector))
+                    )
+                    .open(settings.url.as_str())
+                    .await
+                }
+            };
+            let mut connection = opened.map_err(|e| {
                 connection_error(address, &format!("cannot connect to {}", settings.url), e)
             })?;
             let renewal = match &settings.cbs {
