@@ -318,3 +318,59 @@ async fn unsettled_deliveries_come_back_when_a_subscription_is_dropped() -> anyh
     }
     Ok(())
 }
+
+/// A Service Bus-style configuration pointed at the local broker: the connection string in its
+/// emulator form (plain AMQP on 127.0.0.1:5672) and RabbitMQ's address forms.
+fn connection_string_config(auth: whizbang::config::AmqpAuth) -> whizbang::config::TransportConfig {
+    let mut config = amqp_transport_config();
+    config.amqp.flavour = whizbang::config::AmqpFlavour::ServiceBus;
+    config.amqp.auth = auth;
+    config.amqp.connection_string = "Endpoint=sb://127.0.0.1:5672/;SharedAccessKeyName=guest;SharedAccessKey=guest;UseDevelopmentEmulator=true".into();
+    config.amqp.topic_address = Some("/exchange/{topic}".into());
+    config.amqp.subscription_address = Some("/amq/queue/{topic}.{subscription}".into());
+    config
+}
+
+#[tokio::test]
+async fn connection_string_with_sasl_plain_carries_messages() -> anyhow::Result<()> {
+    let _broker = require_broker().await?;
+    let topic = unique("connstr");
+    let _topology = Topology::declare(&[(&topic, &["s"])])?;
+    let t = AmqpTransport::from_config(
+        &connection_string_config(whizbang::config::AmqpAuth::Plain),
+        "connstr",
+    )?;
+    assert_eq!(t.settings().url, "amqp://127.0.0.1:5672");
+    let e = bumped_envelope("s", 1);
+    t.publish(&topic, &e).await?;
+    let mut sub = t.subscribe(&topic, "s", 10).await?;
+    let got = tokio::time::timeout(DEADLINE, sub.receive(10)).await??;
+    assert_eq!(got[0].message.as_ref().ok(), Some(&e));
+    sub.settle(got[0].tag, Settlement::Accept).await?;
+    Ok(())
+}
+
+/// RabbitMQ has no `$cbs` node: with `auth = "cbs"` the connection is opened with SASL
+/// ANONYMOUS and the link is not attached before a token was put on `$cbs`, so the send fails
+/// naming CBS — the put-token step really runs before any link.
+#[tokio::test]
+async fn cbs_auth_puts_a_token_before_attaching_the_link() -> anyhow::Result<()> {
+    let _broker = require_broker().await?;
+    let topic = unique("cbs");
+    let _topology = Topology::declare(&[(&topic, &["s"])])?;
+    let t = AmqpTransport::from_config(
+        &connection_string_config(whizbang::config::AmqpAuth::Cbs),
+        "cbs",
+    )?;
+    match t.publish(&topic, &bumped_envelope("s", 1)).await {
+        Err(TransportError::Connection(message)) => {
+            assert!(message.contains("CBS"), "{message}");
+            assert!(
+                message.contains(&format!("amqp://127.0.0.1/exchange/{topic}")),
+                "the token is for the link's entity: {message}"
+            );
+        }
+        other => anyhow::bail!("expected the CBS step to fail on RabbitMQ, got {other:?}"),
+    }
+    Ok(())
+}
