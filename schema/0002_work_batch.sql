@@ -114,8 +114,6 @@ DECLARE
     v_actual bigint;
     v_count bigint;
     v_last bigint;
-    v_new_o bigint[];
-    v_new_i bigint[];
     v_fresh uuid[];
     v_parts integer[];
     v_room integer;
@@ -123,6 +121,7 @@ DECLARE
     v_n integer;
 BEGIN
     ---------------------------------------------------------------- reports (fenced)
+    IF cardinality(r_id) > 0 THEN
     RETURN QUERY
     WITH r AS (
         SELECT * FROM unnest(r_queue, r_op, r_id, r_part, r_gen, r_error) AS t(q, op, id, part, gen, err)
@@ -214,13 +213,15 @@ BEGIN
            NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
       FROM (SELECT next_attempt_at AS at FROM o_fail UNION ALL SELECT next_attempt_at FROM i_fail) d
     HAVING min(d.at) IS NOT NULL;
-    IF cardinality(r_op) > 0 AND 'release' = ANY (r_op) THEN
+    IF 'release' = ANY (r_op) THEN
         v_notify := true;
+    END IF;
     END IF;
 
     ---------------------------------------------------------------- units
     IF cardinality(m_id) > 0 OR cardinality(x_unit) > 0 OR cardinality(c_id) > 0 THEN
         -- Stream rows exist and are locked in a fixed order (no deadlock between instances).
+        IF true = ANY (m_append) OR cardinality(x_unit) > 0 THEN
         INSERT INTO {{schema}}.wb_streams (stream_id, version)
         SELECT s, 0 FROM (
             SELECT DISTINCT s FROM unnest(m_stream, m_append) AS t(s, a) WHERE a
@@ -231,6 +232,7 @@ BEGIN
           WHERE stream_id IN (SELECT s FROM unnest(m_stream, m_append) AS t(s, a) WHERE a
                               UNION SELECT unnest(x_stream))
           ORDER BY stream_id FOR UPDATE;
+        END IF;
 
         -- Expected versions, unit by unit, counting the appends of the earlier accepted units.
         FOR v_n IN 1 .. coalesce(cardinality(x_unit), 0) LOOP
@@ -250,6 +252,7 @@ BEGIN
         END LOOP;
 
         -- Inbox rows completed by their (accepted) unit.
+        IF cardinality(c_id) > 0 THEN
         RETURN QUERY
         WITH c AS (
             SELECT * FROM unnest(c_unit, c_id, c_part, c_gen) AS t(u, id, part, gen)
@@ -269,6 +272,7 @@ BEGIN
                NULL::bigint, NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
                NULL::bigint, NULL::bytea, NULL::bytea
           FROM c WHERE c.id NOT IN (SELECT message_id FROM done);
+        END IF;
 
         -- Event-store appends: versions per stream, positions from the counter row.
         SELECT count(*) INTO v_count
@@ -303,117 +307,125 @@ BEGIN
               FROM numbered ORDER BY ord;
         END IF;
 
-        -- Outbox rows.
-        WITH m AS (
-            SELECT * FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
-                                 m_ts, m_meta, m_payload)
-                   WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
-             WHERE topic IS NOT NULL AND NOT (u = ANY (v_conflicts))
-        ),
-        ins AS (
-            INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
-                   correlation_id, causation_id, message_type, timestamp_us, meta, payload)
-            SELECT id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload FROM m ORDER BY ord
-                ON CONFLICT (message_id) DO NOTHING
-            RETURNING seq
-        )
-        SELECT coalesce(array_agg(seq), '{}') INTO v_new_o FROM ins;
-
-        -- Inbox rows, deduplicated: the dedup key is taken first (its unique index is where two
-        -- concurrent deliveries of one message collide); only fresh ids get a row.
-        WITH m AS (
-            SELECT DISTINCT ON (id) id, corr, ord
-              FROM unnest(m_unit, m_id, m_corr, m_inbox) WITH ORDINALITY AS t(u, id, corr, inbox, ord)
-             WHERE inbox AND NOT (u = ANY (v_conflicts))
-             ORDER BY id, ord
-        ),
-        fresh AS (
-            INSERT INTO {{schema}}.wb_dedup (message_id, correlation_id)
-            SELECT id, corr FROM m ORDER BY ord
-                ON CONFLICT (message_id) DO NOTHING
-            RETURNING message_id
-        )
-        SELECT coalesce(array_agg(message_id), '{}') INTO v_fresh FROM fresh;
-
-        RETURN QUERY
-        WITH m AS (
-            SELECT t.u, t.id, t.ord, min(t.ord) OVER (PARTITION BY t.id) AS first_ord
-              FROM unnest(m_unit, m_id, m_inbox) WITH ORDINALITY AS t(u, id, inbox, ord)
-             WHERE t.inbox AND NOT (t.u = ANY (v_conflicts))
-        )
-        SELECT 'dup', m.u, m.id, NULL::text, NULL::bigint, NULL::bigint, NULL::integer, NULL::bigint,
-               NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::bigint,
-               NULL::bytea, NULL::bytea
-          FROM m WHERE NOT (m.id = ANY (v_fresh)) OR m.ord <> m.first_ord;
-
-        WITH m AS (
-            SELECT DISTINCT ON (id) *
-              FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_corr, m_cause, m_type, m_ts,
-                          m_meta, m_payload, m_inbox)
-                   WITH ORDINALITY AS t(u, id, kind, stream, part, corr, cause, typ, ts, meta, payload, inbox, ord)
-             WHERE inbox AND id = ANY (v_fresh)
-             ORDER BY id, ord
-        ),
-        ins AS (
-            INSERT INTO {{schema}}.wb_inbox (message_id, message_kind, stream_id, partition,
-                   correlation_id, causation_id, message_type, timestamp_us, meta, payload)
-            SELECT id, kind, stream, part, corr, cause, typ, ts, meta, payload FROM m ORDER BY ord
-            RETURNING seq
-        )
-        SELECT coalesce(array_agg(seq), '{}') INTO v_new_i FROM ins;
-
-        -- Writer claims: lease the new rows' partitions, then hand over the rows that nothing
-        -- older of their stream is waiting ahead of.
+        -- Writer claims: the new rows' partitions are leased first, so a row is inserted
+        -- already claimed (no second write), unless an older row of its stream is waiting.
         v_parts := ARRAY(
-            SELECT DISTINCT t.part FROM unnest(m_unit, m_part) AS t(u, part)
-             WHERE u_claim[t.u + 1] AND NOT (t.u = ANY (v_conflicts)));
-        IF cardinality(v_parts) > 0 AND (cardinality(v_new_o) > 0 OR cardinality(v_new_i) > 0) THEN
+            SELECT DISTINCT t.part FROM unnest(m_unit, m_part, m_topic, m_inbox) AS t(u, part, topic, inbox)
+             WHERE u_claim[t.u + 1] AND NOT (t.u = ANY (v_conflicts))
+               AND (t.topic IS NOT NULL OR t.inbox));
+        IF cardinality(v_parts) > 0 THEN
             PERFORM {{schema}}.wb_acquire(p_instance, v_parts, p_lease_s, p_max_partitions);
         END IF;
-        IF cardinality(v_new_o) > 0 THEN
+
+        -- Outbox rows.
+        SELECT count(*) INTO v_count FROM unnest(m_unit, m_topic) AS t(u, topic)
+         WHERE topic IS NOT NULL AND NOT (u = ANY (v_conflicts));
+        IF v_count > 0 THEN
             RETURN QUERY
-            WITH claimed AS (
-                UPDATE {{schema}}.wb_outbox o SET claimed_by = p_instance, claimed_generation = l.generation
-                  FROM {{schema}}.wb_partition_leases l
-                 WHERE o.seq = ANY (v_new_o) AND l.partition = o.partition AND l.instance_id = p_instance
-                   AND o.message_id IN (SELECT id FROM unnest(m_unit, m_id) AS t(u, id) WHERE u_claim[t.u + 1])
-                   AND NOT EXISTS (
-                       SELECT 1 FROM {{schema}}.wb_outbox e
-                        WHERE e.stream_id = o.stream_id AND e.seq < o.seq AND NOT (e.seq = ANY (v_new_o))
-                          AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
-                               OR e.claimed_generation IS DISTINCT FROM l.generation))
-                RETURNING o.message_id, o.partition, l.generation
+            WITH m AS (
+                SELECT t.*, l.generation AS gen
+                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
+                              m_ts, m_meta, m_payload)
+                       WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
+                  LEFT JOIN {{schema}}.wb_partition_leases l
+                    ON l.partition = t.part AND l.instance_id = p_instance AND u_claim[t.u + 1]
+                 WHERE t.topic IS NOT NULL AND NOT (t.u = ANY (v_conflicts))
+            ),
+            decided AS (
+                -- Rows already in the table are older than this batch's: any of them not in
+                -- flight here holds the stream back.
+                SELECT m.*, m.gen IS NOT NULL AND NOT EXISTS (
+                           SELECT 1 FROM {{schema}}.wb_outbox e
+                            WHERE e.stream_id = m.stream
+                              AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                                   OR e.claimed_generation IS DISTINCT FROM m.gen)) AS mine
+                  FROM m
+            ),
+            ins AS (
+                INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
+                       claimed_by, claimed_generation)
+                SELECT id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload,
+                       CASE WHEN mine THEN p_instance END, CASE WHEN mine THEN gen END
+                  FROM decided ORDER BY ord
+                    ON CONFLICT (message_id) DO NOTHING
+                RETURNING message_id, partition, claimed_by, claimed_generation
             )
-            SELECT 'wclaim_o', NULL::integer, message_id, NULL::text, NULL::bigint, NULL::bigint, partition,
-                   generation, NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
-                   NULL::bigint, NULL::bytea, NULL::bytea
-              FROM claimed;
+            SELECT 'wclaim_o', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
+                   ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid, NULL::uuid,
+                   NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+              FROM ins WHERE ins.claimed_by IS NOT NULL;
             GET DIAGNOSTICS v_n = ROW_COUNT;
-            IF v_n < cardinality(v_new_o) THEN
+            IF v_n < v_count THEN
                 v_notify := true;
             END IF;
         END IF;
-        IF cardinality(v_new_i) > 0 THEN
-            RETURN QUERY
-            WITH claimed AS (
-                UPDATE {{schema}}.wb_inbox o SET claimed_by = p_instance, claimed_generation = l.generation
-                  FROM {{schema}}.wb_partition_leases l
-                 WHERE o.seq = ANY (v_new_i) AND l.partition = o.partition AND l.instance_id = p_instance
-                   AND o.message_id IN (SELECT id FROM unnest(m_unit, m_id) AS t(u, id) WHERE u_claim[t.u + 1])
-                   AND NOT EXISTS (
-                       SELECT 1 FROM {{schema}}.wb_inbox e
-                        WHERE e.stream_id = o.stream_id AND e.seq < o.seq AND NOT (e.seq = ANY (v_new_i))
-                          AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
-                               OR e.claimed_generation IS DISTINCT FROM l.generation))
-                RETURNING o.message_id, o.partition, l.generation
+
+        -- Inbox rows, deduplicated: the dedup key is taken first (its unique index is where two
+        -- concurrent deliveries of one message collide); only fresh ids get a row.
+        IF true = ANY (m_inbox) THEN
+            WITH m AS (
+                SELECT DISTINCT ON (id) id, corr, ord
+                  FROM unnest(m_unit, m_id, m_corr, m_inbox) WITH ORDINALITY AS t(u, id, corr, inbox, ord)
+                 WHERE inbox AND NOT (u = ANY (v_conflicts))
+                 ORDER BY id, ord
+            ),
+            fresh AS (
+                INSERT INTO {{schema}}.wb_dedup (message_id, correlation_id)
+                SELECT id, corr FROM m ORDER BY ord
+                    ON CONFLICT (message_id) DO NOTHING
+                RETURNING message_id
             )
-            SELECT 'wclaim_i', NULL::integer, message_id, NULL::text, NULL::bigint, NULL::bigint, partition,
-                   generation, NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
-                   NULL::bigint, NULL::bytea, NULL::bytea
-              FROM claimed;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            IF v_n < cardinality(v_new_i) THEN
-                v_notify := true;
+            SELECT coalesce(array_agg(message_id), '{}') INTO v_fresh FROM fresh;
+
+            RETURN QUERY
+            WITH m AS (
+                SELECT t.u, t.id, t.ord, min(t.ord) OVER (PARTITION BY t.id) AS first_ord
+                  FROM unnest(m_unit, m_id, m_inbox) WITH ORDINALITY AS t(u, id, inbox, ord)
+                 WHERE t.inbox AND NOT (t.u = ANY (v_conflicts))
+            )
+            SELECT 'dup', m.u, m.id, NULL::text, NULL::bigint, NULL::bigint, NULL::integer, NULL::bigint,
+                   NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::bigint,
+                   NULL::bytea, NULL::bytea
+              FROM m WHERE NOT (m.id = ANY (v_fresh)) OR m.ord <> m.first_ord;
+
+            IF cardinality(v_fresh) > 0 THEN
+                RETURN QUERY
+                WITH m AS (
+                    SELECT DISTINCT ON (t.id) t.*, l.generation AS gen
+                      FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_corr, m_cause, m_type, m_ts,
+                                  m_meta, m_payload, m_inbox)
+                           WITH ORDINALITY AS t(u, id, kind, stream, part, corr, cause, typ, ts, meta, payload, inbox, ord)
+                      LEFT JOIN {{schema}}.wb_partition_leases l
+                        ON l.partition = t.part AND l.instance_id = p_instance AND u_claim[t.u + 1]
+                     WHERE t.inbox AND t.id = ANY (v_fresh)
+                     ORDER BY t.id, t.ord
+                ),
+                decided AS (
+                    SELECT m.*, m.gen IS NOT NULL AND NOT EXISTS (
+                               SELECT 1 FROM {{schema}}.wb_inbox e
+                                WHERE e.stream_id = m.stream
+                                  AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                                       OR e.claimed_generation IS DISTINCT FROM m.gen)) AS mine
+                      FROM m
+                ),
+                ins AS (
+                    INSERT INTO {{schema}}.wb_inbox (message_id, message_kind, stream_id, partition,
+                           correlation_id, causation_id, message_type, timestamp_us, meta, payload,
+                           claimed_by, claimed_generation)
+                    SELECT id, kind, stream, part, corr, cause, typ, ts, meta, payload,
+                           CASE WHEN mine THEN p_instance END, CASE WHEN mine THEN gen END
+                      FROM decided ORDER BY ord
+                    RETURNING message_id, partition, claimed_by, claimed_generation
+                )
+                SELECT 'wclaim_i', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
+                       ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid,
+                       NULL::uuid, NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+                  FROM ins WHERE ins.claimed_by IS NOT NULL;
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                IF v_n < cardinality(v_fresh) THEN
+                    v_notify := true;
+                END IF;
             END IF;
         END IF;
     END IF;

@@ -286,7 +286,8 @@ async fn concurrent_writers_exactly_one_wins(b: Backend) {
             store.process_work_batch(a, units(vec![ua])),
             store.process_work_batch(c, units(vec![uc]))
         );
-        let outcomes = [&ra.unwrap().units[0], &rc.unwrap().units[0]].map(|o| o.clone());
+        let (ra, rc) = (ra.expect("writer a's batch"), rc.expect("writer c's batch"));
+        let outcomes = [&ra.units[0], &rc.units[0]].map(|o| o.clone());
         let wins = outcomes
             .iter()
             .filter(|o| matches!(o, UnitOutcome::Committed { .. }))
