@@ -210,8 +210,9 @@ cargo fmt --check || die "formatting differs: run cargo fmt"
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings || die "clippy found problems"
 
-step "cargo test --all-targets"
-cargo test --all-targets || die "tests failed"
+# --no-fail-fast: every test binary runs, so one run reports every failure.
+step "cargo test --all-targets --no-fail-fast"
+cargo test --all-targets --no-fail-fast || die "tests failed (see the failures listed above)"
 
 step "cargo test --doc"
 cargo test --doc || die "doc tests failed"
