@@ -3,6 +3,7 @@
 //! `cargo run --release --bin whizbang-bench -- core`
 //!
 //! Suites:
+//! - `store`: the Postgres store beside raw SQL on the same tables (see `whizbang-bench/store.rs`).
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
 //!   store and transport, default configuration with the scoped flush strategy) beside a direct
 //!   call of the same receptor and perspective (`Receptor::handle`, the event's decode, and
@@ -13,6 +14,9 @@
 //! medians (and 99th percentiles) of individually timed calls after a warm-up, the baseline and
 //! the runtime measured in alternating blocks; throughput is completed calls per second with
 //! many concurrent callers, each on its own stream.
+
+#[path = "whizbang-bench/store.rs"]
+mod store;
 
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -42,6 +46,9 @@ enum Suite {
     /// local_invoke on the in-memory store and transport vs. a direct call of the same
     /// receptor and perspective.
     Core(CoreArgs),
+    /// The Postgres store beside raw SQL on the same tables: empty batch, throughput with the
+    /// interval strategy, local_invoke latency, idle queries.
+    Store(store::StoreArgs),
 }
 
 #[derive(Args)]
@@ -356,6 +363,7 @@ fn main() {
     let result = system.block_on(async move {
         match cli.suite {
             Suite::Core(args) => core(args).await,
+            Suite::Store(args) => store::store(args).await,
         }
     });
     if let Err(e) = result {

@@ -1,0 +1,437 @@
+//! `whizbang-bench store`: the Postgres store beside raw SQL on the same tables, in one run.
+//!
+//! Figures (one `name: value` line each):
+//! - `empty_batch_ms_p50`: a work batch with nothing to do (a claim that finds nothing);
+//! - `store_events_per_s`, `raw_events_per_s`, `store_ratio_vs_raw`: commands each producing one
+//!   event (event store + outbox), interval strategy, beside a raw batched
+//!   `INSERT … SELECT unnest(…)` of the same rows into the same tables;
+//! - `local_invoke_p50_ms`, `local_invoke_p99_ms`, `raw_insert_p50_ms`,
+//!   `local_invoke_p50_ratio_vs_raw`: one `local_invoke` (scoped, 1 event + 1 perspective)
+//!   beside a raw single-statement transaction inserting one event and one outbox row;
+//! - `idle_queries_per_s`: store calls an idle instance makes, counted at the store seam.
+
+use super::{BenchResult, Samples, figure};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use whizbang::config::{FlushStrategy, StoreBackend};
+use whizbang::store::postgres::PostgresStore;
+use whizbang::store::*;
+use whizbang::{
+    Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError, Receptor,
+    ReceptorContext, ReceptorError, Runtime,
+};
+
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// Database URL (default: WHIZBANG_DATABASE_URL or the local server).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Commands for the throughput figure.
+    #[arg(long, default_value_t = 20_000)]
+    pub commands: usize,
+    /// Calls for the latency figures.
+    #[arg(long, default_value_t = 2_000)]
+    pub calls: usize,
+    /// Seconds an idle instance is watched.
+    #[arg(long, default_value_t = 15)]
+    pub idle_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    stream: String,
+    n: u64,
+}
+impl Message for Record {
+    const TYPE_NAME: &'static str = "BenchRecord";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Command for Record {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Recorded {
+    stream: String,
+    n: u64,
+}
+impl Message for Recorded {
+    const TYPE_NAME: &'static str = "BenchRecorded";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Event for Recorded {}
+
+struct RecordReceptor;
+impl Receptor<Record> for RecordReceptor {
+    type Result = Recorded;
+    async fn handle(
+        &self,
+        c: Record,
+        _ctx: ReceptorContext,
+    ) -> Result<Decision<Recorded>, ReceptorError> {
+        Ok(Decision::event(Recorded {
+            stream: c.stream,
+            n: c.n,
+        }))
+    }
+}
+
+#[derive(Clone, Default)]
+struct Count(Arc<AtomicU64>);
+impl Perspective<Recorded> for Count {
+    async fn apply(&self, _e: Recorded, _m: EventMeta) -> Result<(), PerspectiveError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Counts the calls that reach the store (each is one statement on Postgres).
+struct Counting {
+    inner: Arc<dyn Store>,
+    calls: AtomicU64,
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn register_instance(&self, i: InstanceId, s: &str, h: &str) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.register_instance(i, s, h).await
+    }
+    async fn heartbeat(&self, i: InstanceId) -> Result<Heartbeat, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.heartbeat(i).await
+    }
+    async fn process_work_batch(
+        &self,
+        i: InstanceId,
+        b: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.process_work_batch(i, b).await
+    }
+    async fn release_partitions(&self, i: InstanceId, p: Option<&[u32]>) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.release_partitions(i, p).await
+    }
+    async fn read_stream(&self, s: &str, v: u64) -> Result<Vec<StoredEvent>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_stream(s, v).await
+    }
+    async fn read_all(&self, a: u64, l: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_all(a, l).await
+    }
+    async fn inbox_processed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.inbox_processed(ids).await
+    }
+    async fn correlation_status(&self, c: Uuid) -> Result<CorrelationStatus, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.correlation_status(c).await
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.dead_letters().await
+    }
+    async fn requeue_dead_letter(&self, m: Uuid) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.requeue_dead_letter(m).await
+    }
+    async fn skip_dead_letter(&self, m: Uuid) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.skip_dead_letter(m).await
+    }
+    async fn load_checkpoint(&self, p: &str) -> Result<Option<u64>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.load_checkpoint(p).await
+    }
+    async fn save_checkpoint(&self, p: &str, pos: u64) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.save_checkpoint(p, pos).await
+    }
+    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.work_signal()
+    }
+}
+
+fn config(args: &StoreArgs, schema: &str) -> Config {
+    let mut c = Config::default();
+    c.service.name = "bench".into();
+    c.store.backend = StoreBackend::Postgres;
+    c.store.database_url = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    c.store.schema = schema.to_string();
+    c.routing
+        .topics
+        .insert(Recorded::TYPE_NAME.into(), "bench".into());
+    c
+}
+
+async fn raw_client(c: &Config) -> BenchResult<tokio_postgres::Client> {
+    let (client, conn) =
+        tokio_postgres::connect(&c.store.database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub async fn store(args: StoreArgs) -> BenchResult<()> {
+    let schema = format!("bench_{}", Uuid::now_v7().simple());
+    let base = config(&args, &schema);
+    let result = run(&args, &base).await;
+    // Leave nothing behind, whatever happened.
+    if let Ok(client) = raw_client(&base).await {
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await;
+    }
+    result
+}
+
+async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
+    let pg: Arc<dyn Store> = Arc::new(PostgresStore::connect(base).await?);
+    let client = raw_client(base).await?;
+    let schema = &base.store.schema;
+
+    // 1. An empty batch: a claim that finds nothing.
+    let instance = Uuid::now_v7();
+    pg.register_instance(instance, "bench", "bench").await?;
+    let claim = WorkBatch {
+        claim: Some(ClaimBudget {
+            outbox: 100,
+            inbox: 100,
+        }),
+        ..WorkBatch::default()
+    };
+    for _ in 0..200 {
+        pg.process_work_batch(instance, claim.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(args.calls);
+    for _ in 0..args.calls {
+        let t = Instant::now();
+        pg.process_work_batch(instance, claim.clone()).await?;
+        samples.push(t.elapsed());
+    }
+    let empty = Samples::new(samples);
+    figure(
+        "empty_batch_ms_p50",
+        format!("{:.3}", empty.percentile(50.0) / 1000.0),
+    );
+    figure(
+        "empty_batch_ms_p99",
+        format!("{:.3}", empty.percentile(99.0) / 1000.0),
+    );
+
+    // 2. Throughput: interval strategy beside raw batched unnest inserts, same tables.
+    let mut interval = base.clone();
+    interval.coordinator.flush_strategy = FlushStrategy::Interval;
+    // One instance alone: it may hold every partition (the default of 100 is a share for a
+    // fleet); the streams in flight here far outnumber 100 partitions.
+    interval.partitions.max_partitions_per_instance = interval.partitions.partition_count;
+    figure("store_streams_in_flight", 4_000.min(args.commands));
+    let rt = Runtime::builder(interval)
+        .store(pg.clone())
+        .receptor::<Record, _>(RecordReceptor)
+        .start()
+        .await?;
+    let streams = 4_000.min(args.commands).max(1);
+    let per_stream = args.commands.div_ceil(streams);
+    let total = streams * per_stream;
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(streams);
+    let rt = Arc::new(rt);
+    for s in 0..streams {
+        let rt = rt.clone();
+        tasks.push(actix_rt::spawn(async move {
+            for n in 0..per_stream {
+                rt.send(Record {
+                    stream: format!("tp-{s}"),
+                    n: n as u64,
+                })
+                .await?;
+            }
+            Ok::<_, whizbang::DispatchError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let store_rate = total as f64 / t.elapsed().as_secs_f64();
+    let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
+    rt.shutdown().await?;
+
+    let event_meta = rmp_serde::to_vec(&(
+        Vec::<whizbang::envelope::Hop>::new(),
+        std::collections::BTreeMap::<String, String>::new(),
+    ))?;
+    let payload = whizbang::message::encode(&Recorded {
+        stream: "raw-0".into(),
+        n: 0,
+    })?;
+    let insert = client
+        .prepare(&format!(
+            "WITH e AS (
+                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
+                       causation_id, message_type, timestamp_us, meta, payload)
+                SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::uuid[],
+                                     $6::uuid[], $7::text[], $8::bigint[], $9::bytea[], $10::bytea[]))
+             INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                    correlation_id, causation_id, message_type, timestamp_us, meta, payload)
+             SELECT id, 'event', s, p, 'bench', c, NULL, t, ts, m, b
+               FROM unnest($4::uuid[], $2::text[], $11::int[], $5::uuid[], $7::text[], $8::bigint[],
+                           $9::bytea[], $10::bytea[]) AS x(id, s, p, c, t, ts, m, b)"
+        ))
+        .await?;
+    let batch = 1_000usize;
+    let start_position: i64 = 10_000_000;
+    let t = Instant::now();
+    let mut done = 0usize;
+    while done < total {
+        let n = batch.min(total - done);
+        let positions: Vec<i64> = (0..n).map(|i| start_position + (done + i) as i64).collect();
+        let streams: Vec<String> = (0..n).map(|i| format!("raw-{}", done + i)).collect();
+        let versions: Vec<i64> = vec![1; n];
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        let causes: Vec<Option<Uuid>> = vec![None; n];
+        let types: Vec<&str> = vec![Recorded::TYPE_NAME; n];
+        let ts: Vec<i64> = vec![whizbang::envelope::now_us(); n];
+        let metas: Vec<&[u8]> = vec![&event_meta; n];
+        let payloads: Vec<&[u8]> = vec![&payload; n];
+        let parts: Vec<i32> = streams
+            .iter()
+            .map(|s| whizbang::routing::partition_of(s, 10_000) as i32)
+            .collect();
+        client
+            .execute(
+                &insert,
+                &[
+                    &positions, &streams, &versions, &ids, &ids, &causes, &types, &ts, &metas,
+                    &payloads, &parts,
+                ],
+            )
+            .await?;
+        done += n;
+    }
+    let raw_rate = total as f64 / t.elapsed().as_secs_f64();
+    figure("store_events_per_s", format!("{store_rate:.0}"));
+    figure("raw_events_per_s", format!("{raw_rate:.0}"));
+    figure(
+        "store_ratio_vs_raw",
+        format!("{:.2}", store_rate / raw_rate),
+    );
+
+    // 3. Latency: local_invoke (scoped, 1 event + 1 perspective) beside one raw insert statement.
+    let mut scoped = base.clone();
+    scoped.coordinator.flush_strategy = FlushStrategy::Scoped;
+    let count = Count::default();
+    let rt = Runtime::builder(scoped)
+        .store(pg.clone())
+        .receptor::<Record, _>(RecordReceptor)
+        .perspective::<Recorded, _>("count", count.clone())
+        .start()
+        .await?;
+    let single = client
+        .prepare(&format!(
+            "WITH e AS (
+                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
+                       causation_id, message_type, timestamp_us, meta, payload)
+                VALUES ($1, $2, 1, $3, $3, NULL, $4, $5, $6, $7))
+             INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                    correlation_id, causation_id, message_type, timestamp_us, meta, payload)
+             VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
+        ))
+        .await?;
+    let mut invoke = Vec::with_capacity(args.calls);
+    let mut raw = Vec::with_capacity(args.calls);
+    let warmup = 100;
+    // Alternate so both see the same machine.
+    for i in 0..args.calls + warmup {
+        let t = Instant::now();
+        let _: Recorded = rt
+            .local_invoke(Record {
+                stream: format!("lat-{}", i % 64),
+                n: i as u64,
+            })
+            .await?;
+        let d = t.elapsed();
+        let position = 20_000_000 + i as i64;
+        let stream = format!("rawlat-{i}");
+        let id = Uuid::now_v7();
+        let now = whizbang::envelope::now_us();
+        let t = Instant::now();
+        client
+            .execute(
+                &single,
+                &[
+                    &position,
+                    &stream,
+                    &id,
+                    &Recorded::TYPE_NAME,
+                    &now,
+                    &event_meta,
+                    &payload,
+                ],
+            )
+            .await?;
+        let r = t.elapsed();
+        if i >= warmup {
+            invoke.push(d);
+            raw.push(r);
+        }
+    }
+    if count.0.load(Ordering::Relaxed) < (args.calls + warmup) as u64 {
+        return Err("local_invoke returned before its perspective ran".into());
+    }
+    let invoke = Samples::new(invoke);
+    let raw = Samples::new(raw);
+    figure(
+        "local_invoke_p50_ms",
+        format!("{:.3}", invoke.percentile(50.0) / 1000.0),
+    );
+    figure(
+        "local_invoke_p99_ms",
+        format!("{:.3}", invoke.percentile(99.0) / 1000.0),
+    );
+    figure(
+        "raw_insert_p50_ms",
+        format!("{:.3}", raw.percentile(50.0) / 1000.0),
+    );
+    figure(
+        "local_invoke_p50_ratio_vs_raw",
+        format!("{:.2}", invoke.percentile(50.0) / raw.percentile(50.0)),
+    );
+    rt.shutdown().await?;
+
+    // 4. Idle: store calls of an instance with nothing to do.
+    let counting = Arc::new(Counting {
+        inner: pg.clone(),
+        calls: AtomicU64::new(0),
+    });
+    let rt = Runtime::builder(base.clone())
+        .store(counting.clone())
+        .receptor::<Record, _>(RecordReceptor)
+        .start()
+        .await?;
+    // Let start-up work (registration, the first claim) pass, then watch.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = counting.calls.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let calls = counting.calls.load(Ordering::Relaxed) - before;
+    figure(
+        "idle_queries_per_s",
+        format!("{:.2}", calls as f64 / t.elapsed().as_secs_f64()),
+    );
+    rt.shutdown().await?;
+    Ok(())
+}
