@@ -6,6 +6,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Schemas of this run only (the order service's and `<schema>_inventory`), dropped at the end,
+# so that a schema left by an older build never gets in the way.
+db="${WHIZBANG_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export WHIZBANG_DATABASE_URL="$db"
+export WHIZBANG_SCHEMA="smoke_$(date +%s)_$$"
+drop_schemas() {
+    psql "$db" -Xqc "DROP SCHEMA IF EXISTS $WHIZBANG_SCHEMA CASCADE; DROP SCHEMA IF EXISTS ${WHIZBANG_SCHEMA}_inventory CASCADE" >/dev/null 2>&1 || true
+}
+
 scripts/amqp-topology.sh orders:inventory
 # Start from an empty subscription so that the two orders of this run are the ones counted.
 if [[ $EUID -eq 0 ]]; then rabbitmqctl purge_queue orders.inventory >/dev/null; else sudo rabbitmqctl purge_queue orders.inventory >/dev/null; fi
@@ -14,7 +23,7 @@ cargo build --release --quiet --example order_service --example inventory_servic
 log=$(mktemp /tmp/whizbang-inventory.XXXXXX.log)
 target/release/examples/inventory_service --config config/amqp.toml --orders 2 --timeout-secs 60 >"$log" 2>&1 &
 inventory=$!
-trap 'kill "$inventory" 2>/dev/null || true; rm -f "$log"' EXIT
+trap 'kill "$inventory" 2>/dev/null || true; rm -f "$log"; drop_schemas' EXIT
 target/release/examples/order_service --config config/amqp.toml
 if ! wait "$inventory"; then
     cat "$log" >&2

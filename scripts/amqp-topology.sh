@@ -103,7 +103,12 @@ printf '{"exchanges":[%s],"queues":[%s],"bindings":[%s]}\n' \
     "$(json_list "${ex_json[@]}")" "$(json_list "${q_json[@]+"${q_json[@]}"}")" \
     "$(json_list "${b_json[@]+"${b_json[@]}"}")" >"$defs"
 chmod 644 "$defs" # rabbitmqctl reads it as the rabbitmq user
-rmqctl import_definitions "$defs" >/dev/null || die "import_definitions failed"
+# Retried until the deadline: the broker may be (re)starting its application.
+deadline=$((SECONDS + TOPOLOGY_TIMEOUT))
+until import_out=$(rmqctl import_definitions "$defs" 2>&1); do
+    ((SECONDS < deadline)) || die "import_definitions failed: $import_out"
+    sleep 0.5
+done
 
 # The import is asynchronous: wait until every exchange, queue and binding is listed.
 missing() {
@@ -121,7 +126,6 @@ missing() {
     done
     return 1
 }
-deadline=$((SECONDS + TOPOLOGY_TIMEOUT))
 while missing; do
     ((SECONDS < deadline)) || die "topology ${specs[*]} not present after ${TOPOLOGY_TIMEOUT}s"
     sleep 0.2
