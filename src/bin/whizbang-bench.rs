@@ -15,6 +15,8 @@
 //! the runtime measured in alternating blocks; throughput is completed calls per second with
 //! many concurrent callers, each on its own stream.
 
+#[path = "whizbang-bench/amqp.rs"]
+mod amqp;
 #[path = "whizbang-bench/store.rs"]
 mod store;
 
@@ -49,6 +51,9 @@ enum Suite {
     /// The Postgres store beside raw SQL on the same tables: empty batch, throughput with the
     /// interval strategy, local_invoke latency, idle queries.
     Store(store::StoreArgs),
+    /// The AMQP transport on the local RabbitMQ with the Postgres store: outbox → broker beside
+    /// a bare sender, broker → inbox → perspective, end-to-end latency at a fixed rate.
+    Amqp(amqp::AmqpArgs),
 }
 
 #[derive(Args)]
@@ -364,6 +369,7 @@ fn main() {
         match cli.suite {
             Suite::Core(args) => core(args).await,
             Suite::Store(args) => store::store(args).await,
+            Suite::Amqp(args) => amqp::amqp(args).await,
         }
     });
     if let Err(e) = result {

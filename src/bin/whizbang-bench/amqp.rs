@@ -1,0 +1,556 @@
+//! `whizbang-bench amqp`: the AMQP 1.0 transport on the local RabbitMQ, with the Postgres
+//! store, in one run. The suite declares its own topology (exchanges and queues named for this
+//! run, deleted at the end) and works in throwaway schemas (dropped at the end).
+//!
+//! Figures (one `name: value` line each):
+//! - `publish_msgs_per_s`, `bare_publish_msgs_per_s`, `publish_ratio_vs_bare`: outbox → broker.
+//!   N events appended with `Runtime::publish` (Postgres store, interval flush, many streams
+//!   in flight) until the broker has accepted all N of them from the runtime's publisher
+//!   (counted at the transport seam: an accepted send is routed to the queue), beside a bare
+//!   fe2o3-amqp sender (window 256) sending N messages of the same size to the same exchange
+//!   until all are accepted.
+//! - `consume_events_per_s`: broker → inbox (dedup) → perspective. A subscription queue
+//!   pre-filled with N event envelopes; a runtime (Postgres store, schema already migrated) is
+//!   started on it and timed from `start()` until its counting perspective applied all N.
+//! - `e2e_p50_ms`, `e2e_p99_ms`: a sender runtime's `local_invoke` (receptor → event with a
+//!   topic → outbox → broker) to the perspective of a second runtime consuming the
+//!   subscription, at a fixed offered rate, timed from each event's intended send time (carried
+//!   in the event, so a late send counts against the latency).
+
+use super::{BenchResult, Samples, figure};
+use async_trait::async_trait;
+use fe2o3_amqp::types::messaging::Outcome;
+use fe2o3_amqp::{Connection, Sender, Session};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use whizbang::config::{FlushStrategy, StoreBackend, SubscriptionConfig, TransportKind};
+use whizbang::envelope::{MessageKind, now_us};
+use whizbang::transport::amqp::{AmqpTransport, wire};
+use whizbang::transport::{Subscription, Transport, TransportError};
+use whizbang::{
+    Command, Config, Decision, Envelope, Event, EventMeta, Message, Perspective, PerspectiveError,
+    Receptor, ReceptorContext, ReceptorError, Runtime,
+};
+
+#[derive(clap::Args)]
+pub struct AmqpArgs {
+    /// Database URL (default: WHIZBANG_DATABASE_URL or the local server).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// AMQP URL (default: WHIZBANG_AMQP_URL or the local RabbitMQ).
+    #[arg(long)]
+    pub amqp_url: Option<String>,
+    /// Events of the publish and consume rate figures.
+    #[arg(long, default_value_t = 20_000)]
+    pub events: usize,
+    /// Streams the rate figures spread their events over.
+    #[arg(long, default_value_t = 1_000)]
+    pub streams: usize,
+    /// Offered rate of the end-to-end latency figure, events per second.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Seconds the end-to-end load is offered.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+}
+
+/// How long any phase may take before the suite fails.
+const DEADLINE: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(1);
+
+// ---- The workload ------------------------------------------------------------------------
+
+/// A command asking for one `Tick`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ping {
+    stream: String,
+    n: u64,
+    intended_us: i64,
+}
+impl Message for Ping {
+    const TYPE_NAME: &'static str = "BenchPing";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Command for Ping {}
+
+/// The event: carries the instant (unix µs) its command was meant to be sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tick {
+    stream: String,
+    n: u64,
+    intended_us: i64,
+}
+impl Message for Tick {
+    const TYPE_NAME: &'static str = "BenchTick";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Event for Tick {}
+
+struct PingReceptor;
+impl Receptor<Ping> for PingReceptor {
+    type Result = Tick;
+    async fn handle(
+        &self,
+        c: Ping,
+        _ctx: ReceptorContext,
+    ) -> Result<Decision<Tick>, ReceptorError> {
+        Ok(Decision::event(Tick {
+            stream: c.stream,
+            n: c.n,
+            intended_us: c.intended_us,
+        }))
+    }
+}
+
+/// Counts applied ticks.
+#[derive(Clone, Default)]
+struct Count(Arc<AtomicUsize>);
+impl Perspective<Tick> for Count {
+    async fn apply(&self, _e: Tick, _m: EventMeta) -> Result<(), PerspectiveError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Records now − intended of every applied tick.
+#[derive(Clone, Default)]
+struct Latencies(Arc<Mutex<Vec<Duration>>>);
+impl Perspective<Tick> for Latencies {
+    async fn apply(&self, e: Tick, _m: EventMeta) -> Result<(), PerspectiveError> {
+        let us = (now_us() - e.intended_us).max(0) as u64;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Duration::from_micros(us));
+        Ok(())
+    }
+}
+impl Latencies {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+fn tick(stream: usize, n: usize) -> Tick {
+    Tick {
+        stream: format!("s-{stream}"),
+        n: n as u64,
+        intended_us: now_us(),
+    }
+}
+
+fn tick_envelope(t: &Tick) -> BenchResult<Envelope> {
+    Ok(Envelope::new(
+        MessageKind::Event,
+        Tick::TYPE_NAME,
+        t.stream_id(),
+        whizbang::message::encode(t)?,
+    ))
+}
+
+/// The runtime's transport, counting the sends the broker accepted.
+struct Counted {
+    inner: Arc<dyn Transport>,
+    accepted: AtomicUsize,
+}
+
+#[async_trait]
+impl Transport for Counted {
+    async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<(), TransportError> {
+        self.inner.publish(topic, envelope).await?;
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        prefetch: u32,
+    ) -> Result<Box<dyn Subscription>, TransportError> {
+        self.inner.subscribe(topic, subscription, prefetch).await
+    }
+    async fn check_topology(
+        &self,
+        topics: &[String],
+        subscriptions: &[(String, String)],
+    ) -> Result<(), TransportError> {
+        self.inner.check_topology(topics, subscriptions).await
+    }
+}
+
+// ---- Environment: topology, schemas, configuration -----------------------------------------
+
+fn topology(specs: &[String], delete: bool) -> BenchResult<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/amqp-topology.sh");
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(script);
+    if delete {
+        cmd.arg("--delete");
+    }
+    let out = cmd.args(specs).output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/amqp-topology.sh {}{} failed: {}{}",
+            if delete { "--delete " } else { "" },
+            specs.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+struct Names {
+    publish_topic: String,
+    consume_topic: String,
+    e2e_topic: String,
+    schema: String,
+}
+
+impl Names {
+    fn new() -> Names {
+        let id = &Uuid::now_v7().simple().to_string()[16..];
+        Names {
+            publish_topic: format!("bench-pub-{id}"),
+            consume_topic: format!("bench-con-{id}"),
+            e2e_topic: format!("bench-e2e-{id}"),
+            schema: format!("bench_amqp_{id}"),
+        }
+    }
+
+    fn specs(&self) -> Vec<String> {
+        vec![
+            format!("{}:sink", self.publish_topic),
+            format!("{}:inbox", self.consume_topic),
+            format!("{}:remote", self.e2e_topic),
+        ]
+    }
+
+    fn schemas(&self) -> Vec<String> {
+        ["pub", "con", "snd", "rcv"]
+            .iter()
+            .map(|s| format!("{}_{s}", self.schema))
+            .collect()
+    }
+}
+
+fn database_url(args: &AmqpArgs) -> String {
+    args.database_url
+        .clone()
+        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn amqp_url(args: &AmqpArgs) -> String {
+    args.amqp_url
+        .clone()
+        .or_else(|| std::env::var("WHIZBANG_AMQP_URL").ok())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+fn config(args: &AmqpArgs, service: &str, schema: &str) -> Config {
+    let mut c = Config::default();
+    c.service.name = service.into();
+    c.store.backend = StoreBackend::Postgres;
+    c.store.database_url = database_url(args);
+    c.store.schema = schema.into();
+    c.transport.kind = TransportKind::Amqp;
+    c.transport.amqp_url = amqp_url(args);
+    c.transport.amqp.reconnect_backoff_max_ms = 1_000;
+    c
+}
+
+async fn wait(what: &str, mut done: impl FnMut() -> bool) -> BenchResult<()> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > DEADLINE {
+            return Err(format!("timed out after {DEADLINE:?} waiting for {what}").into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+pub async fn amqp(args: AmqpArgs) -> BenchResult<()> {
+    let names = Names::new();
+    topology(&names.specs(), false)?;
+    let result = run(&args, &names).await;
+    // Leave nothing behind, whatever happened.
+    if let Err(e) = topology(&names.specs(), true) {
+        eprintln!("whizbang-bench: could not delete the topology: {e}");
+    }
+    match tokio_postgres::connect(&database_url(&args), tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            for s in names.schemas() {
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
+                    .await;
+            }
+        }
+        Err(e) => eprintln!("whizbang-bench: could not drop the schemas: {e}"),
+    }
+    result
+}
+
+async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
+    let schemas = names.schemas();
+    let n = args.events.max(1);
+    let streams = args.streams.max(1);
+    figure("suite", "amqp");
+    figure("events", n);
+
+    // ---- 1. Outbox → broker, beside a bare pipelined sender ----
+    let mut c = config(args, "bench-pub", &schemas[0]);
+    c.coordinator.flush_strategy = FlushStrategy::Interval;
+    c.partitions.max_partitions_per_instance = c.partitions.partition_count;
+    c.routing
+        .topics
+        .insert(Tick::TYPE_NAME.into(), names.publish_topic.clone());
+    let counted = Arc::new(Counted {
+        inner: Arc::new(AmqpTransport::from_config(&c.transport, "bench-pub")?),
+        accepted: AtomicUsize::new(0),
+    });
+    let rt = Arc::new(
+        Runtime::builder(c)
+            .transport(counted.clone())
+            .start()
+            .await?,
+    );
+    // Warm up: connection, link, the queue's process.
+    for i in 0..200 {
+        rt.publish(tick(i % streams, i)).await?;
+    }
+    wait("the warm-up publishes", || {
+        counted.accepted.load(Ordering::Relaxed) >= 200
+    })
+    .await?;
+    let before = counted.accepted.load(Ordering::Relaxed);
+    let per_stream = n.div_ceil(streams);
+    let total = per_stream * streams;
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(streams);
+    for s in 0..streams {
+        let rt = rt.clone();
+        tasks.push(actix_rt::spawn(async move {
+            for i in 0..per_stream {
+                rt.publish(tick(s, i)).await?;
+            }
+            Ok::<_, whizbang::DispatchError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let committed = start.elapsed();
+    wait("the broker to accept every published event", || {
+        counted.accepted.load(Ordering::Relaxed) >= before + total
+    })
+    .await?;
+    let publish_rate = total as f64 / start.elapsed().as_secs_f64();
+    let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
+    rt.shutdown().await?;
+
+    let bare_rate = bare_rate(&amqp_url(args), &names.publish_topic, total, streams).await?;
+    figure("publish_events", total);
+    figure(
+        "publish_commit_msgs_per_s",
+        format!("{:.0}", total as f64 / committed.as_secs_f64()),
+    );
+    figure("publish_msgs_per_s", format!("{publish_rate:.0}"));
+    figure("bare_publish_msgs_per_s", format!("{bare_rate:.0}"));
+    figure(
+        "publish_ratio_vs_bare",
+        format!("{:.2}", publish_rate / bare_rate),
+    );
+
+    // ---- 2. Broker → inbox → perspective ----
+    let mut c = config(args, "bench-con", &schemas[1]);
+    c.partitions.max_partitions_per_instance = c.partitions.partition_count;
+    // Migrate the schema first, so the timed start does not include it.
+    Runtime::builder(c.clone())
+        .start()
+        .await?
+        .shutdown()
+        .await?;
+    let filler = AmqpTransport::from_config(&c.transport, "bench-fill")?;
+    let batch: Vec<Envelope> = (0..n)
+        .map(|i| tick_envelope(&tick(i % streams, i)))
+        .collect::<BenchResult<_>>()?;
+    let mut in_flight = FuturesUnordered::new();
+    for e in &batch {
+        if in_flight.len() >= 256
+            && let Some(r) = in_flight.next().await
+        {
+            r?;
+        }
+        in_flight.push(filler.publish(&names.consume_topic, e));
+    }
+    while let Some(r) = in_flight.next().await {
+        r?;
+    }
+    drop(in_flight);
+    c.routing.subscriptions.push(SubscriptionConfig {
+        topic: names.consume_topic.clone(),
+        name: "inbox".into(),
+    });
+    let count = Count::default();
+    let start = Instant::now();
+    let rt = Runtime::builder(c)
+        .perspective::<Tick, _>("count", count.clone())
+        .start()
+        .await?;
+    wait("the perspective to apply every pre-filled event", || {
+        count.0.load(Ordering::Relaxed) >= n
+    })
+    .await?;
+    let consume_rate = n as f64 / start.elapsed().as_secs_f64();
+    rt.shutdown().await?;
+    figure("consume_events_per_s", format!("{consume_rate:.0}"));
+
+    // ---- 3. End to end at a fixed offered rate ----
+    let mut snd = config(args, "bench-snd", &schemas[2]);
+    snd.routing
+        .topics
+        .insert(Tick::TYPE_NAME.into(), names.e2e_topic.clone());
+    let mut rcv = config(args, "bench-rcv", &schemas[3]);
+    rcv.routing.subscriptions.push(SubscriptionConfig {
+        topic: names.e2e_topic.clone(),
+        name: "remote".into(),
+    });
+    let latencies = Latencies::default();
+    let receiver = Runtime::builder(rcv)
+        .perspective::<Tick, _>("latency", latencies.clone())
+        .start()
+        .await?;
+    let sender = Arc::new(
+        Runtime::builder(snd)
+            .receptor::<Ping, _>(PingReceptor)
+            .start()
+            .await?,
+    );
+    let rate = args.rate.max(1);
+    let warmup = (rate / 2) as usize;
+    let timed = (rate * args.seconds.max(1)) as usize;
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let e2e_streams = 256;
+    // Warm-up: half a second at the same rate, not recorded.
+    let errors = Arc::new(AtomicUsize::new(0));
+    for (phase, calls) in [(0, warmup), (1, timed)] {
+        if phase == 1 {
+            wait("the warm-up events to arrive", || latencies.len() >= warmup).await?;
+            latencies
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        let t0 = Instant::now();
+        let t0_us = now_us();
+        let mut tasks = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let offset = interval * i as u32;
+            tokio::time::sleep_until((t0 + offset).into()).await;
+            let sender = sender.clone();
+            let errors = errors.clone();
+            let ping = Ping {
+                stream: format!("e2e-{}", i % e2e_streams),
+                n: i as u64,
+                intended_us: t0_us + offset.as_micros() as i64,
+            };
+            tasks.push(actix_rt::spawn(async move {
+                let r: Result<Tick, _> = sender.local_invoke(ping).await;
+                if r.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+    }
+    if errors.load(Ordering::Relaxed) > 0 {
+        return Err(format!(
+            "{} local_invoke calls failed",
+            errors.load(Ordering::Relaxed)
+        )
+        .into());
+    }
+    wait("every timed event to reach the remote perspective", || {
+        latencies.len() >= timed
+    })
+    .await?;
+    let samples = Samples::new(std::mem::take(
+        &mut *latencies.0.lock().unwrap_or_else(|p| p.into_inner()),
+    ));
+    let sender = Arc::try_unwrap(sender).map_err(|_| "runtime still shared")?;
+    sender.shutdown().await?;
+    receiver.shutdown().await?;
+    figure("e2e_offered_per_s", rate);
+    figure("e2e_events", timed);
+    figure(
+        "e2e_p50_ms",
+        format!("{:.2}", samples.percentile(50.0) / 1000.0),
+    );
+    figure(
+        "e2e_p99_ms",
+        format!("{:.2}", samples.percentile(99.0) / 1000.0),
+    );
+    Ok(())
+}
+
+/// A bare fe2o3-amqp sender: `send_batchable` with up to 256 unsettled, `n` messages of the
+/// same size as the runtime's; msg/s until all are accepted.
+async fn bare_rate(url: &str, topic: &str, n: usize, streams: usize) -> BenchResult<f64> {
+    let window = 256;
+    let mut connection = Connection::open("bench-bare", url).await?;
+    let mut session = Session::begin(&mut connection).await?;
+    let mut sender = Sender::attach(&mut session, "bare", format!("/exchange/{topic}")).await?;
+    let make = |count: usize| -> BenchResult<Vec<_>> {
+        (0..count)
+            .map(|i| Ok(wire::to_message(&tick_envelope(&tick(i % streams, i))?)))
+            .collect()
+    };
+    // Warm up like the runtime did.
+    for message in make(200)? {
+        let outcome = sender.send_batchable(message).await?.await?;
+        if !matches!(outcome, Outcome::Accepted(_)) {
+            return Err("bare send not accepted".into());
+        }
+    }
+    let batch = make(n)?;
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for message in batch {
+        if in_flight.len() >= window
+            && let Some(outcome) = in_flight.next().await
+            && !matches!(outcome?, Outcome::Accepted(_))
+        {
+            return Err("bare send not accepted".into());
+        }
+        in_flight.push(sender.send_batchable(message).await?);
+    }
+    while let Some(outcome) = in_flight.next().await {
+        if !matches!(outcome?, Outcome::Accepted(_)) {
+            return Err("bare send not accepted".into());
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(in_flight);
+    let _ = sender.close().await;
+    let _ = session.end().await;
+    let _ = connection.close().await;
+    Ok(rate)
+}
