@@ -7,8 +7,8 @@
 //!   N events appended with `Runtime::publish` (Postgres store, interval flush, many streams
 //!   in flight) until the broker has accepted all N of them from the runtime's publisher
 //!   (counted at the transport seam: an accepted send is routed to the queue), beside a bare
-//!   fe2o3-amqp sender (window 256) sending N messages of the same size to the same exchange
-//!   until all are accepted.
+//!   fe2o3-amqp sender (window 256) sending N copies (fresh message ids) of an envelope the
+//!   runtime sent to the same exchange until all are accepted.
 //! - `consume_events_per_s`: broker → inbox (dedup) → perspective. A subscription queue
 //!   pre-filled with N event envelopes; a runtime (Postgres store, schema already migrated) is
 //!   started on it and timed from `start()` until its counting perspective applied all N.
@@ -161,12 +161,15 @@ fn tick_envelope(t: &Tick) -> BenchResult<Envelope> {
 struct Counted {
     inner: Arc<dyn Transport>,
     accepted: AtomicUsize,
+    /// The last envelope sent, which the bare sender copies (same size on the wire).
+    sample: Mutex<Option<Envelope>>,
 }
 
 #[async_trait]
 impl Transport for Counted {
     async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<(), TransportError> {
         self.inner.publish(topic, envelope).await?;
+        *self.sample.lock().unwrap_or_else(|p| p.into_inner()) = Some(envelope.clone());
         self.accepted.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -322,6 +325,7 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     let counted = Arc::new(Counted {
         inner: Arc::new(AmqpTransport::from_config(&c.transport, "bench-pub")?),
         accepted: AtomicUsize::new(0),
+        sample: Mutex::new(None),
     });
     let rt = Arc::new(
         Runtime::builder(c)
@@ -363,7 +367,13 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
     rt.shutdown().await?;
 
-    let bare_rate = bare_rate(&amqp_url(args), &names.publish_topic, total, streams).await?;
+    let sample = counted
+        .sample
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or("nothing was published")?;
+    let bare_rate = bare_rate(&amqp_url(args), &names.publish_topic, total, &sample).await?;
     figure("publish_events", total);
     figure(
         "publish_commit_msgs_per_s",
@@ -511,26 +521,30 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     Ok(())
 }
 
-/// A bare fe2o3-amqp sender: `send_batchable` with up to 256 unsettled, `n` messages of the
-/// same size as the runtime's; msg/s until all are accepted.
-async fn bare_rate(url: &str, topic: &str, n: usize, streams: usize) -> BenchResult<f64> {
+/// A bare fe2o3-amqp sender: `send_batchable` with up to 256 unsettled, `n` copies (each with
+/// its own message id) of an envelope the runtime sent; msg/s until all are accepted.
+async fn bare_rate(url: &str, topic: &str, n: usize, sample: &Envelope) -> BenchResult<f64> {
     let window = 256;
     let mut connection = Connection::open("bench-bare", url).await?;
     let mut session = Session::begin(&mut connection).await?;
     let mut sender = Sender::attach(&mut session, "bare", format!("/exchange/{topic}")).await?;
-    let make = |count: usize| -> BenchResult<Vec<_>> {
+    let make = |count: usize| -> Vec<_> {
         (0..count)
-            .map(|i| Ok(wire::to_message(&tick_envelope(&tick(i % streams, i))?)))
+            .map(|_| {
+                let mut e = sample.clone();
+                e.message_id = Uuid::now_v7();
+                wire::to_message(&e)
+            })
             .collect()
     };
     // Warm up like the runtime did.
-    for message in make(200)? {
+    for message in make(200) {
         let outcome = sender.send_batchable(message).await?.await?;
         if !matches!(outcome, Outcome::Accepted(_)) {
             return Err("bare send not accepted".into());
         }
     }
-    let batch = make(n)?;
+    let batch = make(n);
     let start = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     for message in batch {
