@@ -44,6 +44,14 @@ struct PendingUnit {
     reply: oneshot::Sender<Result<CommitOutcome, DispatchError>>,
 }
 
+/// What is kept of a unit while its batch is in flight (the unit itself moves into the batch).
+struct SentUnit {
+    inbox_ids: Vec<Uuid>,
+    outbox_rows: usize,
+    wait: bool,
+    reply: oneshot::Sender<Result<CommitOutcome, DispatchError>>,
+}
+
 /// Settings the coordinator needs.
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
@@ -146,9 +154,21 @@ impl Coordinator {
         // After a batch lost its answer, first a recovery batch with no new units: the rows it
         // may have claimed come back before anything newer of their streams is handed out.
         let take = if self.claims_in_doubt { 0 } else { take };
-        let units: Vec<PendingUnit> = (0..take).map_while(|_| self.pending.pop_front()).collect();
+        let pending: Vec<PendingUnit> = (0..take).map_while(|_| self.pending.pop_front()).collect();
         let mut batch = std::mem::take(&mut self.reports);
-        batch.units = units.iter().map(|p| p.unit.clone()).collect();
+        let mut units = Vec::with_capacity(pending.len());
+        batch.units = pending
+            .into_iter()
+            .map(|p| {
+                units.push(SentUnit {
+                    inbox_ids: p.unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
+                    outbox_rows: p.unit.outbox.len(),
+                    wait: p.wait,
+                    reply: p.reply,
+                });
+                p.unit
+            })
+            .collect();
         let completes = !batch.outbox_completions.is_empty() || !batch.inbox_completions.is_empty();
         if self.unclaimed_rows && completes {
             self.claim_wanted = true;
@@ -169,11 +189,15 @@ impl Coordinator {
         self.flushing = true;
         let store = self.store.clone();
         let instance = self.instance;
+        // The reports are kept until the batch answers (written again if it fails); the units
+        // are not cloned: a failed unit is answered with the error instead.
+        let batch_units = std::mem::take(&mut batch.units);
         let reports = WorkBatch {
-            units: Vec::new(),
             claim: None,
+            in_flight: None,
             ..batch.clone()
         };
+        batch.units = batch_units;
         let claimed = batch.claim.is_some();
         let resolves_doubt = batch.in_flight.is_some();
         ctx.spawn(
@@ -252,7 +276,7 @@ impl Coordinator {
     fn distribute(
         &mut self,
         result: WorkBatchResult,
-        units: Vec<PendingUnit>,
+        units: Vec<SentUnit>,
         claimed: bool,
         ctx: &mut Context<Self>,
     ) {
@@ -272,8 +296,8 @@ impl Coordinator {
                     duplicate_inbox,
                 } => {
                     let mut applied = Vec::new();
-                    if claimed_inbox.len() + duplicate_inbox.len() < pending.unit.inbox.len()
-                        || claimed_outbox.len() < pending.unit.outbox.len()
+                    if claimed_inbox.len() + duplicate_inbox.len() < pending.inbox_ids.len()
+                        || claimed_outbox.len() < pending.outbox_rows
                     {
                         self.unclaimed_rows = true;
                     }
@@ -289,8 +313,7 @@ impl Coordinator {
                         self.hand_inbox(work, done);
                     }
                     if pending.wait {
-                        for row in &pending.unit.inbox {
-                            let id = row.envelope.message_id;
+                        for &id in &pending.inbox_ids {
                             if !claimed_ids.contains(&id) && !duplicate_inbox.contains(&id) {
                                 let (tx, rx) = oneshot::channel();
                                 self.remote_waiters.entry(id).or_default().push(tx);
