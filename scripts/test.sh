@@ -204,6 +204,13 @@ scripts/amqp-topology.sh || die "cannot declare the AMQP topology on RabbitMQ"
 
 # ---- 4. Checks and tests ----------------------------------------------------------------
 
+# Each Postgres test works in a schema of its own (t_...), dropped by most tests when they pass;
+# clear what earlier runs left behind so the database does not grow run after run.
+step "drop test schemas left by earlier runs"
+psql "$WHIZBANG_TEST_DATABASE_URL" -Xqt -c "SELECT string_agg(format('DROP SCHEMA %I CASCADE;', nspname), ' ')
+    FROM pg_namespace WHERE nspname LIKE 't\_%' OR nspname LIKE 'bench\_%'" \
+    | psql "$WHIZBANG_TEST_DATABASE_URL" -Xq >/dev/null || die "cannot clean old test schemas"
+
 step "cargo fmt --check"
 cargo fmt --check || die "formatting differs: run cargo fmt"
 
@@ -219,6 +226,13 @@ cargo test --doc || die "doc tests failed"
 
 step "smoke test: cargo run --release --example order_service"
 cargo run --release --example order_service || die "the order_service example failed"
+
+step "smoke test: the order_service example on the Postgres store (config/postgres.toml)"
+smoke_schema="smoke_pg_$$"
+WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
+    cargo run --release --example order_service -- --config config/postgres.toml \
+    || die "the order_service example failed on the Postgres store"
+psql "$WHIZBANG_TEST_DATABASE_URL" -Xqc "DROP SCHEMA IF EXISTS $smoke_schema CASCADE; DROP SCHEMA IF EXISTS ${smoke_schema}_inventory CASCADE" >/dev/null
 
 step "smoke test: scripts/amqp-smoke.sh (order_service and inventory_service over AMQP)"
 scripts/amqp-smoke.sh || die "the two services did not exchange their events over AMQP"
