@@ -36,8 +36,8 @@
 //! | [`coordinator`] | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | [`publisher`] | outbox rows → transport, pipelined, in order per stream |
 //! | [`consumer`] | transport deliveries → inbox, settled after commit |
-//! | [`store`] | the work-coordinator contract; [`store::memory`] |
-//! | [`transport`] | the transport contract; [`transport::memory`] |
+//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`], [`store::migrate`] |
+//! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
 //! | [`error`] | the public error types |
