@@ -19,12 +19,13 @@ scripts/amqp-topology.sh orders:inventory
 # Start from an empty subscription so that the two orders of this run are the ones counted.
 if [[ $EUID -eq 0 ]]; then rabbitmqctl purge_queue orders.inventory >/dev/null; else sudo rabbitmqctl purge_queue orders.inventory >/dev/null; fi
 cargo build --release --quiet --example order_service --example inventory_service
+examples="${CARGO_TARGET_DIR:-target}/release/examples"
 
 log=$(mktemp /tmp/whizbang-inventory.XXXXXX.log)
-target/release/examples/inventory_service --config config/amqp.toml --orders 2 --timeout-secs 60 >"$log" 2>&1 &
+"$examples"/inventory_service --config config/amqp.toml --orders 2 --timeout-secs 60 >"$log" 2>&1 &
 inventory=$!
 trap 'kill "$inventory" 2>/dev/null || true; rm -f "$log"; drop_schemas' EXIT
-target/release/examples/order_service --config config/amqp.toml
+"$examples"/order_service --config config/amqp.toml
 if ! wait "$inventory"; then
     cat "$log" >&2
     echo "amqp-smoke.sh: the inventory service did not apply both orders" >&2
