@@ -1,9 +1,11 @@
 //! Benchmarks of the whizbang runtime, each measured against a baseline in the same run.
 //!
-//! `cargo run --release --bin whizbang-bench -- core`
+//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`)
 //!
 //! Suites:
 //! - `store`: the Postgres store beside raw SQL on the same tables (see `whizbang-bench/store.rs`).
+//! - `amqp`: outbox → broker beside a bare fe2o3-amqp sender, broker → inbox → perspective, and
+//!   end-to-end latency at a fixed offered rate (see `whizbang-bench/amqp.rs`).
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
 //!   store and transport, default configuration with the scoped flush strategy) beside a direct
 //!   call of the same receptor and perspective (`Receptor::handle`, the event's decode, and
