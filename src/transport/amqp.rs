@@ -59,7 +59,6 @@ use fe2o3_amqp::session::{Session, SessionHandle};
 use fe2o3_amqp::types::definitions::{self, ErrorCondition, SenderSettleMode};
 use fe2o3_amqp::types::messaging::{Body, Data, Message, Outcome};
 use fe2o3_amqp::types::primitives::{Symbol, Value};
-use futures::FutureExt as _;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -840,19 +839,11 @@ impl Subscription for AmqpSubscription {
                 return Err(connection_error(&self.address, "link lost", reason));
             }
         };
-        let mut out = vec![self.admit(first)];
-        // Whatever else has already arrived (recv is cancel-safe).
-        while out.len() < max.max(1) {
-            match self.receiver.recv::<Body<Value>>().now_or_never() {
-                Some(Ok(delivery)) => out.push(self.admit(delivery)),
-                Some(Err(e)) => {
-                    tracing::debug!(address = %self.address, error = %e, "receive failed after a batch; reported on the next call");
-                    break;
-                }
-                None => break,
-            }
-        }
-        Ok(out)
+        // One delivery per call. Draining more with `recv().now_or_never()` lost a delivery now
+        // and then (tests/amqp_conformance order_is_kept: 499 of 500 under concurrent
+        // publishers), so a dropped `recv` future is not treated as safe here.
+        let _ = max;
+        Ok(vec![self.admit(first)])
     }
 
     async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError> {
