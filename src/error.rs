@@ -98,7 +98,11 @@ impl DispatchError {
                 message,
             },
             HandlerFailure::Decode(m) => DispatchError::Codec(m),
-            HandlerFailure::Perspective(e) => DispatchError::Codec(e.0),
+            // Not produced by receptors; kept total rather than panicking.
+            HandlerFailure::Perspective(e) => DispatchError::Rejected {
+                message_type: message_type.into(),
+                error: ReceptorError::Internal(e.0),
+            },
         }
     }
 }
