@@ -135,6 +135,13 @@ impl MemoryStore {
 }
 
 impl State {
+    fn queue_mut(&mut self, queue: Queue) -> &mut RowQueue {
+        match queue {
+            Queue::Outbox => &mut self.outbox,
+            Queue::Inbox => &mut self.inbox,
+        }
+    }
+
     fn current_holder(&self, partition: u32) -> Option<(InstanceId, u64)> {
         self.leases
             .get(&partition)
@@ -233,10 +240,7 @@ impl State {
         if !self.fenced(instance, work) {
             return false;
         }
-        let q = match queue {
-            Queue::Outbox => &mut self.outbox,
-            Queue::Inbox => &mut self.inbox,
-        };
+        let q = self.queue_mut(queue);
         match q.rows.get(&work.message_id) {
             Some(row) if row.claimed == Some((instance, work.generation)) => {}
             _ => return false,
@@ -262,10 +266,7 @@ impl State {
         if !self.fenced(instance, &failure.work) {
             return false;
         }
-        let q = match queue {
-            Queue::Outbox => &mut self.outbox,
-            Queue::Inbox => &mut self.inbox,
-        };
+        let q = self.queue_mut(queue);
         let Some(row) = q.rows.get_mut(&failure.work.message_id) else {
             return false;
         };
@@ -302,10 +303,7 @@ impl State {
         if !self.fenced(instance, work) {
             return false;
         }
-        let q = match queue {
-            Queue::Outbox => &mut self.outbox,
-            Queue::Inbox => &mut self.inbox,
-        };
+        let q = self.queue_mut(queue);
         match q.rows.get_mut(&work.message_id) {
             Some(row) if row.claimed == Some((instance, work.generation)) => {
                 row.claimed = None;
@@ -331,6 +329,7 @@ impl State {
             .get(&instance)
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
+        // Field by field (not `queue_mut`): the loop below also reads `self.leases`.
         let q = match queue {
             Queue::Outbox => &mut self.outbox,
             Queue::Inbox => &mut self.inbox,
