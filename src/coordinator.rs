@@ -13,11 +13,11 @@ use crate::error::DispatchError;
 use crate::partition::{InboxJob, PartitionDirectory};
 use crate::publisher::{PublishRows, Publisher};
 use crate::store::{
-    AppendedEvent, ClaimBudget, Failure, InboxWork, InstanceId, OutboxWork, Store, UnitOfWork,
-    UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
+    AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
+    UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use actix::prelude::*;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -96,7 +96,10 @@ pub struct Coordinator {
     /// another instance holds them): claim again as soon as completions may have freed room.
     unclaimed_rows: bool,
     /// Rows handed to partition actors or the publisher and not yet reported back.
-    in_flight: std::collections::HashSet<Uuid>,
+    /// Per queue: an event published and applied locally has an outbox and an inbox row with
+    /// one message id, and either may finish first.
+    outbox_in_flight: HashSet<Uuid>,
+    inbox_in_flight: HashSet<Uuid>,
     /// A batch failed without an answer: it may have committed claims nobody knows about.
     /// The next claim passes `in_flight` so the store can hand those rows out again.
     claims_in_doubt: bool,
@@ -120,7 +123,8 @@ impl Coordinator {
             remote_waiters: HashMap::new(),
             flushing: false,
             unclaimed_rows: false,
-            in_flight: Default::default(),
+            outbox_in_flight: HashSet::new(),
+            inbox_in_flight: HashSet::new(),
             claims_in_doubt: false,
             error_backoff: None,
             // Claim once at start: work left by an earlier run of this service.
@@ -179,7 +183,10 @@ impl Coordinator {
         if self.claim_wanted && !self.stopped {
             batch.claim = Some(self.settings.claim_budget);
             if self.claims_in_doubt {
-                batch.in_flight = Some(self.in_flight.iter().copied().collect());
+                batch.in_flight = Some(InFlight {
+                    outbox: self.outbox_in_flight.iter().copied().collect(),
+                    inbox: self.inbox_in_flight.iter().copied().collect(),
+                });
             }
         }
         self.claim_wanted = false;
@@ -391,7 +398,7 @@ impl Coordinator {
             return;
         }
         if let Some(dir) = &self.partitions {
-            self.in_flight.insert(work.envelope.message_id);
+            self.inbox_in_flight.insert(work.envelope.message_id);
             dir.enqueue(
                 work.work.partition,
                 crate::partition::Job::Inbox(InboxJob { work, done }),
@@ -416,7 +423,7 @@ impl Coordinator {
             return;
         }
         if self.publisher.is_some() {
-            self.in_flight
+            self.outbox_in_flight
                 .extend(rows.iter().map(|r| r.envelope.message_id));
         }
         match &self.publisher {
@@ -587,15 +594,16 @@ impl Handler<Report> for Coordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Report, ctx: &mut Self::Context) {
-        let id = match &msg {
-            Report::OutboxDone(w)
-            | Report::OutboxReleased(w)
-            | Report::InboxDone(w)
-            | Report::InboxReleased(w, _)
-            | Report::InboxCommitted(w) => w.message_id,
-            Report::OutboxFailed(f) | Report::InboxFailed(f) => f.work.message_id,
+        match &msg {
+            Report::OutboxDone(w) | Report::OutboxReleased(w) => {
+                self.outbox_in_flight.remove(&w.message_id)
+            }
+            Report::OutboxFailed(f) => self.outbox_in_flight.remove(&f.work.message_id),
+            Report::InboxDone(w) | Report::InboxReleased(w, _) | Report::InboxCommitted(w) => {
+                self.inbox_in_flight.remove(&w.message_id)
+            }
+            Report::InboxFailed(f) => self.inbox_in_flight.remove(&f.work.message_id),
         };
-        self.in_flight.remove(&id);
         let r = &mut self.reports;
         match msg {
             Report::OutboxDone(w) => r.outbox_completions.push(w),

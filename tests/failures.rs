@@ -11,9 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
-use whizbang::store::{
-    CorrelationStatus, Heartbeat, Queue, StoreError, StoredEvent, WorkBatch, WorkBatchResult,
-};
+use whizbang::store::{Queue, Store, StoreError, WorkBatch, WorkBatchResult};
 use whizbang::transport::memory::MemoryBus;
 use whizbang::{
     Command, Config, Decision, DispatchError, DispatchOptions, Event, EventMeta, Message,
@@ -300,7 +298,7 @@ async fn rejected_commands_return_typed_errors_and_leave_nothing_behind() -> any
         for corr in [corr_invoke, corr_send] {
             let status = s.rt.status(corr).await?;
             anyhow::ensure!(
-                status == CorrelationStatus::default(),
+                status == whizbang::store::CorrelationStatus::default(),
                 "{mode:?}: {status:?}"
             );
         }
@@ -567,29 +565,17 @@ async fn wait_gate(notify: &tokio::sync::Notify, what: &str) -> Result<(), Strin
         .map_err(|_| format!("timed out waiting for {what}"))
 }
 
-/// A memory store that answers the batch committing the later event (`seq` 2) only after the
-/// perspective has failed the earlier one: like a database whose reply is still on the wire
-/// after COMMIT.
+/// Answers the batch committing the later event (`seq` 2) only after the perspective has
+/// failed the earlier one: like a database whose reply is still on the wire after COMMIT.
 struct SlowReplies {
-    inner: whizbang::store::memory::MemoryStore,
     gate: Arc<Gate>,
 }
 
 #[async_trait::async_trait]
-impl whizbang::store::Store for SlowReplies {
-    async fn register_instance(
+impl BatchHook for SlowReplies {
+    async fn process(
         &self,
-        instance: Uuid,
-        service: &str,
-        host: &str,
-    ) -> Result<(), StoreError> {
-        self.inner.register_instance(instance, service, host).await
-    }
-    async fn heartbeat(&self, instance: Uuid) -> Result<Heartbeat, StoreError> {
-        self.inner.heartbeat(instance).await
-    }
-    async fn process_work_batch(
-        &self,
+        inner: &whizbang::store::memory::MemoryStore,
         instance: Uuid,
         batch: WorkBatch,
     ) -> Result<WorkBatchResult, StoreError> {
@@ -600,7 +586,7 @@ impl whizbang::store::Store for SlowReplies {
             u.inbox.iter().any(|row| seq2(&row.envelope))
                 || u.outbox.iter().any(|row| seq2(&row.envelope))
         });
-        let result = self.inner.process_work_batch(instance, batch).await;
+        let result = inner.process_work_batch(instance, batch).await;
         if later {
             self.gate.later_committed.notify_one();
             wait_gate(&self.gate.earlier_failing, "the earlier event to fail")
@@ -610,47 +596,6 @@ impl whizbang::store::Store for SlowReplies {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         result
-    }
-    async fn release_partitions(
-        &self,
-        instance: Uuid,
-        partitions: Option<&[u32]>,
-    ) -> Result<(), StoreError> {
-        self.inner.release_partitions(instance, partitions).await
-    }
-    async fn read_stream(
-        &self,
-        stream_id: &str,
-        from: u64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.read_stream(stream_id, from).await
-    }
-    async fn read_all(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner.read_all(after, limit).await
-    }
-    async fn inbox_processed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
-        self.inner.inbox_processed(ids).await
-    }
-    async fn correlation_status(&self, id: Uuid) -> Result<CorrelationStatus, StoreError> {
-        self.inner.correlation_status(id).await
-    }
-    async fn dead_letters(&self) -> Result<Vec<whizbang::store::DeadLetter>, StoreError> {
-        self.inner.dead_letters().await
-    }
-    async fn requeue_dead_letter(&self, id: Uuid) -> Result<(), StoreError> {
-        self.inner.requeue_dead_letter(id).await
-    }
-    async fn skip_dead_letter(&self, id: Uuid) -> Result<(), StoreError> {
-        self.inner.skip_dead_letter(id).await
-    }
-    async fn load_checkpoint(&self, perspective: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.load_checkpoint(perspective).await
-    }
-    async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError> {
-        self.inner.save_checkpoint(perspective, position).await
-    }
-    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.work_signal()
     }
 }
 
@@ -690,12 +635,7 @@ async fn a_failure_while_a_later_row_is_being_committed_does_not_let_it_overtake
     // One delivery per receive: each event is its own inbox commit.
     remote_config.transport.prefetch = 1;
     let gate = Arc::new(Gate::default());
-    let store = SlowReplies {
-        inner: whizbang::store::memory::MemoryStore::new(
-            whizbang::store::StoreSettings::from_config(&remote_config),
-        ),
-        gate: gate.clone(),
-    };
+    let store = HookedStore::new(&remote_config, SlowReplies { gate: gate.clone() });
     let perspective = FailsLate(Recorder::new(), Default::default(), gate);
     let remote = on_bus(remote_config, &bus)
         .store(Arc::new(store))
@@ -787,12 +727,7 @@ async fn a_failed_publish_while_a_later_row_is_being_committed_does_not_let_it_o
         .await?;
     let gate = Arc::new(Gate::default());
     let sender_config = publishing(quick_retries("publisher", 10), Tried::TYPE_NAME, TOPIC);
-    let store = SlowReplies {
-        inner: whizbang::store::memory::MemoryStore::new(
-            whizbang::store::StoreSettings::from_config(&sender_config),
-        ),
-        gate: gate.clone(),
-    };
+    let store = HookedStore::new(&sender_config, SlowReplies { gate: gate.clone() });
     let transport = FailsFirstPublish {
         inner: whizbang::transport::memory::MemoryTransport::new(bus.clone()),
         gate,

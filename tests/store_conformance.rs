@@ -893,8 +893,11 @@ async fn claims_whose_answer_was_lost_are_handed_out_again(b: Backend) {
         batch(&store, a, claim_all()).await.claimed_inbox.is_empty(),
         "in flight"
     );
-    let recover = |known: Vec<Uuid>| WorkBatch {
-        in_flight: Some(known),
+    let recover = |inbox: Vec<Uuid>| WorkBatch {
+        in_flight: Some(InFlight {
+            outbox: Vec::new(),
+            inbox,
+        }),
         ..claim_all()
     };
     // e2 is really in flight, e1 is not: only e1 is handed out again.
@@ -908,6 +911,50 @@ async fn claims_whose_answer_was_lost_are_handed_out_again(b: Backend) {
     // Now both are known: nothing more.
     let r = batch(&store, a, recover(vec![e1.message_id, e2.message_id])).await;
     assert!(r.claimed_inbox.is_empty());
+}
+
+/// An event both published and applied locally has an outbox row and an inbox row with one
+/// message id; the recovery claim tells them apart, so a finished twin neither hides a row that
+/// needs handing out again nor gets a running one handed out twice.
+async fn in_flight_twins_are_told_apart_by_queue(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e = event("twin", 1);
+    let r = batch(&store, a, units(vec![unit(&e, true)])).await;
+    let (_, out, inb, _) = committed(&r.units[0]);
+    assert_eq!((out.len(), inb.len()), (1, 1));
+    let recover = |outbox: Vec<Uuid>, inbox: Vec<Uuid>| WorkBatch {
+        in_flight: Some(InFlight { outbox, inbox }),
+        ..claim_all()
+    };
+    // The outbox row is still publishing, the inbox row's claim was lost: only the inbox row
+    // comes back.
+    let r = batch(&store, a, recover(vec![e.message_id], vec![])).await;
+    assert!(
+        r.claimed_outbox.is_empty(),
+        "the running outbox row stays put"
+    );
+    let ids: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![e.message_id]);
+    // The other way round: the inbox row runs, the outbox row's claim was lost.
+    let r = batch(&store, a, recover(vec![], vec![e.message_id])).await;
+    assert!(
+        r.claimed_inbox.is_empty(),
+        "the running inbox row stays put"
+    );
+    let ids: Vec<Uuid> = r
+        .claimed_outbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![e.message_id]);
+    // Both running: nothing.
+    let r = batch(&store, a, recover(vec![e.message_id], vec![e.message_id])).await;
+    assert!(r.claimed_outbox.is_empty() && r.claimed_inbox.is_empty());
 }
 
 async fn perspective_checkpoints(b: Backend) {
@@ -951,4 +998,5 @@ conformance!(
     work_signal_fires_for_pending_work,
     perspective_checkpoints,
     claims_whose_answer_was_lost_are_handed_out_again,
+    in_flight_twins_are_told_apart_by_queue,
 );

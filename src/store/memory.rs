@@ -697,12 +697,21 @@ impl Store for MemoryStore {
 
         if let Some(budget) = batch.claim {
             st.acquire_partitions_with_work(instance, now, settings);
-            let known: Option<HashSet<Uuid>> = batch
-                .in_flight
-                .as_ref()
-                .map(|ids| ids.iter().copied().collect());
-            let known = known.as_ref();
-            for (id, work) in st.claim(Queue::Outbox, instance, budget.outbox, now, known) {
+            let (known_outbox, known_inbox): (Option<HashSet<Uuid>>, Option<HashSet<Uuid>>) =
+                match &batch.in_flight {
+                    Some(f) => (
+                        Some(f.outbox.iter().copied().collect()),
+                        Some(f.inbox.iter().copied().collect()),
+                    ),
+                    None => (None, None),
+                };
+            for (id, work) in st.claim(
+                Queue::Outbox,
+                instance,
+                budget.outbox,
+                now,
+                known_outbox.as_ref(),
+            ) {
                 let row = &st.outbox.rows[&id];
                 result.claimed_outbox.push(OutboxWork {
                     envelope: row.envelope.clone(),
@@ -711,7 +720,13 @@ impl Store for MemoryStore {
                     attempts: row.attempts,
                 });
             }
-            for (id, work) in st.claim(Queue::Inbox, instance, budget.inbox, now, known) {
+            for (id, work) in st.claim(
+                Queue::Inbox,
+                instance,
+                budget.inbox,
+                now,
+                known_inbox.as_ref(),
+            ) {
                 let row = &st.inbox.rows[&id];
                 result.claimed_inbox.push(InboxWork {
                     envelope: row.envelope.clone(),

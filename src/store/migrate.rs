@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_work_batch.sql",
         sql: include_str!("../../schema/0002_work_batch.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_in_flight_per_queue.sql",
+        sql: include_str!("../../schema/0003_in_flight_per_queue.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {

@@ -209,7 +209,16 @@ pub struct WorkBatch {
     /// really has in flight. A row claimed by this instance under its current lease but not in
     /// this list was claimed by a batch whose answer never arrived: the claim treats it as
     /// pending again, so it is neither stranded nor overtaken. `None`: trust every claim.
-    pub in_flight: Option<Vec<Uuid>>,
+    pub in_flight: Option<InFlight>,
+}
+
+/// The rows an instance has handed out and not yet reported, per queue. Per queue because an
+/// event that is both published and applied locally has an outbox row and an inbox row with
+/// the same message id: one can be finished while the other is still running.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub outbox: Vec<Uuid>,
+    pub inbox: Vec<Uuid>,
 }
 
 impl WorkBatch {

@@ -38,7 +38,7 @@ impl bb8::ManageConnection for PgManager {
     async fn connect(&self) -> Result<PgConnection, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let s = &self.schema;
-        let params: Vec<String> = (1..=37).map(|i| format!("${i}")).collect();
+        let params: Vec<String> = (1..=38).map(|i| format!("${i}")).collect();
         let batch = client
             .prepare(&format!(
                 "SELECT * FROM {s}.wb_process_work_batch({})",
@@ -484,6 +484,8 @@ impl Store for PostgresStore {
         let cap = s.backoff_max.as_millis() as i64;
         let claim_o = batch.claim.map_or(0, |c| c.outbox as i32);
         let claim_i = batch.claim.map_or(0, |c| c.inbox as i32);
+        let in_flight_outbox = batch.in_flight.as_ref().map(|f| &f.outbox);
+        let in_flight_inbox = batch.in_flight.as_ref().map(|f| &f.inbox);
         let params: Vec<&(dyn ToSql + Sync)> = vec![
             &instance,
             &lease,
@@ -521,7 +523,8 @@ impl Store for PostgresStore {
             &a.c_gen,
             &claim_o,
             &claim_i,
-            &batch.in_flight,
+            &in_flight_outbox,
+            &in_flight_inbox,
         ];
         let rows = {
             let conn = self.conn().await?;
