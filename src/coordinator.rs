@@ -92,8 +92,10 @@ pub struct Coordinator {
     remote_waiters: HashMap<Uuid, Vec<AppliedSender>>,
     flushing: bool,
     claim_wanted: bool,
-    /// A committed unit left rows this instance could not lease (at its partition maximum, or
-    /// another instance holds them): claim again as soon as completions may have freed room.
+    /// There may be rows this instance has not claimed yet: a committed unit left rows it could
+    /// not lease (at its partition maximum, or another instance holds them), or the last claim
+    /// found work (a backlog is drained claim after claim, not one claim per poll). Claim again
+    /// as soon as completions may have freed room.
     unclaimed_rows: bool,
     /// Rows handed to partition actors or the publisher and not yet reported back.
     /// Per queue: an event published and applied locally has an outbox and an inbox row with
@@ -207,11 +209,21 @@ impl Coordinator {
         batch.units = batch_units;
         let claimed = batch.claim.is_some();
         let resolves_doubt = batch.in_flight.is_some();
+        let (n_units, n_reports) = (batch.units.len(), batch.reports());
+        let started = std::time::Instant::now();
         ctx.spawn(
             async move { store.process_work_batch(instance, batch).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.flushing = false;
+                    tracing::trace!(
+                        units = n_units,
+                        reports = n_reports,
+                        claimed,
+                        ok = result.is_ok(),
+                        ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "work batch"
+                    );
                     match result {
                         Ok(result) => {
                             act.error_backoff = None;
@@ -348,9 +360,11 @@ impl Coordinator {
                 }
             }
         }
-        if claimed && result.claimed_inbox.is_empty() && result.claimed_outbox.is_empty() {
-            // Nothing left to catch up on (or nothing this instance can take yet).
-            self.unclaimed_rows = false;
+        if claimed {
+            // Work found: there may be more behind it. Nothing found: nothing left to catch up
+            // on (or nothing this instance can take yet).
+            self.unclaimed_rows =
+                !result.claimed_inbox.is_empty() || !result.claimed_outbox.is_empty();
         }
         self.hand_outbox(result.claimed_outbox);
         for work in result.claimed_inbox {

@@ -4,7 +4,10 @@
 //! Owns per-partition ordering. A job is either a command from the dispatcher (receptor →
 //! commit) or an inbox row (an event → its perspectives, or a command from the inbox → its
 //! receptor). The actor never lets two jobs overlap: actix would start the next message while
-//! an async handler awaits, so the handler only queues, and a pump runs one job at a time. When
+//! an async handler awaits, so the handler only queues, and a pump runs one job at a time. A
+//! command from the dispatcher counts as done once its unit is queued at the coordinator (which
+//! commits units in the order they arrive); its commit is awaited beside the next jobs, but the
+//! next command of the same stream waits for it. When
 //! an inbox row fails, the later queued rows of the same stream are handed back (the stream is
 //! parked until the retry). It must not write to the store itself: it reports to the
 //! coordinator.
@@ -16,6 +19,7 @@ use crate::handler::{Apply, HandlerFailure, Invoke};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
+use actix::dev::Request;
 use actix::prelude::*;
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -102,6 +106,7 @@ impl PartitionDirectory {
                         queue: VecDeque::new(),
                         busy: false,
                         partial: HashMap::new(),
+                        committing: HashMap::new(),
                     }
                     .start()
                 })
@@ -123,6 +128,10 @@ pub struct PartitionActor {
     /// Perspectives that already applied a row whose other perspectives failed: skipped on the
     /// retry so each perspective applies each event once.
     partial: HashMap<Uuid, Vec<String>>,
+    /// Streams with a command whose unit is queued for commit. The next command of another
+    /// stream runs at once (its unit joins the same batch); the next command of the same stream
+    /// waits for the commit, so it runs after its predecessor's effects are stored.
+    committing: HashMap<String, usize>,
 }
 
 impl Actor for PartitionActor {
@@ -150,6 +159,13 @@ impl PartitionActor {
         if self.busy {
             return;
         }
+        if let Some(Job::Command(next)) = self.queue.front()
+            && self.committing.contains_key(&next.envelope.stream_id)
+        {
+            // Its stream's previous command is still committing: wait for it (the commit's
+            // completion pumps again).
+            return;
+        }
         let Some(job) = self.queue.pop_front() else {
             return;
         };
@@ -157,6 +173,9 @@ impl PartitionActor {
         let deps = self.deps.clone();
         match job {
             Job::Command(job) => {
+                // The receptor runs and its unit is queued at the coordinator in the busy part;
+                // the commit itself is awaited outside it, so the next command of another stream
+                // does not wait a whole flush for it.
                 ctx.spawn(
                     async move {
                         let CommandJob {
@@ -165,12 +184,36 @@ impl PartitionActor {
                             wait,
                             reply,
                         } = job;
-                        let result = run_command(&deps, envelope, typed, None, wait).await;
-                        let _ = reply.send(result);
+                        let stream = envelope.stream_id.clone();
+                        let queued = queue_command(&deps, envelope, typed, None, wait).await;
+                        (stream, queued, reply)
                     }
                     .into_actor(self)
-                    .map(|_, act, ctx| {
+                    .map(|(stream, queued, reply), act, ctx| {
                         act.busy = false;
+                        match queued {
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                            Ok(queued) => {
+                                *act.committing.entry(stream.clone()).or_default() += 1;
+                                ctx.spawn(
+                                    async move {
+                                        let _ = reply.send(queued.committed().await);
+                                    }
+                                    .into_actor(act)
+                                    .map(move |_, act, ctx| {
+                                        if let Some(n) = act.committing.get_mut(&stream) {
+                                            *n -= 1;
+                                            if *n == 0 {
+                                                act.committing.remove(&stream);
+                                            }
+                                        }
+                                        act.pump(ctx);
+                                    }),
+                                );
+                            }
+                        }
                         act.pump(ctx);
                     }),
                 );
@@ -256,14 +299,34 @@ impl PartitionActor {
     }
 }
 
-/// Receptor → unit → commit. Shared by commands from the dispatcher and from the inbox.
-async fn run_command(
+/// A command whose receptor has run and whose unit is queued at the coordinator.
+struct QueuedCommand {
+    result: Box<dyn Any + Send>,
+    commit: Request<Coordinator, Commit>,
+}
+
+impl QueuedCommand {
+    /// Waits for the unit's commit.
+    async fn committed(self) -> Result<CommandOutcome, DispatchError> {
+        let CommitOutcome {
+            appended, applied, ..
+        } = self.commit.await??;
+        Ok(CommandOutcome {
+            result: self.result,
+            appended,
+            applied,
+        })
+    }
+}
+
+/// Receptor → unit → queued for commit (the coordinator keeps the order units arrive in).
+async fn queue_command(
     deps: &PartitionDeps,
     envelope: Envelope,
     typed: Option<Box<dyn Any + Send>>,
     completes: Option<WorkRef>,
     wait: bool,
-) -> Result<CommandOutcome, DispatchError> {
+) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
     let message_type = envelope.message_type.clone();
     let receptor = table
@@ -289,14 +352,25 @@ async fn run_command(
         decision.expectations,
         completes,
     )?;
-    let CommitOutcome {
-        appended, applied, ..
-    } = deps.coordinator.send(Commit { unit, wait }).await??;
-    Ok(CommandOutcome {
+    // `send` puts the unit in the coordinator's mailbox now; only the answer is awaited later.
+    Ok(QueuedCommand {
         result: decision.result,
-        appended,
-        applied,
+        commit: deps.coordinator.send(Commit { unit, wait }),
     })
+}
+
+/// Receptor → unit → commit, awaited: commands from the inbox, whose outcome decides their row.
+async fn run_command(
+    deps: &PartitionDeps,
+    envelope: Envelope,
+    typed: Option<Box<dyn Any + Send>>,
+    completes: Option<WorkRef>,
+    wait: bool,
+) -> Result<CommandOutcome, DispatchError> {
+    queue_command(deps, envelope, typed, completes, wait)
+        .await?
+        .committed()
+        .await
 }
 
 async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>) -> InboxResult {

@@ -155,26 +155,22 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
     let schema = new_schema();
     migrate(&mut client, &schema).await.expect("migration");
 
-    // File 1 edited after it was applied, and a new file 3 shipped alongside.
+    // File 1 edited after it was applied, and a new file shipped alongside.
     let altered: &'static str =
         Box::leak(format!("{}\n-- an innocent-looking edit\n", MIGRATIONS[0].sql).into_boxed_str());
-    let changed = [
-        Migration {
-            version: 1,
-            name: MIGRATIONS[0].name,
-            sql: altered,
-        },
-        Migration {
-            version: 2,
-            name: MIGRATIONS[1].name,
-            sql: MIGRATIONS[1].sql,
-        },
-        Migration {
-            version: 3,
-            name: "0003_new.sql",
-            sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
-        },
-    ];
+    let mut changed: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|m| Migration {
+            version: m.version,
+            name: m.name,
+            sql: if m.version == 1 { altered } else { m.sql },
+        })
+        .collect();
+    changed.push(Migration {
+        version: MIGRATIONS.len() as i32 + 1,
+        name: "0099_new.sql",
+        sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
+    });
     let err = migrate_with(&mut client, &schema, &changed)
         .await
         .expect_err("a changed applied migration must be refused");
@@ -203,12 +199,12 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         })
         .collect();
     extended.push(Migration {
-        version: 3,
-        name: "0003_new.sql",
+        version: MIGRATIONS.len() as i32 + 1,
+        name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
     let applied = migrate_with(&mut client, &schema, &extended).await.unwrap();
-    assert_eq!(applied, vec!["0003_new.sql".to_string()]);
+    assert_eq!(applied, vec!["0099_new.sql".to_string()]);
     assert!(
         tables(&client, &schema)
             .await

@@ -365,6 +365,11 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
 }
 
 fn main() {
+    // Logs go to stderr, off unless RUST_LOG asks (figures go to stdout).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let cli = Cli::parse();
     let system = actix::System::new();
     let result = system.block_on(async move {

@@ -31,8 +31,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        name: "0003_in_flight_per_queue.sql",
-        sql: include_str!("../../schema/0003_in_flight_per_queue.sql"),
+        name: "0003_work_batch_v2.sql",
+        sql: include_str!("../../schema/0003_work_batch_v2.sql"),
     },
 ];
 

@@ -2,7 +2,8 @@
 //!
 //! Owns the bb8 pool of tokio-postgres connections (each with the batch statements prepared
 //! once), the translation of a [`WorkBatch`] into the arrays of `wb_process_work_batch` (one
-//! statement, one round trip, one transaction; see `schema/0002_work_batch.sql`), the LISTEN
+//! statement, one round trip, one transaction; see `schema/0002_work_batch.sql` and its second
+//! version in `0003_work_batch_v2.sql`), the LISTEN
 //! connection that wakes the coordinator when work is stored, and start-up with retries while
 //! the database is unreachable. Lease times are the database's `now()`, never this process's
 //! clock. It must not hold state of its own between calls: everything lives in the database.
@@ -283,6 +284,20 @@ fn decode_envelope(row: &Row, kind_col: &str) -> Result<Envelope, StoreError> {
     })
 }
 
+/// CTEs (after a `freed` CTE returning partitions) that clear the claims on the rows of the
+/// released partitions: they are nobody's work any more, and the search for partitions with
+/// work only looks at unclaimed rows and expired leases.
+fn clear_claims(s: &str) -> String {
+    format!(
+        "o_clear AS (UPDATE {s}.wb_outbox SET claimed_by = NULL, claimed_generation = NULL
+                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
+                      RETURNING 1),
+         i_clear AS (UPDATE {s}.wb_inbox SET claimed_by = NULL, claimed_generation = NULL
+                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
+                      RETURNING 1)"
+    )
+}
+
 /// The batch as the arrays `wb_process_work_batch` takes.
 #[derive(Default)]
 struct BatchArrays {
@@ -548,8 +563,10 @@ impl Store for PostgresStore {
                 self.query(
                     &format!(
                         "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
-                          WHERE instance_id = $1 AND partition = ANY($2) RETURNING 1)
-                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x"
+                          WHERE instance_id = $1 AND partition = ANY($2) RETURNING partition),
+                         {clear}
+                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                        clear = clear_claims(s)
                     ),
                     &[&instance, &list],
                 )
@@ -559,9 +576,11 @@ impl Store for PostgresStore {
                 self.query(
                     &format!(
                         "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
-                          WHERE instance_id = $1 RETURNING 1),
+                          WHERE instance_id = $1 RETURNING partition),
+                         {clear},
                          gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
-                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x"
+                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                        clear = clear_claims(s)
                     ),
                     &[&instance],
                 )

@@ -170,6 +170,10 @@ fn config(args: &StoreArgs, schema: &str) -> Config {
         .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
     c.store.schema = schema.to_string();
+    // One instance alone: it may hold every partition (the default of 100 is a share for a
+    // fleet). The store takes this from the config it is opened with, so it is set here, for
+    // every phase; the throughput phase has far more streams in flight than 100 partitions.
+    c.partitions.max_partitions_per_instance = c.partitions.partition_count;
     c.routing
         .topics
         .insert(Recorded::TYPE_NAME.into(), "bench".into());
@@ -192,7 +196,9 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
     // Leave nothing behind, whatever happened.
     if let Ok(client) = raw_client(&base).await {
         let _ = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE"
+            ))
             .await;
     }
     result
@@ -201,7 +207,14 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
 async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     let pg: Arc<dyn Store> = Arc::new(PostgresStore::connect(base).await?);
     let client = raw_client(base).await?;
-    let schema = &base.store.schema;
+    // The raw baselines write into their own copy of the tables (same migrations, same
+    // indexes): rows they insert must not become work for the runtimes measured here.
+    let schema = &format!("{}_raw", base.store.schema);
+    {
+        let mut raw = base.clone();
+        raw.store.schema = schema.clone();
+        PostgresStore::connect(&raw).await?;
+    }
 
     // 1. An empty batch: a claim that finds nothing.
     let instance = Uuid::now_v7();
@@ -222,6 +235,55 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         pg.process_work_batch(instance, claim.clone()).await?;
         samples.push(t.elapsed());
     }
+    // One unit as `local_invoke` writes it (1 event, its outbox row and its inbox row for a
+    // local perspective, leased to the writer): the store's share of a local_invoke.
+    let mut unit_samples = Vec::with_capacity(args.calls);
+    for i in 0..args.calls + 100 {
+        let stream = format!("unit-{}", i % 64);
+        let envelope = whizbang::Envelope::new(
+            whizbang::envelope::MessageKind::Event,
+            Recorded::TYPE_NAME,
+            stream.clone(),
+            whizbang::message::encode(&Recorded {
+                stream: stream.clone(),
+                n: i as u64,
+            })?,
+        );
+        let partition = whizbang::routing::partition_of(&stream, base.partitions.partition_count);
+        let unit = UnitOfWork {
+            events: vec![envelope.clone()],
+            outbox: vec![NewOutboxRow {
+                envelope: envelope.clone(),
+                topic: "bench".into(),
+                partition,
+            }],
+            inbox: vec![NewInboxRow {
+                envelope,
+                partition,
+            }],
+            claim_for_writer: true,
+            ..UnitOfWork::default()
+        };
+        let batch = WorkBatch {
+            units: vec![unit],
+            ..WorkBatch::default()
+        };
+        let t = Instant::now();
+        pg.process_work_batch(instance, batch).await?;
+        if i >= 100 {
+            unit_samples.push(t.elapsed());
+        }
+    }
+    figure(
+        "unit_batch_ms_p50",
+        format!(
+            "{:.3}",
+            Samples::new(unit_samples).percentile(50.0) / 1000.0
+        ),
+    );
+    // Gone, as after a graceful shutdown: it must not count as a live instance (its fair share
+    // would halve the runtimes' below).
+    pg.release_partitions(instance, None).await?;
     let empty = Samples::new(samples);
     figure(
         "empty_batch_ms_p50",
@@ -235,9 +297,6 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     // 2. Throughput: interval strategy beside raw batched unnest inserts, same tables.
     let mut interval = base.clone();
     interval.coordinator.flush_strategy = FlushStrategy::Interval;
-    // One instance alone: it may hold every partition (the default of 100 is a share for a
-    // fleet); the streams in flight here far outnumber 100 partitions.
-    interval.partitions.max_partitions_per_instance = interval.partitions.partition_count;
     figure("store_streams_in_flight", 4_000.min(args.commands));
     let rt = Runtime::builder(interval)
         .store(pg.clone())
@@ -267,6 +326,29 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         task.await??;
     }
     let store_rate = total as f64 / t.elapsed().as_secs_f64();
+    // The publisher drains the outbox after the commits; wait for it, so that the latency
+    // figures below start on empty queues.
+    let drain = Instant::now();
+    loop {
+        let left: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {}.wb_outbox", base.store.schema),
+                &[],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        if drain.elapsed() > Duration::from_secs(120) {
+            return Err(format!("{left} outbox rows still queued after 120 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    figure(
+        "store_outbox_drained_s",
+        format!("{:.2}", drain.elapsed().as_secs_f64()),
+    );
     let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
     rt.shutdown().await?;
 
