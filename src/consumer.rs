@@ -171,6 +171,7 @@ impl ReceiveLoop {
         }
         check(&envelope.payload)
             .map_err(|e| format!("message {} does not decode: {e}", envelope.message_id))?;
+        envelope.check_storable()?;
         envelope.push_hop(
             self.origin
                 .hop(&envelope.stream_id, Some(self.topic.as_str())),

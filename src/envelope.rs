@@ -67,6 +67,25 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// Checks the fields the stores keep as text: a NUL character cannot be stored in a
+    /// PostgreSQL `text` column, and one such message would fail the whole batch it is
+    /// committed with, taking the messages of other callers down with it. The error is the
+    /// reason, for a typed refusal of this one message.
+    pub fn check_storable(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("stream id", &self.stream_id),
+            ("message type", &self.message_type),
+        ] {
+            if value.contains('\0') {
+                return Err(format!(
+                    "the {field} of message {} contains a NUL character",
+                    self.message_id
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A new original message: fresh message id, a new correlation id, no cause.
     pub fn new(
         kind: MessageKind,

@@ -31,6 +31,13 @@ pub enum DispatchError {
     /// A payload could not be encoded or decoded.
     #[error("codec error: {0}")]
     Codec(String),
+    /// A message the stores cannot hold (see [`crate::Envelope::check_storable`]); nothing of
+    /// its unit was written.
+    #[error("invalid `{message_type}` message: {reason}")]
+    InvalidMessage {
+        message_type: String,
+        reason: String,
+    },
     /// An expected version did not match; nothing of the command was written.
     #[error("version conflict on stream `{stream_id}`: expected {expected:?}, found {actual}")]
     VersionConflict {
@@ -60,6 +67,7 @@ impl DispatchError {
     pub fn http_status(&self) -> u16 {
         match self {
             DispatchError::Rejected { error, .. } => error.http_status(),
+            DispatchError::InvalidMessage { .. } => 400,
             DispatchError::VersionConflict { .. } => 409,
             DispatchError::Store(_, true) | DispatchError::Unavailable(_) => 503,
             _ => 500,

@@ -87,6 +87,12 @@ pub fn add_message(
     unit: &mut UnitOfWork,
     mut envelope: Envelope,
 ) -> Result<(), DispatchError> {
+    envelope
+        .check_storable()
+        .map_err(|reason| DispatchError::InvalidMessage {
+            message_type: envelope.message_type.clone(),
+            reason,
+        })?;
     let partition = origin.partition(&envelope.stream_id);
     let topic = table.topic(&envelope.message_type).map(str::to_string);
     envelope.push_hop(origin.hop(&envelope.stream_id, None));

@@ -344,7 +344,10 @@ impl BatchArrays {
         self.r_id.push(w.message_id);
         self.r_part.push(w.partition as i32);
         self.r_gen.push(w.generation as i64);
-        self.r_error.push(error);
+        // Error texts come from user code: a NUL (which `text` cannot hold) must not fail the
+        // batch, or the report would be retried forever.
+        self.r_error
+            .push(error.map(|e| e.replace('\0', "\u{FFFD}")));
     }
 
     fn failure(&mut self, queue: &'static str, f: &Failure) {
