@@ -1,6 +1,7 @@
 //! Benchmarks of the whizbang runtime, each measured against a baseline in the same run.
 //!
-//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`)
+//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, or `all` for the three
+//! in a row with their default settings)
 //!
 //! Suites:
 //! - `store`: the Postgres store beside raw SQL on the same tables (see `whizbang-bench/store.rs`).
@@ -12,7 +13,9 @@
 //!   `Perspective::apply`; the event's encode happens inside `handle`, in `Decision::event`,
 //!   exactly as in the runtime).
 //!
-//! Output: one `name: value` line per figure on stdout, so scripts can parse it. Latencies are
+//! Output: one `name: value` line per figure on stdout, so scripts can parse it; the same
+//! figures, with the machine, the Postgres settings that matter and the commit, go to
+//! `target/bench/results.json` (`$CARGO_TARGET_DIR/bench/results.json`). Latencies are
 //! medians (and 99th percentiles) of individually timed calls after a warm-up, the baseline and
 //! the runtime measured in alternating blocks; throughput is completed calls per second with
 //! many concurrent callers, each on its own stream.
@@ -56,6 +59,14 @@ enum Suite {
     /// The AMQP transport on the local RabbitMQ with the Postgres store: outbox → broker beside
     /// a bare sender, broker → inbox → perspective, end-to-end latency at a fixed rate.
     Amqp(amqp::AmqpArgs),
+    /// core, store and amqp in a row, each with its default settings.
+    All,
+}
+
+/// A suite's arguments as if given none.
+fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults"));
+    T::from_arg_matches(&command.get_matches_from(["defaults"])).expect("defaults parse")
 }
 
 #[derive(Args)]
@@ -195,8 +206,115 @@ impl Samples {
     }
 }
 
+/// The suite running now, and every figure printed so far: (suite, name, value).
+static SUITE: Mutex<&str> = Mutex::new("");
+static FIGURES: Mutex<Vec<(&str, String, String)>> = Mutex::new(Vec::new());
+
 fn figure(name: &str, value: impl std::fmt::Display) {
+    let value = value.to_string();
     println!("{name}: {value}");
+    let suite = *SUITE.lock().unwrap_or_else(|p| p.into_inner());
+    FIGURES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((suite, name.to_string(), value));
+}
+
+/// Runs one suite with its figures filed under `name`.
+async fn run_suite(
+    name: &'static str,
+    suite: impl std::future::Future<Output = BenchResult<()>>,
+) -> BenchResult<()> {
+    *SUITE.lock().unwrap_or_else(|p| p.into_inner()) = name;
+    figure("suite", name);
+    suite.await
+}
+
+/// Writes the figures of this run with what they were measured on.
+async fn write_results(suites: &[&str], errors: &[String]) -> BenchResult<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+    )
+    .join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut figures = serde_json::Map::new();
+    for (suite, name, value) in FIGURES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let entry = figures
+            .entry(suite.to_string())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if let serde_json::Value::Object(map) = entry {
+            // Numbers as numbers, everything else as text.
+            let v = value
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or_else(|| serde_json::Value::String(value.clone()), Into::into);
+            map.insert(name.clone(), v);
+        }
+    }
+    let commit = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let mem_total_kb = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    let machine = serde_json::json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_mb": mem_total_kb.map(|kb| kb / 1024),
+        "load_average": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>(),
+    });
+    let postgres = if suites.iter().any(|s| *s != "core") {
+        postgres_settings()
+            .await
+            .unwrap_or_else(|e| serde_json::json!({ "error": format!("settings not read: {e}") }))
+    } else {
+        serde_json::Value::Null
+    };
+    let results = serde_json::json!({
+        "commit": commit,
+        "finished_unix_s": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "suites": suites,
+        "machine": machine,
+        "postgres": postgres,
+        "figures": figures,
+        "errors": errors,
+    });
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    Ok(path)
+}
+
+/// The Postgres settings that move the store's figures.
+async fn postgres_settings() -> BenchResult<serde_json::Value> {
+    let url = std::env::var("WHIZBANG_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    actix_rt::spawn(async move {
+        let _ = conn.await;
+    });
+    let rows = client
+        .query(
+            "SELECT name, setting || coalesce(unit, '') FROM pg_settings
+              WHERE name IN ('server_version', 'shared_buffers', 'synchronous_commit', 'fsync',
+                             'wal_level', 'max_connections', 'work_mem', 'commit_delay')
+              ORDER BY name",
+            &[],
+        )
+        .await?;
+    Ok(serde_json::Value::Object(
+        rows.iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1).into()))
+            .collect(),
+    ))
 }
 
 const COMMAND_ID: Uuid = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
@@ -343,7 +461,6 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
 
     let p50 = invoke.percentile(50.0);
     let direct_p50 = direct.percentile(50.0);
-    figure("suite", "core");
     figure("samples", args.samples);
     figure("local_invoke_us_p50", format!("{p50:.2}"));
     figure(
@@ -372,15 +489,36 @@ fn main() {
         .try_init();
     let cli = Cli::parse();
     let system = actix::System::new();
-    let result = system.block_on(async move {
+    let failed = system.block_on(async move {
+        let mut suites = Vec::new();
+        let mut errors = Vec::new();
+        let mut record = |name: &'static str, result: BenchResult<()>| {
+            suites.push(name);
+            if let Err(e) = result {
+                eprintln!("whizbang-bench: {name}: error: {e}");
+                errors.push(format!("{name}: {e}"));
+            }
+        };
         match cli.suite {
-            Suite::Core(args) => core(args).await,
-            Suite::Store(args) => store::store(args).await,
-            Suite::Amqp(args) => amqp::amqp(args).await,
+            Suite::Core(args) => record("core", run_suite("core", core(args)).await),
+            Suite::Store(args) => record("store", run_suite("store", store::store(args)).await),
+            Suite::Amqp(args) => record("amqp", run_suite("amqp", amqp::amqp(args)).await),
+            Suite::All => {
+                record("core", run_suite("core", core(defaults())).await);
+                record("store", run_suite("store", store::store(defaults())).await);
+                record("amqp", run_suite("amqp", amqp::amqp(defaults())).await);
+            }
         }
+        match write_results(&suites, &errors).await {
+            Ok(path) => eprintln!("whizbang-bench: results written to {}", path.display()),
+            Err(e) => {
+                eprintln!("whizbang-bench: results.json not written: {e}");
+                errors.push(format!("results.json: {e}"));
+            }
+        }
+        !errors.is_empty()
     });
-    if let Err(e) = result {
-        eprintln!("whizbang-bench: error: {e}");
+    if failed {
         std::process::exit(1);
     }
 }

@@ -312,7 +312,6 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     let schemas = names.schemas();
     let n = args.events.max(1);
     let streams = args.streams.max(1);
-    figure("suite", "amqp");
     figure("events", n);
 
     // ---- 1. Outbox → broker, beside a bare pipelined sender ----
