@@ -1,12 +1,14 @@
 //! Benchmarks of the whizbang runtime, each measured against a baseline in the same run.
 //!
-//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, or `all` for the three
-//! in a row with their default settings)
+//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, `e2e`, or `all` for
+//! the four in a row with their default settings)
 //!
 //! Suites:
 //! - `store`: the Postgres store beside raw SQL on the same tables (see `whizbang-bench/store.rs`).
 //! - `amqp`: outbox → broker beside a bare fe2o3-amqp sender, broker → inbox → perspective, and
 //!   end-to-end latency at a fixed offered rate (see `whizbang-bench/amqp.rs`).
+//! - `e2e`: that end-to-end latency at several offered rates (`--rates`, default 100,1000),
+//!   p50 / p95 / p99, each timed from the intended send time.
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
 //!   store and transport, default configuration with the scoped flush strategy) beside a direct
 //!   call of the same receptor and perspective (`Receptor::handle`, the event's decode, and
@@ -59,7 +61,10 @@ enum Suite {
     /// The AMQP transport on the local RabbitMQ with the Postgres store: outbox → broker beside
     /// a bare sender, broker → inbox → perspective, end-to-end latency at a fixed rate.
     Amqp(amqp::AmqpArgs),
-    /// core, store and amqp in a row, each with its default settings.
+    /// End-to-end latency (local_invoke on one runtime → the perspective of another, over
+    /// Postgres and the broker) at several offered rates, with p50 / p95 / p99.
+    E2e(amqp::AmqpArgs),
+    /// core, store, amqp and e2e in a row, each with its default settings.
     All,
 }
 
@@ -503,10 +508,12 @@ fn main() {
             Suite::Core(args) => record("core", run_suite("core", core(args)).await),
             Suite::Store(args) => record("store", run_suite("store", store::store(args)).await),
             Suite::Amqp(args) => record("amqp", run_suite("amqp", amqp::amqp(args)).await),
+            Suite::E2e(args) => record("e2e", run_suite("e2e", amqp::e2e(args)).await),
             Suite::All => {
                 record("core", run_suite("core", core(defaults())).await);
                 record("store", run_suite("store", store::store(defaults())).await);
                 record("amqp", run_suite("amqp", amqp::amqp(defaults())).await);
+                record("e2e", run_suite("e2e", amqp::e2e(defaults())).await);
             }
         }
         match write_results(&suites, &errors).await {

@@ -57,6 +57,9 @@ pub struct AmqpArgs {
     /// Seconds the end-to-end load is offered.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Offered rates of the `e2e` suite, events per second, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    pub rates: Vec<u64>,
 }
 
 /// How long any phase may take before the suite fails.
@@ -288,11 +291,31 @@ pub async fn amqp(args: AmqpArgs) -> BenchResult<()> {
     let names = Names::new();
     topology(&names.specs(), false)?;
     let result = run(&args, &names).await;
-    // Leave nothing behind, whatever happened.
+    clean_up(&args, &names).await;
+    result
+}
+
+/// The `e2e` suite: end-to-end latency at each of `args.rates`.
+pub async fn e2e(args: AmqpArgs) -> BenchResult<()> {
+    let names = Names::new();
+    topology(&names.specs(), false)?;
+    let mut result = Ok(());
+    for &rate in &args.rates {
+        result = end_to_end(&args, &names, rate, &format!("e2e_{rate}")).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    clean_up(&args, &names).await;
+    result
+}
+
+/// Deletes this run's exchanges and queues and drops its schemas, whatever happened.
+async fn clean_up(args: &AmqpArgs, names: &Names) {
     if let Err(e) = topology(&names.specs(), true) {
         eprintln!("whizbang-bench: could not delete the topology: {e}");
     }
-    match tokio_postgres::connect(&database_url(&args), tokio_postgres::NoTls).await {
+    match tokio_postgres::connect(&database_url(args), tokio_postgres::NoTls).await {
         Ok((client, conn)) => {
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -305,7 +328,6 @@ pub async fn amqp(args: AmqpArgs) -> BenchResult<()> {
         }
         Err(e) => eprintln!("whizbang-bench: could not drop the schemas: {e}"),
     }
-    result
 }
 
 async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
@@ -430,11 +452,48 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     figure("consume_events_per_s", format!("{consume_rate:.0}"));
 
     // ---- 3. End to end at a fixed offered rate ----
-    let mut snd = config(args, "bench-snd", &schemas[2]);
+    end_to_end(args, names, args.rate, "e2e").await
+}
+
+/// Latency from the intended send time of a `local_invoke` on one runtime to the perspective
+/// of another having applied its event, at `rate` events/s offered for `args.seconds`; figures
+/// named `{prefix}_p50_ms` and so on. Each call gets fresh schemas (the pair of runtimes of an
+/// earlier rate must not leave work behind for this one).
+async fn end_to_end(args: &AmqpArgs, names: &Names, rate: u64, prefix: &str) -> BenchResult<()> {
+    let schemas = names.schemas();
+    let (snd_schema, rcv_schema) = (
+        format!("{}_{rate}", schemas[2]),
+        format!("{}_{rate}", schemas[3]),
+    );
+    let result = end_to_end_in(args, names, rate, prefix, &snd_schema, &rcv_schema).await;
+    if let Ok((client, conn)) =
+        tokio_postgres::connect(&database_url(args), tokio_postgres::NoTls).await
+    {
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        for s in [&snd_schema, &rcv_schema] {
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
+                .await;
+        }
+    }
+    result
+}
+
+async fn end_to_end_in(
+    args: &AmqpArgs,
+    names: &Names,
+    rate: u64,
+    prefix: &str,
+    snd_schema: &str,
+    rcv_schema: &str,
+) -> BenchResult<()> {
+    let mut snd = config(args, "bench-snd", snd_schema);
     snd.routing
         .topics
         .insert(Tick::TYPE_NAME.into(), names.e2e_topic.clone());
-    let mut rcv = config(args, "bench-rcv", &schemas[3]);
+    let mut rcv = config(args, "bench-rcv", rcv_schema);
     rcv.routing.subscriptions.push(SubscriptionConfig {
         topic: names.e2e_topic.clone(),
         name: "remote".into(),
@@ -450,7 +509,7 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
             .start()
             .await?,
     );
-    let rate = args.rate.max(1);
+    let rate = rate.max(1);
     let warmup = (rate / 2) as usize;
     let timed = (rate * args.seconds.max(1)) as usize;
     let interval = Duration::from_nanos(1_000_000_000 / rate);
@@ -507,16 +566,14 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     let sender = Arc::try_unwrap(sender).map_err(|_| "runtime still shared")?;
     sender.shutdown().await?;
     receiver.shutdown().await?;
-    figure("e2e_offered_per_s", rate);
-    figure("e2e_events", timed);
-    figure(
-        "e2e_p50_ms",
-        format!("{:.2}", samples.percentile(50.0) / 1000.0),
-    );
-    figure(
-        "e2e_p99_ms",
-        format!("{:.2}", samples.percentile(99.0) / 1000.0),
-    );
+    figure(&format!("{prefix}_offered_per_s"), rate);
+    figure(&format!("{prefix}_events"), timed);
+    for p in [50.0, 95.0, 99.0] {
+        figure(
+            &format!("{prefix}_p{p}_ms"),
+            format!("{:.2}", samples.percentile(p) / 1000.0),
+        );
+    }
     Ok(())
 }
 
