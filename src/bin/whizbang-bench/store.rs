@@ -2,9 +2,13 @@
 //!
 //! Figures (one `name: value` line each):
 //! - `empty_batch_ms_p50`: a work batch with nothing to do (a claim that finds nothing);
-//! - `store_events_per_s`, `raw_events_per_s`, `store_ratio_vs_raw`: commands each producing one
-//!   event (event store + outbox), interval strategy, beside a raw batched
-//!   `INSERT … SELECT unnest(…)` of the same rows into the same tables;
+//! - `store_{immediate,scoped,interval}_events_per_s` (W1): commands each producing one event
+//!   (event store + outbox, then published), with each flush strategy;
+//!   `store_events_per_s`, `raw_events_per_s`, `store_ratio_vs_raw`: the interval one beside a
+//!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables;
+//! - W0, the physical limit of those tables: `raw_batch100_events_per_s`,
+//!   `raw_batch1000_events_per_s`, `raw_row_per_txn_1_client_per_s`,
+//!   `raw_row_per_txn_16_clients_per_s`;
 //! - `local_invoke_p50_ms`, `local_invoke_p99_ms`, `raw_insert_p50_ms`,
 //!   `local_invoke_p50_ratio_vs_raw`: one `local_invoke` (scoped, 1 event + 1 perspective)
 //!   beside a raw single-statement transaction inserting one event and one outbox row;
@@ -210,11 +214,9 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     // The raw baselines write into their own copy of the tables (same migrations, same
     // indexes): rows they insert must not become work for the runtimes measured here.
     let schema = &format!("{}_raw", base.store.schema);
-    {
-        let mut raw = base.clone();
-        raw.store.schema = schema.clone();
-        PostgresStore::connect(&raw).await?;
-    }
+    let mut raw_config = base.clone();
+    raw_config.store.schema = schema.clone();
+    PostgresStore::connect(&raw_config).await?;
 
     // 1. An empty batch: a claim that finds nothing.
     let instance = Uuid::now_v7();
@@ -294,63 +296,23 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         format!("{:.3}", empty.percentile(99.0) / 1000.0),
     );
 
-    // 2. Throughput: interval strategy beside raw batched unnest inserts, same tables.
-    let mut interval = base.clone();
-    interval.coordinator.flush_strategy = FlushStrategy::Interval;
-    figure("store_streams_in_flight", 4_000.min(args.commands));
-    let rt = Runtime::builder(interval)
-        .store(pg.clone())
-        .receptor::<Record, _>(RecordReceptor)
-        .start()
-        .await?;
+    // 2. Throughput (W1): each flush strategy; the interval one beside raw batched unnest
+    // inserts into the same tables.
     let streams = 4_000.min(args.commands).max(1);
     let per_stream = args.commands.div_ceil(streams);
     let total = streams * per_stream;
-    let t = Instant::now();
-    let mut tasks = Vec::with_capacity(streams);
-    let rt = Arc::new(rt);
-    for s in 0..streams {
-        let rt = rt.clone();
-        tasks.push(actix_rt::spawn(async move {
-            for n in 0..per_stream {
-                rt.send(Record {
-                    stream: format!("tp-{s}"),
-                    n: n as u64,
-                })
-                .await?;
-            }
-            Ok::<_, whizbang::DispatchError>(())
-        }));
+    figure("store_streams_in_flight", streams);
+    let mut store_rate = 0.0;
+    for (name, strategy, streams) in [
+        // One unit per round trip, so a tenth of the work (a rate, not a total, is compared).
+        ("immediate", FlushStrategy::Immediate, streams.div_ceil(10)),
+        ("scoped", FlushStrategy::Scoped, streams),
+        ("interval", FlushStrategy::Interval, streams),
+    ] {
+        let rate = throughput(&pg, base, strategy, streams, per_stream, &client).await?;
+        figure(&format!("store_{name}_events_per_s"), format!("{rate:.0}"));
+        store_rate = rate;
     }
-    for task in tasks {
-        task.await??;
-    }
-    let store_rate = total as f64 / t.elapsed().as_secs_f64();
-    // The publisher drains the outbox after the commits; wait for it, so that the latency
-    // figures below start on empty queues.
-    let drain = Instant::now();
-    loop {
-        let left: i64 = client
-            .query_one(
-                &format!("SELECT count(*) FROM {}.wb_outbox", base.store.schema),
-                &[],
-            )
-            .await?
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        if drain.elapsed() > Duration::from_secs(120) {
-            return Err(format!("{left} outbox rows still queued after 120 s").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    figure(
-        "store_outbox_drained_s",
-        format!("{:.2}", drain.elapsed().as_secs_f64()),
-    );
-    let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
-    rt.shutdown().await?;
 
     let event_meta = rmp_serde::to_vec(&(
         Vec::<whizbang::envelope::Hop>::new(),
@@ -374,43 +336,36 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
                            $9::bytea[], $10::bytea[]) AS x(id, s, p, c, t, ts, m, b)"
         ))
         .await?;
-    let batch = 1_000usize;
-    let start_position: i64 = 10_000_000;
-    let t = Instant::now();
-    let mut done = 0usize;
-    while done < total {
-        let n = batch.min(total - done);
-        let positions: Vec<i64> = (0..n).map(|i| start_position + (done + i) as i64).collect();
-        let streams: Vec<String> = (0..n).map(|i| format!("raw-{}", done + i)).collect();
-        let versions: Vec<i64> = vec![1; n];
-        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-        let causes: Vec<Option<Uuid>> = vec![None; n];
-        let types: Vec<&str> = vec![Recorded::TYPE_NAME; n];
-        let ts: Vec<i64> = vec![whizbang::envelope::now_us(); n];
-        let metas: Vec<&[u8]> = vec![&event_meta; n];
-        let payloads: Vec<&[u8]> = vec![&payload; n];
-        let parts: Vec<i32> = streams
-            .iter()
-            .map(|s| whizbang::routing::partition_of(s, 10_000) as i32)
-            .collect();
-        client
-            .execute(
-                &insert,
-                &[
-                    &positions, &streams, &versions, &ids, &ids, &causes, &types, &ts, &metas,
-                    &payloads, &parts,
-                ],
-            )
-            .await?;
-        done += n;
-    }
-    let raw_rate = total as f64 / t.elapsed().as_secs_f64();
+    let rows = RawRows {
+        meta: &event_meta,
+        payload: &payload,
+    };
+    let raw_rate = rows
+        .batched(&client, &insert, 1_000, total, 10_000_000)
+        .await?;
     figure("store_events_per_s", format!("{store_rate:.0}"));
     figure("raw_events_per_s", format!("{raw_rate:.0}"));
     figure(
         "store_ratio_vs_raw",
         format!("{:.2}", store_rate / raw_rate),
     );
+
+    // W0, the physical limit of these tables: batches of 100 rows, and one row (event + outbox)
+    // per transaction from 1 and from 16 clients.
+    let rate = rows
+        .batched(&client, &insert, 100, total, 40_000_000)
+        .await?;
+    figure("raw_batch100_events_per_s", format!("{rate:.0}"));
+    figure("raw_batch1000_events_per_s", format!("{raw_rate:.0}"));
+    let single_rows = 2_000;
+    let rate = rows
+        .single_rows(&raw_config, 1, single_rows, 50_000_000)
+        .await?;
+    figure("raw_row_per_txn_1_client_per_s", format!("{rate:.0}"));
+    let rate = rows
+        .single_rows(&raw_config, 16, single_rows, 60_000_000)
+        .await?;
+    figure("raw_row_per_txn_16_clients_per_s", format!("{rate:.0}"));
 
     // 3. Latency: local_invoke (scoped, 1 event + 1 perspective) beside one raw insert statement.
     let mut scoped = base.clone();
@@ -516,4 +471,176 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     );
     rt.shutdown().await?;
     Ok(())
+}
+
+/// Rows of the raw baselines: an event and its outbox row, straight into the tables.
+struct RawRows<'a> {
+    meta: &'a [u8],
+    payload: &'a [u8],
+}
+
+impl RawRows<'_> {
+    /// `total` rows through `insert` (`INSERT … SELECT unnest(…)`), `batch` per statement;
+    /// rows per second.
+    async fn batched(
+        &self,
+        client: &tokio_postgres::Client,
+        insert: &tokio_postgres::Statement,
+        batch: usize,
+        total: usize,
+        first_position: i64,
+    ) -> BenchResult<f64> {
+        let t = Instant::now();
+        let mut done = 0usize;
+        while done < total {
+            let n = batch.min(total - done);
+            let positions: Vec<i64> = (0..n).map(|i| first_position + (done + i) as i64).collect();
+            let streams: Vec<String> = (0..n)
+                .map(|i| format!("raw-{first_position}-{}", done + i))
+                .collect();
+            let versions: Vec<i64> = vec![1; n];
+            let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+            let causes: Vec<Option<Uuid>> = vec![None; n];
+            let types: Vec<&str> = vec![Recorded::TYPE_NAME; n];
+            let ts: Vec<i64> = vec![whizbang::envelope::now_us(); n];
+            let metas: Vec<&[u8]> = vec![self.meta; n];
+            let payloads: Vec<&[u8]> = vec![self.payload; n];
+            let parts: Vec<i32> = streams
+                .iter()
+                .map(|s| whizbang::routing::partition_of(s, 10_000) as i32)
+                .collect();
+            client
+                .execute(
+                    insert,
+                    &[
+                        &positions, &streams, &versions, &ids, &ids, &causes, &types, &ts, &metas,
+                        &payloads, &parts,
+                    ],
+                )
+                .await?;
+            done += n;
+        }
+        Ok(total as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// `total` single-row transactions (one event and its outbox row in one statement) from
+    /// `clients` connections at once; rows per second.
+    async fn single_rows(
+        &self,
+        config: &Config,
+        clients: usize,
+        total: usize,
+        first_position: i64,
+    ) -> BenchResult<f64> {
+        let schema = &config.store.schema;
+        let sql = format!(
+            "WITH e AS (
+                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
+                       causation_id, message_type, timestamp_us, meta, payload)
+                VALUES ($1, $2, 1, $3, $3, NULL, $4, $5, $6, $7))
+             INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                    correlation_id, causation_id, message_type, timestamp_us, meta, payload)
+             VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
+        );
+        let per_client = total.div_ceil(clients);
+        let mut connections = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            let client = raw_client(config).await?;
+            let statement = client.prepare(&sql).await?;
+            connections.push((client, statement));
+        }
+        let t = Instant::now();
+        let runs = connections
+            .into_iter()
+            .enumerate()
+            .map(|(c, (client, statement))| async move {
+                for i in 0..per_client {
+                    let position = first_position + (c * per_client + i) as i64;
+                    let stream = format!("rawrow-{position}");
+                    let id = Uuid::now_v7();
+                    let now = whizbang::envelope::now_us();
+                    client
+                        .execute(
+                            &statement,
+                            &[
+                                &position,
+                                &stream,
+                                &id,
+                                &Recorded::TYPE_NAME,
+                                &now,
+                                &self.meta,
+                                &self.payload,
+                            ],
+                        )
+                        .await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            });
+        for r in futures::future::join_all(runs).await {
+            r?;
+        }
+        Ok((per_client * clients) as f64 / t.elapsed().as_secs_f64())
+    }
+}
+
+/// Commands each producing one event (published on), `per_stream` one after another on each
+/// of `streams` streams at once, with `strategy`; commits per second. Waits for the outbox to
+/// drain before it returns, so the next phase starts on empty queues.
+async fn throughput(
+    pg: &Arc<dyn Store>,
+    base: &Config,
+    strategy: FlushStrategy,
+    streams: usize,
+    per_stream: usize,
+    client: &tokio_postgres::Client,
+) -> BenchResult<f64> {
+    let mut c = base.clone();
+    c.coordinator.flush_strategy = strategy;
+    let rt = Arc::new(
+        Runtime::builder(c)
+            .store(pg.clone())
+            .receptor::<Record, _>(RecordReceptor)
+            .start()
+            .await?,
+    );
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|s| {
+            let rt = rt.clone();
+            actix_rt::spawn(async move {
+                for n in 0..per_stream {
+                    rt.send(Record {
+                        stream: format!("tp-{s}"),
+                        n: n as u64,
+                    })
+                    .await?;
+                }
+                Ok::<_, whizbang::DispatchError>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let rate = (streams * per_stream) as f64 / t.elapsed().as_secs_f64();
+    let drain = Instant::now();
+    loop {
+        let left: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {}.wb_outbox", base.store.schema),
+                &[],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        if drain.elapsed() > Duration::from_secs(120) {
+            return Err(format!("{left} outbox rows still queued after 120 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
+    rt.shutdown().await?;
+    Ok(rate)
 }
