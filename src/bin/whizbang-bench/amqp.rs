@@ -243,7 +243,7 @@ impl Names {
     }
 
     fn schemas(&self) -> Vec<String> {
-        ["pub", "con", "snd", "rcv"]
+        ["pub", "con", "snd", "rcv", "dup"]
             .iter()
             .map(|s| format!("{}_{s}", self.schema))
             .collect()
@@ -407,8 +407,32 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
         format!("{:.2}", publish_rate / bare_rate),
     );
 
-    // ---- 2. Broker → inbox → perspective ----
-    let mut c = config(args, "bench-con", &schemas[1]);
+    // ---- 2. Broker → inbox → perspective (W3), without and with 10% duplicate deliveries ----
+    let rate = consume(args, names, &schemas[1], n, streams, None).await?;
+    figure("consume_events_per_s", format!("{rate:.0}"));
+    let rate = consume(args, names, &schemas[4], n, streams, Some(10)).await?;
+    figure(
+        "consume_10pct_duplicates_deliveries_per_s",
+        format!("{rate:.0}"),
+    );
+
+    // ---- 3. End to end at a fixed offered rate ----
+    end_to_end(args, names, args.rate, "e2e").await
+}
+
+/// Pre-fills the consume topic with `n` deliveries (with `duplicate_every`, every k-th repeats
+/// the message before it: same message id), then times a runtime on `schema` consuming them
+/// into the inbox and a counting perspective; deliveries per second. Fails if a duplicate took
+/// effect.
+async fn consume(
+    args: &AmqpArgs,
+    names: &Names,
+    schema: &str,
+    n: usize,
+    streams: usize,
+    duplicate_every: Option<usize>,
+) -> BenchResult<f64> {
+    let mut c = config(args, "bench-con", schema);
     c.partitions.max_partitions_per_instance = c.partitions.partition_count;
     // Migrate the schema first, so the timed start does not include it.
     Runtime::builder(c.clone())
@@ -417,11 +441,23 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
         .shutdown()
         .await?;
     let filler = AmqpTransport::from_config(&c.transport, "bench-fill")?;
-    let batch: Vec<Envelope> = (0..n)
-        .map(|i| tick_envelope(&tick(i % streams, i)))
-        .collect::<BenchResult<_>>()?;
+    let mut deliveries: Vec<Envelope> = Vec::with_capacity(n);
+    for i in 0..n {
+        match (duplicate_every, deliveries.last()) {
+            // Never the last one: its arrival in the inbox proves everything before it came.
+            (Some(k), Some(previous)) if i % k == k / 2 && i + 1 < n => {
+                deliveries.push(previous.clone())
+            }
+            _ => deliveries.push(tick_envelope(&tick(i % streams, i))?),
+        }
+    }
+    let unique = deliveries
+        .iter()
+        .map(|e| e.message_id)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let mut in_flight = FuturesUnordered::new();
-    for e in &batch {
+    for e in &deliveries {
         if in_flight.len() >= 256
             && let Some(r) = in_flight.next().await
         {
@@ -444,15 +480,45 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
         .start()
         .await?;
     wait("the perspective to apply every pre-filled event", || {
-        count.0.load(Ordering::Relaxed) >= n
+        count.0.load(Ordering::Relaxed) >= unique
     })
     .await?;
-    let consume_rate = n as f64 / start.elapsed().as_secs_f64();
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    // Every delivery, duplicates included, received: the last one (never a duplicate) has its
+    // dedup record, since the inbox takes deliveries in the order they arrive.
+    let last = deliveries.last().map(|e| e.message_id).unwrap_or_default();
+    let (client, conn) =
+        tokio_postgres::connect(&database_url(args), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let seen: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FILTER (WHERE message_id = $1) FROM {schema}.wb_dedup"),
+                &[&last],
+            )
+            .await?
+            .get(0);
+        let pending: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {schema}.wb_inbox"), &[])
+            .await?
+            .get(0);
+        if seen == 1 && pending == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("inbox not drained: {pending} rows left").into());
+        }
+        tokio::time::sleep(POLL * 10).await;
+    }
     rt.shutdown().await?;
-    figure("consume_events_per_s", format!("{consume_rate:.0}"));
-
-    // ---- 3. End to end at a fixed offered rate ----
-    end_to_end(args, names, args.rate, "e2e").await
+    let applied = count.0.load(Ordering::Relaxed);
+    if applied != unique {
+        return Err(format!("{applied} applications of {unique} distinct events").into());
+    }
+    Ok(rate)
 }
 
 /// Latency from the intended send time of a `local_invoke` on one runtime to the perspective
