@@ -34,6 +34,8 @@ pub struct Publisher {
     streams: HashMap<String, VecDeque<OutboxWork>>,
     busy: std::collections::HashSet<String>,
     ready: VecDeque<String>,
+    /// The streams in `ready`, so a completion need not scan the queue.
+    in_ready: std::collections::HashSet<String>,
 }
 
 impl Publisher {
@@ -54,6 +56,7 @@ impl Publisher {
             streams: HashMap::new(),
             busy: Default::default(),
             ready: VecDeque::new(),
+            in_ready: Default::default(),
         }
     }
 
@@ -62,6 +65,7 @@ impl Publisher {
             let Some(stream) = self.ready.pop_front() else {
                 return;
             };
+            self.in_ready.remove(&stream);
             let Some(row) = self.streams.get_mut(&stream).and_then(VecDeque::pop_front) else {
                 continue;
             };
@@ -113,7 +117,7 @@ impl Publisher {
         let has_rows = self.streams.get(stream).is_some_and(|q| !q.is_empty());
         if !has_rows {
             self.streams.remove(stream);
-        } else if !self.busy.contains(stream) && !self.ready.iter().any(|s| s == stream) {
+        } else if !self.busy.contains(stream) && self.in_ready.insert(stream.to_string()) {
             self.ready.push_back(stream.to_string());
         }
     }
@@ -132,7 +136,7 @@ impl Handler<PublishRows> for Publisher {
             let queue = self.streams.entry(stream.clone()).or_default();
             let was_empty = queue.is_empty();
             queue.push_back(row);
-            if was_empty && !self.busy.contains(&stream) {
+            if was_empty && !self.busy.contains(&stream) && self.in_ready.insert(stream.clone()) {
                 self.ready.push_back(stream);
             }
         }
