@@ -33,28 +33,35 @@ fn settings() -> StoreSettings {
 async fn open(backend: Backend, s: StoreSettings) -> Arc<dyn Store> {
     match backend {
         Backend::Memory => Arc::new(MemoryStore::new(s)),
-        Backend::Postgres => {
-            let mut c = whizbang::Config::default();
-            c.store.backend = whizbang::config::StoreBackend::Postgres;
-            c.store.database_url = std::env::var("WHIZBANG_TEST_DATABASE_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-            c.store.schema = format!("t_{}", Uuid::now_v7().simple());
-            c.store.startup_timeout_ms = 5_000;
-            c.store.pool_size = 4;
-            c.partitions.partition_count = s.partition_count;
-            c.partitions.max_partitions_per_instance = s.max_partitions_per_instance;
-            c.partitions.lease_seconds = s.lease.as_secs().max(2);
-            c.partitions.heartbeat_seconds = 1;
-            c.store.max_attempts = s.max_attempts;
-            c.store.backoff_base_ms = s.backoff_base.as_millis() as u64;
-            c.store.backoff_max_ms = s.backoff_max.as_millis() as u64;
-            let store = PostgresStore::connect(&c)
-                .await
-                .expect("Postgres must be reachable for the conformance suite");
-            // The config knob is whole seconds; the suite wants 1 s leases.
-            Arc::new(store.with_lease(s.lease))
-        }
+        Backend::Postgres => open_postgres(s).await.0,
     }
+}
+
+fn database_url() -> String {
+    std::env::var("WHIZBANG_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A Postgres store in a schema of its own; also returns the schema's name.
+async fn open_postgres(s: StoreSettings) -> (Arc<dyn Store>, String) {
+    let mut c = whizbang::Config::default();
+    c.store.backend = whizbang::config::StoreBackend::Postgres;
+    c.store.database_url = database_url();
+    c.store.schema = format!("t_{}", Uuid::now_v7().simple());
+    c.store.startup_timeout_ms = 5_000;
+    c.store.pool_size = 4;
+    c.partitions.partition_count = s.partition_count;
+    c.partitions.max_partitions_per_instance = s.max_partitions_per_instance;
+    c.partitions.lease_seconds = s.lease.as_secs().max(2);
+    c.partitions.heartbeat_seconds = 1;
+    c.store.max_attempts = s.max_attempts;
+    c.store.backoff_base_ms = s.backoff_base.as_millis() as u64;
+    c.store.backoff_max_ms = s.backoff_max.as_millis() as u64;
+    let store = PostgresStore::connect(&c)
+        .await
+        .expect("Postgres must be reachable for the conformance suite");
+    // The config knob is whole seconds; the suite wants 1 s leases.
+    (Arc::new(store.with_lease(s.lease)), c.store.schema)
 }
 
 fn event(stream: &str, n: u8) -> Envelope {
@@ -1000,3 +1007,62 @@ conformance!(
     claims_whose_answer_was_lost_are_handed_out_again,
     in_flight_twins_are_told_apart_by_queue,
 );
+
+/// Postgres only (the memory store has no concurrent transactions): a partition above the fair
+/// share whose rows a claim is taking at this moment (row locks held, not yet committed) is not
+/// released by the heartbeat; once the claim is over, the excess goes.
+#[tokio::test]
+async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
+    let mut s = settings();
+    s.partition_count = 64;
+    s.max_partitions_per_instance = 64;
+    let (store, schema) = open_postgres(s).await;
+    let a = instance(&store).await;
+    let mut rows = Vec::new();
+    for i in 0..6 {
+        let st = format!("busy-{i}");
+        let e = event(&st, 0);
+        let mut u = inbox_only(&e, true);
+        u.inbox[0].partition = partition_of(&st, 64);
+        let r = batch(&store, a, units(vec![u])).await;
+        rows.extend(committed(&r.units[0]).2.iter().map(|w| w.work));
+    }
+    // Pending rows in A's partitions, none in flight: all six are candidates for shedding.
+    batch(
+        &store,
+        a,
+        WorkBatch {
+            inbox_releases: rows.clone(),
+            ..WorkBatch::default()
+        },
+    )
+    .await;
+    let held = store.heartbeat(a).await.unwrap().held_partitions;
+    // A second live instance halves A's fair share.
+    let _b = instance(&store).await;
+    // "A claim in progress": an open transaction holding the row locks of every pending row.
+    let (mut client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tx = client.transaction().await.unwrap();
+    tx.execute(&format!("SELECT 1 FROM {schema}.wb_inbox FOR UPDATE"), &[])
+        .await
+        .unwrap();
+    let hb = store.heartbeat(a).await.unwrap();
+    assert!(
+        hb.released.is_empty(),
+        "released {:?} while their rows were being claimed",
+        hb.released
+    );
+    tx.rollback().await.unwrap();
+    let hb = store.heartbeat(a).await.unwrap();
+    assert!(
+        !hb.released.is_empty() && hb.released.iter().all(|p| held.contains(p)),
+        "the excess goes once the claim is over: released {:?} of {held:?}",
+        hb.released
+    );
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await;
+}
