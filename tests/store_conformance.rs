@@ -763,24 +763,20 @@ async fn instances_share_partitions_without_overlap(b: Backend) {
     );
 }
 
-async fn joiner_gets_work_as_others_release_excess(b: Backend) {
-    let mut s = settings();
-    s.partition_count = 64;
-    s.max_partitions_per_instance = 64;
-    let store = open(b, s).await;
-    let a = instance(&store).await;
+/// `n` streams (`{prefix}-{i}`, 64 partitions), one inbox row each, in partitions `a` leases;
+/// `a` hands the rows back unprocessed, so they are pending but in its partitions.
+async fn pending_in_own_partitions(store: &Arc<dyn Store>, a: InstanceId, prefix: &str, n: usize) {
     let mut rows = Vec::new();
-    for i in 0..40 {
-        let st = format!("fair-{i}");
+    for i in 0..n {
+        let st = format!("{prefix}-{i}");
         let e = event(&st, 0);
         let mut u = inbox_only(&e, true);
         u.inbox[0].partition = partition_of(&st, 64);
-        let r = batch(&store, a, units(vec![u])).await;
+        let r = batch(store, a, units(vec![u])).await;
         rows.extend(committed(&r.units[0]).2.iter().map(|w| w.work));
     }
-    // A holds the partitions; it hands the rows back unprocessed so they are pending but its.
     batch(
-        &store,
+        store,
         a,
         WorkBatch {
             inbox_releases: rows,
@@ -788,6 +784,15 @@ async fn joiner_gets_work_as_others_release_excess(b: Backend) {
         },
     )
     .await;
+}
+
+async fn joiner_gets_work_as_others_release_excess(b: Backend) {
+    let mut s = settings();
+    s.partition_count = 64;
+    s.max_partitions_per_instance = 64;
+    let store = open(b, s).await;
+    let a = instance(&store).await;
+    pending_in_own_partitions(&store, a, "fair", 40).await;
     let held_before = store.heartbeat(a).await.unwrap().held_partitions.len();
     assert!(held_before > 10);
     let c = instance(&store).await;
@@ -1018,25 +1023,8 @@ async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
     s.max_partitions_per_instance = 64;
     let (store, schema) = open_postgres(s).await;
     let a = instance(&store).await;
-    let mut rows = Vec::new();
-    for i in 0..6 {
-        let st = format!("busy-{i}");
-        let e = event(&st, 0);
-        let mut u = inbox_only(&e, true);
-        u.inbox[0].partition = partition_of(&st, 64);
-        let r = batch(&store, a, units(vec![u])).await;
-        rows.extend(committed(&r.units[0]).2.iter().map(|w| w.work));
-    }
-    // Pending rows in A's partitions, none in flight: all six are candidates for shedding.
-    batch(
-        &store,
-        a,
-        WorkBatch {
-            inbox_releases: rows.clone(),
-            ..WorkBatch::default()
-        },
-    )
-    .await;
+    // None in flight: all six partitions are candidates for shedding.
+    pending_in_own_partitions(&store, a, "busy", 6).await;
     let held = store.heartbeat(a).await.unwrap().held_partitions;
     // A second live instance halves A's fair share.
     let _b = instance(&store).await;
