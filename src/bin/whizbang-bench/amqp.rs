@@ -60,6 +60,14 @@ pub struct AmqpArgs {
     /// Offered rates of the `e2e` suite, events per second, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     pub rates: Vec<u64>,
+    /// After `rates`, the `e2e` suite doubles the rate up to this bound (0: no search) to find
+    /// the highest sustainable one.
+    #[arg(long, default_value_t = 8_000)]
+    pub search_up_to: u64,
+    /// A rate is sustainable while its p99 stays at or below this many milliseconds (above it
+    /// the consumer falls behind and the queue, and with it the latency, keeps growing).
+    #[arg(long, default_value_t = 250.0)]
+    pub sustainable_p99_ms: f64,
 }
 
 /// How long any phase may take before the suite fails.
@@ -299,15 +307,32 @@ pub async fn amqp(args: AmqpArgs) -> BenchResult<()> {
 pub async fn e2e(args: AmqpArgs) -> BenchResult<()> {
     let names = Names::new();
     topology(&names.specs(), false)?;
-    let mut result = Ok(());
-    for &rate in &args.rates {
-        result = end_to_end(&args, &names, rate, &format!("e2e_{rate}")).await;
-        if result.is_err() {
-            break;
-        }
-    }
+    let result = e2e_rates(&args, &names).await;
     clean_up(&args, &names).await;
     result
+}
+
+/// The fixed rates, then doubling from the last one until the p99 passes the bound.
+async fn e2e_rates(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
+    let mut sustainable = 0;
+    let mut rate = 0;
+    for &r in &args.rates {
+        rate = r;
+        let p99_ms = end_to_end(args, names, r, &format!("e2e_{r}")).await?;
+        if p99_ms <= args.sustainable_p99_ms {
+            sustainable = sustainable.max(r);
+        }
+    }
+    while rate > 0 && rate * 2 <= args.search_up_to && sustainable == rate {
+        rate *= 2;
+        let p99_ms = end_to_end(args, names, rate, &format!("e2e_{rate}")).await?;
+        if p99_ms <= args.sustainable_p99_ms {
+            sustainable = rate;
+        }
+    }
+    figure("e2e_sustainable_p99_bound_ms", args.sustainable_p99_ms);
+    figure("e2e_max_sustainable_per_s", sustainable);
+    Ok(())
 }
 
 /// Deletes this run's exchanges and queues and drops its schemas, whatever happened.
@@ -417,7 +442,7 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     );
 
     // ---- 3. End to end at a fixed offered rate ----
-    end_to_end(args, names, args.rate, "e2e").await
+    end_to_end(args, names, args.rate, "e2e").await.map(|_| ())
 }
 
 /// Pre-fills the consume topic with `n` deliveries (with `duplicate_every`, every k-th repeats
@@ -523,9 +548,9 @@ async fn consume(
 
 /// Latency from the intended send time of a `local_invoke` on one runtime to the perspective
 /// of another having applied its event, at `rate` events/s offered for `args.seconds`; figures
-/// named `{prefix}_p50_ms` and so on. Each call gets fresh schemas (the pair of runtimes of an
+/// named `{prefix}_p50_ms` and so on; returns the p99 in milliseconds. Each call gets fresh schemas (the pair of runtimes of an
 /// earlier rate must not leave work behind for this one).
-async fn end_to_end(args: &AmqpArgs, names: &Names, rate: u64, prefix: &str) -> BenchResult<()> {
+async fn end_to_end(args: &AmqpArgs, names: &Names, rate: u64, prefix: &str) -> BenchResult<f64> {
     let schemas = names.schemas();
     let (snd_schema, rcv_schema) = (
         format!("{}_{rate}", schemas[2]),
@@ -554,7 +579,7 @@ async fn end_to_end_in(
     prefix: &str,
     snd_schema: &str,
     rcv_schema: &str,
-) -> BenchResult<()> {
+) -> BenchResult<f64> {
     let mut snd = config(args, "bench-snd", snd_schema);
     snd.routing
         .topics
@@ -640,7 +665,7 @@ async fn end_to_end_in(
             format!("{:.2}", samples.percentile(p) / 1000.0),
         );
     }
-    Ok(())
+    Ok(samples.percentile(99.0) / 1000.0)
 }
 
 /// A bare fe2o3-amqp sender: `send_batchable` with up to 256 unsettled, `n` copies (each with
