@@ -377,17 +377,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         .perspective::<Recorded, _>("count", count.clone())
         .start()
         .await?;
-    let single = client
-        .prepare(&format!(
-            "WITH e AS (
-                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
-                       causation_id, message_type, timestamp_us, meta, payload)
-                VALUES ($1, $2, 1, $3, $3, NULL, $4, $5, $6, $7))
-             INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
-                    correlation_id, causation_id, message_type, timestamp_us, meta, payload)
-             VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
-        ))
-        .await?;
+    let single = client.prepare(&single_row_sql(schema)).await?;
     let mut invoke = Vec::with_capacity(args.calls);
     let mut raw = Vec::with_capacity(args.calls);
     let warmup = 100;
@@ -401,24 +391,8 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
             })
             .await?;
         let d = t.elapsed();
-        let position = 20_000_000 + i as i64;
-        let stream = format!("rawlat-{i}");
-        let id = Uuid::now_v7();
-        let now = whizbang::envelope::now_us();
         let t = Instant::now();
-        client
-            .execute(
-                &single,
-                &[
-                    &position,
-                    &stream,
-                    &id,
-                    &Recorded::TYPE_NAME,
-                    &now,
-                    &event_meta,
-                    &payload,
-                ],
-            )
+        rows.insert_one(&client, &single, 20_000_000 + i as i64)
             .await?;
         let r = t.elapsed();
         if i >= warmup {
@@ -473,6 +447,19 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     Ok(())
 }
 
+/// The raw single-row baseline: one event and its outbox row in one statement.
+fn single_row_sql(schema: &str) -> String {
+    format!(
+            "WITH e AS (
+                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
+                       causation_id, message_type, timestamp_us, meta, payload)
+                VALUES ($1, $2, 1, $3, $3, NULL, $4, $5, $6, $7))
+             INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                    correlation_id, causation_id, message_type, timestamp_us, meta, payload)
+             VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
+    )
+}
+
 /// Rows of the raw baselines: an event and its outbox row, straight into the tables.
 struct RawRows<'a> {
     meta: &'a [u8],
@@ -523,6 +510,31 @@ impl RawRows<'_> {
         Ok(total as f64 / t.elapsed().as_secs_f64())
     }
 
+    /// One event and its outbox row, at `position` on a stream of their own, through a
+    /// statement prepared from [`single_row_sql`]: one transaction.
+    async fn insert_one(
+        &self,
+        client: &tokio_postgres::Client,
+        statement: &tokio_postgres::Statement,
+        position: i64,
+    ) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(
+                statement,
+                &[
+                    &position,
+                    &format!("rawrow-{position}"),
+                    &Uuid::now_v7(),
+                    &Recorded::TYPE_NAME,
+                    &whizbang::envelope::now_us(),
+                    &self.meta,
+                    &self.payload,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// `total` single-row transactions (one event and its outbox row in one statement) from
     /// `clients` connections at once; rows per second.
     async fn single_rows(
@@ -533,15 +545,7 @@ impl RawRows<'_> {
         first_position: i64,
     ) -> BenchResult<f64> {
         let schema = &config.store.schema;
-        let sql = format!(
-            "WITH e AS (
-                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
-                       causation_id, message_type, timestamp_us, meta, payload)
-                VALUES ($1, $2, 1, $3, $3, NULL, $4, $5, $6, $7))
-             INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
-                    correlation_id, causation_id, message_type, timestamp_us, meta, payload)
-             VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
-        );
+        let sql = single_row_sql(schema);
         let per_client = total.div_ceil(clients);
         let mut connections = Vec::with_capacity(clients);
         for _ in 0..clients {
@@ -555,24 +559,12 @@ impl RawRows<'_> {
             .enumerate()
             .map(|(c, (client, statement))| async move {
                 for i in 0..per_client {
-                    let position = first_position + (c * per_client + i) as i64;
-                    let stream = format!("rawrow-{position}");
-                    let id = Uuid::now_v7();
-                    let now = whizbang::envelope::now_us();
-                    client
-                        .execute(
-                            &statement,
-                            &[
-                                &position,
-                                &stream,
-                                &id,
-                                &Recorded::TYPE_NAME,
-                                &now,
-                                &self.meta,
-                                &self.payload,
-                            ],
-                        )
-                        .await?;
+                    self.insert_one(
+                        &client,
+                        &statement,
+                        first_position + (c * per_client + i) as i64,
+                    )
+                    .await?;
                 }
                 Ok::<_, tokio_postgres::Error>(())
             });
