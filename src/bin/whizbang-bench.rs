@@ -17,13 +17,17 @@
 //!
 //! Output: one `name: value` line per figure on stdout, so scripts can parse it; the same
 //! figures, with the machine, the Postgres settings that matter and the commit, go to
-//! `target/bench/results.json` (`$CARGO_TARGET_DIR/bench/results.json`). Latencies are
+//! `target/bench/results.json` (`$CARGO_TARGET_DIR/bench/results.json`), and a Markdown table
+//! of them with each figure's goal ends the output (`whizbang-bench report` prints it again
+//! from the file; see `whizbang-bench/report.rs`). Latencies are
 //! medians (and 99th percentiles) of individually timed calls after a warm-up, the baseline and
 //! the runtime measured in alternating blocks; throughput is completed calls per second with
 //! many concurrent callers, each on its own stream.
 
 #[path = "whizbang-bench/amqp.rs"]
 mod amqp;
+#[path = "whizbang-bench/report.rs"]
+mod report;
 #[path = "whizbang-bench/store.rs"]
 mod store;
 
@@ -66,6 +70,12 @@ enum Suite {
     E2e(amqp::AmqpArgs),
     /// core, store, amqp and e2e in a row, each with its default settings.
     All,
+    /// Print the Markdown table of a results file written earlier (with each figure's goal).
+    Report {
+        /// Default: target/bench/results.json.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 /// A suite's arguments as if given none.
@@ -236,11 +246,16 @@ async fn run_suite(
 }
 
 /// Writes the figures of this run with what they were measured on.
-async fn write_results(suites: &[&str], errors: &[String]) -> BenchResult<std::path::PathBuf> {
-    let dir = std::path::PathBuf::from(
-        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
-    )
-    .join("bench");
+fn results_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("bench")
+}
+
+async fn write_results(
+    suites: &[&str],
+    errors: &[String],
+) -> BenchResult<(std::path::PathBuf, serde_json::Value)> {
+    let dir = results_dir();
     std::fs::create_dir_all(&dir)?;
     let mut figures = serde_json::Map::new();
     for (suite, name, value) in FIGURES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -295,7 +310,7 @@ async fn write_results(suites: &[&str], errors: &[String]) -> BenchResult<std::p
     });
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    Ok(path)
+    Ok((path, results))
 }
 
 /// The Postgres settings that move the store's figures.
@@ -493,6 +508,22 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
+    if let Suite::Report { file } = &cli.suite {
+        let path = file
+            .clone()
+            .unwrap_or_else(|| results_dir().join("results.json"));
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(results) => print!("{}", report::table(&results)),
+            Err(e) => {
+                eprintln!("whizbang-bench: cannot read {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let system = actix::System::new();
     let failed = system.block_on(async move {
         let mut suites = Vec::new();
@@ -515,9 +546,14 @@ fn main() {
                 record("amqp", run_suite("amqp", amqp::amqp(defaults())).await);
                 record("e2e", run_suite("e2e", amqp::e2e(defaults())).await);
             }
+            // Printed before the actor system starts.
+            Suite::Report { .. } => {}
         }
         match write_results(&suites, &errors).await {
-            Ok(path) => eprintln!("whizbang-bench: results written to {}", path.display()),
+            Ok((path, results)) => {
+                println!("\n{}", report::table(&results));
+                eprintln!("whizbang-bench: results written to {}", path.display());
+            }
             Err(e) => {
                 eprintln!("whizbang-bench: results.json not written: {e}");
                 errors.push(format!("results.json: {e}"));
