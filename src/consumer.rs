@@ -25,6 +25,7 @@ pub struct Consumer {
     pub registry: RegistryView,
     pub origin: Origin,
     pub prefetch: u32,
+    /// The largest payload admitted, inclusive (see [`Envelope::check_size`]).
     pub max_message_bytes: usize,
 }
 
@@ -145,14 +146,7 @@ impl ReceiveLoop {
             Some(id) => format!("malformed delivery {id}: {}", bad.reason),
             None => format!("malformed delivery: {}", bad.reason),
         })?;
-        if envelope.payload.len() > self.max_message_bytes {
-            return Err(format!(
-                "message {} is {} bytes, over the limit of {}",
-                envelope.message_id,
-                envelope.payload.len(),
-                self.max_message_bytes
-            ));
-        }
+        envelope.check_size(self.max_message_bytes)?;
         let table = self.registry.current();
         let Some((kind, check)) = table.known(&envelope.message_type) else {
             return Err(format!(

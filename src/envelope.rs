@@ -86,6 +86,22 @@ impl Envelope {
         Ok(())
     }
 
+    /// Checks the payload fits a transport that carries at most `max_bytes` of it. The limit is
+    /// inclusive — a payload of exactly `max_bytes` passes — and this one check is what both
+    /// the sending side (routing, before a message enters the outbox) and the receiving side
+    /// (the consumer, before a delivery enters the inbox) apply, so they agree on the boundary.
+    /// The error is the reason, naming the size and the limit.
+    pub fn check_size(&self, max_bytes: usize) -> Result<(), String> {
+        if self.payload.len() > max_bytes {
+            return Err(format!(
+                "message {} is {} bytes, over the limit of {max_bytes} (transport.max_message_bytes)",
+                self.message_id,
+                self.payload.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// A new original message: fresh message id, a new correlation id, no cause.
     pub fn new(
         kind: MessageKind,
@@ -156,5 +172,17 @@ mod tests {
         assert_eq!(ev.correlation_id, cmd.correlation_id);
         assert_eq!(ev.causation_id, Some(cmd.message_id));
         assert_ne!(ev.message_id, cmd.message_id);
+    }
+
+    #[test]
+    fn the_size_limit_is_inclusive() {
+        let at = Envelope::new(MessageKind::Event, "E", "s".into(), vec![0; 64]);
+        assert_eq!(at.check_size(64), Ok(()));
+        let over = Envelope::new(MessageKind::Event, "E", "s".into(), vec![0; 65]);
+        let reason = over.check_size(64).unwrap_err();
+        assert!(
+            reason.contains("65 bytes, over the limit of 64"),
+            "{reason}"
+        );
     }
 }

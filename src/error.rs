@@ -31,8 +31,9 @@ pub enum DispatchError {
     /// A payload could not be encoded or decoded.
     #[error("codec error: {0}")]
     Codec(String),
-    /// A message the stores cannot hold (see [`crate::Envelope::check_storable`]); nothing of
-    /// its unit was written.
+    /// A message the stores cannot hold (see [`crate::Envelope::check_storable`]), or one bound
+    /// for the transport with a payload over its limit (see [`crate::Envelope::check_size`]);
+    /// nothing of its unit was written.
     #[error("invalid `{message_type}` message: {reason}")]
     InvalidMessage {
         message_type: String,

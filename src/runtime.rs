@@ -112,6 +112,7 @@ impl RuntimeBuilder {
             service: config.service.name.clone(),
             instance,
             partition_count: config.partitions.partition_count,
+            max_message_bytes: config.transport.max_message_bytes as usize,
         };
         let view = RegistryView::default();
         let registry = Registry::new(config.routing.topics.clone(), view.clone()).start();
