@@ -195,6 +195,8 @@ pub struct TransportConfig {
     pub amqp_url: String,
     pub publisher_window: u32,
     pub prefetch: u32,
+    /// Largest payload that crosses the transport, checked when dispatching (sending side)
+    /// and when receiving (see `Envelope::check_size`).
     pub max_message_bytes: u32,
     pub send_timeout_ms: u64,
     /// `[transport.amqp]`: broker flavour, addresses, authentication, reconnects.
