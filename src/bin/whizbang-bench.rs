@@ -26,6 +26,8 @@
 
 #[path = "whizbang-bench/amqp.rs"]
 mod amqp;
+#[path = "shared/amqp_topology.rs"]
+mod amqp_topology;
 #[path = "whizbang-bench/report.rs"]
 mod report;
 #[path = "whizbang-bench/store.rs"]

@@ -18,6 +18,7 @@
 //!   in the event, so a late send counts against the latency).
 
 use super::{BenchResult, Samples, figure};
+use crate::amqp_topology;
 use async_trait::async_trait;
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::{Connection, Sender, Session};
@@ -203,27 +204,6 @@ impl Transport for Counted {
 
 // ---- Environment: topology, schemas, configuration -----------------------------------------
 
-fn topology(specs: &[String], delete: bool) -> BenchResult<()> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/amqp-topology.sh");
-    let mut cmd = std::process::Command::new("bash");
-    cmd.arg(script);
-    if delete {
-        cmd.arg("--delete");
-    }
-    let out = cmd.args(specs).output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/amqp-topology.sh {}{} failed: {}{}",
-            if delete { "--delete " } else { "" },
-            specs.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(())
-}
-
 struct Names {
     publish_topic: String,
     consume_topic: String,
@@ -297,7 +277,7 @@ async fn wait(what: &str, mut done: impl FnMut() -> bool) -> BenchResult<()> {
 
 pub async fn amqp(args: AmqpArgs) -> BenchResult<()> {
     let names = Names::new();
-    topology(&names.specs(), false)?;
+    amqp_topology::topology(&names.specs(), false)?;
     let result = run(&args, &names).await;
     clean_up(&args, &names).await;
     result
@@ -306,7 +286,7 @@ pub async fn amqp(args: AmqpArgs) -> BenchResult<()> {
 /// The `e2e` suite: end-to-end latency at each of `args.rates`.
 pub async fn e2e(args: AmqpArgs) -> BenchResult<()> {
     let names = Names::new();
-    topology(&names.specs(), false)?;
+    amqp_topology::topology(&names.specs(), false)?;
     let result = e2e_rates(&args, &names).await;
     clean_up(&args, &names).await;
     result
@@ -337,7 +317,7 @@ async fn e2e_rates(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
 
 /// Deletes this run's exchanges and queues and drops its schemas, whatever happened.
 async fn clean_up(args: &AmqpArgs, names: &Names) {
-    if let Err(e) = topology(&names.specs(), true) {
+    if let Err(e) = amqp_topology::topology(&names.specs(), true) {
         eprintln!("whizbang-bench: could not delete the topology: {e}");
     }
     match tokio_postgres::connect(&database_url(args), tokio_postgres::NoTls).await {

@@ -39,14 +39,44 @@ pub fn stream_name(n: usize) -> String {
     format!("chaos-{n:04}")
 }
 
+/// What every node is told: the configuration file, its schema, and the run's topic.
 #[derive(Args, Debug, Clone)]
-pub struct WriterArgs {
+pub struct NodeArgs {
     #[arg(long)]
     pub config: PathBuf,
     #[arg(long)]
     pub schema: String,
     #[arg(long)]
     pub topic: String,
+}
+
+impl NodeArgs {
+    /// The configuration file as service `service` in this node's schema, routing cleared.
+    fn load(&self, service: &str) -> ChaosResult<Config> {
+        let mut config = Config::load(&self.config)?;
+        config.service.name = service.into();
+        config.store.schema = self.schema.clone();
+        config.routing.topics.clear();
+        config.routing.subscriptions.clear();
+        Ok(config)
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "--config".into(),
+            self.config.to_string_lossy().into_owned(),
+            "--schema".into(),
+            self.schema.clone(),
+            "--topic".into(),
+            self.topic.clone(),
+        ]
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WriterArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// This writer's index; it drives streams `n` with `n % writers == index`.
     #[arg(long)]
     pub index: usize,
@@ -62,17 +92,41 @@ pub struct WriterArgs {
     pub rate: f64,
 }
 
+impl WriterArgs {
+    /// The command line that starts this writer (`node writer …`).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["node".into(), "writer".into()];
+        args.extend(self.node.to_args());
+        for (flag, value) in [
+            ("--index", self.index.to_string()),
+            ("--writers", self.writers.to_string()),
+            ("--streams", self.streams.to_string()),
+            ("--events", self.events.to_string()),
+            ("--rate", self.rate.to_string()),
+        ] {
+            args.extend([flag.to_string(), value]);
+        }
+        args
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ConsumerArgs {
-    #[arg(long)]
-    pub config: PathBuf,
-    #[arg(long)]
-    pub schema: String,
-    #[arg(long)]
-    pub topic: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Where the applications are written (JSON) when the consumer stops.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+impl ConsumerArgs {
+    /// The command line that starts this consumer (`node consumer …`).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["node".into(), "consumer".into()];
+        args.extend(self.node.to_args());
+        args.extend(["--out".into(), self.out.to_string_lossy().into_owned()]);
+        args
+    }
 }
 
 // ---- the writer --------------------------------------------------------------------------
@@ -103,11 +157,8 @@ impl Receptor<Append> for AppendReceptor {
 }
 
 pub async fn writer(args: WriterArgs) -> ChaosResult<()> {
-    let mut config = Config::load(&args.config)?;
-    config.service.name = WRITER_SERVICE.into();
-    config.store.schema = args.schema.clone();
-    config.routing.topics = [(Appended::TYPE_NAME.to_string(), args.topic.clone())].into();
-    config.routing.subscriptions.clear();
+    let mut config = args.node.load(WRITER_SERVICE)?;
+    config.routing.topics = [(Appended::TYPE_NAME.to_string(), args.node.topic.clone())].into();
     let runtime = Runtime::builder(config)
         .receptor::<Append, _>(AppendReceptor)
         .start()
@@ -296,12 +347,9 @@ struct ConsumerReport<'a> {
 }
 
 pub async fn consumer(args: ConsumerArgs) -> ChaosResult<()> {
-    let mut config = Config::load(&args.config)?;
-    config.service.name = CONSUMER_SERVICE.into();
-    config.store.schema = args.schema.clone();
-    config.routing.topics.clear();
+    let mut config = args.node.load(CONSUMER_SERVICE)?;
     config.routing.subscriptions = vec![SubscriptionConfig {
-        topic: args.topic.clone(),
+        topic: args.node.topic.clone(),
         name: SUBSCRIPTION.into(),
     }];
     let recorder = Recorder::default();

@@ -10,7 +10,8 @@
 //! never repairs anything, so whatever the verdict finds is what the runtime did.
 
 use crate::ChaosResult;
-use crate::node::{ConsumerArgs, SUBSCRIPTION, WriterArgs};
+use crate::amqp_topology;
+use crate::node::{ConsumerArgs, NodeArgs, SUBSCRIPTION, WriterArgs};
 use crate::verdict::{self, Applied, Committed};
 use clap::Args;
 use serde::Deserialize;
@@ -158,7 +159,7 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         plan.lease,
         dir.display()
     );
-    topology(&[names.topology_spec()], false)?;
+    amqp_topology::topology(&[names.topology_spec()], false)?;
     let mut run = Run {
         plan,
         names,
@@ -472,37 +473,26 @@ impl Run {
 
     async fn start_consumer(&mut self) -> ChaosResult<()> {
         let args = ConsumerArgs {
-            config: self.args.config.clone(),
-            schema: self.names.consumer_schema.clone(),
-            topic: self.names.topic.clone(),
+            node: NodeArgs {
+                config: self.args.config.clone(),
+                schema: self.names.consumer_schema.clone(),
+                topic: self.names.topic.clone(),
+            },
             out: self.dir.join("applied.json"),
         };
-        let mut node = Node::start(
-            "consumer".into(),
-            vec![
-                "node".into(),
-                "consumer".into(),
-                "--config".into(),
-                path_arg(&args.config),
-                "--schema".into(),
-                args.schema,
-                "--topic".into(),
-                args.topic,
-                "--out".into(),
-                path_arg(&args.out),
-            ],
-            &self.dir,
-        )?;
+        let mut node = Node::start("consumer".into(), args.to_args(), &self.dir)?;
         node.started(Duration::from_secs(90)).await?;
         self.consumer = Some(node);
         Ok(())
     }
 
     fn start_writer(&mut self, index: usize) -> ChaosResult<()> {
-        let a = WriterArgs {
-            config: self.args.config.clone(),
-            schema: self.names.writer_schema.clone(),
-            topic: self.names.topic.clone(),
+        let args = WriterArgs {
+            node: NodeArgs {
+                config: self.args.config.clone(),
+                schema: self.names.writer_schema.clone(),
+                topic: self.names.topic.clone(),
+            },
             index,
             writers: self.plan.writers,
             streams: self.plan.streams,
@@ -511,30 +501,8 @@ impl Run {
         };
         let slot = &mut self.writers[index];
         slot.incarnation += 1;
-        let node = Node::start(
-            format!("writer-{index}.{}", slot.incarnation),
-            vec![
-                "node".into(),
-                "writer".into(),
-                "--config".into(),
-                path_arg(&a.config),
-                "--schema".into(),
-                a.schema,
-                "--topic".into(),
-                a.topic,
-                "--index".into(),
-                a.index.to_string(),
-                "--writers".into(),
-                a.writers.to_string(),
-                "--streams".into(),
-                a.streams.to_string(),
-                "--events".into(),
-                a.events.to_string(),
-                "--rate".into(),
-                a.rate.to_string(),
-            ],
-            &self.dir,
-        )?;
+        let label = format!("writer-{index}.{}", slot.incarnation);
+        let node = Node::start(label, args.to_args(), &self.dir)?;
         slot.node = Some(node);
         slot.restart_at = None;
         Ok(())
@@ -828,14 +796,10 @@ impl Run {
         if let Err(e) = self.db.batch(&sql).await {
             println!("could not drop the run's schemas: {e}");
         }
-        if let Err(e) = topology(&[self.names.topology_spec()], true) {
+        if let Err(e) = amqp_topology::topology(&[self.names.topology_spec()], true) {
             println!("could not delete the run's topic: {e}");
         }
     }
-}
-
-fn path_arg(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 /// How long partitions leased to the dead instance kept work waiting: the last moment, after
@@ -1048,25 +1012,4 @@ impl Servers {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-}
-
-/// Declares (or deletes) topics with their subscriptions through `scripts/amqp-topology.sh`.
-fn topology(specs: &[String], delete: bool) -> ChaosResult<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/amqp-topology.sh");
-    let mut cmd = Process::new("bash");
-    cmd.arg(script);
-    if delete {
-        cmd.arg("--delete");
-    }
-    let out = cmd.args(specs).output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/amqp-topology.sh {} failed: {}{}",
-            specs.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(())
 }
