@@ -43,14 +43,23 @@ DECLARE
     v_freed integer;
 BEGIN
     -- Its own leases past half their time are renewed (in a fixed order; one that another
-    -- batch is renewing right now is skipped, not waited for).
-    UPDATE {{schema}}.wb_partition_leases
-       SET expires_at = now() + p_lease_s * interval '1 second'
-     WHERE partition IN (
-           SELECT partition FROM {{schema}}.wb_partition_leases
-            WHERE partition = ANY (p_parts) AND instance_id = p_instance
-              AND (expires_at IS NULL OR expires_at < now() + p_lease_s * interval '0.5 second')
-            ORDER BY partition FOR UPDATE SKIP LOCKED);
+    -- batch is renewing right now is skipped, not waited for: two batches of one instance
+    -- never deadlock on them). Looked for first, row by row by primary key, without locking:
+    -- in the steady state there is nothing to renew.
+    IF EXISTS (SELECT 1 FROM unnest(p_parts) AS p
+                WHERE (SELECT l.expires_at IS NULL
+                              OR l.expires_at < now() + p_lease_s * interval '0.5 second'
+                         FROM {{schema}}.wb_partition_leases l
+                        WHERE l.partition = p AND l.instance_id = p_instance)) THEN
+        UPDATE {{schema}}.wb_partition_leases
+           SET expires_at = now() + p_lease_s * interval '1 second'
+         WHERE partition IN (
+               SELECT l.partition FROM {{schema}}.wb_partition_leases l
+                WHERE l.partition IN (SELECT unnest(p_parts)) AND l.instance_id = p_instance
+                  AND (l.expires_at IS NULL
+                       OR l.expires_at < now() + p_lease_s * interval '0.5 second')
+                ORDER BY l.partition FOR UPDATE SKIP LOCKED);
+    END IF;
 
     v_want := ARRAY(
         SELECT DISTINCT p FROM unnest(p_parts) AS p
