@@ -21,6 +21,10 @@
 --    The generic plans are made once per connection, often while the tables are new and
 --    unanalysed; the join form then got a nested loop over all of the instance's leases for
 --    every row (1,000 new rows x 1,500 leases: ~1.5 million rows filtered, ~100 ms a batch).
+-- 5. Fewer statements for the small batches of local_invoke: completions alone skip the
+--    failure and release statements; the inbox dedup, duplicate answer and insert are one
+--    statement; wb_acquire is called only when a partition is not already held with time to
+--    spare. (A one-unit batch with its two completions: ~0.50 -> ~0.40 ms server side.)
 -- Otherwise reports, queue rows, inbox dedup and claims are 0003's as they were.
 
 -- The key of an instance's advisory lock (per schema: instances of services in other schemas
@@ -42,23 +46,25 @@ DECLARE
     v_room integer;
     v_freed integer;
 BEGIN
-    -- Its own leases past half their time are renewed (in a fixed order; one that another
-    -- batch is renewing right now is skipped, not waited for: two batches of one instance
-    -- never deadlock on them). Looked for first, row by row by primary key, without locking:
-    -- in the steady state there is nothing to renew.
+    -- Its own leases past half their time are renewed (one that another batch is renewing
+    -- right now is skipped, not waited for: two batches of one instance never deadlock on
+    -- them). Looked for first without locking; in the steady state (the heartbeat renews every
+    -- lease long before half its time) there is nothing to renew. Row by row by primary key:
+    -- a generic plan of the set form scanned all of the instance's leases.
     IF EXISTS (SELECT 1 FROM unnest(p_parts) AS p
                 WHERE (SELECT l.expires_at IS NULL
                               OR l.expires_at < now() + p_lease_s * interval '0.5 second'
                          FROM {{schema}}.wb_partition_leases l
                         WHERE l.partition = p AND l.instance_id = p_instance)) THEN
-        UPDATE {{schema}}.wb_partition_leases
+        UPDATE {{schema}}.wb_partition_leases l
            SET expires_at = now() + p_lease_s * interval '1 second'
-         WHERE partition IN (
-               SELECT l.partition FROM {{schema}}.wb_partition_leases l
-                WHERE l.partition IN (SELECT unnest(p_parts)) AND l.instance_id = p_instance
-                  AND (l.expires_at IS NULL
-                       OR l.expires_at < now() + p_lease_s * interval '0.5 second')
-                ORDER BY l.partition FOR UPDATE SKIP LOCKED);
+          FROM (SELECT DISTINCT d.partition FROM unnest(p_parts) AS p,
+                LATERAL (SELECT r.partition FROM {{schema}}.wb_partition_leases r
+                          WHERE r.partition = p AND r.instance_id = p_instance
+                            AND (r.expires_at IS NULL
+                                 OR r.expires_at < now() + p_lease_s * interval '0.5 second')
+                            FOR UPDATE SKIP LOCKED) AS d) AS due
+         WHERE l.partition = due.partition;
     END IF;
 
     v_want := ARRAY(
@@ -135,14 +141,45 @@ DECLARE
     v_count bigint;
     v_appends bigint := 0;
     v_last bigint;
-    v_fresh uuid[];
     v_parts integer[];
     v_room integer;
     v_notify boolean := false;
     v_n integer;
 BEGIN
     ---------------------------------------------------------------- reports (fenced)
-    IF cardinality(r_id) > 0 THEN
+    IF cardinality(r_id) > 0 AND r_op <@ ARRAY['done'] THEN
+    -- Completions only (the common case): the failure and release statements are not run.
+    RETURN QUERY
+    WITH r AS (
+        SELECT * FROM unnest(r_queue, r_id, r_part, r_gen) AS t(q, id, part, gen)
+    ),
+    fenced AS (
+        SELECT r.* FROM r
+         WHERE (SELECT l.generation FROM {{schema}}.wb_partition_leases l
+                 WHERE l.partition = r.part AND l.instance_id = p_instance) = r.gen
+    ),
+    o_done AS (
+        DELETE FROM {{schema}}.wb_outbox o USING fenced f
+         WHERE f.q = 'o' AND o.message_id = f.id
+           AND o.claimed_by = p_instance AND o.claimed_generation = f.gen
+        RETURNING o.message_id
+    ),
+    i_done AS (
+        DELETE FROM {{schema}}.wb_inbox i USING fenced f
+         WHERE f.q = 'i' AND i.message_id = f.id
+           AND i.claimed_by = p_instance AND i.claimed_generation = f.gen
+        RETURNING i.message_id
+    ),
+    i_processed AS (
+        UPDATE {{schema}}.wb_dedup d SET processed_at = now()
+          FROM i_done WHERE d.message_id = i_done.message_id
+        RETURNING d.message_id
+    )
+    SELECT 'stale', NULL::integer, r.id, NULL::text, NULL::bigint, NULL::bigint, NULL::integer,
+           NULL::bigint, NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
+           NULL::bigint, NULL::bytea, NULL::bytea
+      FROM r WHERE r.id NOT IN (SELECT message_id FROM o_done UNION ALL SELECT message_id FROM i_done);
+    ELSIF cardinality(r_id) > 0 THEN
     RETURN QUERY
     WITH r AS (
         SELECT * FROM unnest(r_queue, r_op, r_id, r_part, r_gen, r_error) AS t(q, op, id, part, gen, err)
@@ -327,7 +364,13 @@ BEGIN
             SELECT DISTINCT t.part FROM unnest(m_unit, m_part, m_topic, m_inbox) AS t(u, part, topic, inbox)
              WHERE u_claim[t.u + 1] AND NOT (t.u = ANY (v_conflicts))
                AND (t.topic IS NOT NULL OR t.inbox));
-        IF cardinality(v_parts) > 0 THEN
+        -- In the steady state every one is already this instance's with time to spare (looked
+        -- up row by row by primary key), and wb_acquire is not called at all.
+        IF EXISTS (SELECT 1 FROM unnest(v_parts) AS p
+                    WHERE (SELECT l.instance_id = p_instance
+                                  AND l.expires_at >= now() + p_lease_s * interval '0.5 second'
+                             FROM {{schema}}.wb_partition_leases l
+                            WHERE l.partition = p) IS NOT TRUE) THEN
             PERFORM {{schema}}.wb_acquire(p_instance, v_parts, p_lease_s, p_max_partitions);
         END IF;
 
@@ -376,70 +419,62 @@ BEGIN
         END IF;
 
         -- Inbox rows, deduplicated: the dedup key is taken first (its unique index is where two
-        -- concurrent deliveries of one message collide); only fresh ids get a row.
-        IF true = ANY (m_inbox) THEN
+        -- concurrent deliveries of one message collide); only fresh ids get a row. One
+        -- statement (0003 took three): the inbox insert reads the dedup insert's answer.
+        SELECT count(*) INTO v_count FROM unnest(m_unit, m_inbox) AS t(u, inbox)
+         WHERE inbox AND NOT (u = ANY (v_conflicts));
+        IF v_count > 0 THEN
+            RETURN QUERY
             WITH m AS (
-                SELECT DISTINCT ON (id) id, corr, ord
-                  FROM unnest(m_unit, m_id, m_corr, m_inbox) WITH ORDINALITY AS t(u, id, corr, inbox, ord)
-                 WHERE inbox AND NOT (u = ANY (v_conflicts))
-                 ORDER BY id, ord
+                SELECT t.*, min(t.ord) OVER (PARTITION BY t.id) AS first_ord
+                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_corr, m_cause, m_type, m_ts,
+                              m_meta, m_payload, m_inbox)
+                       WITH ORDINALITY AS t(u, id, kind, stream, part, corr, cause, typ, ts, meta, payload, inbox, ord)
+                 WHERE t.inbox AND NOT (t.u = ANY (v_conflicts))
             ),
             fresh AS (
                 INSERT INTO {{schema}}.wb_dedup (message_id, correlation_id)
-                SELECT id, corr FROM m ORDER BY ord
+                SELECT id, corr FROM m WHERE ord = first_ord ORDER BY ord
                     ON CONFLICT (message_id) DO NOTHING
                 RETURNING message_id
-            )
-            SELECT coalesce(array_agg(message_id), '{}') INTO v_fresh FROM fresh;
-
-            RETURN QUERY
-            WITH m AS (
-                SELECT t.u, t.id, t.ord, min(t.ord) OVER (PARTITION BY t.id) AS first_ord
-                  FROM unnest(m_unit, m_id, m_inbox) WITH ORDINALITY AS t(u, id, inbox, ord)
-                 WHERE t.inbox AND NOT (t.u = ANY (v_conflicts))
+            ),
+            firsts AS (
+                SELECT m.*, CASE WHEN u_claim[m.u + 1] THEN (
+                           SELECT l.generation FROM {{schema}}.wb_partition_leases l
+                            WHERE l.partition = m.part AND l.instance_id = p_instance) END AS gen
+                  FROM m WHERE m.ord = m.first_ord AND m.id IN (SELECT message_id FROM fresh)
+            ),
+            decided AS (
+                SELECT f.*, f.gen IS NOT NULL AND NOT EXISTS (
+                           SELECT 1 FROM {{schema}}.wb_inbox e
+                            WHERE e.stream_id = f.stream
+                              AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                                   OR e.claimed_generation IS DISTINCT FROM f.gen)) AS mine
+                  FROM firsts f
+            ),
+            ins AS (
+                INSERT INTO {{schema}}.wb_inbox (message_id, message_kind, stream_id, partition,
+                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
+                       claimed_by, claimed_generation)
+                SELECT id, kind, stream, part, corr, cause, typ, ts, meta, payload,
+                       CASE WHEN mine THEN p_instance END, CASE WHEN mine THEN gen END
+                  FROM decided ORDER BY ord
+                RETURNING message_id, partition, claimed_by, claimed_generation
             )
             SELECT 'dup', m.u, m.id, NULL::text, NULL::bigint, NULL::bigint, NULL::integer, NULL::bigint,
                    NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::bigint,
                    NULL::bytea, NULL::bytea
-              FROM m WHERE NOT (m.id = ANY (v_fresh)) OR m.ord <> m.first_ord;
-
-            IF cardinality(v_fresh) > 0 THEN
-                RETURN QUERY
-                WITH m AS (
-                    SELECT DISTINCT ON (t.id) t.*, CASE WHEN u_claim[t.u + 1] THEN (
-                               SELECT l.generation FROM {{schema}}.wb_partition_leases l
-                                WHERE l.partition = t.part AND l.instance_id = p_instance) END AS gen
-                      FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_corr, m_cause, m_type, m_ts,
-                                  m_meta, m_payload, m_inbox)
-                           WITH ORDINALITY AS t(u, id, kind, stream, part, corr, cause, typ, ts, meta, payload, inbox, ord)
-                     WHERE t.inbox AND t.id = ANY (v_fresh)
-                     ORDER BY t.id, t.ord
-                ),
-                decided AS (
-                    SELECT m.*, m.gen IS NOT NULL AND NOT EXISTS (
-                               SELECT 1 FROM {{schema}}.wb_inbox e
-                                WHERE e.stream_id = m.stream
-                                  AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
-                                       OR e.claimed_generation IS DISTINCT FROM m.gen)) AS mine
-                      FROM m
-                ),
-                ins AS (
-                    INSERT INTO {{schema}}.wb_inbox (message_id, message_kind, stream_id, partition,
-                           correlation_id, causation_id, message_type, timestamp_us, meta, payload,
-                           claimed_by, claimed_generation)
-                    SELECT id, kind, stream, part, corr, cause, typ, ts, meta, payload,
-                           CASE WHEN mine THEN p_instance END, CASE WHEN mine THEN gen END
-                      FROM decided ORDER BY ord
-                    RETURNING message_id, partition, claimed_by, claimed_generation
-                )
-                SELECT 'wclaim_i', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
-                       ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid,
-                       NULL::uuid, NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
-                  FROM ins WHERE ins.claimed_by IS NOT NULL;
-                GET DIAGNOSTICS v_n = ROW_COUNT;
-                IF v_n < cardinality(v_fresh) THEN
-                    v_notify := true;
-                END IF;
+              FROM m WHERE m.ord <> m.first_ord OR m.id NOT IN (SELECT message_id FROM fresh)
+            UNION ALL
+            SELECT 'wclaim_i', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
+                   ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid,
+                   NULL::uuid, NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+              FROM ins WHERE ins.claimed_by IS NOT NULL;
+            -- Every message of m came back as a duplicate or a claim, unless a fresh row was
+            -- left unclaimed: then another instance (or a later claim) must hear of it.
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            IF v_n < v_count THEN
+                v_notify := true;
             END IF;
         END IF;
     END IF;
