@@ -26,8 +26,8 @@ use crate::store::{
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use actix::prelude::*;
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
