@@ -185,7 +185,7 @@ impl Default for CoordinatorConfig {
             poll_interval_ms: 5_000,
             claim_batch_size: 100,
             max_batch_size: 1_000,
-            max_batches_in_flight: 4,
+            max_batches_in_flight: 2,
         }
     }
 }
