@@ -146,6 +146,14 @@ DECLARE
     v_notify boolean := false;
     v_n integer;
 BEGIN
+    -- The writer's new rows go into partitions it leases (below) without locking each lease
+    -- row; this shared lock is what the heartbeat's exclusive one waits for before it gives up
+    -- a partition that looks idle (see wb_acquire). Taken first, before any row lock: a batch
+    -- waiting for it (behind a heartbeat) holds nothing the heartbeat could wait for.
+    IF cardinality(m_id) > 0 AND true = ANY (u_claim) THEN
+        PERFORM pg_advisory_xact_lock_shared({{schema}}.wb_instance_key(p_instance));
+    END IF;
+
     ---------------------------------------------------------------- reports (fenced)
     IF cardinality(r_id) > 0 AND r_op <@ ARRAY['done'] THEN
     -- Completions only (the common case): the failure and release statements are not run.
@@ -279,12 +287,6 @@ BEGIN
 
     ---------------------------------------------------------------- units
     IF cardinality(m_id) > 0 OR cardinality(x_unit) > 0 OR cardinality(c_id) > 0 THEN
-        -- The writer's new rows go into partitions it leases (below) without locking each lease
-        -- row; this shared lock is what the heartbeat's exclusive one waits for before it gives
-        -- up a partition that looks idle (see wb_acquire). Taken first, before any row lock.
-        IF true = ANY (u_claim) THEN
-            PERFORM pg_advisory_xact_lock_shared({{schema}}.wb_instance_key(p_instance));
-        END IF;
         -- With expectations: the stream rows exist and are locked in a fixed order (no deadlock
         -- between instances) before the versions are checked. Without: the upsert below locks.
         IF cardinality(x_unit) > 0 THEN
