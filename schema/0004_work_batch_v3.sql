@@ -349,8 +349,14 @@ BEGIN
         -- the queue rows are inserted, so rows of one stream written by two batches at once get
         -- their queue order (seq) in the same order as their versions. The events themselves are
         -- written last (below), so the position counter row is held as briefly as possible.
-        SELECT count(*) INTO v_appends
-          FROM unnest(m_unit, m_append) AS t(u, a) WHERE a AND NOT (u = ANY (v_conflicts));
+        -- Counted with array functions (a plpgsql simple expression, no query) unless a unit
+        -- conflicted.
+        IF cardinality(v_conflicts) = 0 THEN
+            v_appends := coalesce(cardinality(array_positions(m_append, true)), 0);
+        ELSE
+            SELECT count(*) INTO v_appends
+              FROM unnest(m_unit, m_append) AS t(u, a) WHERE a AND NOT (u = ANY (v_conflicts));
+        END IF;
         IF v_appends > 0 THEN
             INSERT INTO {{schema}}.wb_streams AS s (stream_id, version)
             SELECT t.stream, count(*)
@@ -377,8 +383,13 @@ BEGIN
         END IF;
 
         -- Outbox rows.
-        SELECT count(*) INTO v_count FROM unnest(m_unit, m_topic) AS t(u, topic)
-         WHERE topic IS NOT NULL AND NOT (u = ANY (v_conflicts));
+        IF cardinality(v_conflicts) = 0 THEN
+            v_count := coalesce(cardinality(m_topic), 0)
+                     - coalesce(cardinality(array_positions(m_topic, NULL)), 0);
+        ELSE
+            SELECT count(*) INTO v_count FROM unnest(m_unit, m_topic) AS t(u, topic)
+             WHERE topic IS NOT NULL AND NOT (u = ANY (v_conflicts));
+        END IF;
         IF v_count > 0 THEN
             RETURN QUERY
             WITH m AS (
@@ -423,8 +434,12 @@ BEGIN
         -- Inbox rows, deduplicated: the dedup key is taken first (its unique index is where two
         -- concurrent deliveries of one message collide); only fresh ids get a row. One
         -- statement (0003 took three): the inbox insert reads the dedup insert's answer.
-        SELECT count(*) INTO v_count FROM unnest(m_unit, m_inbox) AS t(u, inbox)
-         WHERE inbox AND NOT (u = ANY (v_conflicts));
+        IF cardinality(v_conflicts) = 0 THEN
+            v_count := coalesce(cardinality(array_positions(m_inbox, true)), 0);
+        ELSE
+            SELECT count(*) INTO v_count FROM unnest(m_unit, m_inbox) AS t(u, inbox)
+             WHERE inbox AND NOT (u = ANY (v_conflicts));
+        END IF;
         IF v_count > 0 THEN
             RETURN QUERY
             WITH m AS (
