@@ -174,6 +174,7 @@ pub struct CoordinatorConfig {
     pub poll_interval_ms: u64,
     pub claim_batch_size: u32,
     pub max_batch_size: u32,
+    pub max_batches_in_flight: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -184,6 +185,7 @@ impl Default for CoordinatorConfig {
             poll_interval_ms: 5_000,
             claim_batch_size: 100,
             max_batch_size: 1_000,
+            max_batches_in_flight: 2,
         }
     }
 }
@@ -564,6 +566,12 @@ impl Config {
         }
         if c.max_batch_size == 0 {
             return fail("coordinator.max_batch_size", "must be at least 1".into());
+        }
+        if c.max_batches_in_flight == 0 {
+            return fail(
+                "coordinator.max_batches_in_flight",
+                "must be at least 1".into(),
+            );
         }
         let s = &self.store;
         if s.max_attempts == 0 {

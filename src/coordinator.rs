@@ -3,9 +3,18 @@
 //! Owns the flush strategy (immediate, scoped, interval), the queue of units waiting to be
 //! committed, the reports (completions, failures, releases) waiting to be written, claims of
 //! pending work, the heartbeat, and the hand-off of committed or claimed rows to partition
-//! actors and the publisher. It keeps at most one batch in flight and hands rows off in commit
-//! order, which is what keeps each stream in order from the store to the handlers. Units that
-//! arrive while a batch is in flight go into the next one (group commit).
+//! actors and the publisher. Units that arrive while a batch is in flight go into the next one
+//! (group commit).
+//!
+//! Several batches may be in flight at once (`coordinator.max_batches_in_flight`, each on its
+//! own pooled connection), but only batches that cannot race each other: their units touch
+//! distinct streams (a unit whose stream is in flight waits, and so do the later units of that
+//! stream, so a stream's units commit in the order they arrived), and they carry nothing but
+//! units and completions. A batch that claims pending work, reports a failure or a release, or
+//! recovers after a lost answer runs alone: it waits for the batches in flight, and none starts
+//! beside it. So the rows a batch hands off are never overtaken by rows of the same stream from
+//! another batch, which is what keeps each stream in order from the store to the handlers, and
+//! the recovery after a lost answer still sees every row this instance has in flight.
 //! It must not run user code and must never wait on a partition actor (they wait on it).
 
 use crate::config::{Config, FlushStrategy};
@@ -17,6 +26,7 @@ use crate::store::{
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use actix::prelude::*;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +71,8 @@ pub struct CoordinatorSettings {
     pub heartbeat_interval: Duration,
     pub claim_budget: ClaimBudget,
     pub max_batch: usize,
+    /// Batches written at once (see the module docs for which may overlap).
+    pub max_in_flight: usize,
 }
 
 impl CoordinatorSettings {
@@ -76,6 +88,7 @@ impl CoordinatorSettings {
                 inbox: c.claim_batch_size,
             },
             max_batch: c.max_batch_size as usize,
+            max_in_flight: c.max_batches_in_flight.min(config.store.pool_size).max(1) as usize,
         }
     }
 }
@@ -90,7 +103,12 @@ pub struct Coordinator {
     released_waiters: HashMap<Uuid, Vec<AppliedSender>>,
     /// Waiters of rows this instance could not claim (another instance holds the partition).
     remote_waiters: HashMap<Uuid, Vec<AppliedSender>>,
-    flushing: bool,
+    /// Batches sent and not answered yet.
+    in_flight: usize,
+    /// The batch in flight runs alone (a claim, failure or release reports, a recovery).
+    exclusive_in_flight: bool,
+    /// Streams touched by the units of the batches in flight, with how many units each.
+    busy_streams: HashMap<String, usize>,
     claim_wanted: bool,
     /// There may be rows this instance has not claimed yet: a committed unit left rows it could
     /// not lease (at its partition maximum, or another instance holds them), or the last claim
@@ -123,7 +141,9 @@ impl Coordinator {
             reports: WorkBatch::default(),
             released_waiters: HashMap::new(),
             remote_waiters: HashMap::new(),
-            flushing: false,
+            in_flight: 0,
+            exclusive_in_flight: false,
+            busy_streams: HashMap::new(),
             unclaimed_rows: false,
             outbox_in_flight: HashSet::new(),
             inbox_in_flight: HashSet::new(),
@@ -148,10 +168,101 @@ impl Coordinator {
             || self.reports.reports() >= self.settings.max_batch
     }
 
-    /// Starts a batch unless one is in flight; the completion of a batch calls this again.
+    /// Starts batches while there is room and something to write; the completion of a batch
+    /// calls this again.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing || self.partitions.is_none() {
-            return;
+        while self.flush_one(ctx) {}
+    }
+
+    /// Whether the next batch must run alone: it claims (and so must see every row this
+    /// instance has in flight as in flight, and hand out nothing a concurrent batch could
+    /// overtake), or carries failures or releases (the rows of their streams must not be
+    /// handed out by a batch running beside it before the store has parked them).
+    fn next_is_exclusive(&self) -> bool {
+        let r = &self.reports;
+        let completes = !r.outbox_completions.is_empty() || !r.inbox_completions.is_empty();
+        let claim = !self.stopped
+            && (self.claim_wanted || self.claims_in_doubt || (self.unclaimed_rows && completes));
+        claim
+            || self.claims_in_doubt
+            || !r.outbox_failures.is_empty()
+            || !r.outbox_releases.is_empty()
+            || !r.inbox_failures.is_empty()
+            || !r.inbox_releases.is_empty()
+    }
+
+    /// The streams a unit writes to or checks.
+    fn unit_streams(unit: &UnitOfWork) -> Vec<String> {
+        let mut streams: Vec<String> = unit
+            .expectations
+            .iter()
+            .map(|(s, _)| s.clone())
+            .chain(unit.events.iter().map(|e| e.stream_id.clone()))
+            .chain(unit.outbox.iter().map(|r| r.envelope.stream_id.clone()))
+            .chain(unit.inbox.iter().map(|r| r.envelope.stream_id.clone()))
+            .collect();
+        streams.sort_unstable();
+        streams.dedup();
+        streams
+    }
+
+    /// Takes up to `take` pending units, in order, skipping those that touch a stream of a
+    /// batch in flight (and every later unit of a skipped one's streams, so that no unit
+    /// overtakes an earlier one of its stream).
+    fn take_units(&mut self, take: usize) -> (Vec<PendingUnit>, Vec<String>) {
+        let mut taken = Vec::new();
+        let mut streams = Vec::new();
+        if take == 0 {
+            return (taken, streams);
+        }
+        if self.busy_streams.is_empty() {
+            taken = (0..take).map_while(|_| self.pending.pop_front()).collect();
+            for p in &taken {
+                streams.extend(Self::unit_streams(&p.unit));
+            }
+            return (taken, streams);
+        }
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        while let Some(p) = self.pending.pop_front() {
+            if taken.len() >= take {
+                kept.push_back(p);
+                kept.extend(self.pending.drain(..));
+                break;
+            }
+            let unit_streams = Self::unit_streams(&p.unit);
+            if unit_streams
+                .iter()
+                .any(|s| self.busy_streams.contains_key(s) || blocked.contains(s))
+            {
+                blocked.extend(unit_streams);
+                kept.push_back(p);
+            } else {
+                streams.extend(unit_streams);
+                taken.push(p);
+            }
+        }
+        self.pending = kept;
+        (taken, streams)
+    }
+
+    /// Starts one batch if there is room and something to write; whether it did.
+    fn flush_one(&mut self, ctx: &mut Context<Self>) -> bool {
+        if self.partitions.is_none() || self.exclusive_in_flight {
+            return false;
+        }
+        if self.in_flight >= self.settings.max_in_flight {
+            return false;
+        }
+        let exclusive = self.next_is_exclusive();
+        if exclusive && self.in_flight > 0 {
+            // Waits for the batches in flight; their completion calls `flush` again.
+            return false;
+        }
+        if self.in_flight > 0 && !self.wants_flush() {
+            // Beside a batch in flight only what is due now goes: with the interval strategy,
+            // a full batch; completions otherwise wait for the next one.
+            return false;
         }
         let take = match self.settings.strategy {
             FlushStrategy::Immediate => 1,
@@ -160,7 +271,7 @@ impl Coordinator {
         // After a batch lost its answer, first a recovery batch with no new units: the rows it
         // may have claimed come back before anything newer of their streams is handed out.
         let take = if self.claims_in_doubt { 0 } else { take };
-        let pending: Vec<PendingUnit> = (0..take).map_while(|_| self.pending.pop_front()).collect();
+        let (pending, streams) = self.take_units(take);
         let mut batch = std::mem::take(&mut self.reports);
         let mut units = Vec::with_capacity(pending.len());
         batch.units = pending
@@ -193,9 +304,13 @@ impl Coordinator {
         }
         self.claim_wanted = false;
         if batch.is_empty() {
-            return;
+            return false;
         }
-        self.flushing = true;
+        self.in_flight += 1;
+        self.exclusive_in_flight = exclusive;
+        for stream in &streams {
+            *self.busy_streams.entry(stream.clone()).or_default() += 1;
+        }
         let store = self.store.clone();
         let instance = self.instance;
         // The reports are kept until the batch answers (written again if it fails); the units
@@ -215,7 +330,16 @@ impl Coordinator {
             async move { store.process_work_batch(instance, batch).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    act.flushing = false;
+                    act.in_flight -= 1;
+                    act.exclusive_in_flight = false;
+                    for stream in streams {
+                        if let Entry::Occupied(mut e) = act.busy_streams.entry(stream) {
+                            *e.get_mut() -= 1;
+                            if *e.get() == 0 {
+                                e.remove();
+                            }
+                        }
+                    }
                     tracing::trace!(
                         units = n_units,
                         reports = n_reports,
@@ -256,12 +380,13 @@ impl Coordinator {
                     act.finish_shutdown_when_drained(ctx);
                 }),
         );
+        true
     }
 
     /// After `Shutdown`: once nothing is queued or in flight, release every partition at once
     /// (so other instances take over without waiting for expiry) and answer.
     fn finish_shutdown_when_drained(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing || !self.pending.is_empty() || self.reports.reports() > 0 {
+        if self.in_flight > 0 || !self.pending.is_empty() || self.reports.reports() > 0 {
             return;
         }
         let Some(reply) = self.shutdown_reply.take() else {

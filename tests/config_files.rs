@@ -150,7 +150,7 @@ fn the_shipped_config_loads_and_matches_the_defaults() -> anyhow::Result<()> {
     anyhow::ensure!(c.coordinator.flush_interval_ms == 100);
     // Every knob in the file is at its default (endpoints, names and routing excepted: the
     // environment may override the former, the example needs the latter).
-    let knobs: [(&str, u64, u64); 20] = [
+    let knobs: [(&str, u64, u64); 21] = [
         (
             "store.pool_size",
             c.store.pool_size.into(),
@@ -220,6 +220,11 @@ fn the_shipped_config_loads_and_matches_the_defaults() -> anyhow::Result<()> {
             "coordinator.max_batch_size",
             c.coordinator.max_batch_size.into(),
             d.coordinator.max_batch_size.into(),
+        ),
+        (
+            "coordinator.max_batches_in_flight",
+            c.coordinator.max_batches_in_flight.into(),
+            d.coordinator.max_batches_in_flight.into(),
         ),
         (
             "transport.publisher_window",

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_work_batch_v2.sql",
         sql: include_str!("../../schema/0003_work_batch_v2.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_work_batch_v3.sql",
+        sql: include_str!("../../schema/0004_work_batch_v3.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {

@@ -2,8 +2,9 @@
 //!
 //! Owns the bb8 pool of tokio-postgres connections (each with the batch statements prepared
 //! once), the translation of a [`WorkBatch`] into the arrays of `wb_process_work_batch` (one
-//! statement, one round trip, one transaction; see `schema/0002_work_batch.sql` and its second
-//! version in `0003_work_batch_v2.sql`), the LISTEN
+//! statement, one round trip, one transaction; see `schema/0002_work_batch.sql`, its second
+//! version in `0003_work_batch_v2.sql` and its third in `0004_work_batch_v3.sql`; several
+//! batches of one instance may run at once, each on its own pooled connection), the LISTEN
 //! connection that wakes the coordinator when work is stored, and start-up with retries while
 //! the database is unreachable. Lease times are the database's `now()`, never this process's
 //! clock. It must not hold state of its own between calls: everything lives in the database.
