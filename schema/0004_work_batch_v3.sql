@@ -500,6 +500,19 @@ BEGIN
     END IF;
 
     ---------------------------------------------------------------- claims
+    -- A recovery claim (the caller says what it has in flight, after a batch lost its answer):
+    -- rows claimed for this instance that it does not have are given up first. The claims
+    -- below hand out what their budgets allow, in order; the rest stay claimable rather than
+    -- counting as in flight, which would let a newer row of their stream be handed to the
+    -- writer ahead of them. (Rare: a scan of this instance's claims, no index needed.)
+    IF p_in_flight_outbox IS NOT NULL THEN
+        UPDATE {{schema}}.wb_outbox SET claimed_by = NULL, claimed_generation = NULL
+         WHERE claimed_by = p_instance AND message_id <> ALL (p_in_flight_outbox);
+    END IF;
+    IF p_in_flight_inbox IS NOT NULL THEN
+        UPDATE {{schema}}.wb_inbox SET claimed_by = NULL, claimed_generation = NULL
+         WHERE claimed_by = p_instance AND message_id <> ALL (p_in_flight_inbox);
+    END IF;
     IF p_claim_outbox > 0 OR p_claim_inbox > 0 THEN
         -- At the maximum, wb_acquire trades idle partitions of this instance for busy ones.
         SELECT greatest(p_max_partitions - count(*), 16) INTO v_room
@@ -754,7 +767,15 @@ BEGIN
     DELETE FROM {{schema}}.wb_instances
      WHERE last_seen < now() - 10 * p_lease_s * interval '1 second';
 
-    IF cardinality(v_released) > 0 THEN
+    -- Released partitions, or work behind a lease that ran out (its holder died): wake every
+    -- instance, so one takes the partition over now rather than at its next fallback poll.
+    IF cardinality(v_released) > 0 OR EXISTS (
+           SELECT 1 FROM {{schema}}.wb_partition_leases l
+            WHERE l.instance_id IS NOT NULL AND l.expires_at <= now()
+              AND (EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o
+                            WHERE o.partition = l.partition AND NOT o.dead)
+                   OR EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i
+                               WHERE i.partition = l.partition AND NOT i.dead))) THEN
         PERFORM pg_notify('wb_work_{{schema}}', '');
     END IF;
     RETURN QUERY SELECT v_live,

@@ -4,8 +4,9 @@
 //! malformed ones with a logged reason (undecodable, unknown type, oversized), commits the good
 //! ones to the inbox in one batch (duplicates are dropped there), and only then accepts them at
 //! the broker — so a delivery is never settled before its inbox row is committed. If the commit
-//! fails the deliveries are released for redelivery. It must not run handlers: committed rows
-//! go to partition actors through the coordinator, in delivery order.
+//! fails the deliveries are released for redelivery and the subscription is reopened, so that
+//! nothing received after them can enter the inbox first. It must not run handlers: committed
+//! rows go to partition actors through the coordinator, in delivery order.
 
 use crate::coordinator::{Commit, Coordinator};
 use crate::envelope::Envelope;
@@ -47,6 +48,11 @@ impl Actor for Consumer {
     }
 }
 
+/// Why a receive loop gave its subscription up without a transport error.
+enum ReceiveEnd {
+    CommitFailed,
+}
+
 struct ReceiveLoop {
     topic: String,
     subscription: String,
@@ -61,6 +67,8 @@ struct ReceiveLoop {
 impl ReceiveLoop {
     async fn run(self) {
         let mut backoff = Duration::from_millis(100);
+        // Grows while inbox commits keep failing (the store is down), reset by a commit.
+        let mut commit_backoff = Duration::from_millis(100);
         loop {
             let mut sub = match self
                 .transport
@@ -78,17 +86,34 @@ impl ReceiveLoop {
                     continue;
                 }
             };
-            if let Err(e) = self.consume(&mut *sub).await {
-                tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, "subscription lost; reopening");
-                tokio::time::sleep(backoff).await;
+            match self.consume(&mut *sub, &mut commit_backoff).await {
+                Ok(ReceiveEnd::CommitFailed) => {
+                    // Deliveries that came after the released ones may already be in hand (the
+                    // prefetch window). Committing them before the released ones come back would
+                    // put a later message of a stream ahead of an earlier one in the inbox, so
+                    // the link goes: the broker takes back every unsettled delivery and hands
+                    // them out again in queue order.
+                    drop(sub);
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, retry_in_ms = commit_backoff.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
+                    tokio::time::sleep(commit_backoff).await;
+                    commit_backoff = (commit_backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    drop(sub);
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, "subscription lost; reopening");
+                    tokio::time::sleep(backoff).await;
+                }
             }
         }
     }
 
+    /// Receives and commits until the link fails (`Err`) or an inbox commit fails (its
+    /// deliveries released).
     async fn consume(
         &self,
         sub: &mut dyn Subscription,
-    ) -> Result<(), crate::transport::TransportError> {
+        commit_backoff: &mut Duration,
+    ) -> Result<ReceiveEnd, crate::transport::TransportError> {
         loop {
             let deliveries = sub.receive(self.prefetch as usize).await?;
             let mut accepted = Vec::new();
@@ -131,9 +156,14 @@ impl ReceiveLoop {
                     Settlement::Release
                 }
             };
+            let failed = matches!(settlement, Settlement::Release);
             for tag in accepted {
                 sub.settle(tag, settlement.clone()).await?;
             }
+            if failed {
+                return Ok(ReceiveEnd::CommitFailed);
+            }
+            *commit_backoff = Duration::from_millis(100);
         }
     }
 

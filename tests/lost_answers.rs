@@ -164,9 +164,12 @@ async fn lost_batch_answers_neither_lose_nor_repeat_an_application() -> anyhow::
         applied_once_in_order("local perspective", &up_store, stream, &local).await?;
         applied_once_in_order("downstream perspective", &up_store, stream, &remote).await?;
     }
+    // Downstream makes fewer, larger batches: after each failed inbox commit the consumer
+    // reopens its subscription, and what arrived meanwhile comes as one receive (often more
+    // rows than one recovery claim's budget: the case the recovery must get right).
     anyhow::ensure!(
         up_hook.hook.lost.load(Ordering::SeqCst) > 10
-            && down_hook.hook.lost.load(Ordering::SeqCst) > 10,
+            && down_hook.hook.lost.load(Ordering::SeqCst) >= 3,
         "answers were lost on both sides ({} upstream, {} downstream)",
         up_hook.hook.lost.load(Ordering::SeqCst),
         down_hook.hook.lost.load(Ordering::SeqCst)

@@ -889,6 +889,45 @@ async fn work_signal_fires_for_pending_work(b: Backend) {
         .unwrap();
 }
 
+/// A lease that ran out with work behind it (its holder died) wakes the other instances at
+/// their next heartbeat, so the partition is taken over at once, not at the next fallback poll.
+async fn an_expired_lease_with_work_wakes_the_others_at_their_heartbeat(b: Backend) {
+    let mut s = settings();
+    s.lease = Duration::from_secs(1);
+    let store = open(b, s).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    let e = event("wake", 1);
+    batch(&store, a, units(vec![unit(&e, true)])).await;
+    // A "crashes" holding the partition. C's heartbeats keep C alive until A's lease is out.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1300) {
+        store.heartbeat(c).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut rx = store.work_signal();
+    // Let any wake-up already on its way arrive, then start from a quiet signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
+    store.heartbeat(c).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("no wake-up for work behind an expired lease")
+        .unwrap();
+    // And the claim it prompts takes the partition over.
+    let r = batch(&store, c, claim_all()).await;
+    assert_eq!(r.claimed_outbox.len(), 1, "taken over");
+    // Nothing behind an expired lease any more: a heartbeat wakes nobody.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
+    store.heartbeat(c).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), rx.changed())
+            .await
+            .is_err(),
+        "woken with nothing to take over"
+    );
+}
+
 async fn claims_whose_answer_was_lost_are_handed_out_again(b: Backend) {
     let store = open(b, settings()).await;
     let a = instance(&store).await;
@@ -969,6 +1008,65 @@ async fn in_flight_twins_are_told_apart_by_queue(b: Backend) {
     assert!(r.claimed_outbox.is_empty() && r.claimed_inbox.is_empty());
 }
 
+/// A lost batch answer left more claimed rows than the recovery claim's budget returns: the
+/// rows past the budget are given up (claimable again, in order), so they still hold back a
+/// newer row of their stream instead of counting as in flight and letting it overtake them.
+async fn a_recovery_claim_beyond_its_budget_gives_the_rest_up(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let lost: Vec<Envelope> = (1..=5).map(|n| event("deep", n)).collect();
+    // Committed and claimed for the writer, but the answer never reached it.
+    let r = batch(
+        &store,
+        a,
+        units(lost.iter().map(|e| unit(e, true)).collect()),
+    )
+    .await;
+    let claimed: usize = r.units.iter().map(|u| committed(u).2.len()).sum();
+    assert_eq!(claimed, 5, "all five claimed for the writer");
+    // The recovery claim: nothing in flight, room for two of each queue.
+    let recover = WorkBatch {
+        claim: Some(ClaimBudget {
+            outbox: 2,
+            inbox: 2,
+        }),
+        in_flight: Some(InFlight {
+            outbox: vec![],
+            inbox: vec![],
+        }),
+        ..WorkBatch::default()
+    };
+    let r = batch(&store, a, recover).await;
+    let got: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(got, vec![lost[0].message_id, lost[1].message_id]);
+    assert_eq!(r.claimed_outbox.len(), 2);
+    // A sixth event of the stream: rows 3-5 are not in flight, so it must wait behind them.
+    let sixth = event("deep", 6);
+    let r = batch(&store, a, units(vec![unit(&sixth, true)])).await;
+    let (_, out, inb, _) = committed(&r.units[0]);
+    assert!(
+        out.is_empty() && inb.is_empty(),
+        "the sixth row was handed out ahead of rows 3-5"
+    );
+    // The next claim hands out 3, 4, 5 and then 6, in order.
+    let r = batch(&store, a, claim_all()).await;
+    let got: Vec<Uuid> = r
+        .claimed_inbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    let want: Vec<Uuid> = lost[2..]
+        .iter()
+        .chain([&sixth])
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(got, want);
+}
+
 async fn perspective_checkpoints(b: Backend) {
     let store = open(b, settings()).await;
     assert_eq!(store.load_checkpoint("summary").await.unwrap(), None);
@@ -1008,9 +1106,11 @@ conformance!(
     heartbeat_releases_idle_partitions,
     max_partitions_per_instance_is_respected,
     work_signal_fires_for_pending_work,
+    an_expired_lease_with_work_wakes_the_others_at_their_heartbeat,
     perspective_checkpoints,
     claims_whose_answer_was_lost_are_handed_out_again,
     in_flight_twins_are_told_apart_by_queue,
+    a_recovery_claim_beyond_its_budget_gives_the_rest_up,
 );
 
 /// Postgres only (the memory store has no concurrent transactions): a partition above the fair

@@ -77,6 +77,15 @@ impl RowQueue {
         })
     }
 
+    /// True when `partition` has a row that is not dead-lettered.
+    fn has_live_rows_in(&self, partition: u32) -> bool {
+        self.partitions.get(&partition).is_some_and(|streams| {
+            streams
+                .iter()
+                .any(|s| self.streams[s].values().any(|id| !self.rows[id].dead))
+        })
+    }
+
     fn has_claims_in(&self, partition: u32, holder: (InstanceId, u64)) -> bool {
         self.partitions.get(&partition).is_some_and(|streams| {
             streams.iter().any(|s| {
@@ -334,6 +343,17 @@ impl State {
             Queue::Outbox => &mut self.outbox,
             Queue::Inbox => &mut self.inbox,
         };
+        if let Some(in_flight) = in_flight {
+            // Rows claimed for this instance that it does not have (their batch's answer was
+            // lost) are given up first: the loop below hands out what the budget allows, in
+            // order, and the rest stay claimable instead of counting as in flight, which would
+            // let a newer row of their stream be handed out ahead of them.
+            for (id, row) in q.rows.iter_mut() {
+                if row.claimed.is_some_and(|(i, _)| i == instance) && !in_flight.contains(id) {
+                    row.claimed = None;
+                }
+            }
+        }
         for partition in held {
             let Some(holder) = self
                 .leases
@@ -380,6 +400,14 @@ impl State {
     }
 
     /// True when some partition with rows is not leased to a live instance.
+    /// True when a lease ran out (its holder died or hung) with live work behind it.
+    fn has_expired_leases_with_rows(&self, now: Instant) -> bool {
+        self.leases.iter().any(|(p, l)| {
+            l.expires <= now
+                && (self.outbox.has_live_rows_in(*p) || self.inbox.has_live_rows_in(*p))
+        })
+    }
+
     fn has_unleased_rows(&self, now: Instant) -> bool {
         self.outbox
             .partitions
@@ -483,8 +511,11 @@ impl Store for MemoryStore {
             .get(&instance)
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
+        // Work behind a lease that ran out: wake every instance so one takes it over now
+        // rather than at its next fallback poll.
+        let orphaned = st.has_expired_leases_with_rows(now);
         drop(st);
-        if !released.is_empty() {
+        if !released.is_empty() || orphaned {
             self.bump();
         }
         Ok(Heartbeat {
