@@ -130,6 +130,17 @@ async fn drop_schemas(schemas: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The consuming service on Postgres, subscribed to `topic` as "receiver", recording parcels.
+async fn start_receiver(topic: &str) -> anyhow::Result<(Runtime, String, Parcels)> {
+    let (config, schema) = on_postgres("size-receiver");
+    let parcels = Parcels::default();
+    let receiver = Runtime::builder(subscribed(config, topic, "receiver"))
+        .perspective::<Parcel, _>("parcels", parcels.clone())
+        .start()
+        .await?;
+    Ok((receiver, schema, parcels))
+}
+
 #[actix::test]
 async fn an_event_at_the_limit_crosses_the_broker_and_one_byte_over_is_refused_at_dispatch()
 -> anyhow::Result<()> {
@@ -137,12 +148,7 @@ async fn an_event_at_the_limit_crosses_the_broker_and_one_byte_over_is_refused_a
     let logs = captured_logs();
     let topic = unique("size");
     let _topology = Topology::declare(&[(&topic, &["receiver"])])?;
-    let (receiver_config, receiver_schema) = on_postgres("size-receiver");
-    let parcels = Parcels::default();
-    let receiver = Runtime::builder(subscribed(receiver_config, &topic, "receiver"))
-        .perspective::<Parcel, _>("parcels", parcels.clone())
-        .start()
-        .await?;
+    let (receiver, receiver_schema, parcels) = start_receiver(&topic).await?;
     let (sender_config, sender_schema) = on_postgres("size-sender");
     let sender = Runtime::builder(publishing(sender_config, Parcel::TYPE_NAME, &topic))
         .start()
@@ -210,12 +216,7 @@ async fn the_receiver_admits_a_delivery_at_the_limit_and_rejects_one_byte_over()
     let logs = captured_logs();
     let topic = unique("size-in");
     let _topology = Topology::declare(&[(&topic, &["receiver"])])?;
-    let (receiver_config, receiver_schema) = on_postgres("size-receiver");
-    let parcels = Parcels::default();
-    let receiver = Runtime::builder(subscribed(receiver_config, &topic, "receiver"))
-        .perspective::<Parcel, _>("parcels", parcels.clone())
-        .start()
-        .await?;
+    let (receiver, receiver_schema, parcels) = start_receiver(&topic).await?;
 
     // A plain sender: no dispatcher checks what it sends.
     let mut connection = Connection::open("plain-sender", amqp_url().as_str()).await?;
