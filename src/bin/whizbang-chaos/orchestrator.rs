@@ -146,7 +146,7 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
     let names = Names::new();
     let dir = target_dir().join("chaos").join(&names.id);
     std::fs::create_dir_all(&dir)?;
-    let servers = Servers::find(&args)?;
+    let servers = Servers::find(&args, &config.store.database_url)?;
     let db_url = config.store.database_url.clone();
     println!(
         "chaos run {}: {} writers, {} streams x {} events at {}/s, a kill every {:?}, lease {:?}; logs in {}",
@@ -907,7 +907,7 @@ struct Servers {
 }
 
 impl Servers {
-    fn find(args: &RunArgs) -> ChaosResult<Servers> {
+    fn find(args: &RunArgs, database_url: &str) -> ChaosResult<Servers> {
         let root = Process::new("id")
             .arg("-u")
             .output()
@@ -942,11 +942,10 @@ impl Servers {
                     .ok_or("no /etc/postgresql/<version>/main cluster to restart")?,
             )
         };
-        let database_url = Config::load(&args.config)?.store.database_url;
         Ok(Servers {
             sudo: !root,
             pg_version,
-            database_url,
+            database_url: database_url.into(),
         })
     }
 
