@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_work_batch_v3.sql",
         sql: include_str!("../../schema/0004_work_batch_v3.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_claims.sql",
+        sql: include_str!("../../schema/0005_claims.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
