@@ -13,6 +13,10 @@
 //!   `local_invoke_p50_ratio_vs_raw`: one `local_invoke` (scoped, 1 event + 1 perspective)
 //!   beside a raw single-statement transaction inserting one event and one outbox row;
 //! - `idle_queries_per_s`: store calls an idle instance makes, counted at the store seam.
+//! - `backlog_claim_ms_p50`, `raw_backlog_claim_ms_p50`, `backlog_claim_ratio_vs_raw`: a claim
+//!   of `claim_batch_size` outbox rows (then completed) with `--backlog` rows queued, beside a
+//!   bare queue claim (`ORDER BY seq LIMIT … FOR UPDATE SKIP LOCKED`, no stream order) of the
+//!   same backlog in the raw copy: a claim must cost what it hands out, not what is queued.
 
 use super::{BenchResult, Samples, figure};
 use async_trait::async_trait;
@@ -43,6 +47,9 @@ pub struct StoreArgs {
     /// Seconds an idle instance is watched.
     #[arg(long, default_value_t = 15)]
     pub idle_seconds: u64,
+    /// Outbox rows queued for the backlog claim figure.
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -423,7 +430,10 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     );
     rt.shutdown().await?;
 
-    // 4. Idle: store calls of an instance with nothing to do.
+    // 4. A claim with a backlog queued.
+    backlog_claims(&pg, base, &client, schema, args.backlog).await?;
+
+    // 5. Idle: store calls of an instance with nothing to do.
     let counting = Arc::new(Counting {
         inner: pg.clone(),
         calls: AtomicU64::new(0),
@@ -635,4 +645,120 @@ async fn throughput(
     let rt = Arc::try_unwrap(rt).map_err(|_| "runtime still shared")?;
     rt.shutdown().await?;
     Ok(rate)
+}
+
+/// Queues `rows` unclaimed outbox rows (10 per stream, 100 partitions) in `schema`, in one
+/// statement.
+async fn queue_backlog(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    rows: usize,
+) -> BenchResult<()> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                        correlation_id, message_type, timestamp_us, meta, payload)
+                 SELECT gen_random_uuid(), 'event', 'backlog-' || (i % $2::bigint), ((i % $2::bigint) % 100)::int, 'bench',
+                        gen_random_uuid(), 'BenchRecorded', 0, '\\x929080', '\\x90'
+                   FROM generate_series(0::bigint, $1::bigint - 1) AS i"
+            ),
+            &[&(rows as i64), &((rows / 10).max(1) as i64)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// `backlog_claim_ms_p50` and its raw baseline: claims of `claim_batch_size` outbox rows, each
+/// completed before the next, with `rows` queued; the raw one claims the same number from the
+/// same backlog in the raw copy with a bare `FOR UPDATE SKIP LOCKED` (no stream order).
+async fn backlog_claims(
+    pg: &Arc<dyn Store>,
+    base: &Config,
+    client: &tokio_postgres::Client,
+    raw_schema: &str,
+    rows: usize,
+) -> BenchResult<()> {
+    let schema = &base.store.schema;
+    // The runtimes before drained their rows; the raw copy's earlier rows are cleared.
+    client
+        .batch_execute(&format!("TRUNCATE {raw_schema}.wb_outbox"))
+        .await?;
+    queue_backlog(client, schema, rows).await?;
+    queue_backlog(client, raw_schema, rows).await?;
+    client
+        .batch_execute(&format!(
+            "ANALYZE {schema}.wb_outbox; ANALYZE {raw_schema}.wb_outbox"
+        ))
+        .await?;
+    let budget = base.coordinator.claim_batch_size;
+    let instance = Uuid::now_v7();
+    pg.register_instance(instance, "bench", "bench").await?;
+    let claim = WorkBatch {
+        claim: Some(ClaimBudget {
+            outbox: budget,
+            inbox: 0,
+        }),
+        ..WorkBatch::default()
+    };
+    let rounds = 30;
+    let mut samples = Vec::with_capacity(rounds);
+    let mut claimed = 0usize;
+    for round in 0..rounds + 3 {
+        let t = Instant::now();
+        let result = pg.process_work_batch(instance, claim.clone()).await?;
+        if round >= 3 {
+            samples.push(t.elapsed());
+        }
+        claimed += result.claimed_outbox.len();
+        let done = WorkBatch {
+            outbox_completions: result.claimed_outbox.iter().map(|o| o.work).collect(),
+            ..WorkBatch::default()
+        };
+        pg.process_work_batch(instance, done).await?;
+    }
+    pg.release_partitions(instance, None).await?;
+    if claimed < (rounds + 3) * budget as usize / 2 {
+        return Err(format!("the backlog claims handed out only {claimed} rows").into());
+    }
+    let raw_claim = client
+        .prepare(&format!(
+            "WITH c AS (SELECT seq FROM {raw_schema}.wb_outbox WHERE claimed_by IS NULL
+                         ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
+             UPDATE {raw_schema}.wb_outbox o SET claimed_by = $2, claimed_generation = 1
+               FROM c WHERE o.seq = c.seq RETURNING o.message_id"
+        ))
+        .await?;
+    let raw_done = client
+        .prepare(&format!(
+            "DELETE FROM {raw_schema}.wb_outbox WHERE message_id = ANY($1)"
+        ))
+        .await?;
+    let mut raw = Vec::with_capacity(rounds);
+    for round in 0..rounds + 3 {
+        let t = Instant::now();
+        let ids: Vec<Uuid> = client
+            .query(&raw_claim, &[&(budget as i64), &instance])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if round >= 3 {
+            raw.push(t.elapsed());
+        }
+        client.execute(&raw_done, &[&ids]).await?;
+    }
+    let store = Samples::new(samples).percentile(50.0) / 1000.0;
+    let raw = Samples::new(raw).percentile(50.0) / 1000.0;
+    figure("backlog_rows", rows);
+    figure("backlog_claim_ms_p50", format!("{store:.3}"));
+    figure("raw_backlog_claim_ms_p50", format!("{raw:.3}"));
+    figure("backlog_claim_ratio_vs_raw", format!("{:.2}", store / raw));
+    // Leave the queues empty for the phases after.
+    client
+        .batch_execute(&format!(
+            "TRUNCATE {schema}.wb_outbox; TRUNCATE {raw_schema}.wb_outbox"
+        ))
+        .await?;
+    Ok(())
 }
