@@ -16,6 +16,9 @@ use whizbang::store::*;
 enum Backend {
     Memory,
     Postgres,
+    /// Postgres with every batch through the set-based `wb_process_work_batch`, none through
+    /// `wb_process_one_message`: the two must keep the same contract.
+    PostgresSetBased,
 }
 
 fn settings() -> StoreSettings {
@@ -34,6 +37,7 @@ async fn open(backend: Backend, s: StoreSettings) -> Arc<dyn Store> {
     match backend {
         Backend::Memory => Arc::new(MemoryStore::new(s)),
         Backend::Postgres => open_postgres(s).await.0,
+        Backend::PostgresSetBased => open_postgres_with(s, false).await.0,
     }
 }
 
@@ -44,6 +48,10 @@ fn database_url() -> String {
 
 /// A Postgres store in a schema of its own; also returns the schema's name.
 async fn open_postgres(s: StoreSettings) -> (Arc<dyn Store>, String) {
+    open_postgres_with(s, true).await
+}
+
+async fn open_postgres_with(s: StoreSettings, one_message_path: bool) -> (Arc<dyn Store>, String) {
     let mut c = whizbang::Config::default();
     c.store.backend = whizbang::config::StoreBackend::Postgres;
     c.store.database_url = database_url();
@@ -61,7 +69,13 @@ async fn open_postgres(s: StoreSettings) -> (Arc<dyn Store>, String) {
         .await
         .expect("Postgres must be reachable for the conformance suite");
     // The config knob is whole seconds; the suite wants 1 s leases.
-    (Arc::new(store.with_lease(s.lease)), c.store.schema)
+    let store = store.with_lease(s.lease);
+    let store = if one_message_path {
+        store
+    } else {
+        store.without_one_message_path()
+    };
+    (Arc::new(store), c.store.schema)
 }
 
 fn event(stream: &str, n: u8) -> Envelope {
@@ -1084,6 +1098,9 @@ macro_rules! conformance {
         }
         mod postgres {
             $( #[tokio::test] async fn $case() { super::$case(super::Backend::Postgres).await } )*
+        }
+        mod postgres_set_based {
+            $( #[tokio::test] async fn $case() { super::$case(super::Backend::PostgresSetBased).await } )*
         }
     };
 }

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_claims.sql",
         sql: include_str!("../../schema/0005_claims.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_one_message.sql",
+        sql: include_str!("../../schema/0006_one_message.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
