@@ -322,7 +322,7 @@ fn clear_claims(s: &str) -> String {
 
 /// The batch as the arrays `wb_process_work_batch` takes.
 #[derive(Default)]
-struct BatchArrays {
+struct BatchArrays<'a> {
     r_queue: Vec<&'static str>,
     r_op: Vec<&'static str>,
     r_id: Vec<Uuid>,
@@ -331,21 +331,21 @@ struct BatchArrays {
     r_error: Vec<Option<String>>,
     u_claim: Vec<bool>,
     x_unit: Vec<i32>,
-    x_stream: Vec<String>,
+    x_stream: Vec<&'a str>,
     x_expected: Vec<i64>,
     m_unit: Vec<i32>,
     m_id: Vec<Uuid>,
     m_kind: Vec<&'static str>,
-    m_stream: Vec<String>,
+    m_stream: Vec<&'a str>,
     m_part: Vec<i32>,
     m_corr: Vec<Uuid>,
     m_cause: Vec<Option<Uuid>>,
-    m_type: Vec<String>,
+    m_type: Vec<&'a str>,
     m_ts: Vec<i64>,
     m_meta: Vec<Vec<u8>>,
-    m_payload: Vec<Vec<u8>>,
+    m_payload: Vec<&'a [u8]>,
     m_append: Vec<bool>,
-    m_topic: Vec<Option<String>>,
+    m_topic: Vec<Option<&'a str>>,
     m_inbox: Vec<bool>,
     c_unit: Vec<i32>,
     c_id: Vec<Uuid>,
@@ -353,7 +353,7 @@ struct BatchArrays {
     c_gen: Vec<i64>,
 }
 
-impl BatchArrays {
+impl<'a> BatchArrays<'a> {
     fn report(
         &mut self,
         queue: &'static str,
@@ -387,7 +387,7 @@ impl BatchArrays {
     }
 
     /// Adds a unit's messages; records message id → first array index for reading the answer.
-    fn unit(&mut self, index: i32, unit: &UnitOfWork, positions: &mut HashMap<Uuid, usize>) {
+    fn unit(&mut self, index: i32, unit: &'a UnitOfWork, positions: &mut HashMap<Uuid, usize>) {
         self.u_claim.push(unit.claim_for_writer);
         for (stream, expected) in &unit.expectations {
             let v = match expected {
@@ -396,35 +396,36 @@ impl BatchArrays {
                 ExpectedVersion::Exact(v) => *v as i64,
             };
             self.x_unit.push(index);
-            self.x_stream.push(stream.clone());
+            self.x_stream.push(stream);
             self.x_expected.push(v);
         }
         // One slot per message of this unit (its event, outbox and inbox rows share it); the
         // same message in another unit (a second delivery) gets a slot of its own.
         let mut here: HashMap<Uuid, usize> = HashMap::new();
-        let mut slot = |arrays: &mut BatchArrays, envelope: &Envelope, partition: u32| -> usize {
-            if let Some(i) = here.get(&envelope.message_id) {
-                return *i;
-            }
-            let i = arrays.m_id.len();
-            here.insert(envelope.message_id, i);
-            positions.entry(envelope.message_id).or_insert(i);
-            arrays.m_unit.push(index);
-            arrays.m_id.push(envelope.message_id);
-            arrays.m_kind.push(envelope.kind.as_str());
-            arrays.m_stream.push(envelope.stream_id.clone());
-            arrays.m_part.push(partition as i32);
-            arrays.m_corr.push(envelope.correlation_id);
-            arrays.m_cause.push(envelope.causation_id);
-            arrays.m_type.push(envelope.message_type.clone());
-            arrays.m_ts.push(envelope.timestamp_us);
-            arrays.m_meta.push(encode_meta(envelope));
-            arrays.m_payload.push(envelope.payload.clone());
-            arrays.m_append.push(false);
-            arrays.m_topic.push(None);
-            arrays.m_inbox.push(false);
-            i
-        };
+        let mut slot =
+            |arrays: &mut BatchArrays<'a>, envelope: &'a Envelope, partition: u32| -> usize {
+                if let Some(i) = here.get(&envelope.message_id) {
+                    return *i;
+                }
+                let i = arrays.m_id.len();
+                here.insert(envelope.message_id, i);
+                positions.entry(envelope.message_id).or_insert(i);
+                arrays.m_unit.push(index);
+                arrays.m_id.push(envelope.message_id);
+                arrays.m_kind.push(envelope.kind.as_str());
+                arrays.m_stream.push(&envelope.stream_id);
+                arrays.m_part.push(partition as i32);
+                arrays.m_corr.push(envelope.correlation_id);
+                arrays.m_cause.push(envelope.causation_id);
+                arrays.m_type.push(&envelope.message_type);
+                arrays.m_ts.push(envelope.timestamp_us);
+                arrays.m_meta.push(encode_meta(envelope));
+                arrays.m_payload.push(&envelope.payload);
+                arrays.m_append.push(false);
+                arrays.m_topic.push(None);
+                arrays.m_inbox.push(false);
+                i
+            };
         for e in &unit.events {
             // An event only appended has no queue row, so its partition is never read; an
             // outbox or inbox row of the same message sets it below.
@@ -434,7 +435,7 @@ impl BatchArrays {
         for row in &unit.outbox {
             let i = slot(self, &row.envelope, row.partition);
             self.m_part[i] = row.partition as i32;
-            self.m_topic[i] = Some(row.topic.clone());
+            self.m_topic[i] = Some(&row.topic);
         }
         for row in &unit.inbox {
             let i = slot(self, &row.envelope, row.partition);
@@ -450,7 +451,7 @@ impl BatchArrays {
     }
 }
 
-impl BatchArrays {
+impl BatchArrays<'_> {
     /// Whether `wb_process_one_message` can write this batch: completions only as reports, at
     /// most one unit with at most one message, no expected versions, no inbox rows completed
     /// by the unit, no claim. Most batches of `local_invoke` and of scoped flushes are such;
@@ -485,20 +486,20 @@ struct OneMessage<'a> {
 }
 
 impl<'a> OneMessage<'a> {
-    fn of(a: &'a BatchArrays) -> OneMessage<'a> {
+    fn of(a: &'a BatchArrays<'_>) -> OneMessage<'a> {
         OneMessage {
             id: a.m_id.first().copied(),
             kind: a.m_kind.first().copied(),
-            stream: a.m_stream.first().map(String::as_str),
+            stream: a.m_stream.first().copied(),
             part: a.m_part.first().copied(),
             corr: a.m_corr.first().copied(),
             cause: a.m_cause.first().copied().flatten(),
-            typ: a.m_type.first().map(String::as_str),
+            typ: a.m_type.first().copied(),
             ts: a.m_ts.first().copied(),
             meta: a.m_meta.first().map(Vec::as_slice),
-            payload: a.m_payload.first().map(Vec::as_slice),
+            payload: a.m_payload.first().copied(),
             append: a.m_append.first().copied(),
-            topic: a.m_topic.first().and_then(|t| t.as_deref()),
+            topic: a.m_topic.first().copied().flatten(),
             inbox: a.m_inbox.first().copied(),
         }
     }
@@ -658,7 +659,10 @@ impl Store for PostgresStore {
                 .await
                 .map_err(query_error)?
         };
-        read_answer(&batch, &a, &positions, rows)
+        // The arrays borrow the batch; the answer moves the claimed rows' envelopes out of it.
+        let m_unit = std::mem::take(&mut a.m_unit);
+        drop(a);
+        read_answer(batch, &m_unit, &positions, rows)
     }
 
     async fn release_partitions(
@@ -908,8 +912,8 @@ fn stored_event(row: &Row) -> Result<StoredEvent, StoreError> {
 
 /// Turns the rows of `wb_process_work_batch` back into a [`WorkBatchResult`].
 fn read_answer(
-    batch: &WorkBatch,
-    a: &BatchArrays,
+    mut batch: WorkBatch,
+    m_unit: &[i32],
     positions: &HashMap<Uuid, usize>,
     rows: Vec<Row>,
 ) -> Result<WorkBatchResult, StoreError> {
@@ -1019,34 +1023,36 @@ fn read_answer(
     }
     wclaims.sort_by_key(|(index, _, _)| *index);
     for (index, outbox, work) in wclaims {
-        let u = a.m_unit[index] as usize;
-        let unit = &batch.units[u];
+        let u = m_unit[index] as usize;
+        let unit = &mut batch.units[u];
         if let UnitOutcome::Committed {
             claimed_outbox,
             claimed_inbox,
             ..
         } = &mut outcomes[u]
         {
+            // Each row is claimed once: moved out, not cloned.
             if outbox {
-                if let Some(row) = unit
+                if let Some(i) = unit
                     .outbox
                     .iter()
-                    .find(|r| r.envelope.message_id == work.message_id)
+                    .position(|r| r.envelope.message_id == work.message_id)
                 {
+                    let row = unit.outbox.swap_remove(i);
                     claimed_outbox.push(OutboxWork {
-                        envelope: row.envelope.clone(),
-                        topic: row.topic.clone(),
+                        envelope: row.envelope,
+                        topic: row.topic,
                         work,
                         attempts: 0,
                     });
                 }
-            } else if let Some(row) = unit
+            } else if let Some(i) = unit
                 .inbox
                 .iter()
-                .find(|r| r.envelope.message_id == work.message_id)
+                .position(|r| r.envelope.message_id == work.message_id)
             {
                 claimed_inbox.push(InboxWork {
-                    envelope: row.envelope.clone(),
+                    envelope: unit.inbox.swap_remove(i).envelope,
                     work,
                     attempts: 0,
                 });
