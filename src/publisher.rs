@@ -73,31 +73,43 @@ impl Publisher {
             self.in_flight += 1;
             let transport = self.transport.clone();
             let timeout = self.send_timeout;
-            let mut envelope = row.envelope.clone();
-            envelope.push_hop(self.origin.hop(&envelope.stream_id, Some(&row.topic)));
-            let topic = row.topic.clone();
+            // The row's envelope goes to the transport as it is (plus this hop), not a copy.
+            let OutboxWork {
+                mut envelope,
+                topic,
+                work,
+                ..
+            } = row;
+            let message_id = envelope.message_id;
+            envelope.push_hop(self.origin.hop(&envelope.stream_id, Some(&topic)));
             ctx.spawn(
                 async move {
-                    match tokio::time::timeout(timeout, transport.publish(&topic, &envelope)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(TransportError::Timeout { topic }),
-                    }
+                    let result =
+                        match tokio::time::timeout(timeout, transport.publish(&topic, &envelope))
+                            .await
+                        {
+                            Ok(result) => result,
+                            Err(_) => Err(TransportError::Timeout {
+                                topic: topic.clone(),
+                            }),
+                        };
+                    (result, topic)
                 }
                 .into_actor(self)
-                .map(move |result, act, ctx| {
+                .map(move |(result, topic), act, ctx| {
                     act.in_flight -= 1;
                     act.busy.remove(&stream);
                     match result {
-                        Ok(()) => act.coordinator.do_send(Report::OutboxDone(row.work)),
+                        Ok(()) => act.coordinator.do_send(Report::OutboxDone(work)),
                         Err(e) => {
-                            tracing::warn!(message_id = %row.envelope.message_id, topic = %row.topic, error = %e, "publish failed; stream parked until the retry");
+                            tracing::warn!(message_id = %message_id, topic = %topic, error = %e, "publish failed; stream parked until the retry");
                             let kind = if e.is_transient() {
                                 FailureKind::Transient
                             } else {
                                 FailureKind::Failed
                             };
                             act.coordinator.do_send(Report::OutboxFailed(Failure {
-                                work: row.work,
+                                work,
                                 kind,
                                 error: e.to_string(),
                             }));

@@ -401,14 +401,15 @@ impl<'a> BatchArrays<'a> {
         }
         // One slot per message of this unit (its event, outbox and inbox rows share it); the
         // same message in another unit (a second delivery) gets a slot of its own.
-        let mut here: HashMap<Uuid, usize> = HashMap::new();
+        // A unit holds a message or a few: a list, not a map.
+        let mut here: Vec<(Uuid, usize)> = Vec::new();
         let mut slot =
             |arrays: &mut BatchArrays<'a>, envelope: &'a Envelope, partition: u32| -> usize {
-                if let Some(i) = here.get(&envelope.message_id) {
+                if let Some((_, i)) = here.iter().find(|(id, _)| *id == envelope.message_id) {
                     return *i;
                 }
                 let i = arrays.m_id.len();
-                here.insert(envelope.message_id, i);
+                here.push((envelope.message_id, i));
                 positions.entry(envelope.message_id).or_insert(i);
                 arrays.m_unit.push(index);
                 arrays.m_id.push(envelope.message_id);
