@@ -96,6 +96,8 @@ impl Perspective<OrderCreated> for Inventory {
     }
 }
 
+whizbang::use_mimalloc!();
+
 #[actix::main]
 async fn main() {
     if let Err(e) = run().await {

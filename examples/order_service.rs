@@ -196,6 +196,8 @@ async fn wait_until(
     Ok(())
 }
 
+whizbang::use_mimalloc!();
+
 #[actix::main]
 async fn main() {
     if let Err(e) = run().await {

@@ -503,6 +503,8 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
     Ok(())
 }
 
+whizbang::use_mimalloc!();
+
 fn main() {
     // Logs go to stderr, off unless RUST_LOG asks (figures go to stdout).
     let _ = tracing_subscriber::fmt()

@@ -88,6 +88,8 @@ impl Message for Appended {
 }
 impl Event for Appended {}
 
+whizbang::use_mimalloc!();
+
 fn main() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

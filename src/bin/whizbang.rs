@@ -80,6 +80,8 @@ impl From<StoreError> for Failure {
     }
 }
 
+whizbang::use_mimalloc!();
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
