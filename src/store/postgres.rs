@@ -36,6 +36,12 @@ pub struct PgManager {
     schema: String,
 }
 
+/// `SELECT * FROM schema.function($1, …, $arity)`.
+fn call(schema: &str, function: &str, arity: usize) -> String {
+    let params: Vec<String> = (1..=arity).map(|i| format!("${i}")).collect();
+    format!("SELECT * FROM {schema}.{function}({})", params.join(", "))
+}
+
 impl bb8::ManageConnection for PgManager {
     type Connection = PgConnection;
     type Error = tokio_postgres::Error;
@@ -43,23 +49,13 @@ impl bb8::ManageConnection for PgManager {
     async fn connect(&self) -> Result<PgConnection, tokio_postgres::Error> {
         let client = self.inner.connect().await?;
         let s = &self.schema;
-        let params: Vec<String> = (1..=38).map(|i| format!("${i}")).collect();
         let batch = client
-            .prepare(&format!(
-                "SELECT * FROM {s}.wb_process_work_batch({})",
-                params.join(", ")
-            ))
+            .prepare(&call(s, "wb_process_work_batch", 38))
             .await?;
-        let params: Vec<String> = (1..=21).map(|i| format!("${i}")).collect();
         let one_message = client
-            .prepare(&format!(
-                "SELECT * FROM {s}.wb_process_one_message({})",
-                params.join(", ")
-            ))
+            .prepare(&call(s, "wb_process_one_message", 21))
             .await?;
-        let heartbeat = client
-            .prepare(&format!("SELECT * FROM {s}.wb_heartbeat($1, $2, $3)"))
-            .await?;
+        let heartbeat = client.prepare(&call(s, "wb_heartbeat", 3)).await?;
         Ok(PgConnection {
             client,
             batch,
