@@ -578,50 +578,14 @@ impl Store for PostgresStore {
         let claim_i = batch.claim.map_or(0, |c| c.inbox as i32);
         let in_flight_outbox = batch.in_flight.as_ref().map(|f| &f.outbox);
         let in_flight_inbox = batch.in_flight.as_ref().map(|f| &f.inbox);
-        let params: Vec<&(dyn ToSql + Sync)> = vec![
-            &instance,
-            &lease,
-            &max_partitions,
-            &max_attempts,
-            &base,
-            &cap,
-            &a.r_queue,
-            &a.r_op,
-            &a.r_id,
-            &a.r_part,
-            &a.r_gen,
-            &a.r_error,
-            &a.u_claim,
-            &a.x_unit,
-            &a.x_stream,
-            &a.x_expected,
-            &a.m_unit,
-            &a.m_id,
-            &a.m_kind,
-            &a.m_stream,
-            &a.m_part,
-            &a.m_corr,
-            &a.m_cause,
-            &a.m_type,
-            &a.m_ts,
-            &a.m_meta,
-            &a.m_payload,
-            &a.m_append,
-            &a.m_topic,
-            &a.m_inbox,
-            &a.c_unit,
-            &a.c_id,
-            &a.c_part,
-            &a.c_gen,
-            &claim_o,
-            &claim_i,
-            &in_flight_outbox,
-            &in_flight_inbox,
-        ];
-        let rows = if self.one_message_path && a.one_message(&batch) {
-            let claim = a.u_claim.first().copied().unwrap_or(false);
-            let m = OneMessage::of(&a);
-            let params: Vec<&(dyn ToSql + Sync)> = vec![
+        let one_message = self.one_message_path && a.one_message(&batch);
+        // Set only for the one-message call; declared here so the parameters can borrow them.
+        let claim;
+        let m;
+        let params: Vec<&(dyn ToSql + Sync)> = if one_message {
+            claim = a.u_claim.first().copied().unwrap_or(false);
+            m = OneMessage::of(&a);
+            vec![
                 &instance,
                 &lease,
                 &max_partitions,
@@ -643,16 +607,58 @@ impl Store for PostgresStore {
                 &m.append,
                 &m.topic,
                 &m.inbox,
-            ];
-            let conn = self.conn().await?;
-            conn.client
-                .query(&conn.one_message, &params)
-                .await
-                .map_err(query_error)?
+            ]
         } else {
+            vec![
+                &instance,
+                &lease,
+                &max_partitions,
+                &max_attempts,
+                &base,
+                &cap,
+                &a.r_queue,
+                &a.r_op,
+                &a.r_id,
+                &a.r_part,
+                &a.r_gen,
+                &a.r_error,
+                &a.u_claim,
+                &a.x_unit,
+                &a.x_stream,
+                &a.x_expected,
+                &a.m_unit,
+                &a.m_id,
+                &a.m_kind,
+                &a.m_stream,
+                &a.m_part,
+                &a.m_corr,
+                &a.m_cause,
+                &a.m_type,
+                &a.m_ts,
+                &a.m_meta,
+                &a.m_payload,
+                &a.m_append,
+                &a.m_topic,
+                &a.m_inbox,
+                &a.c_unit,
+                &a.c_id,
+                &a.c_part,
+                &a.c_gen,
+                &claim_o,
+                &claim_i,
+                &in_flight_outbox,
+                &in_flight_inbox,
+            ]
+        };
+        let rows = {
             let conn = self.conn().await?;
+            let statement = if one_message {
+                &conn.one_message
+            } else {
+                &conn.batch
+            };
             conn.client
-                .query(&conn.batch, &params)
+                .query(statement, &params)
                 .await
                 .map_err(query_error)?
         };
