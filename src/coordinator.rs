@@ -15,6 +15,11 @@
 //! beside it. So the rows a batch hands off are never overtaken by rows of the same stream from
 //! another batch, which is what keeps each stream in order from the store to the handlers, and
 //! the recovery after a lost answer still sees every row this instance has in flight.
+//!
+//! Completions do not ride with the units of the immediate and scoped strategies: a writer
+//! waiting for its unit would pay for deleting the rows of earlier calls. They are written by
+//! the flush timer (or with whatever batch goes then), at once when a full batch of them is
+//! queued, when they may free room for a claim of rows still waiting, and on shutdown.
 //! It must not run user code and must never wait on a partition actor (they wait on it).
 
 use crate::config::{Config, FlushStrategy};
@@ -110,6 +115,8 @@ pub struct Coordinator {
     /// Streams touched by the units of the batches in flight, with how many units each.
     busy_streams: HashMap<String, usize>,
     claim_wanted: bool,
+    /// The flush timer fired since completions were last written: they go with the next batch.
+    completions_due: bool,
     /// There may be rows this instance has not claimed yet: a committed unit left rows it could
     /// not lease (at its partition maximum, or another instance holds them), or the last claim
     /// found work (a backlog is drained claim after claim, not one claim per poll). Claim again
@@ -151,6 +158,7 @@ impl Coordinator {
             error_backoff: None,
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
+            completions_due: false,
             partitions: None,
             publisher: None,
             stopped: false,
@@ -166,6 +174,24 @@ impl Coordinator {
             // Interval: a full batch does not wait for the timer.
             || self.pending.len() >= self.settings.max_batch
             || self.reports.reports() >= self.settings.max_batch
+            || (self.completions_due && self.completions_queued())
+    }
+
+    fn completions_queued(&self) -> bool {
+        !self.reports.outbox_completions.is_empty() || !self.reports.inbox_completions.is_empty()
+    }
+
+    /// Whether the queued completions go with the next batch (see the module docs): always
+    /// with the interval strategy, whose batches all wait for the timer anyway.
+    fn completions_go_now(&self) -> bool {
+        self.settings.strategy == FlushStrategy::Interval
+            || self.completions_due
+            || self.stopped
+            || self.claims_in_doubt
+            // Rows wait to be claimed: completions free the room the next claim needs, and
+            // a backlog is drained claim after claim, not one claim per timer tick.
+            || self.unclaimed_rows
+            || self.reports.reports() >= self.settings.max_batch
     }
 
     /// Starts batches while there is room and something to write; the completion of a batch
@@ -180,7 +206,7 @@ impl Coordinator {
     /// handed out by a batch running beside it before the store has parked them).
     fn next_is_exclusive(&self) -> bool {
         let r = &self.reports;
-        let completes = !r.outbox_completions.is_empty() || !r.inbox_completions.is_empty();
+        let completes = self.completions_queued() && self.completions_go_now();
         let claim = !self.stopped
             && (self.claim_wanted || self.claims_in_doubt || (self.unclaimed_rows && completes));
         claim
@@ -272,7 +298,14 @@ impl Coordinator {
         // may have claimed come back before anything newer of their streams is handed out.
         let take = if self.claims_in_doubt { 0 } else { take };
         let (pending, streams) = self.take_units(take);
+        let completions_go = self.completions_go_now();
         let mut batch = std::mem::take(&mut self.reports);
+        if completions_go {
+            self.completions_due = false;
+        } else {
+            self.reports.outbox_completions = std::mem::take(&mut batch.outbox_completions);
+            self.reports.inbox_completions = std::mem::take(&mut batch.inbox_completions);
+        }
         let mut units = Vec::with_capacity(pending.len());
         batch.units = pending
             .into_iter()
@@ -625,6 +658,7 @@ impl Actor for Coordinator {
         let s = self.settings.clone();
         ctx.run_interval(s.flush_interval, |act, ctx| {
             if !act.pending.is_empty() || act.reports.reports() > 0 {
+                act.completions_due = act.completions_queued();
                 act.flush(ctx);
             }
         });
