@@ -1171,3 +1171,69 @@ async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await;
 }
+
+/// Dedup keys outlive their inbox rows by the retention, counted from receipt, and only a
+/// processed message's key is purged (by the heartbeat); marking a message processed is a HOT
+/// update (no index entry names processed_at).
+#[tokio::test]
+async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
+    let (store, schema) = open_postgres(settings()).await;
+    let a = instance(&store).await;
+    let (old_done, old_pending, new_done) = (event("r", 1), event("r2", 2), event("r3", 3));
+    let mut done = Vec::new();
+    for (e, complete) in [(&old_done, true), (&old_pending, false), (&new_done, true)] {
+        let r = batch(&store, a, units(vec![inbox_only(e, true)])).await;
+        let claimed = committed(&r.units[0]).2;
+        assert_eq!(claimed.len(), 1);
+        if complete {
+            done.push(claimed[0].work);
+        }
+    }
+    let completions = WorkBatch {
+        inbox_completions: done,
+        ..WorkBatch::default()
+    };
+    assert!(batch(&store, a, completions).await.stale.is_empty());
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Received a retention (168 h by default) and more ago.
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.wb_dedup SET received_at = now() - interval '169 hours'
+                  WHERE message_id = ANY($1)"
+            ),
+            &[&vec![old_done.message_id, old_pending.message_id]],
+        )
+        .await
+        .unwrap();
+    store.heartbeat(a).await.unwrap();
+    let kept: Vec<Uuid> = client
+        .query(
+            &format!("SELECT message_id FROM {schema}.wb_dedup ORDER BY message_id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = vec![old_pending.message_id, new_done.message_id];
+    expected.sort();
+    assert_eq!(kept, expected, "only the old processed key goes");
+    let indexed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'wb_dedup'
+               AND indexdef LIKE '%processed_at%'",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexed, 0, "an index on processed_at rules out HOT updates");
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await;
+}

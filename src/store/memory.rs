@@ -26,6 +26,8 @@ struct Row {
     last_error: Option<String>,
     claimed: Option<(InstanceId, u64)>,
     dead: bool,
+    /// When the row was written: a dedup record's retention counts from it.
+    received: Instant,
 }
 
 /// The outbox or the inbox: rows by id, ordered per stream, streams grouped per partition.
@@ -106,7 +108,8 @@ struct State {
     by_correlation: HashMap<Uuid, Vec<usize>>,
     outbox: RowQueue,
     inbox: RowQueue,
-    /// Dedup records: message id → (processed at, correlation id).
+    /// Dedup records of processed messages: message id → (received at, correlation id); a
+    /// pending message's record is its inbox row.
     processed: HashMap<Uuid, (Instant, Uuid)>,
     leases: HashMap<u32, Lease>,
     generations: HashMap<u32, u64>,
@@ -239,13 +242,7 @@ impl State {
         self.processed.contains_key(id) || self.inbox.rows.contains_key(id)
     }
 
-    fn complete(
-        &mut self,
-        queue: Queue,
-        instance: InstanceId,
-        work: &WorkRef,
-        now: Instant,
-    ) -> bool {
+    fn complete(&mut self, queue: Queue, instance: InstanceId, work: &WorkRef) -> bool {
         if !self.fenced(instance, work) {
             return false;
         }
@@ -258,7 +255,7 @@ impl State {
             && queue == Queue::Inbox
         {
             self.processed
-                .insert(work.message_id, (now, row.envelope.correlation_id));
+                .insert(work.message_id, (row.received, row.envelope.correlation_id));
         }
         true
     }
@@ -540,14 +537,14 @@ impl Store for MemoryStore {
         // Reports first: they free the streams that new work may queue behind.
         let mut completed = false;
         for w in &batch.outbox_completions {
-            if st.complete(Queue::Outbox, instance, w, now) {
+            if st.complete(Queue::Outbox, instance, w) {
                 completed = true;
             } else {
                 result.stale.push(w.message_id);
             }
         }
         for w in &batch.inbox_completions {
-            if st.complete(Queue::Inbox, instance, w, now) {
+            if st.complete(Queue::Inbox, instance, w) {
                 completed = true;
             } else {
                 result.stale.push(w.message_id);
@@ -588,7 +585,7 @@ impl Store for MemoryStore {
                 continue;
             }
             for w in &unit.completes_inbox {
-                if st.complete(Queue::Inbox, instance, w, now) {
+                if st.complete(Queue::Inbox, instance, w) {
                     completed = true;
                 } else {
                     result.stale.push(w.message_id);
@@ -640,6 +637,7 @@ impl Store for MemoryStore {
                     last_error: None,
                     claimed: None,
                     dead: false,
+                    received: now,
                 });
                 let claim = if unit.claim_for_writer {
                     st.try_acquire(row.partition, instance, now, settings)
@@ -691,6 +689,7 @@ impl Store for MemoryStore {
                     last_error: None,
                     claimed: None,
                     dead: false,
+                    received: now,
                 });
                 let claim = if unit.claim_for_writer {
                     st.try_acquire(row.partition, instance, now, settings)
@@ -928,14 +927,13 @@ impl Store for MemoryStore {
 
     async fn skip_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
         let mut st = self.lock();
-        let now = Instant::now();
         if st.outbox.rows.get(&message_id).is_some_and(|r| r.dead) {
             st.outbox.remove(&message_id);
         } else if st.inbox.rows.get(&message_id).is_some_and(|r| r.dead) {
             if let Some(row) = st.inbox.remove(&message_id) {
                 // Still a dedup record: a redelivery of a skipped message stays skipped.
                 st.processed
-                    .insert(message_id, (now, row.envelope.correlation_id));
+                    .insert(message_id, (row.received, row.envelope.correlation_id));
             }
         } else {
             return Err(StoreError::NotFound(format!("dead letter {message_id}")));

@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_one_message.sql",
         sql: include_str!("../../schema/0006_one_message.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_dedup_hot.sql",
+        sql: include_str!("../../schema/0007_dedup_hot.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
