@@ -20,6 +20,7 @@
 //! waiting for its unit would pay for deleting the rows of earlier calls. They are written by
 //! the flush timer (or with whatever batch goes then), at once when a full batch of them is
 //! queued, when they may free room for a claim of rows still waiting, and on shutdown.
+//!
 //! It must not run user code and must never wait on a partition actor (they wait on it).
 
 use crate::config::{Config, FlushStrategy};
