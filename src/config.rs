@@ -87,7 +87,9 @@ pub enum AmqpAuth {
     Cbs,
 }
 
-/// When queued work is written to the store (the seed's three strategies).
+/// When queued work is written to the store (the seed's three strategies). With `Immediate`
+/// and `Scoped`, completions of processed rows are written by the `flush_interval_ms` timer
+/// rather than with a caller's unit (see the coordinator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlushStrategy {
