@@ -1,4 +1,5 @@
--- whizbang: marking a processed inbox message costs one heap tuple, not four index entries.
+-- whizbang: a processed inbox message's dedup key is updated in place (HOT), with no index
+-- entries.
 --
 -- A processed inbox row leaves wb_inbox and its dedup key gets its processed_at. processed_at
 -- was indexed (for the retention purge), so that update could never be a HOT update: every
