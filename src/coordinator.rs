@@ -179,7 +179,7 @@ impl Coordinator {
     }
 
     fn completions_queued(&self) -> bool {
-        !self.reports.outbox_completions.is_empty() || !self.reports.inbox_completions.is_empty()
+        self.reports.completions() > 0
     }
 
     /// Whether the queued completions go with the next batch (see the module docs): always
@@ -320,7 +320,7 @@ impl Coordinator {
                 p.unit
             })
             .collect();
-        let completes = !batch.outbox_completions.is_empty() || !batch.inbox_completions.is_empty();
+        let completes = batch.completions() > 0;
         if self.unclaimed_rows && completes {
             self.claim_wanted = true;
         }

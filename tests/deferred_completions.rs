@@ -33,11 +33,8 @@ impl BatchHook for Carried {
         instance: Uuid,
         batch: WorkBatch,
     ) -> Result<WorkBatchResult, StoreError> {
-        let completions = batch.outbox_completions.len() + batch.inbox_completions.len();
-        self.0
-            .lock()
-            .unwrap()
-            .push((batch.units.len(), completions));
+        let carried = (batch.units.len(), batch.completions());
+        self.0.lock().unwrap().push(carried);
         inner.process_work_batch(instance, batch).await
     }
 }

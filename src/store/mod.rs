@@ -233,6 +233,11 @@ impl WorkBatch {
             && self.claim.is_none()
     }
 
+    /// Completions (published outbox rows, processed inbox rows) among the reports.
+    pub fn completions(&self) -> usize {
+        self.outbox_completions.len() + self.inbox_completions.len()
+    }
+
     /// Number of row-level items, used to cap batch size.
     pub fn reports(&self) -> usize {
         self.outbox_completions.len()
