@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_dedup_hot.sql",
         sql: include_str!("../../schema/0007_dedup_hot.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_claim_once.sql",
+        sql: include_str!("../../schema/0008_claim_once.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
