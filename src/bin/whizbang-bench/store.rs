@@ -5,7 +5,9 @@
 //! - `store_{immediate,scoped,interval}_events_per_s` (W1): commands each producing one event
 //!   (event store + outbox, then published), with each flush strategy;
 //!   `store_events_per_s`, `raw_events_per_s`, `store_ratio_vs_raw`: the interval one beside a
-//!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables;
+//!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables,
+//!   in `--rounds` alternating rounds: the medians of the rates and of the rounds' ratios
+//!   (each round's figures on the `…_rounds` lines);
 //! - W0, the physical limit of those tables: `raw_batch100_events_per_s`,
 //!   `raw_batch1000_events_per_s`, `raw_row_per_txn_1_client_per_s`,
 //!   `raw_row_per_txn_16_clients_per_s`;
@@ -50,6 +52,9 @@ pub struct StoreArgs {
     /// Outbox rows queued for the backlog claim figure.
     #[arg(long, default_value_t = 100_000)]
     pub backlog: usize,
+    /// Rounds of the interval throughput beside its raw baseline (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,21 +309,19 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     );
 
     // 2. Throughput (W1): each flush strategy; the interval one beside raw batched unnest
-    // inserts into the same tables.
+    // inserts into the same tables, in alternating rounds (this machine's speed drifts within
+    // seconds: a round's two rates are measured next to each other, and the medians are kept).
     let streams = 4_000.min(args.commands).max(1);
     let per_stream = args.commands.div_ceil(streams);
     let total = streams * per_stream;
     figure("store_streams_in_flight", streams);
-    let mut store_rate = 0.0;
     for (name, strategy, streams) in [
         // One unit per round trip, so a tenth of the work (a rate, not a total, is compared).
         ("immediate", FlushStrategy::Immediate, streams.div_ceil(10)),
         ("scoped", FlushStrategy::Scoped, streams),
-        ("interval", FlushStrategy::Interval, streams),
     ] {
         let rate = throughput(&pg, base, strategy, streams, per_stream, &client).await?;
         figure(&format!("store_{name}_events_per_s"), format!("{rate:.0}"));
-        store_rate = rate;
     }
 
     let event_meta = rmp_serde::to_vec(&(
@@ -347,15 +350,41 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         meta: &event_meta,
         payload: &payload,
     };
-    let raw_rate = rows
-        .batched(&client, &insert, 1_000, total, 10_000_000)
+    let (mut store_rates, mut raw_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        let store_rate = throughput(
+            &pg,
+            base,
+            FlushStrategy::Interval,
+            streams,
+            per_stream,
+            &client,
+        )
         .await?;
+        // Positions and stream names of each round's raw rows are its own.
+        let first_position = 1_000_000_000 + round as i64 * 100_000_000;
+        let raw_rate = rows
+            .batched(&client, &insert, 1_000, total, first_position)
+            .await?;
+        store_rates.push(store_rate);
+        raw_rates.push(raw_rate);
+        ratios.push(store_rate / raw_rate);
+    }
+    let list = |v: &[f64], digits: usize| {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    figure("store_rounds", ratios.len());
+    figure("store_interval_events_per_s_rounds", list(&store_rates, 0));
+    figure("raw_events_per_s_rounds", list(&raw_rates, 0));
+    figure("store_ratio_vs_raw_rounds", list(&ratios, 2));
+    let (store_rate, raw_rate) = (median(&store_rates), median(&raw_rates));
+    figure("store_interval_events_per_s", format!("{store_rate:.0}"));
     figure("store_events_per_s", format!("{store_rate:.0}"));
     figure("raw_events_per_s", format!("{raw_rate:.0}"));
-    figure(
-        "store_ratio_vs_raw",
-        format!("{:.2}", store_rate / raw_rate),
-    );
+    figure("store_ratio_vs_raw", format!("{:.2}", median(&ratios)));
 
     // W0, the physical limit of these tables: batches of 100 rows, and one row (event + outbox)
     // per transaction from 1 and from 16 clients.
@@ -468,6 +497,17 @@ fn single_row_sql(schema: &str) -> String {
                     correlation_id, causation_id, message_type, timestamp_us, meta, payload)
              VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
     )
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Rows of the raw baselines: an event and its outbox row, straight into the tables.
