@@ -423,6 +423,41 @@ async fn writer_claim_never_overtakes_pending_rows(b: Backend) {
     assert_eq!(ids, vec![e1.message_id, e2.message_id]);
 }
 
+/// A message only sent on (nothing appended: a command for another service) that is queued
+/// again is written once, also in a batch that appends events (the Postgres batch inserts the
+/// outbox rows of appended events without `ON CONFLICT` only when every outbox row of the batch
+/// is one); the rows keep their stream's order.
+async fn an_outbox_message_queued_twice_is_written_once(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let outbox_row = |m: &Envelope| NewOutboxRow {
+        envelope: m.clone(),
+        topic: "t".into(),
+        partition: part(&m.stream_id),
+    };
+    let send_only = |m: &Envelope| UnitOfWork {
+        outbox: vec![outbox_row(m)],
+        ..UnitOfWork::default()
+    };
+    let command = Envelope::new(MessageKind::Command, "Ship", "q".to_string(), vec![1]);
+    batch(&store, a, units(vec![send_only(&command)])).await;
+    let e = event("q", 2);
+    let appending = UnitOfWork {
+        events: vec![e.clone()],
+        outbox: vec![outbox_row(&e)],
+        ..UnitOfWork::default()
+    };
+    let r = batch(&store, a, units(vec![send_only(&command), appending])).await;
+    assert_eq!(committed(&r.units[1]).0.len(), 1, "the event is appended");
+    let r = batch(&store, a, claim_all()).await;
+    let ids: Vec<Uuid> = r
+        .claimed_outbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![command.message_id, e.message_id]);
+}
+
 async fn failure_backs_off_and_parks_the_stream(b: Backend) {
     let store = open(b, settings()).await;
     let a = instance(&store).await;
@@ -1113,6 +1148,7 @@ conformance!(
     inbox_dedup,
     writer_claims_and_completes,
     writer_claim_never_overtakes_pending_rows,
+    an_outbox_message_queued_twice_is_written_once,
     failure_backs_off_and_parks_the_stream,
     dead_letter_after_max_attempts_then_requeue_and_skip,
     transient_failure_does_not_count,
