@@ -200,18 +200,23 @@ fn deposit(account: usize, n: usize) -> Deposit {
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-/// Sorted samples in microseconds.
+/// Sorted samples: microseconds when made from durations.
 struct Samples(Vec<f64>);
 
 impl Samples {
-    fn new(mut durations: Vec<Duration>) -> Samples {
-        durations.sort_unstable();
-        Samples(
+    fn new(durations: Vec<Duration>) -> Samples {
+        Samples::of(
             durations
                 .into_iter()
                 .map(|d| d.as_secs_f64() * 1e6)
                 .collect(),
         )
+    }
+
+    /// Samples of any unit (rates, ratios).
+    fn of(mut values: Vec<f64>) -> Samples {
+        values.sort_by(f64::total_cmp);
+        Samples(values)
     }
 
     fn percentile(&self, p: f64) -> f64 {

@@ -380,6 +380,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     figure("store_interval_events_per_s_rounds", list(&store_rates, 0));
     figure("raw_events_per_s_rounds", list(&raw_rates, 0));
     figure("store_ratio_vs_raw_rounds", list(&ratios, 2));
+    let median = |v: &[f64]| Samples::of(v.to_vec()).percentile(50.0);
     let (store_rate, raw_rate) = (median(&store_rates), median(&raw_rates));
     figure("store_interval_events_per_s", format!("{store_rate:.0}"));
     figure("store_events_per_s", format!("{store_rate:.0}"));
@@ -497,17 +498,6 @@ fn single_row_sql(schema: &str) -> String {
                     correlation_id, causation_id, message_type, timestamp_us, meta, payload)
              VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
     )
-}
-
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Rows of the raw baselines: an event and its outbox row, straight into the tables.
