@@ -430,24 +430,18 @@ async fn writer_claim_never_overtakes_pending_rows(b: Backend) {
 async fn an_outbox_message_queued_twice_is_written_once(b: Backend) {
     let store = open(b, settings()).await;
     let a = instance(&store).await;
-    let outbox_row = |m: &Envelope| NewOutboxRow {
-        envelope: m.clone(),
-        topic: "t".into(),
-        partition: part(&m.stream_id),
-    };
     let send_only = |m: &Envelope| UnitOfWork {
-        outbox: vec![outbox_row(m)],
+        outbox: vec![NewOutboxRow {
+            envelope: m.clone(),
+            topic: "t".into(),
+            partition: part(&m.stream_id),
+        }],
         ..UnitOfWork::default()
     };
     let command = Envelope::new(MessageKind::Command, "Ship", "q".to_string(), vec![1]);
     batch(&store, a, units(vec![send_only(&command)])).await;
     let e = event("q", 2);
-    let appending = UnitOfWork {
-        events: vec![e.clone()],
-        outbox: vec![outbox_row(&e)],
-        ..UnitOfWork::default()
-    };
-    let r = batch(&store, a, units(vec![send_only(&command), appending])).await;
+    let r = batch(&store, a, units(vec![send_only(&command), unit(&e, false)])).await;
     assert_eq!(committed(&r.units[1]).0.len(), 1, "the event is appended");
     let r = batch(&store, a, claim_all()).await;
     let ids: Vec<Uuid> = r
