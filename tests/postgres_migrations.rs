@@ -13,6 +13,7 @@ use uuid::Uuid;
 use whizbang::routing::partition_of;
 use whizbang::store::StoreError;
 use whizbang::store::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
+use whizbang::store::vacuum::autovacuum_gaps;
 
 fn database_url() -> String {
     std::env::var("WHIZBANG_TEST_DATABASE_URL")
@@ -317,6 +318,47 @@ async fn concurrent_migrations_apply_each_file_once() {
     );
     let client = connect().await;
     assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+    drop_schema(&client, &schema).await;
+}
+
+#[tokio::test]
+async fn autovacuum_gaps_name_the_server_setting_and_each_switched_off_queue_table() {
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migrate");
+    let server_on: String = client
+        .query_one("SHOW autovacuum", &[])
+        .await
+        .expect("SHOW autovacuum")
+        .get(0);
+    let server_gap = "autovacuum is off on this server".to_string();
+
+    let gaps = autovacuum_gaps(&client, &schema).await.expect("gaps");
+    assert_eq!(
+        gaps.contains(&server_gap),
+        server_on == "off",
+        "server autovacuum {server_on}: {gaps:?}"
+    );
+    assert!(
+        !gaps.iter().any(|g| g.contains(&schema)),
+        "no table of a fresh schema is switched off: {gaps:?}"
+    );
+
+    // Switched off for one queue table (and on, explicitly, for another): only that one.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.wb_inbox SET (autovacuum_enabled = false);
+             ALTER TABLE {schema}.wb_outbox SET (autovacuum_enabled = true);"
+        ))
+        .await
+        .expect("set reloptions");
+    let gaps = autovacuum_gaps(&client, &schema).await.expect("gaps");
+    let tables: Vec<&String> = gaps.iter().filter(|g| g.contains(&schema)).collect();
+    assert_eq!(
+        tables,
+        [&format!("autovacuum_enabled is false on {schema}.wb_inbox")],
+        "{gaps:?}"
+    );
     drop_schema(&client, &schema).await;
 }
 

@@ -21,6 +21,7 @@
 pub mod memory;
 pub mod migrate;
 pub mod postgres;
+pub mod vacuum;
 
 use crate::envelope::Envelope;
 use async_trait::async_trait;

@@ -11,6 +11,7 @@
 //! clock. It must not hold state of its own between calls: everything lives in the database.
 
 use super::migrate::{describe, migrate};
+use super::vacuum::autovacuum_gaps;
 use super::*;
 use crate::config::{Config, redact};
 use crate::envelope::{Hop, MessageKind};
@@ -159,6 +160,15 @@ impl PostgresStore {
         let applied = migrate(&mut client, &schema).await?;
         if !applied.is_empty() {
             tracing::info!(schema = %schema, ?applied, "migrations applied");
+        }
+        // A warning, not a refusal: the service works, its queue tables just grow.
+        match autovacuum_gaps(&client, &schema).await {
+            Ok(gaps) => {
+                for gap in gaps {
+                    tracing::warn!(schema = %schema, "{gap}: deleted outbox, inbox and dedup rows are not reclaimed and the tables grow; schedule VACUUM of them (README: Postgres store, Vacuum)");
+                }
+            }
+            Err(e) => tracing::debug!(error = %describe(&e), "autovacuum settings not readable"),
         }
         drop(client);
 
