@@ -28,6 +28,8 @@
 mod amqp;
 #[path = "shared/amqp_topology.rs"]
 mod amqp_topology;
+#[path = "whizbang-bench/cpu.rs"]
+mod cpu;
 #[path = "whizbang-bench/report.rs"]
 mod report;
 #[path = "whizbang-bench/store.rs"]

@@ -8,6 +8,13 @@
 //!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables,
 //!   in `--rounds` alternating rounds: the medians of the rates and of the rounds' ratios
 //!   (each round's figures on the `…_rounds` lines);
+//!   `store_runtime_cpu_us_per_event`, `store_server_cpu_us_per_event`,
+//!   `raw_client_cpu_us_per_event`, `raw_server_cpu_us_per_event`: CPU time per event of those
+//!   rounds (medians), of this process and of a local Postgres server, from `/proc` (left out
+//!   where it cannot be read). The store's rounds include publishing and completing the rows
+//!   (the drain each round waits for) and the runtime's start and stop; the raw rounds only
+//!   insert. On a machine whose cores are all busy in the store rounds, the ratio is about
+//!   `cores × raw cost / (runtime + server cost)`;
 //! - W0, the physical limit of those tables: `raw_batch100_events_per_s`,
 //!   `raw_batch1000_events_per_s`, `raw_row_per_txn_1_client_per_s`,
 //!   `raw_row_per_txn_16_clients_per_s`;
@@ -20,6 +27,7 @@
 //!   bare queue claim (`ORDER BY seq LIMIT … FOR UPDATE SKIP LOCKED`, no stream order) of the
 //!   same backlog in the raw copy: a claim must cost what it hands out, not what is queued.
 
+use super::cpu::CpuTime;
 use super::{BenchResult, Samples, figure};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -351,7 +359,10 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         payload: &payload,
     };
     let (mut store_rates, mut raw_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU per event of each round: [store runtime, store server, raw client, raw server].
+    let mut cpu: [Vec<f64>; 4] = Default::default();
     for round in 0..args.rounds.max(1) {
+        let before = CpuTime::now();
         let store_rate = throughput(
             &pg,
             base,
@@ -361,11 +372,21 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
             &client,
         )
         .await?;
+        let between = CpuTime::now();
         // Positions and stream names of each round's raw rows are its own.
         let first_position = 1_000_000_000 + round as i64 * 100_000_000;
         let raw_rate = rows
             .batched(&client, &insert, 1_000, total, first_position)
             .await?;
+        let after = CpuTime::now();
+        let (runtime, server) = between.us_per(before, total);
+        let (raw_client, raw_server) = after.us_per(between, total);
+        for (samples, value) in cpu
+            .iter_mut()
+            .zip([runtime, server, raw_client, raw_server])
+        {
+            samples.extend(value);
+        }
         store_rates.push(store_rate);
         raw_rates.push(raw_rate);
         ratios.push(store_rate / raw_rate);
@@ -386,6 +407,19 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     figure("store_events_per_s", format!("{store_rate:.0}"));
     figure("raw_events_per_s", format!("{raw_rate:.0}"));
     figure("store_ratio_vs_raw", format!("{:.2}", median(&ratios)));
+    for (name, samples) in [
+        "store_runtime_cpu_us_per_event",
+        "store_server_cpu_us_per_event",
+        "raw_client_cpu_us_per_event",
+        "raw_server_cpu_us_per_event",
+    ]
+    .into_iter()
+    .zip(&cpu)
+    {
+        if !samples.is_empty() {
+            figure(name, format!("{:.1}", median(samples)));
+        }
+    }
 
     // W0, the physical limit of these tables: batches of 100 rows, and one row (event + outbox)
     // per transaction from 1 and from 16 clients.
