@@ -220,17 +220,18 @@ impl Coordinator {
 
     /// The streams a unit writes to or checks.
     fn unit_streams(unit: &UnitOfWork) -> Vec<String> {
-        let mut streams: Vec<String> = unit
+        // Deduplicated before they are copied: an event and its queue rows share a stream.
+        let mut streams: Vec<&str> = unit
             .expectations
             .iter()
-            .map(|(s, _)| s.clone())
-            .chain(unit.events.iter().map(|e| e.stream_id.clone()))
-            .chain(unit.outbox.iter().map(|r| r.envelope.stream_id.clone()))
-            .chain(unit.inbox.iter().map(|r| r.envelope.stream_id.clone()))
+            .map(|(s, _)| s.as_str())
+            .chain(unit.events.iter().map(|e| e.stream_id.as_str()))
+            .chain(unit.outbox.iter().map(|r| r.envelope.stream_id.as_str()))
+            .chain(unit.inbox.iter().map(|r| r.envelope.stream_id.as_str()))
             .collect();
         streams.sort_unstable();
         streams.dedup();
-        streams
+        streams.into_iter().map(str::to_string).collect()
     }
 
     /// Takes up to `take` pending units, in order, skipping those that touch a stream of a

@@ -206,7 +206,7 @@ impl Dispatcher {
         options: DispatchOptions,
         wait: bool,
     ) -> (
-        Envelope,
+        DeliveryReceipt,
         oneshot::Receiver<Result<crate::partition::CommandOutcome, DispatchError>>,
     ) {
         // The payload is encoded only if the command itself must be stored (outbox/inbox):
@@ -219,16 +219,19 @@ impl Dispatcher {
             options,
         );
         let (reply, rx) = oneshot::channel();
+        // The receipt is taken now (its events are filled in once committed): the envelope
+        // itself moves on to the partition actor, uncopied.
+        let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
         self.partitions.enqueue(
             self.origin.partition(&envelope.stream_id),
             Job::Command(CommandJob {
-                envelope: envelope.clone(),
+                envelope,
                 typed: Some(Box::new(command)),
                 wait,
                 reply,
             }),
         );
-        (envelope, rx)
+        (receipt, rx)
     }
 }
 
@@ -279,14 +282,10 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
         let table = self.registry.current();
         if table.receptor(C::TYPE_NAME).is_some() {
-            let (envelope, rx) = self.run_locally(msg.command, msg.options, false);
+            let (mut receipt, rx) = self.run_locally(msg.command, msg.options, false);
             return Box::pin(async move {
-                let outcome = rx.await.map_err(gone)??;
-                Ok(DeliveryReceipt::of(
-                    &envelope,
-                    ReceiptStatus::Delivered,
-                    outcome.appended,
-                ))
+                receipt.events = rx.await.map_err(gone)??.appended;
+                Ok(receipt)
             });
         }
         if table.topic(C::TYPE_NAME).is_none() {

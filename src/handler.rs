@@ -349,7 +349,8 @@ impl actix::Supervised for ReceptorActor {
 
 /// Runs the receptor on one command.
 pub struct Invoke {
-    pub envelope: Envelope,
+    /// Shared with the caller, which plans the unit from it once the receptor has run.
+    pub envelope: Arc<Envelope>,
     pub typed: Option<Box<dyn Any + Send>>,
 }
 

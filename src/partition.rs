@@ -336,6 +336,7 @@ async fn queue_command(
         })?
         .addr
         .clone();
+    let envelope = Arc::new(envelope);
     let decision = receptor
         .send(Invoke {
             envelope: envelope.clone(),

@@ -161,6 +161,7 @@ impl PostgresStore {
         if !applied.is_empty() {
             tracing::info!(schema = %schema, ?applied, "migrations applied");
         }
+        check_batch_columns(&client, &schema).await?;
         // A warning, not a refusal: the service works, its queue tables just grow.
         match autovacuum_gaps(&client, &schema).await {
             Ok(gaps) => {
@@ -924,6 +925,57 @@ fn stored_event(row: &Row) -> Result<StoredEvent, StoreError> {
 }
 
 /// Turns the rows of `wb_process_work_batch` back into a [`WorkBatchResult`].
+/// The columns of `wb_batch_row`, in order: the rows of a batch are read by position (a
+/// look-up by name is a scan of the column list, per value). Start-up checks the functions
+/// still return them so ([`check_batch_columns`]).
+const BATCH_ROW_COLUMNS: [&str; 17] = [
+    "kind",
+    "unit",
+    "message_id",
+    "stream_id",
+    "version",
+    "position",
+    "partition",
+    "generation",
+    "attempts",
+    "topic",
+    "correlation_id",
+    "causation_id",
+    "message_type",
+    "message_kind",
+    "timestamp_us",
+    "meta",
+    "payload",
+];
+const KIND: usize = 0;
+const UNIT: usize = 1;
+const MESSAGE_ID: usize = 2;
+const STREAM_ID: usize = 3;
+const VERSION: usize = 4;
+const POSITION: usize = 5;
+const PARTITION: usize = 6;
+const GENERATION: usize = 7;
+
+/// Fails start-up when a batch function's rows are not [`BATCH_ROW_COLUMNS`] in that order.
+async fn check_batch_columns(client: &Client, schema: &str) -> Result<(), StoreError> {
+    for (function, arity) in [
+        ("wb_process_work_batch", 38),
+        ("wb_process_one_message", 21),
+    ] {
+        let statement = client
+            .prepare(&call(schema, function, arity))
+            .await
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        let names: Vec<&str> = statement.columns().iter().map(|c| c.name()).collect();
+        if names != BATCH_ROW_COLUMNS {
+            return Err(StoreError::Corrupt(format!(
+                "{schema}.{function} returns columns {names:?}, expected {BATCH_ROW_COLUMNS:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn read_answer(
     mut batch: WorkBatch,
     m_unit: &[i32],
@@ -944,20 +996,20 @@ fn read_answer(
     // Writer claims come back unordered: collected, then sorted by position in the batch.
     let mut wclaims: Vec<(usize, bool, WorkRef)> = Vec::new();
     for row in rows {
-        let kind: &str = row.get("kind");
-        let unit = row.get::<_, Option<i32>>("unit").map(|u| u as usize);
-        let message_id: Option<Uuid> = row.get("message_id");
+        let kind: &str = row.get(KIND);
+        let unit = row.get::<_, Option<i32>>(UNIT).map(|u| u as usize);
+        let message_id: Option<Uuid> = row.get(MESSAGE_ID);
         match kind {
             "stale" => result.stale.extend(message_id),
             "dead" => result.dead_lettered.extend(message_id),
             "retry" => {
-                let ms: i64 = row.get("version");
+                let ms: i64 = row.get(VERSION);
                 result.next_retry_in = Some(Duration::from_millis(ms.max(0) as u64));
             }
             "conflict" => {
                 let u = unit.ok_or_else(|| StoreError::Corrupt("conflict without unit".into()))?;
-                let stream: String = row.get("stream_id");
-                let actual: i64 = row.get("position");
+                let stream: String = row.get(STREAM_ID);
+                let actual: i64 = row.get(POSITION);
                 let expected = batch.units[u]
                     .expectations
                     .iter()
@@ -974,9 +1026,9 @@ fn read_answer(
                 if let UnitOutcome::Committed { appended, .. } = &mut outcomes[u] {
                     appended.push(AppendedEvent {
                         message_id: message_id.unwrap_or_default(),
-                        stream_id: row.get("stream_id"),
-                        version: row.get::<_, i64>("version") as u64,
-                        position: row.get::<_, i64>("position") as u64,
+                        stream_id: row.get(STREAM_ID),
+                        version: row.get::<_, i64>(VERSION) as u64,
+                        position: row.get::<_, i64>(POSITION) as u64,
                     });
                 }
             }
@@ -999,8 +1051,8 @@ fn read_answer(
                     kind == "wclaim_o",
                     WorkRef {
                         message_id: id,
-                        partition: row.get::<_, i32>("partition") as u32,
-                        generation: row.get::<_, i64>("generation") as u64,
+                        partition: row.get::<_, i32>(PARTITION) as u32,
+                        generation: row.get::<_, i64>(GENERATION) as u64,
                     },
                 ));
             }

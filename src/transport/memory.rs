@@ -16,6 +16,18 @@ struct SubscriptionQueue {
     ready: Notify,
 }
 
+impl SubscriptionQueue {
+    /// Appends a delivery after every one before it and wakes a receiver.
+    fn push(&self, message: Result<Envelope, MalformedDelivery>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.next_arrival += 1;
+        let arrival = st.next_arrival;
+        st.ready.push_back((arrival, message));
+        drop(st);
+        self.ready.notify_one();
+    }
+}
+
 #[derive(Default)]
 struct QueueState {
     next_tag: u64,
@@ -61,13 +73,13 @@ impl MemoryBus {
     /// Puts a delivery that cannot be decoded into every subscription of `topic` (tests of the
     /// consumer's handling of bad input).
     pub fn inject_malformed(&self, topic: &str, malformed: MalformedDelivery) {
-        self.fan_out(topic, Err(malformed));
+        self.fan_out(topic, &Err(malformed));
     }
 
     /// Puts an envelope into every subscription of `topic` without going through a publisher
     /// (tests of redelivery: the same message twice).
     pub fn inject(&self, topic: &str, envelope: Envelope) {
-        self.fan_out(topic, Ok(envelope));
+        self.fan_out(topic, &Ok(envelope));
     }
 
     /// Rejected deliveries of a subscription with their reasons.
@@ -93,21 +105,25 @@ impl MemoryBus {
         st.ready.len() + st.unsettled.len()
     }
 
-    fn fan_out(&self, topic: &str, message: Result<Envelope, MalformedDelivery>) {
-        let subs: Vec<Arc<SubscriptionQueue>> = {
-            let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-            topics
-                .get(topic)
-                .map(|s| s.iter().map(|(_, q)| q.clone()).collect())
-                .unwrap_or_default()
-        };
-        for q in subs {
-            let mut st = q.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.next_arrival += 1;
-            let arrival = st.next_arrival;
-            st.ready.push_back((arrival, message.clone()));
-            drop(st);
-            q.ready.notify_one();
+    fn subscribers(&self, topic: &str) -> Vec<Arc<SubscriptionQueue>> {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics
+            .get(topic)
+            .map(|s| s.iter().map(|(_, q)| q.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// A published envelope: copied once per subscription (not at all when none listens).
+    fn fan_out_envelope(&self, topic: &str, envelope: &Envelope) {
+        for q in self.subscribers(topic) {
+            q.push(Ok(envelope.clone()));
+        }
+    }
+
+    /// A copy for each subscription (none when the topic has no subscriber).
+    fn fan_out(&self, topic: &str, message: &Result<Envelope, MalformedDelivery>) {
+        for q in self.subscribers(topic) {
+            q.push(message.clone());
         }
     }
 }
@@ -131,7 +147,7 @@ impl MemoryTransport {
 #[async_trait]
 impl Transport for MemoryTransport {
     async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<(), TransportError> {
-        self.bus.fan_out(topic, Ok(envelope.clone()));
+        self.bus.fan_out_envelope(topic, envelope);
         Ok(())
     }
 
