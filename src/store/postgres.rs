@@ -924,7 +924,6 @@ fn stored_event(row: &Row) -> Result<StoredEvent, StoreError> {
     })
 }
 
-/// Turns the rows of `wb_process_work_batch` back into a [`WorkBatchResult`].
 /// The columns of `wb_batch_row`, in order: the rows of a batch are read by position (a
 /// look-up by name is a scan of the column list, per value). Start-up checks the functions
 /// still return them so ([`check_batch_columns`]).
@@ -947,14 +946,17 @@ const BATCH_ROW_COLUMNS: [&str; 17] = [
     "meta",
     "payload",
 ];
-const KIND: usize = 0;
-const UNIT: usize = 1;
-const MESSAGE_ID: usize = 2;
-const STREAM_ID: usize = 3;
-const VERSION: usize = 4;
-const POSITION: usize = 5;
-const PARTITION: usize = 6;
-const GENERATION: usize = 7;
+/// Positions in [`BATCH_ROW_COLUMNS`] of the columns [`read_answer`] reads by position.
+mod column {
+    pub const KIND: usize = 0;
+    pub const UNIT: usize = 1;
+    pub const MESSAGE_ID: usize = 2;
+    pub const STREAM_ID: usize = 3;
+    pub const VERSION: usize = 4;
+    pub const POSITION: usize = 5;
+    pub const PARTITION: usize = 6;
+    pub const GENERATION: usize = 7;
+}
 
 /// Fails start-up when a batch function's rows are not [`BATCH_ROW_COLUMNS`] in that order.
 async fn check_batch_columns(client: &Client, schema: &str) -> Result<(), StoreError> {
@@ -976,6 +978,7 @@ async fn check_batch_columns(client: &Client, schema: &str) -> Result<(), StoreE
     Ok(())
 }
 
+/// Turns the rows of `wb_process_work_batch` back into a [`WorkBatchResult`].
 fn read_answer(
     mut batch: WorkBatch,
     m_unit: &[i32],
@@ -996,20 +999,20 @@ fn read_answer(
     // Writer claims come back unordered: collected, then sorted by position in the batch.
     let mut wclaims: Vec<(usize, bool, WorkRef)> = Vec::new();
     for row in rows {
-        let kind: &str = row.get(KIND);
-        let unit = row.get::<_, Option<i32>>(UNIT).map(|u| u as usize);
-        let message_id: Option<Uuid> = row.get(MESSAGE_ID);
+        let kind: &str = row.get(column::KIND);
+        let unit = row.get::<_, Option<i32>>(column::UNIT).map(|u| u as usize);
+        let message_id: Option<Uuid> = row.get(column::MESSAGE_ID);
         match kind {
             "stale" => result.stale.extend(message_id),
             "dead" => result.dead_lettered.extend(message_id),
             "retry" => {
-                let ms: i64 = row.get(VERSION);
+                let ms: i64 = row.get(column::VERSION);
                 result.next_retry_in = Some(Duration::from_millis(ms.max(0) as u64));
             }
             "conflict" => {
                 let u = unit.ok_or_else(|| StoreError::Corrupt("conflict without unit".into()))?;
-                let stream: String = row.get(STREAM_ID);
-                let actual: i64 = row.get(POSITION);
+                let stream: String = row.get(column::STREAM_ID);
+                let actual: i64 = row.get(column::POSITION);
                 let expected = batch.units[u]
                     .expectations
                     .iter()
@@ -1026,9 +1029,9 @@ fn read_answer(
                 if let UnitOutcome::Committed { appended, .. } = &mut outcomes[u] {
                     appended.push(AppendedEvent {
                         message_id: message_id.unwrap_or_default(),
-                        stream_id: row.get(STREAM_ID),
-                        version: row.get::<_, i64>(VERSION) as u64,
-                        position: row.get::<_, i64>(POSITION) as u64,
+                        stream_id: row.get(column::STREAM_ID),
+                        version: row.get::<_, i64>(column::VERSION) as u64,
+                        position: row.get::<_, i64>(column::POSITION) as u64,
                     });
                 }
             }
@@ -1051,8 +1054,8 @@ fn read_answer(
                     kind == "wclaim_o",
                     WorkRef {
                         message_id: id,
-                        partition: row.get::<_, i32>(PARTITION) as u32,
-                        generation: row.get::<_, i64>(GENERATION) as u64,
+                        partition: row.get::<_, i32>(column::PARTITION) as u32,
+                        generation: row.get::<_, i64>(column::GENERATION) as u64,
                     },
                 ));
             }
@@ -1126,4 +1129,25 @@ fn read_answer(
     }
     result.units = outcomes;
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BATCH_ROW_COLUMNS, column};
+
+    #[test]
+    fn column_positions_name_the_columns_read_there() {
+        for (position, name) in [
+            (column::KIND, "kind"),
+            (column::UNIT, "unit"),
+            (column::MESSAGE_ID, "message_id"),
+            (column::STREAM_ID, "stream_id"),
+            (column::VERSION, "version"),
+            (column::POSITION, "position"),
+            (column::PARTITION, "partition"),
+            (column::GENERATION, "generation"),
+        ] {
+            assert_eq!(BATCH_ROW_COLUMNS[position], name);
+        }
+    }
 }
