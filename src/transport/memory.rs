@@ -73,13 +73,13 @@ impl MemoryBus {
     /// Puts a delivery that cannot be decoded into every subscription of `topic` (tests of the
     /// consumer's handling of bad input).
     pub fn inject_malformed(&self, topic: &str, malformed: MalformedDelivery) {
-        self.fan_out(topic, &Err(malformed));
+        self.fan_out(topic, || Err(malformed.clone()));
     }
 
     /// Puts an envelope into every subscription of `topic` without going through a publisher
     /// (tests of redelivery: the same message twice).
     pub fn inject(&self, topic: &str, envelope: Envelope) {
-        self.fan_out(topic, &Ok(envelope));
+        self.fan_out(topic, || Ok(envelope.clone()));
     }
 
     /// Rejected deliveries of a subscription with their reasons.
@@ -105,25 +105,18 @@ impl MemoryBus {
         st.ready.len() + st.unsettled.len()
     }
 
-    fn subscribers(&self, topic: &str) -> Vec<Arc<SubscriptionQueue>> {
-        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        topics
-            .get(topic)
-            .map(|s| s.iter().map(|(_, q)| q.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    /// A published envelope: copied once per subscription (not at all when none listens).
-    fn fan_out_envelope(&self, topic: &str, envelope: &Envelope) {
-        for q in self.subscribers(topic) {
-            q.push(Ok(envelope.clone()));
-        }
-    }
-
-    /// A copy for each subscription (none when the topic has no subscriber).
-    fn fan_out(&self, topic: &str, message: &Result<Envelope, MalformedDelivery>) {
-        for q in self.subscribers(topic) {
-            q.push(message.clone());
+    /// A delivery made by `message` for each subscription of `topic` (none made when nobody
+    /// subscribes).
+    fn fan_out(&self, topic: &str, message: impl Fn() -> Result<Envelope, MalformedDelivery>) {
+        let subscribers: Vec<Arc<SubscriptionQueue>> = {
+            let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            topics
+                .get(topic)
+                .map(|s| s.iter().map(|(_, q)| q.clone()).collect())
+                .unwrap_or_default()
+        };
+        for q in subscribers {
+            q.push(message());
         }
     }
 }
@@ -147,7 +140,7 @@ impl MemoryTransport {
 #[async_trait]
 impl Transport for MemoryTransport {
     async fn publish(&self, topic: &str, envelope: &Envelope) -> Result<(), TransportError> {
-        self.bus.fan_out_envelope(topic, envelope);
+        self.bus.fan_out(topic, || Ok(envelope.clone()));
         Ok(())
     }
 
