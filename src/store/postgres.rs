@@ -161,7 +161,6 @@ impl PostgresStore {
         if !applied.is_empty() {
             tracing::info!(schema = %schema, ?applied, "migrations applied");
         }
-        check_batch_columns(&client, &schema).await?;
         // A warning, not a refusal: the service works, its queue tables just grow.
         match autovacuum_gaps(&client, &schema).await {
             Ok(gaps) => {
@@ -186,6 +185,8 @@ impl PostgresStore {
             .build(manager)
             .await
             .map_err(unavailable)?;
+        // On the statements every pooled connection prepares anyway: no second prepare.
+        check_batch_columns(&*pool.get().await.map_err(pool_error)?, &schema)?;
         let signal = tokio::sync::watch::channel(0).0;
         let listener = tokio::spawn(listen(pg_config, schema.clone(), signal.clone()));
         Ok(PostgresStore {
@@ -959,15 +960,11 @@ mod column {
 }
 
 /// Fails start-up when a batch function's rows are not [`BATCH_ROW_COLUMNS`] in that order.
-async fn check_batch_columns(client: &Client, schema: &str) -> Result<(), StoreError> {
-    for (function, arity) in [
-        ("wb_process_work_batch", 38),
-        ("wb_process_one_message", 21),
+fn check_batch_columns(conn: &PgConnection, schema: &str) -> Result<(), StoreError> {
+    for (function, statement) in [
+        ("wb_process_work_batch", &conn.batch),
+        ("wb_process_one_message", &conn.one_message),
     ] {
-        let statement = client
-            .prepare(&call(schema, function, arity))
-            .await
-            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
         let names: Vec<&str> = statement.columns().iter().map(|c| c.name()).collect();
         if names != BATCH_ROW_COLUMNS {
             return Err(StoreError::Corrupt(format!(
