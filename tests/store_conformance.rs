@@ -258,6 +258,73 @@ async fn versions_per_stream_and_positions(b: Backend) {
     assert_eq!(store.read_stream("x", 4).await.unwrap().len(), 2);
 }
 
+/// Streams in a batch out of byte order ("b" before "B" before "a"), a stream with earlier
+/// events, a unit with two events of one stream, and an event without queue rows: versions
+/// follow each stream's order in the batch and positions the batch's order.
+async fn versions_follow_batch_order_across_streams(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    for n in 1..=2 {
+        batch(&store, a, units(vec![unit(&event("b", n), true)])).await;
+    }
+    let (b3, big, a1, b4, b5, a2) = (
+        event("b", 3),
+        event("B", 1),
+        event("a", 1),
+        event("b", 4),
+        event("b", 5),
+        event("a", 2),
+    );
+    let mut two = unit(&b4, true);
+    two.events.push(b5.clone());
+    let bare = UnitOfWork {
+        events: vec![a2.clone()],
+        ..UnitOfWork::default()
+    };
+    let r = batch(
+        &store,
+        a,
+        units(vec![
+            unit(&b3, true),
+            unit(&big, false),
+            unit(&a1, true),
+            two,
+            bare,
+        ]),
+    )
+    .await;
+    let appended: Vec<(String, u64, u64)> = r
+        .units
+        .iter()
+        .flat_map(|u| {
+            committed(u)
+                .0
+                .iter()
+                .map(|e| (e.stream_id.clone(), e.version, e.position))
+        })
+        .collect();
+    let expected: Vec<(String, u64, u64)> =
+        [("b", 3), ("B", 1), ("a", 1), ("b", 4), ("b", 5), ("a", 2)]
+            .into_iter()
+            .zip(3..)
+            .map(|((s, v), p)| (s.to_string(), v, p))
+            .collect();
+    assert_eq!(appended, expected);
+    for (stream, ids) in [
+        ("b", vec![b3.message_id, b4.message_id, b5.message_id]),
+        ("a", vec![a1.message_id, a2.message_id]),
+    ] {
+        let stored: Vec<Uuid> = store
+            .read_stream(stream, 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.envelope.message_id)
+            .collect();
+        assert!(stored.ends_with(&ids), "{stream}: {stored:?}");
+    }
+}
+
 async fn conflict_goes_to_its_unit_only(b: Backend) {
     let store = open(b, settings()).await;
     let a = instance(&store).await;
@@ -1137,6 +1204,7 @@ macro_rules! conformance {
 conformance!(
     heartbeat_with_no_work,
     versions_per_stream_and_positions,
+    versions_follow_batch_order_across_streams,
     conflict_goes_to_its_unit_only,
     concurrent_writers_exactly_one_wins,
     inbox_dedup,

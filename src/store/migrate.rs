@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_claim_once.sql",
         sql: include_str!("../../schema/0008_claim_once.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_batch_numbering.sql",
+        sql: include_str!("../../schema/0009_batch_numbering.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {

@@ -51,7 +51,7 @@ impl bb8::ManageConnection for PgManager {
         let client = self.inner.connect().await?;
         let s = &self.schema;
         let batch = client
-            .prepare(&call(s, "wb_process_work_batch", 38))
+            .prepare(&call(s, "wb_process_work_batch", 43))
             .await?;
         let one_message = client
             .prepare(&call(s, "wb_process_one_message", 21))
@@ -476,6 +476,70 @@ impl BatchArrays<'_> {
     }
 }
 
+/// What `wb_process_work_batch` (0009) needs to number a batch's appends without sorting it:
+/// the appended streams, distinct and in byte order (the order their rows are locked in), with
+/// how many appends each; and per message (zero where it is not appended) its stream's place in
+/// that list (1-based), how many appends of its stream come after it in the batch, and its
+/// place among the batch's appends (1-based). The function uses them only when no unit of the
+/// batch conflicted, so they count every append.
+#[derive(Debug, Default, PartialEq)]
+struct Numbering<'a> {
+    s_stream: Vec<&'a str>,
+    s_count: Vec<i64>,
+    m_sidx: Vec<i32>,
+    m_vback: Vec<i64>,
+    m_apos: Vec<i64>,
+}
+
+impl<'a> Numbering<'a> {
+    fn of(m_stream: &[&'a str], m_append: &[bool]) -> Numbering<'a> {
+        let appended = || {
+            m_stream
+                .iter()
+                .zip(m_append)
+                .filter(|(_, a)| **a)
+                .map(|(s, _)| *s)
+        };
+        let mut s_stream: Vec<&str> = appended().collect();
+        s_stream.sort_unstable();
+        s_stream.dedup();
+        let place = |stream: &str| s_stream.binary_search(&stream).unwrap_or_default();
+        let mut s_count = vec![0i64; s_stream.len()];
+        for stream in appended() {
+            s_count[place(stream)] += 1;
+        }
+        // Walking the batch in order, the appends of a stream still to come.
+        let mut left = s_count.clone();
+        let (mut m_sidx, mut m_vback, mut m_apos) = (
+            Vec::with_capacity(m_stream.len()),
+            Vec::with_capacity(m_stream.len()),
+            Vec::with_capacity(m_stream.len()),
+        );
+        let mut apos = 0;
+        for (stream, a) in m_stream.iter().zip(m_append) {
+            if *a {
+                let i = place(stream);
+                left[i] -= 1;
+                apos += 1;
+                m_sidx.push(i as i32 + 1);
+                m_vback.push(left[i]);
+                m_apos.push(apos);
+            } else {
+                m_sidx.push(0);
+                m_vback.push(0);
+                m_apos.push(0);
+            }
+        }
+        Numbering {
+            s_stream,
+            s_count,
+            m_sidx,
+            m_vback,
+            m_apos,
+        }
+    }
+}
+
 /// The one message of a batch [`BatchArrays::one_message`] accepts, as the scalar parameters
 /// of `wb_process_one_message` (all NULL when the batch has no message).
 struct OneMessage<'a> {
@@ -591,9 +655,11 @@ impl Store for PostgresStore {
         let in_flight_outbox = batch.in_flight.as_ref().map(|f| &f.outbox);
         let in_flight_inbox = batch.in_flight.as_ref().map(|f| &f.inbox);
         let one_message = self.one_message_path && a.one_message(&batch);
-        // Set only for the one-message call; declared here so the parameters can borrow them.
+        // Set only for the one-message call or only for the set-based one; declared here so
+        // the parameters can borrow them.
         let claim;
         let m;
+        let numbering;
         let params: Vec<&(dyn ToSql + Sync)> = if one_message {
             claim = a.u_claim.first().copied().unwrap_or(false);
             m = OneMessage::of(&a);
@@ -621,6 +687,7 @@ impl Store for PostgresStore {
                 &m.inbox,
             ]
         } else {
+            numbering = Numbering::of(&a.m_stream, &a.m_append);
             vec![
                 &instance,
                 &lease,
@@ -660,6 +727,11 @@ impl Store for PostgresStore {
                 &claim_i,
                 &in_flight_outbox,
                 &in_flight_inbox,
+                &numbering.s_stream,
+                &numbering.s_count,
+                &numbering.m_sidx,
+                &numbering.m_vback,
+                &numbering.m_apos,
             ]
         };
         let rows = {
@@ -1130,7 +1202,23 @@ fn read_answer(
 
 #[cfg(test)]
 mod tests {
-    use super::{BATCH_ROW_COLUMNS, column};
+    use super::{BATCH_ROW_COLUMNS, Numbering, column};
+
+    #[test]
+    fn numbering_counts_each_streams_appends_in_byte_order_and_places_each_message() {
+        // Batch order: b, a, (not appended) a, b, B, b.
+        let streams = ["b", "a", "a", "b", "B", "b"];
+        let appended = [true, true, false, true, true, true];
+        let n = Numbering::of(&streams, &appended);
+        assert_eq!(n.s_stream, ["B", "a", "b"], "byte order, upper case first");
+        assert_eq!(n.s_count, [1, 1, 3]);
+        assert_eq!(n.m_sidx, [3, 2, 0, 3, 1, 3]);
+        // A stream at version v before the batch ends at v + count: the first "b" gets
+        // v + 3 - 2 = v + 1, the last v + 3.
+        assert_eq!(n.m_vback, [2, 0, 0, 1, 0, 0]);
+        assert_eq!(n.m_apos, [1, 2, 0, 3, 4, 5]);
+        assert_eq!(Numbering::of(&["x"], &[false]).s_stream, Vec::<&str>::new());
+    }
 
     #[test]
     fn column_positions_name_the_columns_read_there() {
