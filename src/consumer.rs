@@ -8,7 +8,7 @@
 //! nothing received after them can enter the inbox first. It must not run handlers: committed
 //! rows go to partition actors through the coordinator, in delivery order.
 
-use crate::coordinator::{Commit, Coordinator};
+use crate::coordinator::{Coordinator, commit};
 use crate::envelope::Envelope;
 use crate::registry::RegistryView;
 use crate::routing::Origin;
@@ -145,14 +145,10 @@ impl ReceiveLoop {
                 claim_for_writer: true,
                 ..UnitOfWork::default()
             };
-            let settlement = match self.coordinator.send(Commit { unit, wait: false }).await {
-                Ok(Ok(_)) => Settlement::Accept,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");
-                    Settlement::Release
-                }
+            let settlement = match commit(&self.coordinator, unit, false).await {
+                Ok(_) => Settlement::Accept,
                 Err(e) => {
-                    tracing::warn!(error = %e, deliveries = accepted.len(), "coordinator unavailable; deliveries released");
+                    tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");
                     Settlement::Release
                 }
             };

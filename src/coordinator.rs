@@ -34,7 +34,10 @@ use crate::store::{
 use actix::prelude::*;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -713,37 +716,59 @@ impl Handler<Attach> for Coordinator {
     }
 }
 
-/// Queues a unit; answered when it is committed (or conflicted, or the batch failed).
+/// Queues a unit; `reply` answers when it is committed (or conflicted, or the batch failed).
+/// Sent with [`commit`], which returns the answer to await.
 pub struct Commit {
     pub unit: UnitOfWork,
     /// Return receivers that resolve when the unit's inbox rows have been processed.
     pub wait: bool,
+    pub reply: oneshot::Sender<Result<CommitOutcome, DispatchError>>,
 }
 
 impl Message for Commit {
-    type Result = Result<CommitOutcome, DispatchError>;
+    type Result = ();
+}
+
+/// Puts `unit` in the coordinator's mailbox at once (units are committed in the order they
+/// arrive) and returns its answer to await. The answer comes through the message's own channel:
+/// a request-response `send` would spawn a task per unit only to pass the answer on.
+pub fn commit(coordinator: &Addr<Coordinator>, unit: UnitOfWork, wait: bool) -> CommitAnswer {
+    let (reply, rx) = oneshot::channel();
+    coordinator.do_send(Commit { unit, wait, reply });
+    CommitAnswer(rx)
+}
+
+/// The answer to a [`commit`]; `Unavailable` if the coordinator stopped without answering.
+pub struct CommitAnswer(oneshot::Receiver<Result<CommitOutcome, DispatchError>>);
+
+impl Future for CommitAnswer {
+    type Output = Result<CommitOutcome, DispatchError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|answer| {
+            answer.unwrap_or_else(|_| Err(DispatchError::Unavailable("coordinator stopped".into())))
+        })
+    }
 }
 
 impl Handler<Commit> for Coordinator {
-    type Result = ResponseFuture<Result<CommitOutcome, DispatchError>>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Commit, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Commit, ctx: &mut Self::Context) {
         if self.stopped {
-            return Box::pin(async { Err(DispatchError::Unavailable("runtime stopped".into())) });
+            let _ = msg
+                .reply
+                .send(Err(DispatchError::Unavailable("runtime stopped".into())));
+            return;
         }
-        let (reply, rx) = oneshot::channel();
         self.pending.push_back(PendingUnit {
             unit: msg.unit,
             wait: msg.wait,
-            reply,
+            reply: msg.reply,
         });
         if self.wants_flush() {
             self.flush(ctx);
         }
-        Box::pin(async move {
-            rx.await
-                .unwrap_or_else(|_| Err(DispatchError::Unavailable("coordinator stopped".into())))
-        })
     }
 }
 

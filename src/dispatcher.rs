@@ -12,7 +12,7 @@
 //! partition actor of its stream. It must not run handlers or wait inside its own mailbox: each
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
-use crate::coordinator::{Commit, Coordinator};
+use crate::coordinator::{Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::message::{self, Command, Event};
@@ -357,10 +357,12 @@ fn commit_one(
     // `add_message` stamps its own hop: drop the dispatcher's to keep one per step.
     envelope.hops.pop();
     let planned = add_message(origin, &registry.current(), &mut unit, envelope.clone());
-    let coordinator = coordinator.clone();
+    if let Err(e) = planned {
+        return Box::pin(async move { Err(e) });
+    }
+    let committed = commit(coordinator, unit, false);
     Box::pin(async move {
-        planned?;
-        let outcome = coordinator.send(Commit { unit, wait: false }).await??;
+        let outcome = committed.await?;
         Ok(DeliveryReceipt::of(&envelope, status, outcome.appended))
     })
 }

@@ -354,12 +354,16 @@ pub struct Invoke {
     pub typed: Option<Box<dyn Any + Send>>,
 }
 
+/// The receptor's run, guarded against panics, for the caller to await in its own task: a
+/// request-response future would take a task of its own per command only to pass the answer on.
+pub type InvokeRun = BoxFuture<'static, Result<ErasedDecision, HandlerFailure>>;
+
 impl Message for Invoke {
-    type Result = Result<ErasedDecision, HandlerFailure>;
+    type Result = InvokeRun;
 }
 
 impl Handler<Invoke> for ReceptorActor {
-    type Result = ResponseFuture<Result<ErasedDecision, HandlerFailure>>;
+    type Result = MessageResult<Invoke>;
 
     fn handle(&mut self, msg: Invoke, _ctx: &mut Self::Context) -> Self::Result {
         let ctx = ReceptorContext {
@@ -374,13 +378,14 @@ impl Handler<Invoke> for ReceptorActor {
         let fut = std::panic::catch_unwind(AssertUnwindSafe(|| {
             receptor.invoke(&msg.envelope, msg.typed, ctx)
         }));
-        match fut {
+        let run: InvokeRun = match fut {
             Ok(fut) => Box::pin(guarded(fut)),
             Err(payload) => {
                 let message = panic_message(payload);
                 Box::pin(async move { Err(HandlerFailure::Panicked(message)) })
             }
-        }
+        };
+        MessageResult(run)
     }
 }
 
@@ -422,22 +427,27 @@ pub struct Apply {
     pub envelope: Arc<Envelope>,
 }
 
+/// The perspective's run on one event, guarded against panics, for the caller to await (see
+/// [`InvokeRun`]).
+pub type ApplyRun = BoxFuture<'static, Result<(), HandlerFailure>>;
+
 impl Message for Apply {
-    type Result = Result<(), HandlerFailure>;
+    type Result = ApplyRun;
 }
 
 impl Handler<Apply> for PerspectiveActor {
-    type Result = ResponseFuture<Result<(), HandlerFailure>>;
+    type Result = MessageResult<Apply>;
 
     fn handle(&mut self, msg: Apply, _ctx: &mut Self::Context) -> Self::Result {
         let perspective = self.perspective.clone();
         let fut = std::panic::catch_unwind(AssertUnwindSafe(|| perspective.apply(&msg.envelope)));
-        match fut {
+        let run: ApplyRun = match fut {
             Ok(fut) => Box::pin(guarded(fut)),
             Err(payload) => {
                 let message = panic_message(payload);
                 Box::pin(async move { Err(HandlerFailure::Panicked(message)) })
             }
-        }
+        };
+        MessageResult(run)
     }
 }

@@ -12,14 +12,13 @@
 //! parked until the retry). It must not write to the store itself: it reports to the
 //! coordinator.
 
-use crate::coordinator::{AppliedSender, Commit, CommitOutcome, Coordinator, Report};
+use crate::coordinator::{AppliedSender, CommitAnswer, CommitOutcome, Coordinator, Report, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::handler::{Apply, HandlerFailure, Invoke};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
-use actix::dev::Request;
 use actix::prelude::*;
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -302,7 +301,7 @@ impl PartitionActor {
 /// A command whose receptor has run and whose unit is queued at the coordinator.
 struct QueuedCommand {
     result: Box<dyn Any + Send>,
-    commit: Request<Coordinator, Commit>,
+    commit: CommitAnswer,
 }
 
 impl QueuedCommand {
@@ -310,7 +309,7 @@ impl QueuedCommand {
     async fn committed(self) -> Result<CommandOutcome, DispatchError> {
         let CommitOutcome {
             appended, applied, ..
-        } = self.commit.await??;
+        } = self.commit.await?;
         Ok(CommandOutcome {
             result: self.result,
             appended,
@@ -343,6 +342,7 @@ async fn queue_command(
             typed,
         })
         .await?
+        .await
         .map_err(|f| DispatchError::from_handler(&message_type, f))?;
     let unit = plan_unit(
         &deps.origin,
@@ -353,10 +353,10 @@ async fn queue_command(
         decision.expectations,
         completes,
     )?;
-    // `send` puts the unit in the coordinator's mailbox now; only the answer is awaited later.
+    // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
     Ok(QueuedCommand {
         result: decision.result,
-        commit: deps.coordinator.send(Commit { unit, wait }),
+        commit: commit(&deps.coordinator, unit, wait),
     })
 }
 
@@ -400,9 +400,10 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 .collect();
             // The perspectives of one event run in parallel; the next event waits for all.
             let results = futures::future::join_all(perspectives.iter().map(|p| {
-                p.addr.send(Apply {
+                let applied = p.addr.send(Apply {
                     envelope: envelope.clone(),
-                })
+                });
+                async move { Ok::<_, MailboxError>(applied.await?.await) }
             }))
             .await;
             let mut applied = skip;

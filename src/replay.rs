@@ -66,6 +66,7 @@ pub async fn replay(
                     envelope: Arc::new(event.envelope.clone()),
                 })
                 .await?
+                .await
                 .map_err(|e| DispatchError::PerspectiveFailed {
                     message_id,
                     error: e.to_string(),
