@@ -774,7 +774,8 @@ impl Handler<Commit> for Coordinator {
 
 /// What a partition actor or the publisher reports about a row it was handed.
 pub enum Report {
-    OutboxDone(WorkRef),
+    /// Rows the transport accepted (those of one turn of the publisher).
+    OutboxDone(Vec<WorkRef>),
     OutboxFailed(Failure),
     OutboxReleased(WorkRef),
     InboxDone(WorkRef),
@@ -795,9 +796,13 @@ impl Handler<Report> for Coordinator {
 
     fn handle(&mut self, msg: Report, ctx: &mut Self::Context) {
         match &msg {
-            Report::OutboxDone(w) | Report::OutboxReleased(w) => {
-                self.outbox_in_flight.remove(&w.message_id)
+            Report::OutboxDone(done) => {
+                for w in done {
+                    self.outbox_in_flight.remove(&w.message_id);
+                }
+                true
             }
+            Report::OutboxReleased(w) => self.outbox_in_flight.remove(&w.message_id),
             Report::OutboxFailed(f) => self.outbox_in_flight.remove(&f.work.message_id),
             Report::InboxDone(w) | Report::InboxReleased(w, _) | Report::InboxCommitted(w) => {
                 self.inbox_in_flight.remove(&w.message_id)
@@ -806,7 +811,7 @@ impl Handler<Report> for Coordinator {
         };
         let r = &mut self.reports;
         match msg {
-            Report::OutboxDone(w) => r.outbox_completions.push(w),
+            Report::OutboxDone(done) => r.outbox_completions.extend(done),
             Report::OutboxFailed(f) => r.outbox_failures.push(f),
             Report::OutboxReleased(w) => r.outbox_releases.push(w),
             Report::InboxDone(w) => r.inbox_completions.push(w),
