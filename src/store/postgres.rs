@@ -3,9 +3,10 @@
 //! Owns the bb8 pool of tokio-postgres connections (each with the batch statements prepared
 //! once), the translation of a [`WorkBatch`] into the arrays of `wb_process_work_batch` (one
 //! statement, one round trip, one transaction; see `schema/0002_work_batch.sql` and its later
-//! versions up to `0005_claims.sql`; a batch of one message goes to `wb_process_one_message`
-//! of `0006_one_message.sql` instead; several batches of one instance may run at once, each on
-//! its own pooled connection), the LISTEN
+//! versions up to `0009_batch_numbering.sql`, whose numbering of the appends this module
+//! computes; a batch of one message goes to `wb_process_one_message` of `0006_one_message.sql`
+//! instead; several batches of one instance may run at once, each on its own pooled
+//! connection), the LISTEN
 //! connection that wakes the coordinator when work is stored, and start-up with retries while
 //! the database is unreachable. Lease times are the database's `now()`, never this process's
 //! clock. It must not hold state of its own between calls: everything lives in the database.
