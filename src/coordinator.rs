@@ -800,15 +800,14 @@ impl Handler<Report> for Coordinator {
                 for w in done {
                     self.outbox_in_flight.remove(&w.message_id);
                 }
-                true
             }
-            Report::OutboxReleased(w) => self.outbox_in_flight.remove(&w.message_id),
-            Report::OutboxFailed(f) => self.outbox_in_flight.remove(&f.work.message_id),
+            Report::OutboxReleased(w) => _ = self.outbox_in_flight.remove(&w.message_id),
+            Report::OutboxFailed(f) => _ = self.outbox_in_flight.remove(&f.work.message_id),
             Report::InboxDone(w) | Report::InboxReleased(w, _) | Report::InboxCommitted(w) => {
-                self.inbox_in_flight.remove(&w.message_id)
+                _ = self.inbox_in_flight.remove(&w.message_id)
             }
-            Report::InboxFailed(f) => self.inbox_in_flight.remove(&f.work.message_id),
-        };
+            Report::InboxFailed(f) => _ = self.inbox_in_flight.remove(&f.work.message_id),
+        }
         let r = &mut self.reports;
         match msg {
             Report::OutboxDone(done) => r.outbox_completions.extend(done),
