@@ -356,14 +356,16 @@ fn commit_one(
     };
     // `add_message` stamps its own hop: drop the dispatcher's to keep one per step.
     envelope.hops.pop();
-    let planned = add_message(origin, &registry.current(), &mut unit, envelope.clone());
-    if let Err(e) = planned {
+    // The receipt is taken now (its events are filled in once committed): the envelope itself
+    // moves into the unit, uncopied.
+    let mut receipt = DeliveryReceipt::of(&envelope, status, Vec::new());
+    if let Err(e) = add_message(origin, &registry.current(), &mut unit, envelope) {
         return Box::pin(async move { Err(e) });
     }
     let committed = commit(coordinator, unit, false);
     Box::pin(async move {
-        let outcome = committed.await?;
-        Ok(DeliveryReceipt::of(&envelope, status, outcome.appended))
+        receipt.events = committed.await?.appended;
+        Ok(receipt)
     })
 }
 
