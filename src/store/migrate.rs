@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_batch_numbering.sql",
         sql: include_str!("../../schema/0009_batch_numbering.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_claim_probe.sql",
+        sql: include_str!("../../schema/0010_claim_probe.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
