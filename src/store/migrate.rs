@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_claim_probe.sql",
         sql: include_str!("../../schema/0010_claim_probe.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_streams_fillfactor.sql",
+        sql: include_str!("../../schema/0011_streams_fillfactor.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
