@@ -21,6 +21,9 @@
 //! - `local_invoke_p50_ms`, `local_invoke_p99_ms`, `raw_insert_p50_ms`,
 //!   `local_invoke_p50_ratio_vs_raw`: one `local_invoke` (scoped, 1 event + 1 perspective)
 //!   beside a raw single-statement transaction inserting one event and one outbox row;
+//!   `local_invoke_runtime_cpu_us`, `local_invoke_server_cpu_us`, `raw_insert_client_cpu_us`,
+//!   `raw_insert_server_cpu_us`: CPU time per call of each side run alone (this process, the
+//!   local server), which shows on which side a local_invoke's extra time is spent;
 //! - `idle_queries_per_s`: store calls an idle instance makes, counted at the store seam.
 //! - `backlog_claim_ms_p50`, `raw_backlog_claim_ms_p50`, `backlog_claim_ratio_vs_raw`: a claim
 //!   of `claim_batch_size` outbox rows (then completed) with `--backlog` rows queued, beside a
@@ -473,6 +476,35 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     }
     if count.0.load(Ordering::Relaxed) < (args.calls + warmup) as u64 {
         return Err("local_invoke returned before its perspective ran".into());
+    }
+    // CPU per call, each side alone: where a local_invoke's time goes beyond the raw insert's.
+    let calls = args.calls;
+    let before = CpuTime::now();
+    for i in 0..calls {
+        let _: Recorded = rt
+            .local_invoke(Record {
+                stream: format!("lat-{}", i % 64),
+                n: i as u64,
+            })
+            .await?;
+    }
+    let between = CpuTime::now();
+    for i in 0..calls {
+        rows.insert_one(&client, &single, 30_000_000 + i as i64)
+            .await?;
+    }
+    let after = CpuTime::now();
+    let (runtime, server) = between.us_per(before, calls);
+    let (raw_client, raw_server) = after.us_per(between, calls);
+    for (name, value) in [
+        ("local_invoke_runtime_cpu_us", runtime),
+        ("local_invoke_server_cpu_us", server),
+        ("raw_insert_client_cpu_us", raw_client),
+        ("raw_insert_server_cpu_us", raw_server),
+    ] {
+        if let Some(value) = value {
+            figure(name, format!("{value:.1}"));
+        }
     }
     let invoke = Samples::new(invoke);
     let raw = Samples::new(raw);
