@@ -73,7 +73,10 @@ fn config(backend: StoreBackend) -> Config {
 
 async fn rebuild_and_resume(backend: StoreBackend) {
     let log = Log::default();
-    let rt = Runtime::builder(config(backend))
+    let config = config(backend);
+    let schema = config.store.schema.clone();
+    let url = config.store.database_url.clone();
+    let rt = Runtime::builder(config)
         .receptor::<Add, _>(AddReceptor)
         .perspective::<Added, _>("log", log.clone())
         .start()
@@ -126,6 +129,16 @@ async fn rebuild_and_resume(backend: StoreBackend) {
             .is_err()
     );
     rt.shutdown().await.unwrap();
+    if backend == StoreBackend::Postgres {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        actix_rt::spawn(conn);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
 }
 
 #[actix_rt::test]

@@ -1,6 +1,7 @@
 //! The store conformance suite: the same cases run against the in-memory store and the Postgres
 //! store (each Postgres case in a schema of its own, so they run in parallel). A case that
-//! cannot reach Postgres fails.
+//! cannot reach Postgres fails. A case that passes drops the schemas it opened; a failed one
+//! leaves them to be looked at.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,7 +76,37 @@ async fn open_postgres_with(s: StoreSettings, one_message_path: bool) -> (Arc<dy
     } else {
         store.without_one_message_path()
     };
+    // Outside a case run by `conformance!` (no scope), the test drops its schema itself.
+    let _ = OPENED.try_with(|opened| opened.borrow_mut().push(c.store.schema.clone()));
     (Arc::new(store), c.store.schema)
+}
+
+tokio::task_local! {
+    /// The schemas the running case opened.
+    static OPENED: std::cell::RefCell<Vec<String>>;
+}
+
+/// Runs one case; once it has passed, drops the schemas it opened.
+async fn run_case(case: impl Future<Output = ()>) {
+    let opened = OPENED
+        .scope(std::cell::RefCell::new(Vec::new()), async {
+            case.await;
+            OPENED.with(|opened| opened.take())
+        })
+        .await;
+    if opened.is_empty() {
+        return;
+    }
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("Postgres reachable to drop the case's schemas");
+    tokio::spawn(conn);
+    for schema in opened {
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+            .expect("the case's schema is dropped");
+    }
 }
 
 fn event(stream: &str, n: u8) -> Envelope {
@@ -1193,10 +1224,14 @@ macro_rules! conformance {
             $( #[tokio::test] async fn $case() { super::$case(super::Backend::Memory).await } )*
         }
         mod postgres {
-            $( #[tokio::test] async fn $case() { super::$case(super::Backend::Postgres).await } )*
+            $( #[tokio::test] async fn $case() {
+                super::run_case(super::$case(super::Backend::Postgres)).await
+            } )*
         }
         mod postgres_set_based {
-            $( #[tokio::test] async fn $case() { super::$case(super::Backend::PostgresSetBased).await } )*
+            $( #[tokio::test] async fn $case() {
+                super::run_case(super::$case(super::Backend::PostgresSetBased)).await
+            } )*
         }
     };
 }
