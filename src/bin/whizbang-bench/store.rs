@@ -21,6 +21,10 @@
 //! - `local_invoke_p50_ms`, `local_invoke_p99_ms`, `raw_insert_p50_ms`,
 //!   `local_invoke_p50_ratio_vs_raw`: one `local_invoke` (scoped, 1 event + 1 perspective)
 //!   beside a raw single-statement transaction inserting one event and one outbox row;
+//!   `unit_batch_ms_p50`, `unit_batch_p50_ratio_vs_raw`: the work batch such a call sends
+//!   (one unit, no reports), written straight to the store, measured in the same alternation;
+//!   `local_invoke_beyond_unit_batch_ms_p50`: the difference of the two p50s, the runtime's
+//!   share of a call's latency;
 //!   `local_invoke_runtime_cpu_us`, `local_invoke_server_cpu_us`, `raw_insert_client_cpu_us`,
 //!   `raw_insert_server_cpu_us`: CPU time per call of each side run alone (this process, the
 //!   local server), which shows on which side a local_invoke's extra time is spent;
@@ -260,52 +264,6 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         pg.process_work_batch(instance, claim.clone()).await?;
         samples.push(t.elapsed());
     }
-    // One unit as `local_invoke` writes it (1 event, its outbox row and its inbox row for a
-    // local perspective, leased to the writer): the store's share of a local_invoke.
-    let mut unit_samples = Vec::with_capacity(args.calls);
-    for i in 0..args.calls + 100 {
-        let stream = format!("unit-{}", i % 64);
-        let envelope = whizbang::Envelope::new(
-            whizbang::envelope::MessageKind::Event,
-            Recorded::TYPE_NAME,
-            stream.clone(),
-            whizbang::message::encode(&Recorded {
-                stream: stream.clone(),
-                n: i as u64,
-            })?,
-        );
-        let partition = whizbang::routing::partition_of(&stream, base.partitions.partition_count);
-        let unit = UnitOfWork {
-            events: vec![envelope.clone()],
-            outbox: vec![NewOutboxRow {
-                envelope: envelope.clone(),
-                topic: "bench".into(),
-                partition,
-            }],
-            inbox: vec![NewInboxRow {
-                envelope,
-                partition,
-            }],
-            claim_for_writer: true,
-            ..UnitOfWork::default()
-        };
-        let batch = WorkBatch {
-            units: vec![unit],
-            ..WorkBatch::default()
-        };
-        let t = Instant::now();
-        pg.process_work_batch(instance, batch).await?;
-        if i >= 100 {
-            unit_samples.push(t.elapsed());
-        }
-    }
-    figure(
-        "unit_batch_ms_p50",
-        format!(
-            "{:.3}",
-            Samples::new(unit_samples).percentile(50.0) / 1000.0
-        ),
-    );
     // Gone, as after a graceful shutdown: it must not count as a live instance (its fair share
     // would halve the runtimes' below).
     pg.release_partitions(instance, None).await?;
@@ -452,10 +410,16 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         .start()
         .await?;
     let single = client.prepare(&single_row_sql(schema)).await?;
+    // The store's share of a local_invoke: the batch it sends, written straight to the store
+    // by an instance of its own (the runtime's holds its own partitions).
+    let writer = Uuid::now_v7();
+    pg.register_instance(writer, "bench", "bench").await?;
+    let mut unit_rows = UnitRows::default();
     let mut invoke = Vec::with_capacity(args.calls);
+    let mut unit = Vec::with_capacity(args.calls);
     let mut raw = Vec::with_capacity(args.calls);
     let warmup = 100;
-    // Alternate so both see the same machine.
+    // Alternate so all three see the same machine.
     for i in 0..args.calls + warmup {
         let t = Instant::now();
         let _: Recorded = rt
@@ -465,15 +429,29 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
             })
             .await?;
         let d = t.elapsed();
+        let batch = unit_batch(i, base.partitions.partition_count)?;
+        let t = Instant::now();
+        let answer = pg.process_work_batch(writer, batch).await?;
+        let u = t.elapsed();
+        unit_rows.take(answer)?;
         let t = Instant::now();
         rows.insert_one(&client, &single, 20_000_000 + i as i64)
             .await?;
         let r = t.elapsed();
         if i >= warmup {
             invoke.push(d);
+            unit.push(u);
             raw.push(r);
         }
+        // As the runtime does on its timer: the rows' completions, in a batch of their own.
+        if i % 50 == 49 {
+            pg.process_work_batch(writer, unit_rows.completions())
+                .await?;
+        }
     }
+    pg.process_work_batch(writer, unit_rows.completions())
+        .await?;
+    pg.release_partitions(writer, None).await?;
     if count.0.load(Ordering::Relaxed) < (args.calls + warmup) as u64 {
         return Err("local_invoke returned before its perspective ran".into());
     }
@@ -524,6 +502,22 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         "local_invoke_p50_ratio_vs_raw",
         format!("{:.2}", invoke.percentile(50.0) / raw.percentile(50.0)),
     );
+    let unit = Samples::new(unit);
+    figure(
+        "unit_batch_ms_p50",
+        format!("{:.3}", unit.percentile(50.0) / 1000.0),
+    );
+    figure(
+        "unit_batch_p50_ratio_vs_raw",
+        format!("{:.2}", unit.percentile(50.0) / raw.percentile(50.0)),
+    );
+    figure(
+        "local_invoke_beyond_unit_batch_ms_p50",
+        format!(
+            "{:.3}",
+            (invoke.percentile(50.0) - unit.percentile(50.0)) / 1000.0
+        ),
+    );
     rt.shutdown().await?;
 
     // 4. A claim with a backlog queued.
@@ -551,6 +545,75 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     );
     rt.shutdown().await?;
     Ok(())
+}
+
+/// One unit as `local_invoke` writes it: 1 event, its outbox row and its inbox row for a local
+/// perspective, leased to the writer.
+fn unit_batch(i: usize, partition_count: u32) -> BenchResult<WorkBatch> {
+    let stream = format!("unit-{}", i % 64);
+    let envelope = whizbang::Envelope::new(
+        whizbang::envelope::MessageKind::Event,
+        Recorded::TYPE_NAME,
+        stream.clone(),
+        whizbang::message::encode(&Recorded {
+            stream: stream.clone(),
+            n: i as u64,
+        })?,
+    );
+    let partition = whizbang::routing::partition_of(&stream, partition_count);
+    let unit = UnitOfWork {
+        events: vec![envelope.clone()],
+        outbox: vec![NewOutboxRow {
+            envelope: envelope.clone(),
+            topic: "bench".into(),
+            partition,
+        }],
+        inbox: vec![NewInboxRow {
+            envelope,
+            partition,
+        }],
+        claim_for_writer: true,
+        ..UnitOfWork::default()
+    };
+    Ok(WorkBatch {
+        units: vec![unit],
+        ..WorkBatch::default()
+    })
+}
+
+/// The rows [`unit_batch`]es leased to their writer, until they are reported done (so they
+/// do not pile up in front of the next ones of their stream).
+#[derive(Default)]
+struct UnitRows {
+    outbox: Vec<WorkRef>,
+    inbox: Vec<WorkRef>,
+}
+
+impl UnitRows {
+    fn take(&mut self, answer: WorkBatchResult) -> BenchResult<()> {
+        for outcome in answer.units {
+            let UnitOutcome::Committed {
+                claimed_outbox,
+                claimed_inbox,
+                ..
+            } = outcome
+            else {
+                return Err("a unit with no expected version conflicted".into());
+            };
+            self.outbox
+                .extend(claimed_outbox.into_iter().map(|w| w.work));
+            self.inbox.extend(claimed_inbox.into_iter().map(|w| w.work));
+        }
+        Ok(())
+    }
+
+    fn completions(&mut self) -> WorkBatch {
+        WorkBatch {
+            outbox_completions: std::mem::take(&mut self.outbox),
+            inbox_completions: std::mem::take(&mut self.inbox),
+            ..WorkBatch::default()
+        }
+    }
 }
 
 /// The raw single-row baseline: one event and its outbox row in one statement.
