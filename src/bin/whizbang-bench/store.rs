@@ -445,12 +445,10 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         }
         // As the runtime does on its timer: the rows' completions, in a batch of their own.
         if i % 50 == 49 {
-            pg.process_work_batch(writer, unit_rows.completions())
-                .await?;
+            unit_rows.complete(&pg, writer).await?;
         }
     }
-    pg.process_work_batch(writer, unit_rows.completions())
-        .await?;
+    unit_rows.complete(&pg, writer).await?;
     pg.release_partitions(writer, None).await?;
     if count.0.load(Ordering::Relaxed) < (args.calls + warmup) as u64 {
         return Err("local_invoke returned before its perspective ran".into());
@@ -607,12 +605,20 @@ impl UnitRows {
         Ok(())
     }
 
-    fn completions(&mut self) -> WorkBatch {
-        WorkBatch {
+    /// Reports every row taken so far done; a refused one would stay in front of its stream.
+    async fn complete(&mut self, pg: &Arc<dyn Store>, writer: InstanceId) -> BenchResult<()> {
+        let batch = WorkBatch {
             outbox_completions: std::mem::take(&mut self.outbox),
             inbox_completions: std::mem::take(&mut self.inbox),
             ..WorkBatch::default()
+        };
+        let answer = pg.process_work_batch(writer, batch).await?;
+        if !answer.stale.is_empty() {
+            return Err(
+                format!("{} unit rows' completions were refused", answer.stale.len()).into(),
+            );
         }
+        Ok(())
     }
 }
 
