@@ -809,6 +809,79 @@ async fn orphaned_work_recovered_after_lease_expiry(b: Backend) {
     assert!(r.stale.is_empty());
 }
 
+/// Writes are fenced too: a writer claims its new rows only under its lease's current
+/// generation. Once its lease ran out and another instance took the partition, its rows go in
+/// unclaimed (on a stream with nothing pending, where no order probe would hold them back) and
+/// the holder claims them; once it leases the partition again, they are claimed at the new
+/// generation, and so are the next ones.
+async fn a_writer_claims_only_at_its_leases_current_generation(b: Backend) {
+    let mut s = settings();
+    s.lease = Duration::from_secs(1);
+    let store = open(b, s).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    let first = event("generations", 1);
+    let r = batch(&store, a, units(vec![unit(&first, true)])).await;
+    let a_gen = committed(&r.units[0]).1[0].work.generation;
+    // A goes quiet; once its lease has run out, C takes the partition over with A's rows.
+    let taken = eventually(10, "takeover after expiry", || {
+        let store = store.clone();
+        async move {
+            let r = batch(&store, c, claim_all()).await;
+            (!r.claimed_outbox.is_empty()).then_some(r)
+        }
+    })
+    .await;
+    let c_gen = taken.claimed_outbox[0].work.generation;
+    assert!(c_gen > a_gen, "fencing token grew");
+    // Another stream of the same partition, with no row of its own pending.
+    let sibling = (0..)
+        .map(|i| format!("generations-{i}"))
+        .find(|s| part(s) == part("generations"))
+        .unwrap();
+    let second = event(&sibling, 2);
+    let r = batch(&store, a, units(vec![unit(&second, true)])).await;
+    let (_, outbox, inbox, _) = committed(&r.units[0]);
+    assert!(
+        outbox.is_empty() && inbox.is_empty(),
+        "A claimed rows in a partition C holds: {outbox:?} {inbox:?}"
+    );
+    let complete = |r: &WorkBatchResult| WorkBatch {
+        outbox_completions: r.claimed_outbox.iter().map(|w| w.work).collect(),
+        inbox_completions: r.claimed_inbox.iter().map(|w| w.work).collect(),
+        ..WorkBatch::default()
+    };
+    assert!(batch(&store, c, complete(&taken)).await.stale.is_empty());
+    let r = batch(&store, c, claim_all()).await;
+    let ids: Vec<Uuid> = r
+        .claimed_outbox
+        .iter()
+        .map(|w| w.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![second.message_id], "C claims A's new row");
+    assert_eq!(r.claimed_outbox[0].work.generation, c_gen);
+    assert!(batch(&store, c, complete(&r)).await.stale.is_empty());
+    // C hands the partition back; A's next rows are claimed at a generation above C's.
+    store.release_partitions(c, None).await.unwrap();
+    let third = event("generations", 3);
+    let r = batch(&store, a, units(vec![unit(&third, true)])).await;
+    let (_, outbox, inbox, _) = committed(&r.units[0]);
+    assert_eq!(outbox.len(), 1, "A leases the free partition again");
+    assert_eq!(inbox.len(), 1);
+    let again = outbox[0].work.generation;
+    assert!(again > c_gen, "claimed at {again}, C held {c_gen}");
+    assert_eq!(inbox[0].work.generation, again);
+    let fourth = event("generations", 4);
+    let r = batch(&store, a, units(vec![unit(&fourth, true)])).await;
+    let (_, outbox, inbox, _) = committed(&r.units[0]);
+    assert_eq!(
+        (outbox.len(), inbox.len()),
+        (1, 1),
+        "its own rows in flight hold nothing back"
+    );
+    assert_eq!(outbox[0].work.generation, again);
+    assert_eq!(inbox[0].work.generation, again);
+}
+
 async fn graceful_release_hands_over_at_once(b: Backend) {
     let store = open(b, settings()).await;
     let (a, c) = (instance(&store).await, instance(&store).await);
@@ -1250,6 +1323,7 @@ conformance!(
     dead_letter_after_max_attempts_then_requeue_and_skip,
     transient_failure_does_not_count,
     orphaned_work_recovered_after_lease_expiry,
+    a_writer_claims_only_at_its_leases_current_generation,
     graceful_release_hands_over_at_once,
     instances_share_partitions_without_overlap,
     joiner_gets_work_as_others_release_excess,
