@@ -882,6 +882,79 @@ async fn a_writer_claims_only_at_its_leases_current_generation(b: Backend) {
     assert_eq!(inbox[0].work.generation, again);
 }
 
+/// Order holds across a takeover on the writer's side too: once an instance has taken over a
+/// partition whose lease ran out, its own new row on a stream must wait behind the row the
+/// previous holder had claimed and not finished (still claimed by it, at the old generation),
+/// and it claims the two in order.
+async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) {
+    let mut s = settings();
+    s.lease = Duration::from_secs(1);
+    let store = open(b, s).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    let first = event("handover", 1);
+    let r = batch(&store, a, units(vec![unit(&first, true)])).await;
+    let a_work = committed(&r.units[0]).1[0].work;
+    // A goes quiet with its row in flight. C writes on fresh streams of the same partition
+    // (nothing pending there) until one of its rows comes back claimed: C holds it now.
+    let mut fresh = (0..)
+        .map(|i| format!("handover-{i}"))
+        .filter(|s| part(s) == part("handover"));
+    let c_gen = eventually(10, "C to take the partition over", || {
+        let store = store.clone();
+        let e = event(&fresh.next().unwrap(), 1);
+        async move {
+            let r = batch(&store, c, units(vec![unit(&e, true)])).await;
+            committed(&r.units[0]).1.first().map(|w| w.work.generation)
+        }
+    })
+    .await;
+    assert!(c_gen > a_work.generation, "fencing token grew");
+    let second = event("handover", 2);
+    let r = batch(&store, c, units(vec![unit(&second, true)])).await;
+    let (_, outbox, inbox, _) = committed(&r.units[0]);
+    assert!(
+        outbox.is_empty() && inbox.is_empty(),
+        "C's row overtook A's unfinished one: {outbox:?} {inbox:?}"
+    );
+    let r = batch(&store, c, claim_all()).await;
+    let on_stream = |ids: Vec<(&str, Uuid)>| -> Vec<Uuid> {
+        ids.into_iter()
+            .filter(|(stream, _)| *stream == "handover")
+            .map(|(_, id)| id)
+            .collect()
+    };
+    let outbox = on_stream(
+        r.claimed_outbox
+            .iter()
+            .map(|w| (w.envelope.stream_id.as_str(), w.envelope.message_id))
+            .collect(),
+    );
+    let inbox = on_stream(
+        r.claimed_inbox
+            .iter()
+            .map(|w| (w.envelope.stream_id.as_str(), w.envelope.message_id))
+            .collect(),
+    );
+    let in_order = vec![first.message_id, second.message_id];
+    assert_eq!(outbox, in_order, "C claims A's row, then its own");
+    assert_eq!(inbox, in_order);
+    let stale = batch(
+        &store,
+        a,
+        WorkBatch {
+            outbox_completions: vec![a_work],
+            ..WorkBatch::default()
+        },
+    )
+    .await
+    .stale;
+    assert_eq!(
+        stale,
+        vec![a_work.message_id],
+        "A's late completion is fenced"
+    );
+}
+
 async fn graceful_release_hands_over_at_once(b: Backend) {
     let store = open(b, settings()).await;
     let (a, c) = (instance(&store).await, instance(&store).await);
@@ -1324,6 +1397,7 @@ conformance!(
     transient_failure_does_not_count,
     orphaned_work_recovered_after_lease_expiry,
     a_writer_claims_only_at_its_leases_current_generation,
+    a_new_holders_writes_wait_behind_the_previous_holders_rows,
     graceful_release_hands_over_at_once,
     instances_share_partitions_without_overlap,
     joiner_gets_work_as_others_release_excess,
