@@ -223,6 +223,17 @@ async fn raw_client(c: &Config) -> BenchResult<tokio_postgres::Client> {
 pub async fn store(args: StoreArgs) -> BenchResult<()> {
     let schema = format!("bench_{}", Uuid::now_v7().simple());
     let base = config(&args, &schema);
+    // Said before the run, not after it: a backlog the claims drain would time empty claims.
+    let needed = BACKLOG_CLAIMS * base.coordinator.claim_batch_size as usize;
+    if args.backlog < needed {
+        return Err(format!(
+            "--backlog {} is too small: the backlog figure times {BACKLOG_CLAIMS} claims of \
+             {} rows (coordinator.claim_batch_size), each of which must find a full batch; \
+             use at least {needed}",
+            args.backlog, base.coordinator.claim_batch_size
+        )
+        .into());
+    }
     let result = run(&args, &base).await;
     // Leave nothing behind, whatever happened.
     if let Ok(client) = raw_client(&base).await {
@@ -834,6 +845,11 @@ async fn queue_backlog(
     Ok(())
 }
 
+/// Claims of the backlog figure, its unmeasured warm-up included; the backlog must hold a full
+/// claim for each.
+const BACKLOG_CLAIMS: usize = 33;
+const BACKLOG_WARMUP: usize = 3;
+
 /// `backlog_claim_ms_p50` and its raw baseline: claims of `claim_batch_size` outbox rows, each
 /// completed before the next, with `rows` queued; the raw one claims the same number from the
 /// same backlog in the raw copy with a bare `FOR UPDATE SKIP LOCKED` (no stream order).
@@ -867,7 +883,7 @@ async fn backlog_claims(
         ..WorkBatch::default()
     };
     // Claims measured, after a few unmeasured ones (each side plans its statements first).
-    let (rounds, warmup) = (30, 3);
+    let (rounds, warmup) = (BACKLOG_CLAIMS - BACKLOG_WARMUP, BACKLOG_WARMUP);
     let mut samples = Vec::with_capacity(rounds);
     let mut claimed = 0usize;
     for round in 0..rounds + warmup {
