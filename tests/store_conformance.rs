@@ -213,6 +213,25 @@ async fn claim_head(store: &Arc<dyn Store>, a: InstanceId) -> Option<InboxWork> 
     head
 }
 
+/// `c` claims until the outbox rows under a lease that is running out come its way.
+async fn claim_after_expiry(store: &Arc<dyn Store>, c: InstanceId) -> WorkBatchResult {
+    eventually(10, "takeover after expiry", || {
+        let store = store.clone();
+        async move {
+            let r = batch(&store, c, claim_all()).await;
+            (!r.claimed_outbox.is_empty()).then_some(r)
+        }
+    })
+    .await
+}
+
+/// Other stream names of `stream`'s partition.
+fn streams_sharing_partition_with(stream: &str) -> impl Iterator<Item = String> + '_ {
+    (0..)
+        .map(move |i| format!("{stream}-{i}"))
+        .filter(move |s| part(s) == part(stream))
+}
+
 /// Polls `f` until it yields `Some`, failing after `secs`.
 async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
 where
@@ -763,14 +782,7 @@ async fn orphaned_work_recovered_after_lease_expiry(b: Backend) {
         r.claimed_outbox.is_empty() && r.claimed_inbox.is_empty(),
         "took a live lease"
     );
-    let claimed = eventually(10, "takeover after expiry", || {
-        let store = store.clone();
-        async move {
-            let r = batch(&store, c, claim_all()).await;
-            (!r.claimed_outbox.is_empty()).then_some(r)
-        }
-    })
-    .await;
+    let claimed = claim_after_expiry(&store, c).await;
     let ids: Vec<Uuid> = claimed
         .claimed_outbox
         .iter()
@@ -823,20 +835,12 @@ async fn a_writer_claims_only_at_its_leases_current_generation(b: Backend) {
     let r = batch(&store, a, units(vec![unit(&first, true)])).await;
     let a_gen = committed(&r.units[0]).1[0].work.generation;
     // A goes quiet; once its lease has run out, C takes the partition over with A's rows.
-    let taken = eventually(10, "takeover after expiry", || {
-        let store = store.clone();
-        async move {
-            let r = batch(&store, c, claim_all()).await;
-            (!r.claimed_outbox.is_empty()).then_some(r)
-        }
-    })
-    .await;
+    let taken = claim_after_expiry(&store, c).await;
     let c_gen = taken.claimed_outbox[0].work.generation;
     assert!(c_gen > a_gen, "fencing token grew");
     // Another stream of the same partition, with no row of its own pending.
-    let sibling = (0..)
-        .map(|i| format!("generations-{i}"))
-        .find(|s| part(s) == part("generations"))
+    let sibling = streams_sharing_partition_with("generations")
+        .next()
         .unwrap();
     let second = event(&sibling, 2);
     let r = batch(&store, a, units(vec![unit(&second, true)])).await;
@@ -896,9 +900,7 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
     let a_work = committed(&r.units[0]).1[0].work;
     // A goes quiet with its row in flight. C writes on fresh streams of the same partition
     // (nothing pending there) until one of its rows comes back claimed: C holds it now.
-    let mut fresh = (0..)
-        .map(|i| format!("handover-{i}"))
-        .filter(|s| part(s) == part("handover"));
+    let mut fresh = streams_sharing_partition_with("handover");
     let c_gen = eventually(10, "C to take the partition over", || {
         let store = store.clone();
         let e = event(&fresh.next().unwrap(), 1);
