@@ -225,6 +225,23 @@ async fn claim_after_expiry(store: &Arc<dyn Store>, c: InstanceId) -> WorkBatchR
     .await
 }
 
+/// A batch completing every row `r` handed out.
+fn completing(r: &WorkBatchResult) -> WorkBatch {
+    WorkBatch {
+        outbox_completions: r.claimed_outbox.iter().map(|w| w.work).collect(),
+        inbox_completions: r.claimed_inbox.iter().map(|w| w.work).collect(),
+        ..WorkBatch::default()
+    }
+}
+
+/// The ids of the messages of `stream` among `envelopes`, in their order.
+fn ids_on<'e>(stream: &str, envelopes: impl Iterator<Item = &'e Envelope>) -> Vec<Uuid> {
+    envelopes
+        .filter(|e| e.stream_id == stream)
+        .map(|e| e.message_id)
+        .collect()
+}
+
 /// Other stream names of `stream`'s partition.
 fn streams_sharing_partition_with(stream: &str) -> impl Iterator<Item = String> + '_ {
     (0..)
@@ -849,12 +866,7 @@ async fn a_writer_claims_only_at_its_leases_current_generation(b: Backend) {
         outbox.is_empty() && inbox.is_empty(),
         "A claimed rows in a partition C holds: {outbox:?} {inbox:?}"
     );
-    let complete = |r: &WorkBatchResult| WorkBatch {
-        outbox_completions: r.claimed_outbox.iter().map(|w| w.work).collect(),
-        inbox_completions: r.claimed_inbox.iter().map(|w| w.work).collect(),
-        ..WorkBatch::default()
-    };
-    assert!(batch(&store, c, complete(&taken)).await.stale.is_empty());
+    assert!(batch(&store, c, completing(&taken)).await.stale.is_empty());
     let r = batch(&store, c, claim_all()).await;
     let ids: Vec<Uuid> = r
         .claimed_outbox
@@ -863,7 +875,7 @@ async fn a_writer_claims_only_at_its_leases_current_generation(b: Backend) {
         .collect();
     assert_eq!(ids, vec![second.message_id], "C claims A's new row");
     assert_eq!(r.claimed_outbox[0].work.generation, c_gen);
-    assert!(batch(&store, c, complete(&r)).await.stale.is_empty());
+    assert!(batch(&store, c, completing(&r)).await.stale.is_empty());
     // C hands the partition back; A's next rows are claimed at a generation above C's.
     store.release_partitions(c, None).await.unwrap();
     let third = event("generations", 3);
@@ -919,24 +931,8 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
         "C's row overtook A's unfinished one: {outbox:?} {inbox:?}"
     );
     let r = batch(&store, c, claim_all()).await;
-    let on_stream = |ids: Vec<(&str, Uuid)>| -> Vec<Uuid> {
-        ids.into_iter()
-            .filter(|(stream, _)| *stream == "handover")
-            .map(|(_, id)| id)
-            .collect()
-    };
-    let outbox = on_stream(
-        r.claimed_outbox
-            .iter()
-            .map(|w| (w.envelope.stream_id.as_str(), w.envelope.message_id))
-            .collect(),
-    );
-    let inbox = on_stream(
-        r.claimed_inbox
-            .iter()
-            .map(|w| (w.envelope.stream_id.as_str(), w.envelope.message_id))
-            .collect(),
-    );
+    let outbox = ids_on("handover", r.claimed_outbox.iter().map(|w| &w.envelope));
+    let inbox = ids_on("handover", r.claimed_inbox.iter().map(|w| &w.envelope));
     let in_order = vec![first.message_id, second.message_id];
     assert_eq!(outbox, in_order, "C claims A's row, then its own");
     assert_eq!(inbox, in_order);
