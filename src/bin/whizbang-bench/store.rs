@@ -279,14 +279,8 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     // would halve the runtimes' below).
     pg.release_partitions(instance, None).await?;
     let empty = Samples::new(samples);
-    figure(
-        "empty_batch_ms_p50",
-        format!("{:.3}", empty.percentile(50.0) / 1000.0),
-    );
-    figure(
-        "empty_batch_ms_p99",
-        format!("{:.3}", empty.percentile(99.0) / 1000.0),
-    );
+    ms_figure("empty_batch_ms_p50", &empty, 50.0);
+    ms_figure("empty_batch_ms_p99", &empty, 99.0);
 
     // 2. Throughput (W1): each flush strategy; the interval one beside raw batched unnest
     // inserts into the same tables, in alternating rounds (this machine's speed drifts within
@@ -495,27 +489,15 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     }
     let invoke = Samples::new(invoke);
     let raw = Samples::new(raw);
-    figure(
-        "local_invoke_p50_ms",
-        format!("{:.3}", invoke.percentile(50.0) / 1000.0),
-    );
-    figure(
-        "local_invoke_p99_ms",
-        format!("{:.3}", invoke.percentile(99.0) / 1000.0),
-    );
-    figure(
-        "raw_insert_p50_ms",
-        format!("{:.3}", raw.percentile(50.0) / 1000.0),
-    );
+    ms_figure("local_invoke_p50_ms", &invoke, 50.0);
+    ms_figure("local_invoke_p99_ms", &invoke, 99.0);
+    ms_figure("raw_insert_p50_ms", &raw, 50.0);
     figure(
         "local_invoke_p50_ratio_vs_raw",
         format!("{:.2}", invoke.percentile(50.0) / raw.percentile(50.0)),
     );
     let unit = Samples::new(unit);
-    figure(
-        "unit_batch_ms_p50",
-        format!("{:.3}", unit.percentile(50.0) / 1000.0),
-    );
+    ms_figure("unit_batch_ms_p50", &unit, 50.0);
     figure(
         "unit_batch_p50_ratio_vs_raw",
         format!("{:.2}", unit.percentile(50.0) / raw.percentile(50.0)),
@@ -843,6 +825,11 @@ async fn queue_backlog(
         )
         .await?;
     Ok(())
+}
+
+/// A figure in milliseconds: `samples`' percentile `p`.
+fn ms_figure(name: &str, samples: &Samples, p: f64) {
+    figure(name, format!("{:.3}", samples.percentile(p) / 1000.0));
 }
 
 /// Claims of the backlog figure, its unmeasured warm-up included; the backlog must hold a full
