@@ -5,9 +5,13 @@
 //! - `store_{immediate,scoped,interval}_events_per_s` (W1): commands each producing one event
 //!   (event store + outbox, then published), with each flush strategy;
 //!   `store_events_per_s`, `raw_events_per_s`, `store_ratio_vs_raw`: the interval one beside a
-//!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables,
-//!   in `--rounds` alternating rounds: the medians of the rates and of the rounds' ratios
-//!   (each round's figures on the `…_rounds` lines);
+//!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables
+//!   (the event and outbox rows the store round wrote, read back: same stream ids, versions,
+//!   ids, meta and payloads), in `--rounds` alternating rounds: the medians of the rates and
+//!   of the rounds' ratios (each round's figures on the `…_rounds` lines);
+//!   `raw_minimal_rows_events_per_s`, `store_ratio_vs_raw_minimal_rows`: the same beside rows
+//!   of the same count with the smallest meta, no causation id and a stream each (the baseline
+//!   up to 2026-11-29, kept for comparison);
 //!   `store_runtime_cpu_us_per_event`, `store_server_cpu_us_per_event`,
 //!   `raw_client_cpu_us_per_event`, `raw_server_cpu_us_per_event`: CPU time per event of those
 //!   rounds (medians), of this process and of a local Postgres server, from `/proc` (left out
@@ -315,9 +319,9 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
                                      $6::uuid[], $7::text[], $8::bigint[], $9::bytea[], $10::bytea[]))
              INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
                     correlation_id, causation_id, message_type, timestamp_us, meta, payload)
-             SELECT id, 'event', s, p, 'bench', c, NULL, t, ts, m, b
-               FROM unnest($4::uuid[], $2::text[], $11::int[], $5::uuid[], $7::text[], $8::bigint[],
-                           $9::bytea[], $10::bytea[]) AS x(id, s, p, c, t, ts, m, b)"
+             SELECT id, 'event', s, p, 'bench', c, k, t, ts, m, b
+               FROM unnest($4::uuid[], $2::text[], $11::int[], $5::uuid[], $6::uuid[], $7::text[],
+                           $8::bigint[], $9::bytea[], $10::bytea[]) AS x(id, s, p, c, k, t, ts, m, b)"
         ))
         .await?;
     let rows = RawRows {
@@ -325,9 +329,12 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         payload: &payload,
     };
     let (mut store_rates, mut raw_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut minimal_rates, mut minimal_ratios) = (Vec::new(), Vec::new());
     // CPU per event of each round: [store runtime, store server, raw client, raw server].
     let mut cpu: [Vec<f64>; 4] = Default::default();
+    let store_schema = &base.store.schema;
     for round in 0..args.rounds.max(1) {
+        let (_, appended_before) = AppendedRows::after(&client, store_schema, i64::MAX).await?;
         let before = CpuTime::now();
         let store_rate = throughput(
             &pg,
@@ -339,14 +346,28 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         )
         .await?;
         let between = CpuTime::now();
-        // Positions and stream names of each round's raw rows are its own.
+        // The raw baseline inserts the rows this round appended, read back (not timed).
+        let (appended, _) = AppendedRows::after(&client, store_schema, appended_before).await?;
+        if appended.ids.len() != total {
+            return Err(format!(
+                "the store round appended {} events, expected {total}",
+                appended.ids.len()
+            )
+            .into());
+        }
         let first_position = 1_000_000_000 + round as i64 * 100_000_000;
-        let raw_rate = rows
-            .batched(&client, &insert, 1_000, total, first_position)
+        let start = CpuTime::now();
+        let raw_rate = appended
+            .insert(&client, &insert, 1_000, first_position)
             .await?;
         let after = CpuTime::now();
+        // Rows of the same count with the smallest meta, no causation and a stream each: the
+        // baseline before 2026-11-29, kept beside it.
+        let minimal_rate = rows
+            .batched(&client, &insert, 1_000, total, first_position + 50_000_000)
+            .await?;
         let (runtime, server) = between.us_per(before, total);
-        let (raw_client, raw_server) = after.us_per(between, total);
+        let (raw_client, raw_server) = after.us_per(start, total);
         for (samples, value) in cpu
             .iter_mut()
             .zip([runtime, server, raw_client, raw_server])
@@ -356,6 +377,8 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         store_rates.push(store_rate);
         raw_rates.push(raw_rate);
         ratios.push(store_rate / raw_rate);
+        minimal_rates.push(minimal_rate);
+        minimal_ratios.push(store_rate / minimal_rate);
     }
     let list = |v: &[f64], digits: usize| {
         v.iter()
@@ -367,12 +390,25 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     figure("store_interval_events_per_s_rounds", list(&store_rates, 0));
     figure("raw_events_per_s_rounds", list(&raw_rates, 0));
     figure("store_ratio_vs_raw_rounds", list(&ratios, 2));
+    figure(
+        "raw_minimal_rows_events_per_s_rounds",
+        list(&minimal_rates, 0),
+    );
     let median = |v: &[f64]| Samples::of(v.to_vec()).percentile(50.0);
     let (store_rate, raw_rate) = (median(&store_rates), median(&raw_rates));
     figure("store_interval_events_per_s", format!("{store_rate:.0}"));
     figure("store_events_per_s", format!("{store_rate:.0}"));
     figure("raw_events_per_s", format!("{raw_rate:.0}"));
     figure("store_ratio_vs_raw", format!("{:.2}", median(&ratios)));
+    let minimal_rate = median(&minimal_rates);
+    figure(
+        "raw_minimal_rows_events_per_s",
+        format!("{minimal_rate:.0}"),
+    );
+    figure(
+        "store_ratio_vs_raw_minimal_rows",
+        format!("{:.2}", median(&minimal_ratios)),
+    );
     for (name, samples) in [
         "store_runtime_cpu_us_per_event",
         "store_server_cpu_us_per_event",
@@ -393,7 +429,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         .batched(&client, &insert, 100, total, 40_000_000)
         .await?;
     figure("raw_batch100_events_per_s", format!("{rate:.0}"));
-    figure("raw_batch1000_events_per_s", format!("{raw_rate:.0}"));
+    figure("raw_batch1000_events_per_s", format!("{minimal_rate:.0}"));
     let single_rows = 2_000;
     let rate = rows
         .single_rows(&raw_config, 1, single_rows, 50_000_000)
@@ -626,6 +662,105 @@ fn single_row_sql(schema: &str) -> String {
                     correlation_id, causation_id, message_type, timestamp_us, meta, payload)
              VALUES ($3, 'event', $2, 0, 'bench', $3, NULL, $4, $5, $6, $7)"
     )
+}
+
+/// The events a store round appended, read back in position order. The raw baseline inserts
+/// these very rows (stream ids, versions, message and causation ids, the meta with its hops,
+/// payloads) into its copy of the tables, so that both sides write the same bytes.
+#[derive(Default)]
+struct AppendedRows {
+    streams: Vec<String>,
+    versions: Vec<i64>,
+    ids: Vec<Uuid>,
+    correlations: Vec<Uuid>,
+    causations: Vec<Option<Uuid>>,
+    types: Vec<String>,
+    timestamps: Vec<i64>,
+    metas: Vec<Vec<u8>>,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl AppendedRows {
+    /// The events of `schema` after `position`, and the last position there (`position` when
+    /// there is none; `i64::MAX` reads nothing and answers the last position).
+    async fn after(
+        client: &tokio_postgres::Client,
+        schema: &str,
+        position: i64,
+    ) -> BenchResult<(AppendedRows, i64)> {
+        let last: i64 = client
+            .query_one(
+                &format!("SELECT coalesce(max(position), 0) FROM {schema}.wb_events"),
+                &[],
+            )
+            .await?
+            .get(0);
+        let mut rows = AppendedRows::default();
+        for row in client
+            .query(
+                &format!(
+                    "SELECT stream_id, version, message_id, correlation_id, causation_id,
+                            message_type, timestamp_us, meta, payload
+                       FROM {schema}.wb_events WHERE position > $1 ORDER BY position"
+                ),
+                &[&position],
+            )
+            .await?
+        {
+            rows.streams.push(row.get(0));
+            rows.versions.push(row.get(1));
+            rows.ids.push(row.get(2));
+            rows.correlations.push(row.get(3));
+            rows.causations.push(row.get(4));
+            rows.types.push(row.get(5));
+            rows.timestamps.push(row.get(6));
+            rows.metas.push(row.get(7));
+            rows.payloads.push(row.get(8));
+        }
+        Ok((rows, last))
+    }
+
+    /// All of them through `insert` (`INSERT … SELECT unnest(…)`), `batch` per statement, at
+    /// positions from `first_position`; rows per second.
+    async fn insert(
+        &self,
+        client: &tokio_postgres::Client,
+        insert: &tokio_postgres::Statement,
+        batch: usize,
+        first_position: i64,
+    ) -> BenchResult<f64> {
+        let t = Instant::now();
+        let total = self.ids.len();
+        let mut done = 0usize;
+        while done < total {
+            let r = done..(done + batch).min(total);
+            let positions: Vec<i64> = r.clone().map(|i| first_position + i as i64).collect();
+            let parts: Vec<i32> = self.streams[r.clone()]
+                .iter()
+                .map(|s| whizbang::routing::partition_of(s, 10_000) as i32)
+                .collect();
+            client
+                .execute(
+                    insert,
+                    &[
+                        &positions,
+                        &&self.streams[r.clone()],
+                        &&self.versions[r.clone()],
+                        &&self.ids[r.clone()],
+                        &&self.correlations[r.clone()],
+                        &&self.causations[r.clone()],
+                        &&self.types[r.clone()],
+                        &&self.timestamps[r.clone()],
+                        &&self.metas[r.clone()],
+                        &&self.payloads[r.clone()],
+                        &parts,
+                    ],
+                )
+                .await?;
+            done = r.end;
+        }
+        Ok(total as f64 / t.elapsed().as_secs_f64())
+    }
 }
 
 /// Rows of the raw baselines: an event and its outbox row, straight into the tables.
