@@ -8,7 +8,8 @@
 //!   raw batched `INSERT … SELECT unnest(…)` of the same rows into a copy of the same tables
 //!   (the event and outbox rows the store round wrote, read back: same stream ids, versions,
 //!   ids, meta and payloads), in `--rounds` alternating rounds: the medians of the rates and
-//!   of the rounds' ratios (each round's figures on the `…_rounds` lines);
+//!   of the rounds' ratios (each round's figures on the `…_rounds` lines); the raw copy starts
+//!   as full as the store's tables (the earlier phases' events, with an outbox row each);
 //!   `raw_minimal_rows_events_per_s`, `store_ratio_vs_raw_minimal_rows`: the same beside rows
 //!   of the same count with the smallest meta, no causation id and a stream each (the baseline
 //!   up to 2026-11-29, kept for comparison);
@@ -243,7 +244,8 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
     if let Ok(client) = raw_client(&base).await {
         let _ = client
             .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE"
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE;
+                 DROP SCHEMA IF EXISTS {schema}_rawmin CASCADE"
             ))
             .await;
     }
@@ -310,18 +312,26 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         stream: "raw-0".into(),
         n: 0,
     })?;
-    let insert = client
-        .prepare(&format!(
-            "WITH e AS (
-                INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
-                       causation_id, message_type, timestamp_us, meta, payload)
-                SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::uuid[],
-                                     $6::uuid[], $7::text[], $8::bigint[], $9::bytea[], $10::bytea[]))
+    let insert = client.prepare(&raw_insert_sql(schema)).await?;
+    // The baseline before 2026-11-29 in a copy of its own, so that neither baseline's rows
+    // slow the other's inserts down.
+    let minimal_schema = format!("{}_rawmin", base.store.schema);
+    let mut minimal_config = base.clone();
+    minimal_config.store.schema = minimal_schema.clone();
+    PostgresStore::connect(&minimal_config).await?;
+    let minimal_insert = client.prepare(&raw_insert_sql(&minimal_schema)).await?;
+    // The raw copy starts as full as the store's tables: the events the earlier phases
+    // appended, and an outbox row for each (the store's outbox index entries for them are
+    // still there: nothing vacuums during the run).
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {schema}.wb_events SELECT * FROM {store}.wb_events;
              INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
                     correlation_id, causation_id, message_type, timestamp_us, meta, payload)
-             SELECT id, 'event', s, p, 'bench', c, k, t, ts, m, b
-               FROM unnest($4::uuid[], $2::text[], $11::int[], $5::uuid[], $6::uuid[], $7::text[],
-                           $8::bigint[], $9::bytea[], $10::bytea[]) AS x(id, s, p, c, k, t, ts, m, b)"
+             SELECT message_id, 'event', stream_id, {schema}.wb_partition_of(stream_id, 10000),
+                    'bench', correlation_id, causation_id, message_type, timestamp_us, meta, payload
+               FROM {store}.wb_events",
+            store = base.store.schema
         ))
         .await?;
     let rows = RawRows {
@@ -364,7 +374,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         // Rows of the same count with the smallest meta, no causation and a stream each: the
         // baseline before 2026-11-29, kept beside it.
         let minimal_rate = rows
-            .batched(&client, &insert, 1_000, total, first_position + 50_000_000)
+            .batched(&client, &minimal_insert, 1_000, total, first_position)
             .await?;
         let (runtime, server) = between.us_per(before, total);
         let (raw_client, raw_server) = after.us_per(start, total);
@@ -649,6 +659,22 @@ impl UnitRows {
         }
         Ok(())
     }
+}
+
+/// The raw batched baseline: events and their outbox rows, from arrays, in one statement.
+fn raw_insert_sql(schema: &str) -> String {
+    format!(
+        "WITH e AS (
+            INSERT INTO {schema}.wb_events (position, stream_id, version, message_id, correlation_id,
+                   causation_id, message_type, timestamp_us, meta, payload)
+            SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::uuid[],
+                                 $6::uuid[], $7::text[], $8::bigint[], $9::bytea[], $10::bytea[]))
+         INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                correlation_id, causation_id, message_type, timestamp_us, meta, payload)
+         SELECT id, 'event', s, p, 'bench', c, k, t, ts, m, b
+           FROM unnest($4::uuid[], $2::text[], $11::int[], $5::uuid[], $6::uuid[], $7::text[],
+                       $8::bigint[], $9::bytea[], $10::bytea[]) AS x(id, s, p, c, k, t, ts, m, b)"
+    )
 }
 
 /// The raw single-row baseline: one event and its outbox row in one statement.
