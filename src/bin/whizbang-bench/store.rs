@@ -344,7 +344,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     let mut cpu: [Vec<f64>; 4] = Default::default();
     let store_schema = &base.store.schema;
     for round in 0..args.rounds.max(1) {
-        let (_, appended_before) = AppendedRows::after(&client, store_schema, i64::MAX).await?;
+        let (_, appended_before) = EventRows::after(&client, store_schema, i64::MAX).await?;
         let before = CpuTime::now();
         let store_rate = throughput(
             &pg,
@@ -357,7 +357,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         .await?;
         let between = CpuTime::now();
         // The raw baseline inserts the rows this round appended, read back (not timed).
-        let (appended, _) = AppendedRows::after(&client, store_schema, appended_before).await?;
+        let (appended, _) = EventRows::after(&client, store_schema, appended_before).await?;
         if appended.ids.len() != total {
             return Err(format!(
                 "the store round appended {} events, expected {total}",
@@ -367,9 +367,11 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         }
         let first_position = 1_000_000_000 + round as i64 * 100_000_000;
         let start = CpuTime::now();
-        let raw_rate = appended
+        let t = Instant::now();
+        appended
             .insert(&client, &insert, 1_000, first_position)
             .await?;
+        let raw_rate = total as f64 / t.elapsed().as_secs_f64();
         let after = CpuTime::now();
         // Rows of the same count with the smallest meta, no causation and a stream each: the
         // baseline before 2026-11-29, kept beside it.
@@ -690,11 +692,11 @@ fn single_row_sql(schema: &str) -> String {
     )
 }
 
-/// The events a store round appended, read back in position order. The raw baseline inserts
-/// these very rows (stream ids, versions, message and causation ids, the meta with its hops,
-/// payloads) into its copy of the tables, so that both sides write the same bytes.
+/// Events for a raw baseline to insert, each with its outbox row, in the columns of the raw
+/// insert: those a store round appended, read back in position order (so that both sides
+/// write the same bytes), or the minimal rows of [`RawRows::minimal`].
 #[derive(Default)]
-struct AppendedRows {
+struct EventRows {
     streams: Vec<String>,
     versions: Vec<i64>,
     ids: Vec<Uuid>,
@@ -706,14 +708,14 @@ struct AppendedRows {
     payloads: Vec<Vec<u8>>,
 }
 
-impl AppendedRows {
+impl EventRows {
     /// The events of `schema` after `position`, and the last position there (`position` when
     /// there is none; `i64::MAX` reads nothing and answers the last position).
     async fn after(
         client: &tokio_postgres::Client,
         schema: &str,
         position: i64,
-    ) -> BenchResult<(AppendedRows, i64)> {
+    ) -> BenchResult<(EventRows, i64)> {
         let last: i64 = client
             .query_one(
                 &format!("SELECT coalesce(max(position), 0) FROM {schema}.wb_events"),
@@ -721,7 +723,7 @@ impl AppendedRows {
             )
             .await?
             .get(0);
-        let mut rows = AppendedRows::default();
+        let mut rows = EventRows::default();
         for row in client
             .query(
                 &format!(
@@ -747,15 +749,14 @@ impl AppendedRows {
     }
 
     /// All of them through `insert` (`INSERT … SELECT unnest(…)`), `batch` per statement, at
-    /// positions from `first_position`; rows per second.
+    /// positions from `first_position`.
     async fn insert(
         &self,
         client: &tokio_postgres::Client,
         insert: &tokio_postgres::Statement,
         batch: usize,
         first_position: i64,
-    ) -> BenchResult<f64> {
-        let t = Instant::now();
+    ) -> BenchResult<()> {
         let total = self.ids.len();
         let mut done = 0usize;
         while done < total {
@@ -785,7 +786,7 @@ impl AppendedRows {
                 .await?;
             done = r.end;
         }
-        Ok(total as f64 / t.elapsed().as_secs_f64())
+        Ok(())
     }
 }
 
@@ -796,8 +797,9 @@ struct RawRows<'a> {
 }
 
 impl RawRows<'_> {
-    /// `total` rows through `insert` (`INSERT … SELECT unnest(…)`), `batch` per statement;
-    /// rows per second.
+    /// `total` rows with the smallest meta, no causation id and a stream each, through
+    /// `insert` (`INSERT … SELECT unnest(…)`), `batch` per statement; rows per second, the
+    /// making of the rows included (as it was when this was the only baseline).
     async fn batched(
         &self,
         client: &tokio_postgres::Client,
@@ -807,36 +809,29 @@ impl RawRows<'_> {
         first_position: i64,
     ) -> BenchResult<f64> {
         let t = Instant::now();
-        let mut done = 0usize;
-        while done < total {
-            let n = batch.min(total - done);
-            let positions: Vec<i64> = (0..n).map(|i| first_position + (done + i) as i64).collect();
-            let streams: Vec<String> = (0..n)
-                .map(|i| format!("raw-{first_position}-{}", done + i))
-                .collect();
-            let versions: Vec<i64> = vec![1; n];
-            let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-            let causes: Vec<Option<Uuid>> = vec![None; n];
-            let types: Vec<&str> = vec![Recorded::TYPE_NAME; n];
-            let ts: Vec<i64> = vec![whizbang::envelope::now_us(); n];
-            let metas: Vec<&[u8]> = vec![self.meta; n];
-            let payloads: Vec<&[u8]> = vec![self.payload; n];
-            let parts: Vec<i32> = streams
-                .iter()
-                .map(|s| whizbang::routing::partition_of(s, 10_000) as i32)
-                .collect();
-            client
-                .execute(
-                    insert,
-                    &[
-                        &positions, &streams, &versions, &ids, &ids, &causes, &types, &ts, &metas,
-                        &payloads, &parts,
-                    ],
-                )
-                .await?;
-            done += n;
-        }
+        self.minimal(total, first_position)
+            .insert(client, insert, batch, first_position)
+            .await?;
         Ok(total as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// `total` events on streams of their own (`raw-{first_position}-{n}`, version 1), each its
+    /// own correlation, with this meta and payload.
+    fn minimal(&self, total: usize, first_position: i64) -> EventRows {
+        let ids: Vec<Uuid> = (0..total).map(|_| Uuid::now_v7()).collect();
+        EventRows {
+            streams: (0..total)
+                .map(|i| format!("raw-{first_position}-{i}"))
+                .collect(),
+            versions: vec![1; total],
+            correlations: ids.clone(),
+            ids,
+            causations: vec![None; total],
+            types: vec![Recorded::TYPE_NAME.to_string(); total],
+            timestamps: vec![whizbang::envelope::now_us(); total],
+            metas: vec![self.meta.to_vec(); total],
+            payloads: vec![self.payload.to_vec(); total],
+        }
     }
 
     /// One event and its outbox row, at `position` on a stream of their own, through a
