@@ -344,7 +344,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     let mut cpu: [Vec<f64>; 4] = Default::default();
     let store_schema = &base.store.schema;
     for round in 0..args.rounds.max(1) {
-        let (_, appended_before) = EventRows::after(&client, store_schema, i64::MAX).await?;
+        let appended_before = EventRows::last_position(&client, store_schema).await?;
         let before = CpuTime::now();
         let store_rate = throughput(
             &pg,
@@ -357,7 +357,7 @@ async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
         .await?;
         let between = CpuTime::now();
         // The raw baseline inserts the rows this round appended, read back (not timed).
-        let (appended, _) = EventRows::after(&client, store_schema, appended_before).await?;
+        let appended = EventRows::after(&client, store_schema, appended_before).await?;
         if appended.ids.len() != total {
             return Err(format!(
                 "the store round appended {} events, expected {total}",
@@ -709,20 +709,23 @@ struct EventRows {
 }
 
 impl EventRows {
-    /// The events of `schema` after `position`, and the last position there (`position` when
-    /// there is none; `i64::MAX` reads nothing and answers the last position).
-    async fn after(
-        client: &tokio_postgres::Client,
-        schema: &str,
-        position: i64,
-    ) -> BenchResult<(EventRows, i64)> {
-        let last: i64 = client
+    /// The last position of `schema`'s event store (0 while it is empty).
+    async fn last_position(client: &tokio_postgres::Client, schema: &str) -> BenchResult<i64> {
+        Ok(client
             .query_one(
                 &format!("SELECT coalesce(max(position), 0) FROM {schema}.wb_events"),
                 &[],
             )
             .await?
-            .get(0);
+            .get(0))
+    }
+
+    /// The events of `schema`'s event store after `position`, in position order.
+    async fn after(
+        client: &tokio_postgres::Client,
+        schema: &str,
+        position: i64,
+    ) -> BenchResult<EventRows> {
         let mut rows = EventRows::default();
         for row in client
             .query(
@@ -745,7 +748,7 @@ impl EventRows {
             rows.metas.push(row.get(7));
             rows.payloads.push(row.get(8));
         }
-        Ok((rows, last))
+        Ok(rows)
     }
 
     /// All of them through `insert` (`INSERT … SELECT unnest(…)`), `batch` per statement, at
