@@ -1516,3 +1516,73 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await;
 }
+
+/// Postgres only: the queue probes keep going through their indexes after `wb_outbox` and
+/// `wb_inbox` were vacuumed while empty (as autovacuum does once a queue drains). Such a VACUUM
+/// truncates the table to no pages and makes the functions plan again; without their plans
+/// pinned (schema 0012) the planner took the tables for empty and probed them row by row with a
+/// sequential scan, so every new row read every queued one. Sequential scans of the queue tables
+/// are counted by the server's statistics, which a backend publishes within ~10 s of going idle.
+#[tokio::test]
+async fn postgres_queue_probes_use_their_indexes_after_a_vacuum_of_the_empty_queues() {
+    let mut s = settings();
+    s.partition_count = 64;
+    s.max_partitions_per_instance = 64;
+    let (store, schema) = open_postgres(s).await;
+    let a = instance(&store).await;
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for table in ["wb_outbox", "wb_inbox"] {
+        client
+            .batch_execute(&format!("VACUUM {schema}.{table}"))
+            .await
+            .unwrap();
+    }
+    let client = Arc::new(client);
+    let sql = format!(
+        "SELECT coalesce(sum(seq_scan), 0)::bigint, coalesce(sum(idx_scan), 0)::bigint
+           FROM pg_stat_user_tables
+          WHERE schemaname = '{schema}' AND relname IN ('wb_outbox', 'wb_inbox')"
+    );
+    let scans = || {
+        let (client, sql) = (client.clone(), sql.clone());
+        async move {
+            let row = client.query_one(&sql, &[]).await.unwrap();
+            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+        }
+    };
+    let (seq_before, idx_before) = scans().await;
+    // Two batches of 50 units on streams of their own, then one unit alone (the one-message
+    // function): every row is probed for older rows of its stream, in both queues, and the
+    // second and third batches find rows queued by the first.
+    for round in 0..2 {
+        let units_of_round = (0..50)
+            .map(|i| unit(&event(&format!("vacuumed-{round}-{i}"), 1), true))
+            .collect();
+        batch(&store, a, units(units_of_round)).await;
+    }
+    batch(
+        &store,
+        a,
+        units(vec![unit(&event("vacuumed-0-0", 2), true)]),
+    )
+    .await;
+    let (seq_after, _) = eventually(30, "the batches' scans in the statistics", || {
+        let scans = scans();
+        async move {
+            let (seq, idx) = scans.await;
+            (seq > seq_before || idx > idx_before).then_some((seq, idx))
+        }
+    })
+    .await;
+    assert_eq!(
+        seq_after - seq_before,
+        0,
+        "the batches scanned wb_outbox or wb_inbox sequentially after the vacuum"
+    );
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await;
+}

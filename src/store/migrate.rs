@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0011_streams_fillfactor.sql",
         sql: include_str!("../../schema/0011_streams_fillfactor.sql"),
     },
+    Migration {
+        version: 12,
+        name: "0012_pin_index_plans.sql",
+        sql: include_str!("../../schema/0012_pin_index_plans.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
