@@ -1525,10 +1525,7 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
 /// are counted by the server's statistics, which a backend publishes within ~10 s of going idle.
 #[tokio::test]
 async fn postgres_queue_probes_use_their_indexes_after_a_vacuum_of_the_empty_queues() {
-    let mut s = settings();
-    s.partition_count = 64;
-    s.max_partitions_per_instance = 64;
-    let (store, schema) = open_postgres(s).await;
+    let (store, schema) = open_postgres(settings()).await;
     let a = instance(&store).await;
     let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
         .await
