@@ -129,6 +129,10 @@ pub struct StoreConfig {
     pub dedup_retention_hours: u64,
     pub connect_timeout_ms: u64,
     pub startup_timeout_ms: u64,
+    /// A CA certificate (PEM) that must sign the server's certificate: TLS with the chain and
+    /// the host name verified. Empty: TLS only where `database_url` says `sslmode=require`,
+    /// and then unverified, as libpq does without a root certificate (see [`crate::store::tls`]).
+    pub tls_ca_file: String,
 }
 
 impl Default for StoreConfig {
@@ -144,6 +148,7 @@ impl Default for StoreConfig {
             dedup_retention_hours: 168,
             connect_timeout_ms: 5_000,
             startup_timeout_ms: 60_000,
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -684,6 +689,7 @@ impl fmt::Debug for StoreConfig {
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("max_attempts", &self.max_attempts)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish_non_exhaustive()
     }
 }

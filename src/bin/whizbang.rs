@@ -125,8 +125,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     })?;
     pg.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
     pg.application_name("whizbang-cli");
+    let tls = whizbang::store::tls::configure(&config, &mut pg)?;
     match cli.command {
-        Command::Migrate => migrate_command(&config, &pg).await,
+        Command::Migrate => migrate_command(&config, &pg, tls).await,
         Command::DeadLetters(command) => {
             let store = PostgresStore::connect(&config).await?;
             match command {
@@ -173,12 +174,16 @@ fn not_found(e: StoreError, id: Uuid, schema: &str) -> Failure {
 
 /// Connects (retrying with capped backoff until `store.startup_timeout_ms`, as the runtime
 /// does) and applies the embedded migrations.
-async fn migrate_command(config: &Config, pg: &tokio_postgres::Config) -> Result<(), Failure> {
+async fn migrate_command(
+    config: &Config,
+    pg: &tokio_postgres::Config,
+    tls: postgres_native_tls::MakeTlsConnector,
+) -> Result<(), Failure> {
     let endpoint = redact(&config.store.database_url);
     let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
     let mut backoff = Duration::from_millis(100);
     let mut client = loop {
-        match pg.connect(tokio_postgres::NoTls).await {
+        match pg.connect(tls.clone()).await {
             Ok((client, connection)) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -188,14 +193,15 @@ async fn migrate_command(config: &Config, pg: &tokio_postgres::Config) -> Result
                 break client;
             }
             Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
+                tracing::warn!(database = %endpoint, error = %migrate::describe(&e), retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 return Err(Failure::Runtime(format!(
-                    "database {endpoint} unreachable for {} ms: {e}",
-                    config.store.startup_timeout_ms
+                    "database {endpoint} unreachable for {} ms: {}",
+                    config.store.startup_timeout_ms,
+                    migrate::describe(&e)
                 )));
             }
         }

@@ -165,9 +165,21 @@ pub async fn migrate(
 }
 
 /// A Postgres error with its server message, which `Display` leaves out.
-pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+/// Errors of the connection itself (a TLS handshake, say) carry their reason as the source.
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text = format!("{text}: {cause_text}");
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }

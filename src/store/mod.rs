@@ -21,6 +21,7 @@
 pub mod memory;
 pub mod migrate;
 pub mod postgres;
+pub mod tls;
 pub mod vacuum;
 
 use crate::envelope::Envelope;

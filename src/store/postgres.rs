@@ -17,11 +17,12 @@ use super::*;
 use crate::config::{Config, redact};
 use crate::envelope::{Hop, MessageKind};
 use bb8_postgres::PostgresConnectionManager;
+use postgres_native_tls::MakeTlsConnector;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Instant;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 /// A pooled connection with its prepared statements.
 pub struct PgConnection {
@@ -34,7 +35,7 @@ pub struct PgConnection {
 
 /// Connects, then prepares the statements every batch uses.
 pub struct PgManager {
-    inner: PostgresConnectionManager<NoTls>,
+    inner: PostgresConnectionManager<MakeTlsConnector>,
     schema: String,
 }
 
@@ -138,12 +139,13 @@ impl PostgresStore {
         let mut pg_config = pg_config;
         pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
         pg_config.application_name(format!("whizbang:{}", config.service.name));
+        let tls = super::tls::configure(config, &mut pg_config)?;
 
         let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
         let mut backoff = Duration::from_millis(100);
         let endpoint = redact(&config.store.database_url);
         let mut client = loop {
-            match connect_one(&pg_config).await {
+            match connect_one(&pg_config, &tls).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() + backoff < deadline => {
                     tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
@@ -174,7 +176,7 @@ impl PostgresStore {
         drop(client);
 
         let manager = PgManager {
-            inner: PostgresConnectionManager::new(pg_config.clone(), NoTls),
+            inner: PostgresConnectionManager::new(pg_config.clone(), tls.clone()),
             schema: schema.clone(),
         };
         let pool = bb8::Pool::builder()
@@ -189,7 +191,7 @@ impl PostgresStore {
         // On the statements every pooled connection prepares anyway: no second prepare.
         check_batch_columns(&*pool.get().await.map_err(pool_error)?, &schema)?;
         let signal = tokio::sync::watch::channel(0).0;
-        let listener = tokio::spawn(listen(pg_config, schema.clone(), signal.clone()));
+        let listener = tokio::spawn(listen(pg_config, tls, schema.clone(), signal.clone()));
         Ok(PostgresStore {
             pool,
             schema,
@@ -231,8 +233,14 @@ impl PostgresStore {
     }
 }
 
-async fn connect_one(config: &tokio_postgres::Config) -> Result<Client, String> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+async fn connect_one(
+    config: &tokio_postgres::Config,
+    tls: &MakeTlsConnector,
+) -> Result<Client, String> {
+    let (client, connection) = config
+        .connect(tls.clone())
+        .await
+        .map_err(|e| describe(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "migration connection closed");
@@ -245,12 +253,13 @@ async fn connect_one(config: &tokio_postgres::Config) -> Result<Client, String> 
 /// notification and after every reconnect (notifications may have been missed meanwhile).
 async fn listen(
     config: tokio_postgres::Config,
+    tls: MakeTlsConnector,
     schema: String,
     signal: tokio::sync::watch::Sender<u64>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {

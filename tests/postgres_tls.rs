@@ -1,0 +1,117 @@
+//! TLS to the database (`store::tls`), against the local server, which runs with `ssl = on`
+//! and Debian's self-signed certificate:
+//! - `sslmode=require` in `store.database_url`: every connection of the store (the pool and the
+//!   LISTEN connection) is encrypted, as the server itself reports in `pg_stat_ssl`;
+//! - `store.tls_ca_file` naming a CA that did not sign the server's certificate: the store
+//!   refuses the server, with the reason.
+//!
+//! Each test uses a schema of its own; an unreachable server, or one without TLS, fails it.
+
+use uuid::Uuid;
+use whizbang::Config;
+use whizbang::config::StoreBackend;
+use whizbang::store::postgres::PostgresStore;
+use whizbang::store::{Store, StoreError};
+
+fn database_url() -> String {
+    std::env::var("WHIZBANG_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `database_url()` with `sslmode` set (replacing any the URL had).
+fn with_sslmode(mode: &str) -> String {
+    let url = database_url();
+    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("sslmode="))
+        .collect();
+    let mode = format!("sslmode={mode}");
+    params.push(&mode);
+    format!("{base}?{}", params.join("&"))
+}
+
+fn config(url: String, service: &str) -> Config {
+    let mut c = Config::default();
+    c.service.name = service.into();
+    c.store.backend = StoreBackend::Postgres;
+    c.store.database_url = url;
+    c.store.schema = format!("t_{}", Uuid::now_v7().simple());
+    c.store.pool_size = 2;
+    c.store.startup_timeout_ms = 3_000;
+    c
+}
+
+async fn plain_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("Postgres must be reachable for this test");
+    tokio::spawn(conn);
+    client
+}
+
+async fn drop_schema(client: &tokio_postgres::Client, schema: &str) {
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await;
+}
+
+#[tokio::test]
+async fn sslmode_require_encrypts_every_connection_of_the_store() {
+    let client = plain_client().await;
+    let ssl: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    assert_eq!(
+        ssl, "on",
+        "this test needs a server with ssl = on (Debian's packages set it up with a \
+         self-signed certificate)"
+    );
+    let service = format!("tls-{}", Uuid::now_v7().simple());
+    let c = config(with_sslmode("require"), &service);
+    let store = PostgresStore::connect(&c)
+        .await
+        .expect("the store connects with sslmode=require");
+    // Work through the pool, so that its connections exist.
+    let instance = Uuid::now_v7();
+    store
+        .register_instance(instance, &service, "host")
+        .await
+        .unwrap();
+    store.heartbeat(instance).await.unwrap();
+    let rows = client
+        .query(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid
+              WHERE a.application_name = $1",
+            &[&format!("whizbang:{service}")],
+        )
+        .await
+        .unwrap();
+    let encrypted: Vec<bool> = rows.iter().map(|r| r.get(0)).collect();
+    // At least one pooled connection and the LISTEN connection.
+    assert!(
+        encrypted.len() >= 2 && encrypted.iter().all(|&e| e),
+        "the store's connections, encrypted or not: {encrypted:?}"
+    );
+    drop(store);
+    drop_schema(&client, &c.store.schema).await;
+}
+
+#[tokio::test]
+async fn a_ca_that_did_not_sign_the_servers_certificate_is_refused() {
+    // Any public root CA: none of them signed the server's self-signed certificate.
+    let bundle = "/etc/ssl/certs/ca-certificates.crt";
+    assert!(
+        std::path::Path::new(bundle).exists(),
+        "this test needs the ca-certificates package ({bundle})"
+    );
+    let mut c = config(database_url(), "tls-refused");
+    c.store.tls_ca_file = bundle.into();
+    let refused = match PostgresStore::connect(&c).await {
+        Ok(_) => panic!("the store trusted a server whose certificate its CA did not sign"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&refused, StoreError::Unavailable(m) if m.contains("certificate verify failed")),
+        "the reason is given: {refused}"
+    );
+    drop_schema(&plain_client().await, &c.store.schema).await;
+}
