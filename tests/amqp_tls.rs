@@ -5,62 +5,15 @@
 //! refused because the certificate is not trusted.
 
 mod amqp_support;
+mod tls_support;
 
 use amqp_support::*;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use tls_support::TestCert;
 use whizbang::transport::amqp::AmqpTransport;
 use whizbang::transport::{Settlement, Transport, TransportError};
-
-/// A self-signed certificate for `localhost` in a directory removed when dropped.
-struct TestCert {
-    dir: PathBuf,
-}
-
-impl TestCert {
-    fn new() -> anyhow::Result<TestCert> {
-        let dir = std::env::temp_dir().join(unique("whizbang-tls"));
-        std::fs::create_dir_all(&dir)?;
-        let out = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=DNS:localhost",
-            ])
-            .arg("-keyout")
-            .arg(dir.join("key.pem"))
-            .arg("-out")
-            .arg(dir.join("cert.pem"))
-            .output()
-            .map_err(|e| anyhow::anyhow!("the openssl command is needed for this test: {e}"))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(TestCert { dir })
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.join("cert.pem")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.dir.join("key.pem")
-    }
-}
-
-impl Drop for TestCert {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Accepts TLS on an ephemeral port and relays the plaintext to the broker; returns the port
 /// and a count of completed TLS handshakes.

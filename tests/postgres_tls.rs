@@ -3,10 +3,18 @@
 //! - `sslmode=require` in `store.database_url`: every connection of the store (the pool and the
 //!   LISTEN connection) is encrypted, as the server itself reports in `pg_stat_ssl`;
 //! - `store.tls_ca_file` naming a CA that did not sign the server's certificate: the store
-//!   refuses the server, with the reason.
+//!   refuses the server, with the reason;
+//! - `store.tls_ca_file` with the certificate of a TLS-terminating proxy in front of the server
+//!   (made for the run, for `localhost`): the store works through it when it names the server
+//!   `localhost`, and refuses it by its address, which the certificate does not name.
 //!
 //! Each test uses a schema of its own; an unreachable server, or one without TLS, fails it.
 
+mod tls_support;
+
+use std::str::FromStr;
+use tls_support::TestCert;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use whizbang::Config;
 use whizbang::config::StoreBackend;
@@ -114,4 +122,89 @@ async fn a_ca_that_did_not_sign_the_servers_certificate_is_refused() {
         "the reason is given: {refused}"
     );
     drop_schema(&plain_client().await, &c.store.schema).await;
+}
+
+/// Answers a client's `SSLRequest` with `S` on an ephemeral port, accepts TLS with `cert`, and
+/// relays the plaintext to the test server: a server with a certificate of the test's making.
+async fn pg_tls_proxy(cert: &TestCert) -> anyhow::Result<u16> {
+    let identity = native_tls::Identity::from_pkcs8(
+        &std::fs::read(cert.cert())?,
+        &std::fs::read(cert.key())?,
+    )?;
+    let acceptor = tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let pg = tokio_postgres::Config::from_str(&database_url())?;
+    let upstream = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => {
+            format!("{host}:{}", pg.get_ports().first().copied().unwrap_or(5432))
+        }
+        _ => anyhow::bail!("this test needs a TCP host in the database URL"),
+    };
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                // SSLRequest: length 8, then the code 80877103.
+                let mut request = [0u8; 8];
+                if tcp.read_exact(&mut request).await.is_err()
+                    || request != [0, 0, 0, 8, 4, 210, 22, 47]
+                {
+                    return;
+                }
+                if tcp.write_all(b"S").await.is_err() {
+                    return;
+                }
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream.as_str()).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test]
+async fn a_ca_file_verifies_the_servers_certificate_and_its_name() -> anyhow::Result<()> {
+    let cert = TestCert::new()?;
+    let port = pg_tls_proxy(&cert).await?;
+    let pg = tokio_postgres::Config::from_str(&database_url())?;
+    let user = pg.get_user().unwrap_or("postgres");
+    let db = pg.get_dbname().unwrap_or("postgres");
+    let ca = cert.cert().display().to_string();
+
+    // Named as the certificate names it (and reached at 127.0.0.1): verified, and working.
+    let mut named = config(
+        format!("postgres://{user}@localhost:{port}/{db}?hostaddr=127.0.0.1"),
+        "tls-verified",
+    );
+    named.store.tls_ca_file = ca.clone();
+    let store = PostgresStore::connect(&named).await?;
+    let instance = Uuid::now_v7();
+    store
+        .register_instance(instance, "tls-verified", "host")
+        .await?;
+    store.heartbeat(instance).await?;
+    drop(store);
+
+    // The same proxy by its address, which the certificate does not name: refused.
+    let mut by_address = config(
+        format!("postgres://{user}@127.0.0.1:{port}/{db}"),
+        "tls-by-address",
+    );
+    by_address.store.tls_ca_file = ca;
+    match PostgresStore::connect(&by_address).await {
+        Ok(_) => anyhow::bail!("a certificate for localhost was accepted for 127.0.0.1"),
+        Err(e) => assert!(
+            e.to_string().contains("certificate verify failed"),
+            "the reason is given: {e}"
+        ),
+    }
+    let client = plain_client().await;
+    drop_schema(&client, &named.store.schema).await;
+    drop_schema(&client, &by_address.store.schema).await;
+    Ok(())
 }
