@@ -130,8 +130,8 @@ pub struct StoreConfig {
     pub connect_timeout_ms: u64,
     pub startup_timeout_ms: u64,
     /// A CA certificate (PEM) that must sign the server's certificate: TLS with the chain and
-    /// the host name verified. Empty: TLS only where `database_url` says `sslmode=require`,
-    /// and then unverified, as libpq does without a root certificate (see [`crate::store::tls`]).
+    /// the host name verified. Empty: TLS as `database_url`'s `sslmode` says, read as libpq
+    /// reads it (see [`crate::store::tls`]).
     pub tls_ca_file: String,
 }
 

@@ -4,9 +4,11 @@
 //!   LISTEN connection) is encrypted, as the server itself reports in `pg_stat_ssl`;
 //! - `store.tls_ca_file` naming a CA that did not sign the server's certificate: the store
 //!   refuses the server, with the reason;
-//! - `store.tls_ca_file` with the certificate of a TLS-terminating proxy in front of the server
-//!   (made for the run, for `localhost`): the store works through it when it names the server
-//!   `localhost`, and refuses it by its address, which the certificate does not name.
+//! - a TLS-terminating proxy in front of the server, with a certificate made for the run for
+//!   `localhost`, given as `store.tls_ca_file` or as libpq's `sslrootcert` with
+//!   `sslmode=verify-full` / `verify-ca` in the URL: the store works through it when it names the
+//!   server `localhost`, refuses it by its address (which the certificate does not name) except
+//!   with `verify-ca`, and refuses it against the system's roots.
 //!
 //! Each test uses a schema of its own; an unreachable server, or one without TLS, fails it.
 
@@ -167,44 +169,72 @@ async fn pg_tls_proxy(cert: &TestCert) -> anyhow::Result<u16> {
     Ok(port)
 }
 
+/// Opens a store on `url` (with `ca_file` as `store.tls_ca_file`), works through its pool,
+/// and drops its schema; the store's error if it cannot open.
+async fn store_works(url: String, ca_file: &str) -> Result<(), StoreError> {
+    let mut c = config(url, "tls-verify");
+    c.store.tls_ca_file = ca_file.into();
+    let result = async {
+        let store = PostgresStore::connect(&c).await?;
+        let instance = Uuid::now_v7();
+        store
+            .register_instance(instance, "tls-verify", "host")
+            .await?;
+        store.heartbeat(instance).await.map(|_| ())
+    }
+    .await;
+    drop_schema(&plain_client().await, &c.store.schema).await;
+    result
+}
+
+fn refused_for_its_certificate(result: Result<(), StoreError>, case: &str) {
+    match result {
+        Ok(()) => panic!("{case}: a certificate for localhost was accepted for 127.0.0.1"),
+        Err(e) => assert!(
+            e.to_string().contains("certificate verify failed"),
+            "{case}: the reason is given: {e}"
+        ),
+    }
+}
+
 #[tokio::test]
-async fn a_ca_file_verifies_the_servers_certificate_and_its_name() -> anyhow::Result<()> {
+async fn a_ca_verifies_the_servers_certificate_and_its_name() -> anyhow::Result<()> {
     let cert = TestCert::new()?;
     let port = pg_tls_proxy(&cert).await?;
     let pg = tokio_postgres::Config::from_str(&database_url())?;
     let user = pg.get_user().unwrap_or("postgres");
     let db = pg.get_dbname().unwrap_or("postgres");
     let ca = cert.cert().display().to_string();
+    // Named as the certificate names it (and reached at 127.0.0.1), or by its address.
+    let by_name = format!("postgres://{user}@localhost:{port}/{db}?hostaddr=127.0.0.1");
+    let by_address = format!("postgres://{user}@127.0.0.1:{port}/{db}");
 
-    // Named as the certificate names it (and reached at 127.0.0.1): verified, and working.
-    let mut named = config(
-        format!("postgres://{user}@localhost:{port}/{db}?hostaddr=127.0.0.1"),
-        "tls-verified",
+    // store.tls_ca_file: chain and name.
+    store_works(by_name.clone(), &ca).await?;
+    refused_for_its_certificate(store_works(by_address.clone(), &ca).await, "tls_ca_file");
+    // libpq's URL options: verify-full checks the name, verify-ca only the chain.
+    store_works(
+        format!("{by_name}&sslmode=verify-full&sslrootcert={ca}"),
+        "",
+    )
+    .await?;
+    refused_for_its_certificate(
+        store_works(
+            format!("{by_address}?sslmode=verify-full&sslrootcert={ca}"),
+            "",
+        )
+        .await,
+        "verify-full",
     );
-    named.store.tls_ca_file = ca.clone();
-    let store = PostgresStore::connect(&named).await?;
-    let instance = Uuid::now_v7();
-    store
-        .register_instance(instance, "tls-verified", "host")
-        .await?;
-    store.heartbeat(instance).await?;
-    drop(store);
-
-    // The same proxy by its address, which the certificate does not name: refused.
-    let mut by_address = config(
-        format!("postgres://{user}@127.0.0.1:{port}/{db}"),
-        "tls-by-address",
+    store_works(
+        format!("{by_address}?sslmode=verify-ca&sslrootcert={ca}"),
+        "",
+    )
+    .await?;
+    // verify-full without a CA: the system's roots, which do not know this certificate.
+    refused_for_its_certificate(
+        store_works(format!("{by_name}&sslmode=verify-full"), "").await,
+        "system roots",
     );
-    by_address.store.tls_ca_file = ca;
-    match PostgresStore::connect(&by_address).await {
-        Ok(_) => anyhow::bail!("a certificate for localhost was accepted for 127.0.0.1"),
-        Err(e) => assert!(
-            e.to_string().contains("certificate verify failed"),
-            "the reason is given: {e}"
-        ),
-    }
-    let client = plain_client().await;
-    drop_schema(&client, &named.store.schema).await;
-    drop_schema(&client, &by_address.store.schema).await;
     Ok(())
 }

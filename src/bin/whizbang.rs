@@ -18,7 +18,6 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 use whizbang::Config;
@@ -116,16 +115,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     // A URL that does not parse is a configuration error, whatever the command.
     let endpoint = redact(&config.store.database_url);
-    let mut pg = tokio_postgres::Config::from_str(&config.store.database_url).map_err(|e| {
+    let (mut pg, tls) = whizbang::store::tls::database_config(&config).map_err(|e| {
         Failure::Usage(format!(
-            "{}: invalid store.database_url {endpoint}: {}",
+            "{}: {} ({endpoint})",
             cli.config.display(),
-            redact(&e.to_string())
+            redact(&e)
         ))
     })?;
     pg.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
     pg.application_name("whizbang-cli");
-    let tls = whizbang::store::tls::configure(&config, &mut pg)?;
     match cli.command {
         Command::Migrate => migrate_command(&config, &pg, tls).await,
         Command::DeadLetters(command) => {

@@ -19,7 +19,6 @@ use crate::envelope::{Hop, MessageKind};
 use bb8_postgres::PostgresConnectionManager;
 use postgres_native_tls::MakeTlsConnector;
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
 use std::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
@@ -132,14 +131,12 @@ impl PostgresStore {
     /// `store.startup_timeout_ms`), applies the migrations, and opens the pool and the LISTEN
     /// connection.
     pub async fn connect(config: &Config) -> Result<PostgresStore, StoreError> {
-        let pg_config = tokio_postgres::Config::from_str(&config.store.database_url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid store.database_url: {e}")))?;
+        let (mut pg_config, tls) =
+            super::tls::database_config(config).map_err(StoreError::Unavailable)?;
         let settings = StoreSettings::from_config(config);
         let schema = config.store.schema.clone();
-        let mut pg_config = pg_config;
         pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
         pg_config.application_name(format!("whizbang:{}", config.service.name));
-        let tls = super::tls::configure(config, &mut pg_config)?;
 
         let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
         let mut backoff = Duration::from_millis(100);

@@ -1,92 +1,209 @@
-//! TLS for the Postgres store's connections: what `store.database_url`'s `sslmode` and
-//! `store.tls_ca_file` ask for, as one connector for every connection the store and the CLI
-//! open (the pool, the LISTEN connection, migrations).
+//! TLS for the Postgres store's connections: what `store.database_url`'s `sslmode` (and
+//! `sslrootcert`) and `store.tls_ca_file` ask for, as one connector for every connection the
+//! store and the CLI open (the pool, the LISTEN connection, migrations).
 //!
-//! The modes follow libpq, which is what users of these URLs know:
-//! - `sslmode=disable`, or `prefer` (tokio-postgres' default when the URL names none): no TLS.
-//!   (libpq's `prefer` tries TLS first; here it stays plain, as before TLS was supported, so a
-//!   URL without `sslmode` behaves as it always did.)
+//! The URL is read as libpq reads it, which is what users of these URLs know (and what cloud
+//! providers' connection strings are written for):
+//! - `sslmode=disable`, or `prefer` (also what a URL without `sslmode` means): no TLS. (libpq's
+//!   `prefer` tries TLS first; here it stays plain, as before TLS was supported, so a URL without
+//!   `sslmode` behaves as it always did.)
 //! - `sslmode=require`: TLS, without verifying the server's certificate, as libpq does when no
 //!   root certificate is given: encryption, no protection against an impostor.
-//! - `store.tls_ca_file` set: TLS on every connection, with the certificate chain checked against
-//!   that CA and the host name against the certificate (libpq's `verify-full`).
+//! - `sslmode=verify-ca`: TLS, the certificate chain verified; `sslmode=verify-full`: the chain
+//!   and the host name. The CA is `sslrootcert=PATH` in the URL, or `store.tls_ca_file`, or
+//!   (`sslrootcert=system`, or neither given) the system's trusted roots.
+//! - `store.tls_ca_file` set with `prefer` or `require`: as `verify-full` against that CA;
+//!   `sslrootcert` with `prefer` or `require`: as `verify-ca` (libpq does so when `require`
+//!   finds a root certificate).
 //!
-//! It must not open connections itself, and must not log the URL (it may hold a password).
+//! tokio-postgres itself knows only `disable`, `prefer` and `require` and no `sslrootcert`: the
+//! rest is taken out of the URL here before it is parsed. This module must not open connections
+//! and must not log the URL (it may hold a password).
 
 use crate::config::Config;
-use crate::store::StoreError;
 use postgres_native_tls::MakeTlsConnector;
+use std::str::FromStr;
 use tokio_postgres::config::SslMode;
 
-/// Sets `pg`'s TLS mode from `config` and returns the connector to connect with.
-pub fn configure(
-    config: &Config,
-    pg: &mut tokio_postgres::Config,
-) -> Result<MakeTlsConnector, StoreError> {
-    let ca_file = &config.store.tls_ca_file;
-    let mut builder = native_tls::TlsConnector::builder();
-    if ca_file.is_empty() {
-        if pg.get_ssl_mode() == SslMode::Prefer {
-            pg.ssl_mode(SslMode::Disable);
+/// How much of the server's certificate is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verify {
+    /// Nothing (libpq's `require`).
+    Nothing,
+    /// The chain, against the CA (libpq's `verify-ca`).
+    Chain,
+    /// The chain and the host name (libpq's `verify-full`).
+    Full,
+}
+
+/// The parts of a libpq URL that tokio-postgres does not read.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct LibpqTls {
+    verify: Option<Verify>,
+    root_cert: Option<String>,
+}
+
+/// `url` without `sslmode=verify-ca|verify-full` and `sslrootcert=…`, and what they said
+/// (`verify-*` becomes `sslmode=require` for tokio-postgres).
+fn take_libpq_tls(url: &str) -> Result<(String, LibpqTls), String> {
+    let mut tls = LibpqTls::default();
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), tls));
+    };
+    let mut kept = Vec::new();
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|e| format!("store.database_url: {key} is not UTF-8: {e}"))?;
+        match (key, value.as_ref()) {
+            ("sslmode", "verify-ca") => {
+                tls.verify = Some(Verify::Chain);
+                kept.push("sslmode=require".to_string());
+            }
+            ("sslmode", "verify-full") => {
+                tls.verify = Some(Verify::Full);
+                kept.push("sslmode=require".to_string());
+            }
+            ("sslrootcert", path) => tls.root_cert = Some(path.to_string()),
+            _ => kept.push(param.to_string()),
         }
-        builder
-            .danger_accept_invalid_certs(true)
-            .danger_accept_invalid_hostnames(true);
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
     } else {
-        if pg.get_ssl_mode() == SslMode::Disable {
-            return Err(StoreError::Unavailable(format!(
-                "store.tls_ca_file is set ({ca_file}) but store.database_url says sslmode=disable"
-            )));
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, tls))
+}
+
+/// The connection settings of `store.database_url` and the TLS connector its connections use.
+/// The error names the setting at fault (never the URL, which may hold a password).
+pub fn database_config(
+    config: &Config,
+) -> Result<(tokio_postgres::Config, MakeTlsConnector), String> {
+    let (url, libpq) = take_libpq_tls(&config.store.database_url)?;
+    let mut pg = tokio_postgres::Config::from_str(&url)
+        .map_err(|e| format!("invalid store.database_url: {e}"))?;
+    let ca_in_url = libpq.root_cert.is_some();
+    let ca_file = match (&libpq.root_cert, config.store.tls_ca_file.as_str()) {
+        (Some(url_ca), file) if !file.is_empty() && url_ca != file => {
+            return Err(format!(
+                "store.database_url names sslrootcert={url_ca} and store.tls_ca_file names \
+                 {file}: give the CA once"
+            ));
         }
+        (Some(url_ca), _) => Some(url_ca.clone()),
+        (None, "") => None,
+        (None, file) => Some(file.to_string()),
+    };
+    let verify = match (libpq.verify, pg.get_ssl_mode(), &ca_file) {
+        (Some(v), _, _) => v,
+        (None, SslMode::Disable, Some(file)) => {
+            return Err(format!(
+                "a CA for the database is given ({file}) but store.database_url says sslmode=disable"
+            ));
+        }
+        // libpq verifies the chain when `require` finds a root certificate; the CA of
+        // `store.tls_ca_file` is there to verify the server: chain and name.
+        (None, _, Some(_)) if ca_in_url => Verify::Chain,
+        (None, _, Some(_)) => Verify::Full,
+        (None, SslMode::Prefer, None) => {
+            pg.ssl_mode(SslMode::Disable);
+            Verify::Nothing
+        }
+        (None, _, None) => Verify::Nothing,
+    };
+    if verify != Verify::Nothing {
         pg.ssl_mode(SslMode::Require);
-        let pem = std::fs::read(ca_file)
-            .map_err(|e| StoreError::Unavailable(format!("store.tls_ca_file {ca_file}: {e}")))?;
-        let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "store.tls_ca_file {ca_file} is not a PEM certificate: {e}"
-            ))
-        })?;
+    }
+    let mut builder = native_tls::TlsConnector::builder();
+    match verify {
+        Verify::Nothing => {
+            builder
+                .danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true);
+        }
+        Verify::Chain => {
+            builder.danger_accept_invalid_hostnames(true);
+        }
+        Verify::Full => {}
+    }
+    // `system` (libpq 16) or no CA at all with verification asked: the system's roots.
+    if let Some(file) = ca_file.filter(|f| f != "system") {
+        let pem = std::fs::read(&file).map_err(|e| format!("database CA file {file}: {e}"))?;
+        let ca = native_tls::Certificate::from_pem(&pem)
+            .map_err(|e| format!("database CA file {file} is not a PEM certificate: {e}"))?;
         builder.add_root_certificate(ca);
     }
     let connector = builder
         .build()
-        .map_err(|e| StoreError::Unavailable(format!("TLS setup for the database: {e}")))?;
-    Ok(MakeTlsConnector::new(connector))
+        .map_err(|e| format!("TLS setup for the database: {e}"))?;
+    Ok((pg, MakeTlsConnector::new(connector)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::str::FromStr;
 
-    fn configured(url: &str, ca_file: &str) -> Result<SslMode, StoreError> {
+    fn mode(url: &str, ca_file: &str) -> Result<SslMode, String> {
         let mut c = Config::default();
+        c.store.database_url = url.into();
         c.store.tls_ca_file = ca_file.into();
-        let mut pg = tokio_postgres::Config::from_str(url).unwrap();
-        configure(&c, &mut pg).map(|_| pg.get_ssl_mode())
+        database_config(&c).map(|(pg, _)| pg.get_ssl_mode())
     }
 
     #[test]
     fn the_url_decides_without_a_ca_file() {
         let base = "postgres://u@h/db";
-        assert_eq!(configured(base, "").unwrap(), SslMode::Disable);
-        let prefer = format!("{base}?sslmode=prefer");
-        assert_eq!(configured(&prefer, "").unwrap(), SslMode::Disable);
-        let require = format!("{base}?sslmode=require");
-        assert_eq!(configured(&require, "").unwrap(), SslMode::Require);
+        assert_eq!(mode(base, "").unwrap(), SslMode::Disable);
+        assert_eq!(
+            mode(&format!("{base}?sslmode=prefer"), "").unwrap(),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode(&format!("{base}?sslmode=require"), "").unwrap(),
+            SslMode::Require
+        );
+        // verify-* with no CA named: the system's roots.
+        let full = format!("{base}?sslmode=verify-full&application_name=x");
+        assert_eq!(mode(&full, "").unwrap(), SslMode::Require);
+    }
+
+    #[test]
+    fn libpq_options_are_taken_out_of_the_url() {
+        let (url, tls) = take_libpq_tls(
+            "postgres://u:p@h:5432/db?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "postgres://u:p@h:5432/db?sslmode=require&connect_timeout=3"
+        );
+        assert_eq!(tls.verify, Some(Verify::Chain));
+        assert_eq!(tls.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let (url, tls) = take_libpq_tls("postgres://h/db?sslrootcert=system").unwrap();
+        assert_eq!((url.as_str(), tls.verify), ("postgres://h/db", None));
+        let (url, _) = take_libpq_tls("postgres://h/db").unwrap();
+        assert_eq!(url, "postgres://h/db");
     }
 
     #[test]
     fn a_ca_file_requires_tls_and_must_be_readable() {
-        let missing = configured("postgres://u@h/db", "/nonexistent/ca.pem").unwrap_err();
+        let missing = mode("postgres://u@h/db", "/nonexistent/ca.pem").unwrap_err();
         assert!(
-            missing
-                .to_string()
-                .contains("store.tls_ca_file /nonexistent/ca.pem"),
+            missing.contains("database CA file /nonexistent/ca.pem"),
             "{missing}"
         );
-        let clash =
-            configured("postgres://u@h/db?sslmode=disable", "/nonexistent/ca.pem").unwrap_err();
-        assert!(clash.to_string().contains("sslmode=disable"), "{clash}");
+        let in_url = mode(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/url.pem",
+            "",
+        )
+        .unwrap_err();
+        assert!(in_url.contains("/nonexistent/url.pem"), "{in_url}");
+        let clash = mode("postgres://u@h/db?sslmode=disable", "/nonexistent/ca.pem").unwrap_err();
+        assert!(clash.contains("sslmode=disable"), "{clash}");
+        let twice = mode("postgres://u@h/db?sslrootcert=/a.pem", "/b.pem").unwrap_err();
+        assert!(twice.contains("give the CA once"), "{twice}");
     }
 }
