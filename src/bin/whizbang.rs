@@ -18,7 +18,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use uuid::Uuid;
 use whizbang::Config;
 use whizbang::config::{StoreBackend, redact};
@@ -170,40 +170,14 @@ fn not_found(e: StoreError, id: Uuid, schema: &str) -> Failure {
     }
 }
 
-/// Connects (retrying with capped backoff until `store.startup_timeout_ms`, as the runtime
-/// does) and applies the embedded migrations.
+/// Connects (retrying as the runtime does at start) and applies the embedded migrations.
 async fn migrate_command(
     config: &Config,
     pg: &tokio_postgres::Config,
     tls: postgres_native_tls::MakeTlsConnector,
 ) -> Result<(), Failure> {
     let endpoint = redact(&config.store.database_url);
-    let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
-    let mut backoff = Duration::from_millis(100);
-    let mut client = loop {
-        match pg.connect(tls.clone()).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection closed");
-                    }
-                });
-                break client;
-            }
-            Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(database = %endpoint, error = %migrate::describe(&e), retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                return Err(Failure::Runtime(format!(
-                    "database {endpoint} unreachable for {} ms: {}",
-                    config.store.startup_timeout_ms,
-                    migrate::describe(&e)
-                )));
-            }
-        }
-    };
+    let mut client = whizbang::store::postgres::connect_at_start(config, pg, &tls).await?;
     let schema = &config.store.schema;
     let applied = migrate::migrate(&mut client, schema).await?;
     if applied.is_empty() {

@@ -138,25 +138,7 @@ impl PostgresStore {
         pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
         pg_config.application_name(format!("whizbang:{}", config.service.name));
 
-        let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
-        let mut backoff = Duration::from_millis(100);
-        let endpoint = redact(&config.store.database_url);
-        let mut client = loop {
-            match connect_one(&pg_config, &tls).await {
-                Ok(c) => break c,
-                Err(e) if Instant::now() + backoff < deadline => {
-                    tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "database {endpoint} unreachable for {} ms: {e}",
-                        config.store.startup_timeout_ms
-                    )));
-                }
-            }
-        };
+        let mut client = connect_at_start(config, &pg_config, &tls).await?;
         let applied = migrate(&mut client, &schema).await?;
         if !applied.is_empty() {
             tracing::info!(schema = %schema, ?applied, "migrations applied");
@@ -227,6 +209,35 @@ impl PostgresStore {
     ) -> Result<Vec<Row>, StoreError> {
         let conn = self.conn().await?;
         conn.client.query(sql, params).await.map_err(query_error)
+    }
+}
+
+/// One connection for start-up work (migrations, checks), retried with capped backoff while
+/// the database is unreachable, until `store.startup_timeout_ms`; each retry is logged with the
+/// URL's password masked. The runtime and the CLI start the same way.
+pub async fn connect_at_start(
+    config: &Config,
+    pg_config: &tokio_postgres::Config,
+    tls: &MakeTlsConnector,
+) -> Result<Client, StoreError> {
+    let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
+    let mut backoff = Duration::from_millis(100);
+    let endpoint = redact(&config.store.database_url);
+    loop {
+        match connect_one(pg_config, tls).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "database {endpoint} unreachable for {} ms: {e}",
+                    config.store.startup_timeout_ms
+                )));
+            }
+        }
     }
 }
 
