@@ -85,7 +85,9 @@ pub fn database_config(
     let (url, libpq) = take_libpq_tls(&config.store.database_url)?;
     let mut pg = tokio_postgres::Config::from_str(&url)
         .map_err(|e| format!("invalid store.database_url: {e}"))?;
-    let ca_in_url = libpq.root_cert.is_some();
+    // Only a CA the URL alone names is libpq's `sslrootcert`; one `store.tls_ca_file` names
+    // too (the same file) asks for the setting's full verification.
+    let ca_in_url = libpq.root_cert.is_some() && config.store.tls_ca_file.is_empty();
     let ca_file = match (&libpq.root_cert, config.store.tls_ca_file.as_str()) {
         (Some(url_ca), file) if !file.is_empty() && url_ca != file => {
             return Err(format!(
