@@ -1502,11 +1502,15 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
     let mut expected = vec![old_pending.message_id, new_done.message_id];
     expected.sort();
     assert_eq!(kept, expected, "only the old processed key goes");
+    // Only this table's indexes are described: `pg_indexes` may describe those of every schema
+    // before it filters, and another test dropping its schema then fails the description.
     let indexed: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'wb_dedup'
-               AND indexdef LIKE '%processed_at%'",
-            &[&schema],
+            &format!(
+                "SELECT count(*) FROM pg_index x WHERE x.indrelid = '{schema}.wb_dedup'::regclass
+                    AND pg_get_indexdef(x.indexrelid) LIKE '%processed_at%'"
+            ),
+            &[],
         )
         .await
         .unwrap()

@@ -174,7 +174,7 @@ fn not_found(e: StoreError, id: Uuid, schema: &str) -> Failure {
 async fn migrate_command(
     config: &Config,
     pg: &tokio_postgres::Config,
-    tls: postgres_native_tls::MakeTlsConnector,
+    tls: whizbang::store::tls::DatabaseTls,
 ) -> Result<(), Failure> {
     let endpoint = redact(&config.store.database_url);
     let mut client = whizbang::store::postgres::connect_at_start(config, pg, &tls).await?;

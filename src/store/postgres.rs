@@ -12,12 +12,12 @@
 //! clock. It must not hold state of its own between calls: everything lives in the database.
 
 use super::migrate::{describe, migrate};
+use super::tls::DatabaseTls;
 use super::vacuum::autovacuum_gaps;
 use super::*;
 use crate::config::{Config, redact};
 use crate::envelope::{Hop, MessageKind};
 use bb8_postgres::PostgresConnectionManager;
-use postgres_native_tls::MakeTlsConnector;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 use tokio_postgres::types::ToSql;
@@ -34,7 +34,7 @@ pub struct PgConnection {
 
 /// Connects, then prepares the statements every batch uses.
 pub struct PgManager {
-    inner: PostgresConnectionManager<MakeTlsConnector>,
+    inner: PostgresConnectionManager<DatabaseTls>,
     schema: String,
 }
 
@@ -218,7 +218,7 @@ impl PostgresStore {
 pub async fn connect_at_start(
     config: &Config,
     pg_config: &tokio_postgres::Config,
-    tls: &MakeTlsConnector,
+    tls: &DatabaseTls,
 ) -> Result<Client, StoreError> {
     let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
     let mut backoff = Duration::from_millis(100);
@@ -241,10 +241,7 @@ pub async fn connect_at_start(
     }
 }
 
-async fn connect_one(
-    config: &tokio_postgres::Config,
-    tls: &MakeTlsConnector,
-) -> Result<Client, String> {
+async fn connect_one(config: &tokio_postgres::Config, tls: &DatabaseTls) -> Result<Client, String> {
     let (client, connection) = config
         .connect(tls.clone())
         .await
@@ -261,7 +258,7 @@ async fn connect_one(
 /// notification and after every reconnect (notifications may have been missed meanwhile).
 async fn listen(
     config: tokio_postgres::Config,
-    tls: MakeTlsConnector,
+    tls: DatabaseTls,
     schema: String,
     signal: tokio::sync::watch::Sender<u64>,
 ) {
