@@ -32,8 +32,9 @@ use crate::store::{
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use actix::prelude::*;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

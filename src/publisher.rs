@@ -14,7 +14,8 @@ use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
 use crate::transport::{Transport, TransportError};
 use actix::prelude::*;
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,10 +35,10 @@ pub struct Publisher {
     in_flight: usize,
     /// Rows waiting per stream; a stream is in `ready` when it has rows and nothing in flight.
     streams: HashMap<String, VecDeque<OutboxWork>>,
-    busy: std::collections::HashSet<String>,
+    busy: HashSet<String>,
     ready: VecDeque<String>,
     /// The streams in `ready`, so a completion need not scan the queue.
-    in_ready: std::collections::HashSet<String>,
+    in_ready: HashSet<String>,
     /// Rows accepted since the last report, sent by [`ReportAccepted`] at the end of the turn.
     accepted: Vec<WorkRef>,
 }

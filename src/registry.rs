@@ -14,7 +14,8 @@ use crate::handler::{
 use crate::message::{self, Command, Event};
 use crate::{Perspective, Receptor};
 use actix::prelude::*;
-use std::collections::{BTreeMap, HashMap};
+use foldhash::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 /// Checks that a payload decodes as its declared type (used to reject bad deliveries early).
