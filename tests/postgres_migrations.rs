@@ -516,6 +516,67 @@ async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
     drop_schema(&client, &schema).await;
 }
 
+/// Nothing listening at the database's address may change (a server starting): start-up keeps
+/// trying, with backoff, until `store.startup_timeout_ms`.
+#[tokio::test]
+async fn an_unreachable_database_is_retried_until_the_start_up_timeout() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        listener.local_addr().unwrap().port()
+    };
+    let mut c = whizbang::Config::default();
+    c.store.backend = whizbang::config::StoreBackend::Postgres;
+    c.store.database_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    c.store.schema = new_schema();
+    c.store.startup_timeout_ms = 1_500;
+    let started = std::time::Instant::now();
+    let err = match whizbang::store::postgres::PostgresStore::connect(&c).await {
+        Ok(_) => panic!("connected to a port nothing listens on"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("unreachable for 1500 ms")),
+        "{err}"
+    );
+    // Tries at 0, 100, 300 and 700 ms; the next wait (800 ms) would pass the deadline.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "retried before giving up: took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A database name the server does not know is not retried until `store.startup_timeout_ms`
+/// (60 s in `config/postgres.toml`): waiting will not create it.
+#[test]
+fn cli_reports_a_missing_database_at_once() {
+    let url = url_with_password();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a database URL ends in /DATABASE");
+    let missing = format!("wb_missing_{}", Uuid::now_v7().simple());
+    let started = std::time::Instant::now();
+    let out = cli(
+        &postgres_config(),
+        &new_schema(),
+        &format!("{base}/{missing}"),
+        &["migrate"],
+    );
+    let elapsed = started.elapsed();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("database refused the connection")
+            && stderr.contains(&format!("database \"{missing}\" does not exist")),
+        "the reason is given: {stderr}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "refused at once, not retried for the start-up timeout: took {elapsed:?}"
+    );
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+}
+
 #[tokio::test]
 async fn cli_lists_requeues_and_skips_dead_letters() {
     let schema = new_schema();

@@ -115,15 +115,67 @@ async fn a_ca_that_did_not_sign_the_servers_certificate_is_refused() {
     );
     let mut c = config(database_url(), "tls-refused");
     c.store.tls_ca_file = bundle.into();
+    // Waiting will not change the certificate: refused at once, not retried until this.
+    c.store.startup_timeout_ms = 60_000;
+    let started = std::time::Instant::now();
     let refused = match PostgresStore::connect(&c).await {
         Ok(_) => panic!("the store trusted a server whose certificate its CA did not sign"),
         Err(e) => e,
     };
     assert!(
-        matches!(&refused, StoreError::Unavailable(m) if m.contains("certificate verify failed")),
+        matches!(&refused, StoreError::Refused(m) if m.contains("certificate verify failed")),
         "the reason is given: {refused}"
     );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "refused at once: took {:?}",
+        started.elapsed()
+    );
     drop_schema(&plain_client().await, &c.store.schema).await;
+}
+
+/// A server that answers every `SSLRequest` with `N` (no TLS here), on an ephemeral port.
+async fn server_without_tls() -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                if tcp.read_exact(&mut request).await.is_ok() {
+                    let _ = tcp.write_all(b"N").await;
+                    // Held open: the client, not the server, must give up.
+                    let _ = tcp.read(&mut [0u8; 64]).await;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test]
+async fn a_server_without_tls_is_refused_at_once_when_tls_is_required() -> anyhow::Result<()> {
+    let port = server_without_tls().await?;
+    let mut c = config(
+        format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=require"),
+        "tls-none",
+    );
+    c.store.startup_timeout_ms = 60_000;
+    let started = std::time::Instant::now();
+    let refused = match PostgresStore::connect(&c).await {
+        Ok(_) => panic!("the store connected without TLS where the URL requires it"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&refused, StoreError::Refused(m) if m.contains("server does not support TLS")),
+        "the reason is given: {refused}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "refused at once: took {:?}",
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// Answers a client's `SSLRequest` with `S` on an ephemeral port, accepts TLS with `cert`, and

@@ -346,6 +346,10 @@ pub struct Heartbeat {
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The database turned the connection down for a reason waiting will not change: the
+    /// credentials, the database name, or the server's certificate. Not retried.
+    #[error("database refused the connection: {0}")]
+    Refused(String),
     #[error("store query failed: {0}")]
     Query(String),
     #[error("migration error: {0}")]

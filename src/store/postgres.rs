@@ -215,7 +215,8 @@ impl PostgresStore {
 
 /// One connection for start-up work (migrations, checks), retried with capped backoff while
 /// the database is unreachable, until `store.startup_timeout_ms`; each retry is logged with the
-/// URL's password masked. The runtime and the CLI start the same way.
+/// URL's password masked. A refusal that waiting will not change (see [`refused_for_good`])
+/// fails at once. The runtime and the CLI start the same way.
 pub async fn connect_at_start(
     config: &Config,
     pg_config: &tokio_postgres::Config,
@@ -227,12 +228,15 @@ pub async fn connect_at_start(
     loop {
         match connect_one(pg_config, tls).await {
             Ok(c) => return Ok(c),
-            Err(e) if Instant::now() + backoff < deadline => {
+            Err(Refusal::ForGood(e)) => {
+                return Err(StoreError::Refused(format!("database {endpoint}: {e}")));
+            }
+            Err(Refusal::ForNow(e)) if Instant::now() + backoff < deadline => {
                 tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            Err(e) => {
+            Err(Refusal::ForNow(e)) => {
                 return Err(StoreError::Unavailable(format!(
                     "database {endpoint} unreachable for {} ms: {e}",
                     config.store.startup_timeout_ms
@@ -242,11 +246,51 @@ pub async fn connect_at_start(
     }
 }
 
-async fn connect_one(config: &tokio_postgres::Config, tls: &DatabaseTls) -> Result<Client, String> {
-    let (client, connection) = config
-        .connect(tls.clone())
-        .await
-        .map_err(|e| describe(&e))?;
+/// Why a start-up connection failed, and whether trying again later may help.
+enum Refusal {
+    ForNow(String),
+    ForGood(String),
+}
+
+/// Whether a failed connection would fail the same way however long start-up kept trying: the
+/// server turned down the credentials (SQLSTATE class 28) or the database name (3D000), or the
+/// TLS handshake failed on the certificate or on a server without TLS. Anything else (refused
+/// or reset connections, a server starting up or shutting down, too many connections, an I/O
+/// error in the middle of a handshake) may pass.
+fn refused_for_good(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("28") || code == "3D000";
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return false;
+        }
+        let text = cause.to_string();
+        // OpenSSL's reason for a failed chain or name check; tokio-postgres' for a server that
+        // answered the TLS request with "no".
+        if text.contains("certificate verify failed")
+            || text.contains("server does not support TLS")
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+async fn connect_one(
+    config: &tokio_postgres::Config,
+    tls: &DatabaseTls,
+) -> Result<Client, Refusal> {
+    let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
+        if refused_for_good(&e) {
+            Refusal::ForGood(describe(&e))
+        } else {
+            Refusal::ForNow(describe(&e))
+        }
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "migration connection closed");
