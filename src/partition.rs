@@ -80,14 +80,15 @@ pub struct PartitionDeps {
 /// The live partition actors of this instance, started on first use.
 #[derive(Clone)]
 pub struct PartitionDirectory {
-    deps: PartitionDeps,
+    // Shared, not copied: every job of every partition uses them.
+    deps: Arc<PartitionDeps>,
     actors: Arc<Mutex<HashMap<u32, Addr<PartitionActor>>>>,
 }
 
 impl PartitionDirectory {
     pub fn new(deps: PartitionDeps) -> PartitionDirectory {
         PartitionDirectory {
-            deps,
+            deps: Arc::new(deps),
             actors: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -95,24 +96,22 @@ impl PartitionDirectory {
     /// Queues a job on its partition's actor. Queuing never waits and never drops: partition
     /// actors live as long as the system, and their handler only appends to a queue.
     pub fn enqueue(&self, partition: u32, job: Job) {
-        let addr = {
-            let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-            actors
-                .entry(partition)
-                .or_insert_with(|| {
-                    PartitionActor {
-                        partition,
-                        deps: self.deps.clone(),
-                        queue: VecDeque::new(),
-                        busy: false,
-                        partial: HashMap::new(),
-                        committing: HashMap::new(),
-                    }
-                    .start()
-                })
-                .clone()
-        };
-        addr.do_send(Enqueue(job));
+        // Sent under the lock (sending never waits): an address clone costs two allocations.
+        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        actors
+            .entry(partition)
+            .or_insert_with(|| {
+                PartitionActor {
+                    partition,
+                    deps: self.deps.clone(),
+                    queue: VecDeque::new(),
+                    busy: false,
+                    partial: HashMap::new(),
+                    committing: HashMap::new(),
+                }
+                .start()
+            })
+            .do_send(Enqueue(job));
     }
 
     pub fn active(&self) -> usize {
@@ -122,7 +121,7 @@ impl PartitionDirectory {
 
 pub struct PartitionActor {
     partition: u32,
-    deps: PartitionDeps,
+    deps: Arc<PartitionDeps>,
     queue: VecDeque<Job>,
     busy: bool,
     /// Perspectives that already applied a row whose other perspectives failed: skipped on the
@@ -328,23 +327,23 @@ async fn queue_command(
     wait: bool,
 ) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
-    let message_type = envelope.message_type.clone();
-    let receptor = table
-        .receptor(&message_type)
-        .ok_or_else(|| DispatchError::HandlerNotFound {
-            message_type: message_type.clone(),
-        })?
-        .addr
-        .clone();
+    // Sent through the table's address (held for the call), not a clone of it: an address
+    // clone costs two allocations.
+    let Some(receptor) = table.receptor(&envelope.message_type) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: envelope.message_type,
+        });
+    };
     let envelope = Arc::new(envelope);
     let decision = receptor
+        .addr
         .send(Invoke {
             envelope: envelope.clone(),
             typed,
         })
         .await?
         .await
-        .map_err(|f| DispatchError::from_handler(&message_type, f))?;
+        .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
     let unit = plan_unit(
         &deps.origin,
         &table,

@@ -14,7 +14,7 @@ use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
 use crate::transport::{Transport, TransportError};
 use actix::prelude::*;
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashMapExt};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,14 +33,22 @@ pub struct Publisher {
     window: usize,
     send_timeout: Duration,
     in_flight: usize,
-    /// Rows waiting per stream; a stream is in `ready` when it has rows and nothing in flight.
-    streams: HashMap<String, VecDeque<OutboxWork>>,
-    busy: HashSet<String>,
+    /// Streams with rows waiting or one in flight.
+    streams: HashMap<String, StreamQueue>,
+    /// Streams with rows waiting and nothing in flight, in the order they became so.
     ready: VecDeque<String>,
-    /// The streams in `ready`, so a completion need not scan the queue.
-    in_ready: HashSet<String>,
     /// Rows accepted since the last report, sent by [`ReportAccepted`] at the end of the turn.
     accepted: Vec<WorkRef>,
+}
+
+/// One stream's state in the publisher.
+#[derive(Default)]
+struct StreamQueue {
+    rows: VecDeque<OutboxWork>,
+    /// A row of the stream is in flight.
+    sending: bool,
+    /// The stream is in `ready`.
+    queued: bool,
 }
 
 impl Publisher {
@@ -59,9 +67,7 @@ impl Publisher {
             send_timeout,
             in_flight: 0,
             streams: HashMap::new(),
-            busy: Default::default(),
             ready: VecDeque::new(),
-            in_ready: Default::default(),
             accepted: Vec::new(),
         }
     }
@@ -71,11 +77,14 @@ impl Publisher {
             let Some(stream) = self.ready.pop_front() else {
                 return;
             };
-            self.in_ready.remove(&stream);
-            let Some(row) = self.streams.get_mut(&stream).and_then(VecDeque::pop_front) else {
+            let Some(queue) = self.streams.get_mut(&stream) else {
                 continue;
             };
-            self.busy.insert(stream.clone());
+            queue.queued = false;
+            let Some(row) = queue.rows.pop_front() else {
+                continue;
+            };
+            queue.sending = true;
             self.in_flight += 1;
             let transport = self.transport.clone();
             let timeout = self.send_timeout;
@@ -104,7 +113,9 @@ impl Publisher {
                 .into_actor(self)
                 .map(move |(result, topic), act, ctx| {
                     act.in_flight -= 1;
-                    act.busy.remove(&stream);
+                    if let Some(queue) = act.streams.get_mut(&stream) {
+                        queue.sending = false;
+                    }
                     match result {
                         Ok(()) => {
                             if act.accepted.is_empty() {
@@ -126,12 +137,13 @@ impl Publisher {
                                 kind,
                                 error: e.to_string(),
                             }));
-                            for later in act.streams.remove(&stream).into_iter().flatten() {
+                            let handed_back = act.streams.remove(&stream).map(|q| q.rows);
+                            for later in handed_back.into_iter().flatten() {
                                 act.coordinator.do_send(Report::OutboxReleased(later.work));
                             }
                         }
                     }
-                    act.mark_ready(&stream);
+                    act.mark_ready(stream);
                     act.pump(ctx);
                 }),
             );
@@ -145,12 +157,19 @@ impl Publisher {
         }
     }
 
-    fn mark_ready(&mut self, stream: &str) {
-        let has_rows = self.streams.get(stream).is_some_and(|q| !q.is_empty());
-        if !has_rows {
-            self.streams.remove(stream);
-        } else if !self.busy.contains(stream) && self.in_ready.insert(stream.to_string()) {
-            self.ready.push_back(stream.to_string());
+    /// After a send of `stream` finished: it goes back in line if it has rows, and is
+    /// forgotten if it has none.
+    fn mark_ready(&mut self, stream: String) {
+        let Some(queue) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if queue.rows.is_empty() {
+            if !queue.sending {
+                self.streams.remove(&stream);
+            }
+        } else if !queue.sending && !queue.queued {
+            queue.queued = true;
+            self.ready.push_back(stream);
         }
     }
 }
@@ -164,13 +183,15 @@ impl Handler<PublishRows> for Publisher {
 
     fn handle(&mut self, msg: PublishRows, ctx: &mut Self::Context) {
         for row in msg.0 {
-            let stream = row.envelope.stream_id.clone();
-            let queue = self.streams.entry(stream.clone()).or_default();
-            let was_empty = queue.is_empty();
-            queue.push_back(row);
-            if was_empty && !self.busy.contains(&stream) && self.in_ready.insert(stream.clone()) {
-                self.ready.push_back(stream);
+            let queue = self
+                .streams
+                .entry(row.envelope.stream_id.clone())
+                .or_default();
+            if !queue.sending && !queue.queued {
+                queue.queued = true;
+                self.ready.push_back(row.envelope.stream_id.clone());
             }
+            queue.rows.push_back(row);
         }
         self.pump(ctx);
     }
