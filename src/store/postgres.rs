@@ -228,28 +228,26 @@ pub async fn connect_at_start(
     loop {
         match connect_one(pg_config, tls).await {
             Ok(c) => return Ok(c),
-            Err(Refusal::ForGood(e)) => {
-                return Err(StoreError::Refused(format!("database {endpoint}: {e}")));
+            Err(e) if refused_for_good(&e) => {
+                return Err(StoreError::Refused(format!(
+                    "database {endpoint}: {}",
+                    describe(&e)
+                )));
             }
-            Err(Refusal::ForNow(e)) if Instant::now() + backoff < deadline => {
-                tracing::warn!(database = %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::warn!(database = %endpoint, error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            Err(Refusal::ForNow(e)) => {
+            Err(e) => {
                 return Err(StoreError::Unavailable(format!(
-                    "database {endpoint} unreachable for {} ms: {e}",
-                    config.store.startup_timeout_ms
+                    "database {endpoint} unreachable for {} ms: {}",
+                    config.store.startup_timeout_ms,
+                    describe(&e)
                 )));
             }
         }
     }
-}
-
-/// Why a start-up connection failed, and whether trying again later may help.
-enum Refusal {
-    ForNow(String),
-    ForGood(String),
 }
 
 /// Whether a failed connection would fail the same way however long start-up kept trying: the
@@ -283,14 +281,8 @@ fn refused_for_good(e: &tokio_postgres::Error) -> bool {
 async fn connect_one(
     config: &tokio_postgres::Config,
     tls: &DatabaseTls,
-) -> Result<Client, Refusal> {
-    let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
-        if refused_for_good(&e) {
-            Refusal::ForGood(describe(&e))
-        } else {
-            Refusal::ForNow(describe(&e))
-        }
-    })?;
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tls.clone()).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "migration connection closed");
