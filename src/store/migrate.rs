@@ -171,15 +171,20 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => {
             let mut text = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(cause) = source {
+            for cause in causes(e) {
                 let cause_text = cause.to_string();
                 if !text.contains(&cause_text) {
                     text = format!("{text}: {cause_text}");
                 }
-                source = cause.source();
             }
             text
         }
     }
+}
+
+/// The errors beneath `e`, nearest first.
+pub(crate) fn causes(
+    e: &tokio_postgres::Error,
+) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(e), |cause| cause.source())
 }

@@ -11,7 +11,7 @@
 //! the database is unreachable. Lease times are the database's `now()`, never this process's
 //! clock. It must not hold state of its own between calls: everything lives in the database.
 
-use super::migrate::{describe, migrate};
+use super::migrate::{causes, describe, migrate};
 use super::tls::DatabaseTls;
 use super::vacuum::autovacuum_gaps;
 use super::*;
@@ -260,8 +260,7 @@ fn refused_for_good(e: &tokio_postgres::Error) -> bool {
         let code = db.code().code();
         return code.starts_with("28") || code == "3D000";
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
+    for cause in causes(e) {
         if cause.is::<std::io::Error>() {
             return false;
         }
@@ -273,7 +272,6 @@ fn refused_for_good(e: &tokio_postgres::Error) -> bool {
         {
             return true;
         }
-        source = cause.source();
     }
     false
 }

@@ -37,13 +37,6 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 #[derive(Clone)]
 pub struct DatabaseTls(Option<MakeTlsConnector>);
 
-impl DatabaseTls {
-    /// Whether connections are encrypted.
-    pub fn is_tls(&self) -> bool {
-        self.0.is_some()
-    }
-}
-
 impl<S> MakeTlsConnect<S> for DatabaseTls
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -240,7 +233,7 @@ mod tests {
         let tls = |url: &str| {
             let mut c = Config::default();
             c.store.database_url = url.into();
-            database_config(&c).map(|(_, tls)| tls.is_tls()).unwrap()
+            database_config(&c).map(|(_, tls)| tls.0.is_some()).unwrap()
         };
         assert!(!tls("postgres://u@h/db"));
         assert!(!tls("postgres://u@h/db?sslmode=prefer"));
