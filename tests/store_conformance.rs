@@ -537,6 +537,46 @@ async fn writer_claims_and_completes(b: Backend) {
     assert_eq!(batch(&store, a, done).await.stale.len(), 2);
 }
 
+/// A batch of published outbox rows only (what a writer's publisher reports) applies each
+/// report it can and names exactly the others.
+async fn outbox_completions_apply_each_and_name_the_rest(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e, f, g) = (event("p", 1), event("q", 1), event("r", 1));
+    let r = batch(
+        &store,
+        a,
+        units(vec![unit(&e, true), unit(&f, true), unit(&g, true)]),
+    )
+    .await;
+    let work: Vec<_> = r.units.iter().map(|u| committed(u).1[0].work).collect();
+    let only_outbox = |w: Vec<WorkRef>| WorkBatch {
+        outbox_completions: w,
+        ..WorkBatch::default()
+    };
+    assert!(
+        batch(&store, a, only_outbox(vec![work[1]]))
+            .await
+            .stale
+            .is_empty()
+    );
+    // f's row is gone and g's report carries a generation its lease never had.
+    let forged = WorkRef {
+        generation: work[2].generation + 1,
+        ..work[2]
+    };
+    let r = batch(&store, a, only_outbox(vec![work[0], work[1], forged])).await;
+    let mut stale = r.stale;
+    stale.sort();
+    let mut expected = vec![f.message_id, g.message_id];
+    expected.sort();
+    assert_eq!(stale, expected);
+    let status = store.correlation_status(e.correlation_id).await.unwrap();
+    assert_eq!(status.outbox_pending, 0, "e's row left the outbox");
+    let status = store.correlation_status(g.correlation_id).await.unwrap();
+    assert_eq!(status.outbox_pending, 1, "g's row stays");
+}
+
 async fn writer_claim_never_overtakes_pending_rows(b: Backend) {
     let store = open(b, settings()).await;
     let a = instance(&store).await;
@@ -1388,6 +1428,7 @@ conformance!(
     concurrent_writers_exactly_one_wins,
     inbox_dedup,
     writer_claims_and_completes,
+    outbox_completions_apply_each_and_name_the_rest,
     writer_claim_never_overtakes_pending_rows,
     an_outbox_message_queued_twice_is_written_once,
     failure_backs_off_and_parks_the_stream,

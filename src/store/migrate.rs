@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0012_pin_index_plans.sql",
         sql: include_str!("../../schema/0012_pin_index_plans.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_lean_batch.sql",
+        sql: include_str!("../../schema/0013_lean_batch.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {
