@@ -1492,6 +1492,91 @@ async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
         .await;
 }
 
+/// Postgres only: a graceful shutdown's release and a heartbeat of the same instance in
+/// progress take their locks in one order. The heartbeat locks the instance's row, then its
+/// leases; the release used to lock the leases, then the instance's row (to delete it), and the
+/// two deadlocked (seen under a slowed-down server). Here the test holds a heartbeat's first
+/// locks in an open transaction, lets the release start, then takes the leases as the heartbeat
+/// does next: neither may fail.
+#[tokio::test]
+async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
+    let mut s = settings();
+    s.partition_count = 64;
+    s.max_partitions_per_instance = 64;
+    let (store, schema) = open_postgres(s).await;
+    let a = instance(&store).await;
+    pending_in_own_partitions(&store, a, "hb", 6).await;
+    let (mut client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let heartbeat = client.transaction().await.unwrap();
+    heartbeat
+        .execute(
+            &format!("SELECT pg_advisory_xact_lock({schema}.wb_instance_key($1))"),
+            &[&a],
+        )
+        .await
+        .unwrap();
+    heartbeat
+        .execute(
+            &format!("UPDATE {schema}.wb_instances SET last_seen = now() WHERE instance_id = $1"),
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let releasing = tokio::spawn({
+        let store = store.clone();
+        async move { store.release_partitions(a, None).await }
+    });
+    let (watcher, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    eventually(10, "the release to wait for a lock", || async {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%wb_partition_leases%'
+                     OR wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock%'
+                        AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    heartbeat
+        .execute(
+            &format!(
+                "UPDATE {schema}.wb_partition_leases SET expires_at = now() + interval '30 seconds'
+                  WHERE instance_id = $1"
+            ),
+            &[&a],
+        )
+        .await
+        .expect("the heartbeat's lease renewal is not chosen as a deadlock victim");
+    heartbeat.commit().await.unwrap();
+    releasing
+        .await
+        .unwrap()
+        .expect("the release is not chosen as a deadlock victim");
+    let held: i64 = watcher
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id = $1"),
+            &[&a],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "every lease was released");
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await;
+}
+
 /// Dedup keys outlive their inbox rows by the retention, counted from receipt, and only a
 /// processed message's key is purged (by the heartbeat); marking a message processed is a HOT
 /// update (no index entry names processed_at).

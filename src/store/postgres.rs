@@ -808,37 +808,42 @@ impl Store for PostgresStore {
         partitions: Option<&[u32]>,
     ) -> Result<(), StoreError> {
         let s = &self.schema;
-        match partitions {
-            Some(list) => {
-                let list: Vec<i32> = list.iter().map(|p| *p as i32).collect();
-                self.query(
-                    &format!(
-                        "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
-                          WHERE instance_id = $1 AND partition = ANY($2) RETURNING partition),
-                         {clear}
-                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
-                        clear = clear_claims(s)
-                    ),
-                    &[&instance, &list],
-                )
-                .await?;
-            }
-            None => {
-                self.query(
-                    &format!(
-                        "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
-                          WHERE instance_id = $1 RETURNING partition),
-                         {clear},
-                         gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
-                         SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
-                        clear = clear_claims(s)
-                    ),
-                    &[&instance],
-                )
-                .await?;
-            }
+        let list: Option<Vec<i32>> = partitions.map(|l| l.iter().map(|p| *p as i32).collect());
+        let statement = match &list {
+            Some(_) => format!(
+                "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                  WHERE instance_id = $1 AND partition = ANY($2) RETURNING partition),
+                 {clear}
+                 SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                clear = clear_claims(s)
+            ),
+            None => format!(
+                "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                  WHERE instance_id = $1 RETURNING partition),
+                 {clear},
+                 gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
+                 SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                clear = clear_claims(s)
+            ),
+        };
+        let mut conn = self.conn().await?;
+        let tx = conn.client.transaction().await.map_err(query_error)?;
+        // The instance's own lock first, as its heartbeat takes it (wb_heartbeat): a heartbeat
+        // in progress locks the instance's row and then its leases, and this statement locks
+        // the leases and then the row; taken without the lock, the two deadlocked. It also waits
+        // for this instance's batches that are writing into these partitions.
+        tx.execute(
+            &format!("SELECT pg_advisory_xact_lock({s}.wb_instance_key($1))"),
+            &[&instance],
+        )
+        .await
+        .map_err(query_error)?;
+        match &list {
+            Some(list) => tx.execute(&statement, &[&instance, list]).await,
+            None => tx.execute(&statement, &[&instance]).await,
         }
-        Ok(())
+        .map_err(query_error)?;
+        tx.commit().await.map_err(query_error)
     }
 
     async fn read_stream(
