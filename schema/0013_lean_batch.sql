@@ -1,6 +1,6 @@
 -- whizbang: fewer passes over a batch in wb_process_work_batch (0009's overload, replaced).
 --
--- Two parts of 0009's function did more than their answer needs:
+-- Parts of 0009's function did more than their answer needs:
 -- - A writer's new rows looked up this instance's lease on their partition three times: once to
 --   list the partitions (DISTINCT), once to check each still had time left, and once per row for
 --   the generation the row is claimed under (outbox and inbox each). Now one primary-key look-up
@@ -9,6 +9,14 @@
 -- - A batch of published outbox rows (the writer's own publisher's reports, the common case)
 --   went through three CTEs and a hashed NOT IN to find the reports it could not apply. Now it
 --   is one DELETE, and the reports it did not apply are looked for only when there are some.
+-- - The outbox and event inserts read their rows from a CTE that was materialized (payloads
+--   and all) because two statements used it. The outbox insert is now one statement for each
+--   case (with and without ON CONFLICT), read straight from unnest; the event answer is read
+--   from the narrow arrays instead of the inserted rows.
+-- Counted with callgrind in a single-user Postgres (20 batches of 1,000 one-event units, each
+-- completing the previous batch's outbox rows; deterministic to 40 instructions in 3.4 billion):
+-- 336,000 instructions per event with 0009's function, 306,500 with this one (-8.8%); the raw
+-- insert of the same rows costs 159,600.
 -- The answer and every other statement are 0009's. CREATE OR REPLACE keeps the signature, so
 -- the callers are unchanged; the function's SET clauses are given again (0012's
 -- enable_seqscan = off among them), as a replaced function keeps only those of its new text.
@@ -351,11 +359,21 @@ BEGIN
         IF v_count > 0 THEN
             v_all_appended := NOT EXISTS (
                 SELECT 1 FROM unnest(m_topic, m_append) AS t(topic, a) WHERE t.topic IS NOT NULL AND NOT t.a);
+            -- Rows already in the table are older than this batch's: any of them not in flight
+            -- here holds the stream back (h), and the row is inserted unclaimed. One statement
+            -- each way, differing only in ON CONFLICT: a batch whose outbox rows are all
+            -- appended messages skips ON CONFLICT's speculative insertion (1.7-3.7 us a row);
+            -- their ids are unique in wb_events, whose insert (below) fails the batch on a
+            -- repeated id anyway.
+            IF v_all_appended THEN
             RETURN QUERY
-            WITH decided AS (
-                -- Rows already in the table are older than this batch's: any of them not in
-                -- flight here holds the stream back.
-                SELECT t.*, CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN v_gen[t.ord] END AS gen
+            WITH ins AS (
+                INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
+                       claimed_by, claimed_generation)
+                SELECT t.id, t.kind, t.stream, t.part, t.topic, t.corr, t.cause, t.typ, t.ts, t.meta, t.payload,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN p_instance END,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN v_gen[t.ord] END
                   FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
                               m_ts, m_meta, m_payload)
                        WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
@@ -366,37 +384,41 @@ BEGIN
                                OR e.claimed_generation IS DISTINCT FROM v_gen[t.ord])
                         LIMIT 1) h ON v_gen[t.ord] > 0
                  WHERE t.topic IS NOT NULL AND NOT (t.u = ANY (v_conflicts))
-            ),
-            -- Exactly one of the two inserts below takes the rows (one statement each way keeps
-            -- the rows' order). A batch whose outbox rows are all appended messages skips ON
-            -- CONFLICT's speculative insertion (1.7-3.7 us a row): their ids are unique in
-            -- wb_events, whose insert (below) fails the batch on a repeated id anyway.
-            plain AS (
-                INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
-                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
-                       claimed_by, claimed_generation)
-                SELECT id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload,
-                       CASE WHEN gen IS NOT NULL THEN p_instance END, gen
-                  FROM decided WHERE v_all_appended ORDER BY ord
+                 ORDER BY t.ord
                 RETURNING message_id, partition, claimed_by, claimed_generation
-            ),
-            deduplicated AS (
-                INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
-                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
-                       claimed_by, claimed_generation)
-                SELECT id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload,
-                       CASE WHEN gen IS NOT NULL THEN p_instance END, gen
-                  FROM decided WHERE NOT v_all_appended ORDER BY ord
-                    ON CONFLICT (message_id) DO NOTHING
-                RETURNING message_id, partition, claimed_by, claimed_generation
-            ),
-            ins AS (
-                SELECT * FROM plain UNION ALL SELECT * FROM deduplicated
             )
             SELECT 'wclaim_o', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
                    ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid, NULL::uuid,
                    NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
               FROM ins WHERE ins.claimed_by IS NOT NULL;
+            ELSE
+            RETURN QUERY
+            WITH ins AS (
+                INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
+                       claimed_by, claimed_generation)
+                SELECT t.id, t.kind, t.stream, t.part, t.topic, t.corr, t.cause, t.typ, t.ts, t.meta, t.payload,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN p_instance END,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN v_gen[t.ord] END
+                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
+                              m_ts, m_meta, m_payload)
+                       WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
+                  LEFT JOIN LATERAL (
+                       SELECT true AS held FROM {{schema}}.wb_outbox e
+                        WHERE e.stream_id = t.stream
+                          AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                               OR e.claimed_generation IS DISTINCT FROM v_gen[t.ord])
+                        LIMIT 1) h ON v_gen[t.ord] > 0
+                 WHERE t.topic IS NOT NULL AND NOT (t.u = ANY (v_conflicts))
+                 ORDER BY t.ord
+                    ON CONFLICT (message_id) DO NOTHING
+                RETURNING message_id, partition, claimed_by, claimed_generation
+            )
+            SELECT 'wclaim_o', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
+                   ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid, NULL::uuid,
+                   NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+              FROM ins WHERE ins.claimed_by IS NOT NULL;
+            END IF;
             GET DIAGNOSTICS v_n = ROW_COUNT;
             IF v_n < v_count THEN
                 v_notify := true;
@@ -509,27 +531,22 @@ BEGIN
         UPDATE {{schema}}.wb_position SET last = last + v_appends RETURNING last INTO v_last;
         IF v_numbered THEN
         RETURN QUERY
-        WITH m AS (
-            SELECT * FROM unnest(m_unit, m_id, m_stream, m_corr, m_cause, m_type, m_ts, m_meta,
-                                 m_payload, m_append, m_sidx, m_vback, m_apos)
-                   WITH ORDINALITY AS t(u, id, stream, corr, cause, typ, ts, meta, payload, a,
-                                        sidx, vback, apos, ord)
-             WHERE a
-        ),
-        numbered AS (
-            SELECT m.*, v_sv_version[m.sidx] - m.vback AS version,
-                   v_last - v_appends + m.apos AS pos
-              FROM m
-        ),
-        ins AS (
+        WITH ins AS (
             INSERT INTO {{schema}}.wb_events (position, stream_id, version, message_id, correlation_id,
                    causation_id, message_type, timestamp_us, meta, payload)
-            SELECT pos, stream, version, id, corr, cause, typ, ts, meta, payload FROM numbered
+            SELECT v_last - v_appends + t.apos, t.stream, v_sv_version[t.sidx] - t.vback, t.id, t.corr,
+                   t.cause, t.typ, t.ts, t.meta, t.payload
+              FROM unnest(m_id, m_stream, m_corr, m_cause, m_type, m_ts, m_meta, m_payload, m_append,
+                          m_sidx, m_vback, m_apos)
+                   AS t(id, stream, corr, cause, typ, ts, meta, payload, a, sidx, vback, apos)
+             WHERE t.a
         )
-        SELECT 'appended', u, id, stream, version, pos, NULL::integer, NULL::bigint, NULL::integer,
-               NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::bigint,
-               NULL::bytea, NULL::bytea
-          FROM numbered ORDER BY ord;
+        SELECT 'appended', t.u, t.id, t.stream, v_sv_version[t.sidx] - t.vback, v_last - v_appends + t.apos,
+               NULL::integer, NULL::bigint, NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text,
+               NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+          FROM unnest(m_unit, m_id, m_stream, m_append, m_sidx, m_vback, m_apos)
+               WITH ORDINALITY AS t(u, id, stream, a, sidx, vback, apos, ord)
+         WHERE t.a ORDER BY t.ord;
         ELSE
         RETURN QUERY
         WITH m AS (
