@@ -809,21 +809,27 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let s = &self.schema;
         let list: Option<Vec<i32>> = partitions.map(|l| l.iter().map(|p| *p as i32).collect());
-        let statement = match &list {
-            Some(_) => format!(
-                "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
-                  WHERE instance_id = $1 AND partition = ANY($2) RETURNING partition),
-                 {clear}
-                 SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
-                clear = clear_claims(s)
+        let (statement, params): (String, Vec<&(dyn ToSql + Sync)>) = match &list {
+            Some(list) => (
+                format!(
+                    "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                      WHERE instance_id = $1 AND partition = ANY($2) RETURNING partition),
+                     {clear}
+                     SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                    clear = clear_claims(s)
+                ),
+                vec![&instance, list],
             ),
-            None => format!(
-                "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
-                  WHERE instance_id = $1 RETURNING partition),
-                 {clear},
-                 gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
-                 SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
-                clear = clear_claims(s)
+            None => (
+                format!(
+                    "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                      WHERE instance_id = $1 RETURNING partition),
+                     {clear},
+                     gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
+                     SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                    clear = clear_claims(s)
+                ),
+                vec![&instance],
             ),
         };
         let mut conn = self.conn().await?;
@@ -838,11 +844,7 @@ impl Store for PostgresStore {
         )
         .await
         .map_err(query_error)?;
-        match &list {
-            Some(list) => tx.execute(&statement, &[&instance, list]).await,
-            None => tx.execute(&statement, &[&instance]).await,
-        }
-        .map_err(query_error)?;
+        tx.execute(&statement, &params).await.map_err(query_error)?;
         tx.commit().await.map_err(query_error)
     }
 
