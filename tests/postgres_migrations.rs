@@ -739,3 +739,134 @@ fn cli_refuses_the_memory_backend_and_bad_config() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
 }
+
+/// The arguments of a work batch of two units (one event each, appended and bound for the
+/// outbox, claimed for the writer) on partitions `p` and `p + 1`, as SQL literals.
+fn two_unit_batch_args(instance: Uuid, p: i32, ids: [Uuid; 2]) -> String {
+    let [a, b] = ids;
+    format!(
+        "'{instance}', 300, 10000, 10, 100, 60000,
+         '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}',
+         '{{t,t}}', '{{}}', '{{}}', '{{}}',
+         '{{0,1}}', '{{{a},{b}}}', '{{event,event}}', '{{s-{a},s-{b}}}', '{{{p},{q}}}',
+         '{{{a},{b}}}', '{{NULL,NULL}}', '{{T,T}}', '{{1,2}}', '{{\"\\\\x00\",\"\\\\x00\"}}',
+         '{{\"\\\\x00\",\"\\\\x00\"}}', '{{t,t}}', '{{bench,bench}}', '{{f,f}}',
+         '{{}}', '{{}}', '{{}}', '{{}}', 0, 0, NULL, NULL,
+         (SELECT array_agg(s ORDER BY s COLLATE \"C\") FROM unnest(ARRAY['s-{a}', 's-{b}']) s),
+         '{{1,1}}',
+         ARRAY[CASE WHEN 's-{a}' COLLATE \"C\" < 's-{b}' THEN 1 ELSE 2 END,
+               CASE WHEN 's-{a}' COLLATE \"C\" < 's-{b}' THEN 2 ELSE 1 END],
+         '{{0,0}}', '{{1,2}}'",
+        q = p + 1
+    )
+}
+
+#[tokio::test]
+async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
+    // 0014 added wb_process_work_batch_packed; a runtime built before it (still running during
+    // a rolling upgrade) calls 0013's wb_process_work_batch, which must keep its row answer.
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migration");
+    let instance = Uuid::now_v7();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_instances (instance_id, service, host) VALUES ($1, 't', 't')"
+            ),
+            &[&instance],
+        )
+        .await
+        .expect("register");
+
+    let old_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    let rows = client
+        .query(
+            &format!(
+                "SELECT kind, unit, message_id, version, position, partition, generation
+                   FROM {schema}.wb_process_work_batch({}) ORDER BY kind, unit, message_id",
+                two_unit_batch_args(instance, 10, old_ids)
+            ),
+            &[],
+        )
+        .await
+        .expect("0013's function");
+    // (kind, unit, message id, version, position)
+    type AnswerRow = (String, Option<i32>, Uuid, Option<i64>, Option<i64>);
+    let answer: Vec<AnswerRow> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let mut claimed: Vec<(Uuid, i32, i64)> = rows
+        .iter()
+        .filter(|r| r.get::<_, &str>(0) == "wclaim_o")
+        .map(|r| (r.get(2), r.get(5), r.get(6)))
+        .collect();
+    claimed.sort();
+    let mut expected_claims = vec![(old_ids[0], 10, 1), (old_ids[1], 11, 1)];
+    expected_claims.sort();
+    assert_eq!(claimed, expected_claims, "0013's answer: {answer:?}");
+    assert_eq!(
+        answer
+            .iter()
+            .filter(|(k, ..)| k == "appended")
+            .map(|(_, u, id, v, p)| (*u, *id, *v, *p))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(0), old_ids[0], Some(1), Some(1)),
+            (Some(1), old_ids[1], Some(1), Some(2))
+        ],
+        "0013's answer: {answer:?}"
+    );
+
+    let new_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    let rows = client
+        .query(
+            &format!(
+                "SELECT kind, position, meta, payload
+                   FROM {schema}.wb_process_work_batch_packed({}) ORDER BY kind",
+                two_unit_batch_args(instance, 20, new_ids)
+            ),
+            &[],
+        )
+        .await
+        .expect("0014's function");
+    let kinds: Vec<&str> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(kinds, ["appended_v", "wclaims_o"]);
+    // appended_v: the batch's last position, and each stream's new version (byte order).
+    assert_eq!(rows[0].get::<_, i64>(1), 4);
+    let versions: Vec<i64> = unpack(rows[0].get(3), &tokio_postgres::types::Type::INT8_ARRAY);
+    assert_eq!(versions, [1, 1]);
+    // wclaims_o: the claimed rows' ids and generations.
+    let ids: Vec<Uuid> = unpack(rows[1].get(3), &tokio_postgres::types::Type::UUID_ARRAY);
+    let generations: Vec<i64> = unpack(rows[1].get(2), &tokio_postgres::types::Type::INT8_ARRAY);
+    let mut claimed: Vec<(Uuid, i64)> = ids.into_iter().zip(generations).collect();
+    claimed.sort();
+    let mut expected = vec![(new_ids[0], 1), (new_ids[1], 1)];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    let stored: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.wb_events e JOIN {schema}.wb_outbox o USING (message_id)
+                  WHERE o.claimed_by = $1"
+            ),
+            &[&instance],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        stored, 4,
+        "both functions store the event and the claimed outbox row"
+    );
+    drop_schema(&client, &schema).await;
+}
+
+/// A binary array (`array_send`) from a bytea column.
+fn unpack<'a, T: tokio_postgres::types::FromSql<'a>>(
+    raw: &'a [u8],
+    array_type: &tokio_postgres::types::Type,
+) -> Vec<T> {
+    <Vec<T> as tokio_postgres::types::FromSql>::from_sql(array_type, raw).expect("binary array")
+}

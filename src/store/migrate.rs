@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0013_lean_batch.sql",
         sql: include_str!("../../schema/0013_lean_batch.sql"),
     },
+    Migration {
+        version: 14,
+        name: "0014_packed_answer.sql",
+        sql: include_str!("../../schema/0014_packed_answer.sql"),
+    },
 ];
 
 pub fn checksum(sql: &str) -> String {

@@ -1,12 +1,12 @@
 //! The Postgres store: the durable implementation of the work-coordinator contract.
 //!
 //! Owns the bb8 pool of tokio-postgres connections (each with the batch statements prepared
-//! once), the translation of a [`WorkBatch`] into the arrays of `wb_process_work_batch` (one
-//! statement, one round trip, one transaction; see `schema/0002_work_batch.sql` and its later
-//! versions up to `0009_batch_numbering.sql`, whose numbering of the appends this module
-//! computes; a batch of one message goes to `wb_process_one_message` of `0006_one_message.sql`
-//! instead; several batches of one instance may run at once, each on its own pooled
-//! connection), the LISTEN
+//! once), the translation of a [`WorkBatch`] into the arrays of `wb_process_work_batch_packed`
+//! (one statement, one round trip, one transaction; see `schema/0002_work_batch.sql` and its
+//! later versions up to `0014_packed_answer.sql`; this module computes the numbering of the
+//! appends of `0009_batch_numbering.sql` and reads the packed answer rows of 0014; a batch of
+//! one message goes to `wb_process_one_message` of `0006_one_message.sql` instead; several
+//! batches of one instance may run at once, each on its own pooled connection), the LISTEN
 //! connection that wakes the coordinator when work is stored, and start-up with retries while
 //! the database is unreachable. Lease times are the database's `now()`, never this process's
 //! clock. It must not hold state of its own between calls: everything lives in the database.
@@ -21,7 +21,7 @@ use bb8_postgres::PostgresConnectionManager;
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
 use std::time::Instant;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 /// A pooled connection with its prepared statements.
@@ -53,7 +53,7 @@ impl bb8::ManageConnection for PgManager {
         let client = self.inner.connect().await?;
         let s = &self.schema;
         let batch = client
-            .prepare(&call(s, "wb_process_work_batch", 43))
+            .prepare(&call(s, "wb_process_work_batch_packed", 43))
             .await?;
         let one_message = client
             .prepare(&call(s, "wb_process_one_message", 21))
@@ -590,6 +590,45 @@ impl<'a> Numbering<'a> {
     }
 }
 
+/// What the packed 'appended_v' answer row (0014) needs to give each append of the batch its
+/// version and position: the appended streams (in [`Numbering`]'s order) and, per append in
+/// batch order, its unit, id and numbering.
+#[derive(Default)]
+struct PackedAppends {
+    streams: Vec<String>,
+    places: Vec<AppendPlace>,
+}
+
+struct AppendPlace {
+    unit: usize,
+    message_id: Uuid,
+    /// 1-based place of its stream in `streams`.
+    sidx: usize,
+    /// Appends of its stream after this one in the batch (0: the stream's last).
+    vback: i64,
+    /// 1-based place among the batch's appends.
+    apos: i64,
+}
+
+impl PackedAppends {
+    fn of(a: &BatchArrays, numbering: &Numbering) -> PackedAppends {
+        let places = (0..a.m_id.len())
+            .filter(|&i| a.m_append[i])
+            .map(|i| AppendPlace {
+                unit: a.m_unit[i] as usize,
+                message_id: a.m_id[i],
+                sidx: numbering.m_sidx[i] as usize,
+                vback: numbering.m_vback[i],
+                apos: numbering.m_apos[i],
+            })
+            .collect();
+        PackedAppends {
+            streams: numbering.s_stream.iter().map(|s| s.to_string()).collect(),
+            places,
+        }
+    }
+}
+
 /// The one message of a batch [`BatchArrays::one_message`] accepts, as the scalar parameters
 /// of `wb_process_one_message` (all NULL when the batch has no message).
 struct OneMessage<'a> {
@@ -710,6 +749,8 @@ impl Store for PostgresStore {
         let claim;
         let m;
         let numbering;
+        // Where the packed 'appended_v' answer puts each append (set-based path only).
+        let mut appends = PackedAppends::default();
         let params: Vec<&(dyn ToSql + Sync)> = if one_message {
             claim = a.u_claim.first().copied().unwrap_or(false);
             m = OneMessage::of(&a);
@@ -738,6 +779,7 @@ impl Store for PostgresStore {
             ]
         } else {
             numbering = Numbering::of(&a.m_stream, &a.m_append);
+            appends = PackedAppends::of(&a, &numbering);
             vec![
                 &instance,
                 &lease,
@@ -797,9 +839,14 @@ impl Store for PostgresStore {
                 .map_err(query_error)?
         };
         // The arrays borrow the batch; the answer moves the claimed rows' envelopes out of it.
-        let m_unit = std::mem::take(&mut a.m_unit);
+        let places = MessagePlaces {
+            m_unit: std::mem::take(&mut a.m_unit),
+            m_part: std::mem::take(&mut a.m_part),
+            positions,
+            appends,
+        };
         drop(a);
-        read_answer(batch, &m_unit, &positions, rows)
+        read_answer(batch, places, rows)
     }
 
     async fn release_partitions(
@@ -1086,6 +1133,8 @@ mod column {
     pub const POSITION: usize = 5;
     pub const PARTITION: usize = 6;
     pub const GENERATION: usize = 7;
+    pub const META: usize = 15;
+    pub const PAYLOAD: usize = 16;
 }
 
 /// Fails start-up when a batch function's rows are not [`BATCH_ROW_COLUMNS`] in that order.
@@ -1104,13 +1153,79 @@ fn check_batch_columns(conn: &PgConnection, schema: &str) -> Result<(), StoreErr
     Ok(())
 }
 
-/// Turns the rows of `wb_process_work_batch` back into a [`WorkBatchResult`].
+/// Where the batch's messages went in the arrays, for reading the answer.
+struct MessagePlaces {
+    m_unit: Vec<i32>,
+    m_part: Vec<i32>,
+    /// Message id → its first index in the arrays.
+    positions: HashMap<Uuid, usize>,
+    appends: PackedAppends,
+}
+
+/// A binary array (`array_send`) the packed answer rows of 0014 carry in a bytea column.
+fn packed<'a, T: FromSql<'a>>(
+    row: &'a Row,
+    column: usize,
+    array_type: &Type,
+) -> Result<Vec<T>, StoreError> {
+    let raw: &[u8] = row
+        .try_get(column)
+        .map_err(|e| StoreError::Corrupt(format!("packed answer column {column}: {e}")))?;
+    Vec::<T>::from_sql(array_type, raw)
+        .map_err(|e| StoreError::Corrupt(format!("packed answer column {column}: {e}")))
+}
+
+/// The 'appended_v' row: each append's version and position from the batch's last position
+/// and its streams' new versions (see `schema/0014_packed_answer.sql`).
+fn read_packed_appends(
+    row: &Row,
+    appends: &mut PackedAppends,
+    outcomes: &mut [UnitOutcome],
+) -> Result<(), StoreError> {
+    let last: i64 = row.get(column::POSITION);
+    let versions: Vec<i64> = packed(row, column::PAYLOAD, &Type::INT8_ARRAY)?;
+    if versions.len() != appends.streams.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{} stream versions for {} appended streams",
+            versions.len(),
+            appends.streams.len()
+        )));
+    }
+    let count = appends.places.len() as i64;
+    for place in &appends.places {
+        let version = versions[place.sidx - 1] - place.vback;
+        // The stream's last append takes its name; earlier ones copy it.
+        let stream = &mut appends.streams[place.sidx - 1];
+        let stream_id = if place.vback == 0 {
+            std::mem::take(stream)
+        } else {
+            stream.clone()
+        };
+        if let Some(UnitOutcome::Committed { appended, .. }) = outcomes.get_mut(place.unit) {
+            appended.push(AppendedEvent {
+                message_id: place.message_id,
+                stream_id,
+                version: version as u64,
+                position: (last - count + place.apos) as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Turns the rows of `wb_process_work_batch_packed` (or `wb_process_one_message`) back into a
+/// [`WorkBatchResult`].
 fn read_answer(
     mut batch: WorkBatch,
-    m_unit: &[i32],
-    positions: &HashMap<Uuid, usize>,
+    places: MessagePlaces,
     rows: Vec<Row>,
 ) -> Result<WorkBatchResult, StoreError> {
+    let MessagePlaces {
+        m_unit,
+        m_part,
+        positions,
+        mut appends,
+    } = places;
     let mut result = WorkBatchResult::default();
     let mut outcomes: Vec<UnitOutcome> = batch
         .units
@@ -1159,6 +1274,32 @@ fn read_answer(
                         version: row.get::<_, i64>(column::VERSION) as u64,
                         position: row.get::<_, i64>(column::POSITION) as u64,
                     });
+                }
+            }
+            "appended_v" => read_packed_appends(&row, &mut appends, &mut outcomes)?,
+            "wclaims_o" => {
+                let ids: Vec<Uuid> = packed(&row, column::PAYLOAD, &Type::UUID_ARRAY)?;
+                let generations: Vec<i64> = packed(&row, column::META, &Type::INT8_ARRAY)?;
+                if ids.len() != generations.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} claimed rows with {} generations",
+                        ids.len(),
+                        generations.len()
+                    )));
+                }
+                for (id, generation) in ids.into_iter().zip(generations) {
+                    let index = *positions
+                        .get(&id)
+                        .ok_or_else(|| StoreError::Corrupt(format!("claimed unknown row {id}")))?;
+                    wclaims.push((
+                        index,
+                        true,
+                        WorkRef {
+                            message_id: id,
+                            partition: m_part[index] as u32,
+                            generation: generation as u64,
+                        },
+                    ));
                 }
             }
             "dup" => {
