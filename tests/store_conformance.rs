@@ -993,6 +993,51 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
     );
 }
 
+/// A late completion is fenced by the lease, not only by the row: after the partition has
+/// changed hands, the previous holder's report of a row it published is refused even while
+/// that row is still claimed at the old generation (the new holder has not claimed it yet), and
+/// the new holder then claims and publishes the row itself.
+async fn a_late_completion_is_fenced_by_the_lease_before_the_row_is_claimed_again(b: Backend) {
+    let mut s = settings();
+    s.lease = Duration::from_secs(1);
+    let store = open(b, s).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    let first = event("late", 1);
+    let r = batch(&store, a, units(vec![unit(&first, true)])).await;
+    let a_work = committed(&r.units[0]).1[0].work;
+    // A goes quiet with its row in flight; C writes on fresh streams of the same partition
+    // until one of its rows comes back claimed: C holds the lease now, A's row is untouched.
+    let mut fresh = streams_sharing_partition_with("late");
+    let c_gen = eventually(10, "C to take the partition over", || {
+        let store = store.clone();
+        let e = event(&fresh.next().unwrap(), 1);
+        async move {
+            let r = batch(&store, c, units(vec![unit(&e, true)])).await;
+            committed(&r.units[0]).1.first().map(|w| w.work.generation)
+        }
+    })
+    .await;
+    assert!(c_gen > a_work.generation, "fencing token grew");
+    let stale = batch(
+        &store,
+        a,
+        WorkBatch {
+            outbox_completions: vec![a_work],
+            ..WorkBatch::default()
+        },
+    )
+    .await
+    .stale;
+    assert_eq!(stale, vec![a_work.message_id], "A's completion is fenced");
+    let r = batch(&store, c, claim_all()).await;
+    assert_eq!(
+        ids_on("late", r.claimed_outbox.iter().map(|w| &w.envelope)),
+        vec![first.message_id],
+        "the row stayed queued for C"
+    );
+    assert!(batch(&store, c, completing(&r)).await.stale.is_empty());
+}
+
 async fn graceful_release_hands_over_at_once(b: Backend) {
     let store = open(b, settings()).await;
     let (a, c) = (instance(&store).await, instance(&store).await);
@@ -1437,6 +1482,7 @@ conformance!(
     orphaned_work_recovered_after_lease_expiry,
     a_writer_claims_only_at_its_leases_current_generation,
     a_new_holders_writes_wait_behind_the_previous_holders_rows,
+    a_late_completion_is_fenced_by_the_lease_before_the_row_is_claimed_again,
     graceful_release_hands_over_at_once,
     instances_share_partitions_without_overlap,
     joiner_gets_work_as_others_release_excess,
