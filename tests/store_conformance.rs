@@ -938,21 +938,23 @@ async fn a_writer_claims_only_at_its_leases_current_generation(b: Backend) {
     assert_eq!(inbox[0].work.generation, again);
 }
 
-/// Order holds across a takeover on the writer's side too: once an instance has taken over a
-/// partition whose lease ran out, its own new row on a stream must wait behind the row the
-/// previous holder had claimed and not finished (still claimed by it, at the old generation),
-/// and it claims the two in order.
-async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) {
+/// The setting of a takeover on the writer's side: with 1 s leases, A writes a unit on `stream`
+/// (its rows claimed for A) and goes quiet; C then writes on fresh streams of the same partition
+/// (nothing pending there) until one of its rows comes back claimed, i.e. C holds the lease. A's
+/// row is untouched, still claimed by A at its generation. Returns the store, A, C, the event
+/// and A's claim of its outbox row.
+async fn taken_over_by_writing(
+    b: Backend,
+    stream: &str,
+) -> (Arc<dyn Store>, InstanceId, InstanceId, Envelope, WorkRef) {
     let mut s = settings();
     s.lease = Duration::from_secs(1);
     let store = open(b, s).await;
     let (a, c) = (instance(&store).await, instance(&store).await);
-    let first = event("handover", 1);
+    let first = event(stream, 1);
     let r = batch(&store, a, units(vec![unit(&first, true)])).await;
     let a_work = committed(&r.units[0]).1[0].work;
-    // A goes quiet with its row in flight. C writes on fresh streams of the same partition
-    // (nothing pending there) until one of its rows comes back claimed: C holds it now.
-    let mut fresh = streams_sharing_partition_with("handover");
+    let mut fresh = streams_sharing_partition_with(stream);
     let c_gen = eventually(10, "C to take the partition over", || {
         let store = store.clone();
         let e = event(&fresh.next().unwrap(), 1);
@@ -963,6 +965,15 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
     })
     .await;
     assert!(c_gen > a_work.generation, "fencing token grew");
+    (store, a, c, first, a_work)
+}
+
+/// Order holds across a takeover on the writer's side too: once an instance has taken over a
+/// partition whose lease ran out, its own new row on a stream must wait behind the row the
+/// previous holder had claimed and not finished (still claimed by it, at the old generation),
+/// and it claims the two in order.
+async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) {
+    let (store, a, c, first, a_work) = taken_over_by_writing(b, "handover").await;
     let second = event("handover", 2);
     let r = batch(&store, c, units(vec![unit(&second, true)])).await;
     let (_, outbox, inbox, _) = committed(&r.units[0]);
@@ -998,26 +1009,7 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
 /// that row is still claimed at the old generation (the new holder has not claimed it yet), and
 /// the new holder then claims and publishes the row itself.
 async fn a_late_completion_is_fenced_by_the_lease_before_the_row_is_claimed_again(b: Backend) {
-    let mut s = settings();
-    s.lease = Duration::from_secs(1);
-    let store = open(b, s).await;
-    let (a, c) = (instance(&store).await, instance(&store).await);
-    let first = event("late", 1);
-    let r = batch(&store, a, units(vec![unit(&first, true)])).await;
-    let a_work = committed(&r.units[0]).1[0].work;
-    // A goes quiet with its row in flight; C writes on fresh streams of the same partition
-    // until one of its rows comes back claimed: C holds the lease now, A's row is untouched.
-    let mut fresh = streams_sharing_partition_with("late");
-    let c_gen = eventually(10, "C to take the partition over", || {
-        let store = store.clone();
-        let e = event(&fresh.next().unwrap(), 1);
-        async move {
-            let r = batch(&store, c, units(vec![unit(&e, true)])).await;
-            committed(&r.units[0]).1.first().map(|w| w.work.generation)
-        }
-    })
-    .await;
-    assert!(c_gen > a_work.generation, "fencing token grew");
+    let (store, a, c, first, a_work) = taken_over_by_writing(b, "late").await;
     let stale = batch(
         &store,
         a,
