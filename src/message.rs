@@ -36,10 +36,13 @@ pub enum CodecError {
 /// Encodes a message body with rmp-serde (MessagePack, field names kept so that adding a field
 /// stays compatible with older readers).
 pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, CodecError> {
-    rmp_serde::to_vec_named(message).map_err(|e| CodecError::Encode {
+    // Grown from empty, a small message's buffer was reallocated three or four times.
+    let mut body = Vec::with_capacity(64);
+    rmp_serde::encode::write_named(&mut body, message).map_err(|e| CodecError::Encode {
         type_name: M::TYPE_NAME.into(),
         message: e.to_string(),
-    })
+    })?;
+    Ok(body)
 }
 
 /// Decodes a message body produced by [`encode`].

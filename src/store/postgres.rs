@@ -341,7 +341,13 @@ async fn listen(
 
 /// Hops and metadata travel in one column.
 fn encode_meta(envelope: &Envelope) -> Vec<u8> {
-    rmp_serde::to_vec(&(&envelope.hops, &envelope.metadata)).unwrap_or_default()
+    // Room for a few hops up front: grown from empty, the buffer was reallocated four or five
+    // times per message.
+    let mut meta = Vec::with_capacity(192);
+    match rmp_serde::encode::write(&mut meta, &(&envelope.hops, &envelope.metadata)) {
+        Ok(()) => meta,
+        Err(_) => Vec::new(),
+    }
 }
 
 fn decode_envelope(row: &Row, kind_col: &str) -> Result<Envelope, StoreError> {
