@@ -234,6 +234,14 @@ fn completing(r: &WorkBatchResult) -> WorkBatch {
     }
 }
 
+/// A batch reporting one outbox row published.
+fn completing_outbox(work: WorkRef) -> WorkBatch {
+    WorkBatch {
+        outbox_completions: vec![work],
+        ..WorkBatch::default()
+    }
+}
+
 /// The ids of the messages of `stream` among `envelopes`, in their order.
 fn ids_on<'e>(stream: &str, envelopes: impl Iterator<Item = &'e Envelope>) -> Vec<Uuid> {
     envelopes
@@ -856,15 +864,7 @@ async fn orphaned_work_recovered_after_lease_expiry(b: Backend) {
         "fencing token grew"
     );
     // A wakes up and reports: refused (fencing), and C's claim stands.
-    let r = batch(
-        &store,
-        a,
-        WorkBatch {
-            outbox_completions: vec![a_work],
-            ..WorkBatch::default()
-        },
-    )
-    .await;
+    let r = batch(&store, a, completing_outbox(a_work)).await;
     assert_eq!(r.stale, vec![a_work.message_id]);
     let r = batch(
         &store,
@@ -987,16 +987,7 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
     let in_order = vec![first.message_id, second.message_id];
     assert_eq!(outbox, in_order, "C claims A's row, then its own");
     assert_eq!(inbox, in_order);
-    let stale = batch(
-        &store,
-        a,
-        WorkBatch {
-            outbox_completions: vec![a_work],
-            ..WorkBatch::default()
-        },
-    )
-    .await
-    .stale;
+    let stale = batch(&store, a, completing_outbox(a_work)).await.stale;
     assert_eq!(
         stale,
         vec![a_work.message_id],
@@ -1010,16 +1001,7 @@ async fn a_new_holders_writes_wait_behind_the_previous_holders_rows(b: Backend) 
 /// the new holder then claims and publishes the row itself.
 async fn a_late_completion_is_fenced_by_the_lease_before_the_row_is_claimed_again(b: Backend) {
     let (store, a, c, first, a_work) = taken_over_by_writing(b, "late").await;
-    let stale = batch(
-        &store,
-        a,
-        WorkBatch {
-            outbox_completions: vec![a_work],
-            ..WorkBatch::default()
-        },
-    )
-    .await
-    .stale;
+    let stale = batch(&store, a, completing_outbox(a_work)).await.stale;
     assert_eq!(stale, vec![a_work.message_id], "A's completion is fenced");
     let r = batch(&store, c, claim_all()).await;
     assert_eq!(
