@@ -1181,6 +1181,14 @@ fn packed<'a, T: FromSql<'a>>(
         .map_err(|e| StoreError::Corrupt(format!("packed answer column {column}: {e}")))
 }
 
+/// The place in the batch's arrays of a row the answer says was claimed for the writer.
+fn claimed_index(positions: &HashMap<Uuid, usize>, id: Uuid) -> Result<usize, StoreError> {
+    positions
+        .get(&id)
+        .copied()
+        .ok_or_else(|| StoreError::Corrupt(format!("claimed unknown row {id}")))
+}
+
 /// The 'appended_v' row: each append's version and position from the batch's last position
 /// and its streams' new versions (see `schema/0014_packed_answer.sql`).
 fn read_packed_appends(
@@ -1294,9 +1302,7 @@ fn read_answer(
                     )));
                 }
                 for (id, generation) in ids.into_iter().zip(generations) {
-                    let index = *positions
-                        .get(&id)
-                        .ok_or_else(|| StoreError::Corrupt(format!("claimed unknown row {id}")))?;
+                    let index = claimed_index(&positions, id)?;
                     wclaims.push((
                         index,
                         true,
@@ -1319,9 +1325,7 @@ fn read_answer(
             }
             "wclaim_o" | "wclaim_i" => {
                 let id = message_id.unwrap_or_default();
-                let index = *positions
-                    .get(&id)
-                    .ok_or_else(|| StoreError::Corrupt(format!("claimed unknown row {id}")))?;
+                let index = claimed_index(&positions, id)?;
                 wclaims.push((
                     index,
                     kind == "wclaim_o",
