@@ -54,8 +54,6 @@ pub struct CommitOutcome {
     /// One receiver per new inbox row, resolved when its perspectives have run (only when the
     /// commit asked to wait).
     pub applied: Vec<AppliedReceiver>,
-    /// Inbox rows that were seen before.
-    pub duplicates: Vec<Uuid>,
 }
 
 struct PendingUnit {
@@ -505,11 +503,7 @@ impl Coordinator {
                         }
                     }
                     self.hand_outbox(claimed_outbox);
-                    let _ = pending.reply.send(Ok(CommitOutcome {
-                        appended,
-                        applied,
-                        duplicates: duplicate_inbox,
-                    }));
+                    let _ = pending.reply.send(Ok(CommitOutcome { appended, applied }));
                 }
                 UnitOutcome::Conflict {
                     stream_id,

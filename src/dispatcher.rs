@@ -165,7 +165,7 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(
+    pub(crate) fn new(
         origin: Origin,
         registry: RegistryView,
         partitions: PartitionDirectory,

@@ -183,7 +183,7 @@ pub trait Perspective<E: Event>: Send + Sync + 'static {
 }
 
 /// A decision with its result type erased, on its way through the actors.
-pub struct ErasedDecision {
+pub(crate) struct ErasedDecision {
     pub result: Box<dyn Any + Send>,
     pub events: Vec<Emitted>,
     pub commands: Vec<Emitted>,
@@ -192,7 +192,7 @@ pub struct ErasedDecision {
 
 /// Why running user code failed.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum HandlerFailure {
+pub(crate) enum HandlerFailure {
     #[error(transparent)]
     Rejected(ReceptorError),
     #[error("handler panicked: {0}")]
@@ -311,7 +311,7 @@ async fn guarded<T>(
 
 /// Runs one receptor. Calls run concurrently (ordering is the partition actor's job); a panic
 /// in user code becomes [`HandlerFailure::Panicked`] for that one call.
-pub struct ReceptorActor {
+pub(crate) struct ReceptorActor {
     pub(crate) command_type: &'static str,
     pub(crate) receptor: Arc<dyn ErasedReceptor>,
     restarts: u32,
@@ -348,7 +348,7 @@ impl actix::Supervised for ReceptorActor {
 }
 
 /// Runs the receptor on one command.
-pub struct Invoke {
+pub(crate) struct Invoke {
     /// Shared with the caller, which plans the unit from it once the receptor has run.
     pub envelope: Arc<Envelope>,
     pub typed: Option<Box<dyn Any + Send>>,
@@ -356,7 +356,7 @@ pub struct Invoke {
 
 /// The receptor's run, guarded against panics, for the caller to await in its own task: a
 /// request-response future would take a task of its own per command only to pass the answer on.
-pub type InvokeRun = BoxFuture<'static, Result<ErasedDecision, HandlerFailure>>;
+pub(crate) type InvokeRun = BoxFuture<'static, Result<ErasedDecision, HandlerFailure>>;
 
 impl Message for Invoke {
     type Result = InvokeRun;
@@ -391,7 +391,7 @@ impl Handler<Invoke> for ReceptorActor {
 
 /// Runs one perspective. Calls for different streams run concurrently; a panic becomes
 /// [`HandlerFailure::Panicked`] for that one event.
-pub struct PerspectiveActor {
+pub(crate) struct PerspectiveActor {
     pub(crate) name: String,
     pub(crate) perspective: Arc<dyn ErasedPerspective>,
     restarts: u32,
@@ -423,13 +423,13 @@ impl actix::Supervised for PerspectiveActor {
 }
 
 /// Applies one event.
-pub struct Apply {
+pub(crate) struct Apply {
     pub envelope: Arc<Envelope>,
 }
 
 /// The perspective's run on one event, guarded against panics, for the caller to await (see
 /// [`InvokeRun`]).
-pub type ApplyRun = BoxFuture<'static, Result<(), HandlerFailure>>;
+pub(crate) type ApplyRun = BoxFuture<'static, Result<(), HandlerFailure>>;
 
 impl Message for Apply {
     type Result = ApplyRun;

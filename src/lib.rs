@@ -43,15 +43,15 @@
 //! | [`error`] | the public error types |
 
 pub mod config;
-pub mod consumer;
-pub mod coordinator;
+pub(crate) mod consumer;
+pub(crate) mod coordinator;
 pub mod dispatcher;
 pub mod envelope;
 pub mod error;
 pub mod handler;
 pub mod message;
-pub mod partition;
-pub mod publisher;
+pub(crate) mod partition;
+pub(crate) mod publisher;
 pub mod registry;
 pub mod replay;
 pub mod routing;

@@ -71,7 +71,7 @@ impl Message for Enqueue {
 
 /// What every partition actor shares.
 #[derive(Clone)]
-pub struct PartitionDeps {
+pub(crate) struct PartitionDeps {
     pub origin: Origin,
     pub registry: RegistryView,
     pub coordinator: Addr<Coordinator>,
@@ -112,10 +112,6 @@ impl PartitionDirectory {
                 .start()
             })
             .do_send(Enqueue(job));
-    }
-
-    pub fn active(&self) -> usize {
-        self.actors.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 

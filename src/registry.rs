@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 /// Checks that a payload decodes as its declared type (used to reject bad deliveries early).
-pub type DecodeCheck = fn(&[u8]) -> Result<(), String>;
+pub(crate) type DecodeCheck = fn(&[u8]) -> Result<(), String>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -32,19 +32,19 @@ pub enum RegistryError {
 }
 
 #[derive(Clone)]
-pub struct ReceptorEntry {
+pub(crate) struct ReceptorEntry {
     pub addr: Addr<ReceptorActor>,
 }
 
 #[derive(Clone)]
-pub struct PerspectiveEntry {
+pub(crate) struct PerspectiveEntry {
     pub name: String,
     pub addr: Addr<PerspectiveActor>,
 }
 
 /// One snapshot of the registry.
 #[derive(Clone, Default)]
-pub struct RegistryTable {
+pub(crate) struct RegistryTable {
     receptors: HashMap<String, ReceptorEntry>,
     perspectives: HashMap<String, Vec<PerspectiveEntry>>,
     kinds: HashMap<String, (MessageKind, DecodeCheck)>,
@@ -90,7 +90,7 @@ impl RegistryTable {
 
 /// A shared, lock-briefly view of the current registry snapshot.
 #[derive(Clone, Default)]
-pub struct RegistryView(Arc<RwLock<Arc<RegistryTable>>>);
+pub(crate) struct RegistryView(Arc<RwLock<Arc<RegistryTable>>>);
 
 impl RegistryView {
     pub fn current(&self) -> Arc<RegistryTable> {
@@ -109,7 +109,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(topics: BTreeMap<String, String>, view: RegistryView) -> Registry {
+    pub(crate) fn new(topics: BTreeMap<String, String>, view: RegistryView) -> Registry {
         let table = RegistryTable {
             topics,
             ..RegistryTable::default()

@@ -32,7 +32,7 @@ pub struct ReplayReport {
 }
 
 /// Replays the event store through every registration named `perspective`.
-pub async fn replay(
+pub(crate) async fn replay(
     store: &Arc<dyn Store>,
     registry: &RegistryView,
     perspective: &str,

@@ -31,7 +31,7 @@ pub fn partition_of(stream_id: &str, partition_count: u32) -> u32 {
 
 /// Who is writing (stamped into every hop), and the settings its routing follows.
 #[derive(Debug, Clone)]
-pub struct Origin {
+pub(crate) struct Origin {
     pub service: String,
     pub instance: Uuid,
     pub partition_count: u32,
@@ -58,7 +58,7 @@ impl Origin {
 }
 
 /// Builds the unit for messages caused by `cause` (a command being handled).
-pub fn plan_unit(
+pub(crate) fn plan_unit(
     origin: &Origin,
     table: &RegistryTable,
     cause: &Envelope,
@@ -89,7 +89,7 @@ pub fn plan_unit(
 
 /// Adds one message, with its destinations, to `unit`. On an error nothing of the message was
 /// added (the caller drops the whole unit).
-pub fn add_message(
+pub(crate) fn add_message(
     origin: &Origin,
     table: &RegistryTable,
     unit: &mut UnitOfWork,

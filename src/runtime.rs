@@ -202,7 +202,6 @@ impl RuntimeBuilder {
             registry,
             dispatcher,
             coordinator,
-            partitions,
             consumers,
             view,
         })
@@ -218,7 +217,6 @@ pub struct Runtime {
     registry: Addr<Registry>,
     dispatcher: Addr<Dispatcher>,
     coordinator: Addr<Coordinator>,
-    partitions: PartitionDirectory,
     consumers: Vec<Addr<Consumer>>,
     view: RegistryView,
 }
@@ -260,11 +258,6 @@ impl Runtime {
 
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    /// Partition actors started so far.
-    pub fn active_partitions(&self) -> usize {
-        self.partitions.active()
     }
 
     /// `LocalInvoke`: the typed result, after the events are stored and perspectives ran.
