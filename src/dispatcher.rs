@@ -30,8 +30,11 @@ use uuid::Uuid;
 /// Tracing context for a dispatch: continue an existing conversation, or start a new one.
 #[derive(Debug, Clone, Default)]
 pub struct DispatchOptions {
+    /// The conversation to continue; a new one (the message's own id) when `None`.
     pub correlation_id: Option<Uuid>,
+    /// The message that caused this one; `None` for an original request.
     pub causation_id: Option<Uuid>,
+    /// Free-form key/value pairs carried in the envelope to every message this one causes.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -58,10 +61,15 @@ pub enum ReceiptStatus {
 /// What `send` and `publish` return.
 #[derive(Debug, Clone)]
 pub struct DeliveryReceipt {
+    /// The id of the dispatched message (UUIDv7).
     pub message_id: Uuid,
+    /// The conversation it belongs to; [`crate::Runtime::status`] reports on it.
     pub correlation_id: Uuid,
+    /// The stream the message was written to.
     pub stream_id: String,
+    /// When the envelope was created, microseconds since the Unix epoch.
     pub timestamp_us: i64,
+    /// Handled here, or queued in the outbox for a remote receptor.
     pub status: ReceiptStatus,
     /// Events committed by this dispatch.
     pub events: Vec<AppendedEvent>,
@@ -82,12 +90,15 @@ impl DeliveryReceipt {
 
 /// Handle a command and wait for its typed result and its perspectives.
 pub struct LocalInvoke<C, R> {
+    /// The command to handle.
     pub command: C,
+    /// Correlation, causation and metadata.
     pub options: DispatchOptions,
     _result: PhantomData<fn() -> R>,
 }
 
 impl<C, R> LocalInvoke<C, R> {
+    /// A new conversation with default options.
     pub fn new(command: C) -> Self {
         LocalInvoke {
             command,
@@ -96,6 +107,7 @@ impl<C, R> LocalInvoke<C, R> {
         }
     }
 
+    /// Dispatches with these options (e.g. [`DispatchOptions::caused_by`]).
     pub fn with_options(mut self, options: DispatchOptions) -> Self {
         self.options = options;
         self
@@ -108,11 +120,14 @@ impl<C: Command, R: Send + 'static> Message for LocalInvoke<C, R> {
 
 /// Handle (or forward) a command and return a receipt.
 pub struct SendCommand<C> {
+    /// The command to handle or forward.
     pub command: C,
+    /// Correlation, causation and metadata.
     pub options: DispatchOptions,
 }
 
 impl<C> SendCommand<C> {
+    /// A new conversation with default options.
     pub fn new(command: C) -> Self {
         SendCommand {
             command,
@@ -120,6 +135,7 @@ impl<C> SendCommand<C> {
         }
     }
 
+    /// Dispatches with these options (e.g. [`DispatchOptions::caused_by`]).
     pub fn with_options(mut self, options: DispatchOptions) -> Self {
         self.options = options;
         self
@@ -132,11 +148,14 @@ impl<C: Command> Message for SendCommand<C> {
 
 /// Append an event and send it to its perspectives and the outbox.
 pub struct PublishEvent<E> {
+    /// The event to append to its stream.
     pub event: E,
+    /// Correlation, causation and metadata.
     pub options: DispatchOptions,
 }
 
 impl<E> PublishEvent<E> {
+    /// A new conversation with default options.
     pub fn new(event: E) -> Self {
         PublishEvent {
             event,
@@ -156,6 +175,10 @@ impl Message for Status {
     type Result = Result<CorrelationStatus, DispatchError>;
 }
 
+/// The dispatcher actor: the public entry for [`SendCommand`], [`LocalInvoke`],
+/// [`PublishEvent`] and [`Status`]. It builds the envelope (UUIDv7 message id, correlation,
+/// causation, first hop), looks the message type up in the registry and hands the work to the
+/// partition of its stream. Get its address from [`crate::Runtime::dispatcher`].
 pub struct Dispatcher {
     origin: Origin,
     registry: RegistryView,

@@ -12,11 +12,14 @@ use uuid::Uuid;
 /// Whether a message is a command (one receptor) or an event (event store + perspectives).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MessageKind {
+    /// Handled by exactly one receptor.
     Command,
+    /// Appended to the event store and applied by every perspective of its type.
     Event,
 }
 
 impl MessageKind {
+    /// The name stored in the database and carried on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
             MessageKind::Command => "command",
@@ -24,6 +27,7 @@ impl MessageKind {
         }
     }
 
+    /// The kind named by [`MessageKind::as_str`]'s text; `None` for anything else.
     pub fn parse(s: &str) -> Option<MessageKind> {
         match s {
             "command" => Some(MessageKind::Command),
@@ -37,11 +41,17 @@ impl MessageKind {
 /// and partition, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hop {
+    /// The service that handled the message.
     pub service: String,
+    /// The instance of that service.
     pub instance: Uuid,
+    /// The topic it was published on, if it crossed the transport.
     pub topic: Option<String>,
+    /// The stream it belonged to there.
     pub stream_id: String,
+    /// The stream's partition in that service.
     pub partition: u32,
+    /// When, microseconds since the Unix epoch.
     pub timestamp_us: i64,
 }
 
@@ -58,9 +68,13 @@ pub struct Envelope {
     pub timestamp_us: i64,
     /// The stable type name ([`crate::message::Message::TYPE_NAME`]).
     pub message_type: String,
+    /// Command or event.
     pub kind: MessageKind,
+    /// The stream: the unit of ordering (one partition, strictly in order).
     pub stream_id: String,
+    /// Every service instance the message passed through, oldest first.
     pub hops: Vec<Hop>,
+    /// Free-form key/value pairs, inherited by every message this one causes.
     pub metadata: BTreeMap<String, String>,
     /// The rmp-serde encoded message.
     pub payload: Vec<u8>,
@@ -140,6 +154,7 @@ impl Envelope {
         envelope
     }
 
+    /// Records one more step of the journey.
     pub fn push_hop(&mut self, hop: Hop) {
         self.hops.push(hop);
     }

@@ -39,6 +39,7 @@ pub enum ReceptorError {
 }
 
 impl ReceptorError {
+    /// The HTTP status an API answers with for this refusal.
     pub fn http_status(&self) -> u16 {
         match self {
             ReceptorError::Validation(_) => 400,
@@ -58,20 +59,30 @@ pub struct PerspectiveError(pub String);
 /// What a receptor knows about the command it handles.
 #[derive(Debug, Clone)]
 pub struct ReceptorContext {
+    /// The command's message id.
     pub message_id: Uuid,
+    /// The conversation it belongs to.
     pub correlation_id: Uuid,
+    /// The message that caused it; `None` for an original request.
     pub causation_id: Option<Uuid>,
+    /// The stream the command was routed by.
     pub stream_id: String,
+    /// The envelope's metadata; events the receptor emits inherit it.
     pub metadata: BTreeMap<String, String>,
 }
 
 /// What a perspective knows about the event it applies.
 #[derive(Debug, Clone)]
 pub struct EventMeta {
+    /// The event's message id: the key a perspective can deduplicate by.
     pub message_id: Uuid,
+    /// The conversation it belongs to.
     pub correlation_id: Uuid,
+    /// The command (or event) that caused it.
     pub causation_id: Option<Uuid>,
+    /// The stream the event was appended to.
     pub stream_id: String,
+    /// When the event was created, microseconds since the Unix epoch.
     pub timestamp_us: i64,
 }
 
@@ -90,9 +101,13 @@ impl EventMeta {
 /// A message a receptor wants written, already encoded.
 #[derive(Debug, Clone)]
 pub struct Emitted {
+    /// Event (appended and applied) or command (sent to its receptor).
     pub kind: MessageKind,
+    /// The stable type name ([`crate::Message::TYPE_NAME`]).
     pub message_type: &'static str,
+    /// The stream it goes to.
     pub stream_id: String,
+    /// The encoded message, or why encoding failed (the whole decision is then refused).
     pub payload: Result<Vec<u8>, String>,
 }
 
@@ -100,9 +115,13 @@ pub struct Emitted {
 /// follow-on commands, and optional expected versions. All of it is committed atomically, or
 /// none of it.
 pub struct Decision<R> {
+    /// What `local_invoke` returns to the caller.
     pub result: R,
+    /// Events to append, in order.
     pub events: Vec<Emitted>,
+    /// Follow-on commands, written to the outbox (or handled here) in the same unit.
     pub commands: Vec<Emitted>,
+    /// Expected stream versions; a mismatch refuses the whole decision.
     pub expectations: Vec<(String, ExpectedVersion)>,
 }
 
@@ -165,6 +184,7 @@ pub trait Receptor<C: Command>: Send + Sync + 'static {
     /// What `local_invoke` returns to the caller.
     type Result: Send + 'static;
 
+    /// Decides what the command does. Returning an error writes nothing.
     fn handle(
         &self,
         command: C,
@@ -175,6 +195,8 @@ pub trait Receptor<C: Command>: Send + Sync + 'static {
 /// Applies one event type to a read model. Any number may be registered per event type; each
 /// sees a stream's events in order.
 pub trait Perspective<E: Event>: Send + Sync + 'static {
+    /// Applies one event. An error is retried with backoff and dead-lettered after
+    /// `store.max_attempts`; the stream's later events wait behind it.
     fn apply(
         &self,
         event: E,

@@ -27,10 +27,22 @@ pub trait Event: Message {}
 /// A payload that could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    /// The message could not be serialized.
     #[error("cannot encode {type_name}: {message}")]
-    Encode { type_name: String, message: String },
+    Encode {
+        /// The message's type name.
+        type_name: String,
+        /// What rmp-serde said.
+        message: String,
+    },
+    /// The bytes are not a valid encoding of the type.
     #[error("cannot decode {type_name}: {message}")]
-    Decode { type_name: String, message: String },
+    Decode {
+        /// The type the bytes were read as.
+        type_name: String,
+        /// What rmp-serde said.
+        message: String,
+    },
 }
 
 /// Encodes a message body with rmp-serde (MessagePack, field names kept so that adding a field

@@ -21,12 +21,21 @@ use std::sync::{Arc, RwLock};
 /// Checks that a payload decodes as its declared type (used to reject bad deliveries early).
 pub(crate) type DecodeCheck = fn(&[u8]) -> Result<(), String>;
 
+/// Why a handler could not be registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
+    /// A command type has exactly one receptor.
     #[error("a receptor for command type `{0}` is already registered")]
     DuplicateReceptor(String),
+    /// Perspective names are unique per event type.
     #[error("perspective `{name}` is already registered for event type `{event_type}`")]
-    DuplicatePerspective { name: String, event_type: String },
+    DuplicatePerspective {
+        /// The perspective's name.
+        name: String,
+        /// The event type it was registered for.
+        event_type: String,
+    },
+    /// One type name cannot be both a command and an event.
     #[error("`{0}` is registered as both a command and an event type")]
     KindClash(String),
 }
@@ -148,6 +157,7 @@ pub struct RegisterReceptor {
 }
 
 impl RegisterReceptor {
+    /// Registers `receptor` for command type `C`.
     pub fn new<C: Command, R: Receptor<C>>(receptor: R) -> RegisterReceptor {
         RegisterReceptor {
             command_type: C::TYPE_NAME,
@@ -193,6 +203,7 @@ pub struct RegisterPerspective {
 }
 
 impl RegisterPerspective {
+    /// Registers `perspective` for event type `E` under `name`.
     pub fn new<E: Event, P: Perspective<E>>(name: impl Into<String>, perspective: P) -> Self {
         RegisterPerspective {
             event_type: E::TYPE_NAME,

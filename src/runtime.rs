@@ -70,6 +70,7 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Uses this instance id instead of a new one (a restarted process may keep its id).
     pub fn instance_id(mut self, instance: InstanceId) -> Self {
         self.instance = Some(instance);
         self
@@ -222,6 +223,7 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Starts configuring a runtime; see [`RuntimeBuilder::start`].
     pub fn builder(config: Config) -> RuntimeBuilder {
         RuntimeBuilder {
             config,
@@ -244,18 +246,22 @@ impl Runtime {
         self.registry.clone()
     }
 
+    /// The store this instance writes to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
+    /// The transport this instance publishes to and consumes from.
     pub fn transport(&self) -> &Arc<dyn Transport> {
         &self.transport
     }
 
+    /// This instance's id (its leases are held under it).
     pub fn instance_id(&self) -> InstanceId {
         self.instance
     }
 
+    /// The configuration it was started with.
     pub fn config(&self) -> &Config {
         &self.config
     }
