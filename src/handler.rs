@@ -2,7 +2,7 @@
 //!
 //! Owns the two traits users implement — [`Receptor`] (a command → a decision: a typed result,
 //! events, follow-on commands) and [`Perspective`] (an event → a read-model update) — their
-//! type-erased adapters, and [`ReceptorActor`] / [`PerspectiveActor`], which run user code with
+//! type-erased adapters, and `ReceptorActor` / `PerspectiveActor`, which run user code with
 //! every panic caught and turned into a failure of that one message. It must not touch the
 //! store or decide ordering: partition actors call these actors one message at a time per
 //! stream.

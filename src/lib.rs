@@ -21,6 +21,86 @@
 //! 8. Bad input (malformed delivery, unknown type, invalid config) gets a clear, typed error and
 //!    loses nothing else.
 //!
+//! ## A service in a few lines
+//!
+//! A command, the receptor that decides what it does, the event it emits and a perspective (read
+//! model) that applies it; the runtime runs on the embedded in-memory store and transport unless
+//! the configuration names Postgres and AMQP.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::sync::{Arc, Mutex};
+//! use whizbang::{
+//!     Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError,
+//!     Receptor, ReceptorContext, ReceptorError, Runtime,
+//! };
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct OpenAccount { id: String, owner: String }
+//! impl Message for OpenAccount {
+//!     const TYPE_NAME: &'static str = "OpenAccount"; // stored and sent on the wire
+//!     fn stream_id(&self) -> String { format!("account-{}", self.id) }
+//! }
+//! impl Command for OpenAccount {}
+//!
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! struct AccountOpened { id: String, owner: String }
+//! impl Message for AccountOpened {
+//!     const TYPE_NAME: &'static str = "AccountOpened";
+//!     fn stream_id(&self) -> String { format!("account-{}", self.id) }
+//! }
+//! impl Event for AccountOpened {}
+//!
+//! struct Accounts;
+//! impl Receptor<OpenAccount> for Accounts {
+//!     type Result = AccountOpened;
+//!     async fn handle(&self, cmd: OpenAccount, _ctx: ReceptorContext)
+//!         -> Result<Decision<AccountOpened>, ReceptorError> {
+//!         if cmd.owner.is_empty() {
+//!             return Err(ReceptorError::Validation("an account needs an owner".into()));
+//!         }
+//!         Ok(Decision::event(AccountOpened { id: cmd.id, owner: cmd.owner }))
+//!     }
+//! }
+//!
+//! #[derive(Clone, Default)]
+//! struct Owners(Arc<Mutex<BTreeMap<String, String>>>);
+//! impl Perspective<AccountOpened> for Owners {
+//!     async fn apply(&self, e: AccountOpened, _meta: EventMeta) -> Result<(), PerspectiveError> {
+//!         self.0.lock().unwrap().insert(e.id, e.owner);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! actix::System::new().block_on(async {
+//!     let owners = Owners::default();
+//!     let runtime = Runtime::builder(Config::default())
+//!         .receptor::<OpenAccount, _>(Accounts)
+//!         .perspective::<AccountOpened, _>("owners", owners.clone())
+//!         .start()
+//!         .await?;
+//!
+//!     // The typed result, once the event is stored and the perspective has applied it.
+//!     let opened: AccountOpened = runtime
+//!         .local_invoke(OpenAccount { id: "7".into(), owner: "Ada".into() })
+//!         .await?;
+//!     assert_eq!(opened.owner, "Ada");
+//!     assert_eq!(owners.0.lock().unwrap().get("7").map(String::as_str), Some("Ada"));
+//!
+//!     // A refusal is typed and writes nothing.
+//!     let refused = runtime
+//!         .local_invoke::<_, AccountOpened>(OpenAccount { id: "8".into(), owner: "".into() })
+//!         .await
+//!         .unwrap_err();
+//!     assert_eq!(refused.http_status(), 400);
+//!
+//!     runtime.shutdown().await?;
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
 //! ## Map of the modules
 //!
 //! | module | owns |
@@ -32,10 +112,10 @@
 //! | [`replay`] | rebuilding or resuming a perspective from the event store |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
-//! | [`partition`] | per-partition actors that run jobs strictly in order |
-//! | [`coordinator`] | flush strategies, work batches, claims, heartbeats, hand-off |
-//! | [`publisher`] | outbox rows → transport, pipelined, in order per stream |
-//! | [`consumer`] | transport deliveries → inbox, settled after commit |
+//! | `partition` (internal) | per-partition actors that run jobs strictly in order |
+//! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
+//! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
+//! | `consumer` (internal) | transport deliveries → inbox, settled after commit |
 //! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`], [`store::migrate`], [`store::tls`] |
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |

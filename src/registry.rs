@@ -2,7 +2,7 @@
 //! of an event type, and the destination topic.
 //!
 //! Owns registration (a second receptor for one command type is an error) and publishes an
-//! immutable snapshot of its table through a [`RegistryView`] so that the dispatcher, partition
+//! immutable snapshot of its table through a `RegistryView` so that the dispatcher, partition
 //! and consumer actors resolve handlers without a round trip per message. It must not run user
 //! code: it only starts the supervised actors that do.
 
