@@ -10,7 +10,7 @@
 //! The service is unreachable from development machines; the pure parts are unit-tested here
 //! against vectors computed independently (python3's `hmac`, `hashlib`, `base64`, `urllib`).
 
-use super::Auth;
+use crate::config::AmqpAuth as Auth;
 use crate::transport::TransportError;
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::session::Session;
