@@ -7,8 +7,8 @@
 //! and their validation live there. It must not open connections (that is [`super::links`]) nor
 //! print a secret: `Debug` masks the password.
 
-use super::servicebus::{self, CbsSettings, ConnectionString};
-use crate::config::{AmqpAuth as Auth, AmqpConfig, TransportConfig};
+use super::servicebus::{self, CbsSettings};
+use crate::config::{AmqpAuth as Auth, AmqpConfig, ConnectionString, TransportConfig};
 use crate::transport::TransportError;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use std::fmt;
