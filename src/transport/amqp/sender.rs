@@ -15,7 +15,8 @@
 //! deduplicates them by message id.
 //!
 //! It must not encode envelopes (that is [`super::wire`], before the message reaches the task)
-//! nor check sizes (the dispatcher does, with `Envelope::check_size`), and it must not retry a
+//! nor check sizes (`transport.max_message_bytes` is enforced with `Envelope::check_size` when a
+//! message is routed to the outbox, and by the consumer on receipt), and it must not retry a
 //! send itself: a failed send is reported, and the publisher decides.
 
 use super::AmqpSettings;
