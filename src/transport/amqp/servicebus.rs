@@ -1,16 +1,16 @@
-//! Azure Service Bus specifics: connection strings, SAS tokens, and CBS put-token with renewal.
+//! Azure Service Bus specifics: SAS tokens, and CBS put-token with renewal.
 //!
-//! Owns the parsing of `Endpoint=sb://NS.servicebus.windows.net/;SharedAccessKeyName=…;
-//! SharedAccessKey=…[;EntityPath=…]` into typed parts (with typed errors that never echo the
-//! key), the SAS token format Service Bus checks, and the claims-based-security exchange: a
-//! connection opened with SASL ANONYMOUS puts a token for its entity on `$cbs`, then renews it
-//! before it expires for as long as the connection lives. It must not know about envelopes or
-//! links: the transport asks it for a URL, credentials and an authorized connection.
+//! Owns the SAS token format Service Bus checks, the SASL credentials of a Service Bus
+//! connection, and the claims-based-security exchange: a connection opened with SASL ANONYMOUS
+//! puts a token for its entity on `$cbs`, then renews it before it expires for as long as the
+//! connection lives. It must not know about envelopes or links: the transport asks it for
+//! credentials and an authorized connection. The connection string itself is a configuration
+//! value, parsed by [`crate::config::ConnectionString`].
 //!
 //! The service is unreachable from development machines; the pure parts are unit-tested here
 //! against vectors computed independently (python3's `hmac`, `hashlib`, `base64`, `urllib`).
 
-use super::Auth;
+use crate::config::{AmqpAuth as Auth, ConnectionString};
 use crate::transport::TransportError;
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::session::Session;
@@ -26,159 +26,6 @@ use tokio::task::JoinHandle;
 
 /// The token type Service Bus expects for SAS tokens put on `$cbs`.
 pub const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
-
-/// A parsed Service Bus connection string. `Debug` masks the key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ConnectionString {
-    /// The namespace host, e.g. `contoso.servicebus.windows.net` (with `:port` if one was given).
-    pub host: String,
-    pub key_name: String,
-    pub key: String,
-    /// Present in connection strings scoped to one entity.
-    pub entity_path: Option<String>,
-    /// `UseDevelopmentEmulator=true`: plain AMQP on port 5672, no TLS.
-    pub use_development_emulator: bool,
-}
-
-/// Why a connection string was refused. No variant carries the key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConnectionStringError {
-    #[error("the connection string is empty")]
-    Empty,
-    #[error("part {index} of the connection string is not KEY=VALUE")]
-    MalformedPart { index: usize },
-    #[error("the connection string has no {0}")]
-    Missing(&'static str),
-    #[error("the connection string names `{0}` twice")]
-    Duplicate(String),
-    #[error("unknown connection string key `{0}`")]
-    UnknownKey(String),
-    #[error("Endpoint `{0}` is not of the form sb://NAMESPACE.servicebus.windows.net/")]
-    BadEndpoint(String),
-    #[error("UseDevelopmentEmulator must be true or false, got `{0}`")]
-    BadEmulatorFlag(String),
-}
-
-impl ConnectionString {
-    /// Parses `Endpoint=sb://…/;SharedAccessKeyName=…;SharedAccessKey=…[;EntityPath=…]`. Keys
-    /// are matched case-insensitively (as the Azure SDKs do); empty parts (a trailing `;`) are
-    /// ignored; unknown keys are refused so that a typo does not go unnoticed.
-    pub fn parse(text: &str) -> Result<ConnectionString, ConnectionStringError> {
-        if text.trim().is_empty() {
-            return Err(ConnectionStringError::Empty);
-        }
-        let mut endpoint = None;
-        let mut key_name = None;
-        let mut key = None;
-        let mut entity_path = None;
-        let mut emulator = None;
-        for (index, part) in text.split(';').enumerate() {
-            let part = part.trim();
-            if part.is_empty() {
-                continue;
-            }
-            // The key may contain '=' (base64 padding): split at the first one only.
-            let Some((name, value)) = part.split_once('=') else {
-                return Err(ConnectionStringError::MalformedPart { index });
-            };
-            let name = name.trim();
-            let value = value.trim().to_string();
-            let slot = match name.to_ascii_lowercase().as_str() {
-                "endpoint" => &mut endpoint,
-                "sharedaccesskeyname" => &mut key_name,
-                "sharedaccesskey" => &mut key,
-                "entitypath" => &mut entity_path,
-                "usedevelopmentemulator" => &mut emulator,
-                // Only a plausible key name is echoed: a pasted key (letters, digits, '+',
-                // '/', '=') without its name must not end up in an error message.
-                _ if name.chars().all(|c| c.is_ascii_alphabetic()) => {
-                    return Err(ConnectionStringError::UnknownKey(name.to_string()));
-                }
-                _ => return Err(ConnectionStringError::MalformedPart { index }),
-            };
-            if slot.replace(value).is_some() {
-                return Err(ConnectionStringError::Duplicate(name.to_string()));
-            }
-        }
-        let endpoint = endpoint
-            .filter(|e| !e.is_empty())
-            .ok_or(ConnectionStringError::Missing("Endpoint"))?;
-        let host = parse_endpoint(&endpoint)?;
-        let key_name = key_name
-            .filter(|k| !k.is_empty())
-            .ok_or(ConnectionStringError::Missing("SharedAccessKeyName"))?;
-        let key = key
-            .filter(|k| !k.is_empty())
-            .ok_or(ConnectionStringError::Missing("SharedAccessKey"))?;
-        let use_development_emulator = match emulator.as_deref().map(str::to_ascii_lowercase) {
-            None => false,
-            Some(v) if v == "true" => true,
-            Some(v) if v == "false" => false,
-            Some(_) => {
-                return Err(ConnectionStringError::BadEmulatorFlag(
-                    emulator.unwrap_or_default(),
-                ));
-            }
-        };
-        Ok(ConnectionString {
-            host,
-            key_name,
-            key,
-            entity_path: entity_path.filter(|p| !p.is_empty()),
-            use_development_emulator,
-        })
-    }
-
-    /// Where to connect: `amqps://HOST:5671` (TLS first), or `amqp://HOST:5672` for the emulator.
-    pub fn amqp_url(&self) -> String {
-        let has_port = self.host.contains(':');
-        match (self.use_development_emulator, has_port) {
-            (true, true) => format!("amqp://{}", self.host),
-            (true, false) => format!("amqp://{}:5672", self.host),
-            (false, true) => format!("amqps://{}", self.host),
-            (false, false) => format!("amqps://{}:5671", self.host),
-        }
-    }
-
-    /// The CBS audience (the token's resource URI) of one entity address, e.g.
-    /// `amqp://contoso.servicebus.windows.net/orders/Subscriptions/inventory`.
-    pub fn audience(&self, address: &str) -> String {
-        let host = self.host.split(':').next().unwrap_or(&self.host);
-        format!("amqp://{host}/{}", address.trim_start_matches('/'))
-    }
-}
-
-impl fmt::Debug for ConnectionString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConnectionString")
-            .field("host", &self.host)
-            .field("key_name", &self.key_name)
-            .field("key", &"***")
-            .field("entity_path", &self.entity_path)
-            .field("use_development_emulator", &self.use_development_emulator)
-            .finish()
-    }
-}
-
-fn parse_endpoint(endpoint: &str) -> Result<String, ConnectionStringError> {
-    let bad = || ConnectionStringError::BadEndpoint(endpoint.to_string());
-    let lower = endpoint.to_ascii_lowercase();
-    let rest = ["sb://", "amqps://", "amqp://"]
-        .iter()
-        .find_map(|scheme| lower.starts_with(scheme).then(|| &endpoint[scheme.len()..]))
-        .ok_or_else(bad)?;
-    let host = rest.trim_end_matches('/');
-    let valid = !host.is_empty()
-        && !host.contains('/')
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
-    if valid {
-        Ok(host.to_string())
-    } else {
-        Err(bad())
-    }
-}
 
 /// Everything but `A-Z a-z 0-9 - . _ ~` is percent-encoded (RFC 3986 unreserved), as .NET's
 /// `WebUtility.UrlEncode` and python's `urllib.parse.quote(s, safe='')` do for these inputs.
@@ -341,112 +188,6 @@ mod tests {
         format!(
             "Endpoint=sb://contoso.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey={KEY}"
         )
-    }
-
-    #[test]
-    fn parses_a_portal_connection_string() {
-        let c = ConnectionString::parse(&portal_string()).unwrap();
-        assert_eq!(c.host, "contoso.servicebus.windows.net");
-        assert_eq!(c.key_name, "RootManageSharedAccessKey");
-        assert_eq!(c.key, KEY, "the '=' padding of the key is kept");
-        assert_eq!(c.entity_path, None);
-        assert!(!c.use_development_emulator);
-        assert_eq!(c.amqp_url(), "amqps://contoso.servicebus.windows.net:5671");
-        assert_eq!(
-            c.audience("orders/Subscriptions/inventory"),
-            "amqp://contoso.servicebus.windows.net/orders/Subscriptions/inventory"
-        );
-    }
-
-    #[test]
-    fn parses_entity_path_case_insensitive_keys_and_trailing_separator() {
-        let c = ConnectionString::parse(&format!(
-            " endpoint=SB://contoso.servicebus.windows.net ; sharedaccesskeyname=send ;SHAREDACCESSKEY={KEY};EntityPath=orders;"
-        ))
-        .unwrap();
-        assert_eq!(c.host, "contoso.servicebus.windows.net");
-        assert_eq!(c.key_name, "send");
-        assert_eq!(c.entity_path.as_deref(), Some("orders"));
-    }
-
-    #[test]
-    fn emulator_connects_without_tls() {
-        let c = ConnectionString::parse(&format!(
-            "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey={KEY};UseDevelopmentEmulator=true"
-        ))
-        .unwrap();
-        assert!(c.use_development_emulator);
-        assert_eq!(c.amqp_url(), "amqp://localhost:5672");
-    }
-
-    #[test]
-    fn refuses_bad_connection_strings_with_typed_errors() {
-        use ConnectionStringError::*;
-        let cases: Vec<(String, ConnectionStringError)> = vec![
-            ("  ".into(), Empty),
-            (
-                format!("SharedAccessKeyName=k;SharedAccessKey={KEY}"),
-                Missing("Endpoint"),
-            ),
-            (
-                format!("Endpoint=sb://x.servicebus.windows.net/;SharedAccessKey={KEY}"),
-                Missing("SharedAccessKeyName"),
-            ),
-            (
-                "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=k".into(),
-                Missing("SharedAccessKey"),
-            ),
-            (
-                "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey="
-                    .into(),
-                Missing("SharedAccessKey"),
-            ),
-            (
-                format!(
-                    "Endpoint=https://x.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey={KEY}"
-                ),
-                BadEndpoint("https://x.servicebus.windows.net/".into()),
-            ),
-            (
-                format!(
-                    "Endpoint=sb://x.servicebus.windows.net/orders;SharedAccessKeyName=k;SharedAccessKey={KEY}"
-                ),
-                BadEndpoint("sb://x.servicebus.windows.net/orders".into()),
-            ),
-            (
-                format!("Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccesKey={KEY}"),
-                UnknownKey("SharedAccesKey".into()),
-            ),
-            (
-                format!(
-                    "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKeyName=j;SharedAccessKey={KEY}"
-                ),
-                Duplicate("SharedAccessKeyName".into()),
-            ),
-            (
-                format!("Endpoint=sb://x/;SharedAccessKeyName=k;{KEY}"),
-                MalformedPart { index: 2 },
-            ),
-            (
-                format!(
-                    "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey={KEY};UseDevelopmentEmulator=yes"
-                ),
-                BadEmulatorFlag("yes".into()),
-            ),
-        ];
-        for (text, expected) in cases {
-            let err = ConnectionString::parse(&text).unwrap_err();
-            assert_eq!(err, expected, "{text}");
-            assert!(!err.to_string().contains(KEY), "the key leaked: {err}");
-        }
-    }
-
-    #[test]
-    fn debug_masks_the_key() {
-        let c = ConnectionString::parse(&portal_string()).unwrap();
-        let shown = format!("{c:?}");
-        assert!(!shown.contains(KEY), "{shown}");
-        assert!(shown.contains("RootManageSharedAccessKey"));
     }
 
     /// The expected string was computed independently with python3:
