@@ -12,10 +12,9 @@
 //!
 //! Each test uses a schema of its own; an unreachable server, or one without TLS, fails it.
 
-mod tls_support;
 
 use std::str::FromStr;
-use tls_support::TestCert;
+use crate::support::tls::TestCert;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use whizbang::Config;

@@ -2,9 +2,8 @@
 //! once, by every perspective of this service and — through the outbox, the publisher, the bus,
 //! the consumer and the inbox — by the perspectives of another service.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod amqp;
+pub mod tls;
+
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;

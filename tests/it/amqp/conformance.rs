@@ -7,9 +7,8 @@
 //! published concurrently); fan-out to two subscriptions; every envelope field round-trips
 //! (hops, metadata, causation, kind, binary and large payloads).
 
-mod amqp_support;
 
-use amqp_support::*;
+use crate::support::amqp::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -3,9 +3,8 @@
 //! with failure or release reports) beside another; each stream's events are still applied
 //! once and in order. On the memory store with a slow batch, so the overlap is deterministic.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,14 +4,12 @@
 //! receive → accept through it; without `transport.amqp.tls_ca_file` the same connection is
 //! refused because the certificate is not trusted.
 
-mod amqp_support;
-mod tls_support;
 
-use amqp_support::*;
+use crate::support::amqp::*;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tls_support::TestCert;
+use crate::support::tls::TestCert;
 use whizbang::transport::amqp::AmqpTransport;
 use whizbang::transport::{Settlement, Transport, TransportError};
 

@@ -6,9 +6,8 @@
 //! plain AMQP sender, which no dispatcher checked) is applied and one a byte over is rejected
 //! with that reason.
 
-mod amqp_support;
 
-use amqp_support::*;
+use crate::support::amqp::*;
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::{Connection, Sender, Session};
 use serde::{Deserialize, Serialize};

@@ -3,9 +3,8 @@
 //! while its stream waits behind it, then dead-lettered after `store.max_attempts`, and an
 //! operator can requeue or skip it (contracts 4 and 6).
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,9 +8,8 @@
 //! The event here is both published and applied locally, so its outbox row and its inbox row
 //! share one message id: the recovery after a lost answer must tell them apart.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use uuid::Uuid;

@@ -3,9 +3,8 @@
 //! RabbitMQ's AMQP 1.0. Every event reaches the inventory perspective exactly once and in
 //! order per stream — with the in-memory store and with the Postgres store on both sides.
 
-mod amqp_support;
 
-use amqp_support::*;
+use crate::support::amqp::*;
 use std::time::Duration;
 use uuid::Uuid;
 use whizbang::config::StoreBackend;

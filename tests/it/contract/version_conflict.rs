@@ -2,9 +2,8 @@
 //! typed conflict and writes nothing (no event, no outbox row, no perspective run); a correct
 //! expectation commits; other work committed alongside is unaffected.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use whizbang::store::CorrelationStatus;

@@ -1,5 +1,6 @@
-//! Pins the actix behaviours the design depends on (DESIGN.md, "actix facts that bite"). If an
-//! actix upgrade changes one of them, this file says which design decision to revisit.
+//! Pins the actix behaviours the design depends on (`docs/architecture.md`, "actix facts that
+//! bite"). If an actix upgrade changes one of them, this file says which design decision to
+//! revisit.
 
 use actix::prelude::*;
 use std::sync::{Arc, Mutex};

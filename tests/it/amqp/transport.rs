@@ -4,9 +4,8 @@
 //! concurrent publishes are pipelined on one link, and the publish rate is measured beside a
 //! bare fe2o3-amqp sender in the same run.
 
-mod amqp_support;
 
-use amqp_support::*;
+use crate::support::amqp::*;
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::{Connection, Sender, Session};
 use futures::StreamExt as _;

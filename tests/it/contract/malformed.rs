@@ -2,9 +2,8 @@
 //! transport, unknown type, undecodable payload, oversized, wrong kind) are rejected with a
 //! reason in the subscription's dead letters, and the good deliveries around them go through.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use std::sync::Arc;
 use whizbang::envelope::MessageKind;
 use whizbang::transport::MalformedDelivery;

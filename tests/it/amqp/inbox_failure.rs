@@ -7,11 +7,9 @@
 //! consumer released a failed batch and committed the next deliveries of its window first,
 //! 205 applications out of stream order.
 
-mod amqp_support;
-mod common;
 
-use amqp_support::*;
-use common::{BatchHook, HookedStore};
+use crate::support::amqp::*;
+use crate::support::{BatchHook, HookedStore};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use uuid::Uuid;

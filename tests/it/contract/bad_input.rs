@@ -7,9 +7,8 @@
 //! messages that stay local are not limited. Invalid commands (a validation failure, an unknown
 //! type, a panicking receptor) get their typed errors and write no row.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -4,9 +4,8 @@
 //! a reason naming the problem, while the good messages around them are applied, in order.
 //! Nothing stays in the queue: a rejected delivery is never delivered again.
 
-mod amqp_support;
 
-use amqp_support::*;
+use crate::support::amqp::*;
 use fe2o3_amqp::types::messaging::{Data, Message as AmqpMessage, Outcome};
 use fe2o3_amqp::types::primitives::{Binary, Symbol};
 use fe2o3_amqp::{Connection, Sender, Session};

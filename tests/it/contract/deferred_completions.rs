@@ -3,9 +3,8 @@
 //! rows of earlier calls. The flush timer writes them, and shutdown drains them. On the memory
 //! store behind a hook that records what each batch carries.
 
-mod common;
 
-use common::*;
+use crate::support::*;
 use std::sync::Mutex;
 use uuid::Uuid;
 use whizbang::config::FlushStrategy;
