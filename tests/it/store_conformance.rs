@@ -3,6 +3,7 @@
 //! cannot reach Postgres fails. A case that passes drops the schemas it opened; a failed one
 //! leaves them to be looked at.
 
+use crate::support::pg::{connect, database_url, drop_schemas, new_schema};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,11 +43,6 @@ async fn open(backend: Backend, s: StoreSettings) -> Arc<dyn Store> {
     }
 }
 
-fn database_url() -> String {
-    std::env::var("WHIZBANG_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// A Postgres store in a schema of its own; also returns the schema's name.
 async fn open_postgres(s: StoreSettings) -> (Arc<dyn Store>, String) {
     open_postgres_with(s, true).await
@@ -56,7 +52,7 @@ async fn open_postgres_with(s: StoreSettings, one_message_path: bool) -> (Arc<dy
     let mut c = whizbang::Config::default();
     c.store.backend = whizbang::config::StoreBackend::Postgres;
     c.store.database_url = database_url();
-    c.store.schema = format!("t_{}", Uuid::now_v7().simple());
+    c.store.schema = new_schema();
     c.store.startup_timeout_ms = 5_000;
     c.store.pool_size = 4;
     c.partitions.partition_count = s.partition_count;
@@ -97,16 +93,10 @@ async fn run_case(case: impl Future<Output = ()>) {
     if opened.is_empty() {
         return;
     }
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+    let opened: Vec<&str> = opened.iter().map(String::as_str).collect();
+    drop_schemas(&opened)
         .await
-        .expect("Postgres reachable to drop the case's schemas");
-    tokio::spawn(conn);
-    for schema in opened {
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .await
-            .expect("the case's schema is dropped");
-    }
+        .expect("the case's schemas are dropped");
 }
 
 fn event(stream: &str, n: u8) -> Envelope {
@@ -1486,10 +1476,7 @@ async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
     // A second live instance halves A's fair share.
     let _b = instance(&store).await;
     // "A claim in progress": an open transaction holding the row locks of every pending row.
-    let (mut client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut client = connect().await;
     let tx = client.transaction().await.unwrap();
     tx.execute(&format!("SELECT 1 FROM {schema}.wb_inbox FOR UPDATE"), &[])
         .await
@@ -1507,9 +1494,7 @@ async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
         "the excess goes once the claim is over: released {:?} of {held:?}",
         hb.released
     );
-    let _ = client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await;
+    let _ = drop_schemas(&[&schema]).await;
 }
 
 /// Postgres only: a graceful shutdown's release and a heartbeat of the same instance in
@@ -1526,10 +1511,7 @@ async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
     let (store, schema) = open_postgres(s).await;
     let a = instance(&store).await;
     pending_in_own_partitions(&store, a, "hb", 6).await;
-    let (mut client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut client = connect().await;
     let heartbeat = client.transaction().await.unwrap();
     heartbeat
         .execute(
@@ -1549,10 +1531,7 @@ async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
         let store = store.clone();
         async move { store.release_partitions(a, None).await }
     });
-    let (watcher, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let watcher = connect().await;
     eventually(10, "the release to wait for a lock", || async {
         let waiting: i64 = watcher
             .query_one(
@@ -1592,9 +1571,7 @@ async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
         .unwrap()
         .get(0);
     assert_eq!(held, 0, "every lease was released");
-    let _ = client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await;
+    let _ = drop_schemas(&[&schema]).await;
 }
 
 /// Dedup keys outlive their inbox rows by the retention, counted from receipt, and only a
@@ -1619,10 +1596,7 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
         ..WorkBatch::default()
     };
     assert!(batch(&store, a, completions).await.stale.is_empty());
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = connect().await;
     // Received a retention (168 h by default) and more ago.
     client
         .execute(
@@ -1662,9 +1636,7 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
         .unwrap()
         .get(0);
     assert_eq!(indexed, 0, "an index on processed_at rules out HOT updates");
-    let _ = client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await;
+    let _ = drop_schemas(&[&schema]).await;
 }
 
 /// Postgres only: the queue probes keep going through their indexes after `wb_outbox` and
@@ -1677,10 +1649,7 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
 async fn postgres_queue_probes_use_their_indexes_after_a_vacuum_of_the_empty_queues() {
     let (store, schema) = open_postgres(settings()).await;
     let a = instance(&store).await;
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = connect().await;
     for table in ["wb_outbox", "wb_inbox"] {
         client
             .batch_execute(&format!("VACUUM {schema}.{table}"))
@@ -1729,7 +1698,5 @@ async fn postgres_queue_probes_use_their_indexes_after_a_vacuum_of_the_empty_que
         0,
         "the batches scanned wb_outbox or wb_inbox sequentially after the vacuum"
     );
-    let _ = client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await;
+    let _ = drop_schemas(&[&schema]).await;
 }

@@ -7,8 +7,8 @@
 //! published concurrently); fan-out to two subscriptions; every envelope field round-trips
 //! (hops, metadata, causation, kind, binary and large payloads).
 
-
 use crate::support::amqp::*;
+use crate::support::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -125,7 +125,7 @@ async fn publish_receive_accept(fx: Fixture) -> anyhow::Result<()> {
     let topic = fx.topic(&["s"])?;
     let t = fx.transport.clone();
     let mut sub = t.subscribe(&topic, "s", 10).await?;
-    let e = bumped_envelope("stream-1", 1);
+    let e = event_envelope(&Bumped::new("stream-1", 1));
     t.publish(&topic, &e).await?;
     let got = recv(&mut *sub, 1).await?;
     assert_eq!(envelope_of(&got[0]), &e);
@@ -141,7 +141,7 @@ async fn release_redelivers(fx: Fixture) -> anyhow::Result<()> {
     let topic = fx.topic(&["s"])?;
     let t = fx.transport.clone();
     let mut sub = t.subscribe(&topic, "s", 10).await?;
-    let e = bumped_envelope("stream-1", 1);
+    let e = event_envelope(&Bumped::new("stream-1", 1));
     t.publish(&topic, &e).await?;
     let first = recv(&mut *sub, 1).await?;
     sub.settle(first[0].tag, Settlement::Release).await?;
@@ -159,12 +159,12 @@ async fn reject_is_final(fx: Fixture) -> anyhow::Result<()> {
     let topic = fx.topic(&["s"])?;
     let t = fx.transport.clone();
     let mut sub = t.subscribe(&topic, "s", 10).await?;
-    let poison = bumped_envelope("stream-1", 1);
+    let poison = event_envelope(&Bumped::new("stream-1", 1));
     t.publish(&topic, &poison).await?;
     let got = recv(&mut *sub, 1).await?;
     sub.settle(got[0].tag, Settlement::Reject("poison".into()))
         .await?;
-    let next = bumped_envelope("stream-1", 2);
+    let next = event_envelope(&Bumped::new("stream-1", 2));
     t.publish(&topic, &next).await?;
     let got = recv(&mut *sub, 1).await?;
     assert_eq!(
@@ -191,7 +191,9 @@ async fn order_is_kept(fx: Fixture) -> anyhow::Result<()> {
     let t = fx.transport.clone();
     let mut sub = t.subscribe(&topic, "s", 100).await?;
     // One stream, one publish at a time (as the publisher does per stream).
-    let sent: Vec<Envelope> = (1..=200).map(|i| bumped_envelope("solo", i)).collect();
+    let sent: Vec<Envelope> = (1..=200)
+        .map(|i| event_envelope(&Bumped::new("solo", i)))
+        .collect();
     for e in &sent {
         t.publish(&topic, e).await?;
     }
@@ -207,7 +209,7 @@ async fn order_is_kept(fx: Fixture) -> anyhow::Result<()> {
         async move {
             let mut ids = Vec::new();
             for i in 1..=per_stream {
-                let e = bumped_envelope(&format!("multi-{s}"), i);
+                let e = event_envelope(&Bumped::new(format!("multi-{s}"), i));
                 t.publish(&topic, &e).await?;
                 ids.push(e.message_id);
             }
@@ -234,7 +236,9 @@ async fn fan_out(fx: Fixture) -> anyhow::Result<()> {
     let t = fx.transport.clone();
     let mut a = t.subscribe(&topic, "a", 10).await?;
     let mut b = t.subscribe(&topic, "b", 10).await?;
-    let sent: Vec<Envelope> = (1..=10).map(|i| bumped_envelope("fan", i)).collect();
+    let sent: Vec<Envelope> = (1..=10)
+        .map(|i| event_envelope(&Bumped::new("fan", i)))
+        .collect();
     for e in &sent {
         t.publish(&topic, e).await?;
     }
@@ -283,7 +287,7 @@ async fn fields_round_trip(fx: Fixture) -> anyhow::Result<()> {
     }
     let mut original = Envelope::new(MessageKind::Command, "test.Bump", "s-2".into(), vec![]);
     original.timestamp_us = -1;
-    let mut large = bumped_envelope("s-3", 3);
+    let mut large = event_envelope(&Bumped::new("s-3", 3));
     large.payload = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let sent = vec![caused, cause, original, large];
     for e in &sent {

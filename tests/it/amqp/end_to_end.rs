@@ -3,35 +3,15 @@
 //! RabbitMQ's AMQP 1.0. Every event reaches the inventory perspective exactly once and in
 //! order per stream — with the in-memory store and with the Postgres store on both sides.
 
-
 use crate::support::amqp::*;
+use crate::support::pg::{drop_schemas, on_postgres};
+use crate::support::*;
 use std::time::Duration;
 use uuid::Uuid;
-use whizbang::config::StoreBackend;
 use whizbang::{Config, Message, ReceiptStatus, Runtime};
 
 const STREAMS: usize = 40;
 const EVENTS: u32 = 15;
-
-fn on_postgres(mut c: Config, schema: &str) -> Config {
-    c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = database_url();
-    c.store.schema = schema.into();
-    c
-}
-
-async fn drop_schemas(schemas: &[&str]) -> anyhow::Result<()> {
-    let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the test database {}: {e}", database_url()))?;
-    tokio::spawn(connection);
-    for s in schemas {
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
-            .await?;
-    }
-    Ok(())
-}
 
 /// Sends `EVENTS` bumps on each of `STREAMS` streams (each stream in order, the streams
 /// concurrently) and checks what the inventory side applied.

@@ -7,9 +7,8 @@
 //! consumer released a failed batch and committed the next deliveries of its window first,
 //! 205 applications out of stream order.
 
-
 use crate::support::amqp::*;
-use crate::support::{BatchHook, HookedStore};
+use crate::support::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use uuid::Uuid;
@@ -65,7 +64,7 @@ async fn a_failed_inbox_commit_lets_nothing_later_overtake_the_released_deliveri
             whizbang::transport::Transport::publish(
                 transport.as_ref(),
                 &topic,
-                &bumped_envelope(stream, seq),
+                &event_envelope(&Bumped::new(stream, seq)),
             )
             .await?;
         }

@@ -6,14 +6,14 @@
 //! plain AMQP sender, which no dispatcher checked) is applied and one a byte over is rejected
 //! with that reason.
 
-
 use crate::support::amqp::*;
+use crate::support::pg::{self, drop_schemas, new_schema, rows};
+use crate::support::*;
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::{Connection, Sender, Session};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
-use whizbang::config::StoreBackend;
 use whizbang::envelope::MessageKind;
 use whizbang::transport::amqp::wire;
 use whizbang::{
@@ -90,43 +90,10 @@ impl Perspective<Parcel> for Parcels {
 
 /// `service` on the Postgres store in a schema of its own, with the test's size limit.
 fn on_postgres(service: &str) -> (Config, String) {
-    let schema = format!("t_{}", Uuid::now_v7().simple());
-    let mut c = amqp_config(service);
-    c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = database_url();
-    c.store.schema = schema.clone();
+    let schema = new_schema();
+    let mut c = pg::on_postgres(amqp_config(service), &schema);
     c.transport.max_message_bytes = LIMIT;
     (c, schema)
-}
-
-async fn db() -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the test database {}: {e}", database_url()))?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// Rows of one stream in `schema.table`.
-async fn rows(schema: &str, table: &str, stream: &str) -> anyhow::Result<i64> {
-    let row = db()
-        .await?
-        .query_one(
-            &format!("SELECT count(*) FROM {schema}.{table} WHERE stream_id = $1"),
-            &[&stream],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-async fn drop_schemas(schemas: &[&str]) -> anyhow::Result<()> {
-    let client = db().await?;
-    for s in schemas {
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
-            .await?;
-    }
-    Ok(())
 }
 
 /// The consuming service on Postgres, subscribed to `topic` as "receiver", recording parcels.
@@ -195,13 +162,13 @@ async fn an_event_at_the_limit_crosses_the_broker_and_one_byte_over_is_refused_a
 
     // The sender stored the two accepted events and nothing of the refused one: its outbox
     // for the stream drains (a row for it would have been published, in order, before seq 3).
-    anyhow::ensure!(rows(&sender_schema, "wb_events", &stream).await? == 2);
+    anyhow::ensure!(rows(&sender_schema, "wb_events", Some(&stream)).await? == 2);
     wait_for("the sender's outbox to drain", || async {
-        rows(&sender_schema, "wb_outbox", &stream).await.ok() == Some(0)
+        rows(&sender_schema, "wb_outbox", Some(&stream)).await.ok() == Some(0)
     })
     .await?;
-    anyhow::ensure!(rows(&sender_schema, "wb_inbox", &stream).await? == 0);
-    anyhow::ensure!(rows(&receiver_schema, "wb_events", &stream).await? == 0);
+    anyhow::ensure!(rows(&sender_schema, "wb_inbox", Some(&stream)).await? == 0);
+    anyhow::ensure!(rows(&receiver_schema, "wb_events", Some(&stream)).await? == 0);
 
     sender.shutdown().await?;
     receiver.shutdown().await?;
@@ -281,8 +248,8 @@ async fn the_receiver_admits_a_delivery_at_the_limit_and_rejects_one_byte_over()
     let received = |id: Uuid| {
         let schema = receiver_schema.clone();
         async move {
-            let row = db()
-                .await?
+            let row = pg::connect()
+                .await
                 .query_one(
                     &format!("SELECT count(*) FROM {schema}.wb_dedup WHERE message_id::text = $1"),
                     &[&id.to_string()],

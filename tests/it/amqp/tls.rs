@@ -4,12 +4,12 @@
 //! receive → accept through it; without `transport.amqp.tls_ca_file` the same connection is
 //! refused because the certificate is not trusted.
 
-
 use crate::support::amqp::*;
+use crate::support::tls::TestCert;
+use crate::support::*;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use crate::support::tls::TestCert;
 use whizbang::transport::amqp::AmqpTransport;
 use whizbang::transport::{Settlement, Transport, TransportError};
 
@@ -59,7 +59,7 @@ async fn amqps_connects_tls_first_and_carries_messages() -> anyhow::Result<()> {
     config.amqp_url = format!("amqps://guest:guest@localhost:{port}");
     config.amqp.tls_ca_file = cert.cert().display().to_string();
     let t = AmqpTransport::from_config(&config, "tls-test")?;
-    let e = bumped_envelope("tls-stream", 1);
+    let e = event_envelope(&Bumped::new("tls-stream", 1));
     t.publish(&topic, &e).await?;
     let mut sub = t.subscribe(&topic, "s", 10).await?;
     let got = tokio::time::timeout(DEADLINE, sub.receive(10)).await??;
@@ -74,7 +74,10 @@ async fn amqps_connects_tls_first_and_carries_messages() -> anyhow::Result<()> {
     let mut untrusted = amqp_transport_config();
     untrusted.amqp_url = format!("amqps://guest:guest@localhost:{port}");
     let t = AmqpTransport::from_config(&untrusted, "tls-test")?;
-    match t.publish(&topic, &bumped_envelope("tls-stream", 2)).await {
+    match t
+        .publish(&topic, &event_envelope(&Bumped::new("tls-stream", 2)))
+        .await
+    {
         Err(TransportError::Connection(message)) => {
             assert!(message.contains("cannot connect"), "{message}")
         }

@@ -4,8 +4,8 @@
 //! concurrent publishes are pipelined on one link, and the publish rate is measured beside a
 //! bare fe2o3-amqp sender in the same run.
 
-
 use crate::support::amqp::*;
+use crate::support::*;
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::{Connection, Sender, Session};
 use futures::StreamExt as _;
@@ -84,7 +84,7 @@ async fn send_to_a_missing_exchange_fails_without_hanging() -> anyhow::Result<()
     let t = amqp_transport();
     let start = Instant::now();
     let err = t
-        .publish(&unique("nosuch"), &bumped_envelope("s", 1))
+        .publish(&unique("nosuch"), &event_envelope(&Bumped::new("s", 1)))
         .await
         .expect_err("the exchange does not exist");
     assert!(err.is_transient(), "{err:?}");
@@ -104,8 +104,12 @@ async fn unreachable_broker_fails_fast_and_backs_off() -> anyhow::Result<()> {
     config.amqp.reconnect_backoff_max_ms = 2_000;
     let t = AmqpTransport::from_config(&config, "unreachable")?;
     let start = Instant::now();
-    let first = t.publish("orders", &bumped_envelope("s", 1)).await;
-    let second = t.publish("orders", &bumped_envelope("s", 2)).await;
+    let first = t
+        .publish("orders", &event_envelope(&Bumped::new("s", 1)))
+        .await;
+    let second = t
+        .publish("orders", &event_envelope(&Bumped::new("s", 2)))
+        .await;
     assert!(
         matches!(&first, Err(TransportError::Connection(m)) if m.contains("cannot connect")),
         "{first:?}"
@@ -128,7 +132,7 @@ async fn unreachable_broker_fails_fast_and_backs_off() -> anyhow::Result<()> {
 /// Builds `n` encoded envelopes (what the publisher would send).
 fn envelopes(n: usize) -> Vec<whizbang::Envelope> {
     (0..n)
-        .map(|i| bumped_envelope(&format!("stream-{}", i % 64), i as u32))
+        .map(|i| event_envelope(&Bumped::new(format!("stream-{}", i % 64), i as u32)))
         .collect()
 }
 
@@ -198,7 +202,7 @@ async fn concurrent_publishes_are_pipelined_and_all_accepted() -> anyhow::Result
     let bare = bare_rate(&topic, n, 256).await?;
     println!(
         "publish rate ({n} messages, ~{} bytes each): whizbang publish window 256 = {pipelined:.0} msg/s, one at a time = {one_at_a_time:.0} msg/s, bare fe2o3-amqp sender window 256 = {bare:.0} msg/s, ratio {:.2}",
-        wire::to_message(&bumped_envelope("stream-1", 1))
+        wire::to_message(&event_envelope(&Bumped::new("stream-1", 1)))
             .body
             .0
             .len(),
@@ -287,7 +291,9 @@ async fn unsettled_deliveries_come_back_when_a_subscription_is_dropped() -> anyh
     let topic = unique("unsettled");
     let _topology = Topology::declare(&[(&topic, &["s"])])?;
     let t = amqp_transport();
-    let sent: Vec<_> = (1..=5).map(|i| bumped_envelope("s", i)).collect();
+    let sent: Vec<_> = (1..=5)
+        .map(|i| event_envelope(&Bumped::new("s", i)))
+        .collect();
     for e in &sent {
         t.publish(&topic, e).await?;
     }
@@ -340,7 +346,7 @@ async fn connection_string_with_sasl_plain_carries_messages() -> anyhow::Result<
         "connstr",
     )?;
     assert_eq!(t.settings().url, "amqp://127.0.0.1:5672");
-    let e = bumped_envelope("s", 1);
+    let e = event_envelope(&Bumped::new("s", 1));
     t.publish(&topic, &e).await?;
     let mut sub = t.subscribe(&topic, "s", 10).await?;
     let got = tokio::time::timeout(DEADLINE, sub.receive(10)).await??;
@@ -361,7 +367,10 @@ async fn cbs_auth_puts_a_token_before_attaching_the_link() -> anyhow::Result<()>
         &connection_string_config(whizbang::config::AmqpAuth::Cbs),
         "cbs",
     )?;
-    match t.publish(&topic, &bumped_envelope("s", 1)).await {
+    match t
+        .publish(&topic, &event_envelope(&Bumped::new("s", 1)))
+        .await
+    {
         Err(TransportError::Connection(message)) => {
             assert!(message.contains("CBS"), "{message}");
             assert!(

@@ -7,68 +7,26 @@
 //! messages that stay local are not limited. Invalid commands (a validation failure, an unknown
 //! type, a panicking receptor) get their typed errors and write no row.
 
-
+use crate::support::pg::{drop_schemas, new_schema, on_postgres, rows};
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use uuid::Uuid;
-use whizbang::config::{FlushStrategy, StoreBackend};
+use whizbang::config::FlushStrategy;
 use whizbang::transport::memory::MemoryBus;
 use whizbang::{
     Command, Config, Decision, DispatchError, Event, EventMeta, Message, Perspective,
     PerspectiveError, Receptor, ReceptorContext, ReceptorError, Runtime,
 };
 
-fn database_url() -> String {
-    std::env::var("WHIZBANG_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// `service` on the Postgres store, in a schema of its own.
 fn pg(service: &str) -> (Config, String) {
-    let schema = format!("t_{}", Uuid::now_v7().simple());
-    let mut c = config(service);
-    c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = database_url();
-    c.store.schema = schema.clone();
+    let schema = new_schema();
+    let mut c = on_postgres(config(service), &schema);
     c.store.max_attempts = 3;
     c.store.backoff_base_ms = 10;
     c.store.backoff_max_ms = 20;
     (c, schema)
-}
-
-/// Rows of `table` in `schema`, all of them or those of one stream.
-async fn rows(schema: &str, table: &str, stream: Option<&str>) -> anyhow::Result<i64> {
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    let row = match stream {
-        Some(stream) => {
-            client
-                .query_one(
-                    &format!("SELECT count(*) FROM {schema}.{table} WHERE stream_id = $1"),
-                    &[&stream],
-                )
-                .await?
-        }
-        None => {
-            client
-                .query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[])
-                .await?
-        }
-    };
-    Ok(row.get(0))
-}
-
-async fn drop_schemas(schemas: &[&str]) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    for s in schemas {
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
-            .await?;
-    }
-    Ok(())
 }
 
 /// Stream ids a careless store would mangle or choke on.

@@ -3,7 +3,6 @@
 //! with failure or release reports) beside another; each stream's events are still applied
 //! once and in order. On the memory store with a slow batch, so the overlap is deterministic.
 
-
 use crate::support::*;
 use std::collections::HashMap;
 use std::sync::Mutex;

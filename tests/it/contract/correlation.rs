@@ -2,7 +2,6 @@
 //! (`Decision::then_send`) → event F. Every message of the conversation shares A's correlation
 //! id; each points at the message that caused it; each records where it went.
 
-
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

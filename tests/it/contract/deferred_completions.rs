@@ -3,7 +3,6 @@
 //! rows of earlier calls. The flush timer writes them, and shutdown drains them. On the memory
 //! store behind a hook that records what each batch carries.
 
-
 use crate::support::*;
 use std::sync::Mutex;
 use uuid::Uuid;

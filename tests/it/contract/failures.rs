@@ -3,7 +3,6 @@
 //! while its stream waits behind it, then dead-lettered after `store.max_attempts`, and an
 //! operator can requeue or skip it (contracts 4 and 6).
 
-
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

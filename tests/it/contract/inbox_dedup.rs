@@ -2,7 +2,6 @@
 //! whether the copy arrives while the first is still pending or after it was processed; and
 //! contract 5: every delivery, duplicate or not, is settled (accepted, not dead-lettered).
 
-
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};

@@ -8,7 +8,6 @@
 //! The event here is both published and applied locally, so its outbox row and its inbox row
 //! share one message id: the recovery after a lost answer must tell them apart.
 
-
 use crate::support::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

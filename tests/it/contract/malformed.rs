@@ -2,7 +2,6 @@
 //! transport, unknown type, undecodable payload, oversized, wrong kind) are rejected with a
 //! reason in the subscription's dead letters, and the good deliveries around them go through.
 
-
 use crate::support::*;
 use std::sync::Arc;
 use whizbang::envelope::MessageKind;

@@ -2,7 +2,6 @@
 //! once, by every perspective of this service and — through the outbox, the publisher, the bus,
 //! the consumer and the inbox — by the perspectives of another service.
 
-
 use crate::support::*;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -296,7 +295,7 @@ async fn partition_rotation_keeps_order_and_makes_progress() -> anyhow::Result<(
     });
     // Without prompt trading, each round of 4 partitions waits for the fallback poll (5 s):
     // minutes. With it, a few seconds; the deadline leaves room for a loaded machine.
-    let deadline = 3 * DEADLINE;
+    let deadline = Duration::from_secs(60);
     tokio::time::timeout(deadline, futures::future::try_join_all(tasks))
         .await
         .map_err(|_| {

@@ -2,7 +2,6 @@
 //! run, so the read model shows the write right after the call — also when a perspective is
 //! slow, when the decision has several events on several streams, and under concurrency.
 
-
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -2,7 +2,6 @@
 //! name is either a command or an event; an unregistered command type is a typed error; a
 //! command type with a topic but no local receptor is forwarded to the service that has one.
 
-
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,7 @@
 //! Rebuilding a perspective from the event store, and resuming from its checkpoint, on the
 //! memory store and on Postgres.
 
+use crate::support::pg;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use whizbang::config::StoreBackend;
@@ -64,9 +65,8 @@ fn config(backend: StoreBackend) -> Config {
     let mut c = Config::default();
     c.service.name = "replay-test".into();
     c.store.backend = backend;
-    c.store.database_url = std::env::var("WHIZBANG_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    c.store.schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    c.store.database_url = pg::database_url();
+    c.store.schema = pg::new_schema();
     c.store.startup_timeout_ms = 5_000;
     c
 }
@@ -75,7 +75,6 @@ async fn rebuild_and_resume(backend: StoreBackend) {
     let log = Log::default();
     let config = config(backend);
     let schema = config.store.schema.clone();
-    let url = config.store.database_url.clone();
     let rt = Runtime::builder(config)
         .receptor::<Add, _>(AddReceptor)
         .perspective::<Added, _>("log", log.clone())
@@ -130,14 +129,9 @@ async fn rebuild_and_resume(backend: StoreBackend) {
     );
     rt.shutdown().await.unwrap();
     if backend == StoreBackend::Postgres {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        pg::drop_schemas(&[&schema])
             .await
-            .unwrap();
-        actix_rt::spawn(conn);
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .await
-            .unwrap();
+            .expect("the test's schema is dropped");
     }
 }
 

@@ -2,7 +2,6 @@
 //! typed conflict and writes nothing (no event, no outbox row, no perspective run); a correct
 //! expectation commits; other work committed alongside is unaffected.
 
-
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

@@ -6,47 +6,15 @@
 //! Each test works in its own schema (`t_<uuid>`), so they run in parallel. A server that
 //! cannot be reached fails the test: nothing here skips.
 
+use crate::support::pg::{connect, database_url, drop_schemas, new_schema};
 use std::process::{Command, Output};
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 use whizbang::routing::partition_of;
 use whizbang::store::StoreError;
 use whizbang::store::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
 use whizbang::store::vacuum::autovacuum_gaps;
-
-fn database_url() -> String {
-    std::env::var("WHIZBANG_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn new_schema() -> String {
-    format!("t_{}", Uuid::now_v7().simple())
-}
-
-async fn connect() -> Client {
-    let url = database_url();
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(&url, NoTls),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("timed out connecting to the test database {url}"))
-    .unwrap_or_else(|e| {
-        panic!("cannot reach the test database {url} (set WHIZBANG_TEST_DATABASE_URL): {e}")
-    });
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
-
-async fn drop_schema(client: &Client, schema: &str) {
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await
-        .expect("drop test schema");
-}
 
 async fn tables(client: &Client, schema: &str) -> Vec<String> {
     client
@@ -168,7 +136,7 @@ async fn migrations_are_idempotent_and_recorded_with_checksums() {
         .unwrap()
         .get(0);
     assert_eq!(position, 42);
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 #[tokio::test]
@@ -232,7 +200,7 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
             .await
             .contains(&"wb_new_table".to_string())
     );
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 #[tokio::test]
@@ -339,7 +307,7 @@ async fn concurrent_migrations_apply_each_file_once() {
     );
     let client = connect().await;
     assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 #[tokio::test]
@@ -380,7 +348,7 @@ async fn autovacuum_gaps_name_the_server_setting_and_each_switched_off_queue_tab
         [&format!("autovacuum_enabled is false on {schema}.wb_inbox")],
         "{gaps:?}"
     );
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 #[tokio::test]
@@ -441,7 +409,7 @@ async fn sql_partition_function_equals_the_rust_one() {
             );
         }
     }
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 // ---- the whizbang CLI ---------------------------------------------------------------------
@@ -513,7 +481,7 @@ async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("no dead letters"), "{stdout}");
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 /// Nothing listening at the database's address may change (a server starting): start-up keeps
@@ -701,7 +669,7 @@ async fn cli_lists_requeues_and_skips_dead_letters() {
         &["dead-letters", "requeue", "not-a-uuid"],
     );
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 #[test]
@@ -860,7 +828,7 @@ async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
         stored, 4,
         "both functions store the event and the claimed outbox row"
     );
-    drop_schema(&client, &schema).await;
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
 /// A binary array (`array_send`) from a bytea column.

@@ -12,6 +12,8 @@
 //! order. Each test uses its own schemas (`t_<uuid>`), so tests run in parallel; an unreachable
 //! server fails the test.
 
+use crate::support::pg::{self, new_schema, on_postgres};
+use crate::support::{self, DEADLINE, captured_logs, config, on_bus, subscribed};
 use actix::System;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -19,64 +21,31 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
-use whizbang::config::{StoreBackend, SubscriptionConfig};
 use whizbang::envelope::Envelope;
 use whizbang::transport::memory::{MemoryBus, MemoryTransport};
 use whizbang::transport::{Subscription, Transport, TransportError};
 use whizbang::{
     Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError,
-    ReceiptStatus, Receptor, ReceptorContext, ReceptorError, Runtime, RuntimeBuilder,
+    ReceiptStatus, Receptor, ReceptorContext, ReceptorError, Runtime,
 };
 
 const TOPIC: &str = "pg-bumps";
 const SUBSCRIPTION: &str = "downstream";
-const DEADLINE: Duration = Duration::from_secs(60);
 
 // ---- the database -------------------------------------------------------------------------
 
-fn database_url() -> String {
-    std::env::var("WHIZBANG_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn new_schema() -> String {
-    format!("t_{}", Uuid::now_v7().simple())
-}
-
-/// Logs of the runtime with `RUST_LOG` (e.g. `RUST_LOG=whizbang=debug`), shown per test.
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
+/// A client of the test database, with the runtime's logs going to the shared capture
+/// (`RUST_LOG=whizbang=debug` and `WHIZBANG_TEST_SHOW_LOGS=1` to see them).
 async fn connect() -> Client {
-    init_logs();
-    let url = database_url();
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_postgres::connect(&url, NoTls),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("timed out connecting to the test database {url}"))
-    .unwrap_or_else(|e| {
-        panic!("cannot reach the test database {url} (set WHIZBANG_TEST_DATABASE_URL): {e}")
-    });
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+    captured_logs();
+    pg::connect().await
 }
 
-async fn drop_schemas(client: &Client, schemas: &[&str]) {
-    for s in schemas {
-        let _ = client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
-            .await;
-    }
+/// Drops the test's schemas once it has passed; a failure to drop does not fail the test.
+async fn drop_schemas(schemas: &[&str]) {
+    let _ = pg::drop_schemas(schemas).await;
 }
 
 /// Events as stored, per stream, in version order: (version, message id, event).
@@ -328,34 +297,19 @@ impl Transport for HangingTransport {
 
 /// A Postgres-backed configuration of `service` in `schema`.
 fn pg_config(service: &str, schema: &str) -> Config {
-    let mut c = Config::default();
-    c.service.name = service.into();
-    c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = database_url();
-    c.store.schema = schema.into();
+    let mut c = on_postgres(config(service), schema);
     c.store.startup_timeout_ms = 15_000;
     c
 }
 
-fn publishing(mut c: Config) -> Config {
-    c.routing
-        .topics
-        .insert(Bumped::TYPE_NAME.into(), TOPIC.into());
-    c
-}
-
-fn on_bus(config: Config, bus: &Arc<MemoryBus>) -> RuntimeBuilder {
-    Runtime::builder(config).transport(Arc::new(MemoryTransport::new(bus.clone())))
+fn publishing(c: Config) -> Config {
+    support::publishing(c, Bumped::TYPE_NAME, TOPIC)
 }
 
 /// A service in its own schema consuming `TOPIC`, recording into `remote`.
 async fn downstream(bus: &Arc<MemoryBus>, schema: &str, remote: &Recorder) -> Runtime {
-    let mut c = pg_config(&format!("downstream-{}", Uuid::now_v7().simple()), schema);
-    c.routing.subscriptions.push(SubscriptionConfig {
-        topic: TOPIC.into(),
-        name: SUBSCRIPTION.into(),
-    });
-    on_bus(c, bus)
+    let c = pg_config(&format!("downstream-{}", Uuid::now_v7().simple()), schema);
+    on_bus(subscribed(c, TOPIC, SUBSCRIPTION), bus)
         .perspective::<Bumped, _>("remote", remote.clone())
         .start()
         .await
@@ -527,7 +481,7 @@ async fn order_scenario_on_postgres() {
     .await;
     assert_eq!(leases, 0, "shutdown released every lease");
     eprintln!("order scenario total {:?}", started.elapsed());
-    drop_schemas(&client, &[&schema, &down_schema]).await;
+    drop_schemas(&[&schema, &down_schema]).await;
 }
 
 // ---- (b) two instances sharing a schema --------------------------------------------------------
@@ -608,7 +562,7 @@ async fn two_instances_share_one_schema() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     down.shutdown().await.unwrap();
-    drop_schemas(&client, &[&schema, &down_schema]).await;
+    drop_schemas(&[&schema, &down_schema]).await;
 }
 
 // ---- (c) takeover ----------------------------------------------------------------------------
@@ -790,7 +744,7 @@ async fn takeover_after_an_instance_dies_with_work_in_flight() {
     );
     b.shutdown().await.unwrap();
     down.shutdown().await.unwrap();
-    drop_schemas(&client, &[&schema, &down_schema]).await;
+    drop_schemas(&[&schema, &down_schema]).await;
 }
 
 #[actix_rt::test]
@@ -871,7 +825,7 @@ async fn graceful_shutdown_releases_leases_at_once() {
     assert_applied_once_in_order("downstream perspective", &stored, &remote);
     b.shutdown().await.unwrap();
     down.shutdown().await.unwrap();
-    drop_schemas(&client, &[&schema, &down_schema]).await;
+    drop_schemas(&[&schema, &down_schema]).await;
 }
 
 // ---- (d) connections killed under load ---------------------------------------------------------
@@ -1022,5 +976,5 @@ async fn connections_killed_mid_run_recover_without_loss_or_duplicates() {
     );
     rt.shutdown().await.unwrap();
     down.shutdown().await.unwrap();
-    drop_schemas(&client, &[&schema, &down_schema]).await;
+    drop_schemas(&[&schema, &down_schema]).await;
 }

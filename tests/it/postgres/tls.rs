@@ -12,20 +12,15 @@
 //!
 //! Each test uses a schema of its own; an unreachable server, or one without TLS, fails it.
 
-
-use std::str::FromStr;
+use crate::support::pg::{connect, database_url, drop_schemas, new_schema};
 use crate::support::tls::TestCert;
+use std::str::FromStr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use whizbang::Config;
 use whizbang::config::StoreBackend;
 use whizbang::store::postgres::PostgresStore;
 use whizbang::store::{Store, StoreError};
-
-fn database_url() -> String {
-    std::env::var("WHIZBANG_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
 
 /// `database_url()` with `sslmode` set (replacing any the URL had).
 fn with_sslmode(mode: &str) -> String {
@@ -45,29 +40,20 @@ fn config(url: String, service: &str) -> Config {
     c.service.name = service.into();
     c.store.backend = StoreBackend::Postgres;
     c.store.database_url = url;
-    c.store.schema = format!("t_{}", Uuid::now_v7().simple());
+    c.store.schema = new_schema();
     c.store.pool_size = 2;
     c.store.startup_timeout_ms = 3_000;
     c
 }
 
-async fn plain_client() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .expect("Postgres must be reachable for this test");
-    tokio::spawn(conn);
-    client
-}
-
-async fn drop_schema(client: &tokio_postgres::Client, schema: &str) {
-    let _ = client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await;
+/// Drops a test's schema; a failure to drop does not fail the test.
+async fn drop_schema(schema: &str) {
+    let _ = drop_schemas(&[schema]).await;
 }
 
 #[tokio::test]
 async fn sslmode_require_encrypts_every_connection_of_the_store() {
-    let client = plain_client().await;
+    let client = connect().await;
     let ssl: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
     assert_eq!(
         ssl, "on",
@@ -101,7 +87,7 @@ async fn sslmode_require_encrypts_every_connection_of_the_store() {
         "the store's connections, encrypted or not: {encrypted:?}"
     );
     drop(store);
-    drop_schema(&client, &c.store.schema).await;
+    drop_schema(&c.store.schema).await;
 }
 
 #[tokio::test]
@@ -121,7 +107,7 @@ async fn a_ca_that_did_not_sign_the_servers_certificate_is_refused() {
         "the store trusted a server whose certificate its CA did not sign",
     )
     .await;
-    drop_schema(&plain_client().await, &schema).await;
+    drop_schema(&schema).await;
 }
 
 /// Opens a store with `c` and expects it refused with `reason`, at once: waiting will not
@@ -236,7 +222,7 @@ async fn store_works(url: String, ca_file: &str) -> Result<(), StoreError> {
         store.heartbeat(instance).await.map(|_| ())
     }
     .await;
-    drop_schema(&plain_client().await, &c.store.schema).await;
+    drop_schema(&c.store.schema).await;
     result
 }
 

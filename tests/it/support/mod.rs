@@ -1,10 +1,18 @@
-//! Shared message types, handlers and helpers of the integration tests (in-memory store and
-//! in-memory transport, no servers).
-
-#![allow(dead_code)]
+//! What the integration tests share, defined once: deadline-bound waits, unique names, the
+//! `Bump`/`Bumped` messages with a recording perspective, runtime configurations on the
+//! in-memory bus, and (in the submodules) the Postgres, AMQP broker, TLS and log-capture
+//! helpers. Nothing here skips a case: a server that cannot be reached fails the test that needs
+//! it. Nothing here may hold state that ties one test to another, except what is named as
+//! shared (the log capture, the broker lease).
 
 pub mod amqp;
+mod hooked;
+mod logs;
+pub mod pg;
 pub mod tls;
+
+pub use hooked::{BatchHook, HookedStore};
+pub use logs::{captured_logs, log_lines_with};
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -20,13 +28,14 @@ use whizbang::{
     Receptor, ReceptorContext, ReceptorError, Runtime, RuntimeBuilder,
 };
 
-/// How long any condition may take before a test fails.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+/// How long any condition may take before a test fails: a bound on a hang, not a latency
+/// assertion (a test that asserts speed names its own bound). Generous, because every case of
+/// the crate shares one process, the servers and the machine's cores with the others.
+pub const DEADLINE: Duration = Duration::from_secs(60);
 /// Poll period of [`wait_until`] / [`wait_for`].
 pub const POLL: Duration = Duration::from_millis(5);
 
-/// Polls `done` every few ms until it holds; fails after [`DEADLINE`] with `what` and the last
-/// `describe()`.
+/// Polls `done` every few ms until it holds; fails after [`DEADLINE`] naming `what`.
 pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
     let start = Instant::now();
     while !done() {
@@ -52,6 +61,27 @@ where
         tokio::time::sleep(POLL).await;
     }
     Ok(())
+}
+
+/// Checks that `ok` keeps holding for `window` (polled): how a test shows that something does
+/// not happen (a duplicate, a redelivery) within a bounded time.
+pub async fn holds_for(
+    what: &str,
+    window: Duration,
+    mut ok: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < window {
+        anyhow::ensure!(ok(), "{what} stopped holding after {:?}", start.elapsed());
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// A name unique to this test run (letters, digits and '-': valid in every address form, and
+/// short enough for broker entity names): the random half of a UUIDv7.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Uuid::now_v7().simple().to_string()[16..])
 }
 
 // ---- Messages ---------------------------------------------------------------------------
@@ -189,15 +219,13 @@ impl Recorder {
         self.0.lock().unwrap().by_stream.keys().cloned().collect()
     }
 
-    pub fn all(&self) -> Vec<Seen> {
-        self.0
-            .lock()
-            .unwrap()
-            .by_stream
-            .values()
-            .flatten()
-            .cloned()
-            .collect()
+    /// How many times each message id was applied, for ids applied more than once.
+    pub fn duplicates(&self) -> Vec<(Uuid, usize)> {
+        let mut counts: HashMap<Uuid, usize> = HashMap::new();
+        for seen in self.0.lock().unwrap().by_stream.values().flatten() {
+            *counts.entry(seen.meta.message_id).or_default() += 1;
+        }
+        counts.into_iter().filter(|(_, n)| *n > 1).collect()
     }
 
     fn record(&self, seq: u32, meta: EventMeta) {
@@ -264,126 +292,4 @@ pub fn command_envelope<C: Command>(command: &C) -> Envelope {
         command.stream_id(),
         whizbang::message::encode(command).expect("encodes"),
     )
-}
-
-/// A stream name unique to this test run.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", Uuid::now_v7().simple())
-}
-
-// ---- A memory store with a hook on the work batch ----------------------------------------
-
-/// Decides how a [`HookedStore`] runs each work batch (delay it, lose its answer, …); every
-/// other call goes straight to the memory store.
-#[async_trait::async_trait]
-pub trait BatchHook: Send + Sync + 'static {
-    async fn process(
-        &self,
-        inner: &whizbang::store::memory::MemoryStore,
-        instance: Uuid,
-        batch: whizbang::store::WorkBatch,
-    ) -> Result<whizbang::store::WorkBatchResult, whizbang::store::StoreError>;
-}
-
-/// A memory store whose work batches go through `hook`: a stand-in for a database whose
-/// replies are slow or lost.
-pub struct HookedStore<H> {
-    pub inner: whizbang::store::memory::MemoryStore,
-    pub hook: H,
-}
-
-impl<H: BatchHook> HookedStore<H> {
-    pub fn new(config: &Config, hook: H) -> HookedStore<H> {
-        HookedStore {
-            inner: whizbang::store::memory::MemoryStore::new(
-                whizbang::store::StoreSettings::from_config(config),
-            ),
-            hook,
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
-    async fn register_instance(
-        &self,
-        instance: Uuid,
-        service: &str,
-        host: &str,
-    ) -> Result<(), whizbang::store::StoreError> {
-        self.inner.register_instance(instance, service, host).await
-    }
-    async fn heartbeat(
-        &self,
-        instance: Uuid,
-    ) -> Result<whizbang::store::Heartbeat, whizbang::store::StoreError> {
-        self.inner.heartbeat(instance).await
-    }
-    async fn process_work_batch(
-        &self,
-        instance: Uuid,
-        batch: whizbang::store::WorkBatch,
-    ) -> Result<whizbang::store::WorkBatchResult, whizbang::store::StoreError> {
-        self.hook.process(&self.inner, instance, batch).await
-    }
-    async fn release_partitions(
-        &self,
-        instance: Uuid,
-        partitions: Option<&[u32]>,
-    ) -> Result<(), whizbang::store::StoreError> {
-        self.inner.release_partitions(instance, partitions).await
-    }
-    async fn read_stream(
-        &self,
-        stream_id: &str,
-        from: u64,
-    ) -> Result<Vec<whizbang::store::StoredEvent>, whizbang::store::StoreError> {
-        self.inner.read_stream(stream_id, from).await
-    }
-    async fn read_all(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<whizbang::store::StoredEvent>, whizbang::store::StoreError> {
-        self.inner.read_all(after, limit).await
-    }
-    async fn inbox_processed(
-        &self,
-        ids: &[Uuid],
-    ) -> Result<Vec<Uuid>, whizbang::store::StoreError> {
-        self.inner.inbox_processed(ids).await
-    }
-    async fn correlation_status(
-        &self,
-        id: Uuid,
-    ) -> Result<whizbang::store::CorrelationStatus, whizbang::store::StoreError> {
-        self.inner.correlation_status(id).await
-    }
-    async fn dead_letters(
-        &self,
-    ) -> Result<Vec<whizbang::store::DeadLetter>, whizbang::store::StoreError> {
-        self.inner.dead_letters().await
-    }
-    async fn requeue_dead_letter(&self, id: Uuid) -> Result<(), whizbang::store::StoreError> {
-        self.inner.requeue_dead_letter(id).await
-    }
-    async fn skip_dead_letter(&self, id: Uuid) -> Result<(), whizbang::store::StoreError> {
-        self.inner.skip_dead_letter(id).await
-    }
-    async fn load_checkpoint(
-        &self,
-        perspective: &str,
-    ) -> Result<Option<u64>, whizbang::store::StoreError> {
-        self.inner.load_checkpoint(perspective).await
-    }
-    async fn save_checkpoint(
-        &self,
-        perspective: &str,
-        position: u64,
-    ) -> Result<(), whizbang::store::StoreError> {
-        self.inner.save_checkpoint(perspective, position).await
-    }
-    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.work_signal()
-    }
 }

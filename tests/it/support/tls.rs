@@ -1,7 +1,6 @@
 //! A certificate made for one test run, for TLS tests that put a TLS-terminating proxy in front
-//! of a local server (the broker in `amqp_tls.rs`, Postgres in `postgres_tls.rs`).
-
-#![allow(dead_code)]
+//! of a local server (the broker in `amqp::tls`, Postgres in `postgres::tls`). Each test makes
+//! its own, in a directory of its own, removed when dropped.
 
 use std::path::PathBuf;
 use std::process::Command;
