@@ -3,7 +3,7 @@
 //! cannot reach Postgres fails. A case that passes drops the schemas it opened; a failed one
 //! leaves them to be looked at.
 
-use crate::support::pg::{connect, database_url, drop_schemas, new_schema};
+use crate::support::pg::{self, connect, database_url, drop_schemas, new_schema};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +84,7 @@ tokio::task_local! {
 
 /// Runs one case; once it has passed, drops the schemas it opened.
 async fn run_case(case: impl Future<Output = ()>) {
+    let _pg = pg::slot().await;
     let opened = OPENED
         .scope(std::cell::RefCell::new(Vec::new()), async {
             case.await;
@@ -1465,6 +1466,7 @@ conformance!(
 /// released by the heartbeat; once the claim is over, the excess goes.
 #[tokio::test]
 async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
+    let _pg = pg::slot().await;
     let mut s = settings();
     s.partition_count = 64;
     s.max_partitions_per_instance = 64;
@@ -1505,6 +1507,7 @@ async fn postgres_a_partition_being_claimed_is_not_released_as_excess() {
 /// does next: neither may fail.
 #[tokio::test]
 async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
+    let _pg = pg::slot().await;
     let mut s = settings();
     s.partition_count = 64;
     s.max_partitions_per_instance = 64;
@@ -1532,18 +1535,15 @@ async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
         async move { store.release_partitions(a, None).await }
     });
     let watcher = connect().await;
+    // Only this schema's statements: other tests of the process wait on locks of their own.
+    let waiting_sql = format!(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+            AND query LIKE '%{schema}.%'
+            AND (query LIKE '%wb_partition_leases%' OR query LIKE '%pg_advisory_xact_lock%')"
+    );
     eventually(10, "the release to wait for a lock", || async {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE '%wb_partition_leases%'
-                     OR wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock%'
-                        AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let waiting: i64 = watcher.query_one(&waiting_sql, &[]).await.unwrap().get(0);
         (waiting > 0).then_some(())
     })
     .await;
@@ -1579,6 +1579,7 @@ async fn postgres_a_release_during_a_heartbeat_does_not_deadlock() {
 /// update (no index entry names processed_at).
 #[tokio::test]
 async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
+    let _pg = pg::slot().await;
     let (store, schema) = open_postgres(settings()).await;
     let a = instance(&store).await;
     let (old_done, old_pending, new_done) = (event("r", 1), event("r2", 2), event("r3", 3));
@@ -1647,6 +1648,7 @@ async fn postgres_dedup_keys_are_purged_after_retention_once_processed() {
 /// are counted by the server's statistics, which a backend publishes within ~10 s of going idle.
 #[tokio::test]
 async fn postgres_queue_probes_use_their_indexes_after_a_vacuum_of_the_empty_queues() {
+    let _pg = pg::slot().await;
     let (store, schema) = open_postgres(settings()).await;
     let a = instance(&store).await;
     let client = connect().await;

@@ -4,7 +4,7 @@
 //! order per stream — with the in-memory store and with the Postgres store on both sides.
 
 use crate::support::amqp::*;
-use crate::support::pg::{drop_schemas, on_postgres};
+use crate::support::pg::{self, drop_schemas, on_postgres};
 use crate::support::*;
 use std::time::Duration;
 use uuid::Uuid;
@@ -85,6 +85,7 @@ async fn memory_stores_over_amqp_apply_every_event_once_in_order() -> anyhow::Re
 
 #[actix::test]
 async fn postgres_stores_over_amqp_apply_every_event_once_in_order() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let _broker = require_broker().await?;
     let topic = unique("e2e-pg");
     let _topology = Topology::declare(&[(&topic, &["inventory"])])?;

@@ -110,6 +110,7 @@ async fn start_receiver(topic: &str) -> anyhow::Result<(Runtime, String, Parcels
 #[actix::test]
 async fn an_event_at_the_limit_crosses_the_broker_and_one_byte_over_is_refused_at_dispatch()
 -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let _broker = require_broker().await?;
     let logs = captured_logs();
     let topic = unique("size");
@@ -178,6 +179,7 @@ async fn an_event_at_the_limit_crosses_the_broker_and_one_byte_over_is_refused_a
 #[actix::test]
 async fn the_receiver_admits_a_delivery_at_the_limit_and_rejects_one_byte_over()
 -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let _broker = require_broker().await?;
     let logs = captured_logs();
     let topic = unique("size-in");

@@ -7,7 +7,7 @@
 //! messages that stay local are not limited. Invalid commands (a validation failure, an unknown
 //! type, a panicking receptor) get their typed errors and write no row.
 
-use crate::support::pg::{drop_schemas, new_schema, on_postgres, rows};
+use crate::support::pg::{self, drop_schemas, new_schema, on_postgres, rows};
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -43,6 +43,7 @@ fn hostile_streams() -> Vec<String> {
 
 #[actix::test]
 async fn hostile_strings_round_trip_through_every_text_column() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     const TOPIC: &str = "bad-input-strings";
     let bus = MemoryBus::new();
     let (down_config, down_schema) = pg("bad-input-down");
@@ -88,6 +89,7 @@ async fn hostile_strings_round_trip_through_every_text_column() -> anyhow::Resul
 
 #[actix::test]
 async fn a_nul_in_a_stream_id_is_refused_and_the_same_batch_commits() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let (mut c, schema) = pg("bad-input-nul");
     // Interval flushes: the bad unit and the good ones would share a batch.
     c.coordinator.flush_strategy = whizbang::config::FlushStrategy::Interval;
@@ -144,6 +146,7 @@ impl<T, E> ErrOrEmpty for Result<Vec<T>, E> {
 
 #[actix::test]
 async fn a_delivery_with_a_nul_is_rejected_and_consumption_goes_on() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     const TOPIC: &str = "bad-input-nul-delivery";
     let bus = MemoryBus::new();
     let (c, schema) = pg("bad-input-nul-consumer");
@@ -187,6 +190,7 @@ impl<E: Event + Seq> Perspective<E> for FailsWithNul {
 
 #[actix::test]
 async fn a_nul_in_a_perspective_error_is_recorded_and_the_retry_runs() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let (c, schema) = pg("bad-input-nul-error");
     let flaky = FailsWithNul::default();
     let rt = Runtime::builder(c)
@@ -322,6 +326,7 @@ fn check_oversized<T>(
 #[actix::test]
 async fn an_event_over_the_transport_limit_is_refused_at_dispatch_and_nothing_of_it_is_written()
 -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     const TOPIC: &str = "bad-input-size";
     const LIMIT: u32 = 2_048;
     let bus = MemoryBus::new();
@@ -413,6 +418,7 @@ async fn an_event_over_the_transport_limit_is_refused_at_dispatch_and_nothing_of
 #[actix::test]
 async fn local_messages_are_not_limited_by_the_transport_and_a_remote_command_is()
 -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     const COMMANDS: &str = "bad-input-size-commands";
     const LIMIT: u32 = 2_048;
     let bus = MemoryBus::new();
@@ -515,6 +521,7 @@ impl Command for Stray {}
 
 #[actix::test]
 async fn invalid_commands_get_typed_errors_and_write_no_row() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     const TOPIC: &str = "bad-input-checks";
     let bus = MemoryBus::new();
     bus.declare(TOPIC, "audit");

@@ -142,5 +142,6 @@ async fn memory_rebuild_and_resume() {
 
 #[actix_rt::test]
 async fn postgres_rebuild_and_resume() {
+    let _pg = pg::slot().await;
     rebuild_and_resume(StoreBackend::Postgres).await;
 }

@@ -6,7 +6,7 @@
 //! Each test works in its own schema (`t_<uuid>`), so they run in parallel. A server that
 //! cannot be reached fails the test: nothing here skips.
 
-use crate::support::pg::{connect, database_url, drop_schemas, new_schema};
+use crate::support::pg::{self, connect, database_url, drop_schemas, new_schema};
 use std::process::{Command, Output};
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -49,6 +49,7 @@ fn all_names() -> Vec<String> {
 
 #[tokio::test]
 async fn migrations_are_idempotent_and_recorded_with_checksums() {
+    let _pg = pg::slot().await;
     let mut client = connect().await;
     let schema = new_schema();
 
@@ -141,6 +142,7 @@ async fn migrations_are_idempotent_and_recorded_with_checksums() {
 
 #[tokio::test]
 async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
+    let _pg = pg::slot().await;
     let mut client = connect().await;
     let schema = new_schema();
     migrate(&mut client, &schema).await.expect("migration");
@@ -205,6 +207,7 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
 
 #[tokio::test]
 async fn a_failing_file_rolls_back_the_whole_run() {
+    let _pg = pg::slot().await;
     let mut client = connect().await;
     let schema = new_schema();
     let broken = [
@@ -239,6 +242,7 @@ async fn a_failing_file_rolls_back_the_whole_run() {
 
 #[tokio::test]
 async fn invalid_schema_names_are_refused() {
+    let _pg = pg::slot().await;
     let mut client = connect().await;
     for bad in [
         "Bad-Name",
@@ -273,6 +277,7 @@ async fn invalid_schema_names_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations_apply_each_file_once() {
+    let _pg = pg::slot().await;
     let schema = new_schema();
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -312,6 +317,7 @@ async fn concurrent_migrations_apply_each_file_once() {
 
 #[tokio::test]
 async fn autovacuum_gaps_name_the_server_setting_and_each_switched_off_queue_table() {
+    let _pg = pg::slot().await;
     let mut client = connect().await;
     let schema = new_schema();
     migrate(&mut client, &schema).await.expect("migrate");
@@ -353,6 +359,7 @@ async fn autovacuum_gaps_name_the_server_setting_and_each_switched_off_queue_tab
 
 #[tokio::test]
 async fn sql_partition_function_equals_the_rust_one() {
+    let _pg = pg::slot().await;
     let mut client = connect().await;
     let schema = new_schema();
     migrate(&mut client, &schema).await.unwrap();
@@ -452,6 +459,7 @@ fn url_with_password() -> String {
 
 #[tokio::test]
 async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
+    let _pg = pg::slot().await;
     let schema = new_schema();
     let url = url_with_password();
     let config = postgres_config();
@@ -488,6 +496,7 @@ async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
 /// trying, with backoff, until `store.startup_timeout_ms`.
 #[tokio::test]
 async fn an_unreachable_database_is_retried_until_the_start_up_timeout() {
+    let _pg = pg::slot().await;
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
         listener.local_addr().unwrap().port()
@@ -547,6 +556,7 @@ fn cli_reports_a_missing_database_at_once() {
 
 #[tokio::test]
 async fn cli_lists_requeues_and_skips_dead_letters() {
+    let _pg = pg::slot().await;
     let schema = new_schema();
     let url = database_url();
     let config = postgres_config();
@@ -731,6 +741,7 @@ fn two_unit_batch_args(instance: Uuid, p: i32, ids: [Uuid; 2]) -> String {
 
 #[tokio::test]
 async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
+    let _pg = pg::slot().await;
     // 0014 added wb_process_work_batch_packed; a runtime built before it (still running during
     // a rolling upgrade) calls 0013's wb_process_work_batch, which must keep its row answer.
     let mut client = connect().await;

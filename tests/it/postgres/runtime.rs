@@ -363,6 +363,7 @@ fn assert_versions_follow_seq(stored: &Stored) {
 
 #[actix_rt::test]
 async fn order_scenario_on_postgres() {
+    let _pg = pg::slot().await;
     const STREAMS: usize = 200;
     const EVENTS: u32 = 10;
     let client = connect().await;
@@ -488,6 +489,7 @@ async fn order_scenario_on_postgres() {
 
 #[actix_rt::test]
 async fn two_instances_share_one_schema() {
+    let _pg = pg::slot().await;
     const STREAMS: usize = 100;
     const EVENTS: u32 = 10;
     let client = connect().await;
@@ -600,6 +602,7 @@ async fn wait_all_claimed_by(client: &Client, schema: &str, instance: Uuid, rows
 
 #[actix_rt::test]
 async fn takeover_after_an_instance_dies_with_work_in_flight() {
+    let _pg = pg::slot().await;
     const STREAMS: usize = 20;
     const EVENTS: u32 = 5;
     let client = connect().await;
@@ -749,6 +752,7 @@ async fn takeover_after_an_instance_dies_with_work_in_flight() {
 
 #[actix_rt::test]
 async fn graceful_shutdown_releases_leases_at_once() {
+    let _pg = pg::slot().await;
     const STREAMS: usize = 20;
     const EVENTS: u32 = 5;
     let client = connect().await;
@@ -832,6 +836,7 @@ async fn graceful_shutdown_releases_leases_at_once() {
 
 #[actix_rt::test]
 async fn connections_killed_mid_run_recover_without_loss_or_duplicates() {
+    let _pg = pg::slot().await;
     const STREAMS: usize = 40;
     const EVENTS: u32 = 25;
     let client = connect().await;

@@ -12,7 +12,7 @@
 //!
 //! Each test uses a schema of its own; an unreachable server, or one without TLS, fails it.
 
-use crate::support::pg::{connect, database_url, drop_schemas, new_schema};
+use crate::support::pg::{self, connect, database_url, drop_schemas, new_schema};
 use crate::support::tls::TestCert;
 use std::str::FromStr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,6 +53,7 @@ async fn drop_schema(schema: &str) {
 
 #[tokio::test]
 async fn sslmode_require_encrypts_every_connection_of_the_store() {
+    let _pg = pg::slot().await;
     let client = connect().await;
     let ssl: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
     assert_eq!(
@@ -92,6 +93,7 @@ async fn sslmode_require_encrypts_every_connection_of_the_store() {
 
 #[tokio::test]
 async fn a_ca_that_did_not_sign_the_servers_certificate_is_refused() {
+    let _pg = pg::slot().await;
     // Any public root CA: none of them signed the server's self-signed certificate.
     let bundle = "/etc/ssl/certs/ca-certificates.crt";
     assert!(
@@ -151,6 +153,7 @@ async fn server_without_tls() -> anyhow::Result<u16> {
 
 #[tokio::test]
 async fn a_server_without_tls_is_refused_at_once_when_tls_is_required() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let port = server_without_tls().await?;
     let c = config(
         format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=require"),
@@ -238,6 +241,7 @@ fn refused_for_its_certificate(result: Result<(), StoreError>, case: &str) {
 
 #[tokio::test]
 async fn a_ca_verifies_the_servers_certificate_and_its_name() -> anyhow::Result<()> {
+    let _pg = pg::slot().await;
     let cert = TestCert::new()?;
     let port = pg_tls_proxy(&cert).await?;
     let pg = tokio_postgres::Config::from_str(&database_url())?;

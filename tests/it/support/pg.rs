@@ -4,13 +4,40 @@
 //! fails the test; nothing here skips.
 //!
 //! Each test works in schemas of its own (`t_<uuid>`), so the cases run in parallel; nothing
-//! here may touch a schema a test did not name.
+//! here may touch a schema a test did not name. Every test that opens connections holds a
+//! [`slot`] while it runs, which bounds the connections the process holds at once.
 
 use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 use whizbang::Config;
 use whizbang::config::StoreBackend;
+
+/// Postgres tests that run at once, whatever the number of test threads (one per core by
+/// default). One case holds up to 11 connections at its peak (two runtimes' pools, the
+/// LISTEN connections and the test's own clients), so 6 at once stay under 70: below the 100 a
+/// fresh server allows, with room for the operator tools and other clients. A thread count
+/// cap would bound it too, but only where the cap is set (`scripts/test.sh`), not under a
+/// plain `cargo test` on a machine with many cores; the memory and broker tests need no slot.
+const AT_ONCE: usize = 6;
+
+/// Held by a test for as long as it uses the database; see [`AT_ONCE`].
+pub struct Slot {
+    _permit: SemaphorePermit<'static>,
+}
+
+/// Waits for one of the [`AT_ONCE`] slots (the semaphore is not tied to a runtime: each test
+/// has its own).
+pub async fn slot() -> Slot {
+    static SLOTS: Semaphore = Semaphore::const_new(AT_ONCE);
+    Slot {
+        _permit: SLOTS
+            .acquire()
+            .await
+            .expect("the semaphore is never closed"),
+    }
+}
 
 pub fn database_url() -> String {
     std::env::var("WHIZBANG_TEST_DATABASE_URL")
