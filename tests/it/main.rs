@@ -1,0 +1,48 @@
+//! The integration tests, as one test binary (`cargo test --test it`): every case runs against
+//! the real servers (PostgreSQL and an AMQP 1.0 broker, see `support`), each in a schema and on
+//! topics of its own, in the threads of one process.
+//!
+//! This file only maps the modules; helpers live in `support` (one definition each), cases in
+//! the modules below. Nothing here may skip a case when a server is missing: it fails.
+
+mod support;
+
+mod actix_facts;
+mod config_files;
+mod store_conformance;
+
+/// The AMQP 1.0 transport against the real broker (RabbitMQ) and a fake Service Bus.
+mod amqp {
+    mod cbs;
+    mod conformance;
+    mod end_to_end;
+    mod inbox_failure;
+    mod malformed;
+    mod size_limit;
+    mod tls;
+    mod transport;
+}
+
+/// The contract (`src/lib.rs`), one file per concern, mostly on the in-memory transport.
+mod contract {
+    mod bad_input;
+    mod batches_in_flight;
+    mod correlation;
+    mod deferred_completions;
+    mod failures;
+    mod inbox_dedup;
+    mod lost_answers;
+    mod malformed;
+    mod ordering;
+    mod read_your_writes;
+    mod registry;
+    mod replay;
+    mod version_conflict;
+}
+
+/// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
+mod postgres {
+    mod migrations;
+    mod runtime;
+    mod tls;
+}

@@ -1,0 +1,851 @@
+//! Migrations against the real Postgres server (`WHIZBANG_TEST_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`): idempotent, checksummed, refused for bad
+//! schema names, safe when many instances start at once; the `whizbang` CLI on top of them; and
+//! the SQL partition function against the Rust one.
+//!
+//! Each test works in its own schema (`t_<uuid>`), so they run in parallel. A server that
+//! cannot be reached fails the test: nothing here skips.
+
+use crate::support::pg::{self, connect, database_url, drop_schemas, new_schema};
+use std::process::{Command, Output};
+use std::time::Duration;
+use tokio_postgres::Client;
+use uuid::Uuid;
+use whizbang::routing::partition_of;
+use whizbang::store::StoreError;
+use whizbang::store::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
+use whizbang::store::vacuum::autovacuum_gaps;
+
+async fn tables(client: &Client, schema: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+              WHERE table_schema = $1 ORDER BY table_name",
+            &[&schema],
+        )
+        .await
+        .expect("list tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn recorded(client: &Client, schema: &str) -> Vec<(i32, String, String)> {
+    client
+        .query(
+            &format!("SELECT version, name, checksum FROM {schema}.wb_migrations ORDER BY version"),
+            &[],
+        )
+        .await
+        .expect("read wb_migrations")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn all_names() -> Vec<String> {
+    MIGRATIONS.iter().map(|m| m.name.to_string()).collect()
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_recorded_with_checksums() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+
+    let first = migrate(&mut client, &schema)
+        .await
+        .expect("first migration");
+    assert_eq!(
+        first,
+        all_names(),
+        "the first run applies every file in order"
+    );
+    let before = tables(&client, &schema).await;
+    for t in [
+        "wb_instances",
+        "wb_partition_leases",
+        "wb_outbox",
+        "wb_inbox",
+        "wb_dedup",
+        "wb_events",
+        "wb_streams",
+        "wb_perspective_checkpoints",
+        "wb_migrations",
+    ] {
+        assert!(
+            before.contains(&t.to_string()),
+            "table {t} missing: {before:?}"
+        );
+    }
+    // The tables updated in place on every message leave room on their pages for HOT updates.
+    let fill: Vec<(String, String)> = client
+        .query(
+            "SELECT c.relname::text, array_to_string(c.reloptions, ',')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname IN ('wb_streams', 'wb_dedup')
+              ORDER BY c.relname",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        fill,
+        [
+            ("wb_dedup".to_string(), "fillfactor=70".to_string()),
+            ("wb_streams".to_string(), "fillfactor=40".to_string()),
+        ]
+    );
+    let rec = recorded(&client, &schema).await;
+    assert_eq!(rec.len(), MIGRATIONS.len());
+    for (m, (version, name, sum)) in MIGRATIONS.iter().zip(&rec) {
+        assert_eq!((*version, name.as_str()), (m.version, m.name));
+        assert_eq!(sum, &checksum(m.sql), "checksum of {}", m.name);
+    }
+
+    // Data written between runs survives the second run, which applies nothing.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_perspective_checkpoints (perspective, position) VALUES ('p', 42)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let second = migrate(&mut client, &schema)
+        .await
+        .expect("second migration");
+    assert!(second.is_empty(), "second run applied {second:?}");
+    let third = migrate(&mut client, &schema)
+        .await
+        .expect("third migration");
+    assert!(third.is_empty(), "third run applied {third:?}");
+    assert_eq!(tables(&client, &schema).await, before);
+    assert_eq!(recorded(&client, &schema).await, rec);
+    let position: i64 = client
+        .query_one(
+            &format!(
+                "SELECT position FROM {schema}.wb_perspective_checkpoints WHERE perspective = 'p'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(position, 42);
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[tokio::test]
+async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migration");
+
+    // File 1 edited after it was applied, and a new file shipped alongside.
+    let altered: &'static str =
+        Box::leak(format!("{}\n-- an innocent-looking edit\n", MIGRATIONS[0].sql).into_boxed_str());
+    let mut changed: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|m| Migration {
+            version: m.version,
+            name: m.name,
+            sql: if m.version == 1 { altered } else { m.sql },
+        })
+        .collect();
+    changed.push(Migration {
+        version: MIGRATIONS.len() as i32 + 1,
+        name: "0099_new.sql",
+        sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
+    });
+    let err = migrate_with(&mut client, &schema, &changed)
+        .await
+        .expect_err("a changed applied migration must be refused");
+    assert!(matches!(err, StoreError::Migration(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("0001_tables.sql"),
+        "the error names the file: {text}"
+    );
+    assert!(!err.is_retryable(), "a changed file is not worth retrying");
+    assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+    assert!(
+        !tables(&client, &schema)
+            .await
+            .contains(&"wb_new_table".to_string()),
+        "nothing of a refused run may be applied"
+    );
+
+    // The untouched files with the new one: applies exactly the new one.
+    let mut extended: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|m| Migration {
+            version: m.version,
+            name: m.name,
+            sql: m.sql,
+        })
+        .collect();
+    extended.push(Migration {
+        version: MIGRATIONS.len() as i32 + 1,
+        name: "0099_new.sql",
+        sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
+    });
+    let applied = migrate_with(&mut client, &schema, &extended).await.unwrap();
+    assert_eq!(applied, vec!["0099_new.sql".to_string()]);
+    assert!(
+        tables(&client, &schema)
+            .await
+            .contains(&"wb_new_table".to_string())
+    );
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[tokio::test]
+async fn a_failing_file_rolls_back_the_whole_run() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    let broken = [
+        Migration {
+            version: 1,
+            name: "0001_ok.sql",
+            sql: "CREATE TABLE {{schema}}.wb_first (id integer);",
+        },
+        Migration {
+            version: 2,
+            name: "0002_broken.sql",
+            sql: "CREATE TABLE {{schema}}.wb_second (id integer); SELECT no_such_function();",
+        },
+    ];
+    let err = migrate_with(&mut client, &schema, &broken)
+        .await
+        .expect_err("a failing file fails the run");
+    assert!(err.to_string().contains("0002_broken.sql"), "{err}");
+    let present: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !present,
+        "the run is one transaction: not even the schema remains"
+    );
+}
+
+#[tokio::test]
+async fn invalid_schema_names_are_refused() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    for bad in [
+        "Bad-Name",
+        "x;drop",
+        "x; DROP TABLE y",
+        "",
+        "1abc",
+        "has space",
+        "Upper",
+    ] {
+        let err = migrate(&mut client, bad)
+            .await
+            .expect_err(&format!("schema name {bad:?} must be refused"));
+        assert!(matches!(err, StoreError::Migration(_)), "{bad:?}: {err:?}");
+        assert!(
+            err.to_string().contains("identifier"),
+            "{bad:?}: the error says why: {err}"
+        );
+    }
+    let too_long = "a".repeat(64);
+    assert!(migrate(&mut client, &too_long).await.is_err());
+    let count: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('Bad-Name', 'x;drop', 'Upper', 'upper')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0, "no schema was created for a refused name");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_apply_each_file_once() {
+    let _pg = pg::slot().await;
+    let schema = new_schema();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect().await);
+    }
+    // All four start together.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(4));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let schema = schema.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                migrate(&mut client, &schema).await
+            })
+        })
+        .collect();
+    let mut applied: Vec<String> = Vec::new();
+    for task in tasks {
+        let names = task
+            .await
+            .expect("task")
+            .expect("every concurrent migration succeeds");
+        applied.extend(names);
+    }
+    applied.sort();
+    assert_eq!(
+        applied,
+        all_names(),
+        "each file applied exactly once across the four connections"
+    );
+    let client = connect().await;
+    assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[tokio::test]
+async fn autovacuum_gaps_name_the_server_setting_and_each_switched_off_queue_table() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migrate");
+    let server_on: String = client
+        .query_one("SHOW autovacuum", &[])
+        .await
+        .expect("SHOW autovacuum")
+        .get(0);
+    let server_gap = "autovacuum is off on this server".to_string();
+
+    let gaps = autovacuum_gaps(&client, &schema).await.expect("gaps");
+    assert_eq!(
+        gaps.contains(&server_gap),
+        server_on == "off",
+        "server autovacuum {server_on}: {gaps:?}"
+    );
+    assert!(
+        !gaps.iter().any(|g| g.contains(&schema)),
+        "no table of a fresh schema is switched off: {gaps:?}"
+    );
+
+    // Switched off for one queue table (and on, explicitly, for another): only that one.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.wb_inbox SET (autovacuum_enabled = false);
+             ALTER TABLE {schema}.wb_outbox SET (autovacuum_enabled = true);"
+        ))
+        .await
+        .expect("set reloptions");
+    let gaps = autovacuum_gaps(&client, &schema).await.expect("gaps");
+    let tables: Vec<&String> = gaps.iter().filter(|g| g.contains(&schema)).collect();
+    assert_eq!(
+        tables,
+        [&format!("autovacuum_enabled is false on {schema}.wb_inbox")],
+        "{gaps:?}"
+    );
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[tokio::test]
+async fn sql_partition_function_equals_the_rust_one() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.unwrap();
+
+    // A small deterministic generator (seeded from the clock, printed on failure).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut state = seed;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet: Vec<char> =
+        "abcxyzABC0189-_:/ .éüßñÅøЖжλΩ中文字日本🚀🦀😀\u{0}\u{7f}\u{80}\u{ffff}"
+            .chars()
+            .collect();
+    let mut streams: Vec<String> = vec![
+        String::new(),
+        "a".into(),
+        "order-1".into(),
+        "order-ünïcödé".into(),
+        "🦀".repeat(40),
+    ];
+    // Postgres text cannot hold NUL: those strings are tested on the Rust side only.
+    while streams.len() < 400 {
+        let len = (next() % 40) as usize;
+        let s: String = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .filter(|c| *c != '\u{0}')
+            .collect();
+        streams.push(s);
+    }
+    for count in [1_i32, 7, 64, 10_000, 1_000_000] {
+        let rows = client
+            .query(
+                &format!("SELECT s, {schema}.wb_partition_of(s, $2) FROM unnest($1::text[]) AS s"),
+                &[&streams, &count],
+            )
+            .await
+            .expect("wb_partition_of");
+        assert_eq!(rows.len(), streams.len());
+        for row in rows {
+            let s: String = row.get(0);
+            let sql: i32 = row.get(1);
+            assert_eq!(
+                sql as u32,
+                partition_of(&s, count as u32),
+                "stream {s:?} with {count} partitions (seed {seed})"
+            );
+        }
+    }
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+// ---- the whizbang CLI ---------------------------------------------------------------------
+
+fn postgres_config() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/config/postgres.toml").to_string()
+}
+
+/// Runs `whizbang --config <config> <args>` against `schema`.
+fn cli(config: &str, schema: &str, url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_whizbang"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("WHIZBANG_DATABASE_URL", url)
+        .env("WHIZBANG_SCHEMA", schema)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the whizbang binary")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The test URL with a password added (trust auth ignores it), to check it is never printed.
+fn url_with_password() -> String {
+    let url = database_url();
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((user, host)) = rest.split_once('@')
+        && !user.contains(':')
+    {
+        return format!("{scheme}://{user}:hunter2secret@{host}");
+    }
+    url
+}
+
+#[tokio::test]
+async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
+    let _pg = pg::slot().await;
+    let schema = new_schema();
+    let url = url_with_password();
+    let config = postgres_config();
+
+    let out = cli(&config, &schema, &url, &["migrate"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "migrate: {stdout}\n{stderr}");
+    for m in MIGRATIONS {
+        assert!(stdout.contains(m.name), "lists {}: {stdout}", m.name);
+    }
+    assert!(stdout.contains(&schema), "{stdout}");
+    assert!(
+        !stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"),
+        "the password is never printed: {stdout}\n{stderr}"
+    );
+
+    let out = cli(&config, &schema, &url, &["migrate"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("up to date"), "second run: {stdout}");
+    assert!(!stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"));
+
+    let client = connect().await;
+    assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+
+    let out = cli(&config, &schema, &url, &["dead-letters", "list"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("no dead letters"), "{stdout}");
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+/// Nothing listening at the database's address may change (a server starting): start-up keeps
+/// trying, with backoff, until `store.startup_timeout_ms`.
+#[tokio::test]
+async fn an_unreachable_database_is_retried_until_the_start_up_timeout() {
+    let _pg = pg::slot().await;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        listener.local_addr().unwrap().port()
+    };
+    let mut c = whizbang::Config::default();
+    c.store.backend = whizbang::config::StoreBackend::Postgres;
+    c.store.database_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    c.store.schema = new_schema();
+    c.store.startup_timeout_ms = 1_500;
+    let started = std::time::Instant::now();
+    let err = match whizbang::store::postgres::PostgresStore::connect(&c).await {
+        Ok(_) => panic!("connected to a port nothing listens on"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("unreachable for 1500 ms")),
+        "{err}"
+    );
+    // Tries at 0, 100, 300 and 700 ms; the next wait (800 ms) would pass the deadline.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "retried before giving up: took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A database name the server does not know is not retried until `store.startup_timeout_ms`
+/// (60 s in `config/postgres.toml`): waiting will not create it.
+#[test]
+fn cli_reports_a_missing_database_at_once() {
+    let url = url_with_password();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a database URL ends in /DATABASE");
+    let missing = format!("wb_missing_{}", Uuid::now_v7().simple());
+    let started = std::time::Instant::now();
+    let out = cli(
+        &postgres_config(),
+        &new_schema(),
+        &format!("{base}/{missing}"),
+        &["migrate"],
+    );
+    let elapsed = started.elapsed();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("database refused the connection")
+            && stderr.contains(&format!("database \"{missing}\" does not exist")),
+        "the reason is given: {stderr}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "refused at once, not retried for the start-up timeout: took {elapsed:?}"
+    );
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn cli_lists_requeues_and_skips_dead_letters() {
+    let _pg = pg::slot().await;
+    let schema = new_schema();
+    let url = database_url();
+    let config = postgres_config();
+    let mut client = connect().await;
+    migrate(&mut client, &schema).await.unwrap();
+
+    // Two parked rows, as the store leaves them after max attempts.
+    let (outbox_id, inbox_id) = (Uuid::now_v7(), Uuid::now_v7());
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                        correlation_id, message_type, timestamp_us, meta, payload, attempts, last_error, dead)
+                 VALUES ($1, 'event', 'order-7', 3, 'orders', $1, 'OrderCreated', 0, '\\x'::bytea,
+                         '\\x'::bytea, 10, 'send to orders not accepted:
+ quota exceeded', true)"
+            ),
+            &[&outbox_id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("INSERT INTO {schema}.wb_dedup (message_id, correlation_id) VALUES ($1, $1)"),
+            &[&inbox_id],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_inbox (message_id, message_kind, stream_id, partition,
+                        correlation_id, message_type, timestamp_us, meta, payload, attempts, last_error, dead)
+                 VALUES ($1, 'event', 'stock-9', 4, $1, 'StockReserved', 0, '\\x'::bytea, '\\x'::bytea,
+                         10, 'failed: inventory: out of widgets', true)"
+            ),
+            &[&inbox_id],
+        )
+        .await
+        .unwrap();
+
+    let out = cli(&config, &schema, &url, &["dead-letters", "list"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let header = stdout.lines().next().unwrap_or_default();
+    for column in ["QUEUE", "MESSAGE ID", "TYPE", "STREAM", "ATTEMPTS", "ERROR"] {
+        assert!(header.contains(column), "header has {column}: {stdout}");
+    }
+    let line_of = |id: Uuid| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&id.to_string()))
+            .unwrap_or_else(|| panic!("{id} listed: {stdout}"))
+            .to_string()
+    };
+    let o = line_of(outbox_id);
+    for cell in ["outbox", "OrderCreated", "order-7", "10", "quota exceeded"] {
+        assert!(o.contains(cell), "{cell} in {o:?}");
+    }
+    let i = line_of(inbox_id);
+    for cell in ["inbox", "StockReserved", "stock-9", "out of widgets"] {
+        assert!(i.contains(cell), "{cell} in {i:?}");
+    }
+
+    // Requeue: pending again, attempts reset.
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "requeue", &outbox_id.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let row = client
+        .query_one(
+            &format!("SELECT dead, attempts FROM {schema}.wb_outbox WHERE message_id = $1"),
+            &[&outbox_id],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i32>(1), 0);
+
+    // Skip: gone from the inbox, marked processed for dedup.
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "skip", &inbox_id.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let left: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.wb_inbox WHERE message_id = $1"),
+            &[&inbox_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+
+    // Nothing dead remains; an unknown id is a runtime error (1), a malformed one usage (2).
+    let out = cli(&config, &schema, &url, &["dead-letters", "list"]);
+    assert!(text(&out).0.contains("no dead letters"), "{:?}", text(&out));
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "skip", &inbox_id.to_string()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains(&inbox_id.to_string()),
+        "{:?}",
+        text(&out)
+    );
+    let out = cli(
+        &config,
+        &schema,
+        &url,
+        &["dead-letters", "requeue", "not-a-uuid"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[test]
+fn cli_refuses_the_memory_backend_and_bad_config() {
+    let schema = new_schema();
+    let memory = concat!(env!("CARGO_MANIFEST_DIR"), "/config/whizbang.toml");
+    let out = cli(memory, &schema, &database_url(), &["migrate"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("memory"), "says why: {stderr}");
+    let out = cli(memory, &schema, &database_url(), &["dead-letters", "list"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+
+    let out = cli(
+        &postgres_config(),
+        "Bad-Name",
+        &database_url(),
+        &["migrate"],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("store.schema"), "{stderr}");
+
+    let out = cli(
+        "/nonexistent/whizbang.toml",
+        &schema,
+        &database_url(),
+        &["migrate"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_whizbang"))
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+}
+
+/// The arguments of a work batch of two units (one event each, appended and bound for the
+/// outbox, claimed for the writer) on partitions `p` and `p + 1`, as SQL literals.
+fn two_unit_batch_args(instance: Uuid, p: i32, ids: [Uuid; 2]) -> String {
+    let [a, b] = ids;
+    format!(
+        "'{instance}', 300, 10000, 10, 100, 60000,
+         '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}',
+         '{{t,t}}', '{{}}', '{{}}', '{{}}',
+         '{{0,1}}', '{{{a},{b}}}', '{{event,event}}', '{{s-{a},s-{b}}}', '{{{p},{q}}}',
+         '{{{a},{b}}}', '{{NULL,NULL}}', '{{T,T}}', '{{1,2}}', '{{\"\\\\x00\",\"\\\\x00\"}}',
+         '{{\"\\\\x00\",\"\\\\x00\"}}', '{{t,t}}', '{{bench,bench}}', '{{f,f}}',
+         '{{}}', '{{}}', '{{}}', '{{}}', 0, 0, NULL, NULL,
+         (SELECT array_agg(s ORDER BY s COLLATE \"C\") FROM unnest(ARRAY['s-{a}', 's-{b}']) s),
+         '{{1,1}}',
+         ARRAY[CASE WHEN 's-{a}' COLLATE \"C\" < 's-{b}' THEN 1 ELSE 2 END,
+               CASE WHEN 's-{a}' COLLATE \"C\" < 's-{b}' THEN 2 ELSE 1 END],
+         '{{0,0}}', '{{1,2}}'",
+        q = p + 1
+    )
+}
+
+#[tokio::test]
+async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
+    let _pg = pg::slot().await;
+    // 0014 added wb_process_work_batch_packed; a runtime built before it (still running during
+    // a rolling upgrade) calls 0013's wb_process_work_batch, which must keep its row answer.
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migration");
+    let instance = Uuid::now_v7();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.wb_instances (instance_id, service, host) VALUES ($1, 't', 't')"
+            ),
+            &[&instance],
+        )
+        .await
+        .expect("register");
+
+    let old_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    let rows = client
+        .query(
+            &format!(
+                "SELECT kind, unit, message_id, version, position, partition, generation
+                   FROM {schema}.wb_process_work_batch({}) ORDER BY kind, unit, message_id",
+                two_unit_batch_args(instance, 10, old_ids)
+            ),
+            &[],
+        )
+        .await
+        .expect("0013's function");
+    // (kind, unit, message id, version, position)
+    type AnswerRow = (String, Option<i32>, Uuid, Option<i64>, Option<i64>);
+    let answer: Vec<AnswerRow> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let mut claimed: Vec<(Uuid, i32, i64)> = rows
+        .iter()
+        .filter(|r| r.get::<_, &str>(0) == "wclaim_o")
+        .map(|r| (r.get(2), r.get(5), r.get(6)))
+        .collect();
+    claimed.sort();
+    let mut expected_claims = vec![(old_ids[0], 10, 1), (old_ids[1], 11, 1)];
+    expected_claims.sort();
+    assert_eq!(claimed, expected_claims, "0013's answer: {answer:?}");
+    assert_eq!(
+        answer
+            .iter()
+            .filter(|(k, ..)| k == "appended")
+            .map(|(_, u, id, v, p)| (*u, *id, *v, *p))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(0), old_ids[0], Some(1), Some(1)),
+            (Some(1), old_ids[1], Some(1), Some(2))
+        ],
+        "0013's answer: {answer:?}"
+    );
+
+    let new_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    let rows = client
+        .query(
+            &format!(
+                "SELECT kind, position, meta, payload
+                   FROM {schema}.wb_process_work_batch_packed({}) ORDER BY kind",
+                two_unit_batch_args(instance, 20, new_ids)
+            ),
+            &[],
+        )
+        .await
+        .expect("0014's function");
+    let kinds: Vec<&str> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(kinds, ["appended_v", "wclaims_o"]);
+    // appended_v: the batch's last position, and each stream's new version (byte order).
+    assert_eq!(rows[0].get::<_, i64>(1), 4);
+    let versions: Vec<i64> = unpack(rows[0].get(3), &tokio_postgres::types::Type::INT8_ARRAY);
+    assert_eq!(versions, [1, 1]);
+    // wclaims_o: the claimed rows' ids and generations.
+    let ids: Vec<Uuid> = unpack(rows[1].get(3), &tokio_postgres::types::Type::UUID_ARRAY);
+    let generations: Vec<i64> = unpack(rows[1].get(2), &tokio_postgres::types::Type::INT8_ARRAY);
+    let mut claimed: Vec<(Uuid, i64)> = ids.into_iter().zip(generations).collect();
+    claimed.sort();
+    let mut expected = vec![(new_ids[0], 1), (new_ids[1], 1)];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    let stored: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.wb_events e JOIN {schema}.wb_outbox o USING (message_id)
+                  WHERE o.claimed_by = $1"
+            ),
+            &[&instance],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        stored, 4,
+        "both functions store the event and the claimed outbox row"
+    );
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+/// A binary array (`array_send`) from a bytea column.
+fn unpack<'a, T: tokio_postgres::types::FromSql<'a>>(
+    raw: &'a [u8],
+    array_type: &tokio_postgres::types::Type,
+) -> Vec<T> {
+    <Vec<T> as tokio_postgres::types::FromSql>::from_sql(array_type, raw).expect("binary array")
+}

@@ -1,0 +1,985 @@
+//! The whole runtime on the Postgres store (`store.backend = "postgres"`) with the in-process
+//! transport, against the real server (`WHIZBANG_TEST_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`):
+//!
+//! - the order scenario: read-your-writes, send + status, every event applied once in order;
+//! - two instances of one service sharing a schema;
+//! - lease takeover after an instance dies holding work, and at once after a graceful shutdown;
+//! - connections killed under load (`pg_terminate_backend`): the runtime recovers by itself.
+//!
+//! Every check is made against what the store holds: for each stream, the message ids applied
+//! by a perspective must equal the message ids stored, in version order — exactly once each, in
+//! order. Each test uses its own schemas (`t_<uuid>`), so tests run in parallel; an unreachable
+//! server fails the test.
+
+use crate::support::pg::{self, new_schema, on_postgres};
+use crate::support::{self, DEADLINE, captured_logs, config, on_bus, subscribed};
+use actix::System;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_postgres::Client;
+use uuid::Uuid;
+use whizbang::envelope::Envelope;
+use whizbang::transport::memory::{MemoryBus, MemoryTransport};
+use whizbang::transport::{Subscription, Transport, TransportError};
+use whizbang::{
+    Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError,
+    ReceiptStatus, Receptor, ReceptorContext, ReceptorError, Runtime,
+};
+
+const TOPIC: &str = "pg-bumps";
+const SUBSCRIPTION: &str = "downstream";
+
+// ---- the database -------------------------------------------------------------------------
+
+/// A client of the test database, with the runtime's logs going to the shared capture
+/// (`RUST_LOG=whizbang=debug` and `WHIZBANG_TEST_SHOW_LOGS=1` to see them).
+async fn connect() -> Client {
+    captured_logs();
+    pg::connect().await
+}
+
+/// Drops the test's schemas once it has passed; a failure to drop does not fail the test.
+async fn drop_schemas(schemas: &[&str]) {
+    let _ = pg::drop_schemas(schemas).await;
+}
+
+/// Events as stored, per stream, in version order: (version, message id, event).
+type Stored = BTreeMap<String, Vec<(i64, Uuid, Bumped)>>;
+
+async fn stored_events(client: &Client, schema: &str) -> Stored {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT stream_id, version, message_id, payload FROM {schema}.wb_events
+                  ORDER BY stream_id, version"
+            ),
+            &[],
+        )
+        .await
+        .expect("read wb_events");
+    let mut out = Stored::new();
+    for row in rows {
+        let payload: Vec<u8> = row.get(3);
+        let event: Bumped = whizbang::message::decode(&payload).expect("decode a stored event");
+        out.entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2), event));
+    }
+    out
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// Rows still in the outbox and inbox of `schema`.
+async fn queued(client: &Client, schema: &str) -> (i64, i64) {
+    (
+        count(client, &format!("SELECT count(*) FROM {schema}.wb_outbox")).await,
+        count(client, &format!("SELECT count(*) FROM {schema}.wb_inbox")).await,
+    )
+}
+
+/// Evaluates `$check` (an expression that may `.await`) until it is `None`; fails after
+/// `$deadline` with the last state it described (`Some(state)`).
+macro_rules! wait_for {
+    ($what:expr, $deadline:expr, $check:expr) => {{
+        let start = Instant::now();
+        loop {
+            let state: Option<String> = $check;
+            match state {
+                None => break,
+                Some(state) if start.elapsed() > $deadline => panic!(
+                    "timed out after {:?} waiting for {}; last state: {state}",
+                    $deadline, $what
+                ),
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }};
+}
+
+// ---- messages and handlers ----------------------------------------------------------------
+
+/// Asks for one `Bumped` on `stream`. `token` is unique per attempt, so a retried call can be
+/// told apart from the original.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Bump {
+    stream: String,
+    seq: u32,
+    token: Uuid,
+}
+
+impl Message for Bump {
+    const TYPE_NAME: &'static str = "pgtest.Bump";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Command for Bump {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Bumped {
+    stream: String,
+    seq: u32,
+    token: Uuid,
+}
+
+impl Message for Bumped {
+    const TYPE_NAME: &'static str = "pgtest.Bumped";
+    fn stream_id(&self) -> String {
+        self.stream.clone()
+    }
+}
+impl Event for Bumped {}
+
+fn bump(stream: &str, seq: u32) -> Bump {
+    Bump {
+        stream: stream.into(),
+        seq,
+        token: Uuid::now_v7(),
+    }
+}
+
+fn bumped(stream: &str, seq: u32) -> Bumped {
+    Bumped {
+        stream: stream.into(),
+        seq,
+        token: Uuid::now_v7(),
+    }
+}
+
+struct BumpReceptor;
+
+impl Receptor<Bump> for BumpReceptor {
+    type Result = Bumped;
+
+    async fn handle(
+        &self,
+        cmd: Bump,
+        _ctx: ReceptorContext,
+    ) -> Result<Decision<Bumped>, ReceptorError> {
+        Ok(Decision::event(Bumped {
+            stream: cmd.stream,
+            seq: cmd.seq,
+            token: cmd.token,
+        }))
+    }
+}
+
+#[derive(Default)]
+struct RecorderState {
+    /// Per stream, the message ids in the order they were applied.
+    by_stream: HashMap<String, Vec<Uuid>>,
+    /// Applications per instance tag.
+    by_tag: HashMap<&'static str, usize>,
+    total: usize,
+    /// Wall-clock time of the first application.
+    first: Option<SystemTime>,
+}
+
+/// Records every event it applies. Clones share the record; `tagged` clones also count which
+/// instance applied what.
+#[derive(Clone, Default)]
+struct Recorder {
+    state: Arc<Mutex<RecorderState>>,
+    tag: &'static str,
+}
+
+impl Recorder {
+    fn tagged(&self, tag: &'static str) -> Recorder {
+        Recorder {
+            state: self.state.clone(),
+            tag,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.state.lock().unwrap().total
+    }
+
+    fn stream(&self, stream: &str) -> Vec<Uuid> {
+        self.state
+            .lock()
+            .unwrap()
+            .by_stream
+            .get(stream)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn first(&self) -> Option<SystemTime> {
+        self.state.lock().unwrap().first
+    }
+
+    fn by_tag(&self, tag: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .by_tag
+            .get(tag)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Perspective<Bumped> for Recorder {
+    async fn apply(&self, _event: Bumped, meta: EventMeta) -> Result<(), PerspectiveError> {
+        let mut st = self.state.lock().unwrap();
+        st.first.get_or_insert_with(SystemTime::now);
+        st.total += 1;
+        *st.by_tag.entry(self.tag).or_default() += 1;
+        st.by_stream
+            .entry(meta.stream_id)
+            .or_default()
+            .push(meta.message_id);
+        Ok(())
+    }
+}
+
+/// A perspective that never finishes: its instance holds the row (and everything queued
+/// behind it in the partition) in flight for ever.
+#[derive(Clone, Default)]
+struct Blocker {
+    entered: Arc<AtomicUsize>,
+}
+
+impl Perspective<Bumped> for Blocker {
+    async fn apply(&self, _event: Bumped, _meta: EventMeta) -> Result<(), PerspectiveError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        futures::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// A transport whose sends are never accepted: outbox rows stay in flight.
+struct HangingTransport {
+    inner: MemoryTransport,
+    attempts: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Transport for HangingTransport {
+    async fn publish(&self, _topic: &str, _envelope: &Envelope) -> Result<(), TransportError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        futures::future::pending::<()>().await;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        prefetch: u32,
+    ) -> Result<Box<dyn Subscription>, TransportError> {
+        self.inner.subscribe(topic, subscription, prefetch).await
+    }
+
+    async fn check_topology(
+        &self,
+        topics: &[String],
+        subscriptions: &[(String, String)],
+    ) -> Result<(), TransportError> {
+        self.inner.check_topology(topics, subscriptions).await
+    }
+}
+
+// ---- configuration and runtimes -------------------------------------------------------------
+
+/// A Postgres-backed configuration of `service` in `schema`.
+fn pg_config(service: &str, schema: &str) -> Config {
+    let mut c = on_postgres(config(service), schema);
+    c.store.startup_timeout_ms = 15_000;
+    c
+}
+
+fn publishing(c: Config) -> Config {
+    support::publishing(c, Bumped::TYPE_NAME, TOPIC)
+}
+
+/// A service in its own schema consuming `TOPIC`, recording into `remote`.
+async fn downstream(bus: &Arc<MemoryBus>, schema: &str, remote: &Recorder) -> Runtime {
+    let c = pg_config(&format!("downstream-{}", Uuid::now_v7().simple()), schema);
+    on_bus(subscribed(c, TOPIC, SUBSCRIPTION), bus)
+        .perspective::<Bumped, _>("remote", remote.clone())
+        .start()
+        .await
+        .expect("start the downstream service")
+}
+
+/// Fails unless, for every stored stream, `recorder` applied exactly the stored message ids in
+/// version order (and nothing else).
+fn assert_applied_once_in_order(who: &str, stored: &Stored, recorder: &Recorder) {
+    let mut expected_total = 0;
+    for (stream, events) in stored {
+        let ids: Vec<Uuid> = events.iter().map(|(_, id, _)| *id).collect();
+        expected_total += ids.len();
+        let applied = recorder.stream(stream);
+        if applied != ids {
+            let dups = applied.len()
+                - applied
+                    .iter()
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
+            panic!(
+                "{who}: stream {stream}: applied {} events ({dups} duplicates), stored {}; \
+                 applied {applied:?}, stored {ids:?}",
+                applied.len(),
+                ids.len()
+            );
+        }
+    }
+    assert_eq!(
+        recorder.total(),
+        expected_total,
+        "{who}: applied events that are not stored"
+    );
+}
+
+/// Versions 1..n per stream, and (for streams written one call after another) seq order.
+fn assert_versions_follow_seq(stored: &Stored) {
+    for (stream, events) in stored {
+        for (i, (version, _, event)) in events.iter().enumerate() {
+            assert_eq!(*version, i as i64 + 1, "stream {stream}: gapless versions");
+            assert_eq!(
+                event.seq,
+                i as u32 + 1,
+                "stream {stream}: stored in seq order"
+            );
+        }
+    }
+}
+
+// ---- (a) the order scenario -------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn order_scenario_on_postgres() {
+    let _pg = pg::slot().await;
+    const STREAMS: usize = 200;
+    const EVENTS: u32 = 10;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let local = Recorder::default();
+    let rt = on_bus(
+        publishing(pg_config(
+            &format!("orders-{}", Uuid::now_v7().simple()),
+            &schema,
+        )),
+        &bus,
+    )
+    .receptor::<Bump, _>(BumpReceptor)
+    .perspective::<Bumped, _>("summary", local.clone())
+    .start()
+    .await
+    .expect("start on postgres");
+    let started = Instant::now();
+
+    // 1. local_invoke: the perspective has run when the call returns.
+    for i in 0..20 {
+        let stream = format!("ryw-{i}");
+        let cmd = bump(&stream, 1);
+        let token = cmd.token;
+        let result: Bumped = rt.local_invoke(cmd).await.expect("local_invoke");
+        assert_eq!((result.seq, result.token), (1, token));
+        let applied = local.stream(&stream);
+        assert_eq!(
+            applied.len(),
+            1,
+            "read-your-writes: applied when the call returns"
+        );
+        let stored = rt.store().read_stream(&stream, 1).await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].envelope.message_id, applied[0]);
+    }
+
+    // 2. send: a receipt once committed, then status by correlation id.
+    let receipt = rt.send(bump("sent-1", 1)).await.expect("send");
+    assert_eq!(receipt.status, ReceiptStatus::Delivered);
+    assert_eq!(receipt.events.len(), 1);
+    assert_eq!(
+        (
+            receipt.events[0].stream_id.as_str(),
+            receipt.events[0].version
+        ),
+        ("sent-1", 1)
+    );
+    let mut last: Option<whizbang::store::CorrelationStatus>;
+    wait_for!("the sent command's perspectives and publish", DEADLINE, {
+        let status = rt.status(receipt.correlation_id).await.expect("status");
+        let done = status.inbox_processed == 1
+            && status.inbox_pending == 0
+            && status.outbox_pending == 0
+            && status.dead_lettered == 0;
+        last = Some(status.clone());
+        (!done).then(|| format!("{status:?}"))
+    });
+    let status = last.unwrap();
+    assert_eq!(
+        status.events,
+        vec![(Bumped::TYPE_NAME.to_string(), "sent-1".to_string(), 1)]
+    );
+    wait_for!("the downstream service to apply it", DEADLINE, {
+        (remote.stream("sent-1").len() != 1).then(|| format!("{:?}", remote.stream("sent-1")))
+    });
+    assert_eq!(remote.stream("sent-1"), vec![receipt.events[0].message_id]);
+
+    // 3. Many streams at once, each one call after another.
+    let load = Instant::now();
+    let calls = (0..STREAMS).map(|s| {
+        let rt = &rt;
+        async move {
+            let stream = format!("order-{s}");
+            for seq in 1..=EVENTS {
+                let r = rt.send(bump(&stream, seq)).await.expect("send");
+                assert_eq!(r.events[0].version, u64::from(seq));
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    let sent = load.elapsed();
+    let expected = 20 + 1 + STREAMS * EVENTS as usize;
+    wait_for!("every event applied here and downstream", DEADLINE, {
+        let (o, i) = queued(&client, &schema).await;
+        let (_, di) = queued(&client, &down_schema).await;
+        let done = local.total() >= expected && remote.total() >= expected && o + i + di == 0;
+        (!done).then(|| {
+            format!(
+                "local {} remote {} of {expected}; outbox {o} inbox {i} downstream inbox {di}",
+                local.total(),
+                remote.total()
+            )
+        })
+    });
+    let stored = stored_events(&client, &schema).await;
+    assert_eq!(stored.values().map(Vec::len).sum::<usize>(), expected);
+    assert_versions_follow_seq(&stored);
+    assert_applied_once_in_order("local perspective", &stored, &local);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    eprintln!(
+        "order scenario: {} sends in {sent:?}, all applied after {:?}",
+        STREAMS * EVENTS as usize,
+        load.elapsed()
+    );
+
+    rt.shutdown().await.expect("shutdown");
+    down.shutdown().await.expect("shutdown");
+    let leases = count(
+        &client,
+        &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id IS NOT NULL"),
+    )
+    .await;
+    assert_eq!(leases, 0, "shutdown released every lease");
+    eprintln!("order scenario total {:?}", started.elapsed());
+    drop_schemas(&[&schema, &down_schema]).await;
+}
+
+// ---- (b) two instances sharing a schema --------------------------------------------------------
+
+#[actix_rt::test]
+async fn two_instances_share_one_schema() {
+    let _pg = pg::slot().await;
+    const STREAMS: usize = 100;
+    const EVENTS: u32 = 10;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let local = Recorder::default();
+    let config = publishing(pg_config(
+        &format!("shared-{}", Uuid::now_v7().simple()),
+        &schema,
+    ));
+    let start = |tag: &'static str| {
+        on_bus(config.clone(), &bus)
+            .instance_id(Uuid::now_v7())
+            .receptor::<Bump, _>(BumpReceptor)
+            .perspective::<Bumped, _>("summary", local.tagged(tag))
+            .start()
+    };
+    let a = start("a").await.expect("start instance a");
+    let b = start("b").await.expect("start instance b");
+    assert_ne!(a.instance_id(), b.instance_id());
+
+    // Each stream's calls alternate between the instances, one after another.
+    let began = Instant::now();
+    let calls = (0..STREAMS).map(|s| {
+        let (a, b) = (&a, &b);
+        async move {
+            let stream = format!("shared-{s}");
+            for seq in 1..=EVENTS {
+                let rt = if (s + seq as usize).is_multiple_of(2) {
+                    a
+                } else {
+                    b
+                };
+                let r = rt.send(bump(&stream, seq)).await.expect("send");
+                assert_eq!(r.events[0].version, u64::from(seq));
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    let expected = STREAMS * EVENTS as usize;
+    wait_for!("every event applied once", DEADLINE, {
+        let (o, i) = queued(&client, &schema).await;
+        let (_, di) = queued(&client, &down_schema).await;
+        let done = local.total() >= expected && remote.total() >= expected && o + i + di == 0;
+        (!done).then(|| {
+            format!(
+                "local {} (a {}, b {}) remote {} of {expected}; outbox {o} inbox {i} downstream inbox {di}",
+                local.total(),
+                local.by_tag("a"),
+                local.by_tag("b"),
+                remote.total()
+            )
+        })
+    });
+    let stored = stored_events(&client, &schema).await;
+    assert_eq!(stored.len(), STREAMS);
+    assert_versions_follow_seq(&stored);
+    assert_applied_once_in_order("local perspective (both instances)", &stored, &local);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    eprintln!(
+        "two instances: {expected} events in {:?}; applied by a {}, by b {}",
+        began.elapsed(),
+        local.by_tag("a"),
+        local.by_tag("b")
+    );
+    assert!(
+        local.by_tag("a") > 0 && local.by_tag("b") > 0,
+        "both instances did work"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    down.shutdown().await.unwrap();
+    drop_schemas(&[&schema, &down_schema]).await;
+}
+
+// ---- (c) takeover ----------------------------------------------------------------------------
+
+/// Publishes `streams` × `events` through `rt`, one after another per stream.
+async fn publish_all(rt: &Runtime, streams: &[String], events: u32) -> Result<(), String> {
+    for stream in streams {
+        for seq in 1..=events {
+            rt.publish(bumped(stream, seq))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until instance `instance` holds every row of `schema` in flight: inbox rows in its
+/// (blocked) partitions and outbox rows in its (hanging) publisher.
+async fn wait_all_claimed_by(client: &Client, schema: &str, instance: Uuid, rows: i64) {
+    wait_for!(
+        "the first instance to hold every row in flight",
+        DEADLINE,
+        {
+            let sql = |table: &str| {
+                format!("SELECT count(*) FROM {schema}.{table} WHERE claimed_by = '{instance}'")
+            };
+            let (o, i) = (
+                count(client, &sql("wb_outbox")).await,
+                count(client, &sql("wb_inbox")).await,
+            );
+            (o != rows || i != rows).then(|| format!("outbox {o}, inbox {i} of {rows} claimed"))
+        }
+    );
+}
+
+#[actix_rt::test]
+async fn takeover_after_an_instance_dies_with_work_in_flight() {
+    let _pg = pg::slot().await;
+    const STREAMS: usize = 20;
+    const EVENTS: u32 = 5;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let mut config = publishing(pg_config(
+        &format!("takeover-{}", Uuid::now_v7().simple()),
+        &schema,
+    ));
+    config.partitions.lease_seconds = 2;
+    config.partitions.heartbeat_seconds = 1;
+    let streams: Vec<String> = (0..STREAMS).map(|s| format!("take-{s}")).collect();
+
+    // Instance A, in its own actix system on its own thread: its perspective blocks and its
+    // sends hang, so everything it claims stays in flight.
+    let a_id = Uuid::now_v7();
+    let blocker = Blocker::default();
+    let hung = Arc::new(AtomicUsize::new(0));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<System, String>>();
+    let thread = {
+        let (config, bus, streams, blocker, hung) = (
+            config.clone(),
+            bus.clone(),
+            streams.clone(),
+            blocker.clone(),
+            hung.clone(),
+        );
+        std::thread::spawn(move || {
+            let system = System::new();
+            let started = system.block_on(async move {
+                let rt = Runtime::builder(config)
+                    .instance_id(a_id)
+                    .transport(Arc::new(HangingTransport {
+                        inner: MemoryTransport::new(bus),
+                        attempts: hung,
+                    }))
+                    .perspective::<Bumped, _>("summary", blocker)
+                    .start()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                publish_all(&rt, &streams, EVENTS).await?;
+                Ok::<_, String>((rt, System::current()))
+            });
+            match started {
+                Ok((rt, handle)) => {
+                    let _ = ready_tx.send(Ok(handle));
+                    // Runs A's actors until the test stops the system, abruptly: no shutdown,
+                    // no lease release.
+                    let _ = system.run();
+                    drop(rt);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+    };
+    let a_system = ready_rx
+        .await
+        .expect("instance a's thread")
+        .expect("instance a started and published");
+    let rows = (STREAMS * EVENTS as usize) as i64;
+    wait_all_claimed_by(&client, &schema, a_id, rows).await;
+    assert!(blocker.entered.load(Ordering::SeqCst) > 0);
+    assert!(hung.load(Ordering::SeqCst) > 0);
+    let live_leases = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM {schema}.wb_partition_leases
+              WHERE instance_id = '{a_id}' AND expires_at > now()"
+        ),
+    )
+    .await;
+    assert!(live_leases > 0, "a holds live leases when it dies");
+    // The earliest A's leases can expire (its heartbeats may only push them later).
+    let a_expiry: SystemTime = client
+        .query_one(
+            &format!(
+                "SELECT min(expires_at) FROM {schema}.wb_partition_leases WHERE instance_id = '{a_id}'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // A dies.
+    let died = Instant::now();
+    a_system.stop();
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap()
+        .expect("instance a's thread ends");
+
+    // B takes the partitions over once A's leases expire, and processes everything in order.
+    let local = Recorder::default();
+    let b = on_bus(config.clone(), &bus)
+        .instance_id(Uuid::now_v7())
+        .perspective::<Bumped, _>("summary", local.clone())
+        .start()
+        .await
+        .expect("start instance b");
+    let expected = rows as usize;
+    wait_for!("instance b to finish a's work", DEADLINE, {
+        let (o, i) = queued(&client, &schema).await;
+        let (_, di) = queued(&client, &down_schema).await;
+        let done = local.total() >= expected && remote.total() >= expected && o + i + di == 0;
+        (!done).then(|| {
+            format!(
+                "local {} remote {} of {expected}; outbox {o} inbox {i} downstream inbox {di}",
+                local.total(),
+                remote.total()
+            )
+        })
+    });
+    eprintln!(
+        "takeover: b finished a's work {:?} after a died",
+        died.elapsed()
+    );
+    // Same host, same clock as the database: B applied nothing while A's leases were live.
+    let first = local.first().expect("b applied events");
+    assert!(
+        first >= a_expiry,
+        "b applied an event {:?} before a's lease expired",
+        a_expiry.duration_since(first).unwrap_or_default()
+    );
+    let stored = stored_events(&client, &schema).await;
+    assert_eq!(stored.len(), STREAMS);
+    assert_versions_follow_seq(&stored);
+    assert_applied_once_in_order("instance b's perspective", &stored, &local);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    let reclaimed = count(
+        &client,
+        &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE generation < 2"),
+    )
+    .await;
+    assert_eq!(
+        reclaimed, 0,
+        "every partition changed hands (fencing token bumped)"
+    );
+    b.shutdown().await.unwrap();
+    down.shutdown().await.unwrap();
+    drop_schemas(&[&schema, &down_schema]).await;
+}
+
+#[actix_rt::test]
+async fn graceful_shutdown_releases_leases_at_once() {
+    let _pg = pg::slot().await;
+    const STREAMS: usize = 20;
+    const EVENTS: u32 = 5;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let mut config = publishing(pg_config(
+        &format!("graceful-{}", Uuid::now_v7().simple()),
+        &schema,
+    ));
+    // Long leases: if B gets the partitions quickly, it is because A gave them back.
+    config.partitions.lease_seconds = 120;
+    config.partitions.heartbeat_seconds = 10;
+    let streams: Vec<String> = (0..STREAMS).map(|s| format!("grace-{s}")).collect();
+
+    let a_id = Uuid::now_v7();
+    let blocker = Blocker::default();
+    let a = Runtime::builder(config.clone())
+        .instance_id(a_id)
+        .transport(Arc::new(HangingTransport {
+            inner: MemoryTransport::new(bus.clone()),
+            attempts: Arc::new(AtomicUsize::new(0)),
+        }))
+        .perspective::<Bumped, _>("summary", blocker.clone())
+        .start()
+        .await
+        .expect("start instance a");
+    publish_all(&a, &streams, EVENTS).await.expect("publish");
+    let rows = (STREAMS * EVENTS as usize) as i64;
+    wait_all_claimed_by(&client, &schema, a_id, rows).await;
+
+    a.shutdown().await.expect("graceful shutdown");
+    let held = count(
+        &client,
+        &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id = '{a_id}'"),
+    )
+    .await;
+    assert_eq!(held, 0, "shutdown released every lease before returning");
+
+    let released = Instant::now();
+    let local = Recorder::default();
+    let b = on_bus(config.clone(), &bus)
+        .instance_id(Uuid::now_v7())
+        .perspective::<Bumped, _>("summary", local.clone())
+        .start()
+        .await
+        .expect("start instance b");
+    let expected = rows as usize;
+    // Well inside the 120 s lease.
+    wait_for!(
+        "instance b to take over at once",
+        Duration::from_secs(30),
+        {
+            let (o, i) = queued(&client, &schema).await;
+            let (_, di) = queued(&client, &down_schema).await;
+            let done = local.total() >= expected && remote.total() >= expected && o + i + di == 0;
+            (!done).then(|| {
+                format!(
+                    "local {} remote {} of {expected}; outbox {o} inbox {i} downstream inbox {di}",
+                    local.total(),
+                    remote.total()
+                )
+            })
+        }
+    );
+    eprintln!(
+        "graceful: b finished a's work {:?} after a shut down",
+        released.elapsed()
+    );
+    let stored = stored_events(&client, &schema).await;
+    assert_versions_follow_seq(&stored);
+    assert_applied_once_in_order("instance b's perspective", &stored, &local);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    b.shutdown().await.unwrap();
+    down.shutdown().await.unwrap();
+    drop_schemas(&[&schema, &down_schema]).await;
+}
+
+// ---- (d) connections killed under load ---------------------------------------------------------
+
+#[actix_rt::test]
+async fn connections_killed_mid_run_recover_without_loss_or_duplicates() {
+    let _pg = pg::slot().await;
+    const STREAMS: usize = 40;
+    const EVENTS: u32 = 25;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let service = format!("killed-{}", Uuid::now_v7().simple());
+    let down_service = down.config().service.name.clone();
+    let local = Recorder::default();
+    let rt = on_bus(publishing(pg_config(&service, &schema)), &bus)
+        .receptor::<Bump, _>(BumpReceptor)
+        .perspective::<Bumped, _>("summary", local.clone())
+        .start()
+        .await
+        .expect("start");
+
+    // The killer: terminates every connection of both services, again and again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicUsize::new(0));
+    let killer = {
+        let (stop, kills) = (stop.clone(), kills.clone());
+        let names = vec![
+            format!("whizbang:{service}"),
+            format!("whizbang:{down_service}"),
+        ];
+        tokio::spawn(async move {
+            let client = connect().await;
+            let mut round = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let n = client
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                          WHERE application_name = ANY($1) AND pid <> pg_backend_pid()",
+                        &[&names],
+                    )
+                    .await
+                    .expect("pg_terminate_backend")
+                    .len();
+                kills.fetch_add(n, Ordering::SeqCst);
+                round += 1;
+                // Irregular gaps, so kills land in every phase of a batch.
+                tokio::time::sleep(Duration::from_millis(30 + (round * 37) % 170)).await;
+            }
+        })
+    };
+
+    let successes = Arc::new(Mutex::new(Vec::<Uuid>::new()));
+    let retries = Arc::new(AtomicUsize::new(0));
+    let began = Instant::now();
+    let calls = (0..STREAMS).map(|s| {
+        let (rt, successes, retries) = (&rt, successes.clone(), retries.clone());
+        async move {
+            let stream = format!("kill-{s}");
+            for seq in 1..=EVENTS {
+                let call_started = Instant::now();
+                loop {
+                    let cmd = bump(&stream, seq);
+                    let token = cmd.token;
+                    match rt.local_invoke::<Bump, Bumped>(cmd).await {
+                        Ok(result) => {
+                            assert_eq!(result.token, token);
+                            successes.lock().unwrap().push(token);
+                            break;
+                        }
+                        Err(e) if e.is_retryable() => {
+                            retries.fetch_add(1, Ordering::SeqCst);
+                            assert!(
+                                call_started.elapsed() < DEADLINE,
+                                "stream {stream} seq {seq}: still failing after {DEADLINE:?}: {e}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("stream {stream} seq {seq}: not retryable: {e:?}"),
+                    }
+                }
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    stop.store(true, Ordering::SeqCst);
+    killer.await.unwrap();
+    let kills = kills.load(Ordering::SeqCst);
+    let retries = retries.load(Ordering::SeqCst);
+    eprintln!(
+        "killed {kills} connections during {:?}; {retries} retried calls",
+        began.elapsed()
+    );
+    assert!(kills > 0, "the killer found connections to kill");
+
+    // Everything stored is applied, here and downstream, exactly once and in order.
+    wait_for!("every stored event applied once", DEADLINE, {
+        let stored: usize = stored_events(&client, &schema)
+            .await
+            .values()
+            .map(Vec::len)
+            .sum();
+        let (o, i) = queued(&client, &schema).await;
+        let (_, di) = queued(&client, &down_schema).await;
+        let done = local.total() >= stored && remote.total() >= stored && o + i + di == 0;
+        (!done).then(|| {
+            format!(
+                "local {} remote {} of {stored} stored; outbox {o} inbox {i} downstream inbox {di}",
+                local.total(),
+                remote.total()
+            )
+        })
+    });
+    let stored = stored_events(&client, &schema).await;
+    let mut tokens: HashMap<Uuid, usize> = HashMap::new();
+    for events in stored.values() {
+        for (_, _, e) in events {
+            *tokens.entry(e.token).or_default() += 1;
+        }
+    }
+    assert!(
+        tokens.values().all(|n| *n == 1),
+        "no command attempt stored twice"
+    );
+    let successes = successes.lock().unwrap().clone();
+    assert_eq!(successes.len(), STREAMS * EVENTS as usize);
+    for token in &successes {
+        assert_eq!(
+            tokens.get(token),
+            Some(&1),
+            "the event of successful call {token} is stored exactly once"
+        );
+    }
+    // Versions are gapless; events of failed-but-committed attempts may sit between the
+    // successful ones, so seq order is not checked here.
+    for (stream, events) in &stored {
+        for (i, (version, _, _)) in events.iter().enumerate() {
+            assert_eq!(*version, i as i64 + 1, "stream {stream}: gapless versions");
+        }
+    }
+    assert_applied_once_in_order("local perspective", &stored, &local);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    eprintln!(
+        "{} stored ({} from failed attempts that had committed)",
+        tokens.len(),
+        tokens.len() - successes.len()
+    );
+    rt.shutdown().await.unwrap();
+    down.shutdown().await.unwrap();
+    drop_schemas(&[&schema, &down_schema]).await;
+}
