@@ -15,7 +15,9 @@ use std::fmt;
 pub struct ConnectionString {
     /// The namespace host, e.g. `contoso.servicebus.windows.net` (with `:port` if one was given).
     pub host: String,
+    /// The name of the shared access policy (`SharedAccessKeyName`).
     pub key_name: String,
+    /// The policy's key (`SharedAccessKey`); never printed.
     pub key: String,
     /// Present in connection strings scoped to one entity.
     pub entity_path: Option<String>,
@@ -27,18 +29,28 @@ pub struct ConnectionString {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectionStringError {
     #[error("the connection string is empty")]
+    /// Nothing but whitespace and separators.
     Empty,
     #[error("part {index} of the connection string is not KEY=VALUE")]
-    MalformedPart { index: usize },
+    /// A part without `=`.
+    MalformedPart {
+        /// The part's position, counting from 0.
+        index: usize,
+    },
     #[error("the connection string has no {0}")]
+    /// A required key (named) is absent.
     Missing(&'static str),
     #[error("the connection string names `{0}` twice")]
+    /// A key appears twice.
     Duplicate(String),
     #[error("unknown connection string key `{0}`")]
+    /// A key Service Bus connection strings do not have.
     UnknownKey(String),
     #[error("Endpoint `{0}` is not of the form sb://NAMESPACE.servicebus.windows.net/")]
+    /// `Endpoint` is not an `sb://` URL with a host.
     BadEndpoint(String),
     #[error("UseDevelopmentEmulator must be true or false, got `{0}`")]
+    /// `UseDevelopmentEmulator` is neither `true` nor `false`.
     BadEmulatorFlag(String),
 }
 

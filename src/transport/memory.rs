@@ -40,16 +40,18 @@ struct QueueState {
     dead: Vec<(Result<Envelope, MalformedDelivery>, String)>,
 }
 
-/// The shared bus. Clone the `Arc` into every runtime that should talk over it.
 /// Subscriptions of one topic, by name, in creation order.
 type Subscriptions = Vec<(String, Arc<SubscriptionQueue>)>;
 
+/// The shared in-process bus (the embedded default transport): topics and their subscriptions'
+/// queues. Clone the `Arc` into every runtime of the process that should talk over it.
 #[derive(Default)]
 pub struct MemoryBus {
     topics: Mutex<HashMap<String, Subscriptions>>,
 }
 
 impl MemoryBus {
+    /// An empty bus; share the `Arc` between the runtimes that should talk.
     pub fn new() -> Arc<MemoryBus> {
         Arc::new(MemoryBus::default())
     }
@@ -128,10 +130,12 @@ pub struct MemoryTransport {
 }
 
 impl MemoryTransport {
+    /// A transport on `bus`.
     pub fn new(bus: Arc<MemoryBus>) -> MemoryTransport {
         MemoryTransport { bus }
     }
 
+    /// The bus it sends to and receives from.
     pub fn bus(&self) -> &Arc<MemoryBus> {
         &self.bus
     }

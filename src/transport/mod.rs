@@ -18,13 +18,16 @@ use async_trait::async_trait;
 pub struct MalformedDelivery {
     /// The broker message id, when there was one.
     pub message_id: Option<String>,
+    /// Why it could not be decoded (also the reason it is rejected with).
     pub reason: String,
 }
 
 /// One message received from a subscription, to be settled by its tag.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The handle to settle it by ([`Subscription::settle`]).
     pub tag: u64,
+    /// The decoded envelope, or why it could not be decoded.
     pub message: Result<Envelope, MalformedDelivery>,
 }
 
@@ -39,16 +42,30 @@ pub enum Settlement {
     Release,
 }
 
+/// Why the transport could not send, receive or check its topology.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// The broker could not be reached or the connection dropped; retried.
     #[error("transport connection failed: {0}")]
     Connection(String),
+    /// The broker refused a message on `topic` (e.g. over its size limit).
     #[error("send to {topic} not accepted: {reason}")]
-    Rejected { topic: String, reason: String },
+    Rejected {
+        /// The topic it was sent to.
+        topic: String,
+        /// The broker's reason.
+        reason: String,
+    },
+    /// No outcome arrived within `transport.send_timeout_ms`; the message is sent again.
     #[error("send to {topic} timed out")]
-    Timeout { topic: String },
+    Timeout {
+        /// The topic it was sent to.
+        topic: String,
+    },
+    /// A configured topic or subscription does not exist at start.
     #[error("topology check failed: {0}")]
     Topology(String),
+    /// The subscription was closed (shutting down).
     #[error("subscription closed")]
     Closed,
 }
@@ -92,5 +109,6 @@ pub trait Subscription: Send {
     /// Waits for at least one delivery, returns at most `max`.
     async fn receive(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
 
+    /// Settles one delivery; called only after its inbox row is committed (or for poison).
     async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError>;
 }

@@ -9,6 +9,7 @@ mod support;
 
 mod actix_facts;
 mod config_files;
+mod config_reference;
 mod store_conformance;
 
 /// The AMQP 1.0 transport against the real broker (RabbitMQ) and a fake Service Bus.

@@ -58,6 +58,7 @@ pub fn sas_token(resource_uri: &str, key_name: &str, key: &str, expiry_unix: u64
 /// How CBS tokens are made and when they are renewed.
 #[derive(Clone)]
 pub struct CbsSettings {
+    /// The namespace, policy name and key the tokens are signed with.
     pub connection: ConnectionString,
     /// Lifetime of each token.
     pub token_ttl: Duration,

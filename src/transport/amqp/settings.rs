@@ -19,6 +19,7 @@ use std::time::Duration;
 pub struct AmqpSettings {
     /// Where to connect, without credentials (`amqp://host:5672`, `amqps://host:5671`).
     pub url: String,
+    /// How the connection authenticates (PLAIN with the URL's credentials, ANONYMOUS, …).
     pub sasl: SaslProfile,
     /// Present when links are authorized by CBS put-token (Service Bus).
     pub cbs: Option<CbsSettings>,
@@ -32,7 +33,9 @@ pub struct AmqpSettings {
     pub connect_timeout: Duration,
     /// Idle timeout announced to the broker; zero for none.
     pub idle_timeout: Duration,
+    /// First wait before reconnecting after a failure.
     pub backoff_base: Duration,
+    /// Longest wait between reconnection attempts.
     pub backoff_max: Duration,
     /// Prefix of the container id of every connection (a UUID follows).
     pub container_id: String,

@@ -31,9 +31,13 @@ use uuid::Uuid;
 pub const CONTENT_TYPE: &str = "application/msgpack";
 /// Message annotation carrying the stream id (Service Bus partitioning).
 pub const PARTITION_KEY: &str = "x-opt-partition-key";
+/// Application property: `command` or `event` ([`crate::envelope::MessageKind`]).
 pub const PROP_KIND: &str = "whizbang-kind";
+/// Application property: the causation id, when there is one.
 pub const PROP_CAUSATION_ID: &str = "whizbang-causation-id";
+/// Application property: the envelope's creation time, microseconds since the Unix epoch.
 pub const PROP_TIMESTAMP_US: &str = "whizbang-timestamp-us";
+/// Application property: the envelope's hops as a JSON array (AMQP properties hold scalars only).
 pub const PROP_HOPS: &str = "whizbang-hops";
 /// Prefix of the application properties carrying the envelope's metadata.
 pub const PROP_META_PREFIX: &str = "whizbang-meta-";
