@@ -4,9 +4,9 @@
 //! the four in a row with their default settings)
 //!
 //! Suites:
-//! - `store`: the Postgres store beside raw SQL on the same tables (see `whizbang-bench/store.rs`).
+//! - `store`: the Postgres store beside raw SQL on the same tables (see `store.rs`).
 //! - `amqp`: outbox → broker beside a bare fe2o3-amqp sender, broker → inbox → perspective, and
-//!   end-to-end latency at a fixed offered rate (see `whizbang-bench/amqp.rs`).
+//!   end-to-end latency at a fixed offered rate (see `amqp.rs`).
 //! - `e2e`: that end-to-end latency at several offered rates (`--rates`, default 100,1000),
 //!   p50 / p95 / p99, each timed from the intended send time.
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
@@ -19,20 +19,14 @@
 //! figures, with the machine, the Postgres settings that matter and the commit, go to
 //! `target/bench/results.json` (`$CARGO_TARGET_DIR/bench/results.json`), and a Markdown table
 //! of them with each figure's goal ends the output (`whizbang-bench report` prints it again
-//! from the file; see `whizbang-bench/report.rs`). Latencies are
+//! from the file; see `report.rs`). Latencies are
 //! medians (and 99th percentiles) of individually timed calls after a warm-up, the baseline and
 //! the runtime measured in alternating blocks; throughput is completed calls per second with
 //! many concurrent callers, each on its own stream.
 
-#[path = "whizbang-bench/amqp.rs"]
 mod amqp;
-#[path = "shared/amqp_topology.rs"]
-mod amqp_topology;
-#[path = "whizbang-bench/cpu.rs"]
 mod cpu;
-#[path = "whizbang-bench/report.rs"]
 mod report;
-#[path = "whizbang-bench/store.rs"]
 mod store;
 
 use clap::{Args, Parser, Subcommand};
@@ -256,8 +250,7 @@ async fn run_suite(
 
 /// Writes the figures of this run with what they were measured on.
 fn results_dir() -> std::path::PathBuf {
-    std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("bench")
+    whizbang_tools_common::target_dir().join("bench")
 }
 
 async fn write_results(

@@ -10,7 +10,6 @@
 //! never repairs anything, so whatever the verdict finds is what the runtime did.
 
 use crate::ChaosResult;
-use crate::amqp_topology;
 use crate::node::{ConsumerArgs, NodeArgs, SUBSCRIPTION, WriterArgs};
 use crate::verdict::{self, Applied, Committed};
 use clap::Args;
@@ -23,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 use whizbang::Config;
+use whizbang_tools_common::amqp_topology;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -144,7 +144,9 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
     let config = Config::load(&args.config)?;
     let plan = Plan::new(&args, &config)?;
     let names = Names::new();
-    let dir = target_dir().join("chaos").join(&names.id);
+    let dir = whizbang_tools_common::target_dir()
+        .join("chaos")
+        .join(&names.id);
     std::fs::create_dir_all(&dir)?;
     let servers = Servers::find(&args, &config.store.database_url)?;
     let db_url = config.store.database_url.clone();
@@ -196,12 +198,6 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         );
     }
     Ok(passed)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
 // ---- processes ---------------------------------------------------------------------------
@@ -768,7 +764,7 @@ impl Run {
         }
         let commit = Process::new("git")
             .args(["describe", "--always", "--dirty"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(whizbang_tools_common::workspace_root())
             .output()
             .ok()
             .filter(|o| o.status.success())
@@ -782,7 +778,9 @@ impl Run {
             "events": self.log,
             "failures": failures,
         });
-        let path = target_dir().join("chaos").join("results.json");
+        let path = whizbang_tools_common::target_dir()
+            .join("chaos")
+            .join("results.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
         println!("results written to {}", path.display());
         Ok(())

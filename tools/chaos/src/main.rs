@@ -18,13 +18,8 @@
 //! Modules: `orchestrator` (processes, faults, measurements), `node` (the writer and consumer
 //! processes, started by the orchestrator as `whizbang-chaos node …`), `verdict` (counting).
 
-#[path = "shared/amqp_topology.rs"]
-mod amqp_topology;
-#[path = "whizbang-chaos/node.rs"]
 mod node;
-#[path = "whizbang-chaos/orchestrator.rs"]
 mod orchestrator;
-#[path = "whizbang-chaos/verdict.rs"]
 mod verdict;
 
 use clap::{Parser, Subcommand};
