@@ -73,6 +73,10 @@ enum Suite {
         /// Default: target/bench/results.json.
         #[arg(long)]
         file: Option<std::path::PathBuf>,
+        /// For the README (scripts/readme-figures.sh): the same table, refused (exit 1) when
+        /// the run recorded errors, since a suite that failed left no figures to show.
+        #[arg(long)]
+        markdown: bool,
     },
 }
 
@@ -512,17 +516,31 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
-    if let Suite::Report { file } = &cli.suite {
+    if let Suite::Report { file, markdown } = &cli.suite {
         let path = file
             .clone()
             .unwrap_or_else(|| results_dir().join("results.json"));
         match std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        {
-            Ok(results) => print!("{}", report::table(&results)),
+            .and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(results) => {
+                let errors = results["errors"].as_array().filter(|e| !e.is_empty());
+                if let (true, Some(errors)) = (*markdown, errors) {
+                    eprintln!(
+                        "whizbang-bench: {} records errors ({errors:?}): run the suites again",
+                        path.display()
+                    );
+                    std::process::exit(1);
+                }
+                print!("{}", report::table(&results));
+            }
             Err(e) => {
-                eprintln!("whizbang-bench: cannot read {}: {e}", path.display());
+                eprintln!(
+                    "whizbang-bench: cannot read {} ({e}): run `cargo run --release --bin whizbang-bench -- all` first",
+                    path.display()
+                );
                 std::process::exit(1);
             }
         }

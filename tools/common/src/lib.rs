@@ -12,7 +12,12 @@ use std::path::{Path, PathBuf};
 /// directory.
 pub fn workspace_root() -> PathBuf {
     // This crate sits at `<root>/tools/common`.
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(manifest)
+        .to_path_buf()
 }
 
 /// The workspace's target directory (`$CARGO_TARGET_DIR`, else `<root>/target`): where the
