@@ -85,14 +85,14 @@ pub fn table(results: &Value, scenarios: &[Value]) -> String {
         out,
         "commit {}, {} cores; {} form: {} writers, {} streams × {} events, {} kills, {} broker and {} Postgres restarts\n",
         results["commit"].as_str().unwrap_or("?"),
-        results["cores"],
+        shown(&results["cores"]),
         results["form"].as_str().unwrap_or("?"),
-        figures["writers"],
-        figures["streams"],
-        figures["events_per_stream"],
-        figures["kills"],
-        figures["broker_restarts"],
-        figures["postgres_restarts"],
+        shown(&figures["writers"]),
+        shown(&figures["streams"]),
+        shown(&figures["events_per_stream"]),
+        shown(&figures["kills"]),
+        shown(&figures["broker_restarts"]),
+        shown(&figures["postgres_restarts"]),
     );
     let _ = writeln!(out, "| run | figure | value | bound |");
     let _ = writeln!(out, "|---|---|---|---|");
@@ -166,6 +166,7 @@ mod tests {
             "bounds": {"sends_not_stored_once": "= 0"}, "failures": [],
         });
         let t = table(&results, &[scenario]);
+        assert!(t.starts_with("commit abc, 2 cores; short form: 3 writers, 60 streams × 50 events, 6 kills, 1 broker and 1 Postgres restarts\n"), "{t}");
         assert!(t.contains("| run | `lost` | 0 | = 0 (met) |"), "{t}");
         assert!(
             t.contains("| run | `duplicates` | 2 | = 0 (**not met**) |"),
