@@ -9,8 +9,10 @@
 # 2. Starts PostgreSQL on 127.0.0.1:5432 and RabbitMQ (with its AMQP 1.0 plugin) on
 #    127.0.0.1:5672 when they are not answering, and waits for them with a deadline. A server
 #    that cannot be reached fails this script: tests are never skipped.
-# 3. cargo fmt --check, cargo clippy (warnings are errors), cargo test, the order_service
-#    example as a smoke test, and the short form of the chaos run (scripts/chaos.sh --short).
+# 3. cargo fmt --check, cargo clippy (warnings are errors), cargo test and the doc tests over the
+#    whole workspace (the library, the operator CLI, the tools), the order_service example as a
+#    smoke test, and the short form of the chaos run (scripts/chaos.sh --short: the main run,
+#    then the Postgres-restart and broker-restart scenarios).
 #
 # Idempotent: on a machine where everything is installed and running it only checks and tests.
 #
@@ -36,18 +38,18 @@ psql "$WHIZBANG_TEST_DATABASE_URL" -Xqt -c "SELECT string_agg(format('DROP SCHEM
     FROM pg_namespace WHERE nspname LIKE 't\_%' OR nspname LIKE 'bench\_%' OR nspname LIKE 'chaos\_%'" \
     | psql "$WHIZBANG_TEST_DATABASE_URL" -Xq >/dev/null || die "cannot clean old test schemas"
 
-step "cargo fmt --check"
-cargo fmt --check || die "formatting differs: run cargo fmt"
+step "cargo fmt --all --check"
+cargo fmt --all --check || die "formatting differs: run cargo fmt"
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings || die "clippy found problems"
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings || die "clippy found problems"
 
 # --no-fail-fast: every test binary runs, so one run reports every failure.
-step "cargo test --all-targets --no-fail-fast"
-cargo test --all-targets --no-fail-fast || die "tests failed (see the failures listed above)"
+step "cargo test --workspace --all-targets --no-fail-fast"
+cargo test --workspace --all-targets --no-fail-fast || die "tests failed (see the failures listed above)"
 
-step "cargo test --doc"
-cargo test --doc || die "doc tests failed"
+step "cargo test --workspace --doc"
+cargo test --workspace --doc || die "doc tests failed"
 
 step "smoke test: cargo run --release --example order_service"
 cargo run --release --example order_service || die "the order_service example failed"

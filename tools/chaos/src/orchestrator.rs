@@ -10,8 +10,8 @@
 //! never repairs anything, so whatever the verdict finds is what the runtime did.
 
 use crate::ChaosResult;
-use crate::amqp_topology;
 use crate::node::{ConsumerArgs, NodeArgs, SUBSCRIPTION, WriterArgs};
+use crate::servers::Servers;
 use crate::verdict::{self, Applied, Committed};
 use clap::Args;
 use serde::Deserialize;
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 use whizbang::Config;
+use whizbang_tools_common::amqp_topology;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -144,9 +145,16 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
     let config = Config::load(&args.config)?;
     let plan = Plan::new(&args, &config)?;
     let names = Names::new();
-    let dir = target_dir().join("chaos").join(&names.id);
+    let dir = whizbang_tools_common::target_dir()
+        .join("chaos")
+        .join(&names.id);
     std::fs::create_dir_all(&dir)?;
-    let servers = Servers::find(&args, &config.store.database_url)?;
+    let servers = Servers::find(
+        !args.no_broker_restart,
+        !args.no_postgres_restart,
+        &config.store.database_url,
+    )
+    .map_err(|e| format!("{e} (or pass --no-broker-restart --no-postgres-restart)"))?;
     let db_url = config.store.database_url.clone();
     println!(
         "chaos run {}: {} writers, {} streams x {} events at {}/s, a kill every {:?}, lease {:?}; logs in {}",
@@ -196,12 +204,6 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         );
     }
     Ok(passed)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
 // ---- processes ---------------------------------------------------------------------------
@@ -768,7 +770,7 @@ impl Run {
         }
         let commit = Process::new("git")
             .args(["describe", "--always", "--dirty"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(whizbang_tools_common::workspace_root())
             .output()
             .ok()
             .filter(|o| o.status.success())
@@ -782,7 +784,9 @@ impl Run {
             "events": self.log,
             "failures": failures,
         });
-        let path = target_dir().join("chaos").join("results.json");
+        let path = whizbang_tools_common::target_dir()
+            .join("chaos")
+            .join("results.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&results)?)?;
         println!("results written to {}", path.display());
         Ok(())
@@ -892,123 +896,5 @@ impl Db {
     async fn batch(&mut self, sql: &str) -> Result<(), String> {
         let client = self.client().await?;
         client.batch_execute(sql).await.map_err(|e| e.to_string())
-    }
-}
-
-// ---- the servers -------------------------------------------------------------------------
-
-/// Restarts the local broker (`rabbitmqctl stop_app` / `start_app`) and the local Postgres
-/// cluster (`pg_ctlcluster <version> main restart`). Needs root, or sudo without a password.
-#[derive(Clone)]
-struct Servers {
-    sudo: bool,
-    pg_version: Option<String>,
-    database_url: String,
-}
-
-impl Servers {
-    fn find(args: &RunArgs, database_url: &str) -> ChaosResult<Servers> {
-        let root = Process::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let needs = !(args.no_broker_restart && args.no_postgres_restart);
-        if needs
-            && !root
-            && !Process::new("sudo")
-                .args(["-n", "true"])
-                .status()
-                .is_ok_and(|s| s.success())
-        {
-            return Err(
-                "restarting the broker and Postgres needs root or password-less sudo \
-                        (or pass --no-broker-restart --no-postgres-restart)"
-                    .into(),
-            );
-        }
-        let pg_version = if args.no_postgres_restart {
-            None
-        } else {
-            let mut versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
-                .map_err(|e| format!("/etc/postgresql unreadable ({e}): no local cluster to restart (or pass --no-postgres-restart)"))?
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().join("main").is_dir())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect();
-            versions.sort_by_key(|v| v.parse::<u32>().unwrap_or(0));
-            Some(
-                versions
-                    .pop()
-                    .ok_or("no /etc/postgresql/<version>/main cluster to restart")?,
-            )
-        };
-        Ok(Servers {
-            sudo: !root,
-            pg_version,
-            database_url: database_url.into(),
-        })
-    }
-
-    fn as_root(&self, program: &str, args: &[&str]) -> Result<(), String> {
-        let mut cmd = if self.sudo {
-            let mut c = Process::new("sudo");
-            c.arg("-n").arg(program);
-            c
-        } else {
-            Process::new(program)
-        };
-        let out = cmd
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run {program}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{program} {} failed ({}): {}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// Restarts `what` ("broker" or "postgres") and waits until it answers; returns seconds.
-    fn restart(&self, what: &str) -> Result<f64, String> {
-        let start = Instant::now();
-        match what {
-            "broker" => {
-                self.as_root("rabbitmqctl", &["stop_app"])?;
-                self.as_root("rabbitmqctl", &["start_app"])?;
-            }
-            "postgres" => {
-                let version = self.pg_version.as_deref().ok_or("no Postgres cluster")?;
-                self.as_root(
-                    "pg_ctlcluster",
-                    &["--skip-systemctl-redirect", version, "main", "restart"],
-                )?;
-                self.wait_for_postgres()?;
-            }
-            other => return Err(format!("unknown server {other}")),
-        }
-        Ok(start.elapsed().as_secs_f64())
-    }
-
-    fn wait_for_postgres(&self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ok = Process::new("pg_isready")
-                .args(["-q", "-d", &self.database_url])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err("Postgres did not accept connections within 60s of its restart".into());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 }

@@ -4,9 +4,9 @@
 //! the four in a row with their default settings)
 //!
 //! Suites:
-//! - `store`: the Postgres store beside raw SQL on the same tables (see `whizbang-bench/store.rs`).
+//! - `store`: the Postgres store beside raw SQL on the same tables (see `store.rs`).
 //! - `amqp`: outbox → broker beside a bare fe2o3-amqp sender, broker → inbox → perspective, and
-//!   end-to-end latency at a fixed offered rate (see `whizbang-bench/amqp.rs`).
+//!   end-to-end latency at a fixed offered rate (see `amqp.rs`).
 //! - `e2e`: that end-to-end latency at several offered rates (`--rates`, default 100,1000),
 //!   p50 / p95 / p99, each timed from the intended send time.
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
@@ -19,20 +19,14 @@
 //! figures, with the machine, the Postgres settings that matter and the commit, go to
 //! `target/bench/results.json` (`$CARGO_TARGET_DIR/bench/results.json`), and a Markdown table
 //! of them with each figure's goal ends the output (`whizbang-bench report` prints it again
-//! from the file; see `whizbang-bench/report.rs`). Latencies are
+//! from the file; see `report.rs`). Latencies are
 //! medians (and 99th percentiles) of individually timed calls after a warm-up, the baseline and
 //! the runtime measured in alternating blocks; throughput is completed calls per second with
 //! many concurrent callers, each on its own stream.
 
-#[path = "whizbang-bench/amqp.rs"]
 mod amqp;
-#[path = "shared/amqp_topology.rs"]
-mod amqp_topology;
-#[path = "whizbang-bench/cpu.rs"]
 mod cpu;
-#[path = "whizbang-bench/report.rs"]
 mod report;
-#[path = "whizbang-bench/store.rs"]
 mod store;
 
 use clap::{Args, Parser, Subcommand};
@@ -79,6 +73,10 @@ enum Suite {
         /// Default: target/bench/results.json.
         #[arg(long)]
         file: Option<std::path::PathBuf>,
+        /// For the README (scripts/readme-figures.sh): the same table, refused (exit 1) when
+        /// the run recorded errors, since a suite that failed left no figures to show.
+        #[arg(long)]
+        markdown: bool,
     },
 }
 
@@ -256,8 +254,7 @@ async fn run_suite(
 
 /// Writes the figures of this run with what they were measured on.
 fn results_dir() -> std::path::PathBuf {
-    std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("bench")
+    whizbang_tools_common::target_dir().join("bench")
 }
 
 async fn write_results(
@@ -519,17 +516,31 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
-    if let Suite::Report { file } = &cli.suite {
+    if let Suite::Report { file, markdown } = &cli.suite {
         let path = file
             .clone()
             .unwrap_or_else(|| results_dir().join("results.json"));
         match std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        {
-            Ok(results) => print!("{}", report::table(&results)),
+            .and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
+            }) {
+            Ok(results) => {
+                let errors = results["errors"].as_array().filter(|e| !e.is_empty());
+                if let (true, Some(errors)) = (*markdown, errors) {
+                    eprintln!(
+                        "whizbang-bench: {} records errors ({errors:?}): run the suites again",
+                        path.display()
+                    );
+                    std::process::exit(1);
+                }
+                print!("{}", report::table(&results));
+            }
             Err(e) => {
-                eprintln!("whizbang-bench: cannot read {}: {e}", path.display());
+                eprintln!(
+                    "whizbang-bench: cannot read {} ({e}): run `cargo run --release --bin whizbang-bench -- all` first",
+                    path.display()
+                );
                 std::process::exit(1);
             }
         }

@@ -4,7 +4,7 @@
 # the machine's timings are not (two runs of the same schema agree to within ~40 instructions
 # in 3.4 billion), so a change to schema/*.sql can be judged on a noisy machine.
 #
-#   scripts/callgrind-work-batch.sh [SCHEMA_DIR]     (default: schema/ of this checkout)
+#   tools/perf/callgrind-work-batch.sh [SCHEMA_DIR]     (default: schema/ of this checkout)
 #
 # Workload, one transaction per batch: batches of 1,000 one-event units over 4,000 streams (the
 # store bench's shape), each unit appending its event and an outbox row claimed by the writer,
@@ -18,7 +18,7 @@
 # valgrind, python3. Takes about four minutes. Leaves nothing behind but its temp directory,
 # which it removes.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 schema_dir=$(readlink -f "${1:-schema}")
 pgbin=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
 work=$(mktemp -d /tmp/wb-callgrind.XXXXXX)

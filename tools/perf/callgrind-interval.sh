@@ -7,9 +7,9 @@
 # baselines); the bench's own raw-baseline and read-back work (`store::run`) is subtracted.
 # Needs valgrind and the local Postgres; the bench's usual database settings apply.
 #
-#   scripts/callgrind-interval.sh [BENCH_BINARY] [OUTPUT_PREFIX]
+#   tools/perf/callgrind-interval.sh [BENCH_BINARY] [OUTPUT_PREFIX]
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bin=${1:-target/release/whizbang-bench}
 out=${2:-target/callgrind-interval}
 commands=20000

@@ -1,13 +1,12 @@
 //! Declaring and deleting RabbitMQ topics with their subscriptions for the binaries that make
 //! their own (the benchmarks, the chaos run), through `scripts/amqp-topology.sh`, the one
-//! place that knows how. Included by path from each binary; not part of the library.
+//! place that knows how.
 
-use std::path::Path;
 use std::process::Command;
 
 /// Runs `scripts/amqp-topology.sh [--delete] SPEC…` (each spec `TOPIC:SUB[,SUB…]`).
 pub fn topology(specs: &[String], delete: bool) -> Result<(), String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/amqp-topology.sh");
+    let script = crate::workspace_root().join("scripts/amqp-topology.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(script);
     if delete {

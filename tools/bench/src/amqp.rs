@@ -18,7 +18,6 @@
 //!   in the event, so a late send counts against the latency).
 
 use super::{BenchResult, Samples, figure};
-use crate::amqp_topology;
 use async_trait::async_trait;
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::{Connection, Sender, Session};
@@ -37,6 +36,7 @@ use whizbang::{
     Command, Config, Decision, Envelope, Event, EventMeta, Message, Perspective, PerspectiveError,
     Receptor, ReceptorContext, ReceptorError, Runtime,
 };
+use whizbang_tools_common::amqp_topology;
 
 #[derive(clap::Args)]
 pub struct AmqpArgs {

@@ -1,0 +1,199 @@
+//! The fault-injection table: the figures of the last chaos run (`target/chaos/results.json`)
+//! with the bound each must meet, followed by the single-fault scenarios of the same commit
+//! (`target/chaos/pg-restart.json`, `target/chaos/broker-restart.json`) when they ran, as one
+//! Markdown table (what the README's fault-injection section shows), or as `name: value`
+//! lines. It only reads and formats; the runs measure and judge.
+
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// The scenarios whose results files the report adds, in order.
+pub const SCENARIOS: &[&str] = &["pg-restart", "broker-restart"];
+
+/// The bound of a main-run figure, as text, and whether `figures` meet it.
+fn bound(name: &str, figures: &Value) -> Option<(String, bool)> {
+    let value = figures[name].as_f64()?;
+    let number = |n: &str| figures[n].as_f64();
+    Some(match name {
+        "lost" | "duplicates" | "order_violations" | "phantoms" | "stuck_rows" => {
+            ("= 0".into(), value == 0.0)
+        }
+        "committed" => {
+            let expected = number("expected_events")?;
+            (format!("= {expected}"), value == expected)
+        }
+        "takeover_s_max" => {
+            let bound = number("takeover_bound_s")?;
+            (format!("≤ {bound} (lease + 2 s)"), value <= bound)
+        }
+        "kills" => ("≥ 1".into(), value >= 1.0),
+        _ => return None,
+    })
+}
+
+fn shown(value: &Value) -> String {
+    match value {
+        // Whole numbers were stored as floats: show them without ".0".
+        Value::Number(n) => match n.as_f64() {
+            Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{}", v as i64),
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn verdict(failures: &Value) -> String {
+    match failures.as_array().filter(|f| !f.is_empty()) {
+        None => "passed".into(),
+        Some(f) => format!(
+            "**failed**: {}",
+            f.iter().map(shown).collect::<Vec<_>>().join("; ")
+        ),
+    }
+}
+
+/// The scenario files of `dir` written at `commit`; others are stale and left out (named on
+/// stderr).
+pub fn scenarios(dir: &Path, commit: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for name in SCENARIOS {
+        let path = dir.join(format!("{name}.json"));
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) if v["commit"] == *commit => out.push(v),
+            Ok(v) => eprintln!(
+                "whizbang-chaos: {} is of commit {}, the run of {}: left out",
+                path.display(),
+                v["commit"],
+                commit
+            ),
+            Err(e) => eprintln!("whizbang-chaos: {} unreadable: {e}", path.display()),
+        }
+    }
+    out
+}
+
+/// The Markdown table of a run's `results` and its `scenarios`.
+pub fn table(results: &Value, scenarios: &[Value]) -> String {
+    let mut out = String::new();
+    let figures = &results["figures"];
+    let _ = writeln!(
+        out,
+        "commit {}, {} cores; {} form: {} writers, {} streams × {} events, {} kills, {} broker and {} Postgres restarts\n",
+        results["commit"].as_str().unwrap_or("?"),
+        shown(&results["cores"]),
+        results["form"].as_str().unwrap_or("?"),
+        shown(&figures["writers"]),
+        shown(&figures["streams"]),
+        shown(&figures["events_per_stream"]),
+        shown(&figures["kills"]),
+        shown(&figures["broker_restarts"]),
+        shown(&figures["postgres_restarts"]),
+    );
+    let _ = writeln!(out, "| run | figure | value | bound |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    if let Some(map) = figures.as_object() {
+        for (name, value) in map {
+            let bound = bound(name, figures).map_or_else(String::new, |(text, met)| {
+                format!("{text} ({})", if met { "met" } else { "**not met**" })
+            });
+            let _ = writeln!(out, "| run | `{name}` | {} | {bound} |", shown(value));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "| run | verdict | {} | |",
+        verdict(&results["failures"])
+    );
+    for s in scenarios {
+        let name = s["scenario"].as_str().unwrap_or("?");
+        if let Some(map) = s["figures"].as_object() {
+            for (figure, value) in map {
+                let bound = s["bounds"][figure].as_str().map_or_else(String::new, |b| {
+                    let met = b
+                        .strip_prefix("= ")
+                        .and_then(|b| b.parse::<f64>().ok())
+                        .is_some_and(|b| value.as_f64() == Some(b));
+                    format!("{b} ({})", if met { "met" } else { "**not met**" })
+                });
+                let _ = writeln!(out, "| {name} | `{figure}` | {} | {bound} |", shown(value));
+            }
+        }
+        let _ = writeln!(out, "| {name} | verdict | {} | |", verdict(&s["failures"]));
+    }
+    out
+}
+
+/// The same figures as `name: value` lines (scenario figures prefixed with the scenario).
+pub fn lines(results: &Value, scenarios: &[Value]) -> String {
+    let mut out = String::new();
+    let mut section = |prefix: &str, v: &Value| {
+        if let Some(map) = v["figures"].as_object() {
+            for (name, value) in map {
+                let _ = writeln!(out, "{prefix}{name}: {}", shown(value));
+            }
+        }
+        let _ = writeln!(out, "{prefix}verdict: {}", verdict(&v["failures"]));
+    };
+    section("", results);
+    for s in scenarios {
+        section(&format!("{}.", s["scenario"].as_str().unwrap_or("?")), s);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_listed_with_their_bounds_and_verdicts() {
+        let results = serde_json::json!({
+            "commit": "abc", "cores": 2, "form": "short",
+            "figures": {"writers": 3.0, "streams": 60.0, "events_per_stream": 50.0, "kills": 6.0,
+                        "broker_restarts": 1.0, "postgres_restarts": 1.0,
+                        "expected_events": 3000.0, "committed": 3000.0, "lost": 0.0,
+                        "duplicates": 2.0, "takeover_s_max": 7.5, "takeover_bound_s": 7.0},
+            "failures": ["duplicates = 2, must be 0"],
+        });
+        let scenario = serde_json::json!({
+            "scenario": "pg-restart", "commit": "abc",
+            "figures": {"sends_ok": 560.0, "sends_not_stored_once": 0.0},
+            "bounds": {"sends_not_stored_once": "= 0"}, "failures": [],
+        });
+        let t = table(&results, &[scenario]);
+        assert!(t.starts_with("commit abc, 2 cores; short form: 3 writers, 60 streams × 50 events, 6 kills, 1 broker and 1 Postgres restarts\n"), "{t}");
+        assert!(t.contains("| run | `lost` | 0 | = 0 (met) |"), "{t}");
+        assert!(
+            t.contains("| run | `duplicates` | 2 | = 0 (**not met**) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | `committed` | 3000 | = 3000 (met) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | `takeover_s_max` | 7.5 | ≤ 7 (lease + 2 s) (**not met**) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | verdict | **failed**: duplicates = 2, must be 0 | |"),
+            "{t}"
+        );
+        assert!(t.contains("| pg-restart | `sends_ok` | 560 |  |"), "{t}");
+        assert!(
+            t.contains("| pg-restart | `sends_not_stored_once` | 0 | = 0 (met) |"),
+            "{t}"
+        );
+        assert!(t.contains("| pg-restart | verdict | passed | |"), "{t}");
+        let l = lines(&results, &[]);
+        assert!(
+            l.contains("lost: 0\n") && l.contains("verdict: **failed**"),
+            "{l}"
+        );
+    }
+}
