@@ -12,8 +12,8 @@ use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 use whizbang::routing::partition_of;
 use whizbang::store::StoreError;
-use whizbang::store::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
-use whizbang::store::vacuum::autovacuum_gaps;
+use whizbang::store::postgres::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
+use whizbang::store::postgres::vacuum::autovacuum_gaps;
 
 fn database_url() -> String {
     std::env::var("WHIZBANG_TEST_DATABASE_URL")

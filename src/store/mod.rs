@@ -19,10 +19,7 @@
 //! - Lease times come from the store's own clock.
 
 pub mod memory;
-pub mod migrate;
 pub mod postgres;
-pub mod tls;
-pub mod vacuum;
 
 use crate::envelope::Envelope;
 use async_trait::async_trait;

@@ -7,7 +7,7 @@
 //! identifier); the checksum is taken over the file as shipped, so it does not depend on the
 //! schema name. It must not touch any other schema.
 
-use super::StoreError;
+use crate::store::StoreError;
 use sha2::{Digest, Sha256};
 
 /// One embedded migration.
@@ -22,72 +22,72 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "0001_tables.sql",
-        sql: include_str!("../../schema/0001_tables.sql"),
+        sql: include_str!("../../../schema/0001_tables.sql"),
     },
     Migration {
         version: 2,
         name: "0002_work_batch.sql",
-        sql: include_str!("../../schema/0002_work_batch.sql"),
+        sql: include_str!("../../../schema/0002_work_batch.sql"),
     },
     Migration {
         version: 3,
         name: "0003_work_batch_v2.sql",
-        sql: include_str!("../../schema/0003_work_batch_v2.sql"),
+        sql: include_str!("../../../schema/0003_work_batch_v2.sql"),
     },
     Migration {
         version: 4,
         name: "0004_work_batch_v3.sql",
-        sql: include_str!("../../schema/0004_work_batch_v3.sql"),
+        sql: include_str!("../../../schema/0004_work_batch_v3.sql"),
     },
     Migration {
         version: 5,
         name: "0005_claims.sql",
-        sql: include_str!("../../schema/0005_claims.sql"),
+        sql: include_str!("../../../schema/0005_claims.sql"),
     },
     Migration {
         version: 6,
         name: "0006_one_message.sql",
-        sql: include_str!("../../schema/0006_one_message.sql"),
+        sql: include_str!("../../../schema/0006_one_message.sql"),
     },
     Migration {
         version: 7,
         name: "0007_dedup_hot.sql",
-        sql: include_str!("../../schema/0007_dedup_hot.sql"),
+        sql: include_str!("../../../schema/0007_dedup_hot.sql"),
     },
     Migration {
         version: 8,
         name: "0008_claim_once.sql",
-        sql: include_str!("../../schema/0008_claim_once.sql"),
+        sql: include_str!("../../../schema/0008_claim_once.sql"),
     },
     Migration {
         version: 9,
         name: "0009_batch_numbering.sql",
-        sql: include_str!("../../schema/0009_batch_numbering.sql"),
+        sql: include_str!("../../../schema/0009_batch_numbering.sql"),
     },
     Migration {
         version: 10,
         name: "0010_claim_probe.sql",
-        sql: include_str!("../../schema/0010_claim_probe.sql"),
+        sql: include_str!("../../../schema/0010_claim_probe.sql"),
     },
     Migration {
         version: 11,
         name: "0011_streams_fillfactor.sql",
-        sql: include_str!("../../schema/0011_streams_fillfactor.sql"),
+        sql: include_str!("../../../schema/0011_streams_fillfactor.sql"),
     },
     Migration {
         version: 12,
         name: "0012_pin_index_plans.sql",
-        sql: include_str!("../../schema/0012_pin_index_plans.sql"),
+        sql: include_str!("../../../schema/0012_pin_index_plans.sql"),
     },
     Migration {
         version: 13,
         name: "0013_lean_batch.sql",
-        sql: include_str!("../../schema/0013_lean_batch.sql"),
+        sql: include_str!("../../../schema/0013_lean_batch.sql"),
     },
     Migration {
         version: 14,
         name: "0014_packed_answer.sql",
-        sql: include_str!("../../schema/0014_packed_answer.sql"),
+        sql: include_str!("../../../schema/0014_packed_answer.sql"),
     },
 ];
 
