@@ -135,7 +135,7 @@ async fn refused_at_once(mut c: Config, reason: &str, accepted: &str) {
         Err(e) => e,
     };
     assert!(
-        matches!(&refused, StoreError::Refused(m) if m.contains(reason)),
+        matches!(&refused, StoreError::Refused { message, .. } if message.contains(reason)),
         "the reason is given: {refused}"
     );
     assert!(

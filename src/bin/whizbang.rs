@@ -1,7 +1,7 @@
 //! `whizbang`: the operator's command line for a service's Postgres store.
 //!
 //! ```text
-//! whizbang [--config PATH] migrate                          apply the embedded schema/*.sql files
+//! whizbang [--config PATH] migrate                          apply the embedded schema (baseline, functions)
 //! whizbang [--config PATH] dead-letters list                show parked messages
 //! whizbang [--config PATH] dead-letters requeue MESSAGE_ID  retry one (attempts reset)
 //! whizbang [--config PATH] dead-letters skip MESSAGE_ID     drop one; its stream moves on

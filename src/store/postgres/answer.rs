@@ -108,7 +108,7 @@ pub(super) struct MessagePlaces {
     pub(super) appends: PackedAppends,
 }
 
-/// A binary array (`array_send`) the packed answer rows of 0014 carry in a bytea column.
+/// A binary array (`array_send`) the packed answer rows carry in a bytea column.
 pub(super) fn packed<'a, T: FromSql<'a>>(
     row: &'a Row,
     column: usize,
@@ -133,7 +133,7 @@ pub(super) fn claimed_index(
 }
 
 /// The 'appended_v' row: each append's version and position from the batch's last position
-/// and its streams' new versions (see `schema/0014_packed_answer.sql`).
+/// and its streams' new versions (see `schema/functions/work_batch.sql`).
 pub(super) fn read_packed_appends(
     row: &Row,
     appends: &mut PackedAppends,
@@ -170,7 +170,7 @@ pub(super) fn read_packed_appends(
     Ok(())
 }
 
-/// Turns the rows of `wb_process_work_batch_packed` (or `wb_process_one_message`) back into a
+/// Turns the rows of `wb_process_work_batch` (or `wb_process_one_message`) back into a
 /// [`WorkBatchResult`].
 pub(super) fn read_answer(
     mut batch: WorkBatch,

@@ -1,7 +1,7 @@
 //! A [`WorkBatch`] as the arguments of the batch functions: the parallel arrays of
 //! `wb_process_work_batch` (reports, units, expected versions, messages, inbox completions),
-//! the numbering of the batch's appends the caller computes (see `schema/functions/work_batch.sql`),
-//! and the scalars of `wb_process_one_message` for a batch of one message.
+//! the numbering of the batch's appends the caller computes (see
+//! `schema/functions/work_batch.sql`), and the scalars of `wb_process_one_message` for a batch of one message.
 //!
 //! It must not run queries or read answers (`answer` does): it only lays the batch out, borrowing
 //! it rather than copying its payloads.
@@ -201,7 +201,8 @@ impl BatchArrays<'_> {
     }
 }
 
-/// What `wb_process_work_batch` (0009) needs to number a batch's appends without sorting it:
+/// What `wb_process_work_batch` (`schema/functions/work_batch.sql`) needs to number a batch's
+/// appends without sorting it:
 /// the appended streams, distinct and in byte order (the order their rows are locked in), with
 /// how many appends each; and per message (zero where it is not appended) its stream's place in
 /// that list (1-based), how many appends of its stream come after it in the batch, and its
@@ -265,7 +266,7 @@ impl<'a> Numbering<'a> {
     }
 }
 
-/// What the packed 'appended_v' answer row (0014) needs to give each append of the batch its
+/// What the packed 'appended_v' answer row needs to give each append of the batch its
 /// version and position: the appended streams (in [`Numbering`]'s order) and, per append in
 /// batch order, its unit, id and numbering.
 #[derive(Default)]

@@ -13,6 +13,7 @@ use super::tls::DatabaseTls;
 use crate::config::{Config, redact};
 use crate::store::StoreError;
 use bb8_postgres::PostgresConnectionManager;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::{AsyncMessage, Client, Statement};
 
@@ -45,7 +46,7 @@ impl bb8::ManageConnection for PgManager {
         let client = self.inner.connect().await?;
         let s = &self.schema;
         let batch = client
-            .prepare(&call(s, "wb_process_work_batch_packed", 43))
+            .prepare(&call(s, "wb_process_work_batch", 43))
             .await?;
         let one_message = client
             .prepare(&call(s, "wb_process_one_message", 21))
@@ -69,37 +70,30 @@ impl bb8::ManageConnection for PgManager {
 }
 
 pub(super) fn unavailable(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(describe(&e))
+    StoreError::Unavailable {
+        message: describe(&e),
+        source: Some(Arc::new(e)),
+    }
 }
 
 pub(super) fn query_error(e: tokio_postgres::Error) -> StoreError {
-    // A closed connection or a server going away is worth retrying; anything else is a bug or
-    // bad data. A server that terminates the connection under a running query (a restart, an
-    // operator's `pg_terminate_backend`) answers with an error of its own first: SQLSTATE class
-    // 08 (connection exception), 57P01-57P03 (shutdown, crash, not accepting connections yet)
-    // or 53300 (too many connections); a serialization failure or deadlock (40001, 40P01)
-    // rolled the whole batch back and is worth running again.
-    let server_going_away = e.as_db_error().is_some_and(|db| {
-        let code = db.code().code();
-        code.starts_with("08")
-            || matches!(
-                code,
-                "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
-            )
-    });
-    if e.is_closed() || e.as_db_error().is_none() || server_going_away {
-        StoreError::Unavailable(describe(&e))
-    } else {
-        StoreError::Query(describe(&e))
+    // A closed connection, or an error that is not the server's answer (I/O), is the store
+    // going away; anything the server answered keeps its SQLSTATE, which says whether it is
+    // worth running again (`StoreError::is_retryable`).
+    match e.as_db_error() {
+        Some(db) if !e.is_closed() => StoreError::Query {
+            code: Some(db.code().code().to_string()),
+            message: describe(&e),
+            source: Some(Arc::new(e)),
+        },
+        _ => unavailable(e),
     }
 }
 
 pub(super) fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
     match e {
         bb8::RunError::User(e) => unavailable(e),
-        bb8::RunError::TimedOut => {
-            StoreError::Unavailable("timed out waiting for a connection".into())
-        }
+        bb8::RunError::TimedOut => StoreError::unavailable("timed out waiting for a connection"),
     }
 }
 
@@ -119,10 +113,10 @@ pub async fn connect_at_start(
         match connect_one(pg_config, tls).await {
             Ok(c) => return Ok(c),
             Err(e) if refused_for_good(&e) => {
-                return Err(StoreError::Refused(format!(
-                    "database {endpoint}: {}",
-                    describe(&e)
-                )));
+                return Err(StoreError::Refused {
+                    message: format!("database {endpoint}: {}", describe(&e)),
+                    source: Some(Arc::new(e)),
+                });
             }
             Err(e) if Instant::now() + backoff < deadline => {
                 tracing::warn!(database = %endpoint, error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
@@ -130,11 +124,14 @@ pub async fn connect_at_start(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "database {endpoint} unreachable for {} ms: {}",
-                    config.store.startup_timeout_ms,
-                    describe(&e)
-                )));
+                return Err(StoreError::Unavailable {
+                    message: format!(
+                        "database {endpoint} unreachable for {} ms: {}",
+                        config.store.startup_timeout_ms,
+                        describe(&e)
+                    ),
+                    source: Some(Arc::new(e)),
+                });
             }
         }
     }

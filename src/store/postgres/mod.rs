@@ -54,7 +54,7 @@ impl PostgresStore {
     /// `store.startup_timeout_ms`), applies the migrations, and opens the pool and the LISTEN
     /// connection.
     pub async fn connect(config: &Config) -> Result<PostgresStore, StoreError> {
-        let (mut pg_config, tls) = tls::database_config(config).map_err(StoreError::Unavailable)?;
+        let (mut pg_config, tls) = tls::database_config(config).map_err(StoreError::unavailable)?;
         let settings = StoreSettings::from_config(config);
         let schema = config.store.schema.clone();
         pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
