@@ -5,10 +5,11 @@
 //! which HTTP status it maps to, whether retrying may help, whether it is a conflict.
 
 use crate::config::ConfigError;
-use crate::handler::{HandlerFailure, ReceptorError};
+use crate::handler::{ReceptorError, ReceptorFailure};
 use crate::registry::RegistryError;
 use crate::store::{ExpectedVersion, StoreError};
 use crate::transport::TransportError;
+use std::sync::Arc;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,8 +57,10 @@ pub enum DispatchError {
         message_type: String,
         expected: &'static str,
     },
+    /// The store failed; the error keeps its SQLSTATE and cause (see
+    /// [`StoreError::is_retryable`]).
     #[error("store error: {0}")]
-    Store(String, bool),
+    Store(#[source] Arc<StoreError>),
     /// The runtime is shutting down or an actor is gone.
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
@@ -70,7 +73,8 @@ impl DispatchError {
             DispatchError::Rejected { error, .. } => error.http_status(),
             DispatchError::InvalidMessage { .. } => 400,
             DispatchError::VersionConflict { .. } => 409,
-            DispatchError::Store(_, true) | DispatchError::Unavailable(_) => 503,
+            DispatchError::Store(e) if e.is_retryable() => 503,
+            DispatchError::Unavailable(_) => 503,
             _ => 500,
         }
     }
@@ -88,38 +92,39 @@ impl DispatchError {
 
     /// Retrying the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            DispatchError::VersionConflict { .. }
-                | DispatchError::Store(_, true)
-                | DispatchError::Unavailable(_)
-        )
+        match self {
+            DispatchError::Store(e) => e.is_retryable(),
+            DispatchError::VersionConflict { .. } | DispatchError::Unavailable(_) => true,
+            _ => false,
+        }
     }
 
-    pub(crate) fn from_handler(message_type: &str, failure: HandlerFailure) -> DispatchError {
+    /// The store's error, when the store failed.
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            DispatchError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_handler(message_type: &str, failure: ReceptorFailure) -> DispatchError {
         match failure {
-            HandlerFailure::Rejected(error) => DispatchError::Rejected {
+            ReceptorFailure::Rejected(error) => DispatchError::Rejected {
                 message_type: message_type.into(),
                 error,
             },
-            HandlerFailure::Panicked(message) => DispatchError::Panicked {
+            ReceptorFailure::Panicked(message) => DispatchError::Panicked {
                 message_type: message_type.into(),
                 message,
             },
-            HandlerFailure::Decode(m) => DispatchError::Codec(m),
-            // Not produced by receptors; kept total rather than panicking.
-            HandlerFailure::Perspective(e) => DispatchError::Rejected {
-                message_type: message_type.into(),
-                error: ReceptorError::Internal(e.0),
-            },
+            ReceptorFailure::Decode(m) => DispatchError::Codec(m),
         }
     }
 }
 
 impl From<StoreError> for DispatchError {
     fn from(e: StoreError) -> Self {
-        let retryable = e.is_retryable();
-        DispatchError::Store(e.to_string(), retryable)
+        DispatchError::Store(Arc::new(e))
     }
 }
 
@@ -140,8 +145,40 @@ pub enum StartError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("{0}")]
-    Unsupported(String),
     #[error("actor system: {0}")]
     Actor(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_keep_their_cause_and_say_whether_to_retry() {
+        let busy: DispatchError = StoreError::Query {
+            code: Some("40001".into()),
+            message: "40001: could not serialize access".into(),
+            source: None,
+        }
+        .into();
+        assert!(busy.is_retryable());
+        assert_eq!(busy.http_status(), 503);
+        let bug: DispatchError = StoreError::Query {
+            code: Some("42601".into()),
+            message: "42601: syntax error".into(),
+            source: None,
+        }
+        .into();
+        assert!(!bug.is_retryable());
+        assert_eq!(bug.http_status(), 500);
+        let source = std::error::Error::source(&bug).expect("the store error");
+        let store = source
+            .downcast_ref::<Arc<StoreError>>()
+            .expect("a StoreError");
+        assert_eq!(store.sqlstate(), Some("42601"));
+        assert_eq!(bug.store_error().and_then(|e| e.sqlstate()), Some("42601"));
+        let down: DispatchError = StoreError::unavailable("connection closed").into();
+        assert!(down.is_retryable());
+        assert_eq!(down.http_status(), 503);
+    }
 }

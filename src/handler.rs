@@ -212,11 +212,20 @@ pub(crate) struct ErasedDecision {
     pub expectations: Vec<(String, ExpectedVersion)>,
 }
 
-/// Why running user code failed.
+/// Why running a receptor failed.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum HandlerFailure {
+pub(crate) enum ReceptorFailure {
     #[error(transparent)]
     Rejected(ReceptorError),
+    #[error("handler panicked: {0}")]
+    Panicked(String),
+    #[error("{0}")]
+    Decode(String),
+}
+
+/// Why applying an event to a perspective failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum HandlerFailure {
     #[error("handler panicked: {0}")]
     Panicked(String),
     #[error(transparent)]
@@ -225,13 +234,30 @@ pub(crate) enum HandlerFailure {
     Decode(String),
 }
 
+/// A failure that a panic in user code becomes.
+trait FromPanic {
+    fn panicked(message: String) -> Self;
+}
+
+impl FromPanic for ReceptorFailure {
+    fn panicked(message: String) -> Self {
+        ReceptorFailure::Panicked(message)
+    }
+}
+
+impl FromPanic for HandlerFailure {
+    fn panicked(message: String) -> Self {
+        HandlerFailure::Panicked(message)
+    }
+}
+
 pub(crate) trait ErasedReceptor: Send + Sync + 'static {
     fn invoke(
         &self,
         envelope: &Envelope,
         typed: Option<Box<dyn Any + Send>>,
         ctx: ReceptorContext,
-    ) -> BoxFuture<'static, Result<ErasedDecision, HandlerFailure>>;
+    ) -> BoxFuture<'static, Result<ErasedDecision, ReceptorFailure>>;
 }
 
 pub(crate) struct ReceptorAdapter<C, R> {
@@ -254,18 +280,18 @@ impl<C: Command, R: Receptor<C>> ErasedReceptor for ReceptorAdapter<C, R> {
         envelope: &Envelope,
         typed: Option<Box<dyn Any + Send>>,
         ctx: ReceptorContext,
-    ) -> BoxFuture<'static, Result<ErasedDecision, HandlerFailure>> {
+    ) -> BoxFuture<'static, Result<ErasedDecision, ReceptorFailure>> {
         let command: Result<C, CodecError> = match typed.map(|b| b.downcast::<C>()) {
             Some(Ok(c)) => Ok(*c),
             _ => message::decode::<C>(&envelope.payload),
         };
         let receptor = self.receptor.clone();
         async move {
-            let command = command.map_err(|e| HandlerFailure::Decode(e.to_string()))?;
+            let command = command.map_err(|e| ReceptorFailure::Decode(e.to_string()))?;
             let decision = receptor
                 .handle(command, ctx)
                 .await
-                .map_err(HandlerFailure::Rejected)?;
+                .map_err(ReceptorFailure::Rejected)?;
             Ok(ErasedDecision {
                 result: Box::new(decision.result),
                 events: decision.events,
@@ -322,17 +348,15 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
     }
 }
 
-async fn guarded<T>(
-    fut: BoxFuture<'static, Result<T, HandlerFailure>>,
-) -> Result<T, HandlerFailure> {
+async fn guarded<T, F: FromPanic>(fut: BoxFuture<'static, Result<T, F>>) -> Result<T, F> {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(result) => result,
-        Err(payload) => Err(HandlerFailure::Panicked(panic_message(payload))),
+        Err(payload) => Err(F::panicked(panic_message(payload))),
     }
 }
 
 /// Runs one receptor. Calls run concurrently (ordering is the partition actor's job); a panic
-/// in user code becomes [`HandlerFailure::Panicked`] for that one call.
+/// in user code becomes [`ReceptorFailure::Panicked`] for that one call.
 pub(crate) struct ReceptorActor {
     pub(crate) command_type: &'static str,
     pub(crate) receptor: Arc<dyn ErasedReceptor>,
@@ -378,7 +402,7 @@ pub(crate) struct Invoke {
 
 /// The receptor's run, guarded against panics, for the caller to await in its own task: a
 /// request-response future would take a task of its own per command only to pass the answer on.
-pub(crate) type InvokeRun = BoxFuture<'static, Result<ErasedDecision, HandlerFailure>>;
+pub(crate) type InvokeRun = BoxFuture<'static, Result<ErasedDecision, ReceptorFailure>>;
 
 impl Message for Invoke {
     type Result = InvokeRun;
@@ -404,7 +428,7 @@ impl Handler<Invoke> for ReceptorActor {
             Ok(fut) => Box::pin(guarded(fut)),
             Err(payload) => {
                 let message = panic_message(payload);
-                Box::pin(async move { Err(HandlerFailure::Panicked(message)) })
+                Box::pin(async move { Err(ReceptorFailure::Panicked(message)) })
             }
         };
         MessageResult(run)

@@ -1,7 +1,7 @@
 //! `whizbang`: the operator's command line for a service's Postgres store.
 //!
 //! ```text
-//! whizbang [--config PATH] migrate                          apply the embedded schema/*.sql files
+//! whizbang [--config PATH] migrate                          apply the embedded schema (baseline, functions)
 //! whizbang [--config PATH] dead-letters list                show parked messages
 //! whizbang [--config PATH] dead-letters requeue MESSAGE_ID  retry one (attempts reset)
 //! whizbang [--config PATH] dead-letters skip MESSAGE_ID     drop one; its stream moves on
@@ -23,7 +23,8 @@ use uuid::Uuid;
 use whizbang::Config;
 use whizbang::config::{StoreBackend, redact};
 use whizbang::store::postgres::PostgresStore;
-use whizbang::store::{DeadLetter, Store, StoreError, migrate};
+use whizbang::store::postgres::migrate;
+use whizbang::store::{DeadLetter, Store, StoreError};
 
 #[derive(Parser)]
 #[command(
@@ -115,7 +116,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     // A URL that does not parse is a configuration error, whatever the command.
     let endpoint = redact(&config.store.database_url);
-    let (mut pg, tls) = whizbang::store::tls::database_config(&config).map_err(|e| {
+    let (mut pg, tls) = whizbang::store::postgres::tls::database_config(&config).map_err(|e| {
         Failure::Usage(format!(
             "{}: {} ({endpoint})",
             cli.config.display(),
@@ -174,10 +175,10 @@ fn not_found(e: StoreError, id: Uuid, schema: &str) -> Failure {
 async fn migrate_command(
     config: &Config,
     pg: &tokio_postgres::Config,
-    tls: whizbang::store::tls::DatabaseTls,
+    tls: whizbang::store::postgres::tls::DatabaseTls,
 ) -> Result<(), Failure> {
     let endpoint = redact(&config.store.database_url);
-    let mut client = whizbang::store::postgres::connect_at_start(config, pg, &tls).await?;
+    let mut client = whizbang::store::postgres::connect::connect_at_start(config, pg, &tls).await?;
     let schema = &config.store.schema;
     let applied = migrate::migrate(&mut client, schema).await?;
     if applied.is_empty() {

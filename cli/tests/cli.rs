@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
-use whizbang::store::migrate::{MIGRATIONS, migrate};
+use whizbang::store::postgres::migrate::{FUNCTIONS, MIGRATIONS, migrate};
 
 fn database_url() -> String {
     std::env::var("WHIZBANG_TEST_DATABASE_URL")
@@ -111,8 +111,12 @@ async fn cli_migrates_and_lists_dead_letters_on_an_empty_schema() {
     let out = cli(&config, &schema, &url, &["migrate"]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "migrate: {stdout}\n{stderr}");
-    for m in MIGRATIONS {
-        assert!(stdout.contains(m.name), "lists {}: {stdout}", m.name);
+    let files = MIGRATIONS
+        .iter()
+        .map(|m| m.name.to_string())
+        .chain(FUNCTIONS.iter().map(|f| format!("functions/{}", f.name)));
+    for name in files {
+        assert!(stdout.contains(&name), "lists {name}: {stdout}");
     }
     assert!(stdout.contains(&schema), "{stdout}");
     assert!(

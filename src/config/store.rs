@@ -44,7 +44,7 @@ pub struct StoreConfig {
     pub startup_timeout_ms: u64,
     /// A CA certificate (PEM) that must sign the server's certificate: TLS with the chain and
     /// the host name verified. Empty: TLS as `database_url`'s `sslmode` says, read as libpq
-    /// reads it (see [`crate::store::tls`]).
+    /// reads it (see [`crate::store::postgres::tls`]).
     pub tls_ca_file: String,
 }
 

@@ -19,10 +19,7 @@
 //! - Lease times come from the store's own clock.
 
 pub mod memory;
-pub mod migrate;
 pub mod postgres;
-pub mod tls;
-pub mod vacuum;
 
 use crate::envelope::Envelope;
 use async_trait::async_trait;
@@ -341,19 +338,58 @@ pub struct Heartbeat {
     pub released: Vec<u32>,
 }
 
-/// Errors of the store layer.
-#[derive(Debug, thiserror::Error)]
+/// The error beneath a [`StoreError`] (the database driver's, say), shared so that errors
+/// carrying it stay cheap to clone.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of the store layer. Each keeps its cause as its `source()`; whether retrying may
+/// help is [`StoreError::is_retryable`].
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    /// The database could not be reached, or the connection broke (a pool timeout, a closed
+    /// connection). Retryable.
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<Cause>,
+    },
     /// The database turned the connection down for a reason waiting will not change: the
     /// credentials, the database name, or the server's certificate. Not retried.
-    #[error("database refused the connection: {0}")]
-    Refused(String),
-    #[error("store query failed: {0}")]
-    Query(String),
-    #[error("migration error: {0}")]
-    Migration(String),
+    #[error("database refused the connection: {message}")]
+    Refused {
+        message: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    /// A statement failed; `code` is the SQLSTATE the server answered with.
+    #[error("store query failed: {message}")]
+    Query {
+        code: Option<String>,
+        message: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    /// The schema could not be brought to what this build expects.
+    #[error("migration error: {message}")]
+    Migration {
+        message: String,
+        #[source]
+        source: Option<Cause>,
+    },
+    /// The schema was made by the numbered migrations of the versions before the schema was
+    /// squashed into one baseline; they cannot be upgraded in place, and nothing was changed.
+    #[error(
+        "schema `{schema}` was created by the pre-squash migrations (it records {}); this \
+         version cannot upgrade it in place and left it untouched: keep what you need of it \
+         (pg_dump -n {schema}), then drop it (DROP SCHEMA {schema} CASCADE) or set \
+         store.schema to a new schema, and start again",
+        applied.join(", ")
+    )]
+    PreSquashSchema {
+        schema: String,
+        applied: Vec<String>,
+    },
     #[error("no such row: {0}")]
     NotFound(String),
     #[error("corrupt row: {0}")]
@@ -361,10 +397,48 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Worth retrying the same call later (a connection problem, not a bug or bad data).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+    /// An unavailable store, with no cause beneath the message.
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            message: message.into(),
+            source: None,
+        }
     }
+
+    /// The SQLSTATE the database answered with, when it did.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StoreError::Query { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Worth retrying the same call later: the store was unreachable, or the statement failed
+    /// for a reason of the moment (see [`retryable_sqlstate`]), not a bug or bad data.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. } => true,
+            StoreError::Query { code, .. } => code.as_deref().is_some_and(retryable_sqlstate),
+            StoreError::Refused { .. }
+            | StoreError::Migration { .. }
+            | StoreError::PreSquashSchema { .. }
+            | StoreError::NotFound(_)
+            | StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// Whether a statement that failed with SQLSTATE `code` may pass when run again: a connection
+/// exception (class 08); a serialization failure or deadlock (40001, 40P01), which rolled the
+/// whole transaction back; a server shutting down, crashed or starting (57P01, 57P02, 57P03);
+/// a cancelled statement (57014: a statement timeout, an operator's cancel); too many
+/// connections (53300). Constraint, syntax and data errors are not.
+pub fn retryable_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "57014" | "53300"
+        )
 }
 
 /// The work coordinator contract.
@@ -442,6 +516,63 @@ pub trait Store: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn query(code: &str) -> StoreError {
+        StoreError::Query {
+            code: Some(code.into()),
+            message: format!("{code}: x"),
+            source: None,
+        }
+    }
+
+    #[test]
+    fn retryable_errors_are_told_from_bugs_and_bad_data() {
+        for code in [
+            "08000", "08006", "08003", "40001", "40P01", "57P01", "57P02", "57P03", "57014",
+            "53300",
+        ] {
+            assert!(query(code).is_retryable(), "{code}");
+            assert_eq!(query(code).sqlstate(), Some(code));
+        }
+        // Unique and foreign key violations, a syntax error, an undefined function, bad text
+        // encoding, division by zero, a disk full: running them again fails the same way.
+        for code in [
+            "23505", "23503", "42601", "42883", "22021", "22012", "53100", "XX000",
+        ] {
+            assert!(!query(code).is_retryable(), "{code}");
+        }
+        let no_code = StoreError::Query {
+            code: None,
+            message: "x".into(),
+            source: None,
+        };
+        assert!(!no_code.is_retryable());
+        assert!(StoreError::unavailable("down").is_retryable());
+        let refused = StoreError::Refused {
+            message: "28P01: password authentication failed".into(),
+            source: None,
+        };
+        assert!(!refused.is_retryable());
+        assert!(!StoreError::NotFound("x".into()).is_retryable());
+        assert!(!StoreError::Corrupt("x".into()).is_retryable());
+        let old = StoreError::PreSquashSchema {
+            schema: "svc".into(),
+            applied: vec!["0001_tables.sql".into()],
+        };
+        assert!(!old.is_retryable());
+        assert!(old.to_string().contains("pre-squash"), "{old}");
+    }
+
+    #[test]
+    fn the_cause_is_kept_as_the_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = StoreError::Unavailable {
+            message: "connection lost".into(),
+            source: Some(std::sync::Arc::new(io)),
+        };
+        let source = std::error::Error::source(&e).expect("a source");
+        assert_eq!(source.to_string(), "reset by peer");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

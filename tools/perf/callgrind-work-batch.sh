@@ -2,7 +2,7 @@
 # The Postgres server's instructions per stored event: wb_process_work_batch beside the bench's
 # raw INSERT of the same rows, counted by callgrind in a single-user Postgres. Repeatable where
 # the machine's timings are not (two runs of the same schema agree to within ~40 instructions
-# in 3.4 billion), so a change to schema/*.sql can be judged on a noisy machine.
+# in 3.4 billion), so a change to schema/ can be judged on a noisy machine.
 #
 #   tools/perf/callgrind-work-batch.sh [SCHEMA_DIR]     (default: schema/ of this checkout)
 #
@@ -41,19 +41,15 @@ EOF
 as_pg "$pgbin/pg_ctl" -D "$work/data" -l "$work/server.log" start -w >/dev/null
 for s in st rw; do
     as_pg "$pgbin/psql" -h "$work" -p 5497 -qc "CREATE SCHEMA $s"
-    for f in "$schema_dir"/[0-9]*.sql; do
+    # The baseline, then the functions, as the runtime's migration applies them.
+    for f in "$schema_dir"/[0-9]*.sql "$schema_dir"/functions/{partition_of,leases,claims,one_message,work_batch}.sql; do
         sed "s/{{schema}}/$s/g" "$f" | as_pg "$pgbin/psql" -h "$work" -p 5497 -q -v ON_ERROR_STOP=1 >/dev/null
     done
 done
 as_pg "$pgbin/pg_ctl" -D "$work/data" stop -m fast >/dev/null
 cp -a "$work/data" "$work/clean"
 
-# The function the runtime calls: 0014's packed one where the schema has it, else 0013's.
-if grep -q "wb_process_work_batch_packed" "$schema_dir"/[0-9]*.sql; then
-    function=wb_process_work_batch_packed
-else
-    function=wb_process_work_batch
-fi
+function=wb_process_work_batch
 
 # The driver: one DO block (one transaction) per batch, for postgres --single -j (a statement
 # ends at a semicolon followed by a blank line, so the blocks hold no blank line).
@@ -102,7 +98,7 @@ for b in range(batches):
       IF rec.kind = 'wclaim_o' THEN
         nr_id := nr_id || rec.message_id; nr_part := nr_part || rec.partition; nr_gen := nr_gen || rec.generation;
       ELSIF rec.kind = 'wclaims_o' AND octet_length(rec.payload) = 20 + 20 * n THEN
-        -- Packed (0014): all n rows claimed, every lease at its first generation (this run
+        -- Packed answer: all n rows claimed, every lease at its first generation (this run
         -- leases each partition once); decoding the arrays in plpgsql would cost more than
         -- the runtime's decoding does.
         nr_id := a.id; nr_part := a.part; nr_gen := array_fill(1::bigint, ARRAY[n]);

@@ -39,8 +39,8 @@ impl BatchHook for FailsInboxBatches {
                 .is_ok()
         {
             self.failed.fetch_add(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable(
-                "connection closed mid-batch (injected)".into(),
+            return Err(StoreError::unavailable(
+                "connection closed mid-batch (injected)",
             ));
         }
         inner.process_work_batch(instance, batch).await

@@ -589,7 +589,7 @@ impl BatchHook for SlowReplies {
             self.gate.later_committed.notify_one();
             wait_gate(&self.gate.earlier_failing, "the earlier event to fail")
                 .await
-                .map_err(StoreError::Unavailable)?;
+                .map_err(StoreError::unavailable)?;
             // Let the partition actor take in the failure before the answer arrives.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

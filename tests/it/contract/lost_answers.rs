@@ -37,15 +37,13 @@ impl BatchHook for LosesAnswers {
     ) -> Result<WorkBatchResult, StoreError> {
         let n = self.batches.fetch_add(1, Ordering::SeqCst);
         if n % 7 == 6 {
-            return Err(StoreError::Unavailable(
-                "connection refused (injected)".into(),
-            ));
+            return Err(StoreError::unavailable("connection refused (injected)"));
         }
         let result = inner.process_work_batch(instance, batch).await?;
         if n % 3 == 2 {
             self.lost.fetch_add(1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable(
-                "connection closed after COMMIT (injected)".into(),
+            return Err(StoreError::unavailable(
+                "connection closed after COMMIT (injected)",
             ));
         }
         Ok(result)

@@ -1,19 +1,23 @@
 //! Migrations against the real Postgres server (`WHIZBANG_TEST_DATABASE_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`): idempotent, checksummed, refused for bad
-//! schema names, safe when many instances start at once; and the SQL partition function against
-//! the Rust one. (The `whizbang` CLI on top of them is tested in `cli/tests/cli.rs`.)
+//! schema names, safe when many instances start at once; function files re-applied when they
+//! change; a pre-squash schema refused untouched; and the SQL partition function against the Rust
+//! one. (The `whizbang` CLI on top of them is tested in `cli/tests/cli.rs`.)
 //!
 //! Each test works in its own schema (`t_<uuid>`), so they run in parallel. A server that
 //! cannot be reached fails the test: nothing here skips.
 
-use crate::support::pg::{self, connect, drop_schemas, new_schema};
+use crate::support::pg::{self, connect, database_url, drop_schemas, new_schema};
 use std::time::Duration;
 use tokio_postgres::Client;
 use uuid::Uuid;
 use whizbang::routing::partition_of;
 use whizbang::store::StoreError;
-use whizbang::store::migrate::{MIGRATIONS, Migration, checksum, migrate, migrate_with};
-use whizbang::store::vacuum::autovacuum_gaps;
+use whizbang::store::postgres::migrate::{
+    FUNCTIONS, FunctionFile, MIGRATIONS, Migration, PRE_SQUASH_MIGRATIONS, checksum, migrate,
+    migrate_with,
+};
+use whizbang::store::postgres::vacuum::autovacuum_gaps;
 
 async fn tables(client: &Client, schema: &str) -> Vec<String> {
     client
@@ -42,8 +46,48 @@ async fn recorded(client: &Client, schema: &str) -> Vec<(i32, String, String)> {
         .collect()
 }
 
+/// What a first run applies: the baseline files, then every function file.
 fn all_names() -> Vec<String> {
-    MIGRATIONS.iter().map(|m| m.name.to_string()).collect()
+    MIGRATIONS
+        .iter()
+        .map(|m| m.name.to_string())
+        .chain(FUNCTIONS.iter().map(|f| format!("functions/{}", f.name)))
+        .collect()
+}
+
+/// The function files as recorded in `wb_functions`: (name, checksum), by name.
+async fn recorded_functions(client: &Client, schema: &str) -> Vec<(String, String)> {
+    client
+        .query(
+            &format!("SELECT name, checksum FROM {schema}.wb_functions ORDER BY name"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The one integer `sql` answers.
+async fn scalar(client: &Client, sql: &str) -> i32 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The functions of `schema` with their identity arguments, by name.
+async fn functions(client: &Client, schema: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p
+               JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[tokio::test]
@@ -162,13 +206,13 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
-    let err = migrate_with(&mut client, &schema, &changed)
+    let err = migrate_with(&mut client, &schema, &changed, FUNCTIONS)
         .await
         .expect_err("a changed applied migration must be refused");
-    assert!(matches!(err, StoreError::Migration(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Migration { .. }), "{err:?}");
     let text = err.to_string();
     assert!(
-        text.contains("0001_tables.sql"),
+        text.contains("0001_baseline.sql"),
         "the error names the file: {text}"
     );
     assert!(!err.is_retryable(), "a changed file is not worth retrying");
@@ -194,7 +238,9 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
-    let applied = migrate_with(&mut client, &schema, &extended).await.unwrap();
+    let applied = migrate_with(&mut client, &schema, &extended, FUNCTIONS)
+        .await
+        .unwrap();
     assert_eq!(applied, vec!["0099_new.sql".to_string()]);
     assert!(
         tables(&client, &schema)
@@ -221,7 +267,7 @@ async fn a_failing_file_rolls_back_the_whole_run() {
             sql: "CREATE TABLE {{schema}}.wb_second (id integer); SELECT no_such_function();",
         },
     ];
-    let err = migrate_with(&mut client, &schema, &broken)
+    let err = migrate_with(&mut client, &schema, &broken, &[])
         .await
         .expect_err("a failing file fails the run");
     assert!(err.to_string().contains("0002_broken.sql"), "{err}");
@@ -255,7 +301,10 @@ async fn invalid_schema_names_are_refused() {
         let err = migrate(&mut client, bad)
             .await
             .expect_err(&format!("schema name {bad:?} must be refused"));
-        assert!(matches!(err, StoreError::Migration(_)), "{bad:?}: {err:?}");
+        assert!(
+            matches!(err, StoreError::Migration { .. }),
+            "{bad:?}: {err:?}"
+        );
         assert!(
             err.to_string().contains("identifier"),
             "{bad:?}: the error says why: {err}"
@@ -276,7 +325,6 @@ async fn invalid_schema_names_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations_apply_each_file_once() {
-    let _pg = pg::slot().await;
     let schema = new_schema();
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -304,13 +352,18 @@ async fn concurrent_migrations_apply_each_file_once() {
         applied.extend(names);
     }
     applied.sort();
+    let mut expected = all_names();
+    expected.sort();
     assert_eq!(
-        applied,
-        all_names(),
+        applied, expected,
         "each file applied exactly once across the four connections"
     );
     let client = connect().await;
     assert_eq!(recorded(&client, &schema).await.len(), MIGRATIONS.len());
+    assert_eq!(
+        recorded_functions(&client, &schema).await.len(),
+        FUNCTIONS.len()
+    );
     drop_schemas(&[&schema]).await.expect("drop test schema");
 }
 
@@ -438,7 +491,7 @@ async fn an_unreachable_database_is_retried_until_the_start_up_timeout() {
         Err(e) => e,
     };
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("unreachable for 1500 ms")),
+        matches!(&err, StoreError::Unavailable { message, .. } if message.contains("unreachable for 1500 ms")),
         "{err}"
     );
     // Tries at 0, 100, 300 and 700 ms; the next wait (800 ms) would pass the deadline.
@@ -471,10 +524,8 @@ fn two_unit_batch_args(instance: Uuid, p: i32, ids: [Uuid; 2]) -> String {
 }
 
 #[tokio::test]
-async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
+async fn the_batch_function_answers_the_common_cases_in_packed_rows() {
     let _pg = pg::slot().await;
-    // 0014 added wb_process_work_batch_packed; a runtime built before it (still running during
-    // a rolling upgrade) calls 0013's wb_process_work_batch, which must keep its row answer.
     let mut client = connect().await;
     let schema = new_schema();
     migrate(&mut client, &schema).await.expect("migration");
@@ -489,62 +540,22 @@ async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
         .await
         .expect("register");
 
-    let old_ids = [Uuid::now_v7(), Uuid::now_v7()];
-    let rows = client
-        .query(
-            &format!(
-                "SELECT kind, unit, message_id, version, position, partition, generation
-                   FROM {schema}.wb_process_work_batch({}) ORDER BY kind, unit, message_id",
-                two_unit_batch_args(instance, 10, old_ids)
-            ),
-            &[],
-        )
-        .await
-        .expect("0013's function");
-    // (kind, unit, message id, version, position)
-    type AnswerRow = (String, Option<i32>, Uuid, Option<i64>, Option<i64>);
-    let answer: Vec<AnswerRow> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-        .collect();
-    let mut claimed: Vec<(Uuid, i32, i64)> = rows
-        .iter()
-        .filter(|r| r.get::<_, &str>(0) == "wclaim_o")
-        .map(|r| (r.get(2), r.get(5), r.get(6)))
-        .collect();
-    claimed.sort();
-    let mut expected_claims = vec![(old_ids[0], 10, 1), (old_ids[1], 11, 1)];
-    expected_claims.sort();
-    assert_eq!(claimed, expected_claims, "0013's answer: {answer:?}");
-    assert_eq!(
-        answer
-            .iter()
-            .filter(|(k, ..)| k == "appended")
-            .map(|(_, u, id, v, p)| (*u, *id, *v, *p))
-            .collect::<Vec<_>>(),
-        vec![
-            (Some(0), old_ids[0], Some(1), Some(1)),
-            (Some(1), old_ids[1], Some(1), Some(2))
-        ],
-        "0013's answer: {answer:?}"
-    );
-
     let new_ids = [Uuid::now_v7(), Uuid::now_v7()];
     let rows = client
         .query(
             &format!(
                 "SELECT kind, position, meta, payload
-                   FROM {schema}.wb_process_work_batch_packed({}) ORDER BY kind",
+                   FROM {schema}.wb_process_work_batch({}) ORDER BY kind",
                 two_unit_batch_args(instance, 20, new_ids)
             ),
             &[],
         )
         .await
-        .expect("0014's function");
+        .expect("the batch function");
     let kinds: Vec<&str> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(kinds, ["appended_v", "wclaims_o"]);
     // appended_v: the batch's last position, and each stream's new version (byte order).
-    assert_eq!(rows[0].get::<_, i64>(1), 4);
+    assert_eq!(rows[0].get::<_, i64>(1), 2);
     let versions: Vec<i64> = unpack(rows[0].get(3), &tokio_postgres::types::Type::INT8_ARRAY);
     assert_eq!(versions, [1, 1]);
     // wclaims_o: the claimed rows' ids and generations.
@@ -567,8 +578,8 @@ async fn the_batch_function_of_older_runtimes_stays_beside_the_packed_one() {
         .expect("count")
         .get(0);
     assert_eq!(
-        stored, 4,
-        "both functions store the event and the claimed outbox row"
+        stored, 2,
+        "the events and their claimed outbox rows are stored"
     );
     drop_schemas(&[&schema]).await.expect("drop test schema");
 }
@@ -579,4 +590,211 @@ fn unpack<'a, T: tokio_postgres::types::FromSql<'a>>(
     array_type: &tokio_postgres::types::Type,
 ) -> Vec<T> {
     <Vec<T> as tokio_postgres::types::FromSql>::from_sql(array_type, raw).expect("binary array")
+}
+
+#[tokio::test]
+async fn a_schema_of_the_pre_squash_migrations_is_refused_untouched() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    // What the numbered files of earlier versions left: their rows in wb_migrations (and a
+    // table of theirs, which must survive the refusal).
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.wb_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 checksum   text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE {schema}.wb_events (position bigint PRIMARY KEY);
+             INSERT INTO {schema}.wb_events VALUES (1), (2);"
+        ))
+        .await
+        .unwrap();
+    for (i, name) in PRE_SQUASH_MIGRATIONS.iter().enumerate() {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.wb_migrations (version, name, checksum) VALUES ($1, $2, 'x')"
+                ),
+                &[&(i as i32 + 1), name],
+            )
+            .await
+            .unwrap();
+    }
+    let before = tables(&client, &schema).await;
+    let err = migrate(&mut client, &schema)
+        .await
+        .expect_err("a pre-squash schema is refused");
+    match &err {
+        StoreError::PreSquashSchema {
+            schema: named,
+            applied,
+        } => {
+            assert_eq!(named, &schema);
+            assert_eq!(applied.len(), PRE_SQUASH_MIGRATIONS.len());
+        }
+        other => panic!("expected PreSquashSchema, got {other:?}"),
+    }
+    let text = err.to_string();
+    for needle in ["pre-squash", schema.as_str(), "DROP SCHEMA", "store.schema"] {
+        assert!(text.contains(needle), "the error says {needle:?}: {text}");
+    }
+    assert!(!err.is_retryable());
+    assert_eq!(
+        tables(&client, &schema).await,
+        before,
+        "nothing was created"
+    );
+    assert!(
+        functions(&client, &schema).await.is_empty(),
+        "no function was created"
+    );
+    let events: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {schema}.wb_events"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 2, "the old schema's data is untouched");
+
+    // The same through PostgresStore::connect: start-up fails with the same error.
+    let mut c = whizbang::Config::default();
+    c.store.backend = whizbang::config::StoreBackend::Postgres;
+    c.store.database_url = database_url();
+    c.store.schema = schema.clone();
+    match whizbang::store::postgres::PostgresStore::connect(&c).await {
+        Err(StoreError::PreSquashSchema { .. }) => {}
+        Err(other) => panic!("expected PreSquashSchema, got {other:?}"),
+        Ok(_) => panic!("a pre-squash schema was accepted"),
+    }
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[tokio::test]
+async fn a_changed_function_file_is_reapplied_and_old_signatures_dropped() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migration");
+    let recorded_before = recorded_functions(&client, &schema).await;
+
+    // Version 1 of a file: one function of one argument.
+    let v1 = [FunctionFile {
+        name: "probe.sql",
+        sql: "CREATE OR REPLACE FUNCTION {{schema}}.wb_probe(p integer) RETURNS integer
+              LANGUAGE sql AS $$ SELECT p + 1 $$;",
+    }];
+    let applied = migrate_with(&mut client, &schema, MIGRATIONS, &v1)
+        .await
+        .unwrap();
+    assert_eq!(applied, ["functions/probe.sql"]);
+    assert!(
+        migrate_with(&mut client, &schema, MIGRATIONS, &v1)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an unchanged file is not applied again"
+    );
+    assert_eq!(
+        scalar(&client, &format!("SELECT {schema}.wb_probe(1)")).await,
+        2
+    );
+
+    // Version 2: the body changed (replaced in place).
+    let v2 = [FunctionFile {
+        name: "probe.sql",
+        sql: "CREATE OR REPLACE FUNCTION {{schema}}.wb_probe(p integer) RETURNS integer
+              LANGUAGE sql AS $$ SELECT p + 10 $$;",
+    }];
+    let applied = migrate_with(&mut client, &schema, MIGRATIONS, &v2)
+        .await
+        .unwrap();
+    assert_eq!(applied, ["functions/probe.sql"]);
+    assert_eq!(
+        scalar(&client, &format!("SELECT {schema}.wb_probe(1)")).await,
+        11
+    );
+
+    // Version 3: a new argument list (a new overload) and a new return type (which CREATE OR
+    // REPLACE refuses): the old signature is gone, the new one answers.
+    let v3 = [FunctionFile {
+        name: "probe.sql",
+        sql: "CREATE OR REPLACE FUNCTION {{schema}}.wb_probe(p integer, q integer) RETURNS bigint
+              LANGUAGE sql AS $$ SELECT (p + q)::bigint $$;",
+    }];
+    migrate_with(&mut client, &schema, MIGRATIONS, &v3)
+        .await
+        .unwrap();
+    let probes: Vec<String> = functions(&client, &schema)
+        .await
+        .into_iter()
+        .filter(|f| f.contains("wb_probe"))
+        .collect();
+    assert_eq!(probes, [format!("{schema}.wb_probe(integer,integer)")]);
+    let v4 = [FunctionFile {
+        name: "probe.sql",
+        sql: "CREATE OR REPLACE FUNCTION {{schema}}.wb_probe(p integer, q integer) RETURNS integer
+              LANGUAGE sql AS $$ SELECT p * q $$;",
+    }];
+    migrate_with(&mut client, &schema, MIGRATIONS, &v4)
+        .await
+        .expect("a changed return type is applied by dropping the old definition");
+    assert_eq!(
+        scalar(&client, &format!("SELECT {schema}.wb_probe(3, 4)")).await,
+        12
+    );
+    let recorded: Vec<(String, String)> = recorded_functions(&client, &schema)
+        .await
+        .into_iter()
+        .filter(|(n, _)| n == "probe.sql")
+        .collect();
+    assert_eq!(recorded, [("probe.sql".to_string(), checksum(v4[0].sql))]);
+
+    // The shipped files are unchanged, so the real migration applies nothing more.
+    assert!(migrate(&mut client, &schema).await.unwrap().is_empty());
+    assert_eq!(
+        recorded_functions(&client, &schema)
+            .await
+            .into_iter()
+            .filter(|(n, _)| n != "probe.sql")
+            .collect::<Vec<_>>(),
+        recorded_before
+    );
+    drop_schemas(&[&schema]).await.expect("drop test schema");
+}
+
+#[tokio::test]
+async fn the_schema_has_each_live_function_once() {
+    let _pg = pg::slot().await;
+    let mut client = connect().await;
+    let schema = new_schema();
+    migrate(&mut client, &schema).await.expect("migration");
+    let mut names: Vec<String> = functions(&client, &schema)
+        .await
+        .iter()
+        .map(|f| f[schema.len() + 1..f.find('(').unwrap()].to_string())
+        .collect();
+    let n = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), n, "an overloaded function: {names:?}");
+    assert_eq!(
+        names,
+        [
+            "wb_acquire",
+            "wb_claim_inbox",
+            "wb_claim_inbox_walk",
+            "wb_claim_outbox",
+            "wb_claim_outbox_walk",
+            "wb_heartbeat",
+            "wb_instance_key",
+            "wb_partition_of",
+            "wb_process_one_message",
+            "wb_process_work_batch",
+            "wb_unheld_partitions_search",
+            "wb_unheld_partitions_with_work",
+        ]
+    );
+    drop_schemas(&[&schema]).await.expect("drop test schema");
 }

@@ -1,4 +1,4 @@
-//! TLS to the database (`store::tls`), against the local server, which runs with `ssl = on`
+//! TLS to the database (`store::postgres::tls`), against the local server, which runs with `ssl = on`
 //! and Debian's self-signed certificate:
 //! - `sslmode=require` in `store.database_url`: every connection of the store (the pool and the
 //!   LISTEN connection) is encrypted, as the server itself reports in `pg_stat_ssl`;
@@ -122,7 +122,7 @@ async fn refused_at_once(mut c: Config, reason: &str, accepted: &str) {
         Err(e) => e,
     };
     assert!(
-        matches!(&refused, StoreError::Refused(m) if m.contains(reason)),
+        matches!(&refused, StoreError::Refused { message, .. } if message.contains(reason)),
         "the reason is given: {refused}"
     );
     assert!(

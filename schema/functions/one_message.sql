@@ -4,9 +4,8 @@
 -- statements (unnest, window functions, CTEs). For the batch a `local_invoke` or a scoped
 -- flush sends most often (one unit writing one message: its event, its outbox row, its inbox
 -- row for a local perspective, beside the completions of earlier rows) those statements cost
--- more to start than to run: 0.71 ms per batch (pgbench, prepared) against 0.41 ms for the same
--- rows written by single-row statements, 0.26 ms for a bare insert of an event and an outbox
--- row. This function is that batch written row by row. It does what `wb_process_work_batch`
+-- more to start than to run: written by single-row statements, the same rows cost about two
+-- thirds. This function is that batch written row by row. It does what `wb_process_work_batch`
 -- does for the same input, step for step and in the same order (the store picks it only for
 -- batches it can take; see `PostgresStore::process_work_batch`):
 -- 1. the instance's shared advisory lock when the unit claims its rows for the writer;
@@ -18,7 +17,7 @@
 -- 7. the event, last, so the position counter row is locked as briefly as possible;
 -- 8. a notification when a row was left for a claim.
 -- m_id NULL: no message (completions only).
-CREATE FUNCTION {{schema}}.wb_process_one_message(
+CREATE OR REPLACE FUNCTION {{schema}}.wb_process_one_message(
     p_instance uuid,
     p_lease_s double precision,
     p_max_partitions integer,
@@ -29,7 +28,7 @@ CREATE FUNCTION {{schema}}.wb_process_one_message(
     m_id uuid, m_kind text, m_stream text, m_part integer, m_corr uuid, m_cause uuid, m_type text,
     m_ts bigint, m_meta bytea, m_payload bytea, m_append boolean, m_topic text, m_inbox boolean
 ) RETURNS SETOF {{schema}}.wb_batch_row LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_version bigint;
     v_position bigint;

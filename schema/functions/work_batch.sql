@@ -1,203 +1,57 @@
--- whizbang: claims that cost what they hand out, not what is queued.
+-- whizbang: the work batch. One call is one statement: one round trip, one transaction, for
+-- everything an instance has to say (reports of finished, failed and released rows; units of
+-- work with expected versions, events, outbox and inbox rows; inbox rows a unit completes) and
+-- everything it asks for (claims of pending rows). The arguments are parallel arrays read
+-- through unnest (no JSON parsing); the answer is wb_batch_row rows (see 0001_baseline.sql).
 --
--- Up to 0004 a claim looked at every row of the instance's partitions: a window over all of
--- them, per stream, to find the rows no earlier row holds back, then the oldest `budget` of
--- those. With a backlog (a broker outage, a takeover) every claim of 100 rows read the whole
--- backlog: 1.1-1.4 s per claim with 438,000 rows queued, so draining it took hours. And the
--- search for partitions with work nobody holds read every unclaimed row (150 ms there).
+-- Why it is written as it is:
+-- - Generic plans (plan_cache_mode = force_generic_plan): every statement is planned once per
+--   connection instead of on every call, which for a small batch is most of its cost.
+-- - enable_seqscan = off: a generic plan is made again whenever a table it reads changes in
+--   pg_class, and a VACUUM of a drained wb_outbox or wb_inbox truncates it to zero pages. The
+--   planner then believes the table empty and plans a sequential scan for each per-row probe
+--   (the order probe of the writer's inserts above all), and keeps that plan while the table
+--   fills up again under load, so every inserted row reads every queued row: a batch of 1,000
+--   events behind 1,000 queued rows took ten times as long. With autovacuum on this happens
+--   whenever a queue drains. Every statement is meant to go through an index; where none
+--   applies the planner still picks the cheapest path it has. Every function of the schema
+--   has the same setting.
+-- - jit = off: JIT's cost is paid on every call of a generic plan estimated expensive, never
+--   repaid by statements that touch a few hundred rows.
+-- - Leases are looked up by primary key, row by row, in scalar subqueries the planner cannot
+--   turn into joins: a generic plan made while the tables were new and unanalysed joined every
+--   row against all of the instance's leases.
+-- - The lease fence: a batch that writes rows claimed for the writer takes the instance's
+--   advisory lock (wb_instance_key) in shared mode before any row lock, so nothing gives up
+--   the instance's partitions while its rows are still invisible (see leases.sql).
+-- - Stream versions: one upsert per stream, adding the batch's appends. Only a batch with
+--   expected versions locks its streams first (they are checked before anything is written);
+--   a unit whose expectation fails comes back as 'conflict' and writes nothing, the rest
+--   commits. Every statement that locks stream rows sorts by bytes (COLLATE "C"), so every
+--   path takes them in one order whatever the database's collation.
+-- - The events are appended last, after the queue rows and the claims: the position counter
+--   row, whose lock serialises every appending batch until it commits, is held for the insert
+--   and the commit only.
 --
--- Now:
--- 1. A claim walks the queue in `seq` order (the primary key) and stops as soon as it has its
---    budget. Each row it passes is checked on its own: not dead, not waiting for a retry, not
---    in flight here, and no earlier row of its stream dead or waiting (one probe of the
---    (stream_id, seq) index that stops at the first such row). It passes rows it cannot take
---    (in flight here, in other instances' partitions, held back), so its cost follows the rows
---    ahead of the first `budget` claimable ones, not the length of the queue: ~30 ms for the
---    same claim. The claim runs in functions of its own, planned with bitmap scans and sorts
---    ruled out: the planner, free to choose, read the whole queue, sorted it and probed every
---    row (seconds; it cannot know that the walk stops early).
--- 2. Partitions with work nobody holds are found by skipping through the partial index of
---    unclaimed rows one partition at a time, and only as many as there is room for.
--- 3. JIT compilation is off for the work batch and the claims: its cost (tens to hundreds of
---    milliseconds per execution) is paid on every call of a generic plan estimated expensive,
---    never repaid by statements that touch a few hundred rows.
--- The rest of the work batch is 0004's as it was.
-
--- Partitions with rows ready to claim that no live lease holds: rows nobody has claimed
--- (through the partial index of unclaimed rows, one partition at a time, as many as asked
--- for), and partitions whose holder's lease ran out with work behind it.
-CREATE FUNCTION {{schema}}.wb_unheld_partitions_with_work(p_limit integer) RETURNS integer[]
-LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET jit = off AS $$
-BEGIN
-    RETURN ARRAY(
-        SELECT c.partition FROM (
-            SELECT w.partition FROM (
-                WITH RECURSIVE o(partition) AS (
-                    (SELECT partition FROM {{schema}}.wb_outbox
-                      WHERE claimed_by IS NULL AND NOT dead
-                        AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                      ORDER BY partition LIMIT 1)
-                    UNION ALL
-                    SELECT (SELECT x.partition FROM {{schema}}.wb_outbox x
-                             WHERE x.claimed_by IS NULL AND NOT x.dead
-                               AND (x.next_attempt_at IS NULL OR x.next_attempt_at <= now())
-                               AND x.partition > o.partition
-                             ORDER BY x.partition LIMIT 1)
-                      FROM o WHERE o.partition IS NOT NULL
-                ),
-                i(partition) AS (
-                    (SELECT partition FROM {{schema}}.wb_inbox
-                      WHERE claimed_by IS NULL AND NOT dead
-                        AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                      ORDER BY partition LIMIT 1)
-                    UNION ALL
-                    SELECT (SELECT x.partition FROM {{schema}}.wb_inbox x
-                             WHERE x.claimed_by IS NULL AND NOT x.dead
-                               AND (x.next_attempt_at IS NULL OR x.next_attempt_at <= now())
-                               AND x.partition > i.partition
-                             ORDER BY x.partition LIMIT 1)
-                      FROM i WHERE i.partition IS NOT NULL
-                )
-                SELECT partition FROM o WHERE partition IS NOT NULL
-                UNION
-                SELECT partition FROM i WHERE partition IS NOT NULL) w
-            UNION
-            SELECT l.partition FROM {{schema}}.wb_partition_leases l
-             WHERE l.instance_id IS NOT NULL AND l.expires_at <= now()
-               AND (EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o
-                             WHERE o.partition = l.partition AND NOT o.dead)
-                    OR EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i
-                                WHERE i.partition = l.partition AND NOT i.dead))) c
-         WHERE NOT EXISTS (
-               SELECT 1 FROM {{schema}}.wb_partition_leases l
-                WHERE l.partition = c.partition AND l.instance_id IS NOT NULL
-                  AND l.expires_at > now())
-         ORDER BY c.partition LIMIT p_limit);
-END;
-$$;
-
--- Claims up to p_budget rows of wb_outbox in this instance's live partitions for it, oldest
--- first: never a dead row or one waiting for its retry, never one it has in flight (claimed
--- under the partition's current generation and, after a lost answer, named in p_in_flight),
--- never past an earlier row of the same stream that is dead or waiting for its retry and not
--- in flight. A candidate another transaction has locked is skipped with every later candidate
--- of its stream.
-CREATE FUNCTION {{schema}}.wb_claim_outbox(p_instance uuid, p_budget integer, p_in_flight uuid[])
-RETURNS SETOF {{schema}}.wb_batch_row LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
-SET enable_bitmapscan = off SET enable_sort = off SET jit = off AS $$
-BEGIN
-    RETURN QUERY
-    WITH mine AS (
-        SELECT partition, generation FROM {{schema}}.wb_partition_leases
-         WHERE instance_id = p_instance AND expires_at > now()
-    ),
-    cand AS (
-        -- The walk in seq order; LIMIT stops it.
-        SELECT o.seq, o.stream_id, m.generation
-          FROM {{schema}}.wb_outbox o JOIN mine m ON m.partition = o.partition
-         WHERE NOT o.dead
-           AND NOT coalesce(o.next_attempt_at > now(), false)
-           AND NOT coalesce(o.claimed_by = p_instance AND o.claimed_generation = m.generation
-                            AND (p_in_flight IS NULL OR o.message_id = ANY (p_in_flight)), false)
-           -- A scalar subquery with LIMIT (not NOT EXISTS, which the planner may turn into an
-           -- anti-join reading the whole partition): one index probe per row passed.
-           AND NOT coalesce((
-               SELECT true FROM {{schema}}.wb_outbox e
-                WHERE e.stream_id = o.stream_id AND e.seq < o.seq
-                  AND (e.dead
-                       OR (coalesce(e.next_attempt_at > now(), false)
-                           AND NOT coalesce(e.claimed_by = p_instance
-                                            AND e.claimed_generation = m.generation
-                                            AND (p_in_flight IS NULL OR e.message_id = ANY (p_in_flight)),
-                                            false)))
-                LIMIT 1), false)
-         ORDER BY o.seq LIMIT p_budget
-    ),
-    locked AS (
-        SELECT o.seq FROM {{schema}}.wb_outbox o WHERE o.seq IN (SELECT seq FROM cand)
-           FOR UPDATE SKIP LOCKED
-    ),
-    prefix AS (
-        SELECT c.seq, c.generation,
-               bool_or(l.seq IS NULL) OVER (PARTITION BY c.stream_id ORDER BY c.seq
-                                            ROWS UNBOUNDED PRECEDING) AS cut
-          FROM cand c LEFT JOIN locked l ON l.seq = c.seq
-    ),
-    claimed AS (
-        UPDATE {{schema}}.wb_outbox o SET claimed_by = p_instance, claimed_generation = p.generation
-          FROM prefix p WHERE o.seq = p.seq AND NOT p.cut
-        RETURNING o.*
-    )
-    SELECT 'claim_o'::text, NULL::integer, c.message_id, c.stream_id, NULL::bigint, c.seq, c.partition,
-           c.claimed_generation, c.attempts, c.topic, c.correlation_id, c.causation_id,
-           c.message_type, c.message_kind, c.timestamp_us, c.meta, c.payload
-      FROM claimed c ORDER BY c.seq;
-END;
-$$;
-
--- Claims up to p_budget rows of wb_inbox in this instance's live partitions for it, oldest
--- first: never a dead row or one waiting for its retry, never one it has in flight (claimed
--- under the partition's current generation and, after a lost answer, named in p_in_flight),
--- never past an earlier row of the same stream that is dead or waiting for its retry and not
--- in flight. A candidate another transaction has locked is skipped with every later candidate
--- of its stream.
-CREATE FUNCTION {{schema}}.wb_claim_inbox(p_instance uuid, p_budget integer, p_in_flight uuid[])
-RETURNS SETOF {{schema}}.wb_batch_row LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
-SET enable_bitmapscan = off SET enable_sort = off SET jit = off AS $$
-BEGIN
-    RETURN QUERY
-    WITH mine AS (
-        SELECT partition, generation FROM {{schema}}.wb_partition_leases
-         WHERE instance_id = p_instance AND expires_at > now()
-    ),
-    cand AS (
-        -- The walk in seq order; LIMIT stops it.
-        SELECT o.seq, o.stream_id, m.generation
-          FROM {{schema}}.wb_inbox o JOIN mine m ON m.partition = o.partition
-         WHERE NOT o.dead
-           AND NOT coalesce(o.next_attempt_at > now(), false)
-           AND NOT coalesce(o.claimed_by = p_instance AND o.claimed_generation = m.generation
-                            AND (p_in_flight IS NULL OR o.message_id = ANY (p_in_flight)), false)
-           -- A scalar subquery with LIMIT (not NOT EXISTS, which the planner may turn into an
-           -- anti-join reading the whole partition): one index probe per row passed.
-           AND NOT coalesce((
-               SELECT true FROM {{schema}}.wb_inbox e
-                WHERE e.stream_id = o.stream_id AND e.seq < o.seq
-                  AND (e.dead
-                       OR (coalesce(e.next_attempt_at > now(), false)
-                           AND NOT coalesce(e.claimed_by = p_instance
-                                            AND e.claimed_generation = m.generation
-                                            AND (p_in_flight IS NULL OR e.message_id = ANY (p_in_flight)),
-                                            false)))
-                LIMIT 1), false)
-         ORDER BY o.seq LIMIT p_budget
-    ),
-    locked AS (
-        SELECT o.seq FROM {{schema}}.wb_inbox o WHERE o.seq IN (SELECT seq FROM cand)
-           FOR UPDATE SKIP LOCKED
-    ),
-    prefix AS (
-        SELECT c.seq, c.generation,
-               bool_or(l.seq IS NULL) OVER (PARTITION BY c.stream_id ORDER BY c.seq
-                                            ROWS UNBOUNDED PRECEDING) AS cut
-          FROM cand c LEFT JOIN locked l ON l.seq = c.seq
-    ),
-    claimed AS (
-        UPDATE {{schema}}.wb_inbox o SET claimed_by = p_instance, claimed_generation = p.generation
-          FROM prefix p WHERE o.seq = p.seq AND NOT p.cut
-        RETURNING o.*
-    )
-    SELECT 'claim_i'::text, NULL::integer, c.message_id, c.stream_id, NULL::bigint, c.seq, c.partition,
-           c.claimed_generation, c.attempts, NULL::text, c.correlation_id, c.causation_id,
-           c.message_type, c.message_kind, c.timestamp_us, c.meta, c.payload
-      FROM claimed c ORDER BY c.seq;
-END;
-$$;
-
--- The work batch: 0004's, with the claims above and JIT off.
+-- The caller numbers the batch. It holds the batch in order, so it sends what numbering the
+-- appends by sorts and window functions here would compute (see the Rust `Numbering`): each
+-- appended stream once with its count of appends, in byte order (the order its rows are locked
+-- in), in s_stream / s_count; and per message (0 where it is not appended) its stream's place
+-- in s_stream (m_sidx), how many appends of its stream follow it in the batch (m_vback), and
+-- its place among the batch's appends (m_apos). The upsert hands back each stream's new
+-- version in s_stream's order; a message's version is its stream's new version less m_vback,
+-- its position the batch's last position less the appends plus m_apos. When a unit conflicted
+-- (its appends do not count) or the upsert's answer is not in the order asked, the batch is
+-- numbered here instead.
+--
+-- The packed answer: the common cases come back in one row each instead of one row per item.
+-- - 'appended_v' (the caller's numbering was used, i.e. no unit conflicted): `position` is the
+--   batch's last position and `payload` each appended stream's new version in s_stream's
+--   order, as a binary bigint[] (array_send); the caller derives every event's version and
+--   position as above. A batch with a conflict gets one 'appended' row per event.
+-- - 'wclaims_o': `payload` holds the ids of the outbox rows claimed for the writer and `meta`
+--   their generations, as binary uuid[] and bigint[]; each row's partition is the caller's
+--   m_part. Inbox claims ('wclaim_i') stay one row each.
 CREATE OR REPLACE FUNCTION {{schema}}.wb_process_work_batch(
     p_instance uuid,
     p_lease_s double precision,
@@ -219,9 +73,13 @@ CREATE OR REPLACE FUNCTION {{schema}}.wb_process_work_batch(
     c_unit integer[], c_id uuid[], c_part integer[], c_gen bigint[],
     p_claim_outbox integer, p_claim_inbox integer,
     -- NULL, or the rows this instance really has in flight, per queue (see WorkBatch::in_flight)
-    p_in_flight_outbox uuid[], p_in_flight_inbox uuid[]
+    p_in_flight_outbox uuid[], p_in_flight_inbox uuid[],
+    -- the caller's numbering (see the top of this file): appended streams, distinct and in byte order,
+    -- with their appends; per message (0 where not appended) its stream's place in s_stream,
+    -- the appends of its stream after it, its place among the batch's appends
+    s_stream text[], s_count bigint[], m_sidx integer[], m_vback bigint[], m_apos bigint[]
 ) RETURNS SETOF {{schema}}.wb_batch_row LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_conflicts integer[] := '{}';
     v_actual bigint;
@@ -232,6 +90,14 @@ DECLARE
     v_room integer;
     v_notify boolean := false;
     v_n integer;
+    v_all_appended boolean;
+    v_sv_stream text[];
+    v_sv_version bigint[];
+    v_numbered boolean := false;
+    v_done uuid[];
+    v_gen bigint[];
+    v_claimed_id uuid[];
+    v_claimed_gen bigint[];
 BEGIN
     -- The writer's new rows go into partitions it leases (below) without locking each lease
     -- row; this shared lock is what the heartbeat's exclusive one waits for before it gives up
@@ -242,7 +108,27 @@ BEGIN
     END IF;
 
     ---------------------------------------------------------------- reports (fenced)
-    IF cardinality(r_id) > 0 AND r_op <@ ARRAY['done'] THEN
+    IF cardinality(r_id) > 0 AND r_op <@ ARRAY['done'] AND r_queue <@ ARRAY['o'] THEN
+    -- Published outbox rows only (what a writer's own publisher reports): one DELETE, fenced
+    -- row by row; the reports it did not apply are looked for only when there are some.
+    WITH done AS (
+        -- The lease joined: the same fence as a look-up per row, with fewer plan nodes.
+        DELETE FROM {{schema}}.wb_outbox o
+         USING unnest(r_id, r_part, r_gen) AS t(id, part, gen), {{schema}}.wb_partition_leases l
+         WHERE o.message_id = t.id AND o.claimed_by = p_instance AND o.claimed_generation = t.gen
+           AND l.partition = t.part AND l.instance_id = p_instance AND l.generation = t.gen
+        RETURNING o.message_id
+    )
+    SELECT array_agg(done.message_id) INTO v_done FROM done;
+    IF coalesce(cardinality(v_done), 0) < cardinality(r_id) THEN
+        RETURN QUERY
+        SELECT 'stale', NULL::integer, t.id, NULL::text, NULL::bigint, NULL::bigint, NULL::integer,
+               NULL::bigint, NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
+               NULL::bigint, NULL::bytea, NULL::bytea
+          FROM unnest(r_id) AS t(id)
+         WHERE t.id NOT IN (SELECT unnest(coalesce(v_done, '{}')));
+    END IF;
+    ELSIF cardinality(r_id) > 0 AND r_op <@ ARRAY['done'] THEN
     -- Completions only (the common case): the failure and release statements are not run.
     RETURN QUERY
     WITH r AS (
@@ -381,12 +267,12 @@ BEGIN
         SELECT s, 0 FROM (
             SELECT DISTINCT s FROM unnest(m_stream, m_append) AS t(s, a) WHERE a
             UNION SELECT unnest(x_stream)) AS streams(s)
-         ORDER BY s
+         ORDER BY s COLLATE "C"
             ON CONFLICT (stream_id) DO NOTHING;
         PERFORM 1 FROM {{schema}}.wb_streams
           WHERE stream_id IN (SELECT s FROM unnest(m_stream, m_append) AS t(s, a) WHERE a
                               UNION SELECT unnest(x_stream))
-          ORDER BY stream_id FOR UPDATE;
+          ORDER BY stream_id COLLATE "C" FOR UPDATE;
         END IF;
 
         -- Expected versions, unit by unit, counting the appends of the earlier accepted units.
@@ -444,29 +330,57 @@ BEGIN
             SELECT count(*) INTO v_appends
               FROM unnest(m_unit, m_append) AS t(u, a) WHERE a AND NOT (u = ANY (v_conflicts));
         END IF;
-        IF v_appends > 0 THEN
+        -- Without a conflict, the caller's count per stream (in byte order) is the batch's;
+        -- each stream's new version comes back in that order for the event insert.
+        IF v_appends > 0 AND cardinality(v_conflicts) = 0 THEN
+            WITH up AS (
+                INSERT INTO {{schema}}.wb_streams AS s (stream_id, version)
+                SELECT * FROM unnest(s_stream, s_count)
+                    ON CONFLICT (stream_id) DO UPDATE SET version = s.version + excluded.version
+                RETURNING s.stream_id, s.version
+            )
+            SELECT array_agg(up.stream_id), array_agg(up.version)
+              INTO v_sv_stream, v_sv_version FROM up;
+            -- RETURNING follows the rows inserted, in practice; if ever not, number as before.
+            v_numbered := v_sv_stream = s_stream;
+        ELSIF v_appends > 0 THEN
             INSERT INTO {{schema}}.wb_streams AS s (stream_id, version)
             SELECT t.stream, count(*)
               FROM unnest(m_unit, m_stream, m_append) AS t(u, stream, a)
              WHERE t.a AND NOT (t.u = ANY (v_conflicts))
-             GROUP BY t.stream ORDER BY t.stream
+             GROUP BY t.stream ORDER BY t.stream COLLATE "C"
                 ON CONFLICT (stream_id) DO UPDATE SET version = s.version + excluded.version;
         END IF;
 
         -- Writer claims: the new rows' partitions are leased first, so a row is inserted
         -- already claimed (no second write), unless an older row of its stream is waiting.
-        v_parts := ARRAY(
-            SELECT DISTINCT t.part FROM unnest(m_unit, m_part, m_topic, m_inbox) AS t(u, part, topic, inbox)
-             WHERE u_claim[t.u + 1] AND NOT (t.u = ANY (v_conflicts))
-               AND (t.topic IS NOT NULL OR t.inbox));
-        -- In the steady state every one is already this instance's with time to spare (looked
-        -- up row by row by primary key), and wb_acquire is not called at all.
-        IF EXISTS (SELECT 1 FROM unnest(v_parts) AS p
-                    WHERE (SELECT l.instance_id = p_instance
-                                  AND l.expires_at >= now() + p_lease_s * interval '0.5 second'
-                             FROM {{schema}}.wb_partition_leases l
-                            WHERE l.partition = p) IS NOT TRUE) THEN
+        -- v_gen holds, per message (its place in the m_ arrays), the generation of this
+        -- instance's lease on its partition where the writer is to claim it: -1 where it is not
+        -- to be claimed, 0 where this instance holds no such lease. In the steady state each
+        -- lease is this instance's with time to spare (one primary-key look-up per message,
+        -- shared by the outbox and inbox inserts below), and wb_acquire is not called at all.
+        v_gen := ARRAY(
+            SELECT CASE WHEN u_claim[t.u + 1] AND NOT (t.u = ANY (v_conflicts))
+                             AND (t.topic IS NOT NULL OR t.inbox)
+                        THEN coalesce((SELECT l.generation FROM {{schema}}.wb_partition_leases l
+                                        WHERE l.partition = t.part AND l.instance_id = p_instance
+                                          AND l.expires_at >= now() + p_lease_s * interval '0.5 second'), 0)
+                        ELSE -1 END
+              FROM unnest(m_unit, m_part, m_topic, m_inbox) WITH ORDINALITY AS t(u, part, topic, inbox, ord)
+             ORDER BY t.ord);
+        IF 0 = ANY (v_gen) THEN
+            v_parts := ARRAY(
+                SELECT DISTINCT t.part FROM unnest(m_part, v_gen) AS t(part, gen) WHERE t.gen >= 0);
             PERFORM {{schema}}.wb_acquire(p_instance, v_parts, p_lease_s, p_max_partitions);
+            -- After it, a lease of this instance's is used however long it has left (as the
+            -- heartbeat renews it); 0 stays where another instance holds the partition.
+            v_gen := ARRAY(
+                SELECT CASE WHEN t.gen >= 0
+                            THEN coalesce((SELECT l.generation FROM {{schema}}.wb_partition_leases l
+                                            WHERE l.partition = t.part AND l.instance_id = p_instance), 0)
+                            ELSE -1 END
+                  FROM unnest(m_part, v_gen) WITH ORDINALITY AS t(part, gen, ord)
+                 ORDER BY t.ord);
         END IF;
 
         -- Outbox rows.
@@ -478,49 +392,81 @@ BEGIN
              WHERE topic IS NOT NULL AND NOT (u = ANY (v_conflicts));
         END IF;
         IF v_count > 0 THEN
-            RETURN QUERY
-            WITH m AS (
-                SELECT t.*, CASE WHEN u_claim[t.u + 1] THEN (
-                           SELECT l.generation FROM {{schema}}.wb_partition_leases l
-                            WHERE l.partition = t.part AND l.instance_id = p_instance) END AS gen
-                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
-                              m_ts, m_meta, m_payload)
-                       WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
-                 WHERE t.topic IS NOT NULL AND NOT (t.u = ANY (v_conflicts))
-            ),
-            decided AS (
-                -- Rows already in the table are older than this batch's: any of them not in
-                -- flight here holds the stream back.
-                SELECT m.*, m.gen IS NOT NULL AND NOT EXISTS (
-                           SELECT 1 FROM {{schema}}.wb_outbox e
-                            WHERE e.stream_id = m.stream
-                              AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
-                                   OR e.claimed_generation IS DISTINCT FROM m.gen)) AS mine
-                  FROM m
-            ),
-            ins AS (
+            v_all_appended := NOT EXISTS (
+                SELECT 1 FROM unnest(m_topic, m_append) AS t(topic, a) WHERE t.topic IS NOT NULL AND NOT t.a);
+            -- Rows already in the table are older than this batch's: any of them not in flight
+            -- here holds the stream back (h), and the row is inserted unclaimed. One statement
+            -- each way, differing only in ON CONFLICT: a batch whose outbox rows are all
+            -- appended messages skips ON CONFLICT's speculative insertion;
+            -- their ids are unique in wb_events, whose insert (below) fails the batch on a
+            -- repeated id anyway.
+            IF v_all_appended THEN
+            WITH ins AS (
                 INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
                        correlation_id, causation_id, message_type, timestamp_us, meta, payload,
                        claimed_by, claimed_generation)
-                SELECT id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload,
-                       CASE WHEN mine THEN p_instance END, CASE WHEN mine THEN gen END
-                  FROM decided ORDER BY ord
-                    ON CONFLICT (message_id) DO NOTHING
-                RETURNING message_id, partition, claimed_by, claimed_generation
+                SELECT t.id, t.kind, t.stream, t.part, t.topic, t.corr, t.cause, t.typ, t.ts, t.meta, t.payload,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN p_instance END,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN v_gen[t.ord] END
+                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
+                              m_ts, m_meta, m_payload)
+                       WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
+                  LEFT JOIN LATERAL (
+                       SELECT true AS held FROM {{schema}}.wb_outbox e
+                        WHERE e.stream_id = t.stream
+                          AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                               OR e.claimed_generation IS DISTINCT FROM v_gen[t.ord])
+                        LIMIT 1) h ON v_gen[t.ord] > 0
+                 WHERE t.topic IS NOT NULL AND NOT (t.u = ANY (v_conflicts))
+                 ORDER BY t.ord
+                RETURNING message_id, claimed_by, claimed_generation
             )
-            SELECT 'wclaim_o', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
-                   ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid, NULL::uuid,
-                   NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+            SELECT array_agg(ins.message_id), array_agg(ins.claimed_generation)
+              INTO v_claimed_id, v_claimed_gen
               FROM ins WHERE ins.claimed_by IS NOT NULL;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            IF v_n < v_count THEN
+            ELSE
+            WITH ins AS (
+                INSERT INTO {{schema}}.wb_outbox (message_id, message_kind, stream_id, partition, topic,
+                       correlation_id, causation_id, message_type, timestamp_us, meta, payload,
+                       claimed_by, claimed_generation)
+                SELECT t.id, t.kind, t.stream, t.part, t.topic, t.corr, t.cause, t.typ, t.ts, t.meta, t.payload,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN p_instance END,
+                       CASE WHEN h.held IS NULL AND v_gen[t.ord] > 0 THEN v_gen[t.ord] END
+                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_topic, m_corr, m_cause, m_type,
+                              m_ts, m_meta, m_payload)
+                       WITH ORDINALITY AS t(u, id, kind, stream, part, topic, corr, cause, typ, ts, meta, payload, ord)
+                  LEFT JOIN LATERAL (
+                       SELECT true AS held FROM {{schema}}.wb_outbox e
+                        WHERE e.stream_id = t.stream
+                          AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                               OR e.claimed_generation IS DISTINCT FROM v_gen[t.ord])
+                        LIMIT 1) h ON v_gen[t.ord] > 0
+                 WHERE t.topic IS NOT NULL AND NOT (t.u = ANY (v_conflicts))
+                 ORDER BY t.ord
+                    ON CONFLICT (message_id) DO NOTHING
+                RETURNING message_id, claimed_by, claimed_generation
+            )
+            SELECT array_agg(ins.message_id), array_agg(ins.claimed_generation)
+              INTO v_claimed_id, v_claimed_gen
+              FROM ins WHERE ins.claimed_by IS NOT NULL;
+            END IF;
+            -- One answer row for all of them: their ids and generations as binary arrays
+            -- (array_send), which the caller decodes as it would array columns.
+            IF cardinality(v_claimed_id) > 0 THEN
+                RETURN QUERY
+                SELECT 'wclaims_o'::text, NULL::integer, NULL::uuid, NULL::text, NULL::bigint,
+                       NULL::bigint, NULL::integer, NULL::bigint, NULL::integer, NULL::text, NULL::uuid,
+                       NULL::uuid, NULL::text, NULL::text, NULL::bigint,
+                       array_send(v_claimed_gen), array_send(v_claimed_id);
+            END IF;
+            IF coalesce(cardinality(v_claimed_id), 0) < v_count THEN
                 v_notify := true;
             END IF;
         END IF;
 
         -- Inbox rows, deduplicated: the dedup key is taken first (its unique index is where two
         -- concurrent deliveries of one message collide); only fresh ids get a row. One
-        -- statement (0003 took three): the inbox insert reads the dedup insert's answer.
+        -- statement: the inbox insert reads the dedup insert's answer.
         IF cardinality(v_conflicts) = 0 THEN
             v_count := coalesce(cardinality(array_positions(m_inbox, true)), 0);
         ELSE
@@ -543,25 +489,26 @@ BEGIN
                 RETURNING message_id
             ),
             firsts AS (
-                SELECT m.*, CASE WHEN u_claim[m.u + 1] THEN (
-                           SELECT l.generation FROM {{schema}}.wb_partition_leases l
-                            WHERE l.partition = m.part AND l.instance_id = p_instance) END AS gen
-                  FROM m WHERE m.ord = m.first_ord AND m.id IN (SELECT message_id FROM fresh)
+                SELECT m.*, CASE WHEN v_gen[m.ord] > 0 THEN v_gen[m.ord] END AS lease_gen
+                  FROM m
+                 WHERE m.ord = m.first_ord AND m.id IN (SELECT message_id FROM fresh)
             ),
             decided AS (
-                SELECT f.*, f.gen IS NOT NULL AND NOT EXISTS (
-                           SELECT 1 FROM {{schema}}.wb_inbox e
-                            WHERE e.stream_id = f.stream
-                              AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
-                                   OR e.claimed_generation IS DISTINCT FROM f.gen)) AS mine
+                SELECT f.*, CASE WHEN h.held IS NULL THEN f.lease_gen END AS gen
                   FROM firsts f
+                  LEFT JOIN LATERAL (
+                       SELECT true AS held FROM {{schema}}.wb_inbox e
+                        WHERE e.stream_id = f.stream
+                          AND (e.dead OR e.claimed_by IS DISTINCT FROM p_instance
+                               OR e.claimed_generation IS DISTINCT FROM f.lease_gen)
+                        LIMIT 1) h ON f.lease_gen IS NOT NULL
             ),
             ins AS (
                 INSERT INTO {{schema}}.wb_inbox (message_id, message_kind, stream_id, partition,
                        correlation_id, causation_id, message_type, timestamp_us, meta, payload,
                        claimed_by, claimed_generation)
                 SELECT id, kind, stream, part, corr, cause, typ, ts, meta, payload,
-                       CASE WHEN mine THEN p_instance END, CASE WHEN mine THEN gen END
+                       CASE WHEN gen IS NOT NULL THEN p_instance END, gen
                   FROM decided ORDER BY ord
                 RETURNING message_id, partition, claimed_by, claimed_generation
             )
@@ -621,6 +568,23 @@ BEGIN
     -- here to the commit: positions are gap-free and become visible in order.
     IF v_appends > 0 THEN
         UPDATE {{schema}}.wb_position SET last = last + v_appends RETURNING last INTO v_last;
+        IF v_numbered THEN
+            INSERT INTO {{schema}}.wb_events (position, stream_id, version, message_id, correlation_id,
+                   causation_id, message_type, timestamp_us, meta, payload)
+            SELECT v_last - v_appends + t.apos, t.stream, v_sv_version[t.sidx] - t.vback, t.id, t.corr,
+                   t.cause, t.typ, t.ts, t.meta, t.payload
+              FROM unnest(m_id, m_stream, m_corr, m_cause, m_type, m_ts, m_meta, m_payload, m_append,
+                          m_sidx, m_vback, m_apos)
+                   AS t(id, stream, corr, cause, typ, ts, meta, payload, a, sidx, vback, apos)
+             WHERE t.a;
+            -- The caller numbered the appends: the last position and each stream's new version
+            -- (in s_stream's order, as a binary array) are all it needs to give each event its
+            -- own.
+            RETURN QUERY
+            SELECT 'appended_v'::text, NULL::integer, NULL::uuid, NULL::text, NULL::bigint, v_last,
+                   NULL::integer, NULL::bigint, NULL::integer, NULL::text, NULL::uuid, NULL::uuid,
+                   NULL::text, NULL::text, NULL::bigint, NULL::bytea, array_send(v_sv_version);
+        ELSE
         RETURN QUERY
         WITH m AS (
             SELECT * FROM unnest(m_unit, m_id, m_stream, m_corr, m_cause, m_type, m_ts, m_meta,
@@ -644,6 +608,7 @@ BEGIN
                NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::bigint,
                NULL::bytea, NULL::bytea
           FROM numbered ORDER BY ord;
+        END IF;
     END IF;
 
     IF v_notify THEN

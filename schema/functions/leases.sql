@@ -1,0 +1,220 @@
+-- whizbang: partition leases and instance liveness.
+--
+-- A partition is leased to at most one live instance; its generation (the fencing token) grows
+-- every time it changes hands, and every row claim and report carries the one it was made
+-- under, so a report from a lease that is gone is refused ('stale'). Lease times are the
+-- database's now(), never a client's clock.
+--
+-- The lease fence: a writing batch must not have its partition given up while it inserts rows
+-- claimed under the lease (still invisible to everyone else). Rather than lock every lease row
+-- it writes into (a 1,000-unit batch would update ~1,000 lease rows), it holds a per-instance
+-- advisory lock in shared mode from before its rows exist until it commits; whatever gives up
+-- this instance's partitions (wb_heartbeat, wb_acquire making room, a graceful release) takes
+-- it exclusively, so "no rows here" and "nothing claimed here" are never stale. Shared for
+-- batches, so several batches of one instance run at once.
+--
+-- Every function here runs generic plans (planned once per connection, not per call), with
+-- sequential scans off: see work_batch.sql for why both.
+
+-- The key of an instance's advisory lock (per schema: instances of services in other schemas
+-- never wait for each other).
+CREATE OR REPLACE FUNCTION {{schema}}.wb_instance_key(p_instance uuid) RETURNS bigint
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT hashtextextended('whizbang-instance:{{schema}}:' || p_instance::text, 0)
+$$;
+
+-- Leases the given partitions to p_instance where they are free, expired or already its own,
+-- up to p_max per instance; at the maximum it first gives up its own partitions that hold no
+-- rows at all (only when it gets the exclusive instance lock at once: with another batch of
+-- the instance in flight, the room is not made this time). Its own leases are renewed only in
+-- their second half (the heartbeat renews them all anyway), so a batch in the steady state
+-- locks no lease row. Returns nothing; callers read the lease table.
+CREATE OR REPLACE FUNCTION {{schema}}.wb_acquire(
+    p_instance uuid, p_parts integer[], p_lease_s double precision, p_max integer
+) RETURNS void LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+DECLARE
+    v_want integer[];
+    v_room integer;
+    v_freed integer;
+BEGIN
+    -- Its own leases past half their time are renewed (one that another batch is renewing
+    -- right now is skipped, not waited for: two batches of one instance never deadlock on
+    -- them). Looked for first without locking; in the steady state (the heartbeat renews every
+    -- lease long before half its time) there is nothing to renew. Row by row by primary key:
+    -- a generic plan of the set form scanned all of the instance's leases.
+    IF EXISTS (SELECT 1 FROM unnest(p_parts) AS p
+                WHERE (SELECT l.expires_at IS NULL
+                              OR l.expires_at < now() + p_lease_s * interval '0.5 second'
+                         FROM {{schema}}.wb_partition_leases l
+                        WHERE l.partition = p AND l.instance_id = p_instance)) THEN
+        UPDATE {{schema}}.wb_partition_leases l
+           SET expires_at = now() + p_lease_s * interval '1 second'
+          FROM (SELECT DISTINCT d.partition FROM unnest(p_parts) AS p,
+                LATERAL (SELECT r.partition FROM {{schema}}.wb_partition_leases r
+                          WHERE r.partition = p AND r.instance_id = p_instance
+                            AND (r.expires_at IS NULL
+                                 OR r.expires_at < now() + p_lease_s * interval '0.5 second')
+                            FOR UPDATE SKIP LOCKED) AS d) AS due
+         WHERE l.partition = due.partition;
+    END IF;
+
+    v_want := ARRAY(
+        SELECT DISTINCT p FROM unnest(p_parts) AS p
+         WHERE NOT EXISTS (
+               SELECT 1 FROM {{schema}}.wb_partition_leases l
+                WHERE l.partition = p AND l.instance_id IS NOT NULL
+                  AND (l.instance_id = p_instance OR l.expires_at > now()))
+         ORDER BY p);
+    IF cardinality(v_want) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT p_max - count(*) INTO v_room
+      FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+    -- Giving up an idle partition is safe only while no other batch of this instance is
+    -- writing rows (still invisible here) into it: they hold the shared lock.
+    IF cardinality(v_want) > v_room
+       AND pg_try_advisory_xact_lock({{schema}}.wb_instance_key(p_instance)) THEN
+        WITH idle AS (
+            SELECT l.partition FROM {{schema}}.wb_partition_leases l
+             WHERE l.instance_id = p_instance
+               AND NOT (l.partition = ANY (p_parts))
+               AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o WHERE o.partition = l.partition)
+               AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i WHERE i.partition = l.partition)
+             LIMIT cardinality(v_want) - v_room
+             FOR UPDATE SKIP LOCKED),
+        freed AS (
+            UPDATE {{schema}}.wb_partition_leases l SET instance_id = NULL, expires_at = NULL
+              FROM idle WHERE l.partition = idle.partition RETURNING 1)
+        SELECT count(*) INTO v_freed FROM freed;
+        v_room := v_room + v_freed;
+    END IF;
+    IF v_room <= 0 THEN
+        RETURN;
+    END IF;
+    INSERT INTO {{schema}}.wb_partition_leases AS l (partition, instance_id, generation, expires_at)
+    SELECT p, p_instance, 1, now() + p_lease_s * interval '1 second'
+      FROM unnest(v_want[1:v_room]) AS p
+        ON CONFLICT (partition) DO UPDATE
+       SET instance_id = p_instance,
+           generation = l.generation + 1,
+           expires_at = excluded.expires_at
+     WHERE l.instance_id IS NULL OR l.expires_at < now();
+END;
+$$;
+
+-- Renews this instance's liveness and leases, gives up idle partitions at once and, above its
+-- fair share (leased partitions / live instances), a few partitions with nothing in flight
+-- here; purges processed dedup keys older than the retention and instances gone for ten
+-- leases; wakes every instance when work became claimable.
+CREATE OR REPLACE FUNCTION {{schema}}.wb_heartbeat(
+    p_instance uuid, p_lease_s double precision, p_retention_s double precision
+) RETURNS TABLE (live_instances integer, held integer[], released integer[])
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+DECLARE
+    v_live integer;
+    v_total integer;
+    v_fair integer;
+    v_mine integer;
+    v_released integer[];
+    v_excess integer;
+    v_p integer;
+BEGIN
+    -- Waits for this instance's batches that are writing rows into its partitions (they hold
+    -- the shared lock from before their rows exist until they commit), and keeps new ones out
+    -- until this transaction ends: "no rows" and "nothing claimed" below are not stale.
+    PERFORM pg_advisory_xact_lock({{schema}}.wb_instance_key(p_instance));
+    UPDATE {{schema}}.wb_instances SET last_seen = now() WHERE instance_id = p_instance;
+    UPDATE {{schema}}.wb_partition_leases SET expires_at = now() + p_lease_s * interval '1 second'
+     WHERE instance_id = p_instance;
+    SELECT count(*) INTO v_live FROM {{schema}}.wb_instances
+     WHERE last_seen > now() - p_lease_s * interval '1 second';
+    v_live := greatest(v_live, 1);
+    SELECT count(*) INTO v_total FROM {{schema}}.wb_partition_leases
+     WHERE instance_id IS NOT NULL AND expires_at > now();
+    SELECT count(*) INTO v_mine FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+    v_fair := ceil(v_total::numeric / v_live);
+
+    -- Idle partitions (no rows at all) go at once. A batch writing rows into one of them
+    -- holds the instance's shared lock from before the rows exist until it commits, and the
+    -- exclusive lock above waited for it, so "no rows" seen here is not stale.
+    WITH freed AS (
+        UPDATE {{schema}}.wb_partition_leases l SET instance_id = NULL, expires_at = NULL
+         WHERE l.instance_id = p_instance
+           AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o WHERE o.partition = l.partition)
+           AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i WHERE i.partition = l.partition)
+        RETURNING l.partition
+    )
+    SELECT coalesce(array_agg(partition), '{}') INTO v_released FROM freed;
+
+    -- Above the fair share, a few partitions with work but nothing of it in flight here go
+    -- too. A claim does not lock the lease row, so the partition's rows are locked first
+    -- (NOWAIT: one a batch is claiming right now is skipped; a claim that starts later skips
+    -- the locked rows) and the check runs again in a statement of its own, which sees every
+    -- claim committed before.
+    v_excess := least(10, greatest(0, v_mine - v_fair));
+    IF v_excess > 0 THEN
+        FOR v_p IN
+            SELECT l.partition FROM {{schema}}.wb_partition_leases l
+             WHERE l.instance_id = p_instance
+               AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o
+                                WHERE o.partition = l.partition AND o.claimed_by = p_instance
+                                  AND o.claimed_generation = l.generation)
+               AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i
+                                WHERE i.partition = l.partition AND i.claimed_by = p_instance
+                                  AND i.claimed_generation = l.generation)
+             ORDER BY l.partition
+        LOOP
+            EXIT WHEN v_excess <= 0;
+            BEGIN
+                PERFORM 1 FROM {{schema}}.wb_outbox WHERE partition = v_p FOR UPDATE NOWAIT;
+                PERFORM 1 FROM {{schema}}.wb_inbox WHERE partition = v_p FOR UPDATE NOWAIT;
+            EXCEPTION WHEN lock_not_available THEN
+                CONTINUE;
+            END;
+            UPDATE {{schema}}.wb_partition_leases l SET instance_id = NULL, expires_at = NULL
+             WHERE l.partition = v_p AND l.instance_id = p_instance
+               AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o
+                                WHERE o.partition = l.partition AND o.claimed_by = p_instance
+                                  AND o.claimed_generation = l.generation)
+               AND NOT EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i
+                                WHERE i.partition = l.partition AND i.claimed_by = p_instance
+                                  AND i.claimed_generation = l.generation);
+            IF FOUND THEN
+                v_released := v_released || v_p;
+                v_excess := v_excess - 1;
+            END IF;
+        END LOOP;
+    END IF;
+    -- Rows of a released partition are nobody's claims any more (the next holder's claim, and
+    -- the search for partitions with work, see them as free).
+    IF cardinality(v_released) > 0 THEN
+        UPDATE {{schema}}.wb_outbox SET claimed_by = NULL, claimed_generation = NULL
+         WHERE partition = ANY (v_released) AND claimed_by IS NOT NULL;
+        UPDATE {{schema}}.wb_inbox SET claimed_by = NULL, claimed_generation = NULL
+         WHERE partition = ANY (v_released) AND claimed_by IS NOT NULL;
+    END IF;
+
+    DELETE FROM {{schema}}.wb_dedup
+     WHERE received_at < now() - p_retention_s * interval '1 second' AND processed_at IS NOT NULL;
+    DELETE FROM {{schema}}.wb_instances
+     WHERE last_seen < now() - 10 * p_lease_s * interval '1 second';
+
+    -- Released partitions, or work behind a lease that ran out (its holder died): wake every
+    -- instance, so one takes the partition over now rather than at its next fallback poll.
+    IF cardinality(v_released) > 0 OR EXISTS (
+           SELECT 1 FROM {{schema}}.wb_partition_leases l
+            WHERE l.instance_id IS NOT NULL AND l.expires_at <= now()
+              AND (EXISTS (SELECT 1 FROM {{schema}}.wb_outbox o
+                            WHERE o.partition = l.partition AND NOT o.dead)
+                   OR EXISTS (SELECT 1 FROM {{schema}}.wb_inbox i
+                               WHERE i.partition = l.partition AND NOT i.dead))) THEN
+        PERFORM pg_notify('wb_work_{{schema}}', '');
+    END IF;
+    RETURN QUERY SELECT v_live,
+        ARRAY(SELECT partition FROM {{schema}}.wb_partition_leases
+               WHERE instance_id = p_instance ORDER BY partition),
+        v_released;
+END;
+$$;

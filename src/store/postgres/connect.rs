@@ -1,0 +1,227 @@
+//! Connections of the Postgres store: the bb8 pool's manager (each pooled connection prepares
+//! the batch, one-message and heartbeat statements once), the start-up connection retried
+//! with capped backoff while the database is unreachable, the LISTEN connection that wakes the
+//! coordinator when work is stored, and the mapping of driver errors to [`StoreError`].
+//!
+//! It must not run queries of the store's contract (those belong to `PostgresStore`) and must
+//! never put the database URL's password into a log line or an error (it goes through
+//! [`redact`]).
+
+pub(crate) use super::migrate::causes;
+use super::migrate::describe;
+use super::tls::DatabaseTls;
+use crate::config::{Config, redact};
+use crate::store::StoreError;
+use bb8_postgres::PostgresConnectionManager;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::{AsyncMessage, Client, Statement};
+
+/// A pooled connection with its prepared statements.
+pub struct PgConnection {
+    pub(super) client: Client,
+    pub(super) batch: Statement,
+    /// `wb_process_one_message`: the batches [`BatchArrays::one_message`] accepts.
+    pub(super) one_message: Statement,
+    pub(super) heartbeat: Statement,
+}
+
+/// Connects, then prepares the statements every batch uses.
+pub struct PgManager {
+    pub(super) inner: PostgresConnectionManager<DatabaseTls>,
+    pub(super) schema: String,
+}
+
+/// `SELECT * FROM schema.function($1, …, $arity)`.
+fn call(schema: &str, function: &str, arity: usize) -> String {
+    let params: Vec<String> = (1..=arity).map(|i| format!("${i}")).collect();
+    format!("SELECT * FROM {schema}.{function}({})", params.join(", "))
+}
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConnection;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConnection, tokio_postgres::Error> {
+        let client = self.inner.connect().await?;
+        let s = &self.schema;
+        let batch = client
+            .prepare(&call(s, "wb_process_work_batch", 43))
+            .await?;
+        let one_message = client
+            .prepare(&call(s, "wb_process_one_message", 21))
+            .await?;
+        let heartbeat = client.prepare(&call(s, "wb_heartbeat", 3)).await?;
+        Ok(PgConnection {
+            client,
+            batch,
+            one_message,
+            heartbeat,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut PgConnection) -> Result<(), tokio_postgres::Error> {
+        conn.client.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+pub(super) fn unavailable(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable {
+        message: describe(&e),
+        source: Some(Arc::new(e)),
+    }
+}
+
+pub(super) fn query_error(e: tokio_postgres::Error) -> StoreError {
+    // A closed connection, or an error that is not the server's answer (I/O), is the store
+    // going away; anything the server answered keeps its SQLSTATE, which says whether it is
+    // worth running again (`StoreError::is_retryable`).
+    match e.as_db_error() {
+        Some(db) if !e.is_closed() => StoreError::Query {
+            code: Some(db.code().code().to_string()),
+            message: describe(&e),
+            source: Some(Arc::new(e)),
+        },
+        _ => unavailable(e),
+    }
+}
+
+pub(super) fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
+    match e {
+        bb8::RunError::User(e) => unavailable(e),
+        bb8::RunError::TimedOut => StoreError::unavailable("timed out waiting for a connection"),
+    }
+}
+
+/// One connection for start-up work (migrations, checks), retried with capped backoff while
+/// the database is unreachable, until `store.startup_timeout_ms`; each retry is logged with the
+/// URL's password masked. A refusal that waiting will not change (see [`refused_for_good`])
+/// fails at once. The runtime and the CLI start the same way.
+pub async fn connect_at_start(
+    config: &Config,
+    pg_config: &tokio_postgres::Config,
+    tls: &DatabaseTls,
+) -> Result<Client, StoreError> {
+    let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
+    let mut backoff = Duration::from_millis(100);
+    let endpoint = redact(&config.store.database_url);
+    loop {
+        match connect_one(pg_config, tls).await {
+            Ok(c) => return Ok(c),
+            Err(e) if refused_for_good(&e) => {
+                return Err(StoreError::Refused {
+                    message: format!("database {endpoint}: {}", describe(&e)),
+                    source: Some(Arc::new(e)),
+                });
+            }
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::warn!(database = %endpoint, error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable {
+                    message: format!(
+                        "database {endpoint} unreachable for {} ms: {}",
+                        config.store.startup_timeout_ms,
+                        describe(&e)
+                    ),
+                    source: Some(Arc::new(e)),
+                });
+            }
+        }
+    }
+}
+
+/// Whether a failed connection would fail the same way however long start-up kept trying: the
+/// server turned down the credentials (SQLSTATE class 28) or the database name (3D000), or the
+/// TLS handshake failed on the certificate or on a server without TLS. Anything else (refused
+/// or reset connections, a server starting up or shutting down, too many connections, an I/O
+/// error in the middle of a handshake) may pass.
+fn refused_for_good(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("28") || code == "3D000";
+    }
+    for cause in causes(e) {
+        if cause.is::<std::io::Error>() {
+            return false;
+        }
+        let text = cause.to_string();
+        // OpenSSL's reason for a failed chain or name check; tokio-postgres' for a server that
+        // answered the TLS request with "no".
+        if text.contains("certificate verify failed")
+            || text.contains("server does not support TLS")
+        {
+            return true;
+        }
+    }
+    false
+}
+
+async fn connect_one(
+    config: &tokio_postgres::Config,
+    tls: &DatabaseTls,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tls.clone()).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "migration connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Keeps a LISTEN connection open for the life of the store; bumps `signal` on every
+/// notification and after every reconnect (notifications may have been missed meanwhile).
+pub(super) async fn listen(
+    config: tokio_postgres::Config,
+    tls: DatabaseTls,
+    schema: String,
+    signal: tokio::sync::watch::Sender<u64>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    use futures::StreamExt;
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => {
+                                let _ = tx.send(());
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN wb_work_{schema}"))
+                    .await
+                    .is_ok()
+                {
+                    backoff = Duration::from_millis(100);
+                    signal.send_modify(|n| *n = n.wrapping_add(1));
+                    while rx.recv().await.is_some() {
+                        signal.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+                driver.abort();
+                tracing::warn!("LISTEN connection lost; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,489 @@
+//! The Postgres store: the durable implementation of the work-coordinator contract.
+//!
+//! Owns [`PostgresStore`] and its [`Store`] implementation: start-up (connect with retries,
+//! migrate, the autovacuum check, the pool and the LISTEN task), choosing per batch between
+//! `wb_process_work_batch` (arrays, one statement, one round trip, one transaction) and
+//! `wb_process_one_message` (a batch of one message), partition releases, and the reads
+//! (streams, the global log, inbox status, correlation status, checkpoints). Lease times are
+//! the database's `now()`, never this process's clock; several batches of one instance may run
+//! at once, each on its own pooled connection.
+//!
+//! It must not hold state of its own between calls: everything lives in the database. The
+//! pieces live beside it: [`connect`] (pool, prepared statements, start-up connection, LISTEN),
+//! `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their rows back into a
+//! [`WorkBatchResult`]), `admin` (dead letters), [`migrate`], [`tls`] and [`vacuum`].
+
+mod admin;
+mod answer;
+mod batch;
+pub mod connect;
+pub mod migrate;
+pub mod tls;
+pub mod vacuum;
+
+use self::answer::{MessagePlaces, check_batch_columns, read_answer, stored_event};
+use self::batch::{BatchArrays, Numbering, OneMessage, PackedAppends};
+use self::connect::{PgManager, connect_at_start, listen, pool_error, query_error, unavailable};
+use self::migrate::{describe, migrate};
+use self::vacuum::autovacuum_gaps;
+use super::*;
+use crate::config::Config;
+use bb8_postgres::PostgresConnectionManager;
+use foldhash::{HashMap, HashMapExt};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+pub struct PostgresStore {
+    pool: bb8::Pool<PgManager>,
+    schema: String,
+    settings: StoreSettings,
+    signal: tokio::sync::watch::Sender<u64>,
+    listener: tokio::task::JoinHandle<()>,
+    /// Whether batches of one message go to `wb_process_one_message` (always, outside tests).
+    one_message_path: bool,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the configured database (retrying with capped backoff until
+    /// `store.startup_timeout_ms`), applies the migrations, and opens the pool and the LISTEN
+    /// connection.
+    pub async fn connect(config: &Config) -> Result<PostgresStore, StoreError> {
+        let (mut pg_config, tls) = tls::database_config(config).map_err(StoreError::unavailable)?;
+        let settings = StoreSettings::from_config(config);
+        let schema = config.store.schema.clone();
+        pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
+        pg_config.application_name(format!("whizbang:{}", config.service.name));
+
+        let mut client = connect_at_start(config, &pg_config, &tls).await?;
+        let applied = migrate(&mut client, &schema).await?;
+        if !applied.is_empty() {
+            tracing::info!(schema = %schema, ?applied, "migrations applied");
+        }
+        // A warning, not a refusal: the service works, its queue tables just grow.
+        match autovacuum_gaps(&client, &schema).await {
+            Ok(gaps) => {
+                for gap in gaps {
+                    tracing::warn!(schema = %schema, "{gap}: deleted outbox, inbox and dedup rows are not reclaimed and the tables grow; schedule VACUUM of them (README: Postgres store, Vacuum)");
+                }
+            }
+            Err(e) => tracing::debug!(error = %describe(&e), "autovacuum settings not readable"),
+        }
+        drop(client);
+
+        let manager = PgManager {
+            inner: PostgresConnectionManager::new(pg_config.clone(), tls.clone()),
+            schema: schema.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(config.store.pool_size)
+            .connection_timeout(Duration::from_millis(config.store.connect_timeout_ms))
+            // A broken connection is detected by `has_broken`; a check per checkout would
+            // double the round trips of every batch.
+            .test_on_check_out(false)
+            .build(manager)
+            .await
+            .map_err(unavailable)?;
+        // On the statements every pooled connection prepares anyway: no second prepare.
+        check_batch_columns(&*pool.get().await.map_err(pool_error)?, &schema)?;
+        let signal = tokio::sync::watch::channel(0).0;
+        let listener = tokio::spawn(listen(pg_config, tls, schema.clone(), signal.clone()));
+        Ok(PostgresStore {
+            pool,
+            schema,
+            settings,
+            signal,
+            listener,
+            one_message_path: true,
+        })
+    }
+
+    /// Uses a lease shorter than the configuration's whole seconds allow.
+    pub fn with_lease(mut self, lease: Duration) -> PostgresStore {
+        self.settings.lease = lease;
+        self
+    }
+
+    /// Sends every batch to `wb_process_work_batch`, even those `wb_process_one_message` would
+    /// take: lets the conformance suite hold both to the same contract.
+    pub fn without_one_message_path(mut self) -> PostgresStore {
+        self.one_message_path = false;
+        self
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let conn = self.conn().await?;
+        conn.client.query(sql, params).await.map_err(query_error)
+    }
+}
+
+/// CTEs (after a `freed` CTE returning partitions) that clear the claims on the rows of the
+/// released partitions: they are nobody's work any more, and the search for partitions with
+/// work only looks at unclaimed rows and expired leases.
+fn clear_claims(s: &str) -> String {
+    format!(
+        "o_clear AS (UPDATE {s}.wb_outbox SET claimed_by = NULL, claimed_generation = NULL
+                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
+                      RETURNING 1),
+         i_clear AS (UPDATE {s}.wb_inbox SET claimed_by = NULL, claimed_generation = NULL
+                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
+                      RETURNING 1)"
+    )
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn register_instance(
+        &self,
+        instance: InstanceId,
+        service: &str,
+        host: &str,
+    ) -> Result<(), StoreError> {
+        self.query(
+            &format!(
+                "INSERT INTO {}.wb_instances (instance_id, service, host) VALUES ($1, $2, $3)
+                 ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
+                self.schema
+            ),
+            &[&instance, &service, &host],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError> {
+        let conn = self.conn().await?;
+        let lease = self.settings.lease.as_secs_f64();
+        let retention = self.settings.dedup_retention.as_secs_f64();
+        let row = conn
+            .client
+            .query_one(&conn.heartbeat, &[&instance, &lease, &retention])
+            .await
+            .map_err(query_error)?;
+        let held: Vec<i32> = row.get("held");
+        let released: Vec<i32> = row.get("released");
+        Ok(Heartbeat {
+            live_instances: row.get::<_, i32>("live_instances") as u32,
+            held_partitions: held.into_iter().map(|p| p as u32).collect(),
+            released: released.into_iter().map(|p| p as u32).collect(),
+        })
+    }
+
+    async fn process_work_batch(
+        &self,
+        instance: InstanceId,
+        batch: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError> {
+        let mut positions = HashMap::new();
+        let mut a = BatchArrays::of(&batch, &mut positions);
+        let s = &self.settings;
+        let lease = s.lease.as_secs_f64();
+        let max_partitions = s.max_partitions_per_instance as i32;
+        let max_attempts = s.max_attempts as i32;
+        let base = s.backoff_base.as_millis() as i64;
+        let cap = s.backoff_max.as_millis() as i64;
+        let claim_o = batch.claim.map_or(0, |c| c.outbox as i32);
+        let claim_i = batch.claim.map_or(0, |c| c.inbox as i32);
+        let in_flight_outbox = batch.in_flight.as_ref().map(|f| &f.outbox);
+        let in_flight_inbox = batch.in_flight.as_ref().map(|f| &f.inbox);
+        let one_message = self.one_message_path && a.one_message(&batch);
+        // Set only for the one-message call or only for the set-based one; declared here so
+        // the parameters can borrow them.
+        let claim;
+        let m;
+        let numbering;
+        // Where the packed 'appended_v' answer puts each append (set-based path only).
+        let mut appends = PackedAppends::default();
+        let params: Vec<&(dyn ToSql + Sync)> = if one_message {
+            claim = a.u_claim.first().copied().unwrap_or(false);
+            m = OneMessage::of(&a);
+            vec![
+                &instance,
+                &lease,
+                &max_partitions,
+                &a.r_queue,
+                &a.r_id,
+                &a.r_part,
+                &a.r_gen,
+                &claim,
+                &m.id,
+                &m.kind,
+                &m.stream,
+                &m.part,
+                &m.corr,
+                &m.cause,
+                &m.typ,
+                &m.ts,
+                &m.meta,
+                &m.payload,
+                &m.append,
+                &m.topic,
+                &m.inbox,
+            ]
+        } else {
+            numbering = Numbering::of(&a.m_stream, &a.m_append);
+            appends = PackedAppends::of(&a, &numbering);
+            vec![
+                &instance,
+                &lease,
+                &max_partitions,
+                &max_attempts,
+                &base,
+                &cap,
+                &a.r_queue,
+                &a.r_op,
+                &a.r_id,
+                &a.r_part,
+                &a.r_gen,
+                &a.r_error,
+                &a.u_claim,
+                &a.x_unit,
+                &a.x_stream,
+                &a.x_expected,
+                &a.m_unit,
+                &a.m_id,
+                &a.m_kind,
+                &a.m_stream,
+                &a.m_part,
+                &a.m_corr,
+                &a.m_cause,
+                &a.m_type,
+                &a.m_ts,
+                &a.m_meta,
+                &a.m_payload,
+                &a.m_append,
+                &a.m_topic,
+                &a.m_inbox,
+                &a.c_unit,
+                &a.c_id,
+                &a.c_part,
+                &a.c_gen,
+                &claim_o,
+                &claim_i,
+                &in_flight_outbox,
+                &in_flight_inbox,
+                &numbering.s_stream,
+                &numbering.s_count,
+                &numbering.m_sidx,
+                &numbering.m_vback,
+                &numbering.m_apos,
+            ]
+        };
+        let rows = {
+            let conn = self.conn().await?;
+            let statement = if one_message {
+                &conn.one_message
+            } else {
+                &conn.batch
+            };
+            conn.client
+                .query(statement, &params)
+                .await
+                .map_err(query_error)?
+        };
+        // The arrays borrow the batch; the answer moves the claimed rows' envelopes out of it.
+        let places = MessagePlaces {
+            m_unit: std::mem::take(&mut a.m_unit),
+            m_part: std::mem::take(&mut a.m_part),
+            positions,
+            appends,
+        };
+        drop(a);
+        read_answer(batch, places, rows)
+    }
+
+    async fn release_partitions(
+        &self,
+        instance: InstanceId,
+        partitions: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
+        let s = &self.schema;
+        let list: Option<Vec<i32>> = partitions.map(|l| l.iter().map(|p| *p as i32).collect());
+        let (statement, params): (String, Vec<&(dyn ToSql + Sync)>) = match &list {
+            Some(list) => (
+                format!(
+                    "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                      WHERE instance_id = $1 AND partition = ANY($2) RETURNING partition),
+                     {clear}
+                     SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                    clear = clear_claims(s)
+                ),
+                vec![&instance, list],
+            ),
+            None => (
+                format!(
+                    "WITH freed AS (UPDATE {s}.wb_partition_leases SET instance_id = NULL, expires_at = NULL
+                      WHERE instance_id = $1 RETURNING partition),
+                     {clear},
+                     gone AS (DELETE FROM {s}.wb_instances WHERE instance_id = $1 RETURNING 1)
+                     SELECT pg_notify('wb_work_{s}', '') FROM (SELECT count(*) FROM freed) x",
+                    clear = clear_claims(s)
+                ),
+                vec![&instance],
+            ),
+        };
+        let mut conn = self.conn().await?;
+        let tx = conn.client.transaction().await.map_err(query_error)?;
+        // The instance's own lock first, as its heartbeat takes it (wb_heartbeat): a heartbeat
+        // in progress locks the instance's row and then its leases, and this statement locks
+        // the leases and then the row; taken without the lock, the two deadlocked. It also waits
+        // for this instance's batches that are writing into these partitions.
+        tx.execute(
+            &format!("SELECT pg_advisory_xact_lock({s}.wb_instance_key($1))"),
+            &[&instance],
+        )
+        .await
+        .map_err(query_error)?;
+        tx.execute(&statement, &params).await.map_err(query_error)?;
+        tx.commit().await.map_err(query_error)
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT *, 'event' AS message_kind FROM {}.wb_events
+                      WHERE stream_id = $1 AND version >= $2 ORDER BY version",
+                    self.schema
+                ),
+                &[&stream_id, &(from_version as i64)],
+            )
+            .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after_position: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT *, 'event' AS message_kind FROM {}.wb_events
+                      WHERE position > $1 ORDER BY position LIMIT $2",
+                    self.schema
+                ),
+                &[&(after_position as i64), &(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT message_id FROM {}.wb_dedup
+                      WHERE message_id = ANY($1) AND processed_at IS NOT NULL",
+                    self.schema
+                ),
+                &[&message_ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn correlation_status(
+        &self,
+        correlation_id: Uuid,
+    ) -> Result<CorrelationStatus, StoreError> {
+        let s = &self.schema;
+        let events = self
+            .query(
+                &format!(
+                    "SELECT message_type, stream_id, version FROM {s}.wb_events
+                      WHERE correlation_id = $1 ORDER BY position"
+                ),
+                &[&correlation_id],
+            )
+            .await?;
+        let counts = self
+            .query(
+                &format!(
+                    "SELECT
+                       (SELECT count(*) FROM {s}.wb_outbox WHERE correlation_id = $1 AND NOT dead),
+                       (SELECT count(*) FROM {s}.wb_inbox WHERE correlation_id = $1 AND NOT dead),
+                       (SELECT count(*) FROM {s}.wb_dedup WHERE correlation_id = $1 AND processed_at IS NOT NULL),
+                       (SELECT count(*) FROM {s}.wb_outbox WHERE correlation_id = $1 AND dead)
+                     + (SELECT count(*) FROM {s}.wb_inbox WHERE correlation_id = $1 AND dead)"
+                ),
+                &[&correlation_id],
+            )
+            .await?;
+        let c = &counts[0];
+        Ok(CorrelationStatus {
+            events: events
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+                .collect(),
+            outbox_pending: c.get::<_, i64>(0) as u64,
+            inbox_pending: c.get::<_, i64>(1) as u64,
+            inbox_processed: c.get::<_, i64>(2) as u64,
+            dead_lettered: c.get::<_, i64>(3) as u64,
+        })
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        admin::dead_letters(self).await
+    }
+
+    async fn requeue_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
+        admin::requeue(self, message_id).await
+    }
+
+    async fn skip_dead_letter(&self, message_id: Uuid) -> Result<(), StoreError> {
+        admin::skip(self, message_id).await
+    }
+
+    async fn load_checkpoint(&self, perspective: &str) -> Result<Option<u64>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT position FROM {}.wb_perspective_checkpoints WHERE perspective = $1",
+                    self.schema
+                ),
+                &[&perspective],
+            )
+            .await?;
+        Ok(rows.first().map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError> {
+        self.query(
+            &format!(
+                "INSERT INTO {}.wb_perspective_checkpoints (perspective, position) VALUES ($1, $2)
+                 ON CONFLICT (perspective) DO UPDATE SET position = excluded.position, updated_at = now()",
+                self.schema
+            ),
+            &[&perspective, &(position as i64)],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.signal.subscribe()
+    }
+}
