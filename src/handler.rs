@@ -170,7 +170,7 @@ impl<E: Event + Clone> Decision<E> {
     }
 }
 
-fn emitted<M: crate::message::Message>(kind: MessageKind, m: &M) -> Emitted {
+fn emitted<M: message::Message>(kind: MessageKind, m: &M) -> Emitted {
     Emitted {
         kind,
         message_type: M::TYPE_NAME,
@@ -382,7 +382,7 @@ impl Actor for ReceptorActor {
     }
 }
 
-impl actix::Supervised for ReceptorActor {
+impl Supervised for ReceptorActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.restarts += 1;
         tracing::warn!(
@@ -461,7 +461,7 @@ impl Actor for PerspectiveActor {
     }
 }
 
-impl actix::Supervised for PerspectiveActor {
+impl Supervised for PerspectiveActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.restarts += 1;
         tracing::warn!(perspective = %self.name, restarts = self.restarts, "perspective actor restarted");

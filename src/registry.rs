@@ -184,8 +184,7 @@ impl Handler<RegisterReceptor> for Registry {
         }
         self.claim_kind(msg.command_type, MessageKind::Command, msg.check)?;
         let (command_type, receptor) = (msg.command_type, msg.receptor);
-        let addr =
-            actix::Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone()));
+        let addr = Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone()));
         self.table
             .receptors
             .insert(command_type.to_string(), ReceptorEntry { addr });
@@ -239,9 +238,8 @@ impl Handler<RegisterPerspective> for Registry {
         }
         self.claim_kind(msg.event_type, MessageKind::Event, msg.check)?;
         let (name, perspective) = (msg.name.clone(), msg.perspective);
-        let addr = actix::Supervisor::start(move |_| {
-            PerspectiveActor::new(name.clone(), perspective.clone())
-        });
+        let addr =
+            Supervisor::start(move |_| PerspectiveActor::new(name.clone(), perspective.clone()));
         self.table
             .perspectives
             .entry(msg.event_type.to_string())

@@ -87,21 +87,29 @@ impl RuntimeBuilder {
                 StoreBackend::Memory => {
                     Arc::new(MemoryStore::new(StoreSettings::from_config(&config)))
                 }
+                #[cfg(feature = "postgres")]
                 StoreBackend::Postgres => {
                     Arc::new(crate::store::postgres::PostgresStore::connect(&config).await?)
                 }
+                // `validate` above refuses it, naming the missing feature.
+                #[cfg(not(feature = "postgres"))]
+                StoreBackend::Postgres => return Err(missing_feature("store.backend", "postgres")),
             },
         };
         let transport: Arc<dyn Transport> = match self.transport {
             Some(t) => t,
             None => match config.transport.kind {
                 TransportKind::Memory => Arc::new(MemoryTransport::new(MemoryBus::new())),
+                #[cfg(feature = "amqp")]
                 TransportKind::Amqp => {
                     Arc::new(crate::transport::amqp::AmqpTransport::from_config(
                         &config.transport,
                         &config.service.name,
                     )?)
                 }
+                // `validate` above refuses it, naming the missing feature.
+                #[cfg(not(feature = "amqp"))]
+                TransportKind::Amqp => return Err(missing_feature("transport.kind", "amqp")),
             },
         };
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
@@ -207,6 +215,17 @@ impl RuntimeBuilder {
             view,
         })
     }
+}
+
+/// A backend this build was compiled without: `Config::validate` refuses it first; answered the
+/// same way here rather than assumed unreachable.
+#[cfg(not(all(feature = "postgres", feature = "amqp")))]
+fn missing_feature(key: &str, feature: &str) -> StartError {
+    StartError::Config(crate::config::ConfigError::Invalid {
+        file: "(runtime config)".into(),
+        key: key.into(),
+        message: format!("needs whizbang's cargo feature `{feature}`, which this build lacks"),
+    })
 }
 
 /// A running instance of a service.

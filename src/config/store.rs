@@ -83,6 +83,15 @@ impl StoreConfig {
                 )
             },
         )?;
+        ensure(
+            cfg!(feature = "postgres") || self.backend != StoreBackend::Postgres,
+            "store.backend",
+            || {
+                "`postgres` needs whizbang's cargo feature `postgres`, which this build was \
+                 compiled without (enable it, or use `memory`)"
+                    .to_string()
+            },
+        )?;
         ensure(is_identifier(&self.schema), "store.schema", || {
             format!(
                 "`{}` is not a plain SQL identifier (lowercase letter or _, then letters, digits or _, at most 63)",

@@ -5,7 +5,7 @@
 //! `kind = "amqp"`. It must not connect (the transports do), and its `Debug` never shows the
 //! URL's password.
 
-use super::{AmqpConfig, Checked, at_least_one, redact};
+use super::{AmqpConfig, Checked, at_least_one, ensure, redact};
 use serde::Deserialize;
 use std::fmt;
 
@@ -63,6 +63,11 @@ impl TransportConfig {
             ("transport.send_timeout_ms", self.send_timeout_ms),
         ])?;
         if self.kind == TransportKind::Amqp {
+            ensure(cfg!(feature = "amqp"), "transport.kind", || {
+                "`amqp` needs whizbang's cargo feature `amqp`, which this build was compiled \
+                 without (enable it, or use `memory`)"
+                    .to_string()
+            })?;
             self.amqp.validate(&self.amqp_url)?;
         }
         Ok(())

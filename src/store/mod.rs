@@ -19,6 +19,7 @@
 //! - Lease times come from the store's own clock.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 
 use crate::envelope::Envelope;

@@ -7,6 +7,7 @@
 //! back into an envelope arrives as [`Delivery::message`] = `Err(..)` so the consumer can reject
 //! it with its reason. It must not know about the store or handlers.
 
+#[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod memory;
 

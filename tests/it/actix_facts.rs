@@ -123,7 +123,7 @@ impl Actor for Restartable {
         *self.starts.lock().unwrap() += 1;
     }
 }
-impl actix::Supervised for Restartable {}
+impl Supervised for Restartable {}
 impl Handler<Stop> for Restartable {
     type Result = ();
     fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) {
@@ -137,7 +137,7 @@ impl Handler<Stop> for Restartable {
 async fn supervisor_restarts_a_stopped_actor() {
     let starts = Arc::new(Mutex::new(0));
     let s = starts.clone();
-    let addr = actix::Supervisor::start(move |_| Restartable { starts: s.clone() });
+    let addr = Supervisor::start(move |_| Restartable { starts: s.clone() });
     addr.send(Stop).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while *starts.lock().unwrap() < 2 {

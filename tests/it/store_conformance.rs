@@ -1234,7 +1234,7 @@ async fn an_expired_lease_with_work_wakes_the_others_at_their_heartbeat(b: Backe
     let e = event("wake", 1);
     batch(&store, a, units(vec![unit(&e, true)])).await;
     // A "crashes" holding the partition. C's heartbeats keep C alive until A's lease is out.
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1300) {
         store.heartbeat(c).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;

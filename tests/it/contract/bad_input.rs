@@ -92,7 +92,7 @@ async fn a_nul_in_a_stream_id_is_refused_and_the_same_batch_commits() -> anyhow:
     let _pg = pg::slot().await;
     let (mut c, schema) = pg("bad-input-nul");
     // Interval flushes: the bad unit and the good ones would share a batch.
-    c.coordinator.flush_strategy = whizbang::config::FlushStrategy::Interval;
+    c.coordinator.flush_strategy = FlushStrategy::Interval;
     let local = Recorder::new();
     let rt = Runtime::builder(c)
         .receptor::<Bump, _>(BumpReceptor)

@@ -81,7 +81,7 @@ enum Suite {
 }
 
 /// A suite's arguments as if given none.
-fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+fn defaults<T: Args + clap::FromArgMatches>() -> T {
     let command = T::augment_args(clap::Command::new("defaults"));
     T::from_arg_matches(&command.get_matches_from(["defaults"])).expect("defaults parse")
 }
@@ -245,7 +245,7 @@ fn figure(name: &str, value: impl std::fmt::Display) {
 /// Runs one suite with its figures filed under `name`.
 async fn run_suite(
     name: &'static str,
-    suite: impl std::future::Future<Output = BenchResult<()>>,
+    suite: impl Future<Output = BenchResult<()>>,
 ) -> BenchResult<()> {
     *SUITE.lock().unwrap_or_else(|p| p.into_inner()) = name;
     figure("suite", name);

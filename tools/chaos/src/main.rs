@@ -168,9 +168,7 @@ fn main() {
 
 /// Runs a scenario until it ends or Ctrl-C: then the scenario is dropped, and with it its
 /// guards, which bring the servers back before the process exits.
-async fn until_interrupted(
-    scenario: impl std::future::Future<Output = ChaosResult<()>>,
-) -> ChaosResult<()> {
+async fn until_interrupted(scenario: impl Future<Output = ChaosResult<()>>) -> ChaosResult<()> {
     tokio::select! {
         outcome = scenario => outcome,
         _ = tokio::signal::ctrl_c() => Err("interrupted (Ctrl-C)".into()),
