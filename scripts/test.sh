@@ -44,6 +44,15 @@ cargo fmt --all --check || die "formatting differs: run cargo fmt"
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings || die "clippy found problems"
 
+# The library without its optional backends: each feature set builds and lints clean, so a
+# service that needs only one of them is not handed a broken build.
+for features in "--no-default-features" "--no-default-features --features postgres" \
+    "--no-default-features --features amqp"; do
+    step "cargo clippy -p whizbang --lib $features -- -D warnings"
+    # shellcheck disable=SC2086 # the feature flags are separate words
+    cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"
+done
+
 # --no-fail-fast: every test binary runs, so one run reports every failure.
 step "cargo test --workspace --all-targets --no-fail-fast"
 cargo test --workspace --all-targets --no-fail-fast || die "tests failed (see the failures listed above)"

@@ -12,21 +12,29 @@ use crate::transport::TransportError;
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// Why `send`, `local_invoke` or `publish` failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DispatchError {
     /// No receptor is registered for the command type, and it has no destination topic.
     #[error("no handler registered for message type `{message_type}`")]
-    HandlerNotFound { message_type: String },
+    HandlerNotFound {
+        /// The command's type name (for a replay, `perspective <name>`).
+        message_type: String,
+    },
     /// The receptor refused the command; nothing was written.
     #[error("`{message_type}` rejected: {error}")]
     Rejected {
+        /// The command's type name.
         message_type: String,
+        /// The receptor's refusal; it decides the HTTP status.
         error: ReceptorError,
     },
     /// The receptor panicked; nothing was written and the runtime keeps serving.
     #[error("receptor for `{message_type}` panicked: {message}")]
     Panicked {
+        /// The command's type name.
         message_type: String,
+        /// The panic's payload as text (a fixed text when it was not a string).
         message: String,
     },
     /// A payload could not be encoded or decoded.
@@ -37,24 +45,38 @@ pub enum DispatchError {
     /// nothing of its unit was written.
     #[error("invalid `{message_type}` message: {reason}")]
     InvalidMessage {
+        /// The refused message's type name.
         message_type: String,
+        /// What is wrong with it, naming the message id (and the size and limit when too large).
         reason: String,
     },
     /// An expected version did not match; nothing of the command was written.
     #[error("version conflict on stream `{stream_id}`: expected {expected:?}, found {actual}")]
     VersionConflict {
+        /// The stream whose version did not match.
         stream_id: String,
+        /// What the command expected of the stream.
         expected: ExpectedVersion,
+        /// The stream's version when the unit was checked (0: no stream).
         actual: u64,
     },
     /// The events were committed, but a perspective failed on `message_id`; the runtime
     /// retries it with backoff (and dead-letters it after the maximum attempts).
     #[error("events committed, but perspective processing of {message_id} failed: {error}")]
-    PerspectiveFailed { message_id: Uuid, error: String },
+    PerspectiveFailed {
+        /// The id of the inbox message whose processing failed: an event, or a command taken from
+        /// the inbox.
+        message_id: Uuid,
+        /// The handler's error as text, or `dead-lettered` once the row reached the maximum
+        /// attempts.
+        error: String,
+    },
     /// `local_invoke` was asked for a result type the receptor does not return.
     #[error("receptor for `{message_type}` does not return `{expected}`")]
     ResultType {
+        /// The command's type name.
         message_type: String,
+        /// The type name the caller asked for (`std::any::type_name`).
         expected: &'static str,
     },
     /// The store failed; the error keeps its SQLSTATE and cause (see
@@ -79,6 +101,8 @@ impl DispatchError {
         }
     }
 
+    /// A version conflict or a receptor's business-rule conflict: the request clashed with the
+    /// current state (HTTP 409).
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,
@@ -137,14 +161,19 @@ impl From<actix::MailboxError> for DispatchError {
 /// Why the runtime did not start. Nothing is left running when start fails.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The configuration is invalid, or names a backend this build was compiled without.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The store could not be connected to or migrated, or did not register this instance.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The transport could not be set up, or its topology check failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// Two registrations clash (a second receptor for a command type, say).
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// An actor did not take a start-up message (its mailbox error, as text).
     #[error("actor system: {0}")]
     Actor(String),
 }

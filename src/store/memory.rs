@@ -127,6 +127,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store.
     pub fn new(settings: StoreSettings) -> MemoryStore {
         MemoryStore {
             settings,
@@ -396,7 +397,6 @@ impl State {
         out
     }
 
-    /// True when some partition with rows is not leased to a live instance.
     /// True when a lease ran out (its holder died or hung) with live work behind it.
     fn has_expired_leases_with_rows(&self, now: Instant) -> bool {
         self.leases.iter().any(|(p, l)| {
@@ -405,6 +405,7 @@ impl State {
         })
     }
 
+    /// True when some partition with rows is not leased to a live instance.
     fn has_unleased_rows(&self, now: Instant) -> bool {
         self.outbox
             .partitions

@@ -33,16 +33,29 @@ pub type InstanceId = Uuid;
 /// The knobs a store needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
+    /// How many partitions streams are hashed into (`partitions.partition_count`). Rows come
+    /// with their partition already computed; the stores do not read this.
     pub partition_count: u32,
+    /// Most partitions one instance leases at once (`partitions.max_partitions_per_instance`).
     pub max_partitions_per_instance: u32,
+    /// How long a partition lease, and an instance's liveness, lasts without a heartbeat
+    /// (`partitions.lease_seconds`).
     pub lease: Duration,
+    /// Counted attempts after which a failing row is dead-lettered (`store.max_attempts`, at
+    /// least 1).
     pub max_attempts: u32,
+    /// The delay before the first retry, and after every transient failure
+    /// (`store.backoff_base_ms`).
     pub backoff_base: Duration,
+    /// The cap of the retry delay (`store.backoff_max_ms`).
     pub backoff_max: Duration,
+    /// How long a processed inbox message id is remembered for deduplication, counted from
+    /// when its row was written (`store.dedup_retention_hours`).
     pub dedup_retention: Duration,
 }
 
 impl StoreSettings {
+    /// The settings of `[partitions]` and `[store]`, converted to durations.
     pub fn from_config(config: &crate::config::Config) -> StoreSettings {
         StoreSettings {
             partition_count: config.partitions.partition_count,
@@ -79,6 +92,7 @@ pub enum ExpectedVersion {
 }
 
 impl ExpectedVersion {
+    /// Whether a stream at version `current` (0: no stream yet) meets this expectation.
     pub fn matches(self, current: u64) -> bool {
         match self {
             ExpectedVersion::Any => true,
@@ -91,8 +105,12 @@ impl ExpectedVersion {
 /// A row for the outbox: `envelope` is to be published to `topic`.
 #[derive(Debug, Clone)]
 pub struct NewOutboxRow {
+    /// The message to publish; its message id keys the row.
     pub envelope: Envelope,
+    /// The transport topic it goes to.
     pub topic: String,
+    /// The partition of the envelope's stream (`routing::partition_of`); rows are claimed and
+    /// ordered per partition.
     pub partition: u32,
 }
 
@@ -100,7 +118,9 @@ pub struct NewOutboxRow {
 /// event, or the receptor of a command).
 #[derive(Debug, Clone)]
 pub struct NewInboxRow {
+    /// The message to process; its message id keys the row and its dedup record.
     pub envelope: Envelope,
+    /// The partition of the envelope's stream (`routing::partition_of`).
     pub partition: u32,
 }
 
@@ -111,6 +131,7 @@ pub struct UnitOfWork {
     pub expectations: Vec<(String, ExpectedVersion)>,
     /// Appended to the event store in this order.
     pub events: Vec<Envelope>,
+    /// Queued for publishing; a message id already in the outbox is not queued again.
     pub outbox: Vec<NewOutboxRow>,
     /// Inserted with dedup by message id.
     pub inbox: Vec<NewInboxRow>,
@@ -125,33 +146,48 @@ pub struct UnitOfWork {
 /// Where an appended event landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendedEvent {
+    /// The event's message id.
     pub message_id: Uuid,
+    /// The stream it was appended to.
     pub stream_id: String,
+    /// Its version in the stream (1-based).
     pub version: u64,
+    /// Its position in the global log (1-based, gap-free).
     pub position: u64,
 }
 
 /// A claimed outbox row: this instance must publish it, then report it.
 #[derive(Debug, Clone)]
 pub struct OutboxWork {
+    /// The message to publish.
     pub envelope: Envelope,
+    /// The transport topic to publish it to.
     pub topic: String,
+    /// The claim, to quote when reporting the row.
     pub work: WorkRef,
+    /// Counted failed attempts before this claim (0 the first time); transient failures do
+    /// not count.
     pub attempts: u32,
 }
 
 /// A claimed inbox row: this instance must process it, then report it.
 #[derive(Debug, Clone)]
 pub struct InboxWork {
+    /// The message to process.
     pub envelope: Envelope,
+    /// The claim, to quote when reporting the row.
     pub work: WorkRef,
+    /// Counted failed attempts before this claim (0 the first time); transient failures do
+    /// not count.
     pub attempts: u32,
 }
 
 /// Names a claimed row and the lease it was claimed under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WorkRef {
+    /// The row's message id, its key within its queue.
     pub message_id: Uuid,
+    /// The row's partition.
     pub partition: u32,
     /// The partition lease's fencing token at claim time.
     pub generation: u64,
@@ -170,6 +206,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// The kind's name (`failed`, `panicked`, `transient`), the prefix of a row's last error.
     pub fn as_str(self) -> &'static str {
         match self {
             FailureKind::Failed => "failed",
@@ -179,31 +216,45 @@ impl FailureKind {
     }
 }
 
+/// A report that processing a claimed row failed.
 #[derive(Debug, Clone)]
 pub struct Failure {
+    /// The row, with the lease it was claimed under.
     pub work: WorkRef,
+    /// Whether the failure counts as an attempt, and the backoff it gets.
     pub kind: FailureKind,
+    /// What went wrong; stored as the row's last error, prefixed with the kind.
     pub error: String,
 }
 
 /// How much pending work to claim in this batch.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimBudget {
+    /// Most outbox rows to claim.
     pub outbox: u32,
+    /// Most inbox rows to claim.
     pub inbox: u32,
 }
 
 /// One atomic round trip to the store.
 #[derive(Debug, Clone, Default)]
 pub struct WorkBatch {
+    /// Units of work, applied in order, each all or nothing.
     pub units: Vec<UnitOfWork>,
+    /// Outbox rows published: deleted.
     pub outbox_completions: Vec<WorkRef>,
+    /// Outbox rows that failed to publish: retried after a backoff, or dead-lettered.
     pub outbox_failures: Vec<Failure>,
     /// Rows handed back unprocessed (their stream was parked behind a failure): no attempt.
     pub outbox_releases: Vec<WorkRef>,
+    /// Inbox rows processed: deleted, their dedup records marked processed.
     pub inbox_completions: Vec<WorkRef>,
+    /// Inbox rows whose processing failed: retried after a backoff, or dead-lettered.
     pub inbox_failures: Vec<Failure>,
+    /// Inbox rows handed back unprocessed: no attempt.
     pub inbox_releases: Vec<WorkRef>,
+    /// Claim pending rows, up to this budget, after the rest of the batch is applied, leasing
+    /// free partitions with work first. `None`: claim nothing.
     pub claim: Option<ClaimBudget>,
     /// After a batch whose outcome is unknown (its reply was lost), the rows this instance
     /// really has in flight. A row claimed by this instance under its current lease but not in
@@ -217,11 +268,14 @@ pub struct WorkBatch {
 /// the same message id: one can be finished while the other is still running.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InFlight {
+    /// Message ids of outbox rows being published.
     pub outbox: Vec<Uuid>,
+    /// Message ids of inbox rows being processed.
     pub inbox: Vec<Uuid>,
 }
 
 impl WorkBatch {
+    /// No units, no reports and no claim: nothing to send (`in_flight` alone does nothing).
     pub fn is_empty(&self) -> bool {
         self.units.is_empty()
             && self.outbox_completions.is_empty()
@@ -252,7 +306,9 @@ impl WorkBatch {
 /// What became of one unit.
 #[derive(Debug, Clone)]
 pub enum UnitOutcome {
+    /// The whole unit was written.
     Committed {
+        /// Where each of the unit's events landed, in the unit's order.
         appended: Vec<AppendedEvent>,
         /// New outbox rows leased to the writer: publish them now.
         claimed_outbox: Vec<OutboxWork>,
@@ -263,8 +319,11 @@ pub enum UnitOutcome {
     },
     /// An expected version did not match: nothing of this unit was written.
     Conflict {
+        /// A stream whose version did not match.
         stream_id: String,
+        /// What the unit expected of it.
         expected: ExpectedVersion,
+        /// Its version when the unit was checked (0: no stream).
         actual: u64,
     },
 }
@@ -272,8 +331,11 @@ pub enum UnitOutcome {
 /// The answer to one [`WorkBatch`], units in the order they were given.
 #[derive(Debug, Clone, Default)]
 pub struct WorkBatchResult {
+    /// One outcome per unit.
     pub units: Vec<UnitOutcome>,
+    /// Outbox rows claimed for [`WorkBatch::claim`]: publish them, then report them.
     pub claimed_outbox: Vec<OutboxWork>,
+    /// Inbox rows claimed for [`WorkBatch::claim`]: process them, then report them.
     pub claimed_inbox: Vec<InboxWork>,
     /// Reports refused because the lease they were claimed under is gone (fencing).
     pub stale: Vec<Uuid>,
@@ -287,19 +349,25 @@ pub struct WorkBatchResult {
 /// An event as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
+    /// Its position in the global log (1-based, gap-free).
     pub position: u64,
+    /// Its version in its stream (1-based).
     pub version: u64,
+    /// The event as it was appended.
     pub envelope: Envelope,
 }
 
 /// Which queue a row lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queue {
+    /// Messages to publish to the transport.
     Outbox,
+    /// Messages for this service to process.
     Inbox,
 }
 
 impl Queue {
+    /// The queue's name: `outbox` or `inbox`.
     pub fn as_str(self) -> &'static str {
         match self {
             Queue::Outbox => "outbox",
@@ -311,11 +379,18 @@ impl Queue {
 /// A row parked after `max_attempts`; its stream waits behind it.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The queue the row is in.
     pub queue: Queue,
+    /// The row's message id: what requeue and skip take.
     pub message_id: Uuid,
+    /// The message's type name.
     pub message_type: String,
+    /// The stream that waits behind it.
     pub stream_id: String,
+    /// Counted attempts made.
     pub attempts: u32,
+    /// The last failure, as `<kind>: <error>` (see [`FailureKind::as_str`]); empty if none
+    /// was recorded.
     pub error: String,
 }
 
@@ -324,16 +399,23 @@ pub struct DeadLetter {
 pub struct CorrelationStatus {
     /// Events stored, in position order: (type, stream, version).
     pub events: Vec<(String, String, u64)>,
+    /// Outbox rows not yet published and not dead-lettered (waiting, retrying or in flight).
     pub outbox_pending: u64,
+    /// Inbox rows not yet processed and not dead-lettered (waiting, retrying or in flight).
     pub inbox_pending: u64,
+    /// Inbox messages processed (or skipped as dead letters) whose dedup records are still
+    /// kept: they are purged after the dedup retention.
     pub inbox_processed: u64,
+    /// Outbox and inbox rows dead-lettered.
     pub dead_lettered: u64,
 }
 
 /// A heartbeat's answer.
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeat {
+    /// Instances seen within the last lease, this one included (at least 1).
     pub live_instances: u32,
+    /// Partitions this instance leases after the heartbeat.
     pub held_partitions: Vec<u32>,
     /// Partitions given up in this heartbeat (idle, or above this instance's fair share).
     pub released: Vec<u32>,
@@ -351,7 +433,9 @@ pub enum StoreError {
     /// connection). Retryable.
     #[error("store unavailable: {message}")]
     Unavailable {
+        /// What failed, with the driver's text.
         message: String,
+        /// The driver's error, when there is one.
         #[source]
         source: Option<Cause>,
     },
@@ -359,22 +443,30 @@ pub enum StoreError {
     /// credentials, the database name, or the server's certificate. Not retried.
     #[error("database refused the connection: {message}")]
     Refused {
+        /// The database URL (password masked) and why it refused.
         message: String,
+        /// The driver's error, when there is one.
         #[source]
         source: Option<Cause>,
     },
     /// A statement failed; `code` is the SQLSTATE the server answered with.
     #[error("store query failed: {message}")]
     Query {
+        /// The five-character SQLSTATE; `None` when the failure carried none.
         code: Option<String>,
+        /// The server's message, prefixed with the SQLSTATE.
         message: String,
+        /// The driver's error, when there is one.
         #[source]
         source: Option<Cause>,
     },
     /// The schema could not be brought to what this build expects.
     #[error("migration error: {message}")]
     Migration {
+        /// The step or file that failed, and why.
         message: String,
+        /// The driver's error; `None` when the migration itself refused (a changed file, a bad
+        /// schema name).
         #[source]
         source: Option<Cause>,
     },
@@ -388,11 +480,16 @@ pub enum StoreError {
         applied.join(", ")
     )]
     PreSquashSchema {
+        /// The configured schema (`store.schema`).
         schema: String,
+        /// The pre-squash file names its `wb_migrations` records.
         applied: Vec<String>,
     },
+    /// A row the caller named does not exist (a dead letter to requeue or skip, say).
     #[error("no such row: {0}")]
     NotFound(String),
+    /// The database answered with something this build cannot read (a malformed row or
+    /// answer, functions returning other columns). Not retried.
     #[error("corrupt row: {0}")]
     Corrupt(String),
 }
@@ -495,6 +592,7 @@ pub trait Store: Send + Sync + 'static {
         correlation_id: Uuid,
     ) -> Result<CorrelationStatus, StoreError>;
 
+    /// Every dead-lettered row, outbox first, each queue in the order its rows were written.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// Puts a dead-lettered row back as pending with its attempts reset.

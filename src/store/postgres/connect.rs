@@ -99,7 +99,7 @@ pub(super) fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError 
 
 /// One connection for start-up work (migrations, checks), retried with capped backoff while
 /// the database is unreachable, until `store.startup_timeout_ms`; each retry is logged with the
-/// URL's password masked. A refusal that waiting will not change (see [`refused_for_good`])
+/// URL's password masked. A refusal that waiting will not change (wrong credentials, an unknown database, a refused certificate)
 /// fails at once. The runtime and the CLI start the same way.
 pub async fn connect_at_start(
     config: &Config,

@@ -24,8 +24,11 @@ use std::sync::Arc;
 
 /// One embedded baseline file: applied once, never changed after.
 pub struct Migration {
+    /// Its number in `wb_migrations`; files are applied in ascending order.
     pub version: i32,
+    /// The file name, recorded beside the version and named in errors.
     pub name: &'static str,
+    /// The file's text as shipped, with `{{schema}}` placeholders.
     pub sql: &'static str,
 }
 
@@ -38,7 +41,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// One embedded function file: re-applied whenever its text changes.
 pub struct FunctionFile {
+    /// The file name under `schema/functions/`: its key in `wb_functions`.
     pub name: &'static str,
+    /// The file's text as shipped, with `{{schema}}` placeholders.
     pub sql: &'static str,
 }
 
@@ -86,6 +91,7 @@ pub const PRE_SQUASH_MIGRATIONS: [&str; 14] = [
     "0014_packed_answer.sql",
 ];
 
+/// The SHA-256 of `sql` in lowercase hex, as `wb_migrations` and `wb_functions` record it.
 pub fn checksum(sql: &str) -> String {
     Sha256::digest(sql.as_bytes())
         .iter()

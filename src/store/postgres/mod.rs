@@ -11,7 +11,8 @@
 //! It must not hold state of its own between calls: everything lives in the database. The
 //! pieces live beside it: [`connect`] (pool, prepared statements, start-up connection, LISTEN),
 //! `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their rows back into a
-//! [`WorkBatchResult`]), `admin` (dead letters), [`migrate`], [`tls`] and [`vacuum`].
+//! [`WorkBatchResult`]), `admin` (dead letters), [`migrate`](mod@migrate), [`tls`] and
+//! [`vacuum`].
 
 mod admin;
 mod answer;
@@ -33,6 +34,8 @@ use foldhash::{HashMap, HashMapExt};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+/// The durable store: one Postgres schema, reached through a connection pool, with a task
+/// that LISTENs for work notifications (stopped when the store is dropped).
 pub struct PostgresStore {
     pool: bb8::Pool<PgManager>,
     schema: String,
@@ -116,6 +119,7 @@ impl PostgresStore {
         self
     }
 
+    /// The schema its tables and functions live in (`store.schema`).
     pub fn schema(&self) -> &str {
         &self.schema
     }
