@@ -40,6 +40,17 @@ pub struct DispatchOptions {
 
 impl DispatchOptions {
     /// Continue the conversation of `cause`: same correlation id, `cause` as the causation.
+    ///
+    /// ```
+    /// use uuid::Uuid;
+    /// use whizbang::DispatchOptions;
+    ///
+    /// let (conversation, cause) = (Uuid::now_v7(), Uuid::now_v7());
+    /// let options = DispatchOptions::caused_by(conversation, cause);
+    /// assert_eq!(options.correlation_id, Some(conversation));
+    /// assert_eq!(options.causation_id, Some(cause));
+    /// // runtime.local_invoke_with(command, options) or SendCommand::new(command).with_options(options)
+    /// ```
     pub fn caused_by(correlation_id: Uuid, causation_id: Uuid) -> DispatchOptions {
         DispatchOptions {
             correlation_id: Some(correlation_id),

@@ -109,6 +109,26 @@ impl Config {
     }
 
     /// Parses TOML text; `file` only names the source in errors. Does not read the environment.
+    /// Keys left out keep their defaults; an unknown key or a value out of range is refused,
+    /// naming the key:
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use whizbang::config::{Config, FlushStrategy, StoreBackend};
+    ///
+    /// let config = Config::parse(
+    ///     "[store]\nbackend = \"postgres\"\n[coordinator]\nflush_strategy = \"interval\"\n",
+    ///     Path::new("service.toml"),
+    /// )?;
+    /// assert_eq!(config.store.backend, StoreBackend::Postgres);
+    /// assert_eq!(config.coordinator.flush_strategy, FlushStrategy::Interval);
+    ///
+    /// let typo = Config::parse("[store]\nbakend = \"memory\"\n", Path::new("service.toml"))
+    ///     .err()
+    ///     .expect("an unknown key is refused");
+    /// assert_eq!(typo.key(), Some("store.bakend"));
+    /// # Ok::<(), whizbang::config::ConfigError>(())
+    /// ```
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid {
             file: file.to_path_buf(),
