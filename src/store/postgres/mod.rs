@@ -72,7 +72,7 @@ impl PostgresStore {
         match autovacuum_gaps(&client, &schema).await {
             Ok(gaps) => {
                 for gap in gaps {
-                    tracing::warn!(schema = %schema, "{gap}: deleted outbox, inbox and dedup rows are not reclaimed and the tables grow; schedule VACUUM of them (README: Postgres store, Vacuum)");
+                    tracing::warn!(schema = %schema, "{gap}: deleted outbox, inbox and dedup rows are not reclaimed and the tables grow; schedule VACUUM of them (docs/postgres.md, Vacuum)");
                 }
             }
             Err(e) => tracing::debug!(error = %describe(&e), "autovacuum settings not readable"),
