@@ -77,6 +77,9 @@ enum Suite {
         /// the run recorded errors, since a suite that failed left no figures to show.
         #[arg(long)]
         markdown: bool,
+        /// Only the figures with goals and the main throughputs (the README's table).
+        #[arg(long)]
+        headline: bool,
     },
 }
 
@@ -516,7 +519,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
-    if let Suite::Report { file, markdown } = &cli.suite {
+    if let Suite::Report {
+        file,
+        markdown,
+        headline,
+    } = &cli.suite
+    {
         let path = file
             .clone()
             .unwrap_or_else(|| results_dir().join("results.json"));
@@ -534,7 +542,12 @@ fn main() {
                     );
                     std::process::exit(1);
                 }
-                print!("{}", report::table(&results));
+                let rows = if *headline {
+                    report::Rows::Headline
+                } else {
+                    report::Rows::All
+                };
+                print!("{}", report::table(&results, rows));
             }
             Err(e) => {
                 eprintln!(
@@ -573,7 +586,7 @@ fn main() {
         }
         match write_results(&suites, &errors).await {
             Ok((path, results)) => {
-                println!("\n{}", report::table(&results));
+                println!("\n{}", report::table(&results, report::Rows::All));
                 eprintln!("whizbang-bench: results written to {}", path.display());
             }
             Err(e) => {

@@ -44,6 +44,18 @@ const GOALS: &[(&str, &str, Goal)] = &[
     ("amqp", "e2e_p99_ms", Goal::AtMost(100.0)),
 ];
 
+/// Besides the figures with goals, what the README's one table shows (`--headline`): the
+/// throughputs and their baselines, so a reader sees the scale as well as the ratios.
+const HEADLINE: &[(&str, &str)] = &[
+    ("core", "local_invoke_per_s"),
+    ("store", "store_events_per_s"),
+    ("store", "raw_events_per_s"),
+    ("store", "store_ratio_vs_raw_rounds"),
+    ("amqp", "publish_msgs_per_s"),
+    ("amqp", "bare_publish_msgs_per_s"),
+    ("e2e", "e2e_max_sustainable_per_s"),
+];
+
 fn goal(suite: &str, figure: &str) -> Option<Goal> {
     GOALS
         .iter()
@@ -51,8 +63,17 @@ fn goal(suite: &str, figure: &str) -> Option<Goal> {
         .map(|&(_, _, g)| g)
 }
 
+/// Which figures a table shows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Every figure of the run (docs/benchmarks.md).
+    All,
+    /// The figures with goals and the [`HEADLINE`] throughputs (the README).
+    Headline,
+}
+
 /// The Markdown table of `results` (the JSON `whizbang-bench` writes).
-pub fn table(results: &Value) -> String {
+pub fn table(results: &Value, rows: Rows) -> String {
     let mut out = String::new();
     let machine = &results["machine"];
     let _ = writeln!(
@@ -84,7 +105,9 @@ pub fn table(results: &Value) -> String {
             continue;
         };
         for (name, value) in figures {
-            if name == "suite" {
+            let headline =
+                goal(suite, name).is_some() || HEADLINE.contains(&(suite, name.as_str()));
+            if name == "suite" || (rows == Rows::Headline && !headline) {
                 continue;
             }
             let shown = match value {
@@ -125,10 +148,11 @@ mod tests {
             "machine": {"cores": 2, "memory_mb": 1024, "load_average": ["1.0", "0.5", "0.2"]},
             "postgres": {"server_version": "15.1", "synchronous_commit": "on"},
             "figures": {"store": {"suite": "store", "empty_batch_ms_p50": 0.13,
-                                   "store_ratio_vs_raw": 0.1, "raw_events_per_s": 90000.0}},
+                                   "store_ratio_vs_raw": 0.1, "raw_events_per_s": 90000.0,
+                                   "raw_minimal_rows_events_per_s": 95000.0}},
             "errors": [],
         });
-        let t = table(&results);
+        let t = table(&results, Rows::All);
         assert!(
             t.contains("| store | `empty_batch_ms_p50` | 0.13 | ≤ 0.5 (met) |"),
             "{t}"
@@ -142,5 +166,10 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("`suite`"), "{t}");
+
+        let headline = table(&results, Rows::Headline);
+        assert!(headline.contains("`empty_batch_ms_p50`"), "{headline}");
+        assert!(headline.contains("`raw_events_per_s`"), "{headline}");
+        assert!(!headline.contains("`raw_minimal_rows"), "{headline}");
     }
 }
