@@ -42,6 +42,15 @@ pub struct StoreConfig {
     pub connect_timeout_ms: u64,
     /// How long start-up keeps retrying an unreachable database before it fails.
     pub startup_timeout_ms: u64,
+    /// The server cancels any statement of the runtime's pool that runs longer (Postgres's
+    /// `statement_timeout`, lock waits included), and the runtime gives up waiting for an answer
+    /// this long plus 1 s (a hung server or a half-open connection): a stalled database answers
+    /// callers with a retryable error instead of holding them.
+    pub statement_timeout_ms: u64,
+    /// How long sent data may stay unacknowledged before the kernel drops the connection
+    /// (`TCP_USER_TIMEOUT`); TCP keepalives probe an idle connection after half of it. A
+    /// database host that vanished is noticed in seconds, not after the OS's two hours.
+    pub tcp_user_timeout_ms: u64,
     /// A CA certificate (PEM) that must sign the server's certificate: TLS with the chain and
     /// the host name verified. Empty: TLS as `database_url`'s `sslmode` says, read as libpq
     /// reads it (see [`crate::store::postgres::tls`]).
@@ -61,6 +70,8 @@ impl Default for StoreConfig {
             dedup_retention_hours: 168,
             connect_timeout_ms: 5_000,
             startup_timeout_ms: 60_000,
+            statement_timeout_ms: 5_000,
+            tcp_user_timeout_ms: 10_000,
             tls_ca_file: String::new(),
         }
     }
@@ -71,6 +82,8 @@ impl StoreConfig {
         at_least_one(&[
             ("store.max_attempts", self.max_attempts.into()),
             ("store.connect_timeout_ms", self.connect_timeout_ms),
+            ("store.statement_timeout_ms", self.statement_timeout_ms),
+            ("store.tcp_user_timeout_ms", self.tcp_user_timeout_ms),
             ("store.pool_size", self.pool_size.into()),
         ])?;
         ensure(

@@ -43,6 +43,7 @@ mod contract {
 
 /// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
 mod postgres {
+    mod deadlines;
     mod migrations;
     mod runtime;
     mod tls;

@@ -14,6 +14,7 @@ use crate::config::{Config, redact};
 use crate::store::StoreError;
 use bb8_postgres::PostgresConnectionManager;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio_postgres::{AsyncMessage, Client, Statement};
 
@@ -24,6 +25,40 @@ pub struct PgConnection {
     /// `wb_process_one_message`: the batches [`BatchArrays::one_message`] accepts.
     pub(super) one_message: Statement,
     pub(super) heartbeat: Statement,
+    /// Set when an answer did not come within the deadline: the connection may be half-open
+    /// or its server hung, so the pool drops it instead of handing it out again.
+    pub(super) broken: AtomicBool,
+}
+
+/// Deadlines of every connection: TCP keepalives on an idle connection and `TCP_USER_TIMEOUT`
+/// on unacknowledged data (`store.tcp_user_timeout_ms`), so a vanished database host is noticed
+/// in seconds; the connection attempt itself is bounded by `store.connect_timeout_ms`.
+pub(super) fn with_deadlines(pg: &mut tokio_postgres::Config, config: &Config) {
+    let tcp = Duration::from_millis(config.store.tcp_user_timeout_ms);
+    pg.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms))
+        .tcp_user_timeout(tcp)
+        .keepalives(true)
+        .keepalives_idle((tcp / 2).max(Duration::from_secs(1)))
+        .keepalives_interval((tcp / 6).max(Duration::from_secs(1)))
+        .keepalives_retries(3);
+}
+
+/// The pool's connections also carry the server-side `statement_timeout`
+/// (`store.statement_timeout_ms`, lock waits included), added to any `options` the URL gives.
+/// Start-up work (migrations wait on an advisory lock while another instance migrates) and the
+/// LISTEN connection do not.
+pub(super) fn with_statement_timeout(
+    pg: &tokio_postgres::Config,
+    config: &Config,
+) -> tokio_postgres::Config {
+    let mut pooled = pg.clone();
+    let timeout = format!("-c statement_timeout={}", config.store.statement_timeout_ms);
+    let options = match pg.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} {timeout}"),
+        _ => timeout,
+    };
+    pooled.options(options);
+    pooled
 }
 
 /// Connects, then prepares the statements every batch uses.
@@ -57,6 +92,7 @@ impl bb8::ManageConnection for PgManager {
             batch,
             one_message,
             heartbeat,
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -65,7 +101,7 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        conn.client.is_closed()
+        conn.client.is_closed() || conn.broken.load(Ordering::Relaxed)
     }
 }
 

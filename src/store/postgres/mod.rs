@@ -24,13 +24,17 @@ pub mod vacuum;
 
 use self::answer::{MessagePlaces, check_batch_columns, read_answer, stored_event};
 use self::batch::{BatchArrays, Numbering, OneMessage, PackedAppends};
-use self::connect::{PgManager, connect_at_start, listen, pool_error, query_error, unavailable};
+use self::connect::{
+    PgConnection, PgManager, connect_at_start, listen, pool_error, query_error, unavailable,
+    with_deadlines, with_statement_timeout,
+};
 use self::migrate::{describe, migrate};
 use self::vacuum::autovacuum_gaps;
 use super::*;
 use crate::config::Config;
 use bb8_postgres::PostgresConnectionManager;
 use foldhash::{HashMap, HashMapExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -44,7 +48,13 @@ pub struct PostgresStore {
     listener: tokio::task::JoinHandle<()>,
     /// Whether batches of one message go to `wb_process_one_message` (always, outside tests).
     one_message_path: bool,
+    /// The longest wait for one answer: the server's statement timeout plus [`ANSWER_MARGIN`].
+    answer_deadline: Duration,
 }
+
+/// How much longer than the server's statement timeout the store waits for an answer: the
+/// server cancels a slow statement itself and answers; past this margin nothing is answering.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
@@ -60,7 +70,7 @@ impl PostgresStore {
         let (mut pg_config, tls) = tls::database_config(config).map_err(StoreError::unavailable)?;
         let settings = StoreSettings::from_config(config);
         let schema = config.store.schema.clone();
-        pg_config.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
+        with_deadlines(&mut pg_config, config);
         pg_config.application_name(format!("whizbang:{}", config.service.name));
 
         let mut client = connect_at_start(config, &pg_config, &tls).await?;
@@ -80,7 +90,10 @@ impl PostgresStore {
         drop(client);
 
         let manager = PgManager {
-            inner: PostgresConnectionManager::new(pg_config.clone(), tls.clone()),
+            inner: PostgresConnectionManager::new(
+                with_statement_timeout(&pg_config, config),
+                tls.clone(),
+            ),
             schema: schema.clone(),
         };
         let pool = bb8::Pool::builder()
@@ -103,6 +116,8 @@ impl PostgresStore {
             signal,
             listener,
             one_message_path: true,
+            answer_deadline: Duration::from_millis(config.store.statement_timeout_ms)
+                + ANSWER_MARGIN,
         })
     }
 
@@ -134,7 +149,33 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         let conn = self.conn().await?;
-        conn.client.query(sql, params).await.map_err(query_error)
+        self.answered(&conn.broken, async {
+            conn.client.query(sql, params).await.map_err(query_error)
+        })
+        .await
+    }
+
+    /// Waits for `work` on a connection no longer than [`PostgresStore::answer_deadline`]. No answer
+    /// by then means a hung server or a half-open connection: the connection is marked broken
+    /// (the pool drops it) and the caller gets a retryable error. A batch that ends so is
+    /// recovered like one whose answer was lost.
+    async fn answered<T>(
+        &self,
+        broken: &AtomicBool,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.answer_deadline, work).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                broken.store(true, Ordering::Relaxed);
+                Err(StoreError::unavailable(format!(
+                    "no answer from the database within {} ms (store.statement_timeout_ms + {} s); \
+                     the connection is dropped",
+                    self.answer_deadline.as_millis(),
+                    ANSWER_MARGIN.as_secs()
+                )))
+            }
+        }
     }
 }
 
@@ -176,11 +217,14 @@ impl Store for PostgresStore {
         let conn = self.conn().await?;
         let lease = self.settings.lease.as_secs_f64();
         let retention = self.settings.dedup_retention.as_secs_f64();
-        let row = conn
-            .client
-            .query_one(&conn.heartbeat, &[&instance, &lease, &retention])
-            .await
-            .map_err(query_error)?;
+        let row = self
+            .answered(&conn.broken, async {
+                conn.client
+                    .query_one(&conn.heartbeat, &[&instance, &lease, &retention])
+                    .await
+                    .map_err(query_error)
+            })
+            .await?;
         let held: Vec<i32> = row.get("held");
         let released: Vec<i32> = row.get("released");
         Ok(Heartbeat {
@@ -297,10 +341,13 @@ impl Store for PostgresStore {
             } else {
                 &conn.batch
             };
-            conn.client
-                .query(statement, &params)
-                .await
-                .map_err(query_error)?
+            self.answered(&conn.broken, async {
+                conn.client
+                    .query(statement, &params)
+                    .await
+                    .map_err(query_error)
+            })
+            .await?
         };
         // The arrays borrow the batch; the answer moves the claimed rows' envelopes out of it.
         let places = MessagePlaces {
@@ -343,20 +390,25 @@ impl Store for PostgresStore {
                 vec![&instance],
             ),
         };
-        let mut conn = self.conn().await?;
-        let tx = conn.client.transaction().await.map_err(query_error)?;
-        // The instance's own lock first, as its heartbeat takes it (wb_heartbeat): a heartbeat
-        // in progress locks the instance's row and then its leases, and this statement locks
-        // the leases and then the row; taken without the lock, the two deadlocked. It also waits
-        // for this instance's batches that are writing into these partitions.
-        tx.execute(
-            &format!("SELECT pg_advisory_xact_lock({s}.wb_instance_key($1))"),
-            &[&instance],
-        )
+        let mut pooled = self.conn().await?;
+        let conn: &mut PgConnection = &mut pooled;
+        self.answered(&conn.broken, async {
+            let tx = conn.client.transaction().await.map_err(query_error)?;
+            // The instance's own lock first, as its heartbeat takes it (wb_heartbeat): a
+            // heartbeat in progress locks the instance's row and then its leases, and this
+            // statement locks the leases and then the row; taken without the lock, the two
+            // deadlocked. It also waits for this instance's batches that are writing into these
+            // partitions.
+            tx.execute(
+                &format!("SELECT pg_advisory_xact_lock({s}.wb_instance_key($1))"),
+                &[&instance],
+            )
+            .await
+            .map_err(query_error)?;
+            tx.execute(&statement, &params).await.map_err(query_error)?;
+            tx.commit().await.map_err(query_error)
+        })
         .await
-        .map_err(query_error)?;
-        tx.execute(&statement, &params).await.map_err(query_error)?;
-        tx.commit().await.map_err(query_error)
     }
 
     async fn read_stream(
