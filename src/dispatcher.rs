@@ -12,6 +12,7 @@
 //! partition actor of its stream. It must not run handlers or wait inside its own mailbox: each
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
+use crate::config::RuntimeConfig;
 use crate::coordinator::{Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
@@ -24,12 +25,18 @@ use actix::prelude::*;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-/// Tracing context for a dispatch: continue an existing conversation, or start a new one.
+/// Tracing context and deadline of a dispatch: continue an existing conversation, or start a
+/// new one.
 #[derive(Debug, Clone, Default)]
 pub struct DispatchOptions {
+    /// How long the caller waits, for room under `runtime.max_in_flight` and for the answer;
+    /// `None`: `runtime.dispatch_timeout_ms`.
+    pub deadline: Option<Duration>,
     /// The conversation to continue; a new one (the message's own id) when `None`.
     pub correlation_id: Option<Uuid>,
     /// The message that caused this one; `None` for an original request.
@@ -55,7 +62,7 @@ impl DispatchOptions {
         DispatchOptions {
             correlation_id: Some(correlation_id),
             causation_id: Some(causation_id),
-            metadata: BTreeMap::new(),
+            ..DispatchOptions::default()
         }
     }
 }
@@ -196,6 +203,87 @@ pub struct Dispatcher {
     partitions: PartitionDirectory,
     coordinator: Addr<Coordinator>,
     store: Arc<dyn Store>,
+    admission: Admission,
+}
+
+/// The edge's backpressure: at most `runtime.max_in_flight` dispatches at once, each bounded by
+/// its caller's deadline.
+#[derive(Clone)]
+struct Admission {
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+    default_deadline: Duration,
+}
+
+impl Admission {
+    /// Runs `start` (which queues the work and returns the future of its answer) once there is
+    /// room, and bounds the wait for room and answer by the caller's deadline. With room at
+    /// once, `start` runs now, before the handler returns: calls keep their arrival order.
+    ///
+    /// Past the deadline the caller gets [`DispatchError::Timeout`] and the work goes on in the
+    /// background, still holding its place under the limit until it ends; without room by then,
+    /// [`DispatchError::Overloaded`] and nothing was started.
+    fn admit<T: 'static>(
+        &self,
+        message_type: &'static str,
+        deadline: Option<Duration>,
+        start: impl FnOnce() -> ResponseFuture<Result<T, DispatchError>> + 'static,
+    ) -> ResponseFuture<Result<T, DispatchError>> {
+        let deadline = deadline.unwrap_or(self.default_deadline);
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Box::pin(answer_within(message_type, deadline, permit, start())),
+            Err(_) => {
+                let in_flight = self.in_flight.clone();
+                let max_in_flight = self.max_in_flight;
+                Box::pin(async move {
+                    let asked = Instant::now();
+                    let permit = match tokio::time::timeout(deadline, in_flight.acquire_owned())
+                        .await
+                    {
+                        Ok(Ok(permit)) => permit,
+                        Ok(Err(_)) => {
+                            return Err(DispatchError::Unavailable("dispatcher stopped".into()));
+                        }
+                        Err(_) => {
+                            return Err(DispatchError::Overloaded {
+                                message_type: message_type.into(),
+                                max_in_flight,
+                            });
+                        }
+                    };
+                    let left = deadline.saturating_sub(asked.elapsed());
+                    answer_within(message_type, left, permit, start()).await
+                })
+            }
+        }
+    }
+}
+
+/// Awaits `work` for at most `deadline`; past it, answers [`DispatchError::Timeout`] and lets the
+/// work finish in the background on this arbiter, `permit` held until it does.
+async fn answer_within<T: 'static>(
+    message_type: &'static str,
+    deadline: Duration,
+    permit: OwnedSemaphorePermit,
+    work: ResponseFuture<Result<T, DispatchError>>,
+) -> Result<T, DispatchError> {
+    let mut work = Box::pin(async move {
+        let answer = work.await;
+        drop(permit);
+        answer
+    });
+    match tokio::time::timeout(deadline, &mut work).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            actix::spawn(async move {
+                let _ = work.await;
+            });
+            Err(DispatchError::Timeout {
+                message_type: message_type.into(),
+                deadline_ms: deadline.as_millis() as u64,
+            })
+        }
+    }
 }
 
 impl Dispatcher {
@@ -205,6 +293,7 @@ impl Dispatcher {
         partitions: PartitionDirectory,
         coordinator: Addr<Coordinator>,
         store: Arc<dyn Store>,
+        limits: &RuntimeConfig,
     ) -> Dispatcher {
         Dispatcher {
             origin,
@@ -212,6 +301,11 @@ impl Dispatcher {
             partitions,
             coordinator,
             store,
+            admission: Admission {
+                in_flight: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
+                max_in_flight: limits.max_in_flight,
+                default_deadline: Duration::from_millis(limits.dispatch_timeout_ms),
+            },
         }
     }
 
@@ -233,7 +327,8 @@ impl Dispatcher {
         envelope
     }
 
-    /// Queues a command on its stream's partition actor; the receiver answers when it is done.
+    /// A command for its stream's partition actor: the receipt, a `queue` that hands it over
+    /// (run once there is room), and the receiver that answers when it is done.
     fn run_locally<C: Command>(
         &self,
         command: C,
@@ -241,6 +336,7 @@ impl Dispatcher {
         wait: bool,
     ) -> (
         DeliveryReceipt,
+        impl FnOnce() + 'static,
         oneshot::Receiver<Result<crate::partition::CommandOutcome, DispatchError>>,
     ) {
         // The payload is encoded only if the command itself must be stored (outbox/inbox):
@@ -256,16 +352,20 @@ impl Dispatcher {
         // The receipt is taken now (its events are filled in once committed): the envelope
         // itself moves on to the partition actor, uncopied.
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
-        self.partitions.enqueue(
-            self.origin.partition(&envelope.stream_id),
-            Job::Command(CommandJob {
-                envelope,
-                typed: Some(Box::new(command)),
-                wait,
-                reply,
-            }),
-        );
-        (receipt, rx)
+        let partitions = self.partitions.clone();
+        let partition = self.origin.partition(&envelope.stream_id);
+        let queue = move || {
+            partitions.enqueue(
+                partition,
+                Job::Command(CommandJob {
+                    envelope,
+                    typed: Some(Box::new(command)),
+                    wait,
+                    reply,
+                }),
+            )
+        };
+        (receipt, queue, rx)
     }
 }
 
@@ -292,20 +392,24 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
                 })
             });
         }
-        let (_, rx) = self.run_locally(msg.command, msg.options, true);
-        Box::pin(async move {
-            let outcome = rx.await.map_err(gone)??;
-            for applied in outcome.applied {
-                applied.await.map_err(gone)??;
-            }
-            outcome
-                .result
-                .downcast::<R>()
-                .map(|r| *r)
-                .map_err(|_| DispatchError::ResultType {
-                    message_type: C::TYPE_NAME.into(),
-                    expected: std::any::type_name::<R>(),
-                })
+        let deadline = msg.options.deadline;
+        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true);
+        self.admission.admit(C::TYPE_NAME, deadline, move || {
+            queue();
+            Box::pin(async move {
+                let outcome = rx.await.map_err(gone)??;
+                for applied in outcome.applied {
+                    applied.await.map_err(gone)??;
+                }
+                outcome
+                    .result
+                    .downcast::<R>()
+                    .map(|r| *r)
+                    .map_err(|_| DispatchError::ResultType {
+                        message_type: C::TYPE_NAME.into(),
+                        expected: std::any::type_name::<R>(),
+                    })
+            })
         })
     }
 }
@@ -315,11 +419,15 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
 
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
         let table = self.registry.current();
+        let deadline = msg.options.deadline;
         if table.receptor(C::TYPE_NAME).is_some() {
-            let (mut receipt, rx) = self.run_locally(msg.command, msg.options, false);
-            return Box::pin(async move {
-                receipt.events = rx.await.map_err(gone)??.appended;
-                Ok(receipt)
+            let (mut receipt, queue, rx) = self.run_locally(msg.command, msg.options, false);
+            return self.admission.admit(C::TYPE_NAME, deadline, move || {
+                queue();
+                Box::pin(async move {
+                    receipt.events = rx.await.map_err(gone)??.appended;
+                    Ok(receipt)
+                })
             });
         }
         if table.topic(C::TYPE_NAME).is_none() {
@@ -341,13 +449,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
             payload,
             msg.options,
         );
-        commit_one(
-            &self.origin,
-            &self.registry,
-            &self.coordinator,
-            envelope,
-            ReceiptStatus::Accepted,
-        )
+        self.commit_one(C::TYPE_NAME, deadline, envelope)
     }
 }
 
@@ -359,6 +461,7 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             Ok(p) => p,
             Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
         };
+        let deadline = msg.options.deadline;
         let envelope = self.envelope(
             MessageKind::Event,
             E::TYPE_NAME,
@@ -366,13 +469,31 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             payload,
             msg.options,
         );
-        commit_one(
-            &self.origin,
-            &self.registry,
-            &self.coordinator,
-            envelope,
-            ReceiptStatus::Accepted,
-        )
+        self.commit_one(E::TYPE_NAME, deadline, envelope)
+    }
+}
+
+impl Dispatcher {
+    /// A unit of one message for the outbox (a command for a remote receptor, or an event),
+    /// committed once there is room under the in-flight limit.
+    fn commit_one(
+        &self,
+        message_type: &'static str,
+        deadline: Option<Duration>,
+        envelope: Envelope,
+    ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
+        let origin = self.origin.clone();
+        let registry = self.registry.clone();
+        let coordinator = self.coordinator.clone();
+        self.admission.admit(message_type, deadline, move || {
+            commit_one(
+                &origin,
+                &registry,
+                &coordinator,
+                envelope,
+                ReceiptStatus::Accepted,
+            )
+        })
     }
 }
 

@@ -86,6 +86,30 @@ pub enum DispatchError {
     /// The runtime is shutting down or an actor is gone.
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
+    /// The instance had `runtime.max_in_flight` dispatches in flight for the whole of the
+    /// caller's deadline; nothing of this one was started. Retry later (HTTP 503).
+    #[error(
+        "`{message_type}` not started: the instance is at its limit of {max_in_flight} \
+         dispatches in flight (runtime.max_in_flight); retry later"
+    )]
+    Overloaded {
+        /// The message's type name.
+        message_type: String,
+        /// The limit that was reached.
+        max_in_flight: u32,
+    },
+    /// No answer within the caller's deadline. The work was started and goes on: it may still
+    /// commit, so look its correlation id up before sending it again (HTTP 504).
+    #[error(
+        "`{message_type}` not answered within {deadline_ms} ms; the work may still commit: \
+         look its correlation id up before sending it again"
+    )]
+    Timeout {
+        /// The message's type name.
+        message_type: String,
+        /// The deadline that passed.
+        deadline_ms: u64,
+    },
 }
 
 impl DispatchError {
@@ -96,7 +120,8 @@ impl DispatchError {
             DispatchError::InvalidMessage { .. } => 400,
             DispatchError::VersionConflict { .. } => 409,
             DispatchError::Store(e) if e.is_retryable() => 503,
-            DispatchError::Unavailable(_) => 503,
+            DispatchError::Unavailable(_) | DispatchError::Overloaded { .. } => 503,
+            DispatchError::Timeout { .. } => 504,
             _ => 500,
         }
     }
@@ -118,8 +143,24 @@ impl DispatchError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DispatchError::Store(e) => e.is_retryable(),
-            DispatchError::VersionConflict { .. } | DispatchError::Unavailable(_) => true,
+            DispatchError::VersionConflict { .. }
+            | DispatchError::Unavailable(_)
+            | DispatchError::Overloaded { .. } => true,
+            // It may have committed: a blind retry could run it twice.
+            DispatchError::Timeout { .. } => false,
             _ => false,
+        }
+    }
+
+    /// How long a caller should wait before retrying (an HTTP layer's `Retry-After`), for the
+    /// errors that say "later".
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            DispatchError::Overloaded { .. } | DispatchError::Unavailable(_) => {
+                Some(std::time::Duration::from_secs(1))
+            }
+            DispatchError::Store(e) if e.is_retryable() => Some(std::time::Duration::from_secs(1)),
+            _ => None,
         }
     }
 

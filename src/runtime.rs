@@ -181,6 +181,7 @@ impl RuntimeBuilder {
             partitions.clone(),
             coordinator.clone(),
             store.clone(),
+            &config.runtime,
         )
         .start();
 

@@ -25,6 +25,7 @@ mod connection_string;
 mod coordinator;
 mod partitions;
 mod routing;
+mod runtime;
 mod service;
 mod store;
 mod transport;
@@ -34,6 +35,7 @@ pub use connection_string::{ConnectionString, ConnectionStringError};
 pub use coordinator::{CoordinatorConfig, FlushStrategy};
 pub use partitions::PartitionConfig;
 pub use routing::{RoutingConfig, SubscriptionConfig};
+pub use runtime::RuntimeConfig;
 pub use service::ServiceConfig;
 pub use store::{StoreBackend, StoreConfig, is_identifier};
 pub use transport::{TransportConfig, TransportKind};
@@ -92,6 +94,8 @@ pub struct Config {
     pub transport: TransportConfig,
     /// `[routing]`.
     pub routing: RoutingConfig,
+    /// `[runtime]`.
+    pub runtime: RuntimeConfig,
 }
 
 impl Config {
@@ -185,6 +189,7 @@ impl Config {
             .and_then(|()| self.service.validate())
             .and_then(|()| self.transport.validate())
             .and_then(|()| self.routing.validate())
+            .and_then(|()| self.runtime.validate())
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: file.to_path_buf(),
                 key,

@@ -1,0 +1,38 @@
+//! `[runtime]`: what the instance admits from its callers.
+//!
+//! Owns the in-flight limit and the default deadline of a dispatch, and their checks. It must
+//! not enforce them (the dispatcher does).
+
+use super::{Checked, at_least_one};
+use serde::Deserialize;
+
+/// `[runtime]`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Most dispatches (`local_invoke`, `send`, `publish`) in the instance at once, from the call
+    /// until its work is done; a caller beyond it waits for room up to its deadline, then gets
+    /// `DispatchError::Overloaded`.
+    pub max_in_flight: u32,
+    /// A dispatch's deadline when its `DispatchOptions` name none: past it the caller gets
+    /// `DispatchError::Timeout` (the work may still commit).
+    pub dispatch_timeout_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_in_flight: 10_000,
+            dispatch_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    pub(super) fn validate(&self) -> Checked {
+        at_least_one(&[
+            ("runtime.max_in_flight", self.max_in_flight.into()),
+            ("runtime.dispatch_timeout_ms", self.dispatch_timeout_ms),
+        ])
+    }
+}
