@@ -86,6 +86,18 @@ pub enum DispatchError {
     /// The runtime is shutting down or an actor is gone.
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
+    /// The receptor did not decide within `coordinator.handler_timeout_ms`; its run was dropped
+    /// and nothing was written, so the command may be sent again (HTTP 503).
+    #[error(
+        "receptor for `{message_type}` did not decide within {timeout_ms} ms \
+         (coordinator.handler_timeout_ms); nothing was written"
+    )]
+    HandlerTimedOut {
+        /// The command's type name.
+        message_type: String,
+        /// The limit that passed.
+        timeout_ms: u64,
+    },
     /// The instance had `runtime.max_in_flight` dispatches in flight for the whole of the
     /// caller's deadline; nothing of this one was started. Retry later (HTTP 503).
     #[error(
@@ -120,7 +132,9 @@ impl DispatchError {
             DispatchError::InvalidMessage { .. } => 400,
             DispatchError::VersionConflict { .. } => 409,
             DispatchError::Store(e) if e.is_retryable() => 503,
-            DispatchError::Unavailable(_) | DispatchError::Overloaded { .. } => 503,
+            DispatchError::Unavailable(_)
+            | DispatchError::Overloaded { .. }
+            | DispatchError::HandlerTimedOut { .. } => 503,
             DispatchError::Timeout { .. } => 504,
             _ => 500,
         }
@@ -145,7 +159,8 @@ impl DispatchError {
             DispatchError::Store(e) => e.is_retryable(),
             DispatchError::VersionConflict { .. }
             | DispatchError::Unavailable(_)
-            | DispatchError::Overloaded { .. } => true,
+            | DispatchError::Overloaded { .. }
+            | DispatchError::HandlerTimedOut { .. } => true,
             // It may have committed: a blind retry could run it twice.
             DispatchError::Timeout { .. } => false,
             _ => false,
@@ -183,6 +198,10 @@ impl DispatchError {
                 message,
             },
             ReceptorFailure::Decode(m) => DispatchError::Codec(m),
+            ReceptorFailure::TimedOut(timeout_ms) => DispatchError::HandlerTimedOut {
+                message_type: message_type.into(),
+                timeout_ms,
+            },
         }
     }
 }

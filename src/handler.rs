@@ -19,6 +19,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Why a receptor refused a command. Each maps to one HTTP status.
@@ -219,6 +220,8 @@ pub(crate) enum ReceptorFailure {
     Rejected(ReceptorError),
     #[error("handler panicked: {0}")]
     Panicked(String),
+    #[error("handler timed out after {0} ms (coordinator.handler_timeout_ms)")]
+    TimedOut(u64),
     #[error("{0}")]
     Decode(String),
 }
@@ -228,26 +231,37 @@ pub(crate) enum ReceptorFailure {
 pub(crate) enum HandlerFailure {
     #[error("handler panicked: {0}")]
     Panicked(String),
+    #[error("handler timed out after {0} ms (coordinator.handler_timeout_ms)")]
+    TimedOut(u64),
     #[error(transparent)]
     Perspective(PerspectiveError),
     #[error("{0}")]
     Decode(String),
 }
 
-/// A failure that a panic in user code becomes.
-trait FromPanic {
+/// The failures that a panic in user code, or user code past its deadline, becomes.
+trait GuardFailure {
     fn panicked(message: String) -> Self;
+    fn timed_out(after_ms: u64) -> Self;
 }
 
-impl FromPanic for ReceptorFailure {
+impl GuardFailure for ReceptorFailure {
     fn panicked(message: String) -> Self {
         ReceptorFailure::Panicked(message)
     }
+
+    fn timed_out(after_ms: u64) -> Self {
+        ReceptorFailure::TimedOut(after_ms)
+    }
 }
 
-impl FromPanic for HandlerFailure {
+impl GuardFailure for HandlerFailure {
     fn panicked(message: String) -> Self {
         HandlerFailure::Panicked(message)
+    }
+
+    fn timed_out(after_ms: u64) -> Self {
+        HandlerFailure::TimedOut(after_ms)
     }
 }
 
@@ -348,10 +362,15 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
     }
 }
 
-async fn guarded<T, F: FromPanic>(fut: BoxFuture<'static, Result<T, F>>) -> Result<T, F> {
-    match AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(result) => result,
-        Err(payload) => Err(F::panicked(panic_message(payload))),
+/// Runs user code with its panics caught and its run bounded by `timeout` (dropped past it).
+async fn guarded<T, F: GuardFailure>(
+    fut: BoxFuture<'static, Result<T, F>>,
+    timeout: Duration,
+) -> Result<T, F> {
+    match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(payload)) => Err(F::panicked(panic_message(payload))),
+        Err(_) => Err(F::timed_out(timeout.as_millis() as u64)),
     }
 }
 
@@ -360,14 +379,21 @@ async fn guarded<T, F: FromPanic>(fut: BoxFuture<'static, Result<T, F>>) -> Resu
 pub(crate) struct ReceptorActor {
     pub(crate) command_type: &'static str,
     pub(crate) receptor: Arc<dyn ErasedReceptor>,
+    /// `coordinator.handler_timeout_ms`.
+    timeout: Duration,
     restarts: u32,
 }
 
 impl ReceptorActor {
-    pub(crate) fn new(command_type: &'static str, receptor: Arc<dyn ErasedReceptor>) -> Self {
+    pub(crate) fn new(
+        command_type: &'static str,
+        receptor: Arc<dyn ErasedReceptor>,
+        timeout: Duration,
+    ) -> Self {
         ReceptorActor {
             command_type,
             receptor,
+            timeout,
             restarts: 0,
         }
     }
@@ -425,7 +451,7 @@ impl Handler<Invoke> for ReceptorActor {
             receptor.invoke(&msg.envelope, msg.typed, ctx)
         }));
         let run: InvokeRun = match fut {
-            Ok(fut) => Box::pin(guarded(fut)),
+            Ok(fut) => Box::pin(guarded(fut, self.timeout)),
             Err(payload) => {
                 let message = panic_message(payload);
                 Box::pin(async move { Err(ReceptorFailure::Panicked(message)) })
@@ -440,14 +466,21 @@ impl Handler<Invoke> for ReceptorActor {
 pub(crate) struct PerspectiveActor {
     pub(crate) name: String,
     pub(crate) perspective: Arc<dyn ErasedPerspective>,
+    /// `coordinator.handler_timeout_ms`.
+    timeout: Duration,
     restarts: u32,
 }
 
 impl PerspectiveActor {
-    pub(crate) fn new(name: String, perspective: Arc<dyn ErasedPerspective>) -> Self {
+    pub(crate) fn new(
+        name: String,
+        perspective: Arc<dyn ErasedPerspective>,
+        timeout: Duration,
+    ) -> Self {
         PerspectiveActor {
             name,
             perspective,
+            timeout,
             restarts: 0,
         }
     }
@@ -488,7 +521,7 @@ impl Handler<Apply> for PerspectiveActor {
         let perspective = self.perspective.clone();
         let fut = std::panic::catch_unwind(AssertUnwindSafe(|| perspective.apply(&msg.envelope)));
         let run: ApplyRun = match fut {
-            Ok(fut) => Box::pin(guarded(fut)),
+            Ok(fut) => Box::pin(guarded(fut, self.timeout)),
             Err(payload) => {
                 let message = panic_message(payload);
                 Box::pin(async move { Err(HandlerFailure::Panicked(message)) })

@@ -17,6 +17,7 @@ use actix::prelude::*;
 use foldhash::HashMap;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 /// Checks that a payload decodes as its declared type (used to reject bad deliveries early).
 pub(crate) type DecodeCheck = fn(&[u8]) -> Result<(), String>;
@@ -115,16 +116,26 @@ impl RegistryView {
 pub struct Registry {
     table: RegistryTable,
     view: RegistryView,
+    /// `coordinator.handler_timeout_ms`, given to every handler actor it starts.
+    handler_timeout: Duration,
 }
 
 impl Registry {
-    pub(crate) fn new(topics: BTreeMap<String, String>, view: RegistryView) -> Registry {
+    pub(crate) fn new(
+        topics: BTreeMap<String, String>,
+        view: RegistryView,
+        handler_timeout: Duration,
+    ) -> Registry {
         let table = RegistryTable {
             topics,
             ..RegistryTable::default()
         };
         view.replace(table.clone());
-        Registry { table, view }
+        Registry {
+            table,
+            view,
+            handler_timeout,
+        }
     }
 
     fn claim_kind(
@@ -184,7 +195,9 @@ impl Handler<RegisterReceptor> for Registry {
         }
         self.claim_kind(msg.command_type, MessageKind::Command, msg.check)?;
         let (command_type, receptor) = (msg.command_type, msg.receptor);
-        let addr = Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone()));
+        let timeout = self.handler_timeout;
+        let addr =
+            Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone(), timeout));
         self.table
             .receptors
             .insert(command_type.to_string(), ReceptorEntry { addr });
@@ -238,8 +251,10 @@ impl Handler<RegisterPerspective> for Registry {
         }
         self.claim_kind(msg.event_type, MessageKind::Event, msg.check)?;
         let (name, perspective) = (msg.name.clone(), msg.perspective);
-        let addr =
-            Supervisor::start(move |_| PerspectiveActor::new(name.clone(), perspective.clone()));
+        let timeout = self.handler_timeout;
+        let addr = Supervisor::start(move |_| {
+            PerspectiveActor::new(name.clone(), perspective.clone(), timeout)
+        });
         self.table
             .perspectives
             .entry(msg.event_type.to_string())

@@ -154,7 +154,11 @@ mod tests {
             .into_iter()
             .map(|(m, t)| (m.to_string(), t.to_string()))
             .collect();
-        let _registry = crate::registry::Registry::new(topics, view.clone());
+        let _registry = crate::registry::Registry::new(
+            topics,
+            view.clone(),
+            std::time::Duration::from_secs(30),
+        );
         let origin = Origin {
             service: "routing-test".into(),
             instance: Uuid::now_v7(),

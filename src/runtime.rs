@@ -124,7 +124,12 @@ impl RuntimeBuilder {
             max_message_bytes: config.transport.max_message_bytes as usize,
         };
         let view = RegistryView::default();
-        let registry = Registry::new(config.routing.topics.clone(), view.clone()).start();
+        let registry = Registry::new(
+            config.routing.topics.clone(),
+            view.clone(),
+            Duration::from_millis(config.coordinator.handler_timeout_ms),
+        )
+        .start();
         for r in self.receptors {
             registry
                 .send(r)

@@ -38,6 +38,11 @@ pub struct CoordinatorConfig {
     pub max_batch_size: u32,
     /// Batches written at once, each on its own pooled connection.
     pub max_batches_in_flight: u32,
+    /// Longest run of one receptor or perspective call. Past it a receptor's command fails
+    /// with `DispatchError::HandlerTimedOut` (nothing written), and a perspective's event counts
+    /// as a failed attempt (retried with backoff, then dead-lettered). Only a handler that
+    /// awaits can be stopped: code that blocks its thread is not interrupted.
+    pub handler_timeout_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -49,6 +54,7 @@ impl Default for CoordinatorConfig {
             claim_batch_size: 100,
             max_batch_size: 1_000,
             max_batches_in_flight: 2,
+            handler_timeout_ms: 30_000,
         }
     }
 }
@@ -63,6 +69,7 @@ impl CoordinatorConfig {
         )?;
         at_least_one(&[
             ("coordinator.poll_interval_ms", self.poll_interval_ms),
+            ("coordinator.handler_timeout_ms", self.handler_timeout_ms),
             ("coordinator.claim_batch_size", self.claim_batch_size.into()),
             ("coordinator.max_batch_size", self.max_batch_size.into()),
             (

@@ -32,6 +32,7 @@ mod contract {
     mod correlation;
     mod deferred_completions;
     mod failures;
+    mod handler_timeout;
     mod inbox_dedup;
     mod lost_answers;
     mod malformed;
