@@ -150,10 +150,14 @@ async fn run() -> anyhow::Result<()> {
             .unwrap_or_default(),
     );
 
+    // Listening from now on: a SIGTERM from an orchestrator (or Ctrl-C) stops the service
+    // cleanly, the runtime writing what it holds and releasing its leases.
+    let mut stop = whizbang::StopSignal::new()?;
     match args.orders {
         None => {
-            println!("waiting for orders; Ctrl-C to stop");
-            tokio::signal::ctrl_c().await?;
+            println!("waiting for orders; SIGTERM or Ctrl-C to stop");
+            stop.recv().await;
+            println!("stop requested: shutting down");
         }
         Some(expected) => {
             let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -161,7 +165,7 @@ async fn run() -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
-                    _ = tokio::signal::ctrl_c() => break,
+                    _ = stop.recv() => break,
                 }
                 let applied = inventory.0.lock().unwrap_or_else(|p| p.into_inner()).orders;
                 if applied >= expected {

@@ -32,3 +32,31 @@ if ! wait "$inventory"; then
     exit 1
 fi
 cat "$log"
+
+# SIGTERM, as an orchestrator sends it: the waiting service stops cleanly (exit 0) in time.
+"$examples"/inventory_service --config config/amqp.toml >"$log" 2>&1 &
+inventory=$!
+deadline=$((SECONDS + 60))
+until grep -q "waiting for orders" "$log"; do
+    if ((SECONDS > deadline)) || ! kill -0 "$inventory" 2>/dev/null; then
+        cat "$log" >&2
+        echo "amqp-smoke.sh: the inventory service did not start waiting for orders" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+kill -TERM "$inventory"
+deadline=$((SECONDS + 30))
+while kill -0 "$inventory" 2>/dev/null; do
+    if ((SECONDS > deadline)); then
+        echo "amqp-smoke.sh: the inventory service was still running 30 s after SIGTERM" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+if ! wait "$inventory" || ! grep -q "stop requested" "$log"; then
+    cat "$log" >&2
+    echo "amqp-smoke.sh: the inventory service did not stop cleanly on SIGTERM" >&2
+    exit 1
+fi
+echo "amqp-smoke.sh: SIGTERM stopped the inventory service cleanly"

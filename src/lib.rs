@@ -120,6 +120,7 @@
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
+//! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
 
 pub mod config;
@@ -136,6 +137,7 @@ pub mod registry;
 pub mod replay;
 pub mod routing;
 pub mod runtime;
+pub mod signal;
 pub mod store;
 pub mod transport;
 
@@ -151,6 +153,7 @@ pub use handler::{
 };
 pub use message::{Command, Event, Message};
 pub use runtime::{Runtime, RuntimeBuilder};
+pub use signal::StopSignal;
 pub use store::ExpectedVersion;
 
 #[doc(hidden)]

@@ -40,6 +40,7 @@ mod contract {
     mod read_your_writes;
     mod registry;
     mod replay;
+    mod stop_signal;
     mod version_conflict;
 }
 
