@@ -11,6 +11,7 @@
 use crate::coordinator::{Coordinator, commit};
 use crate::envelope::Envelope;
 use crate::registry::RegistryView;
+use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
 use crate::transport::{Settlement, Subscription, Transport};
@@ -66,9 +67,9 @@ struct ReceiveLoop {
 
 impl ReceiveLoop {
     async fn run(self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut reopen = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         // Grows while inbox commits keep failing (the store is down), reset by a commit.
-        let mut commit_backoff = Duration::from_millis(100);
+        let mut commit_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let mut sub = match self
                 .transport
@@ -76,13 +77,13 @@ impl ReceiveLoop {
                 .await
             {
                 Ok(sub) => {
-                    backoff = Duration::from_millis(100);
+                    reopen.reset();
                     sub
                 }
                 Err(e) => {
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot open subscription");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    let delay = reopen.next_delay();
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
@@ -94,14 +95,15 @@ impl ReceiveLoop {
                     // the link goes: the broker takes back every unsettled delivery and hands
                     // them out again in queue order.
                     drop(sub);
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, retry_in_ms = commit_backoff.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
-                    tokio::time::sleep(commit_backoff).await;
-                    commit_backoff = (commit_backoff * 2).min(Duration::from_secs(5));
+                    let delay = commit_backoff.next_delay();
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, retry_in_ms = delay.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => {
                     drop(sub);
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, "subscription lost; reopening");
-                    tokio::time::sleep(backoff).await;
+                    let delay = reopen.next_delay();
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
@@ -112,7 +114,7 @@ impl ReceiveLoop {
     async fn consume(
         &self,
         sub: &mut dyn Subscription,
-        commit_backoff: &mut Duration,
+        commit_backoff: &mut Backoff,
     ) -> Result<ReceiveEnd, crate::transport::TransportError> {
         loop {
             let deliveries = sub.receive(self.prefetch as usize).await?;
@@ -159,7 +161,7 @@ impl ReceiveLoop {
             if failed {
                 return Ok(ReceiveEnd::CommitFailed);
             }
-            *commit_backoff = Duration::from_millis(100);
+            commit_backoff.reset();
         }
     }
 

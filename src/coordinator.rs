@@ -27,6 +27,7 @@ use crate::config::{Config, FlushStrategy};
 use crate::error::DispatchError;
 use crate::partition::{InboxJob, PartitionDirectory};
 use crate::publisher::{PublishRows, Publisher};
+use crate::retry::Backoff;
 use crate::store::{
     AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
@@ -133,8 +134,10 @@ pub struct Coordinator {
     /// A batch failed without an answer: it may have committed claims nobody knows about.
     /// The next claim passes `in_flight` so the store can hand those rows out again.
     claims_in_doubt: bool,
-    /// Set while batches fail: the delay before the next attempt (capped doubling).
+    /// Set while batches fail: the delay before the next attempt.
     error_backoff: Option<Duration>,
+    /// Consecutive failed batches, timing the retries (the runtime's one retry policy).
+    store_failures: Backoff,
     partitions: Option<PartitionDirectory>,
     publisher: Option<Addr<Publisher>>,
     stopped: bool,
@@ -159,6 +162,7 @@ impl Coordinator {
             inbox_in_flight: HashSet::new(),
             claims_in_doubt: false,
             error_backoff: None,
+            store_failures: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
             completions_due: false,
@@ -388,6 +392,7 @@ impl Coordinator {
                     match result {
                         Ok(result) => {
                             act.error_backoff = None;
+                            act.store_failures.reset();
                             if resolves_doubt {
                                 act.claims_in_doubt = false;
                             }
@@ -395,10 +400,7 @@ impl Coordinator {
                         }
                         Err(e) => {
                             act.claims_in_doubt = true;
-                            act.error_backoff = Some(act.error_backoff.map_or(
-                                Duration::from_millis(50),
-                                |d| (d * 2).min(Duration::from_secs(5)),
-                            ));
+                            act.error_backoff = Some(act.store_failures.next_delay());
                             tracing::warn!(error = %e, "work batch failed; reports kept for the next batch");
                             act.restore_reports(reports);
                             let err = DispatchError::from(e);

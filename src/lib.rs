@@ -135,6 +135,7 @@ pub(crate) mod partition;
 pub(crate) mod publisher;
 pub mod registry;
 pub mod replay;
+mod retry;
 pub mod routing;
 pub mod runtime;
 pub mod signal;

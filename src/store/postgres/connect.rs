@@ -11,6 +11,7 @@ pub(crate) use super::migrate::causes;
 use super::migrate::describe;
 use super::tls::DatabaseTls;
 use crate::config::{Config, redact};
+use crate::retry::Backoff;
 use crate::store::StoreError;
 use bb8_postgres::PostgresConnectionManager;
 use std::sync::Arc;
@@ -143,9 +144,10 @@ pub async fn connect_at_start(
     tls: &DatabaseTls,
 ) -> Result<Client, StoreError> {
     let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let endpoint = redact(&config.store.database_url);
     loop {
+        let delay = backoff.next_delay();
         match connect_one(pg_config, tls).await {
             Ok(c) => return Ok(c),
             Err(e) if refused_for_good(&e) => {
@@ -154,10 +156,9 @@ pub async fn connect_at_start(
                     source: Some(Arc::new(e)),
                 });
             }
-            Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(database = %endpoint, error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "database unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            Err(e) if Instant::now() + delay < deadline => {
+                tracing::warn!(database = %endpoint, error = %describe(&e), retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying");
+                tokio::time::sleep(delay).await;
             }
             Err(e) => {
                 return Err(StoreError::Unavailable {
@@ -220,7 +221,7 @@ pub(super) async fn listen(
     schema: String,
     signal: tokio::sync::watch::Sender<u64>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
@@ -244,7 +245,7 @@ pub(super) async fn listen(
                     .await
                     .is_ok()
                 {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     signal.send_modify(|n| *n = n.wrapping_add(1));
                     while rx.recv().await.is_some() {
                         signal.send_modify(|n| *n = n.wrapping_add(1));
@@ -254,10 +255,9 @@ pub(super) async fn listen(
                 tracing::warn!("LISTEN connection lost; reconnecting");
             }
             Err(e) => {
-                tracing::warn!(error = %describe(&e), retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
+                tracing::warn!(error = %describe(&e), "LISTEN connection failed; reconnecting");
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -21,6 +21,7 @@
 
 use super::AmqpSettings;
 use super::links::{LinkConnection, LinkGuard, connection_error, link_name};
+use crate::retry::Backoff;
 use crate::transport::TransportError;
 use fe2o3_amqp::link::{SendError, Sender};
 use fe2o3_amqp::types::definitions::{self, ErrorCondition, SenderSettleMode};
@@ -45,11 +46,11 @@ pub(super) fn spawn(
 ) -> mpsc::Sender<SendRequest> {
     let (tx, rx) = mpsc::channel(SEND_QUEUE);
     let task = SenderTask {
+        reconnect: settings.reconnect_backoff(),
         settings,
         topic: topic.to_string(),
         address,
         link: None,
-        failures: 0,
         retry_at: None,
         last_error: String::new(),
         next_seq: 0,
@@ -83,8 +84,8 @@ struct SenderTask {
     topic: String,
     address: String,
     link: Option<SenderLink>,
-    /// Consecutive failed connection attempts, and when the next may start.
-    failures: u32,
+    /// Consecutive failed connection attempts (timing the next), and when the next may start.
+    reconnect: Backoff,
     retry_at: Option<Instant>,
     last_error: String,
     next_seq: u64,
@@ -142,17 +143,16 @@ impl SenderTask {
         };
         match attempt.await {
             Ok(link) => {
-                if self.failures > 0 {
+                if self.reconnect.failures() > 0 {
                     tracing::info!(address = %self.address, "sender reconnected");
                 }
                 self.link = Some(link);
-                self.failures = 0;
+                self.reconnect.reset();
                 self.retry_at = None;
                 Ok(())
             }
             Err(e) => {
-                self.failures += 1;
-                let delay = self.settings.backoff(self.failures);
+                let delay = self.reconnect.next_delay();
                 self.retry_at = Some(Instant::now() + delay);
                 self.last_error = e.to_string();
                 tracing::warn!(address = %self.address, error = %e, retry_in_ms = delay.as_millis() as u64, "sender cannot connect");

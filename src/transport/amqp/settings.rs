@@ -9,6 +9,7 @@
 
 use super::servicebus::{self, CbsSettings};
 use crate::config::{AmqpAuth as Auth, AmqpConfig, ConnectionString, TransportConfig};
+use crate::retry::Backoff;
 use crate::transport::TransportError;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use std::fmt;
@@ -132,12 +133,10 @@ impl AmqpSettings {
         })
     }
 
-    /// The delay before reconnect attempt `failures + 1`: base · 2^(failures-1), capped.
-    pub fn backoff(&self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(20);
-        self.backoff_base
-            .saturating_mul(1u32 << exp)
-            .min(self.backoff_max)
+    /// The reconnect policy: the runtime's capped exponential backoff with full jitter, from
+    /// `reconnect_backoff_base_ms` up to `reconnect_backoff_max_ms`.
+    pub(crate) fn reconnect_backoff(&self) -> Backoff {
+        Backoff::new(self.backoff_base, self.backoff_max)
     }
 }
 
@@ -269,8 +268,9 @@ mod tests {
             "[transport]\nkind = \"amqp\"\n[transport.amqp]\nreconnect_backoff_base_ms = 100\nreconnect_backoff_max_ms = 1000\n",
         );
         let s = AmqpSettings::from_config(&c, "svc").unwrap();
-        let delays: Vec<u64> = (1..=6).map(|n| s.backoff(n).as_millis() as u64).collect();
-        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(s.backoff(u32::MAX), Duration::from_millis(1000));
+        let b = s.reconnect_backoff();
+        let ceilings: Vec<u64> = (1..=6).map(|n| b.ceiling(n).as_millis() as u64).collect();
+        assert_eq!(ceilings, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_millis(1000));
     }
 }
