@@ -401,7 +401,12 @@ impl Coordinator {
                         Err(e) => {
                             act.claims_in_doubt = true;
                             act.error_backoff = Some(act.store_failures.next_delay());
-                            tracing::warn!(error = %e, "work batch failed; reports kept for the next batch");
+                            tracing::warn!(
+                                error = %e,
+                                failures = act.store_failures.failures(),
+                                retry_in_ms = act.error_backoff.unwrap_or_default().as_millis() as u64,
+                                "work batch failed; reports kept for the next batch"
+                            );
                             act.restore_reports(reports);
                             let err = DispatchError::from(e);
                             for unit in units {
