@@ -25,6 +25,7 @@ use actix::prelude::*;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -207,15 +208,46 @@ pub struct Dispatcher {
 }
 
 /// The edge's backpressure: at most `runtime.max_in_flight` dispatches at once, each bounded by
-/// its caller's deadline.
+/// its caller's deadline. Shared by the dispatcher and the runtime (which drains it on shutdown).
 #[derive(Clone)]
-struct Admission {
+pub(crate) struct Admission {
     in_flight: Arc<Semaphore>,
+    /// Set by [`Admission::drain`]: new dispatches are refused at once.
+    closing: Arc<AtomicBool>,
     max_in_flight: u32,
     default_deadline: Duration,
 }
 
 impl Admission {
+    pub(crate) fn new(limits: &RuntimeConfig) -> Admission {
+        Admission {
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
+            closing: Arc::new(AtomicBool::new(false)),
+            max_in_flight: limits.max_in_flight,
+            default_deadline: Duration::from_millis(limits.dispatch_timeout_ms),
+        }
+    }
+
+    /// Stops taking new dispatches (answered [`DispatchError::Unavailable`] at once) and waits, up
+    /// to `deadline`, for those in flight to end. Answers how many were still in flight then.
+    pub(crate) async fn drain(&self, deadline: Duration) -> u32 {
+        self.closing.store(true, Ordering::SeqCst);
+        let left =
+            match tokio::time::timeout(deadline, self.in_flight.acquire_many(self.max_in_flight))
+                .await
+            {
+                Ok(Ok(all)) => {
+                    all.forget();
+                    0
+                }
+                _ => self
+                    .max_in_flight
+                    .saturating_sub(self.in_flight.available_permits() as u32),
+            };
+        self.in_flight.close();
+        left
+    }
+
     /// Runs `start` (which queues the work and returns the future of its answer) once there is
     /// room, and bounds the wait for room and answer by the caller's deadline. With room at
     /// once, `start` runs now, before the handler returns: calls keep their arrival order.
@@ -229,6 +261,13 @@ impl Admission {
         deadline: Option<Duration>,
         start: impl FnOnce() -> ResponseFuture<Result<T, DispatchError>> + 'static,
     ) -> ResponseFuture<Result<T, DispatchError>> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(DispatchError::Unavailable(
+                    "the runtime is shutting down".into(),
+                ))
+            });
+        }
         let deadline = deadline.unwrap_or(self.default_deadline);
         match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => Box::pin(answer_within(message_type, deadline, permit, start())),
@@ -237,20 +276,21 @@ impl Admission {
                 let max_in_flight = self.max_in_flight;
                 Box::pin(async move {
                     let asked = Instant::now();
-                    let permit = match tokio::time::timeout(deadline, in_flight.acquire_owned())
-                        .await
-                    {
-                        Ok(Ok(permit)) => permit,
-                        Ok(Err(_)) => {
-                            return Err(DispatchError::Unavailable("dispatcher stopped".into()));
-                        }
-                        Err(_) => {
-                            return Err(DispatchError::Overloaded {
-                                message_type: message_type.into(),
-                                max_in_flight,
-                            });
-                        }
-                    };
+                    let permit =
+                        match tokio::time::timeout(deadline, in_flight.acquire_owned()).await {
+                            Ok(Ok(permit)) => permit,
+                            Ok(Err(_)) => {
+                                return Err(DispatchError::Unavailable(
+                                    "the runtime is shutting down".into(),
+                                ));
+                            }
+                            Err(_) => {
+                                return Err(DispatchError::Overloaded {
+                                    message_type: message_type.into(),
+                                    max_in_flight,
+                                });
+                            }
+                        };
                     let left = deadline.saturating_sub(asked.elapsed());
                     answer_within(message_type, left, permit, start()).await
                 })
@@ -293,7 +333,7 @@ impl Dispatcher {
         partitions: PartitionDirectory,
         coordinator: Addr<Coordinator>,
         store: Arc<dyn Store>,
-        limits: &RuntimeConfig,
+        admission: Admission,
     ) -> Dispatcher {
         Dispatcher {
             origin,
@@ -301,11 +341,7 @@ impl Dispatcher {
             partitions,
             coordinator,
             store,
-            admission: Admission {
-                in_flight: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
-                max_in_flight: limits.max_in_flight,
-                default_deadline: Duration::from_millis(limits.dispatch_timeout_ms),
-            },
+            admission,
         }
     }
 

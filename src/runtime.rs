@@ -11,7 +11,8 @@ use crate::config::{Config, StoreBackend, TransportKind};
 use crate::consumer::{Consumer, StopConsumer};
 use crate::coordinator::{Attach, Coordinator, CoordinatorSettings, Shutdown};
 use crate::dispatcher::{
-    DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent, SendCommand, Status,
+    Admission, DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent,
+    SendCommand, Status,
 };
 use crate::error::{DispatchError, StartError};
 use crate::handler::{Perspective, Receptor};
@@ -180,13 +181,14 @@ impl RuntimeBuilder {
             })
             .await
             .map_err(|e| StartError::Actor(e.to_string()))?;
+        let admission = Admission::new(&config.runtime);
         let dispatcher = Dispatcher::new(
             origin.clone(),
             view.clone(),
             partitions.clone(),
             coordinator.clone(),
             store.clone(),
-            &config.runtime,
+            admission.clone(),
         )
         .start();
 
@@ -219,6 +221,7 @@ impl RuntimeBuilder {
             coordinator,
             consumers,
             view,
+            admission,
         })
     }
 }
@@ -245,6 +248,7 @@ pub struct Runtime {
     coordinator: Addr<Coordinator>,
     consumers: Vec<Addr<Consumer>>,
     view: RegistryView,
+    admission: Admission,
 }
 
 impl Runtime {
@@ -337,11 +341,41 @@ impl Runtime {
         crate::replay::replay(&self.store, &self.view, name, from, 500).await
     }
 
-    /// Stops consuming, writes everything queued and releases this instance's partitions.
+    /// Stops consuming and taking new dispatches, lets those in flight finish, writes everything
+    /// queued and releases this instance's partitions, all within `runtime.shutdown_timeout_ms`;
+    /// past it the leases are left to expire (the next holder re-runs what was left).
     pub async fn shutdown(self) -> Result<(), DispatchError> {
+        let deadline = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
+        let started = std::time::Instant::now();
         for consumer in &self.consumers {
             let _ = consumer.send(StopConsumer).await;
         }
-        self.coordinator.send(Shutdown).await?
+        // No new dispatches; those in flight finish first, so their rows are written and
+        // completed here rather than re-run by the next holder of their partitions.
+        let left = self.admission.drain(deadline).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "shutdown deadline passed with dispatches in flight; their callers were answered \
+                 or will be, and the next holder of their partitions re-runs what did not commit"
+            );
+        }
+        let remaining = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(remaining, self.coordinator.send(Shutdown)).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                tracing::warn!(
+                    deadline_ms = deadline.as_millis() as u64,
+                    "shutdown deadline passed before the store took what was queued and the \
+                     leases were released: another instance takes the partitions over when \
+                     their leases expire and re-runs what was left (at least once)"
+                );
+                Err(DispatchError::Unavailable(format!(
+                    "shutdown did not finish within runtime.shutdown_timeout_ms ({} ms); the \
+                     leases expire and the next holder re-runs what was left",
+                    deadline.as_millis()
+                )))
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `[runtime]`: what the instance admits from its callers.
 //!
-//! Owns the in-flight limit and the default deadline of a dispatch, and their checks. It must
+//! Owns the in-flight limit, the default deadline of a dispatch and the shutdown deadline, and
+//! their checks. It must
 //! not enforce them (the dispatcher does).
 
 use super::{Checked, at_least_one};
@@ -17,6 +18,10 @@ pub struct RuntimeConfig {
     /// A dispatch's deadline when its `DispatchOptions` name none: past it the caller gets
     /// `DispatchError::Timeout` (the work may still commit).
     pub dispatch_timeout_ms: u64,
+    /// How long `Runtime::shutdown` lets the dispatches in flight finish and the store write
+    /// what is queued before it gives up; past it the leases are left to expire and the next
+    /// holder re-runs what was left (at least once, as documented).
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -24,6 +29,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_in_flight: 10_000,
             dispatch_timeout_ms: 30_000,
+            shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -33,6 +39,7 @@ impl RuntimeConfig {
         at_least_one(&[
             ("runtime.max_in_flight", self.max_in_flight.into()),
             ("runtime.dispatch_timeout_ms", self.dispatch_timeout_ms),
+            ("runtime.shutdown_timeout_ms", self.shutdown_timeout_ms),
         ])
     }
 }

@@ -4,7 +4,7 @@
 //! still commit; the work goes on, holding its place under the limit until it ends).
 //! In-memory store: the limits live at the edge, before any store.
 
-use crate::support::{Bump, Bumped, DEADLINE, config, unique, wait_until};
+use crate::support::{Bump, Bumped, DEADLINE, config, holds_for, unique, wait_until};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -187,5 +187,79 @@ async fn past_its_deadline_a_caller_is_told_the_work_may_still_commit_and_it_doe
         .await?;
     anyhow::ensure!(after.seq == 1);
     rt.shutdown().await?;
+    Ok(())
+}
+
+#[actix::test]
+async fn shutdown_lets_the_dispatches_in_flight_finish_and_takes_no_new_ones() -> anyhow::Result<()>
+{
+    let gated = Gated::new();
+    let rt = start(4, &gated).await?;
+    let dispatcher = rt.dispatcher();
+    let stream = unique("adm-stop");
+    let held = {
+        let d = dispatcher.clone();
+        let stream = stream.clone();
+        actix::spawn(async move {
+            d.send(LocalInvoke::<Bump, Bumped>::new(bump(&stream)))
+                .await
+        })
+    };
+    wait_until("the held command at the gate", || gated.entered() == 1).await?;
+
+    let stopping = actix::spawn(rt.shutdown());
+    // While the held command runs, shutdown waits for it...
+    holds_for(
+        "shutdown waiting for the dispatch in flight",
+        Duration::from_millis(200),
+        || !stopping.is_finished(),
+    )
+    .await?;
+    // ...and takes nothing new.
+    let refused = tokio::time::timeout(
+        DEADLINE,
+        dispatcher.send(LocalInvoke::<Bump, Bumped>::new(bump(&unique("adm-new")))),
+    )
+    .await??;
+    anyhow::ensure!(
+        matches!(refused, Err(DispatchError::Unavailable(_))),
+        "a dispatch during shutdown is refused: {refused:?}"
+    );
+    anyhow::ensure!(gated.entered() == 1, "the refused command never ran");
+
+    gated.open();
+    let done = held.await??.map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        done.stream == stream,
+        "the command in flight finished: {done:?}"
+    );
+    tokio::time::timeout(DEADLINE, stopping).await???;
+    Ok(())
+}
+
+#[actix::test]
+async fn shutdown_stops_waiting_for_stuck_work_at_its_deadline() -> anyhow::Result<()> {
+    let gated = Gated::new();
+    let mut c = config("admission-stop");
+    c.runtime.shutdown_timeout_ms = 300;
+    let rt = Runtime::builder(c)
+        .receptor::<Bump, _>(gated.clone())
+        .start()
+        .await?;
+    let d = rt.dispatcher();
+    let _held = actix::spawn(async move {
+        d.send(LocalInvoke::<Bump, Bumped>::new(bump(&unique("adm-stuck"))))
+            .await
+    });
+    wait_until("the held command at the gate", || gated.entered() == 1).await?;
+    // The command never ends: shutdown waits for it up to its deadline, then writes what is
+    // queued and releases the leases anyway (the next holder re-runs what was left).
+    let asked = Instant::now();
+    rt.shutdown().await?;
+    let took = asked.elapsed();
+    anyhow::ensure!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "gave up waiting at its deadline, not before or long after: {took:?}"
+    );
     Ok(())
 }
