@@ -177,7 +177,7 @@ async fn migrate_command(
     pg: &tokio_postgres::Config,
     tls: whizbang::store::postgres::tls::DatabaseTls,
 ) -> Result<(), Failure> {
-    let endpoint = redact(&config.store.database_url);
+    let endpoint = whizbang::store::postgres::connect::endpoint(pg);
     let mut client = whizbang::store::postgres::connect::connect_at_start(config, pg, &tls).await?;
     let schema = &config.store.schema;
     let applied = migrate::migrate(&mut client, schema).await?;

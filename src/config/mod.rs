@@ -225,23 +225,74 @@ fn within(key: &str, value: u64, low: u64, high: u64) -> Checked {
     })
 }
 
-/// Masks the password of a URL (`scheme://user:secret@host` → `scheme://user:***@host`) and
-/// any `SharedAccessKey=` value, so endpoints can be logged.
+/// Masks every secret a connection string can carry, in each form the drivers accept, so that
+/// text which must name an endpoint can be shown: the password of a URL
+/// (`scheme://user:secret@host`), a `password=` / `sslpassword=` value in libpq's `key=value`
+/// form (quoted or not) or in a URL's query (`?password=…&`), and a Service Bus
+/// `SharedAccessKey=` or `SharedAccessSignature=`. Where the parsed configuration is at hand,
+/// render the endpoint from it instead (the store does), so that no secret is there to mask.
 pub fn redact(url: &str) -> String {
     let mut out = url.to_string();
-    if let Some(key_at) = out.find("SharedAccessKey=") {
-        let start = key_at + "SharedAccessKey=".len();
-        let end = out[start..].find(';').map_or(out.len(), |i| start + i);
-        out.replace_range(start..end, "***");
+    // A Service Bus value runs to the next `;` (a signature holds spaces and `&`); a libpq or
+    // query value to the next space, `&` or `;`.
+    for (key, ends) in [
+        ("SharedAccessKey=", ";"),
+        ("SharedAccessSignature=", ";"),
+        ("password=", " \t\n&;"),
+        ("sslpassword=", " \t\n&;"),
+    ] {
+        out = mask_values(&out, key, ends.as_bytes());
     }
     if let Some(scheme_end) = out.find("://") {
         let rest = scheme_end + 3;
-        if let Some(at) = out[rest..].find('@').map(|i| rest + i)
+        // The authority ends at the first '/', '?' or '#'; its userinfo before the last '@'.
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@').map(|i| rest + i)
             && let Some(colon) = out[rest..at].find(':').map(|i| rest + i)
         {
             out.replace_range(colon + 1..at, "***");
         }
     }
+    out
+}
+
+/// Replaces the value of every `key` (matched without case, at the start of the text or after a
+/// separator: space, `?`, `&`, `;`) with `***`. A value ends at the first of `ends`, or at its
+/// closing quote when it is quoted (libpq's `password='a b'`).
+fn mask_values(text: &str, key: &str, ends: &[u8]) -> String {
+    let lower = text.to_ascii_lowercase();
+    let key_lower = key.to_ascii_lowercase();
+    let is_separator = |c: u8| matches!(c, b' ' | b'\t' | b'\n' | b'?' | b'&' | b';');
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut search = 0;
+    while let Some(found) = lower[search..].find(&key_lower).map(|i| search + i) {
+        search = found + key.len();
+        if found > 0 && !is_separator(lower.as_bytes()[found - 1]) {
+            continue;
+        }
+        let start = found + key.len();
+        let bytes = text.as_bytes();
+        let end = if bytes.get(start) == Some(&b'\'') {
+            // Quoted: up to the closing quote that is not escaped.
+            let mut i = start + 1;
+            while i < bytes.len() && !(bytes[i] == b'\'' && bytes[i - 1] != b'\\') {
+                i += 1;
+            }
+            (i + 1).min(bytes.len())
+        } else {
+            (start..bytes.len())
+                .find(|&i| ends.contains(&bytes[i]))
+                .unwrap_or(bytes.len())
+        };
+        out.push_str(&text[copied..start]);
+        out.push_str("***");
+        copied = end;
+        search = end.max(search);
+    }
+    out.push_str(&text[copied..]);
     out
 }
 
@@ -346,6 +397,53 @@ mod tests {
         let mut c = parse("").unwrap();
         c.store.database_url = "postgres://u:topsecret@h/db".into();
         assert!(!format!("{:?}", c.store).contains("topsecret"));
+    }
+
+    /// Every form the drivers accept for a secret, each masked wherever it stands.
+    #[test]
+    fn secrets_are_masked_in_every_form() {
+        let forms = [
+            (
+                "postgres://u:S3cretPw@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            ("postgres://u:p@ss:S3cretPw@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u@h/db?password=S3cretPw&sslmode=require",
+                "postgres://u@h/db?password=***&sslmode=require",
+            ),
+            (
+                "postgres://u@h/db?sslmode=require&Password=S3cretPw",
+                "postgres://u@h/db?sslmode=require&Password=***",
+            ),
+            (
+                "host=127.0.0.1 user=u password=S3cretPw dbname=no_such_db",
+                "host=127.0.0.1 user=u password=*** dbname=no_such_db",
+            ),
+            (
+                "host=h password='S3cret Pw' dbname=d",
+                "host=h password=*** dbname=d",
+            ),
+            (
+                "password=S3cretPw host=h sslpassword=S3cretPw",
+                "password=*** host=h sslpassword=***",
+            ),
+            (
+                "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig=S3cretPw",
+                "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=***",
+            ),
+            (
+                "amqps://u:S3cretPw@ns.servicebus.windows.net",
+                "amqps://u:***@ns.servicebus.windows.net",
+            ),
+        ];
+        for (given, shown) in forms {
+            let masked = redact(given);
+            assert_eq!(masked, shown, "{given}");
+            assert!(!masked.contains("S3cret"), "{masked}");
+        }
+        // Names that merely end in the key are left alone.
+        assert_eq!(redact("host=h mypassword=x"), "host=h mypassword=x");
     }
 
     /// Every check of `validate`, each alone: the key it names and its message, word for word.

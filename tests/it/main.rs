@@ -49,5 +49,6 @@ mod postgres {
     mod deadlines;
     mod migrations;
     mod runtime;
+    mod secrets;
     mod tls;
 }

@@ -4,13 +4,13 @@
 //! coordinator when work is stored, and the mapping of driver errors to [`StoreError`].
 //!
 //! It must not run queries of the store's contract (those belong to `PostgresStore`) and must
-//! never put the database URL's password into a log line or an error (it goes through
-//! [`redact`]).
+//! never put the database's password into a log line or an error: it names the database by
+//! [`endpoint`], rendered from the parsed configuration, which holds no password.
 
 pub(crate) use super::migrate::causes;
 use super::migrate::describe;
 use super::tls::DatabaseTls;
-use crate::config::{Config, redact};
+use crate::config::Config;
 use crate::retry::Backoff;
 use crate::store::StoreError;
 use bb8_postgres::PostgresConnectionManager;
@@ -134,6 +134,34 @@ pub(super) fn pool_error(e: bb8::RunError<tokio_postgres::Error>) -> StoreError 
     }
 }
 
+/// The database a connection goes to, rendered from the parsed configuration as
+/// `postgres://user@host:port/dbname`: there is no password in it to leak, whichever form
+/// `store.database_url` gave it in (URL, `?password=`, libpq's `key=value`).
+pub fn endpoint(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for every host, or one each (libpq's rule).
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    let user = pg.get_user().unwrap_or_default();
+    let dbname = pg.get_dbname().unwrap_or(user);
+    format!("postgres://{user}@{}/{dbname}", hosts.join(","))
+}
+
 /// One connection for start-up work (migrations, checks), retried with capped backoff while
 /// the database is unreachable, until `store.startup_timeout_ms`; each retry is logged with the
 /// URL's password masked. A refusal that waiting will not change (wrong credentials, an unknown database, a refused certificate)
@@ -145,7 +173,7 @@ pub async fn connect_at_start(
 ) -> Result<Client, StoreError> {
     let deadline = Instant::now() + Duration::from_millis(config.store.startup_timeout_ms);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let endpoint = redact(&config.store.database_url);
+    let endpoint = endpoint(pg_config);
     loop {
         let delay = backoff.next_delay();
         match connect_one(pg_config, tls).await {
