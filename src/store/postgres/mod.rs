@@ -25,8 +25,8 @@ pub mod vacuum;
 use self::answer::{MessagePlaces, check_batch_columns, read_answer, stored_event};
 use self::batch::{BatchArrays, Numbering, OneMessage, PackedAppends};
 use self::connect::{
-    PgConnection, PgManager, connect_at_start, listen, pool_error, query_error, unavailable,
-    with_deadlines, with_statement_timeout,
+    PgConnection, PgManager, connect_at_start, endpoint, listen, pool_error, query_error,
+    unavailable, with_deadlines, with_statement_timeout,
 };
 use self::migrate::{describe, migrate};
 use self::vacuum::autovacuum_gaps;
@@ -68,6 +68,16 @@ impl PostgresStore {
     /// connection.
     pub async fn connect(config: &Config) -> Result<PostgresStore, StoreError> {
         let (mut pg_config, tls) = tls::database_config(config).map_err(StoreError::unavailable)?;
+        if tls.is_plain() && !tls::only_local_hosts(&pg_config) {
+            // libpq's default `prefer` would try TLS first; this store connects in clear unless
+            // told otherwise, so say so where it matters: off this machine.
+            tracing::warn!(
+                database = %endpoint(&pg_config),
+                "the database connection is not encrypted: the password and the data travel in \
+                 clear; set sslmode=require (or verify-full with store.tls_ca_file) in \
+                 store.database_url"
+            );
+        }
         let settings = StoreSettings::from_config(config);
         let schema = config.store.schema.clone();
         with_deadlines(&mut pg_config, config);

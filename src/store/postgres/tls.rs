@@ -37,6 +37,29 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 #[derive(Clone)]
 pub struct DatabaseTls(Option<MakeTlsConnector>);
 
+impl DatabaseTls {
+    /// Whether connections go without TLS (`sslmode=disable`, or `prefer` without a CA).
+    pub fn is_plain(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// Whether every host of `pg` is this machine (loopback or a Unix socket), where a connection
+/// without TLS exposes nothing on a network.
+pub fn only_local_hosts(pg: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    pg.get_hosts().iter().all(|host| match host {
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    })
+}
+
 impl<S> MakeTlsConnect<S> for DatabaseTls
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -203,6 +226,18 @@ pub fn database_config(config: &Config) -> Result<(tokio_postgres::Config, Datab
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_machine_counts_as_local() {
+        let local = |url: &str| only_local_hosts(&url.parse::<tokio_postgres::Config>().unwrap());
+        assert!(local("postgres://u@127.0.0.1/db"));
+        assert!(local("postgres://u@localhost:5433/db"));
+        assert!(local("host=::1 user=u"));
+        assert!(local("host=/var/run/postgresql user=u"));
+        assert!(!local("postgres://u@db.example.com/db"));
+        assert!(!local("postgres://u@10.0.0.5/db"));
+        assert!(!local("host=127.0.0.1,db.example.com user=u"));
+    }
 
     fn mode(url: &str, ca_file: &str) -> Result<SslMode, String> {
         let mut c = Config::default();
