@@ -68,15 +68,11 @@ impl StoreSettings {
         }
     }
 
-    /// The delay before retry number `attempts` (1-based): base · 2^(attempts-1), capped.
+    /// The delay before retry number `attempts` (1-based): base · 2^(attempts-1), capped. A
+    /// failed message's schedule, the same on every backend (no jitter: the Postgres store
+    /// computes it in SQL too).
     pub fn backoff(&self, attempts: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempts.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.backoff_base
-            .checked_mul(factor)
-            .unwrap_or(self.backoff_max)
-            .min(self.backoff_max)
+        crate::retry::Backoff::new(self.backoff_base, self.backoff_max).ceiling(attempts)
     }
 }
 

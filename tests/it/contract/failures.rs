@@ -772,17 +772,7 @@ async fn dead_lettered_stream(max_attempts: u32) -> anyhow::Result<(Service, Str
     };
     let parked = s.rt.send(Try::new(&stream, 2, Mode::Ok)).await?;
 
-    let store = s.rt.store().clone();
-    wait_for("the first event to be dead-lettered", || {
-        let store = store.clone();
-        async move {
-            store
-                .dead_letters()
-                .await
-                .is_ok_and(|d| d.iter().any(|d| d.message_id == dead))
-        }
-    })
-    .await?;
+    wait_dead_lettered(s.rt.store(), dead).await?;
     let letters = s.rt.store().dead_letters().await?;
     anyhow::ensure!(letters.len() == 1, "{letters:?}");
     let letter = &letters[0];

@@ -3,7 +3,7 @@
 //! attempt, retried and then dead-lettered with the timeout as its error. The runtime keeps
 //! serving throughout.
 
-use crate::support::{Bump, BumpReceptor, Bumped, DEADLINE, config, unique, wait_for};
+use crate::support::{Bump, BumpReceptor, Bumped, DEADLINE, config, unique, wait_dead_lettered};
 use std::time::{Duration, Instant};
 use whizbang::{
     Command, Decision, DispatchError, Event, EventMeta, Message, Perspective, PerspectiveError,
@@ -122,17 +122,7 @@ async fn a_perspective_past_its_timeout_is_retried_then_dead_lettered() -> anyho
         })
         .await?;
     let dead = receipt.message_id;
-    let store = rt.store().clone();
-    wait_for("the stalled event to be dead-lettered", || {
-        let store = store.clone();
-        async move {
-            store
-                .dead_letters()
-                .await
-                .is_ok_and(|d| d.iter().any(|d| d.message_id == dead))
-        }
-    })
-    .await?;
+    wait_dead_lettered(rt.store(), dead).await?;
     let letters = rt.store().dead_letters().await?;
     let letter = letters
         .iter()

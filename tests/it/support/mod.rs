@@ -63,6 +63,23 @@ where
     Ok(())
 }
 
+/// Waits until `message_id` is dead-lettered in `store`; fails after [`DEADLINE`].
+pub async fn wait_dead_lettered(
+    store: &Arc<dyn whizbang::store::Store>,
+    message_id: Uuid,
+) -> anyhow::Result<()> {
+    wait_for(&format!("{message_id} to be dead-lettered"), || {
+        let store = store.clone();
+        async move {
+            store
+                .dead_letters()
+                .await
+                .is_ok_and(|d| d.iter().any(|d| d.message_id == message_id))
+        }
+    })
+    .await
+}
+
 /// Checks that `ok` keeps holding for `window` (polled): how a test shows that something does
 /// not happen (a duplicate, a redelivery) within a bounded time.
 pub async fn holds_for(
