@@ -18,7 +18,6 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 use uuid::Uuid;
 use whizbang::Config;
 use whizbang::config::{StoreBackend, redact};
@@ -123,7 +122,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             redact(&e)
         ))
     })?;
-    pg.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms));
+    // The runtime's deadlines: connect timeout, keepalives, TCP_USER_TIMEOUT.
+    whizbang::store::postgres::connect::with_deadlines(&mut pg, &config);
     pg.application_name("whizbang-cli");
     match cli.command {
         Command::Migrate => migrate_command(&config, &pg, tls).await,

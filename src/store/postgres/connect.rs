@@ -34,7 +34,7 @@ pub struct PgConnection {
 /// Deadlines of every connection: TCP keepalives on an idle connection and `TCP_USER_TIMEOUT`
 /// on unacknowledged data (`store.tcp_user_timeout_ms`), so a vanished database host is noticed
 /// in seconds; the connection attempt itself is bounded by `store.connect_timeout_ms`.
-pub(super) fn with_deadlines(pg: &mut tokio_postgres::Config, config: &Config) {
+pub fn with_deadlines(pg: &mut tokio_postgres::Config, config: &Config) {
     let tcp = Duration::from_millis(config.store.tcp_user_timeout_ms);
     pg.connect_timeout(Duration::from_millis(config.store.connect_timeout_ms))
         .tcp_user_timeout(tcp)
