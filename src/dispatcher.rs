@@ -485,7 +485,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
             payload,
             msg.options,
         );
-        self.commit_one(C::TYPE_NAME, deadline, envelope)
+        self.commit_one_admitted(C::TYPE_NAME, deadline, envelope)
     }
 }
 
@@ -505,14 +505,14 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             payload,
             msg.options,
         );
-        self.commit_one(E::TYPE_NAME, deadline, envelope)
+        self.commit_one_admitted(E::TYPE_NAME, deadline, envelope)
     }
 }
 
 impl Dispatcher {
     /// A unit of one message for the outbox (a command for a remote receptor, or an event),
     /// committed once there is room under the in-flight limit.
-    fn commit_one(
+    fn commit_one_admitted(
         &self,
         message_type: &'static str,
         deadline: Option<Duration>,
