@@ -175,7 +175,6 @@ pub async fn connect_at_start(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let endpoint = endpoint(pg_config);
     loop {
-        let delay = backoff.next_delay();
         match connect_one(pg_config, tls).await {
             Ok(c) => return Ok(c),
             Err(e) if refused_for_good(&e) => {
@@ -184,7 +183,12 @@ pub async fn connect_at_start(
                     source: Some(Arc::new(e)),
                 });
             }
-            Err(e) if Instant::now() + delay < deadline => {
+            Err(e) if Instant::now() < deadline => {
+                // The last wait is cut short so that one more try lands on the deadline: the
+                // start-up timeout is how long the database is given, not a bound on the jitter.
+                let delay = backoff
+                    .next_delay()
+                    .min(deadline.saturating_duration_since(Instant::now()));
                 tracing::warn!(database = %endpoint, error = %describe(&e), retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying");
                 tokio::time::sleep(delay).await;
             }
