@@ -28,6 +28,7 @@ use crate::error::DispatchError;
 use crate::partition::{InboxJob, PartitionDirectory};
 use crate::publisher::{PublishRows, Publisher};
 use crate::retry::Backoff;
+use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use crate::store::{
     AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
@@ -138,14 +139,33 @@ pub struct Coordinator {
     error_backoff: Option<Duration>,
     /// Consecutive failed batches, timing the retries (the runtime's one retry policy).
     store_failures: Backoff,
-    partitions: Option<PartitionDirectory>,
-    publisher: Option<Addr<Publisher>>,
+    partitions: PartitionDirectory,
+    publisher: Addr<Publisher>,
     stopped: bool,
+    health: HealthState,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    _lifeline: Lifeline,
     shutdown_reply: Option<oneshot::Sender<Result<(), DispatchError>>>,
 }
 
+/// What a coordinator is started with besides its store and settings.
+pub(crate) struct CoordinatorLinks {
+    pub partitions: PartitionDirectory,
+    pub publisher: Addr<Publisher>,
+    pub health: HealthState,
+    pub lifeline: Lifeline,
+    /// Started by the supervisor after an engine restart: the first batch re-reads the rows
+    /// this instance holds claimed (they were handed to the engine that stopped).
+    pub recovering: bool,
+}
+
 impl Coordinator {
-    pub fn new(store: Arc<dyn Store>, instance: InstanceId, settings: CoordinatorSettings) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        instance: InstanceId,
+        settings: CoordinatorSettings,
+        links: CoordinatorLinks,
+    ) -> Self {
         Coordinator {
             store,
             instance,
@@ -160,16 +180,18 @@ impl Coordinator {
             unclaimed_rows: false,
             outbox_in_flight: HashSet::new(),
             inbox_in_flight: HashSet::new(),
-            claims_in_doubt: false,
+            claims_in_doubt: links.recovering,
             error_backoff: None,
             store_failures: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
             completions_due: false,
-            partitions: None,
-            publisher: None,
+            partitions: links.partitions,
+            publisher: links.publisher,
             stopped: false,
             shutdown_reply: None,
+            health: links.health,
+            _lifeline: links.lifeline,
         }
     }
 
@@ -282,7 +304,7 @@ impl Coordinator {
 
     /// Starts one batch if there is room and something to write; whether it did.
     fn flush_one(&mut self, ctx: &mut Context<Self>) -> bool {
-        if self.partitions.is_none() || self.exclusive_in_flight {
+        if self.exclusive_in_flight {
             return false;
         }
         if self.in_flight >= self.settings.max_in_flight {
@@ -391,6 +413,7 @@ impl Coordinator {
                     );
                     match result {
                         Ok(result) => {
+                            act.health.store_ok();
                             act.error_backoff = None;
                             act.store_failures.reset();
                             if resolves_doubt {
@@ -399,6 +422,7 @@ impl Coordinator {
                             act.distribute(result, units, claimed, ctx)
                         }
                         Err(e) => {
+                            act.health.store_failed();
                             act.claims_in_doubt = true;
                             act.error_backoff = Some(act.store_failures.next_delay());
                             tracing::warn!(
@@ -576,13 +600,11 @@ impl Coordinator {
             }
             return;
         }
-        if let Some(dir) = &self.partitions {
-            self.inbox_in_flight.insert(work.envelope.message_id);
-            dir.enqueue(
-                work.work.partition,
-                crate::partition::Job::Inbox(InboxJob { work, done }),
-            );
-        }
+        self.inbox_in_flight.insert(work.envelope.message_id);
+        self.partitions.enqueue(
+            work.work.partition,
+            crate::partition::Job::Inbox(InboxJob { work, done }),
+        );
     }
 
     fn hand_outbox(&mut self, rows: Vec<OutboxWork>) {
@@ -601,21 +623,11 @@ impl Coordinator {
         if rows.is_empty() {
             return;
         }
-        if self.publisher.is_some() {
-            self.outbox_in_flight
-                .extend(rows.iter().map(|r| r.envelope.message_id));
-        }
-        match &self.publisher {
-            // do_send: the publisher never stops before the coordinator, and must not make the
-            // coordinator wait (see the module docs).
-            Some(p) => p.do_send(PublishRows(rows)),
-            None => {
-                // No publisher (a service that only consumes): hand the rows back.
-                self.reports
-                    .outbox_releases
-                    .extend(rows.into_iter().map(|r| r.work));
-            }
-        }
+        self.outbox_in_flight
+            .extend(rows.iter().map(|r| r.envelope.message_id));
+        // do_send: the publisher must not make the coordinator wait (see the module docs); if
+        // it stopped, the supervisor restarts the engine and the rows are read again.
+        self.publisher.do_send(PublishRows(rows));
     }
 
     fn arm_work_signal(&self, ctx: &mut Context<Self>, mut rx: tokio::sync::watch::Receiver<u64>) {
@@ -680,8 +692,9 @@ impl Actor for Coordinator {
             ctx.spawn(
                 async move { store.heartbeat(instance).await }
                     .into_actor(act)
-                    .map(|result, _act, _ctx| match result {
+                    .map(|result, act, _ctx| match result {
                         Ok(hb) if !hb.released.is_empty() => {
+                            act.health.heartbeat_ok();
                             tracing::debug!(
                                 released = hb.released.len(),
                                 held = hb.held_partitions.len(),
@@ -689,32 +702,24 @@ impl Actor for Coordinator {
                                 "heartbeat released partitions"
                             );
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        Ok(_) => act.health.heartbeat_ok(),
+                        Err(e) => {
+                            act.health.store_failed();
+                            tracing::warn!(error = %e, "heartbeat failed")
+                        }
                     }),
             );
         });
         self.arm_work_signal(ctx, self.store.work_signal());
+        self.flush(ctx);
     }
 }
 
-/// Wires the coordinator to the actors it hands work to (they need its address first).
-pub struct Attach {
-    pub partitions: PartitionDirectory,
-    pub publisher: Option<Addr<Publisher>>,
-}
-
-impl Message for Attach {
-    type Result = ();
-}
-
-impl Handler<Attach> for Coordinator {
+impl Handler<StopNow> for Coordinator {
     type Result = ();
 
-    fn handle(&mut self, msg: Attach, ctx: &mut Self::Context) {
-        self.partitions = Some(msg.partitions);
-        self.publisher = msg.publisher;
-        self.flush(ctx);
+    fn handle(&mut self, _msg: StopNow, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -757,6 +762,7 @@ impl Handler<Commit> for Coordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Commit, ctx: &mut Self::Context) {
+        fault::check(self.instance, ActorKind::Coordinator);
         if self.stopped {
             let _ = msg
                 .reply
@@ -797,6 +803,7 @@ impl Handler<Report> for Coordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Report, ctx: &mut Self::Context) {
+        fault::check(self.instance, ActorKind::Coordinator);
         match &msg {
             Report::OutboxDone(done) => {
                 for w in done {

@@ -17,7 +17,8 @@ use crate::coordinator::{Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::message::{self, Command, Event};
-use crate::partition::{CommandJob, Job, PartitionDirectory};
+use crate::partition::{CommandJob, Job};
+use crate::supervision::EngineCell;
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
 use crate::store::{AppendedEvent, CorrelationStatus, Store, UnitOfWork};
@@ -201,8 +202,8 @@ impl Message for Status {
 pub struct Dispatcher {
     origin: Origin,
     registry: RegistryView,
-    partitions: PartitionDirectory,
-    coordinator: Addr<Coordinator>,
+    /// Read when the work is handed over: the engine may have been restarted meanwhile.
+    engine: EngineCell,
     store: Arc<dyn Store>,
     admission: Admission,
 }
@@ -330,16 +331,14 @@ impl Dispatcher {
     pub(crate) fn new(
         origin: Origin,
         registry: RegistryView,
-        partitions: PartitionDirectory,
-        coordinator: Addr<Coordinator>,
+        engine: EngineCell,
         store: Arc<dyn Store>,
         admission: Admission,
     ) -> Dispatcher {
         Dispatcher {
             origin,
             registry,
-            partitions,
-            coordinator,
+            engine,
             store,
             admission,
         }
@@ -388,10 +387,10 @@ impl Dispatcher {
         // The receipt is taken now (its events are filled in once committed): the envelope
         // itself moves on to the partition actor, uncopied.
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
-        let partitions = self.partitions.clone();
+        let engine = self.engine.clone();
         let partition = self.origin.partition(&envelope.stream_id);
         let queue = move || {
-            partitions.enqueue(
+            engine.partitions().enqueue(
                 partition,
                 Job::Command(CommandJob {
                     envelope,
@@ -520,12 +519,12 @@ impl Dispatcher {
     ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
         let origin = self.origin.clone();
         let registry = self.registry.clone();
-        let coordinator = self.coordinator.clone();
+        let engine = self.engine.clone();
         self.admission.admit(message_type, deadline, move || {
             commit_one(
                 &origin,
                 &registry,
-                &coordinator,
+                &engine.coordinator(),
                 envelope,
                 ReceiptStatus::Accepted,
             )

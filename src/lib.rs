@@ -140,6 +140,7 @@ pub mod routing;
 pub mod runtime;
 pub mod signal;
 pub mod store;
+pub mod supervision;
 pub mod transport;
 
 pub use config::Config;
@@ -156,6 +157,7 @@ pub use message::{Command, Event, Message};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use signal::StopSignal;
 pub use store::ExpectedVersion;
+pub use supervision::{ActorKind, Health};
 
 #[doc(hidden)]
 pub use mimalloc as __mimalloc;

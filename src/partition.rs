@@ -15,10 +15,11 @@
 use crate::coordinator::{AppliedSender, CommitAnswer, CommitOutcome, Coordinator, Report, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
-use crate::handler::{Apply, HandlerFailure, Invoke};
+use crate::handler::HandlerFailure;
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
+use crate::supervision::{ActorKind, Lifeline, LifelineIssuer, StopNow, fault};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::any::Any;
@@ -75,6 +76,8 @@ pub(crate) struct PartitionDeps {
     pub origin: Origin,
     pub registry: RegistryView,
     pub coordinator: Addr<Coordinator>,
+    /// Lifelines of the engine generation these actors belong to.
+    pub lifelines: LifelineIssuer,
 }
 
 /// The live partition actors of this instance, started on first use.
@@ -93,8 +96,17 @@ impl PartitionDirectory {
         }
     }
 
+    /// Stops every partition actor now (an engine restart): the jobs they hold are dropped,
+    /// their callers answered `Unavailable`, and their rows read again by the next engine.
+    pub fn stop_all(&self) {
+        let actors = std::mem::take(&mut *self.actors.lock().unwrap_or_else(|p| p.into_inner()));
+        for actor in actors.into_values() {
+            actor.do_send(StopNow);
+        }
+    }
+
     /// Queues a job on its partition's actor. Queuing never waits and never drops: partition
-    /// actors live as long as the system, and their handler only appends to a queue.
+    /// actors live as long as their engine, and their handler only appends to a queue.
     pub fn enqueue(&self, partition: u32, job: Job) {
         // Sent under the lock (sending never waits): an address clone costs two allocations.
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,6 +115,7 @@ impl PartitionDirectory {
             .or_insert_with(|| {
                 PartitionActor {
                     partition,
+                    _lifeline: self.deps.lifelines.issue(ActorKind::Partition, 0),
                     deps: self.deps.clone(),
                     queue: VecDeque::new(),
                     busy: false,
@@ -117,6 +130,8 @@ impl PartitionDirectory {
 
 pub struct PartitionActor {
     partition: u32,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    _lifeline: Lifeline,
     deps: Arc<PartitionDeps>,
     queue: VecDeque<Job>,
     busy: bool,
@@ -137,8 +152,17 @@ impl Handler<Enqueue> for PartitionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) {
+        fault::check(self.deps.origin.instance, ActorKind::Partition);
         self.queue.push_back(msg.0);
         self.pump(ctx);
+    }
+}
+
+impl Handler<StopNow> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopNow, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -323,21 +347,14 @@ async fn queue_command(
     wait: bool,
 ) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
-    // Sent through the table's address (held for the call), not a clone of it: an address
-    // clone costs two allocations.
     let Some(receptor) = table.receptor(&envelope.message_type) else {
         return Err(DispatchError::HandlerNotFound {
             message_type: envelope.message_type,
         });
     };
-    let envelope = Arc::new(envelope);
     let decision = receptor
-        .addr
-        .send(Invoke {
-            envelope: envelope.clone(),
-            typed,
-        })
-        .await?
+        .handle
+        .invoke(&envelope, typed)
         .await
         .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
     let unit = plan_unit(
@@ -387,41 +404,30 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
         }
         MessageKind::Event => {
             let table = deps.registry.current();
-            let envelope = Arc::new(work.envelope.clone());
+            let envelope = &work.envelope;
             let perspectives: Vec<_> = table
                 .perspectives(&envelope.message_type)
                 .iter()
                 .filter(|p| !skip.contains(&p.name))
-                .cloned()
                 .collect();
             // The perspectives of one event run in parallel; the next event waits for all.
-            let results = futures::future::join_all(perspectives.iter().map(|p| {
-                let applied = p.addr.send(Apply {
-                    envelope: envelope.clone(),
-                });
-                async move { Ok::<_, MailboxError>(applied.await?.await) }
-            }))
-            .await;
+            let results =
+                futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope)))
+                    .await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
             for (p, result) in perspectives.iter().zip(results) {
                 match result {
-                    Ok(Ok(())) => applied.push(p.name.clone()),
-                    Ok(Err(HandlerFailure::Panicked(m))) => {
+                    Ok(()) => applied.push(p.name.clone()),
+                    Err(HandlerFailure::Panicked(m)) => {
                         failure.get_or_insert((
                             FailureKind::Panicked,
                             format!("{}: panicked: {m}", p.name),
                         ));
                     }
-                    Ok(Err(other)) => {
+                    Err(other) => {
                         failure
                             .get_or_insert((FailureKind::Failed, format!("{}: {other}", p.name)));
-                    }
-                    Err(mailbox) => {
-                        failure.get_or_insert((
-                            FailureKind::Transient,
-                            format!("{}: {mailbox}", p.name),
-                        ));
                     }
                 }
             }

@@ -8,7 +8,6 @@
 //! its own tables) — it only chooses where to start.
 
 use crate::error::DispatchError;
-use crate::handler::Apply;
 use crate::registry::RegistryView;
 use crate::store::Store;
 use std::sync::Arc;
@@ -57,17 +56,15 @@ pub(crate) async fn replay(
             break;
         };
         for event in page {
-            for (event_type, addr) in &targets {
+            for (event_type, handle) in &targets {
                 if *event_type != event.envelope.message_type {
                     continue;
                 }
                 let message_id = event.envelope.message_id;
-                addr.send(Apply {
-                    envelope: Arc::new(event.envelope.clone()),
-                })
-                .await?
-                .await
-                .map_err(|e| DispatchError::PerspectiveFailed {
+                handle
+                    .apply(&event.envelope)
+                    .await
+                    .map_err(|e| DispatchError::PerspectiveFailed {
                     message_id,
                     error: e.to_string(),
                 })?;

@@ -9,7 +9,7 @@
 
 use crate::config::{Config, StoreBackend, TransportKind};
 use crate::consumer::{Consumer, StopConsumer};
-use crate::coordinator::{Attach, Coordinator, CoordinatorSettings, Shutdown};
+use crate::coordinator::{Coordinator, CoordinatorLinks, CoordinatorSettings, Shutdown};
 use crate::dispatcher::{
     Admission, DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent,
     SendCommand, Status,
@@ -23,9 +23,14 @@ use crate::registry::{RegisterPerspective, RegisterReceptor, Registry, RegistryV
 use crate::routing::Origin;
 use crate::store::memory::MemoryStore;
 use crate::store::{CorrelationStatus, InstanceId, Store, StoreSettings};
+use crate::supervision::{
+    ActorKind, Blueprint, EngineCell, EngineRefs, Health, HealthState, LifelineIssuer,
+    Supervised, Supervision,
+};
 use crate::transport::Transport;
 use crate::transport::memory::{MemoryBus, MemoryTransport};
 use actix::prelude::*;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -125,10 +130,16 @@ impl RuntimeBuilder {
             max_message_bytes: config.transport.max_message_bytes as usize,
         };
         let view = RegistryView::default();
+        let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);
+        let supervision = Supervision::new();
+        let health = HealthState::new(&config);
+        health.heartbeat_ok();
         let registry = Registry::new(
             config.routing.topics.clone(),
             view.clone(),
-            Duration::from_millis(config.coordinator.handler_timeout_ms),
+            handler_timeout,
+            instance,
+            supervision.issuer().issue(ActorKind::Registry, 0),
         )
         .start();
         for r in self.receptors {
@@ -155,74 +166,148 @@ impl RuntimeBuilder {
             .collect();
         transport.check_topology(&topics, &subscriptions).await?;
 
-        let coordinator = Coordinator::new(
-            store.clone(),
-            instance,
-            CoordinatorSettings::from_config(&config),
-        )
-        .start();
-        let partitions = PartitionDirectory::new(PartitionDeps {
-            origin: origin.clone(),
-            registry: view.clone(),
-            coordinator: coordinator.clone(),
-        });
-        let publisher = Publisher::new(
-            transport.clone(),
-            coordinator.clone(),
-            origin.clone(),
-            config.transport.publisher_window as usize,
-            Duration::from_millis(config.transport.send_timeout_ms),
-        )
-        .start();
-        coordinator
-            .send(Attach {
-                partitions: partitions.clone(),
-                publisher: Some(publisher),
-            })
-            .await
-            .map_err(|e| StartError::Actor(e.to_string()))?;
+        let blueprint = blueprint(&config, &store, &transport, &origin, &view, &health);
+        let supervised = supervision.start(
+            blueprint,
+            registry,
+            config.routing.subscriptions.len(),
+            health,
+        );
         let admission = Admission::new(&config.runtime);
         let dispatcher = Dispatcher::new(
             origin.clone(),
             view.clone(),
-            partitions.clone(),
-            coordinator.clone(),
+            supervised.engine.clone(),
             store.clone(),
             admission.clone(),
         )
         .start();
-
-        let consumers = config
-            .routing
-            .subscriptions
-            .iter()
-            .map(|s| {
-                Consumer {
-                    topic: s.topic.clone(),
-                    subscription: s.name.clone(),
-                    transport: transport.clone(),
-                    coordinator: coordinator.clone(),
-                    registry: view.clone(),
-                    origin: origin.clone(),
-                    prefetch: config.transport.prefetch,
-                    max_message_bytes: config.transport.max_message_bytes as usize,
-                }
-                .start()
-            })
-            .collect();
         tracing::info!(service = %config.service.name, %instance, store = ?config.store.backend, transport = ?config.transport.kind, "runtime started");
         Ok(Runtime {
             config,
             instance,
             store,
             transport,
-            registry,
             dispatcher,
-            coordinator,
-            consumers,
+            supervised,
             view,
             admission,
         })
+    }
+}
+
+/// How the supervisor builds the engine, a consumer and the registry (at start and again after
+/// a stop).
+fn blueprint(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    transport: &Arc<dyn Transport>,
+    origin: &Origin,
+    view: &RegistryView,
+    health: &HealthState,
+) -> Blueprint {
+    let engine = {
+        let (store, transport, origin, view, health) = (
+            store.clone(),
+            transport.clone(),
+            origin.clone(),
+            view.clone(),
+            health.clone(),
+        );
+        let settings = CoordinatorSettings::from_config(config);
+        let window = config.transport.publisher_window as usize;
+        let send_timeout = Duration::from_millis(config.transport.send_timeout_ms);
+        move |lifelines: LifelineIssuer, recovering: bool| {
+            // The coordinator's address exists before it starts, so the partitions and the
+            // publisher it hands work to are built with it and given to it whole.
+            let mut children = None;
+            let coordinator = Coordinator::create(|ctx| {
+                let partitions = PartitionDirectory::new(PartitionDeps {
+                    origin: origin.clone(),
+                    registry: view.clone(),
+                    coordinator: ctx.address(),
+                    lifelines: lifelines.clone(),
+                });
+                let publisher = Publisher::new(
+                    transport.clone(),
+                    ctx.address(),
+                    origin.clone(),
+                    window,
+                    send_timeout,
+                    health.clone(),
+                    lifelines.issue(ActorKind::Publisher, 0),
+                )
+                .start();
+                children = Some((partitions.clone(), publisher.clone()));
+                Coordinator::new(
+                    store.clone(),
+                    origin.instance,
+                    settings.clone(),
+                    CoordinatorLinks {
+                        partitions,
+                        publisher,
+                        health: health.clone(),
+                        lifeline: lifelines.issue(ActorKind::Coordinator, 0),
+                        recovering,
+                    },
+                )
+            });
+            let (partitions, publisher) =
+                children.expect("Actor::create runs its closure before it returns");
+            EngineRefs {
+                coordinator,
+                partitions,
+                publisher,
+            }
+        }
+    };
+    let consumer = {
+        let (transport, origin, view, health) = (
+            transport.clone(),
+            origin.clone(),
+            view.clone(),
+            health.clone(),
+        );
+        let subscriptions = config.routing.subscriptions.clone();
+        let (prefetch, max_message_bytes) = (
+            config.transport.prefetch,
+            config.transport.max_message_bytes as usize,
+        );
+        move |index: usize, lifelines: LifelineIssuer, engine: EngineCell| {
+            let s = &subscriptions[index];
+            Consumer {
+                topic: s.topic.clone(),
+                subscription: s.name.clone(),
+                transport: transport.clone(),
+                engine,
+                registry: view.clone(),
+                origin: origin.clone(),
+                prefetch,
+                max_message_bytes,
+                health: health.clone(),
+                _lifeline: lifelines.issue(ActorKind::Consumer, index),
+            }
+            .start()
+        }
+    };
+    let registry = {
+        let view = view.clone();
+        let instance = origin.instance;
+        let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);
+        move |lifelines: LifelineIssuer| {
+            Registry::resume(
+                view.clone(),
+                handler_timeout,
+                instance,
+                lifelines.issue(ActorKind::Registry, 0),
+            )
+            .start()
+        }
+    };
+    Blueprint {
+        engine: Box::new(engine),
+        consumer: Box::new(consumer),
+        registry: Box::new(registry),
     }
 }
 
@@ -243,10 +328,8 @@ pub struct Runtime {
     instance: InstanceId,
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
-    registry: Addr<Registry>,
     dispatcher: Addr<Dispatcher>,
-    coordinator: Addr<Coordinator>,
-    consumers: Vec<Addr<Consumer>>,
+    supervised: Supervised,
     view: RegistryView,
     admission: Admission,
 }
@@ -272,7 +355,24 @@ impl Runtime {
 
     /// The registry actor: handlers can be registered after start too.
     pub fn registry(&self) -> Addr<Registry> {
-        self.registry.clone()
+        self.supervised.registry()
+    }
+
+    /// How the instance is doing: see [`Health`]. Cheap (no round trip): it reads what the
+    /// actors recorded.
+    pub fn health(&self) -> Health {
+        self.supervised
+            .health
+            .report(self.supervised.actors_alive())
+    }
+
+    /// Resolves when the instance turns unhealthy for good (its actors restarted more than
+    /// `runtime.max_restarts` times within `runtime.restart_window_seconds`): a service's
+    /// `main` waits on it beside its stop signal and exits non-zero, so that its orchestrator
+    /// replaces it.
+    pub fn unhealthy(&self) -> impl Future<Output = ()> + 'static {
+        let health = self.supervised.health.clone();
+        async move { health.unhealthy().await }
     }
 
     /// The store this instance writes to.
@@ -347,7 +447,9 @@ impl Runtime {
     pub async fn shutdown(self) -> Result<(), DispatchError> {
         let deadline = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
         let started = std::time::Instant::now();
-        for consumer in &self.consumers {
+        // Actors stopped from here on are not restarted.
+        self.supervised.health.begin_stopping();
+        for consumer in self.supervised.consumers() {
             let _ = consumer.send(StopConsumer).await;
         }
         // No new dispatches; those in flight finish first, so their rows are written and
@@ -361,7 +463,8 @@ impl Runtime {
             );
         }
         let remaining = deadline.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, self.coordinator.send(Shutdown)).await {
+        let coordinator = self.supervised.engine.coordinator();
+        match tokio::time::timeout(remaining, coordinator.send(Shutdown)).await {
             Ok(answer) => answer?,
             Err(_) => {
                 tracing::warn!(
