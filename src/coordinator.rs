@@ -28,11 +28,11 @@ use crate::error::DispatchError;
 use crate::partition::{InboxJob, PartitionDirectory};
 use crate::publisher::{PublishRows, Publisher};
 use crate::retry::Backoff;
-use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use crate::store::{
     AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
+use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::VecDeque;

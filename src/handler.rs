@@ -394,7 +394,11 @@ impl ReceptorHandle {
     }
 
     /// Runs the receptor on `envelope` (`typed`: the command itself when it was never encoded).
-    pub(crate) fn invoke(&self, envelope: &Envelope, typed: Option<Box<dyn Any + Send>>) -> InvokeRun {
+    pub(crate) fn invoke(
+        &self,
+        envelope: &Envelope,
+        typed: Option<Box<dyn Any + Send>>,
+    ) -> InvokeRun {
         let ctx = ReceptorContext {
             message_id: envelope.message_id,
             correlation_id: envelope.correlation_id,
@@ -403,7 +407,9 @@ impl ReceptorHandle {
             metadata: envelope.metadata.clone(),
         };
         // Building the future may run user code too (a non-async `handle`): guard it as well.
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.receptor.invoke(envelope, typed, ctx))) {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.receptor.invoke(envelope, typed, ctx)
+        })) {
             Ok(fut) => Box::pin(guarded(fut, self.timeout)),
             Err(payload) => {
                 let message = panic_message(payload);

@@ -61,12 +61,11 @@ pub(crate) async fn replay(
                     continue;
                 }
                 let message_id = event.envelope.message_id;
-                handle
-                    .apply(&event.envelope)
-                    .await
-                    .map_err(|e| DispatchError::PerspectiveFailed {
-                    message_id,
-                    error: e.to_string(),
+                handle.apply(&event.envelope).await.map_err(|e| {
+                    DispatchError::PerspectiveFailed {
+                        message_id,
+                        error: e.to_string(),
+                    }
                 })?;
                 applied += 1;
             }

@@ -24,8 +24,8 @@ use crate::routing::Origin;
 use crate::store::memory::MemoryStore;
 use crate::store::{CorrelationStatus, InstanceId, Store, StoreSettings};
 use crate::supervision::{
-    ActorKind, Blueprint, EngineCell, EngineRefs, Health, HealthState, LifelineIssuer,
-    Supervised, Supervision,
+    ActorKind, Blueprint, EngineCell, EngineRefs, Health, HealthState, LifelineIssuer, Supervised,
+    Supervision,
 };
 use crate::transport::Transport;
 use crate::transport::memory::{MemoryBus, MemoryTransport};

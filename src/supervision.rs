@@ -104,7 +104,6 @@ impl LifelineIssuer {
             tx: self.tx.clone(),
         }
     }
-
 }
 
 /// The current engine: who the dispatcher and the consumers hand work to. Replaced when the
@@ -148,7 +147,10 @@ impl EngineCell {
     }
 
     fn replace(&self, refs: EngineRefs) -> EngineRefs {
-        std::mem::replace(&mut *self.0.write().unwrap_or_else(|p| p.into_inner()), refs)
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|p| p.into_inner()),
+            refs,
+        )
     }
 }
 
@@ -209,7 +211,9 @@ impl HealthState {
 
     /// A heartbeat was written.
     pub(crate) fn heartbeat_ok(&self) {
-        self.0.heartbeat_ok_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.0
+            .heartbeat_ok_ms
+            .store(self.now_ms(), Ordering::Relaxed);
         self.store_ok();
     }
 
@@ -231,7 +235,9 @@ impl HealthState {
 
     /// The transport accepted a send or opened a subscription.
     pub(crate) fn transport_ok(&self) {
-        self.0.transport_failing_since_ms.store(0, Ordering::Relaxed);
+        self.0
+            .transport_failing_since_ms
+            .store(0, Ordering::Relaxed);
     }
 
     /// A send or a subscription failed at the transport.
@@ -611,7 +617,10 @@ pub mod fault {
 
     /// The next message an actor of `kind` of instance `instance` handles panics.
     pub fn panic_next(instance: Uuid, kind: ActorKind) {
-        ARMED.lock().unwrap_or_else(|p| p.into_inner()).push((instance, kind));
+        ARMED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((instance, kind));
     }
 
     /// Panics if a panic is armed for this actor.

@@ -48,7 +48,10 @@ impl RuntimeConfig {
             ("runtime.max_in_flight", self.max_in_flight.into()),
             ("runtime.dispatch_timeout_ms", self.dispatch_timeout_ms),
             ("runtime.shutdown_timeout_ms", self.shutdown_timeout_ms),
-            ("runtime.restart_window_seconds", self.restart_window_seconds),
+            (
+                "runtime.restart_window_seconds",
+                self.restart_window_seconds,
+            ),
         ])
     }
 }

@@ -41,6 +41,7 @@ mod contract {
     mod registry;
     mod replay;
     mod stop_signal;
+    mod supervision;
     mod version_conflict;
 }
 
