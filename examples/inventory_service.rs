@@ -153,11 +153,20 @@ async fn run() -> anyhow::Result<()> {
     // Listening from now on: a SIGTERM from an orchestrator (or Ctrl-C) stops the service
     // cleanly, the runtime writing what it holds and releasing its leases.
     let mut stop = whizbang::StopSignal::new()?;
+    // Actors that keep failing (more than runtime.max_restarts restarts within the window) make
+    // the instance unhealthy: exit non-zero, so that an orchestrator replaces it.
+    let mut unhealthy = std::pin::pin!(runtime.unhealthy());
     match args.orders {
         None => {
             println!("waiting for orders; SIGTERM or Ctrl-C to stop");
-            stop.recv().await;
-            println!("stop requested: shutting down");
+            tokio::select! {
+                _ = stop.recv() => println!("stop requested: shutting down"),
+                _ = &mut unhealthy => {
+                    let health = runtime.health();
+                    runtime.shutdown().await?;
+                    anyhow::bail!("unhealthy, exiting: {}", health.reasons.join("; "));
+                }
+            }
         }
         Some(expected) => {
             let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -166,6 +175,11 @@ async fn run() -> anyhow::Result<()> {
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = stop.recv() => break,
+                    _ = &mut unhealthy => {
+                        let health = runtime.health();
+                        runtime.shutdown().await?;
+                        anyhow::bail!("unhealthy, exiting: {}", health.reasons.join("; "));
+                    }
                 }
                 let applied = inventory.0.lock().unwrap_or_else(|p| p.into_inner()).orders;
                 if applied >= expected {

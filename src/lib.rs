@@ -107,7 +107,7 @@
 //! |---|---|
 //! | [`message`] | the `Command` / `Event` traits and the payload codec |
 //! | [`envelope`] | message id, correlation, causation, hops, metadata |
-//! | [`handler`] | the `Receptor` / `Perspective` traits and the actors that run them |
+//! | [`handler`] | the `Receptor` / `Perspective` traits and the guarded handles that run them |
 //! | [`registry`] | message type → receptor, perspectives, topic |
 //! | [`replay`] | rebuilding or resuming a perspective from the event store |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
@@ -120,6 +120,7 @@
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
+//! | [`supervision`] | restarting actors that stop, the restart budget, [`Health`] |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
 
