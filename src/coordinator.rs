@@ -83,6 +83,8 @@ pub struct CoordinatorSettings {
     pub max_batch: usize,
     /// Batches written at once (see the module docs for which may overlap).
     pub max_in_flight: usize,
+    /// Most rows per queue handed out and not reported back (`coordinator.max_rows_in_flight`).
+    pub max_rows_in_flight: usize,
 }
 
 impl CoordinatorSettings {
@@ -99,6 +101,7 @@ impl CoordinatorSettings {
             },
             max_batch: c.max_batch_size as usize,
             max_in_flight: c.max_batches_in_flight.min(config.store.pool_size).max(1) as usize,
+            max_rows_in_flight: c.max_rows_in_flight as usize,
         }
     }
 }
@@ -137,6 +140,9 @@ pub struct Coordinator {
     claims_in_doubt: bool,
     /// Set while batches fail: the delay before the next attempt.
     error_backoff: Option<Duration>,
+    /// Rows (inbox, outbox) the batches in flight may hand out, counted against
+    /// `max_rows_in_flight` until they answer.
+    reserved_rows: (usize, usize),
     /// Consecutive failed batches, timing the retries (the runtime's one retry policy).
     store_failures: Backoff,
     partitions: PartitionDirectory,
@@ -182,6 +188,7 @@ impl Coordinator {
             inbox_in_flight: HashSet::new(),
             claims_in_doubt: links.recovering,
             error_backoff: None,
+            reserved_rows: (0, 0),
             store_failures: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
@@ -204,6 +211,28 @@ impl Coordinator {
             || self.pending.len() >= self.settings.max_batch
             || self.reports.reports() >= self.settings.max_batch
             || (self.completions_due && self.completions_queued())
+    }
+
+    /// What a claim may take: the configured batch, cut to the room left under
+    /// `coordinator.max_rows_in_flight` per queue. Rows beyond it stay in the store; the
+    /// completions that free room set `unclaimed_rows`, and the claim comes again.
+    fn claim_budget(&self) -> ClaimBudget {
+        let (inbox_room, outbox_room) = self.rows_room();
+        let full = self.settings.claim_budget;
+        ClaimBudget {
+            outbox: full.outbox.min(outbox_room.min(u32::MAX as usize) as u32),
+            inbox: full.inbox.min(inbox_room.min(u32::MAX as usize) as u32),
+        }
+    }
+
+    /// Rows per queue (inbox, outbox) that may still be handed out: the limit less the rows
+    /// handed out and those the batches in flight may hand out.
+    fn rows_room(&self) -> (usize, usize) {
+        let max = self.settings.max_rows_in_flight;
+        (
+            max.saturating_sub(self.inbox_in_flight.len() + self.reserved_rows.0),
+            max.saturating_sub(self.outbox_in_flight.len() + self.reserved_rows.1),
+        )
     }
 
     fn completions_queued(&self) -> bool {
@@ -337,9 +366,25 @@ impl Coordinator {
             self.reports.inbox_completions = std::mem::take(&mut batch.inbox_completions);
         }
         let mut units = Vec::with_capacity(pending.len());
+        // Rows a unit would hand out at once count against `max_rows_in_flight`: a unit that
+        // does not fit (nor any after it) leaves its rows pending in the store, claimed later.
+        let (mut inbox_room, mut outbox_room) = self.rows_room();
+        let mut reserved = (0, 0);
         batch.units = pending
             .into_iter()
-            .map(|p| {
+            .map(|mut p| {
+                if p.unit.claim_for_writer {
+                    let (i, o) = (p.unit.inbox.len(), p.unit.outbox.len());
+                    if i <= inbox_room && o <= outbox_room {
+                        inbox_room -= i;
+                        outbox_room -= o;
+                        reserved.0 += i;
+                        reserved.1 += o;
+                    } else {
+                        p.unit.claim_for_writer = false;
+                        (inbox_room, outbox_room) = (0, 0);
+                    }
+                }
                 units.push(SentUnit {
                     inbox_ids: p.unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
                     outbox_rows: p.unit.outbox.len(),
@@ -356,8 +401,13 @@ impl Coordinator {
         if self.claims_in_doubt {
             self.claim_wanted = true;
         }
+        // The claim was cut to the room left: rows may wait in the store beyond it.
+        let mut claim_cut = false;
         if self.claim_wanted && !self.stopped {
-            batch.claim = Some(self.settings.claim_budget);
+            let budget = self.claim_budget();
+            let full = self.settings.claim_budget;
+            claim_cut = budget.outbox < full.outbox || budget.inbox < full.inbox;
+            batch.claim = Some(budget);
             if self.claims_in_doubt {
                 batch.in_flight = Some(InFlight {
                     outbox: self.outbox_in_flight.iter().copied().collect(),
@@ -386,6 +436,12 @@ impl Coordinator {
         };
         batch.units = batch_units;
         let claimed = batch.claim.is_some();
+        if let Some(budget) = batch.claim {
+            reserved.0 += budget.inbox as usize;
+            reserved.1 += budget.outbox as usize;
+        }
+        self.reserved_rows.0 += reserved.0;
+        self.reserved_rows.1 += reserved.1;
         let resolves_doubt = batch.in_flight.is_some();
         let (n_units, n_reports) = (batch.units.len(), batch.reports());
         let started = std::time::Instant::now();
@@ -395,6 +451,8 @@ impl Coordinator {
                 .map(move |result, act, ctx| {
                     act.in_flight -= 1;
                     act.exclusive_in_flight = false;
+                    act.reserved_rows.0 -= reserved.0;
+                    act.reserved_rows.1 -= reserved.1;
                     for stream in streams {
                         if let Entry::Occupied(mut e) = act.busy_streams.entry(stream) {
                             *e.get_mut() -= 1;
@@ -419,7 +477,14 @@ impl Coordinator {
                             if resolves_doubt {
                                 act.claims_in_doubt = false;
                             }
-                            act.distribute(result, units, claimed, ctx)
+                            act.distribute(result, units, claimed, ctx);
+                            act.health.rows_in_flight(
+                                act.inbox_in_flight.len(),
+                                act.outbox_in_flight.len(),
+                            );
+                            if claim_cut {
+                                act.unclaimed_rows = true;
+                            }
                         }
                         Err(e) => {
                             act.health.store_failed();
@@ -451,10 +516,16 @@ impl Coordinator {
         true
     }
 
-    /// After `Shutdown`: once nothing is queued or in flight, release every partition at once
-    /// (so other instances take over without waiting for expiry) and answer.
+    /// After `Shutdown`: once nothing is queued or in flight (no batch, and no row still with a
+    /// partition actor or the publisher), release every partition at once (so other instances
+    /// take over without waiting for expiry) and answer.
     fn finish_shutdown_when_drained(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight > 0 || !self.pending.is_empty() || self.reports.reports() > 0 {
+        if self.in_flight > 0
+            || !self.pending.is_empty()
+            || self.reports.reports() > 0
+            || !self.inbox_in_flight.is_empty()
+            || !self.outbox_in_flight.is_empty()
+        {
             return;
         }
         let Some(reply) = self.shutdown_reply.take() else {
@@ -838,11 +909,33 @@ impl Handler<Report> for Coordinator {
         if self.wants_flush() {
             self.flush(ctx);
         }
+        self.health
+            .rows_in_flight(self.inbox_in_flight.len(), self.outbox_in_flight.len());
+        // A report that wrote nothing (a command completed with its own unit) may be the last
+        // row a shutdown waits for.
+        self.finish_shutdown_when_drained(ctx);
     }
 }
 
-/// Writes everything still queued, then gives up this instance's partitions. Answered when
-/// done; the coordinator accepts no new units afterwards.
+/// Rows handed out and not reported back yet, per queue (what a shutdown past its deadline
+/// leaves to the next holder).
+pub struct RowsInFlight;
+
+impl Message for RowsInFlight {
+    type Result = (usize, usize);
+}
+
+impl Handler<RowsInFlight> for Coordinator {
+    type Result = MessageResult<RowsInFlight>;
+
+    fn handle(&mut self, _msg: RowsInFlight, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult((self.inbox_in_flight.len(), self.outbox_in_flight.len()))
+    }
+}
+
+/// Writes everything still queued, waits for the rows handed to partition actors and the
+/// publisher to be reported and writes their completions, then gives up this instance's
+/// partitions. Answered when done; the coordinator accepts no new units afterwards.
 pub struct Shutdown;
 
 impl Message for Shutdown {

@@ -143,6 +143,7 @@ pub mod signal;
 pub mod store;
 pub mod supervision;
 pub mod transport;
+mod workers;
 
 pub use config::Config;
 pub use dispatcher::{

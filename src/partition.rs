@@ -20,11 +20,13 @@ use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
 use crate::supervision::{ActorKind, Lifeline, LifelineIssuer, StopNow, fault};
+use crate::workers::Placement;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -78,14 +80,28 @@ pub(crate) struct PartitionDeps {
     pub coordinator: Addr<Coordinator>,
     /// Lifelines of the engine generation these actors belong to.
     pub lifelines: LifelineIssuer,
+    /// The worker arbiter of each partition.
+    pub placement: Placement,
+    /// An actor with nothing to do for this long stops (`partitions.idle_actor_seconds`);
+    /// `None`: never.
+    pub idle_after: Option<Duration>,
 }
+
+/// A live partition actor as the directory knows it.
+struct Slot {
+    addr: Addr<PartitionActor>,
+    /// Jobs sent to it: an idle actor stops only once it has received every one.
+    sent: u64,
+}
+
+type Slots = Arc<Mutex<HashMap<u32, Slot>>>;
 
 /// The live partition actors of this instance, started on first use.
 #[derive(Clone)]
 pub struct PartitionDirectory {
     // Shared, not copied: every job of every partition uses them.
     deps: Arc<PartitionDeps>,
-    actors: Arc<Mutex<HashMap<u32, Addr<PartitionActor>>>>,
+    actors: Slots,
 }
 
 impl PartitionDirectory {
@@ -96,42 +112,66 @@ impl PartitionDirectory {
         }
     }
 
+    /// How many partition actors are running.
+    pub fn running(&self) -> usize {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Stops every partition actor now (an engine restart): the jobs they hold are dropped,
     /// their callers answered `Unavailable`, and their rows read again by the next engine.
     pub fn stop_all(&self) {
         let actors = std::mem::take(&mut *self.actors.lock().unwrap_or_else(|p| p.into_inner()));
-        for actor in actors.into_values() {
-            actor.do_send(StopNow);
+        for slot in actors.into_values() {
+            slot.addr.do_send(StopNow);
         }
     }
 
-    /// Queues a job on its partition's actor. Queuing never waits and never drops: partition
-    /// actors live as long as their engine, and their handler only appends to a queue.
+    /// Queues a job on its partition's actor, starting it on its worker if it is not running.
+    /// Queuing never waits and never drops: an actor stops only when idle and after it received
+    /// every job sent to it (see `PartitionActor::retire_if_idle`), and its handler only
+    /// appends to a queue.
     pub fn enqueue(&self, partition: u32, job: Job) {
         // Sent under the lock (sending never waits): an address clone costs two allocations.
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-        actors
-            .entry(partition)
-            .or_insert_with(|| {
-                PartitionActor {
-                    partition,
-                    _lifeline: self.deps.lifelines.issue(ActorKind::Partition, 0),
-                    deps: self.deps.clone(),
-                    queue: VecDeque::new(),
-                    busy: false,
-                    partial: HashMap::new(),
-                    committing: HashMap::new(),
-                }
-                .start()
-            })
-            .do_send(Enqueue(job));
+        let slot = actors.entry(partition).or_insert_with(|| {
+            let deps = self.deps.clone();
+            let slots = self.actors.clone();
+            let lifeline = deps.lifelines.issue(ActorKind::Partition, 0);
+            let worker = deps.placement.partition(partition).clone();
+            let addr = PartitionActor::start_in_arbiter(&worker, move |_| PartitionActor {
+                partition,
+                lifeline,
+                deps,
+                slots,
+                received: 0,
+                unacknowledged_failures: HashMap::new(),
+                last_active: Instant::now(),
+                queue: VecDeque::new(),
+                busy: false,
+                partial: HashMap::new(),
+                committing: HashMap::new(),
+            });
+            Slot { addr, sent: 0 }
+        });
+        slot.sent += 1;
+        slot.addr.do_send(Enqueue(job));
     }
 }
 
 pub struct PartitionActor {
     partition: u32,
-    /// Tells the supervisor when this actor ends (see `supervision`).
-    _lifeline: Lifeline,
+    /// Tells the supervisor when this actor ends (see `supervision`); disarmed when it stops
+    /// because it was idle.
+    lifeline: Lifeline,
+    /// The directory's slots, to leave them when idle.
+    slots: Slots,
+    /// Jobs received (compared with the slot's `sent` before stopping).
+    received: u64,
+    /// Streams whose row (the id) failed here and whose failure the coordinator has not
+    /// acknowledged yet.
+    unacknowledged_failures: HashMap<String, Uuid>,
+    /// When it last received or finished a job.
+    last_active: Instant,
     deps: Arc<PartitionDeps>,
     queue: VecDeque<Job>,
     busy: bool,
@@ -146,6 +186,12 @@ pub struct PartitionActor {
 
 impl Actor for PartitionActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(idle) = self.deps.idle_after {
+            ctx.run_interval(idle / 2, move |act, ctx| act.retire_if_idle(idle, ctx));
+        }
+    }
 }
 
 impl Handler<Enqueue> for PartitionActor {
@@ -153,7 +199,24 @@ impl Handler<Enqueue> for PartitionActor {
 
     fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) {
         fault::check(self.deps.origin.instance, ActorKind::Partition);
+        self.received += 1;
+        self.last_active = Instant::now();
         self.queue.push_back(msg.0);
+        self.pump(ctx);
+    }
+}
+
+/// Runs the next job (after one was handed back without running).
+struct Pump;
+
+impl Message for Pump {
+    type Result = ();
+}
+
+impl Handler<Pump> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Pump, ctx: &mut Self::Context) {
         self.pump(ctx);
     }
 }
@@ -174,7 +237,36 @@ enum InboxResult {
 }
 
 impl PartitionActor {
+    /// Stops this actor if it has had nothing to do for `idle` and holds nothing: no job, no
+    /// commit awaited, no partly applied row. Decided under the directory's lock, and only once
+    /// every job sent to it has arrived, so no job can be sent to a stopped actor; the next job
+    /// of the partition starts a new one.
+    fn retire_if_idle(&mut self, idle: Duration, ctx: &mut Context<Self>) {
+        if self.busy
+            || !self.queue.is_empty()
+            || !self.committing.is_empty()
+            || !self.partial.is_empty()
+            || !self.unacknowledged_failures.is_empty()
+            || self.last_active.elapsed() < idle
+        {
+            return;
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let me = ctx.address();
+        match slots.get(&self.partition) {
+            Some(slot) if slot.addr == me && slot.sent == self.received => {
+                slots.remove(&self.partition);
+            }
+            // A job is on its way (it resets `last_active`), or the directory was replaced.
+            _ => return,
+        }
+        drop(slots);
+        self.lifeline.disarm();
+        ctx.stop();
+    }
+
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.last_active = Instant::now();
         if self.busy {
             return;
         }
@@ -238,6 +330,20 @@ impl PartitionActor {
                 );
             }
             Job::Inbox(job) => {
+                if let Some(failed) = self
+                    .unacknowledged_failures
+                    .get(&job.work.envelope.stream_id)
+                    && *failed != job.work.envelope.message_id
+                {
+                    // A later row of a stream whose row failed, handed out by the coordinator
+                    // before it had the failure: back it goes, behind the retry.
+                    self.busy = false;
+                    self.deps
+                        .coordinator
+                        .do_send(Report::InboxReleased(job.work.work, job.done));
+                    ctx.notify(Pump);
+                    return;
+                }
                 let skip = self
                     .partial
                     .remove(&job.work.envelope.message_id)
@@ -249,7 +355,7 @@ impl PartitionActor {
                     }
                     .into_actor(self)
                     .map(|(job, result), act, ctx| {
-                        act.finish_inbox(job, result);
+                        act.finish_inbox(job, result, ctx);
                         act.busy = false;
                         act.pump(ctx);
                     }),
@@ -258,7 +364,7 @@ impl PartitionActor {
         }
     }
 
-    fn finish_inbox(&mut self, job: InboxJob, result: InboxResult) {
+    fn finish_inbox(&mut self, job: InboxJob, result: InboxResult, ctx: &mut Context<Self>) {
         let coordinator = &self.deps.coordinator;
         let id = job.work.envelope.message_id;
         match result {
@@ -286,10 +392,20 @@ impl PartitionActor {
                 if !applied.is_empty() {
                     self.partial.insert(id, applied);
                 }
-                coordinator.do_send(Report::InboxFailed(Failure {
+                // Until the coordinator has the failure, it may still hand out later rows of
+                // this stream (the partition actor runs on a thread of its own): those are
+                // handed back, and the failed row alone may come next.
+                let stream = job.work.envelope.stream_id.clone();
+                self.unacknowledged_failures.insert(stream.clone(), id);
+                let report = coordinator.send(Report::InboxFailed(Failure {
                     work: job.work.work,
                     kind,
                     error: error.clone(),
+                }));
+                ctx.spawn(report.into_actor(self).map(move |_, act, _| {
+                    if act.unacknowledged_failures.get(&stream) == Some(&id) {
+                        act.unacknowledged_failures.remove(&stream);
+                    }
                 }));
                 for tx in job.done {
                     let _ = tx.send(Err(DispatchError::PerspectiveFailed {

@@ -29,6 +29,7 @@ use crate::supervision::{
 };
 use crate::transport::Transport;
 use crate::transport::memory::{MemoryBus, MemoryTransport};
+use crate::workers::{Placement, Workers};
 use actix::prelude::*;
 use std::future::Future;
 use std::sync::Arc;
@@ -166,7 +167,17 @@ impl RuntimeBuilder {
             .collect();
         transport.check_topology(&topics, &subscriptions).await?;
 
-        let blueprint = blueprint(&config, &store, &transport, &origin, &view, &health);
+        let workers = Workers::start(config.runtime.worker_threads)
+            .map_err(|e| StartError::Actor(format!("cannot start the worker threads: {e}")))?;
+        let blueprint = blueprint(
+            &config,
+            workers.placement(),
+            &store,
+            &transport,
+            &origin,
+            &view,
+            &health,
+        );
         let supervised = supervision.start(
             blueprint,
             registry,
@@ -190,6 +201,7 @@ impl RuntimeBuilder {
             transport,
             dispatcher,
             supervised,
+            workers,
             view,
             admission,
         })
@@ -200,6 +212,7 @@ impl RuntimeBuilder {
 /// a stop).
 fn blueprint(
     config: &Config,
+    placement: Placement,
     store: &Arc<dyn Store>,
     transport: &Arc<dyn Transport>,
     origin: &Origin,
@@ -217,43 +230,52 @@ fn blueprint(
         let settings = CoordinatorSettings::from_config(config);
         let window = config.transport.publisher_window as usize;
         let send_timeout = Duration::from_millis(config.transport.send_timeout_ms);
+        let idle_after = (config.partitions.idle_actor_seconds > 0)
+            .then(|| Duration::from_secs(config.partitions.idle_actor_seconds));
         move |lifelines: LifelineIssuer, recovering: bool| {
             // The coordinator's address exists before it starts, so the partitions and the
             // publisher it hands work to are built with it and given to it whole.
-            let mut children = None;
-            let coordinator = Coordinator::create(|ctx| {
-                let partitions = PartitionDirectory::new(PartitionDeps {
-                    origin: origin.clone(),
-                    registry: view.clone(),
-                    coordinator: ctx.address(),
-                    lifelines: lifelines.clone(),
-                });
-                let publisher = Publisher::new(
-                    transport.clone(),
-                    ctx.address(),
-                    origin.clone(),
+            let (tx, rx) = dev::channel::channel::<Coordinator>(16);
+            let coordinator = Addr::new(tx);
+            let partitions = PartitionDirectory::new(PartitionDeps {
+                origin: origin.clone(),
+                registry: view.clone(),
+                coordinator: coordinator.clone(),
+                lifelines: lifelines.clone(),
+                placement: placement.clone(),
+                idle_after,
+            });
+            let publisher = {
+                let (transport, origin, health) =
+                    (transport.clone(), origin.clone(), health.clone());
+                let (coordinator, lifeline) = (
+                    coordinator.clone(),
+                    lifelines.issue(ActorKind::Publisher, 0),
+                );
+                Publisher::new(
+                    transport,
+                    coordinator,
+                    origin,
                     window,
                     send_timeout,
-                    health.clone(),
-                    lifelines.issue(ActorKind::Publisher, 0),
+                    health,
+                    lifeline,
                 )
-                .start();
-                children = Some((partitions.clone(), publisher.clone()));
-                Coordinator::new(
-                    store.clone(),
-                    origin.instance,
-                    settings.clone(),
-                    CoordinatorLinks {
-                        partitions,
-                        publisher,
-                        health: health.clone(),
-                        lifeline: lifelines.issue(ActorKind::Coordinator, 0),
-                        recovering,
-                    },
-                )
-            });
-            let (partitions, publisher) =
-                children.expect("Actor::create runs its closure before it returns");
+                .start()
+            };
+            let actor = Coordinator::new(
+                store.clone(),
+                origin.instance,
+                settings.clone(),
+                CoordinatorLinks {
+                    partitions: partitions.clone(),
+                    publisher: publisher.clone(),
+                    health: health.clone(),
+                    lifeline: lifelines.issue(ActorKind::Coordinator, 0),
+                    recovering,
+                },
+            );
+            Context::with_receiver(rx).run(actor);
             EngineRefs {
                 coordinator,
                 partitions,
@@ -322,6 +344,9 @@ fn missing_feature(key: &str, feature: &str) -> StartError {
     })
 }
 
+/// How long a shutdown past its deadline still waits for the store to release the leases.
+const STOP_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A running instance of a service.
 pub struct Runtime {
     config: Config,
@@ -330,6 +355,7 @@ pub struct Runtime {
     transport: Arc<dyn Transport>,
     dispatcher: Addr<Dispatcher>,
     supervised: Supervised,
+    workers: Workers,
     view: RegistryView,
     admission: Admission,
 }
@@ -361,9 +387,7 @@ impl Runtime {
     /// How the instance is doing: see [`Health`]. Cheap (no round trip): it reads what the
     /// actors recorded.
     pub fn health(&self) -> Health {
-        self.supervised
-            .health
-            .report(self.supervised.actors_alive())
+        self.supervised.health()
     }
 
     /// Resolves when the instance turns unhealthy for good (its actors restarted more than
@@ -441,9 +465,12 @@ impl Runtime {
         crate::replay::replay(&self.store, &self.view, name, from, 500).await
     }
 
-    /// Stops consuming and taking new dispatches, lets those in flight finish, writes everything
-    /// queued and releases this instance's partitions, all within `runtime.shutdown_timeout_ms`;
-    /// past it the leases are left to expire (the next holder re-runs what was left).
+    /// Stops consuming and taking new dispatches, lets those in flight and the rows handed to
+    /// partition actors and the publisher finish, writes their completions and releases this
+    /// instance's partitions, all within `runtime.shutdown_timeout_ms`. Past it, the work still
+    /// running is stopped (logged with what was left) and the leases are released anyway: the
+    /// next holder re-runs what was left (at least once). An error only if the store could not
+    /// be told: then the leases expire.
     pub async fn shutdown(self) -> Result<(), DispatchError> {
         let deadline = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
         let started = std::time::Instant::now();
@@ -464,21 +491,49 @@ impl Runtime {
         }
         let remaining = deadline.saturating_sub(started.elapsed());
         let coordinator = self.supervised.engine.coordinator();
-        match tokio::time::timeout(remaining, coordinator.send(Shutdown)).await {
-            Ok(answer) => answer?,
+        let outcome = match tokio::time::timeout(remaining, coordinator.send(Shutdown)).await {
+            Ok(answer) => answer.map_err(DispatchError::from).and_then(|done| done),
             Err(_) => {
+                // Past the deadline: the handlers still running are stopped with their threads,
+                // and the leases released anyway, so the next holder starts at once; it re-runs
+                // what was left (at least once).
+                let (inbox, outbox) = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    coordinator.send(crate::coordinator::RowsInFlight),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+                self.workers.stop();
+                let released = tokio::time::timeout(
+                    STOP_RELEASE_TIMEOUT,
+                    self.store.release_partitions(self.instance, None),
+                )
+                .await;
+                let released = matches!(released, Ok(Ok(())));
                 tracing::warn!(
                     deadline_ms = deadline.as_millis() as u64,
-                    "shutdown deadline passed before the store took what was queued and the \
-                     leases were released: another instance takes the partitions over when \
-                     their leases expire and re-runs what was left (at least once)"
+                    inbox_rows_left = inbox,
+                    outbox_rows_left = outbox,
+                    released,
+                    "shutdown deadline passed with work still running: it was stopped, the \
+                     leases were released anyway (or, if the store did not answer, expire), and \
+                     the next holder re-runs what was left (at least once)"
                 );
-                Err(DispatchError::Unavailable(format!(
-                    "shutdown did not finish within runtime.shutdown_timeout_ms ({} ms); the \
-                     leases expire and the next holder re-runs what was left",
-                    deadline.as_millis()
-                )))
+                if released {
+                    Ok(())
+                } else {
+                    Err(DispatchError::Unavailable(format!(
+                        "shutdown did not finish within runtime.shutdown_timeout_ms ({} ms) and \
+                         the store did not take the release of the leases: they expire, and the \
+                         next holder re-runs what was left",
+                        deadline.as_millis()
+                    )))
+                }
             }
-        }
+        };
+        self.workers.stop();
+        outcome
     }
 }

@@ -24,7 +24,7 @@ use crate::retry::Backoff;
 use actix::prelude::*;
 use serde::Serialize;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -69,6 +69,14 @@ pub(crate) struct Death {
 pub(crate) struct Lifeline {
     death: Death,
     tx: mpsc::UnboundedSender<Death>,
+    armed: bool,
+}
+
+impl Lifeline {
+    /// The actor is stopping on purpose (an idle partition actor): its end is not a death.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
 }
 
 impl std::fmt::Debug for Lifeline {
@@ -79,6 +87,9 @@ impl std::fmt::Debug for Lifeline {
 
 impl Drop for Lifeline {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let death = self.death;
         // The supervisor is gone only when the whole system is stopping.
         let _ = self.tx.send(death);
@@ -102,6 +113,7 @@ impl LifelineIssuer {
                 index,
             },
             tx: self.tx.clone(),
+            armed: true,
         }
     }
 }
@@ -177,6 +189,9 @@ struct HealthInner {
     /// Milliseconds since `started` when the transport began failing; 0: it answers.
     transport_failing_since_ms: AtomicU64,
     restarts: Mutex<RestartLog>,
+    /// Rows handed to partition actors (inbox) and the publisher (outbox), not reported back.
+    inbox_rows_in_flight: AtomicUsize,
+    outbox_rows_in_flight: AtomicUsize,
     /// `false` once restarts exceeded their budget: the instance should be replaced.
     live: watch::Sender<bool>,
     stopping: AtomicBool,
@@ -199,6 +214,8 @@ impl HealthState {
             store_failing_since_ms: AtomicU64::new(0),
             transport_failing_since_ms: AtomicU64::new(0),
             restarts: Mutex::new(RestartLog::default()),
+            inbox_rows_in_flight: AtomicUsize::new(0),
+            outbox_rows_in_flight: AtomicUsize::new(0),
             live: watch::channel(true).0,
             stopping: AtomicBool::new(false),
         }))
@@ -231,6 +248,14 @@ impl HealthState {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+    }
+
+    /// The rows the coordinator has handed out and not had reported back, per queue.
+    pub(crate) fn rows_in_flight(&self, inbox: usize, outbox: usize) {
+        self.0.inbox_rows_in_flight.store(inbox, Ordering::Relaxed);
+        self.0
+            .outbox_rows_in_flight
+            .store(outbox, Ordering::Relaxed);
     }
 
     /// The transport accepted a send or opened a subscription.
@@ -287,8 +312,9 @@ impl HealthState {
         let _ = rx.wait_for(|live| !*live).await;
     }
 
-    /// The report; `actors_alive` is checked by the caller, which holds the addresses.
-    pub(crate) fn report(&self, actors_alive: bool) -> Health {
+    /// The report; `actors_alive` and `partition_actors` come from the caller, which holds the
+    /// addresses.
+    pub(crate) fn report(&self, actors_alive: bool, partition_actors: usize) -> Health {
         let now = self.now_ms();
         let since = |at: u64| (at != 0).then(|| now.saturating_sub(at));
         let heartbeat_ms = since(self.0.heartbeat_ok_ms.load(Ordering::Relaxed));
@@ -345,6 +371,9 @@ impl HealthState {
             transport_connected: transport_failing.is_none(),
             heartbeat_age_ms: heartbeat_ms,
             actors_alive,
+            partition_actors,
+            inbox_rows_in_flight: self.0.inbox_rows_in_flight.load(Ordering::Relaxed),
+            outbox_rows_in_flight: self.0.outbox_rows_in_flight.load(Ordering::Relaxed),
             restarts_in_window,
             restarts_total,
             restarted: last_restarts,
@@ -374,6 +403,13 @@ pub struct Health {
     pub heartbeat_age_ms: Option<u64>,
     /// Every supervised actor is running.
     pub actors_alive: bool,
+    /// Partition actors running (idle ones stop after `partitions.idle_actor_seconds`).
+    pub partition_actors: usize,
+    /// Inbox rows handed to partition actors and not finished (at most
+    /// `coordinator.max_rows_in_flight`, but for one batch's writer rows).
+    pub inbox_rows_in_flight: usize,
+    /// Outbox rows handed to the publisher and not sent yet.
+    pub outbox_rows_in_flight: usize,
     /// Restarts within `runtime.restart_window_seconds`.
     pub restarts_in_window: u32,
     /// Restarts since start.
@@ -419,6 +455,12 @@ impl Supervised {
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .all(|c| c.connected())
+    }
+
+    /// The report of [`HealthState::report`] with what the addresses say.
+    pub(crate) fn health(&self) -> Health {
+        self.health
+            .report(self.actors_alive(), self.engine.get().partitions.running())
     }
 
     /// The current consumers.

@@ -28,6 +28,10 @@ pub struct RuntimeConfig {
     pub max_restarts: u32,
     /// The window over which `max_restarts` is counted.
     pub restart_window_seconds: u64,
+    /// Threads (actix arbiters) running the partition actors, and so the receptors and
+    /// perspectives; 0: one per core the process may use. The coordinator and the publisher run
+    /// on a thread of their own besides these.
+    pub worker_threads: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -38,6 +42,7 @@ impl Default for RuntimeConfig {
             shutdown_timeout_ms: 10_000,
             max_restarts: 5,
             restart_window_seconds: 60,
+            worker_threads: 0,
         }
     }
 }

@@ -27,6 +27,7 @@ mod amqp {
 /// The contract (`src/lib.rs`), one file per concern, mostly on the in-memory transport.
 mod contract {
     mod admission;
+    mod backpressure;
     mod bad_input;
     mod batches_in_flight;
     mod correlation;

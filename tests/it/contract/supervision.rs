@@ -269,3 +269,34 @@ async fn a_healthy_instance_reports_live_and_ready() {
     s.receiver.shutdown().await.unwrap();
     s.sender.shutdown().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn idle_partition_actors_stop_and_start_again_on_demand() {
+    let mut c = config("supervised-sender");
+    c.partitions.idle_actor_seconds = 1;
+    c.runtime.worker_threads = 2;
+    let s = services(c).await.unwrap();
+    round(&s.sender, 1).await.unwrap();
+    assert!(s.sender.health().partition_actors > 0);
+    wait_until("every idle partition actor stopped", || {
+        s.sender.health().partition_actors == 0
+    })
+    .await
+    .unwrap();
+    // Stopping on purpose is not a death: nothing was restarted.
+    assert_eq!(s.sender.health().restarts_total, 0);
+    for seq in 2..=3 {
+        round(&s.sender, seq).await.unwrap();
+    }
+    let stored = stored(&s.sender).await.unwrap();
+    assert!(stored.values().all(|ids| ids.len() == 3));
+    applied_in_order("the local perspective", &s.local, &stored)
+        .await
+        .unwrap();
+    applied_in_order("the receiving service", &s.remote, &stored)
+        .await
+        .unwrap();
+    assert_eq!(s.local.duplicates(), vec![]);
+    s.sender.shutdown().await.unwrap();
+    s.receiver.shutdown().await.unwrap();
+}
