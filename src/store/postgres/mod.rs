@@ -11,13 +11,15 @@
 //! It must not hold state of its own between calls: everything lives in the database. The
 //! pieces live beside it: [`connect`] (pool, prepared statements, start-up connection, LISTEN),
 //! `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their rows back into a
-//! [`WorkBatchResult`]), `admin` (dead letters), [`migrate`](mod@migrate), [`tls`] and
+//! [`WorkBatchResult`]), `admin` (dead letters), [`inspect`] (the operator's
+//! read-only views and bulk dead-letter actions), [`migrate`](mod@migrate), [`tls`] and
 //! [`vacuum`].
 
 mod admin;
 mod answer;
 mod batch;
 pub mod connect;
+pub mod inspect;
 pub mod migrate;
 pub mod tls;
 pub mod vacuum;
