@@ -592,6 +592,10 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// The position of the newest stored event (0 when the event store is empty): where a
+    /// replay that starts now will have read to once it catches up.
+    async fn last_position(&self) -> Result<u64, StoreError>;
+
     /// Of the given inbox message ids, those that are processed.
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
 

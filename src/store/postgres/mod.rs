@@ -459,6 +459,16 @@ impl Store for PostgresStore {
         rows.iter().map(stored_event).collect()
     }
 
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .query(
+                &format!("SELECT last FROM {}.wb_position", self.schema),
+                &[],
+            )
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         let rows = self
             .query(
