@@ -27,7 +27,7 @@
 //!
 //! #[actix::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let builder = Runtime::builder(Config::load("config/whizbang.toml".as_ref())?);
+//!     let builder = Runtime::builder(Config::load(std::path::Path::new("config/whizbang.toml"))?);
 //!     // .perspective::<OrderCreated, _>("order-summary", summaries) ...
 //!     match Args::parse().command {
 //!         Some(Cmd::Operator(command)) => {

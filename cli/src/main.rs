@@ -282,9 +282,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             output,
         } => status_command(&target, watch, interval, output.output).await,
         Command::DeadLetters(DeadLetters::List { filters, output }) => {
-            let mut client = target.read_only().await?;
+            let client = target.read_only().await?;
             let letters =
-                inspect::dead_letters(&mut client, target.schema(), &filters.filter(None)).await?;
+                inspect::dead_letters(&client, target.schema(), &filters.filter(None)).await?;
             match output.output {
                 Output::Table => print!(
                     "{}",
