@@ -906,3 +906,58 @@ async fn bulk_requeue_and_skip_need_all() {
     );
     drop_schema(&client, &schema).await;
 }
+
+/// `status --watch` redraws until SIGTERM, then exits 0; as JSON, one document per line.
+#[tokio::test]
+async fn status_watch_redraws_until_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let schema = new_schema();
+    let mut client = connect().await;
+    migrate(&mut client, &schema).await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whizbang"))
+        .args(["--config", &postgres_config()])
+        .args(["status", "--watch", "--interval", "0.2", "--output", "json"])
+        .env("WHIZBANG_DATABASE_URL", database_url())
+        .env("WHIZBANG_SCHEMA", &schema)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start whizbang status --watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Three redraws, each a whole document.
+    for n in 0..3 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("redraw {n} within 30 s"))
+            .expect("a line");
+        let doc: serde_json::Value = serde_json::from_str(&line).expect("one JSON document a line");
+        assert_eq!(doc["schema"], schema.as_str(), "{line}");
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "status --watch stops within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "stopped by SIGTERM: exit 0");
+    drop_schema(&client, &schema).await;
+}
