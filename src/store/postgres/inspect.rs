@@ -7,7 +7,8 @@
 //! that may `SELECT` the schema's tables, so the `whizbang` CLI gives them one opened with
 //! [`read_only`]; they never migrate, create or lock anything, and on a schema that is not
 //! migrated they answer [`StoreError::NotMigrated`] instead of failing on a missing table.
-//! The actions ([`requeue`], [`skip`]) change dead-lettered rows only: a live row's claim and
+//! The store's own dead-letter methods (`admin`) run the same statements. The actions
+//! ([`requeue`], [`skip`]) change dead-lettered rows only: a live row's claim and
 //! lease belong to the batch functions. Times are the database's clock, rendered in UTC.
 
 use super::connect::query_error;
@@ -384,7 +385,8 @@ fn dead_rows(schema: &str) -> String {
     DEAD_ROWS.replace("{s}", schema)
 }
 
-fn params(boxed: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+/// The parameters of a [`Statement`] as the driver takes them.
+pub(super) fn params(boxed: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
     boxed
         .iter()
         .map(|p| p.as_ref() as &(dyn ToSql + Sync))
@@ -410,6 +412,39 @@ pub struct DeadLetterSummary {
     pub stored_at: String,
 }
 
+/// A SQL statement with its parameters.
+pub(super) type Statement = (String, Vec<Box<dyn ToSql + Sync + Send>>);
+
+/// The statement listing the dead letters `filter` selects: `queue, message_id, message_type,
+/// stream_id, attempts, error, stored_at`, outbox first, each queue in the order its rows were
+/// written. The store's [`crate::store::Store::dead_letters`] runs it too.
+pub(super) fn list_statement(schema: &str, filter: &DeadLetterFilter) -> Statement {
+    let (conditions, params) = filter.conditions(1);
+    (
+        format!(
+            "SELECT q, message_id, message_type, stream_id, attempts, coalesce(last_error, ''), {}
+               FROM {} WHERE true{conditions}
+              ORDER BY q DESC, seq",
+            iso("created_at"),
+            dead_rows(schema)
+        ),
+        params,
+    )
+}
+
+/// A row of [`list_statement`].
+pub(super) fn summary(r: &Row) -> DeadLetterSummary {
+    DeadLetterSummary {
+        queue: queue_of(r.get(0)),
+        message_id: r.get(1),
+        message_type: r.get(2),
+        stream_id: r.get(3),
+        attempts: r.get::<_, i32>(4).max(0) as u32,
+        error: r.get(5),
+        stored_at: r.get(6),
+    }
+}
+
 /// The dead letters `filter` selects, outbox first, each queue in the order its rows were
 /// written; [`StoreError::NotMigrated`] on a schema that is not migrated.
 pub async fn dead_letters(
@@ -418,32 +453,12 @@ pub async fn dead_letters(
     filter: &DeadLetterFilter,
 ) -> Result<Vec<DeadLetterSummary>, StoreError> {
     check_migrated(client, schema).await?;
-    let (conditions, boxed) = filter.conditions(1);
+    let (sql, boxed) = list_statement(schema, filter);
     let rows = client
-        .query(
-            &format!(
-                "SELECT q, message_id, message_type, stream_id, attempts, coalesce(last_error, ''), {}
-                   FROM {} WHERE true{conditions}
-                  ORDER BY q DESC, seq",
-                iso("created_at"),
-                dead_rows(schema)
-            ),
-            &params(&boxed),
-        )
+        .query(&sql, &params(&boxed))
         .await
         .map_err(query_error)?;
-    Ok(rows
-        .iter()
-        .map(|r| DeadLetterSummary {
-            queue: queue_of(r.get(0)),
-            message_id: r.get(1),
-            message_type: r.get(2),
-            stream_id: r.get(3),
-            attempts: r.get::<_, i32>(4).max(0) as u32,
-            error: r.get(5),
-            stored_at: r.get(6),
-        })
-        .collect())
+    Ok(rows.iter().map(summary).collect())
 }
 
 /// One dead letter in full: its envelope, its error and its payload as stored.
@@ -547,6 +562,71 @@ pub struct Acted {
     pub message_id: Uuid,
 }
 
+/// What [`requeue`] and [`skip`] do to each dead letter they select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    /// Pending again, attempts reset, unclaimed.
+    Requeue,
+    /// Deleted; an inbox row's dedup record marked processed.
+    Skip,
+}
+
+/// The statement applying `action` to the dead letters `filter` selects; it answers one row
+/// `(queue, message_id)` per row changed, and notifies the schema's work channel when it
+/// changed any (delivered at commit: a rolled-back action wakes nobody). The store's
+/// [`crate::store::Store::requeue_dead_letter`] and `skip_dead_letter` run it too.
+pub(super) fn action_statement(
+    schema: &str,
+    action: Action,
+    filter: &DeadLetterFilter,
+) -> Statement {
+    let s = schema;
+    let changes = match action {
+        Action::Requeue => format!(
+            "o AS (UPDATE {s}.wb_outbox SET dead = false, attempts = 0, next_attempt_at = NULL,
+                          claimed_by = NULL, claimed_generation = NULL
+                    WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'outbox')
+                RETURNING message_id),
+             i AS (UPDATE {s}.wb_inbox SET dead = false, attempts = 0, next_attempt_at = NULL,
+                          claimed_by = NULL, claimed_generation = NULL
+                    WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'inbox')
+                RETURNING message_id)"
+        ),
+        Action::Skip => format!(
+            "o AS (DELETE FROM {s}.wb_outbox
+                    WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'outbox')
+                RETURNING message_id),
+             i AS (DELETE FROM {s}.wb_inbox
+                    WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'inbox')
+                RETURNING message_id),
+             dd AS (UPDATE {s}.wb_dedup SET processed_at = now()
+                     WHERE message_id IN (SELECT message_id FROM i) RETURNING 1)"
+        ),
+    };
+    let (conditions, params) = filter.conditions(1);
+    (
+        format!(
+            "WITH sel AS (SELECT q, message_id FROM {} WHERE true{conditions}),
+                  {changes},
+                  acted AS (SELECT 'outbox' AS q, message_id FROM o
+                            UNION ALL SELECT 'inbox', message_id FROM i),
+                  woken AS (SELECT pg_notify('wb_work_{s}', '') AS n
+                             WHERE EXISTS (SELECT 1 FROM acted))
+             SELECT q, message_id FROM acted LEFT JOIN woken ON true",
+            dead_rows(s)
+        ),
+        params,
+    )
+}
+
+/// A row of [`action_statement`].
+pub(super) fn acted(r: &Row) -> Acted {
+    Acted {
+        queue: queue_of(r.get(0)),
+        message_id: r.get(1),
+    }
+}
+
 /// Puts every dead letter `filter` selects back as pending with its attempts reset, in one
 /// transaction, and wakes the instances (their streams become claimable). When the filter
 /// names message ids, each must be a dead letter, or nothing changes and the answer is
@@ -556,20 +636,7 @@ pub async fn requeue(
     schema: &str,
     filter: &DeadLetterFilter,
 ) -> Result<Vec<Acted>, StoreError> {
-    act(
-        client,
-        schema,
-        filter,
-        "o AS (UPDATE {s}.wb_outbox SET dead = false, attempts = 0, next_attempt_at = NULL,
-                      claimed_by = NULL, claimed_generation = NULL
-                WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'outbox')
-            RETURNING message_id),
-         i AS (UPDATE {s}.wb_inbox SET dead = false, attempts = 0, next_attempt_at = NULL,
-                      claimed_by = NULL, claimed_generation = NULL
-                WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'inbox')
-            RETURNING message_id)",
-    )
-    .await
+    act(client, schema, Action::Requeue, filter).await
 }
 
 /// Drops every dead letter `filter` selects (an inbox row's dedup record is marked processed,
@@ -580,73 +647,41 @@ pub async fn skip(
     schema: &str,
     filter: &DeadLetterFilter,
 ) -> Result<Vec<Acted>, StoreError> {
-    act(
-        client,
-        schema,
-        filter,
-        "o AS (DELETE FROM {s}.wb_outbox
-                WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'outbox')
-            RETURNING message_id),
-         i AS (DELETE FROM {s}.wb_inbox
-                WHERE dead AND message_id IN (SELECT message_id FROM sel WHERE q = 'inbox')
-            RETURNING message_id),
-         dd AS (UPDATE {s}.wb_dedup SET processed_at = now()
-                 WHERE message_id IN (SELECT message_id FROM i) RETURNING 1)",
-    )
-    .await
+    act(client, schema, Action::Skip, filter).await
 }
 
-/// Runs `changes` (CTEs `o` and `i` returning the message ids changed, over `sel`: the
-/// selected dead letters, locked) in one transaction.
+/// Runs [`action_statement`] in a transaction that is rolled back when a named id was not
+/// changed.
 async fn act(
     client: &mut Client,
     schema: &str,
+    action: Action,
     filter: &DeadLetterFilter,
-    changes: &str,
 ) -> Result<Vec<Acted>, StoreError> {
     let tx = client.transaction().await.map_err(query_error)?;
     check_migrated(&tx, schema).await?;
-    let (conditions, boxed) = filter.conditions(1);
-    let s = schema;
-    let rows = tx
-        .query(
-            &format!(
-                "WITH sel AS (SELECT q, message_id FROM {} WHERE true{conditions}),
-                      {}
-                 SELECT 'outbox', message_id FROM o UNION ALL SELECT 'inbox', message_id FROM i",
-                dead_rows(s),
-                changes.replace("{s}", s)
-            ),
-            &params(&boxed),
-        )
+    let (sql, boxed) = action_statement(schema, action, filter);
+    let done: Vec<Acted> = tx
+        .query(&sql, &params(&boxed))
         .await
-        .map_err(query_error)?;
-    let acted: Vec<Acted> = rows
+        .map_err(query_error)?
         .iter()
-        .map(|r| Acted {
-            queue: queue_of(r.get(0)),
-            message_id: r.get(1),
-        })
+        .map(acted)
         .collect();
     if let Some(ids) = &filter.message_ids {
         let missing: Vec<String> = ids
             .iter()
-            .filter(|id| !acted.iter().any(|a| a.message_id == **id))
+            .filter(|id| !done.iter().any(|a| a.message_id == **id))
             .map(Uuid::to_string)
             .collect();
         if !missing.is_empty() {
-            // Nothing is changed: `tx` rolls back when dropped.
+            // Nothing is changed, nobody woken: `tx` rolls back when dropped.
             return Err(StoreError::NotFound(format!(
                 "dead letter {}",
                 missing.join(", ")
             )));
         }
     }
-    if !acted.is_empty() {
-        tx.execute(&format!("SELECT pg_notify('wb_work_{s}', '')"), &[])
-            .await
-            .map_err(query_error)?;
-    }
     tx.commit().await.map_err(query_error)?;
-    Ok(acted)
+    Ok(done)
 }
