@@ -78,8 +78,18 @@ pub struct ReplayArgs {
     #[arg(long, value_enum, default_value_t = ProgressStyle::Auto)]
     pub progress: ProgressStyle,
     /// Seconds between two progress lines; 0 prints one after every page.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
     pub progress_interval: f64,
+}
+
+/// `--progress-interval`: a number of seconds from 0 to an hour.
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.0..=3_600.0).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "`{text}` is not a number of seconds from 0 to 3600"
+        )),
+    }
 }
 
 /// Where a replay starts, on the command line.
@@ -146,7 +156,12 @@ async fn replay(
         ProgressStyle::Auto => ProgressStyle::Lines,
         other => other,
     };
-    let interval = Duration::from_secs_f64(args.progress_interval.clamp(0.0, 3_600.0));
+    // Checked by the parser; a value set in code is clamped the same way.
+    let interval = Duration::from_secs_f64(if args.progress_interval.is_finite() {
+        args.progress_interval.clamp(0.0, 3_600.0)
+    } else {
+        1.0
+    });
     let mut view = Progress::new(&args.perspective, style, interval, out);
     let report = builder
         .replay(
@@ -330,6 +345,21 @@ mod tests {
             "--from is required: a rebuild and a resume are different things"
         );
         assert!(App::try_parse_from(["svc", "replay", "orders", "--from", "x"]).is_err());
+        for bad in ["NaN", "inf", "7200", "soon"] {
+            assert!(
+                App::try_parse_from([
+                    "svc",
+                    "replay",
+                    "orders",
+                    "--from",
+                    "checkpoint",
+                    "--progress-interval",
+                    bad
+                ])
+                .is_err(),
+                "--progress-interval {bad}"
+            );
+        }
         assert!(matches!(
             App::try_parse_from(["svc", "serve"]).unwrap().command,
             Cmd::Serve

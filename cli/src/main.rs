@@ -191,20 +191,26 @@ fn since(text: &str) -> Result<Since, String> {
         'd' => 86_400.0,
         _ => return Ok(Since::At(text.to_string())),
     };
-    match number.parse::<f64>() {
-        Ok(n) if n.is_finite() && n >= 0.0 => Ok(Since::Ago(Duration::from_secs_f64(n * scale))),
-        _ if number.chars().all(|c| c.is_ascii_digit() || c == '.') => Err(format!(
+    if number.is_empty() {
+        return Err(format!(
             "`{text}` is neither a duration (90s, 15m, 2h, 3d) nor a timestamp"
-        )),
-        _ => Ok(Since::At(text.to_string())),
+        ));
+    }
+    match number.parse::<f64>() {
+        Ok(n) => match Duration::try_from_secs_f64(n * scale) {
+            Ok(ago) => Ok(Since::Ago(ago)),
+            Err(_) => Err(format!("`{text}` is not a duration from now back")),
+        },
+        // `2026-12-07`, `2026-12-07 15:00`: for Postgres to read.
+        Err(_) => Ok(Since::At(text.to_string())),
     }
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(s) if s.is_finite() && s >= 0.1 => Ok(s),
+        Ok(s) if (0.1..=86_400.0).contains(&s) => Ok(s),
         _ => Err(format!(
-            "`{text}` is not a number of seconds of at least 0.1"
+            "`{text}` is not a number of seconds from 0.1 to 86400"
         )),
     }
 }
@@ -489,4 +495,34 @@ async fn migrate_command(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_duration_or_a_timestamp() {
+        assert_eq!(since("90s"), Ok(Since::Ago(Duration::from_secs(90))));
+        assert_eq!(since("15m"), Ok(Since::Ago(Duration::from_secs(900))));
+        assert_eq!(since("1.5h"), Ok(Since::Ago(Duration::from_secs(5_400))));
+        assert_eq!(since("3d"), Ok(Since::Ago(Duration::from_secs(259_200))));
+        assert_eq!(
+            since("2026-12-07T15:00:00Z"),
+            Ok(Since::At("2026-12-07T15:00:00Z".into()))
+        );
+        assert_eq!(since("2026-12-07"), Ok(Since::At("2026-12-07".into())));
+        assert!(since("").is_err());
+        assert!(since("h").is_err());
+        assert!(since("1e400d").is_err());
+        assert!(since("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn watch_intervals_are_bounded() {
+        assert_eq!(positive_seconds("0.5"), Ok(0.5));
+        for bad in ["0", "0.05", "-1", "NaN", "inf", "1e300", "soon"] {
+            assert!(positive_seconds(bad).is_err(), "{bad}");
+        }
+    }
 }
