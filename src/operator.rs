@@ -55,9 +55,12 @@ use std::time::{Duration, Instant};
 /// The commands a service adds to its command line (flatten it into a `Subcommand` enum).
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum OperatorCommand {
-    /// Replays the event store through one perspective: rebuilds it from scratch or resumes
-    /// from its checkpoint, showing the progress. It does not start the service (no leases, no
-    /// consuming), so it can run beside the running instances.
+    /// Rebuilds a perspective from the event store, or resumes it from its checkpoint.
+    ///
+    /// Reads the stored events of the perspective's types in position order and applies them,
+    /// saving the checkpoint after every page and showing the progress. It does not start the
+    /// service (no instance registered, no leases, nothing consumed), so it can run beside the
+    /// running instances.
     Replay(ReplayArgs),
 }
 
@@ -115,7 +118,7 @@ impl From<Start> for ReplayFrom {
 pub enum ProgressStyle {
     /// A bar when stderr is a terminal, lines otherwise.
     Auto,
-    /// An `indicatif` progress bar on stderr.
+    /// An `indicatif` progress bar on stderr (drawn only when stderr is a terminal).
     Bar,
     /// Plain lines on stderr, at most one per `--progress-interval`.
     Lines,
@@ -207,11 +210,11 @@ impl<'a> Progress<'a> {
     ) -> Progress<'a> {
         let bar = (style == ProgressStyle::Bar).then(|| {
             let bar = indicatif::ProgressBar::new(0);
-            let template = "{msg} [{bar:30}] {pos}/{len} events read, {per_sec}, ETA {eta}";
+            let template = "{prefix} [{bar:30}] {pos}/{len} events read, {msg}, ETA {eta}";
             if let Ok(s) = indicatif::ProgressStyle::with_template(template) {
                 bar.set_style(s.progress_chars("=> "));
             }
-            bar.set_message(format!("replay {name}"));
+            bar.set_prefix(format!("replay {name}"));
             bar
         });
         Progress {
@@ -229,7 +232,13 @@ impl<'a> Progress<'a> {
         if let Some(bar) = &self.bar {
             bar.set_length(p.total());
             bar.set_position(p.read());
-            bar.set_message(format!("replay {}: {} applied", self.name, p.applied));
+            let secs = self.started.elapsed().as_secs_f64();
+            let rate = if secs > 0.0 {
+                p.read() as f64 / secs
+            } else {
+                0.0
+            };
+            bar.set_message(format!("{} applied, {rate:.0} events/s", p.applied));
             return;
         }
         if self.style != ProgressStyle::Lines {
