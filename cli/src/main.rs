@@ -264,14 +264,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )));
     }
     // A URL that does not parse is a configuration error, whatever the command.
-    let endpoint = redact(&config.store.database_url);
-    let (mut pg, tls) = whizbang::store::postgres::tls::database_config(&config).map_err(|e| {
-        Failure::Usage(format!(
-            "{}: {} ({endpoint})",
-            cli.config.display(),
-            redact(&e)
-        ))
-    })?;
+    let url = redact(&config.store.database_url);
+    let (mut pg, tls) = whizbang::store::postgres::tls::database_config(&config)
+        .map_err(|e| Failure::Usage(format!("{}: {} ({url})", cli.config.display(), redact(&e))))?;
+    if tls.is_plain() && !whizbang::store::postgres::tls::only_local_hosts(&pg) {
+        // As the runtime warns at start: libpq's default `prefer` would have tried TLS.
+        tracing::warn!(
+            database = %endpoint(&pg),
+            "the database connection is not encrypted: the password and the data travel in \
+             clear; set sslmode=require (or verify-full with store.tls_ca_file) in \
+             store.database_url"
+        );
+    }
     // The runtime's deadlines: connect timeout, keepalives, TCP_USER_TIMEOUT.
     whizbang::store::postgres::connect::with_deadlines(&mut pg, &config);
     pg.application_name("whizbang-cli");

@@ -961,3 +961,31 @@ async fn status_watch_redraws_until_sigterm() {
     assert_eq!(status.code(), Some(0), "stopped by SIGTERM: exit 0");
     drop_schema(&client, &schema).await;
 }
+
+/// A database on another machine without TLS: the CLI warns, as the runtime does, that the
+/// password travels in clear, and prints the password nowhere.
+#[test]
+fn a_connection_in_clear_to_another_host_is_warned_about() {
+    let file = std::fs::read_to_string(postgres_config()).expect("config/postgres.toml");
+    let quick = file
+        .replace("startup_timeout_ms = 60000", "startup_timeout_ms = 300")
+        .replace("connect_timeout_ms = 5000", "connect_timeout_ms = 200");
+    assert_ne!(quick, file, "the timeouts were found and shortened");
+    let path = std::env::temp_dir().join(format!("whizbang-cli-{}.toml", Uuid::now_v7().simple()));
+    std::fs::write(&path, quick).expect("write the test config");
+    // TEST-NET-1 (RFC 5737): nothing answers there.
+    let url = "postgres://postgres:hunter2secret@192.0.2.1:5432/postgres";
+    let out = cli(&path.display().to_string(), &new_schema(), url, &["status"]);
+    let _ = std::fs::remove_file(&path);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("not encrypted"), "warned: {stderr}");
+    assert!(
+        stderr.contains("postgres://postgres@192.0.2.1:5432/postgres"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"),
+        "{stdout}\n{stderr}"
+    );
+}
