@@ -484,6 +484,11 @@ async fn status_and_show_describe_a_message_the_runtime_dead_lettered() {
     let config = postgres_config();
     let (rt, dead, command) = dead_letter_in(&schema).await;
     let instance = rt.instance_id().to_string();
+    // A replay checkpoint behind the event store's head.
+    rt.store()
+        .save_checkpoint("labels", 0)
+        .await
+        .expect("save a checkpoint");
 
     // status, as a table: the instance, its heartbeat and leases, the dead inbox row.
     let out = cli_async(&config, &schema, &url, &["status"]).await;
@@ -509,6 +514,15 @@ async fn status_and_show_describe_a_message_the_runtime_dead_lettered() {
         "{stdout}"
     );
     assert!(stdout.contains("event store: last position 1"), "{stdout}");
+    let checkpoint = stdout
+        .lines()
+        .find(|l| l.starts_with("labels "))
+        .unwrap_or_else(|| panic!("the labels checkpoint: {stdout}"));
+    assert_eq!(
+        checkpoint.split_whitespace().take(3).collect::<Vec<_>>(),
+        ["labels", "0", "1"],
+        "CHECKPOINT 0, BEHIND 1: {checkpoint}"
+    );
     assert!(!stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"));
 
     // status, as JSON: the same facts, keyed.
@@ -543,6 +557,9 @@ async fn status_and_show_describe_a_message_the_runtime_dead_lettered() {
     assert_eq!(inbox["oldest_pending_age_seconds"], serde_json::Value::Null);
     assert_eq!(queue("outbox")["dead"], 0);
     assert_eq!(doc["event_store"]["last_position"], 1);
+    assert_eq!(doc["perspectives"][0]["perspective"], "labels", "{doc}");
+    assert_eq!(doc["perspectives"][0]["position"], 0, "{doc}");
+    assert_eq!(doc["perspectives"][0]["behind"], 1, "{doc}");
     assert_eq!(doc["partitions"]["configured"], 10000);
 
     // dead-letters show, as a table: the envelope, the error, the payload as JSON.
@@ -988,4 +1005,80 @@ fn a_connection_in_clear_to_another_host_is_warned_about() {
         !stdout.contains("hunter2secret") && !stderr.contains("hunter2secret"),
         "{stdout}\n{stderr}"
     );
+}
+
+/// A row that failed once and waits for its retry: pending and retrying, with the age of the
+/// oldest pending row; not dead.
+#[actix_rt::test]
+async fn status_counts_a_row_waiting_for_its_retry() {
+    use whizbang::{DispatchError, Runtime};
+    let schema = new_schema();
+    let config = postgres_config();
+    let mut c = runtime_config(&schema);
+    c.store.max_attempts = 10;
+    c.store.backoff_base_ms = 600_000;
+    c.store.backoff_max_ms = 600_000;
+    let rt = Runtime::builder(c)
+        .receptor::<service::Ship, _>(service::Shipping)
+        .perspective::<service::Shipped, _>("labels", service::Broken)
+        .start()
+        .await
+        .expect("the runtime starts");
+    let failed = rt
+        .local_invoke::<_, service::Shipped>(service::Ship {
+            parcel: "P-7".into(),
+            weight_grams: 10,
+        })
+        .await;
+    let Err(DispatchError::PerspectiveFailed { message_id, .. }) = failed else {
+        panic!("the perspective fails: {failed:?}");
+    };
+    let client = connect().await;
+    let started = std::time::Instant::now();
+    loop {
+        let attempts: Option<i32> = client
+            .query_opt(
+                &format!("SELECT attempts FROM {schema}.wb_inbox WHERE message_id = $1"),
+                &[&message_id],
+            )
+            .await
+            .expect("read the inbox")
+            .map(|r| r.get(0));
+        if attempts.is_some_and(|a| a >= 1) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the failure is recorded within 60 s: attempts {attempts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let doc = json(
+        &cli_async(
+            &config,
+            &schema,
+            &database_url(),
+            &["status", "--output", "json"],
+        )
+        .await,
+    );
+    let inbox = doc["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["queue"] == "inbox")
+        .expect("the inbox")
+        .clone();
+    assert_eq!(inbox["pending"], 1, "{inbox}");
+    assert_eq!(inbox["in_flight"], 0, "{inbox}");
+    assert_eq!(inbox["retrying"], 1, "{inbox}");
+    assert_eq!(inbox["dead"], 0, "{inbox}");
+    assert!(
+        inbox["oldest_pending_age_seconds"]
+            .as_f64()
+            .is_some_and(|age| age >= 0.0),
+        "{inbox}"
+    );
+    rt.shutdown().await.expect("shutdown");
+    drop_schema(&client, &schema).await;
 }

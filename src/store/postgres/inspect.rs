@@ -116,7 +116,8 @@ pub struct QueueStatus {
     pub pending: u64,
     /// Of those, rows claimed by an instance right now.
     pub in_flight: u64,
-    /// Of those, rows that failed at least once and wait for another attempt.
+    /// Of those, rows that failed at least once (a counted or a transient failure) and wait
+    /// for, or are in, another attempt; a requeued row starts afresh.
     pub retrying: u64,
     /// Dead-lettered rows (each parks its stream).
     pub dead: u64,
@@ -223,7 +224,7 @@ pub async fn status(client: &mut Client, schema: &str) -> Result<Status, StoreEr
         format!(
             "SELECT '{name}', count(*) FILTER (WHERE NOT dead),
                     count(*) FILTER (WHERE NOT dead AND claimed_by IS NOT NULL),
-                    count(*) FILTER (WHERE NOT dead AND attempts > 0),
+                    count(*) FILTER (WHERE NOT dead AND (attempts > 0 OR next_attempt_at IS NOT NULL)),
                     count(*) FILTER (WHERE dead),
                     {}
                FROM {s}.{table}",
