@@ -33,7 +33,11 @@ async fn connect() -> Client {
     .await
     .unwrap_or_else(|_| panic!("timed out connecting to the test database {url}"))
     .unwrap_or_else(|e| {
-        panic!("cannot reach the test database {url} (set WHIZBANG_TEST_DATABASE_URL): {e}")
+        let reason = e.as_db_error().map_or_else(
+            || e.to_string(),
+            |d| format!("{}: {}", d.code().code(), d.message()),
+        );
+        panic!("cannot reach the test database {url} (set WHIZBANG_TEST_DATABASE_URL): {reason}")
     });
     tokio::spawn(async move {
         let _ = connection.await;
@@ -409,6 +413,8 @@ fn runtime_config(schema: &str) -> whizbang::Config {
     c.service.name = "shipping".into();
     c.store.database_url = database_url();
     c.store.schema = schema.into();
+    // The test server is shared: a small pool per runtime.
+    c.store.pool_size = 2;
     c.store.max_attempts = 2;
     c.store.backoff_base_ms = 10;
     c.store.backoff_max_ms = 40;
