@@ -117,7 +117,7 @@
 //! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
 //! | `consumer` (internal) | transport deliveries → inbox, settled after commit |
-//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`] (with [`store::postgres::migrate`], [`store::postgres::tls`]) |
+//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`] (with [`store::postgres::migrate`], [`store::postgres::tls`], [`store::postgres::inspect`]: the operator's read-only views) |
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
