@@ -109,14 +109,15 @@
 //! | [`envelope`] | message id, correlation, causation, hops, metadata |
 //! | [`handler`] | the `Receptor` / `Perspective` traits and the actors that run them |
 //! | [`registry`] | message type → receptor, perspectives, topic |
-//! | [`replay`] | rebuilding or resuming a perspective from the event store |
+//! | [`replay`] | rebuilding or resuming a perspective from the event store, with progress reports |
+//! | `operator` (feature `operator`) | commands a service embeds in its binary: `replay` with a progress bar |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
 //! | `partition` (internal) | per-partition actors that run jobs strictly in order |
 //! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
 //! | `consumer` (internal) | transport deliveries → inbox, settled after commit |
-//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`] (with [`store::postgres::migrate`], [`store::postgres::tls`]) |
+//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`] (with [`store::postgres::migrate`], [`store::postgres::tls`], [`store::postgres::inspect`]: the operator's read-only views) |
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
@@ -131,6 +132,8 @@ pub mod envelope;
 pub mod error;
 pub mod handler;
 pub mod message;
+#[cfg(feature = "operator")]
+pub mod operator;
 pub(crate) mod partition;
 pub(crate) mod publisher;
 pub mod registry;

@@ -837,6 +837,11 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        // Positions are 1..n in append order (see `read_all`).
+        Ok(self.lock().events.len() as u64)
+    }
+
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         let st = self.lock();
         Ok(message_ids

@@ -481,6 +481,18 @@ pub enum StoreError {
         /// The pre-squash file names its `wb_migrations` records.
         applied: Vec<String>,
     },
+    /// The schema lacks tables this build reads: it was never migrated, or only by an older
+    /// build. Read-only operator commands answer this instead of migrating.
+    #[error(
+        "schema `{schema}` is not migrated (missing {}): run `whizbang migrate` first",
+        missing.join(", ")
+    )]
+    NotMigrated {
+        /// The configured schema (`store.schema`).
+        schema: String,
+        /// The baseline files it has not recorded.
+        missing: Vec<String>,
+    },
     /// A row the caller named does not exist (a dead letter to requeue or skip, say).
     #[error("no such row: {0}")]
     NotFound(String),
@@ -516,6 +528,7 @@ impl StoreError {
             StoreError::Refused { .. }
             | StoreError::Migration { .. }
             | StoreError::PreSquashSchema { .. }
+            | StoreError::NotMigrated { .. }
             | StoreError::NotFound(_)
             | StoreError::Corrupt(_) => false,
         }
@@ -578,6 +591,10 @@ pub trait Store: Send + Sync + 'static {
         after_position: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The position of the newest stored event (0 when the event store is empty): where a
+    /// replay that starts now will have read to once it catches up.
+    async fn last_position(&self) -> Result<u64, StoreError>;
 
     /// Of the given inbox message ids, those that are processed.
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;

@@ -738,7 +738,15 @@ async fn dead_letter_after_max_attempts_then_requeue_and_skip(b: Backend) {
     // Parked: nothing of the stream is claimable, even after the backoff.
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(batch(&store, a, claim_all()).await.claimed_inbox.is_empty());
+    let mut rx = store.work_signal();
+    // Let any wake-up already on its way arrive, then start from a quiet signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
     store.requeue_dead_letter(e1.message_id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("a requeue wakes the instances: the stream is claimable again")
+        .unwrap();
     let r = batch(&store, a, claim_all()).await;
     let ids: Vec<(Uuid, u32)> = r
         .claimed_inbox
@@ -776,7 +784,13 @@ async fn dead_letter_after_max_attempts_then_requeue_and_skip(b: Backend) {
         .await;
     }
     assert_eq!(store.dead_letters().await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
     store.skip_dead_letter(e1.message_id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("a skip wakes the instances: the rest of the stream is claimable")
+        .unwrap();
     assert!(store.dead_letters().await.unwrap().is_empty());
     let r = batch(&store, a, claim_all()).await;
     let ids: Vec<Uuid> = r

@@ -11,13 +11,15 @@
 //! It must not hold state of its own between calls: everything lives in the database. The
 //! pieces live beside it: [`connect`] (pool, prepared statements, start-up connection, LISTEN),
 //! `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their rows back into a
-//! [`WorkBatchResult`]), `admin` (dead letters), [`migrate`](mod@migrate), [`tls`] and
+//! [`WorkBatchResult`]), `admin` (dead letters), [`inspect`] (the operator's
+//! read-only views and bulk dead-letter actions), [`migrate`](mod@migrate), [`tls`] and
 //! [`vacuum`].
 
 mod admin;
 mod answer;
 mod batch;
 pub mod connect;
+pub mod inspect;
 pub mod migrate;
 pub mod tls;
 pub mod vacuum;
@@ -455,6 +457,16 @@ impl Store for PostgresStore {
             )
             .await?;
         rows.iter().map(stored_event).collect()
+    }
+
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .query(
+                &format!("SELECT last FROM {}.wb_position", self.schema),
+                &[],
+            )
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
     }
 
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {

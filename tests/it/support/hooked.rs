@@ -79,6 +79,9 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
     ) -> Result<Vec<whizbang::store::StoredEvent>, whizbang::store::StoreError> {
         self.inner.read_all(after, limit).await
     }
+    async fn last_position(&self) -> Result<u64, whizbang::store::StoreError> {
+        self.inner.last_position().await
+    }
     async fn inbox_processed(
         &self,
         ids: &[Uuid],

@@ -166,6 +166,10 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.read_all(a, l).await
     }
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.last_position().await
+    }
     async fn inbox_processed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.inbox_processed(ids).await
