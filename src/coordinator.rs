@@ -512,6 +512,13 @@ impl Coordinator {
                     self.hand_outbox(claimed_outbox);
                     let _ = pending.reply.send(Ok(CommitOutcome { appended, applied }));
                 }
+                UnitOutcome::KeyTaken { key } => {
+                    // The dispatcher reads the record there and answers its outcome (or this
+                    // error, if the key was recorded for another command).
+                    let _ = pending
+                        .reply
+                        .send(Err(DispatchError::IdempotencyKeyReused { key }));
+                }
                 UnitOutcome::Conflict {
                     stream_id,
                     expected,
@@ -771,6 +778,31 @@ impl Handler<Commit> for Coordinator {
         if self.wants_flush() {
             self.flush(ctx);
         }
+    }
+}
+
+/// Answers, per inbox message id, when that row has been processed: a replayed idempotent
+/// `local_invoke` waits for the perspectives of the first dispatch's events as it did. Looked
+/// up at once, then at each fallback poll (or handed over with the row if this instance claims
+/// it).
+pub struct AwaitProcessed(pub Vec<Uuid>);
+
+impl Message for AwaitProcessed {
+    type Result = Vec<AppliedReceiver>;
+}
+
+impl Handler<AwaitProcessed> for Coordinator {
+    type Result = MessageResult<AwaitProcessed>;
+
+    fn handle(&mut self, msg: AwaitProcessed, ctx: &mut Self::Context) -> Self::Result {
+        let mut receivers = Vec::with_capacity(msg.0.len());
+        for id in msg.0 {
+            let (tx, rx) = oneshot::channel();
+            self.remote_waiters.entry(id).or_default().push(tx);
+            receivers.push(rx);
+        }
+        self.check_remote_waiters(ctx);
+        MessageResult(receivers)
     }
 }
 

@@ -13,16 +13,18 @@
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
 use crate::config::RuntimeConfig;
-use crate::coordinator::{Coordinator, commit};
+use crate::coordinator::{AwaitProcessed, Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
+use crate::idempotency::{KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
-use crate::partition::{CommandJob, Job, PartitionDirectory};
+use crate::partition::{CommandJob, CommandOutcome, Job, PartitionDirectory};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
 use crate::store::{AppendedEvent, CorrelationStatus, Store, UnitOfWork};
 use actix::prelude::*;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +33,8 @@ use tokio::sync::oneshot;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-/// Tracing context and deadline of a dispatch: continue an existing conversation, or start a
-/// new one.
+/// Tracing context, deadline and idempotency key of a dispatch: continue an existing
+/// conversation, or start a new one.
 #[derive(Debug, Clone, Default)]
 pub struct DispatchOptions {
     /// How long the caller waits, for room under `runtime.max_in_flight` and for the answer;
@@ -44,6 +46,19 @@ pub struct DispatchOptions {
     pub causation_id: Option<Uuid>,
     /// Free-form key/value pairs carried in the envelope to every message this one causes.
     pub metadata: BTreeMap<String, String>,
+    /// A caller-chosen key that makes a command idempotent (`local_invoke` and `send`; an
+    /// HTTP service maps its `Idempotency-Key` header here). The first dispatch with a key
+    /// runs and its outcome is recorded with its effects, in the same store transaction: its
+    /// result and receipt, or the receptor's refusal. A later dispatch with the same key and
+    /// the same command (type and body) answers that outcome again without running the
+    /// receptor (a replayed `local_invoke` still waits for the first one's perspectives); with
+    /// another command it is refused with [`DispatchError::IdempotencyKeyReused`] (HTTP 422).
+    /// Dispatches of one key run one after another in this process. Keys are kept for
+    /// `store.dedup_retention_hours` (durably on Postgres, for the life of the process in
+    /// memory). A version conflict, timeout, panic or store failure records nothing: retrying
+    /// with the same key is safe after any error, a lost commit answer included. `None`: no
+    /// key, every dispatch runs.
+    pub idempotency_key: Option<String>,
 }
 
 impl DispatchOptions {
@@ -63,6 +78,23 @@ impl DispatchOptions {
         DispatchOptions {
             correlation_id: Some(correlation_id),
             causation_id: Some(causation_id),
+            ..DispatchOptions::default()
+        }
+    }
+
+    /// Options with this idempotency key (see [`DispatchOptions::idempotency_key`]).
+    ///
+    /// ```
+    /// use whizbang::DispatchOptions;
+    ///
+    /// let options = DispatchOptions::idempotent("order-7-create");
+    /// assert_eq!(options.idempotency_key.as_deref(), Some("order-7-create"));
+    /// // runtime.local_invoke_with(command, options): a retry with the same key answers the
+    /// // first outcome without running the receptor again.
+    /// ```
+    pub fn idempotent(key: impl Into<String>) -> DispatchOptions {
+        DispatchOptions {
+            idempotency_key: Some(key.into()),
             ..DispatchOptions::default()
         }
     }
@@ -205,6 +237,8 @@ pub struct Dispatcher {
     coordinator: Addr<Coordinator>,
     store: Arc<dyn Store>,
     admission: Admission,
+    /// One dispatch at a time per idempotency key.
+    keys: KeyLocks,
 }
 
 /// The edge's backpressure: at most `runtime.max_in_flight` dispatches at once, each bounded by
@@ -342,6 +376,7 @@ impl Dispatcher {
             coordinator,
             store,
             admission,
+            keys: KeyLocks::default(),
         }
     }
 
@@ -370,10 +405,11 @@ impl Dispatcher {
         command: C,
         options: DispatchOptions,
         wait: bool,
+        keyed: Option<Keyed>,
     ) -> (
         DeliveryReceipt,
         impl FnOnce() + 'static,
-        oneshot::Receiver<Result<crate::partition::CommandOutcome, DispatchError>>,
+        oneshot::Receiver<Result<CommandOutcome, DispatchError>>,
     ) {
         // The payload is encoded only if the command itself must be stored (outbox/inbox):
         // a local receptor gets the typed value.
@@ -397,6 +433,7 @@ impl Dispatcher {
                     envelope,
                     typed: Some(Box::new(command)),
                     wait,
+                    keyed,
                     reply,
                 }),
             )
@@ -429,24 +466,147 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
             });
         }
         let deadline = msg.options.deadline;
-        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true);
+        if let Some(key) = msg.options.idempotency_key.clone() {
+            let keyed = match keyed_command(key, &msg.command) {
+                Ok(k) => k,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
+            let (_, queue, rx) =
+                self.run_locally(msg.command, msg.options, true, Some(keyed.clone()));
+            let (keys, store) = (self.keys.clone(), self.store.clone());
+            let (registry, coordinator) = (self.registry.clone(), self.coordinator.clone());
+            return self.admission.admit(C::TYPE_NAME, deadline, move || {
+                Box::pin(async move {
+                    let run = async move {
+                        queue();
+                        rx.await.map_err(gone)?
+                    };
+                    match once_per_key(keys, store, keyed, run).await? {
+                        KeyedAnswer::Ran(outcome) => typed_result::<C, R>(outcome).await,
+                        KeyedAnswer::Replayed(outcome, _) => {
+                            replayed_result::<C, R>(&registry, &coordinator, outcome).await
+                        }
+                    }
+                })
+            });
+        }
+        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true, None);
         self.admission.admit(C::TYPE_NAME, deadline, move || {
             queue();
-            Box::pin(async move {
-                let outcome = rx.await.map_err(gone)??;
-                for applied in outcome.applied {
-                    applied.await.map_err(gone)??;
-                }
-                outcome
-                    .result
-                    .downcast::<R>()
-                    .map(|r| *r)
-                    .map_err(|_| DispatchError::ResultType {
-                        message_type: C::TYPE_NAME.into(),
-                        expected: std::any::type_name::<R>(),
-                    })
-            })
+            Box::pin(async move { typed_result::<C, R>(rx.await.map_err(gone)??).await })
         })
+    }
+}
+
+/// The key of a keyed dispatch with the hash of its command.
+fn keyed_command<C: Command>(key: String, command: &C) -> Result<Keyed, DispatchError> {
+    let payload = message::encode(command).map_err(|e| DispatchError::Codec(e.to_string()))?;
+    Ok(Keyed::new(key, C::TYPE_NAME, &payload))
+}
+
+/// A handled command's typed result, once the perspectives of its events have run.
+async fn typed_result<C: Command, R: 'static>(
+    outcome: CommandOutcome,
+) -> Result<R, DispatchError> {
+    for applied in outcome.applied {
+        applied.await.map_err(gone)??;
+    }
+    downcast_result::<C, R>(outcome.result)
+}
+
+fn downcast_result<C: Command, R: 'static>(
+    result: Box<dyn std::any::Any + Send>,
+) -> Result<R, DispatchError> {
+    result
+        .downcast::<R>()
+        .map(|r| *r)
+        .map_err(|_| DispatchError::ResultType {
+            message_type: C::TYPE_NAME.into(),
+            expected: std::any::type_name::<R>(),
+        })
+}
+
+/// The typed result a keyed `local_invoke` answered the first time, once the perspectives of
+/// the first dispatch's events have run (read-your-writes, as the first answer promised); or
+/// the refusal it answered.
+async fn replayed_result<C: Command, R: 'static>(
+    registry: &RegistryView,
+    coordinator: &Addr<Coordinator>,
+    outcome: Outcome,
+) -> Result<R, DispatchError> {
+    let (result, inbox) = match outcome {
+        Outcome::Done { result, inbox, .. } => (result, inbox),
+        Outcome::Rejected {
+            message_type,
+            error,
+        } => {
+            return Err(DispatchError::Rejected {
+                message_type,
+                error,
+            });
+        }
+    };
+    let Some(bytes) = result else {
+        return Err(DispatchError::ResultType {
+            message_type: C::TYPE_NAME.into(),
+            expected: std::any::type_name::<R>(),
+        });
+    };
+    let table = registry.current();
+    let Some(entry) = table.receptor(C::TYPE_NAME) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: C::TYPE_NAME.into(),
+        });
+    };
+    let value = entry
+        .receptor
+        .decode_result(&bytes)
+        .map_err(DispatchError::Codec)?;
+    for applied in coordinator.send(AwaitProcessed(inbox)).await? {
+        applied.await.map_err(gone)??;
+    }
+    downcast_result::<C, R>(value)
+}
+
+/// What a keyed dispatch ends with.
+enum KeyedAnswer<T> {
+    /// It ran: its own answer.
+    Ran(T),
+    /// A dispatch of the same key and command ran before: its recorded outcome, with the
+    /// events its unit appended.
+    Replayed(Outcome, Vec<AppendedEvent>),
+}
+
+/// Runs `run` (the dispatch, started when first polled) under the key's lock unless the key is
+/// recorded; answers the record if it is, or if a concurrent dispatch elsewhere recorded it
+/// first (the unit comes back with the key taken and wrote nothing).
+async fn once_per_key<T>(
+    keys: KeyLocks,
+    store: Arc<dyn Store>,
+    keyed: Keyed,
+    run: impl Future<Output = Result<T, DispatchError>>,
+) -> Result<KeyedAnswer<T>, DispatchError> {
+    let _one_at_a_time = keys.lock(&keyed.key).await;
+    if let Some(record) = store.idempotency_record(&keyed.key).await? {
+        let (outcome, appended) = keyed.replay(record)?;
+        return Ok(KeyedAnswer::Replayed(outcome, appended));
+    }
+    match run.await {
+        Err(DispatchError::IdempotencyKeyReused { .. }) => {
+            match store.idempotency_record(&keyed.key).await? {
+                Some(record) => {
+                    let (outcome, appended) = keyed.replay(record)?;
+                    Ok(KeyedAnswer::Replayed(outcome, appended))
+                }
+                // Taken by a unit that then gave it back (a version conflict in the same batch):
+                // nothing is recorded, so sending again runs the command.
+                None => Err(DispatchError::Unavailable(format!(
+                    "idempotency key `{}` was held by a dispatch that did not commit; send again",
+                    keyed.key
+                ))),
+            }
+        }
+        answer => answer.map(KeyedAnswer::Ran),
     }
 }
 
@@ -456,8 +616,34 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
         let table = self.registry.current();
         let deadline = msg.options.deadline;
+        let keyed = match msg.options.idempotency_key.clone() {
+            Some(key) => match keyed_command(key, &msg.command) {
+                Ok(k) => Some(k),
+                Err(e) => return Box::pin(async move { Err(e) }),
+            },
+            None => None,
+        };
         if table.receptor(C::TYPE_NAME).is_some() {
-            let (mut receipt, queue, rx) = self.run_locally(msg.command, msg.options, false);
+            let (mut receipt, queue, rx) =
+                self.run_locally(msg.command, msg.options, false, keyed.clone());
+            if let Some(keyed) = keyed {
+                let (keys, store) = (self.keys.clone(), self.store.clone());
+                return self.admission.admit(C::TYPE_NAME, deadline, move || {
+                    Box::pin(async move {
+                        let run = async move {
+                            queue();
+                            rx.await.map_err(gone)?
+                        };
+                        match once_per_key(keys, store, keyed, run).await? {
+                            KeyedAnswer::Ran(outcome) => {
+                                receipt.events = outcome.appended;
+                                Ok(receipt)
+                            }
+                            KeyedAnswer::Replayed(outcome, appended) => outcome.receipt(appended),
+                        }
+                    })
+                });
+            }
             return self.admission.admit(C::TYPE_NAME, deadline, move || {
                 queue();
                 Box::pin(async move {
@@ -485,7 +671,10 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
             payload,
             msg.options,
         );
-        self.commit_one_admitted(C::TYPE_NAME, deadline, envelope)
+        match keyed {
+            Some(keyed) => self.commit_keyed_admitted(C::TYPE_NAME, deadline, envelope, keyed),
+            None => self.commit_one_admitted(C::TYPE_NAME, deadline, envelope),
+        }
     }
 }
 
@@ -528,7 +717,44 @@ impl Dispatcher {
                 &coordinator,
                 envelope,
                 ReceiptStatus::Accepted,
+                None,
             )
+        })
+    }
+
+    /// [`Dispatcher::commit_one_admitted`] for a command with an idempotency key: its unit
+    /// records the receipt, and a repeat answers the first receipt.
+    fn commit_keyed_admitted(
+        &self,
+        message_type: &'static str,
+        deadline: Option<Duration>,
+        envelope: Envelope,
+        keyed: Keyed,
+    ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
+        let origin = self.origin.clone();
+        let registry = self.registry.clone();
+        let coordinator = self.coordinator.clone();
+        let (keys, store) = (self.keys.clone(), self.store.clone());
+        self.admission.admit(message_type, deadline, move || {
+            Box::pin(async move {
+                let record = keyed.clone();
+                // Built (and the unit sent) only once the key is held and found free.
+                let run = async move {
+                    commit_one(
+                        &origin,
+                        &registry,
+                        &coordinator,
+                        envelope,
+                        ReceiptStatus::Accepted,
+                        Some(record),
+                    )
+                    .await
+                };
+                match once_per_key(keys, store, keyed, run).await? {
+                    KeyedAnswer::Ran(receipt) => Ok(receipt),
+                    KeyedAnswer::Replayed(outcome, appended) => outcome.receipt(appended),
+                }
+            })
         })
     }
 }
@@ -540,6 +766,7 @@ fn commit_one(
     coordinator: &Addr<Coordinator>,
     mut envelope: Envelope,
     status: ReceiptStatus,
+    keyed: Option<Keyed>,
 ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
     let mut unit = UnitOfWork {
         claim_for_writer: true,
@@ -552,6 +779,21 @@ fn commit_one(
     let mut receipt = DeliveryReceipt::of(&envelope, status, Vec::new());
     if let Err(e) = add_message(origin, &registry.current(), &mut unit, envelope) {
         return Box::pin(async move { Err(e) });
+    }
+    if let Some(keyed) = keyed {
+        let outcome = Outcome::Done {
+            message_id: receipt.message_id,
+            correlation_id: receipt.correlation_id,
+            stream_id: receipt.stream_id.clone(),
+            timestamp_us: receipt.timestamp_us,
+            accepted: status == ReceiptStatus::Accepted,
+            result: None,
+            inbox: unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
+        };
+        match keyed.record(&outcome) {
+            Ok(record) => unit.idempotency = Some(record),
+            Err(e) => return Box::pin(async move { Err(e) }),
+        }
     }
     let committed = commit(coordinator, unit, false);
     Box::pin(async move {

@@ -110,6 +110,16 @@ pub enum DispatchError {
         /// The limit that was reached.
         max_in_flight: u32,
     },
+    /// The idempotency key was already used for another command (another type or another
+    /// body); nothing was run (HTTP 422). Choose a new key for a new command.
+    #[error(
+        "idempotency key `{key}` was already used for a different command (another type or \
+         body); nothing was run"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+    },
     /// No answer within the caller's deadline. The work was started and goes on: it may still
     /// commit, so look its correlation id up before sending it again (HTTP 504).
     #[error(
@@ -130,6 +140,7 @@ impl DispatchError {
         match self {
             DispatchError::Rejected { error, .. } => error.http_status(),
             DispatchError::InvalidMessage { .. } => 400,
+            DispatchError::IdempotencyKeyReused { .. } => 422,
             DispatchError::VersionConflict { .. } => 409,
             DispatchError::Store(e) if e.is_retryable() => 503,
             DispatchError::Unavailable(_)
@@ -269,5 +280,15 @@ mod tests {
         let down: DispatchError = StoreError::unavailable("connection closed").into();
         assert!(down.is_retryable());
         assert_eq!(down.http_status(), 503);
+    }
+
+    #[test]
+    fn a_reused_idempotency_key_is_unprocessable_and_not_retryable() {
+        let e = DispatchError::IdempotencyKeyReused { key: "k-1".into() };
+        assert_eq!(e.http_status(), 422);
+        assert!(!e.is_retryable());
+        assert!(!e.is_conflict());
+        assert_eq!(e.retry_after(), None);
+        assert!(e.to_string().contains("k-1"), "{e}");
     }
 }

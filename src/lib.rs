@@ -112,6 +112,7 @@
 //! | [`replay`] | rebuilding or resuming a perspective from the event store |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
+//! | `idempotency` (internal) | idempotent commands: recorded first outcomes, request hashes, one run per key |
 //! | `partition` (internal) | per-partition actors that run jobs strictly in order |
 //! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
@@ -130,6 +131,7 @@ pub mod dispatcher;
 pub mod envelope;
 pub mod error;
 pub mod handler;
+pub(crate) mod idempotency;
 pub mod message;
 pub(crate) mod partition;
 pub(crate) mod publisher;

@@ -16,9 +16,10 @@ use crate::coordinator::{AppliedSender, CommitAnswer, CommitOutcome, Coordinator
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::handler::{Apply, HandlerFailure, Invoke};
+use crate::idempotency::{Keyed, Outcome};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
-use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
+use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::any::Any;
@@ -40,6 +41,8 @@ pub struct CommandJob {
     pub typed: Option<Box<dyn Any + Send>>,
     /// Wait for the perspectives of the resulting events (local_invoke).
     pub wait: bool,
+    /// The idempotency key it was dispatched with: its outcome is recorded in its unit.
+    pub keyed: Option<Keyed>,
     pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
 }
 
@@ -177,10 +180,11 @@ impl PartitionActor {
                             envelope,
                             typed,
                             wait,
+                            keyed,
                             reply,
                         } = job;
                         let stream = envelope.stream_id.clone();
-                        let queued = queue_command(&deps, envelope, typed, None, wait).await;
+                        let queued = queue_command(&deps, envelope, typed, None, wait, keyed).await;
                         (stream, queued, reply)
                     }
                     .into_actor(self)
@@ -298,14 +302,26 @@ impl PartitionActor {
 struct QueuedCommand {
     result: Box<dyn Any + Send>,
     commit: CommitAnswer,
+    /// The receptor refused a keyed command: the unit records the refusal only, and the
+    /// refusal is the answer once it is committed.
+    refused: Option<DispatchError>,
 }
 
 impl QueuedCommand {
     /// Waits for the unit's commit.
     async fn committed(self) -> Result<CommandOutcome, DispatchError> {
+        let committed = self.commit.await;
+        if let Some(refusal) = self.refused {
+            return match committed {
+                // The key was recorded by another dispatch: the dispatcher answers that one.
+                Err(e @ DispatchError::IdempotencyKeyReused { .. }) => Err(e),
+                // Recorded, or not (a retry then runs the command again): the refusal stands.
+                _ => Err(refusal),
+            };
+        }
         let CommitOutcome {
             appended, applied, ..
-        } = self.commit.await?;
+        } = committed?;
         Ok(CommandOutcome {
             result: self.result,
             appended,
@@ -321,6 +337,7 @@ async fn queue_command(
     typed: Option<Box<dyn Any + Send>>,
     completes: Option<WorkRef>,
     wait: bool,
+    keyed: Option<Keyed>,
 ) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
     // Sent through the table's address (held for the call), not a clone of it: an address
@@ -331,7 +348,7 @@ async fn queue_command(
         });
     };
     let envelope = Arc::new(envelope);
-    let decision = receptor
+    let decision = match receptor
         .addr
         .send(Invoke {
             envelope: envelope.clone(),
@@ -339,8 +356,39 @@ async fn queue_command(
         })
         .await?
         .await
-        .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
-    let unit = plan_unit(
+    {
+        Ok(decision) => decision,
+        Err(failure) => {
+            let refusal = DispatchError::from_handler(&envelope.message_type, failure);
+            return match (keyed, &refusal) {
+                // A business refusal of a keyed command is its outcome: recorded, so a retry
+                // answers it again rather than deciding anew.
+                (
+                    Some(keyed),
+                    DispatchError::Rejected {
+                        message_type,
+                        error,
+                    },
+                ) => {
+                    let record = keyed.record(&Outcome::Rejected {
+                        message_type: message_type.clone(),
+                        error: error.clone(),
+                    })?;
+                    let unit = UnitOfWork {
+                        idempotency: Some(record),
+                        ..UnitOfWork::default()
+                    };
+                    Ok(QueuedCommand {
+                        result: Box::new(()),
+                        commit: commit(&deps.coordinator, unit, false),
+                        refused: Some(refusal),
+                    })
+                }
+                _ => Err(refusal),
+            };
+        }
+    };
+    let mut unit = plan_unit(
         &deps.origin,
         &table,
         &envelope,
@@ -349,10 +397,26 @@ async fn queue_command(
         decision.expectations,
         completes,
     )?;
+    if let Some(keyed) = keyed {
+        let result = receptor
+            .receptor
+            .encode_result(&*decision.result)
+            .map_err(DispatchError::Codec)?;
+        unit.idempotency = Some(keyed.record(&Outcome::Done {
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id,
+            stream_id: envelope.stream_id.clone(),
+            timestamp_us: envelope.timestamp_us,
+            accepted: false,
+            result: Some(result),
+            inbox: unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
+        })?);
+    }
     // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
     Ok(QueuedCommand {
         result: decision.result,
         commit: commit(&deps.coordinator, unit, wait),
+        refused: None,
     })
 }
 
@@ -364,7 +428,7 @@ async fn run_command(
     completes: Option<WorkRef>,
     wait: bool,
 ) -> Result<CommandOutcome, DispatchError> {
-    queue_command(deps, envelope, typed, completes, wait)
+    queue_command(deps, envelope, typed, completes, wait, None)
         .await?
         .committed()
         .await

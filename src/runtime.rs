@@ -305,7 +305,8 @@ impl Runtime {
             .await?
     }
 
-    /// `LocalInvoke` continuing a conversation.
+    /// `LocalInvoke` with options: a conversation to continue, a deadline, an idempotency key
+    /// (see [`DispatchOptions::idempotency_key`]).
     pub async fn local_invoke_with<C: Command, R: Send + 'static>(
         &self,
         command: C,
@@ -319,6 +320,17 @@ impl Runtime {
     /// `Send`: a receipt once the command's effects are committed.
     pub async fn send<C: Command>(&self, command: C) -> Result<DeliveryReceipt, DispatchError> {
         self.dispatcher.send(SendCommand::new(command)).await?
+    }
+
+    /// `Send` with options: a conversation to continue, a deadline, an idempotency key.
+    pub async fn send_with<C: Command>(
+        &self,
+        command: C,
+        options: DispatchOptions,
+    ) -> Result<DeliveryReceipt, DispatchError> {
+        self.dispatcher
+            .send(SendCommand::new(command).with_options(options))
+            .await?
     }
 
     /// `Publish`: append an event, then perspectives and outbox.

@@ -202,7 +202,7 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         })
         .collect();
     changed.push(Migration {
-        version: MIGRATIONS.len() as i32 + 1,
+        version: MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0) + 1,
         name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
@@ -234,7 +234,7 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         })
         .collect();
     extended.push(Migration {
-        version: MIGRATIONS.len() as i32 + 1,
+        version: MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0) + 1,
         name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
