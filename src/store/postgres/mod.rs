@@ -137,6 +137,13 @@ impl PostgresStore {
         self
     }
 
+    /// Keeps processed dedup keys and idempotency keys for `retention` instead of the
+    /// configuration's whole hours (`store.dedup_retention_hours`).
+    pub fn with_dedup_retention(mut self, retention: Duration) -> PostgresStore {
+        self.settings.dedup_retention = retention;
+        self
+    }
+
     /// Sends every batch to `wb_process_work_batch`, even those `wb_process_one_message` would
     /// take: lets the conformance suite hold both to the same contract.
     pub fn without_one_message_path(mut self) -> PostgresStore {
