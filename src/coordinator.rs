@@ -396,6 +396,7 @@ impl Coordinator {
                             if resolves_doubt {
                                 act.claims_in_doubt = false;
                             }
+                            act.processed_rows_written(&reports.inbox_completions, &result.stale);
                             act.distribute(result, units, claimed, ctx)
                         }
                         Err(e) => {
@@ -559,6 +560,27 @@ impl Coordinator {
                 count = result.stale.len(),
                 "reports refused: lease lost (fencing)"
             );
+        }
+    }
+
+    /// Inbox rows whose completion a batch just wrote: whoever waits for them as rows of
+    /// another dispatch ([`AwaitProcessed`]) is answered now rather than at the next poll.
+    fn processed_rows_written(&mut self, completed: &[WorkRef], stale: &[Uuid]) {
+        if self.remote_waiters.is_empty() {
+            return;
+        }
+        for w in completed {
+            if stale.contains(&w.message_id) {
+                continue;
+            }
+            for tx in self
+                .remote_waiters
+                .remove(&w.message_id)
+                .into_iter()
+                .flatten()
+            {
+                let _ = tx.send(Ok(()));
+            }
         }
     }
 

@@ -505,9 +505,7 @@ fn keyed_command<C: Command>(key: String, command: &C) -> Result<Keyed, Dispatch
 }
 
 /// A handled command's typed result, once the perspectives of its events have run.
-async fn typed_result<C: Command, R: 'static>(
-    outcome: CommandOutcome,
-) -> Result<R, DispatchError> {
+async fn typed_result<C: Command, R: 'static>(outcome: CommandOutcome) -> Result<R, DispatchError> {
     for applied in outcome.applied {
         applied.await.map_err(gone)??;
     }

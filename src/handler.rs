@@ -337,7 +337,12 @@ impl<C: Command, R: Receptor<C>> ErasedReceptor for ReceptorAdapter<C, R> {
     fn decode_result(&self, bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
         rmp_serde::from_slice::<R::Result>(bytes)
             .map(|r| Box::new(r) as Box<dyn Any + Send>)
-            .map_err(|e| format!("cannot decode the recorded result of `{}`: {e}", C::TYPE_NAME))
+            .map_err(|e| {
+                format!(
+                    "cannot decode the recorded result of `{}`: {e}",
+                    C::TYPE_NAME
+                )
+            })
     }
 }
 

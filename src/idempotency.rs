@@ -206,7 +206,10 @@ impl Drop for KeyGuard {
         self.guard.take();
         let mut map = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
         // Only the map's own reference left: nobody holds or waits for the key.
-        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             map.remove(&self.key);
         }
     }

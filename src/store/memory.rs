@@ -980,10 +980,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn idempotency_record(
-        &self,
-        key: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         Ok(self.lock().idempotency.get(key).map(|(_, r)| r.clone()))
     }
 

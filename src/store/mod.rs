@@ -640,8 +640,7 @@ pub trait Store: Send + Sync + 'static {
     async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError>;
 
     /// The record of an idempotency key, if one was committed and not yet purged.
-    async fn idempotency_record(&self, key: &str)
-    -> Result<Option<IdempotencyRecord>, StoreError>;
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
 
     /// Bumped whenever work becomes claimable (new pending rows, released partitions); the
     /// coordinator waits on it instead of polling.

@@ -66,7 +66,9 @@ async fn open_postgres_with(s: StoreSettings, one_message_path: bool) -> (Arc<dy
         .await
         .expect("Postgres must be reachable for the conformance suite");
     // The config knob is whole seconds; the suite wants 1 s leases.
-    let store = store.with_lease(s.lease).with_dedup_retention(s.dedup_retention);
+    let store = store
+        .with_lease(s.lease)
+        .with_dedup_retention(s.dedup_retention);
     let store = if one_message_path {
         store
     } else {
@@ -1469,7 +1471,11 @@ async fn an_idempotency_key_is_recorded_with_its_unit_and_refuses_a_second(b: Ba
     let status = store.correlation_status(e3.correlation_id).await.unwrap();
     assert_eq!(status, CorrelationStatus::default(), "no queue rows either");
     let kept = store.idempotency_record("k-1").await.unwrap().unwrap();
-    assert_eq!(kept.record.outcome, b"first".to_vec(), "the first record stays");
+    assert_eq!(
+        kept.record.outcome,
+        b"first".to_vec(),
+        "the first record stays"
+    );
 }
 
 async fn a_key_taken_earlier_in_the_batch_refuses_the_later_unit_only(b: Backend) {
@@ -1507,12 +1513,22 @@ async fn a_unit_refused_on_its_version_gives_its_key_back(b: Backend) {
     let a = instance(&store).await;
     let (e1, e2) = (event("kv", 1), event("kv", 2));
     let mut u = keyed(unit(&e1, true), "kv-key", b"h", b"o");
-    u.expectations.push(("kv".into(), ExpectedVersion::Exact(5)));
+    u.expectations
+        .push(("kv".into(), ExpectedVersion::Exact(5)));
     let r = batch(&store, a, units(vec![u])).await;
-    assert!(matches!(r.units[0], UnitOutcome::Conflict { .. }), "{:?}", r.units[0]);
+    assert!(
+        matches!(r.units[0], UnitOutcome::Conflict { .. }),
+        "{:?}",
+        r.units[0]
+    );
     assert_eq!(store.idempotency_record("kv-key").await.unwrap(), None);
     // The key is free for the command run again.
-    let r = batch(&store, a, units(vec![keyed(unit(&e2, true), "kv-key", b"h", b"o2")])).await;
+    let r = batch(
+        &store,
+        a,
+        units(vec![keyed(unit(&e2, true), "kv-key", b"h", b"o2")]),
+    )
+    .await;
     committed(&r.units[0]);
     let record = store.idempotency_record("kv-key").await.unwrap().unwrap();
     assert_eq!(record.record.outcome, b"o2".to_vec());
@@ -1539,7 +1555,10 @@ async fn concurrent_units_with_one_key_commit_exactly_one(b: Backend) {
     let (a, c) = (instance(&store).await, instance(&store).await);
     for round in 0..10 {
         let key = format!("race-{round}");
-        let (ea, ec) = (event(&format!("ra-{round}"), 1), event(&format!("rc-{round}"), 2));
+        let (ea, ec) = (
+            event(&format!("ra-{round}"), 1),
+            event(&format!("rc-{round}"), 2),
+        );
         let (ra, rc) = tokio::join!(
             store.process_work_batch(a, units(vec![keyed(unit(&ea, false), &key, b"h", b"a")])),
             store.process_work_batch(c, units(vec![keyed(unit(&ec, false), &key, b"h", b"c")]))
@@ -1551,7 +1570,11 @@ async fn concurrent_units_with_one_key_commit_exactly_one(b: Backend) {
             (UnitOutcome::KeyTaken { .. }, UnitOutcome::Committed { .. }) => (&ec, b"c"),
             other => panic!("round {round}: exactly one must commit: {other:?}"),
         };
-        let loser = if winner.0.message_id == ea.message_id { &ec } else { &ea };
+        let loser = if winner.0.message_id == ea.message_id {
+            &ec
+        } else {
+            &ea
+        };
         let record = store.idempotency_record(&key).await.unwrap().unwrap();
         assert_eq!(record.record.outcome, winner.1.to_vec());
         assert_eq!(record.appended[0].message_id, winner.0.message_id);
@@ -1571,7 +1594,12 @@ async fn idempotency_keys_are_purged_after_the_retention(b: Backend) {
     s.dedup_retention = Duration::from_millis(300);
     let store = open(b, s).await;
     let a = instance(&store).await;
-    let r = batch(&store, a, units(vec![keyed(UnitOfWork::default(), "old", b"h", b"o")])).await;
+    let r = batch(
+        &store,
+        a,
+        units(vec![keyed(UnitOfWork::default(), "old", b"h", b"o")]),
+    )
+    .await;
     committed(&r.units[0]);
     store.heartbeat(a).await.unwrap();
     assert!(
@@ -1582,12 +1610,22 @@ async fn idempotency_keys_are_purged_after_the_retention(b: Backend) {
         let store = store.clone();
         async move {
             store.heartbeat(a).await.unwrap();
-            store.idempotency_record("old").await.unwrap().is_none().then_some(())
+            store
+                .idempotency_record("old")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
         }
     })
     .await;
     // Gone: the key may be used again.
-    let r = batch(&store, a, units(vec![keyed(UnitOfWork::default(), "old", b"h2", b"o2")])).await;
+    let r = batch(
+        &store,
+        a,
+        units(vec![keyed(UnitOfWork::default(), "old", b"h2", b"o2")]),
+    )
+    .await;
     committed(&r.units[0]);
 }
 

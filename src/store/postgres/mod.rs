@@ -560,10 +560,7 @@ impl Store for PostgresStore {
         .map(|_| ())
     }
 
-    async fn idempotency_record(
-        &self,
-        key: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         let rows = self
             .query(
                 &format!(
