@@ -197,7 +197,7 @@ impl Store for Counting {
     async fn idempotency_record(
         &self,
         key: &str,
-    ) -> Result<Option<whizbang::store::IdempotencyRecord>, StoreError> {
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.idempotency_record(key).await
     }
