@@ -18,11 +18,13 @@ use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::idempotency::{KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
-use crate::partition::{CommandJob, CommandOutcome, Job, PartitionDirectory};
+use crate::partition::{CommandJob, CommandOutcome, Decided, Job, PartitionDirectory, ScopedJob};
+use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
-use crate::store::{AppendedEvent, CorrelationStatus, Store, UnitOfWork};
+use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
 use actix::prelude::*;
+use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -798,6 +800,182 @@ fn commit_one(
         receipt.events = committed.await?.appended;
         Ok(receipt)
     })
+}
+
+impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
+    type Result = ResponseFuture<Result<(Box<dyn std::any::Any + Send>, ScopedCommand), DispatchError>>;
+
+    fn handle(&mut self, msg: ScopedInvoke<C>, _ctx: &mut Self::Context) -> Self::Result {
+        if self.registry.current().receptor(C::TYPE_NAME).is_none() {
+            return Box::pin(async {
+                Err(DispatchError::HandlerNotFound {
+                    message_type: C::TYPE_NAME.into(),
+                })
+            });
+        }
+        if msg.options.idempotency_key.is_some() {
+            return Box::pin(async {
+                Err(DispatchError::InvalidMessage {
+                    message_type: C::TYPE_NAME.into(),
+                    reason: "an idempotency key cannot be given to a command of a scope: the \
+                             scope's commands are written as one unit"
+                        .into(),
+                })
+            });
+        }
+        let deadline = msg.options.deadline;
+        let envelope = self.envelope(
+            MessageKind::Command,
+            C::TYPE_NAME,
+            msg.command.stream_id(),
+            Vec::new(),
+            msg.options,
+        );
+        let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
+        let partition = self.origin.partition(&envelope.stream_id);
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Scoped(ScopedJob {
+            envelope,
+            typed: Some(Box::new(msg.command)),
+            reply,
+        });
+        let partitions = self.partitions.clone();
+        self.admission.admit(C::TYPE_NAME, deadline, move || {
+            partitions.enqueue(partition, job);
+            Box::pin(async move {
+                let Decided { result, unit } = rx.await.map_err(gone)??;
+                Ok((
+                    result,
+                    ScopedCommand {
+                        message_type: C::TYPE_NAME,
+                        receipt,
+                        unit,
+                    },
+                ))
+            })
+        })
+    }
+}
+
+impl Handler<CompleteScope> for Dispatcher {
+    type Result = ResponseFuture<Result<ScopeReceipt, DispatchError>>;
+
+    fn handle(&mut self, msg: CompleteScope, _ctx: &mut Self::Context) -> Self::Result {
+        let coordinator = self.coordinator.clone();
+        self.admission.admit("scope", None, move || {
+            Box::pin(complete_scope(coordinator, msg.commands))
+        })
+    }
+}
+
+/// A scoped command's expectation, as written into the scope's one unit.
+struct ScopedExpectation {
+    command: usize,
+    stream_id: String,
+    /// As the command's receptor gave it.
+    expected: ExpectedVersion,
+    /// Relative to the stream before the scope: less the appends of the scope's earlier
+    /// commands.
+    written: ExpectedVersion,
+    /// Appends of the scope's earlier commands to the stream.
+    before: u64,
+}
+
+/// Commits the commands of a scope as one unit (all or nothing), then waits for the
+/// perspectives of its events. A version conflict is answered as the failure of the command
+/// whose expectation did not hold.
+async fn complete_scope(
+    coordinator: Addr<Coordinator>,
+    mut commands: Vec<ScopedCommand>,
+) -> Result<ScopeReceipt, DispatchError> {
+    let mut unit = UnitOfWork {
+        claim_for_writer: true,
+        ..UnitOfWork::default()
+    };
+    let mut appended: HashMap<String, u64> = HashMap::new();
+    let mut expectations = Vec::new();
+    let mut event_of: HashMap<Uuid, usize> = HashMap::new();
+    for (index, command) in commands.iter_mut().enumerate() {
+        let failed = |error: DispatchError| DispatchError::ScopeFailed {
+            index,
+            message_type: command.message_type.into(),
+            error: Box::new(error),
+        };
+        let own = std::mem::take(&mut command.unit);
+        for (stream_id, expected) in own.expectations {
+            let before = appended.get(&stream_id).copied().unwrap_or(0);
+            let written = match expected {
+                _ if before == 0 => expected,
+                ExpectedVersion::Any => ExpectedVersion::Any,
+                ExpectedVersion::Exact(v) if v >= before => ExpectedVersion::Exact(v - before),
+                // The scope's own earlier commands already took the stream past it.
+                _ => {
+                    return Err(failed(DispatchError::VersionConflict {
+                        stream_id,
+                        expected,
+                        actual: before,
+                    }));
+                }
+            };
+            unit.expectations.push((stream_id.clone(), written));
+            expectations.push(ScopedExpectation {
+                command: index,
+                stream_id,
+                expected,
+                written,
+                before,
+            });
+        }
+        for event in &own.events {
+            *appended.entry(event.stream_id.clone()).or_default() += 1;
+            event_of.insert(event.message_id, index);
+        }
+        unit.events.extend(own.events);
+        unit.outbox.extend(own.outbox);
+        unit.inbox.extend(own.inbox);
+        unit.completes_inbox.extend(own.completes_inbox);
+    }
+    match commit(&coordinator, unit, true).await {
+        Ok(outcome) => {
+            for applied in outcome.applied {
+                applied.await.map_err(gone)??;
+            }
+            let mut receipts: Vec<DeliveryReceipt> =
+                commands.into_iter().map(|c| c.receipt).collect();
+            for event in outcome.appended {
+                if let Some(&index) = event_of.get(&event.message_id) {
+                    receipts[index].events.push(event);
+                }
+            }
+            Ok(ScopeReceipt { receipts })
+        }
+        Err(DispatchError::VersionConflict {
+            stream_id,
+            expected,
+            actual,
+        }) => {
+            let blamed = expectations
+                .iter()
+                .find(|x| x.stream_id == stream_id && !x.written.matches(actual));
+            match blamed {
+                Some(x) => Err(DispatchError::ScopeFailed {
+                    index: x.command,
+                    message_type: commands[x.command].message_type.into(),
+                    error: Box::new(DispatchError::VersionConflict {
+                        stream_id,
+                        expected: x.expected,
+                        actual: actual + x.before,
+                    }),
+                }),
+                None => Err(DispatchError::VersionConflict {
+                    stream_id,
+                    expected,
+                    actual,
+                }),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl Handler<Status> for Dispatcher {

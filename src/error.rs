@@ -120,6 +120,21 @@ pub enum DispatchError {
         /// The key.
         key: String,
     },
+    /// A command of a request scope ([`crate::scope::Scope`]) failed, so nothing of the scope
+    /// was written; `error` is that command's own error (which decides the HTTP status and
+    /// whether retrying may help).
+    #[error(
+        "command {index} of the scope (`{message_type}`) failed, so nothing of the scope was \
+         written: {error}"
+    )]
+    ScopeFailed {
+        /// The command's place in the scope (0-based, in dispatch order).
+        index: usize,
+        /// The command's type name.
+        message_type: String,
+        /// Why it failed.
+        error: Box<DispatchError>,
+    },
     /// No answer within the caller's deadline. The work was started and goes on: it may still
     /// commit, so look its correlation id up before sending it again (HTTP 504).
     #[error(
@@ -138,6 +153,7 @@ impl DispatchError {
     /// The status an HTTP layer would answer with.
     pub fn http_status(&self) -> u16 {
         match self {
+            DispatchError::ScopeFailed { error, .. } => error.http_status(),
             DispatchError::Rejected { error, .. } => error.http_status(),
             DispatchError::InvalidMessage { .. } => 400,
             DispatchError::IdempotencyKeyReused { .. } => 422,
@@ -154,6 +170,9 @@ impl DispatchError {
     /// A version conflict or a receptor's business-rule conflict: the request clashed with the
     /// current state (HTTP 409).
     pub fn is_conflict(&self) -> bool {
+        if let DispatchError::ScopeFailed { error, .. } = self {
+            return error.is_conflict();
+        }
         matches!(
             self,
             DispatchError::VersionConflict { .. }
@@ -167,6 +186,7 @@ impl DispatchError {
     /// Retrying the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
+            DispatchError::ScopeFailed { error, .. } => error.is_retryable(),
             DispatchError::Store(e) => e.is_retryable(),
             DispatchError::VersionConflict { .. }
             | DispatchError::Unavailable(_)
@@ -182,6 +202,7 @@ impl DispatchError {
     /// errors that say "later".
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
+            DispatchError::ScopeFailed { error, .. } => error.retry_after(),
             DispatchError::Overloaded { .. } | DispatchError::Unavailable(_) => {
                 Some(std::time::Duration::from_secs(1))
             }
@@ -194,6 +215,7 @@ impl DispatchError {
     pub fn store_error(&self) -> Option<&StoreError> {
         match self {
             DispatchError::Store(e) => Some(e),
+            DispatchError::ScopeFailed { error, .. } => error.store_error(),
             _ => None,
         }
     }

@@ -121,6 +121,7 @@
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
+//! | [`scope`] | request scopes: several commands written in one transaction, all or nothing |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
 
@@ -140,6 +141,7 @@ pub mod replay;
 mod retry;
 pub mod routing;
 pub mod runtime;
+pub mod scope;
 pub mod signal;
 pub mod store;
 pub mod transport;
@@ -156,6 +158,7 @@ pub use handler::{
 };
 pub use message::{Command, Event, Message};
 pub use runtime::{Runtime, RuntimeBuilder};
+pub use scope::{Scope, ScopeReceipt};
 pub use signal::StopSignal;
 pub use store::ExpectedVersion;
 

@@ -46,6 +46,20 @@ pub struct CommandJob {
     pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
 }
 
+/// A command of a request scope: the receptor decides and the unit is planned, but nothing is
+/// committed; the unit goes back to the scope, which commits all of its units at once.
+pub struct ScopedJob {
+    pub envelope: Envelope,
+    pub typed: Option<Box<dyn Any + Send>>,
+    pub reply: oneshot::Sender<Result<Decided, DispatchError>>,
+}
+
+/// A scoped command's decision: the receptor's result and the unit planned from it.
+pub struct Decided {
+    pub result: Box<dyn Any + Send>,
+    pub unit: UnitOfWork,
+}
+
 /// An inbox row, with whoever waits for it to be processed.
 pub struct InboxJob {
     pub work: InboxWork,
@@ -54,6 +68,7 @@ pub struct InboxJob {
 
 pub enum Job {
     Command(CommandJob),
+    Scoped(ScopedJob),
     Inbox(InboxJob),
 }
 
@@ -61,7 +76,16 @@ impl Job {
     fn inbox_stream(&self) -> Option<&str> {
         match self {
             Job::Inbox(j) => Some(&j.work.envelope.stream_id),
-            Job::Command(_) => None,
+            Job::Command(_) | Job::Scoped(_) => None,
+        }
+    }
+
+    /// The stream of a command from the dispatcher (scoped or not).
+    fn command_stream(&self) -> Option<&str> {
+        match self {
+            Job::Command(j) => Some(&j.envelope.stream_id),
+            Job::Scoped(j) => Some(&j.envelope.stream_id),
+            Job::Inbox(_) => None,
         }
     }
 }
@@ -157,8 +181,8 @@ impl PartitionActor {
         if self.busy {
             return;
         }
-        if let Some(Job::Command(next)) = self.queue.front()
-            && self.committing.contains_key(&next.envelope.stream_id)
+        if let Some(stream) = self.queue.front().and_then(Job::command_stream)
+            && self.committing.contains_key(stream)
         {
             // Its stream's previous command is still committing: wait for it (the commit's
             // completion pumps again).
@@ -213,6 +237,19 @@ impl PartitionActor {
                                 );
                             }
                         }
+                        act.pump(ctx);
+                    }),
+                );
+            }
+            Job::Scoped(job) => {
+                ctx.spawn(
+                    async move {
+                        let decided = decide(&deps, job.envelope, job.typed).await;
+                        let _ = job.reply.send(decided);
+                    }
+                    .into_actor(self)
+                    .map(|_, act, ctx| {
+                        act.busy = false;
                         act.pump(ctx);
                     }),
                 );
@@ -417,6 +454,43 @@ async fn queue_command(
         result: decision.result,
         commit: commit(&deps.coordinator, unit, wait),
         refused: None,
+    })
+}
+
+/// Receptor → unit, not committed: a command of a request scope.
+async fn decide(
+    deps: &PartitionDeps,
+    envelope: Envelope,
+    typed: Option<Box<dyn Any + Send>>,
+) -> Result<Decided, DispatchError> {
+    let table = deps.registry.current();
+    let Some(receptor) = table.receptor(&envelope.message_type) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: envelope.message_type,
+        });
+    };
+    let envelope = Arc::new(envelope);
+    let decision = receptor
+        .addr
+        .send(Invoke {
+            envelope: envelope.clone(),
+            typed,
+        })
+        .await?
+        .await
+        .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
+    let unit = plan_unit(
+        &deps.origin,
+        &table,
+        &envelope,
+        decision.events,
+        decision.commands,
+        decision.expectations,
+        None,
+    )?;
+    Ok(Decided {
+        result: decision.result,
+        unit,
     })
 }
 

@@ -338,6 +338,12 @@ impl Runtime {
         self.dispatcher.send(PublishEvent::new(event)).await?
     }
 
+    /// A request scope: commands dispatched in it are decided at once and written together,
+    /// in one store transaction, by [`crate::Scope::complete`]; dropped, it writes nothing.
+    pub fn scope(&self) -> crate::Scope {
+        crate::Scope::new(self.dispatcher.clone())
+    }
+
     /// What one request caused, by correlation id.
     pub async fn status(&self, correlation_id: Uuid) -> Result<CorrelationStatus, DispatchError> {
         self.dispatcher.send(Status(correlation_id)).await?
