@@ -19,9 +19,9 @@ use crate::error::DispatchError;
 use crate::idempotency::{KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
 use crate::partition::{CommandJob, CommandOutcome, Decided, Job, PartitionDirectory, ScopedJob};
-use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
+use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
 use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -803,7 +803,8 @@ fn commit_one(
 }
 
 impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
-    type Result = ResponseFuture<Result<(Box<dyn std::any::Any + Send>, ScopedCommand), DispatchError>>;
+    type Result =
+        ResponseFuture<Result<(Box<dyn std::any::Any + Send>, ScopedCommand), DispatchError>>;
 
     fn handle(&mut self, msg: ScopedInvoke<C>, _ctx: &mut Self::Context) -> Self::Result {
         if self.registry.current().receptor(C::TYPE_NAME).is_none() {

@@ -104,13 +104,14 @@ impl Scope {
             Err(mailbox) => Err(mailbox.into()),
         };
         let decided = answer.and_then(|(result, command)| {
-            let result = result
-                .downcast::<R>()
-                .map(|r| *r)
-                .map_err(|_| DispatchError::ResultType {
-                    message_type: C::TYPE_NAME.into(),
-                    expected: std::any::type_name::<R>(),
-                })?;
+            let result =
+                result
+                    .downcast::<R>()
+                    .map(|r| *r)
+                    .map_err(|_| DispatchError::ResultType {
+                        message_type: C::TYPE_NAME.into(),
+                        expected: std::any::type_name::<R>(),
+                    })?;
             Ok((result, command))
         });
         match decided {

@@ -41,6 +41,7 @@ mod contract {
     mod read_your_writes;
     mod registry;
     mod replay;
+    mod scopes;
     mod stop_signal;
     mod version_conflict;
 }
