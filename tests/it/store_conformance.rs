@@ -446,6 +446,44 @@ async fn conflict_goes_to_its_unit_only(b: Backend) {
     assert_eq!(status, CorrelationStatus::default());
 }
 
+/// A unit writing to several streams (a request scope's commands) is refused whole when one of
+/// its expectations fails: nothing of any of its streams is written.
+async fn a_unit_over_several_streams_is_refused_whole(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e0 = event("whole-a", 0);
+    batch(&store, a, units(vec![unit(&e0, true)])).await;
+    let (e1, e2, e3) = (
+        event("whole-b", 1),
+        event("whole-a", 2),
+        event("whole-c", 3),
+    );
+    let mut u = unit(&e1, true);
+    for e in [&e2, &e3] {
+        let more = unit(e, true);
+        u.events.extend(more.events);
+        u.outbox.extend(more.outbox);
+        u.inbox.extend(more.inbox);
+    }
+    u.expectations
+        .push(("whole-b".into(), ExpectedVersion::NoStream));
+    u.expectations
+        .push(("whole-a".into(), ExpectedVersion::NoStream));
+    let r = batch(&store, a, units(vec![u])).await;
+    assert!(
+        matches!(&r.units[0], UnitOutcome::Conflict { stream_id, actual: 1, .. } if stream_id == "whole-a"),
+        "{:?}",
+        r.units[0]
+    );
+    assert_eq!(store.read_stream("whole-a", 1).await.unwrap().len(), 1);
+    assert!(store.read_stream("whole-b", 1).await.unwrap().is_empty());
+    assert!(store.read_stream("whole-c", 1).await.unwrap().is_empty());
+    for e in [&e1, &e2, &e3] {
+        let status = store.correlation_status(e.correlation_id).await.unwrap();
+        assert_eq!(status, CorrelationStatus::default(), "no queue rows");
+    }
+}
+
 async fn concurrent_writers_exactly_one_wins(b: Backend) {
     let store = open(b, settings()).await;
     let (a, c) = (instance(&store).await, instance(&store).await);
@@ -1652,6 +1690,7 @@ conformance!(
     versions_per_stream_and_positions,
     versions_follow_batch_order_across_streams,
     conflict_goes_to_its_unit_only,
+    a_unit_over_several_streams_is_refused_whole,
     concurrent_writers_exactly_one_wins,
     inbox_dedup,
     writer_claims_and_completes,
