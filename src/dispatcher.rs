@@ -8,6 +8,11 @@
 //!   for them has run: read-your-writes.
 //! - [`PublishEvent`]: append an event and send it to its perspectives and the outbox.
 //!
+//! A command dispatched with [`DispatchOptions::idempotency_key`] runs once: a repeat answers
+//! the recorded first outcome (see `idempotency`). The commands of a request scope
+//! ([`crate::Scope`]) are decided here too, their units collected by the scope and committed
+//! as one when it completes.
+//!
 //! Owns envelope creation (UUIDv7 id, correlation, causation, hops) and routing a command to the
 //! partition actor of its stream. It must not run handlers or wait inside its own mailbox: each
 //! call is a future of its own, so calls on different streams proceed concurrently.

@@ -182,3 +182,16 @@ pub(crate) struct CompleteScope {
 impl Message for CompleteScope {
     type Result = Result<ScopeReceipt, DispatchError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owned_and_send<T: Send + 'static>() {}
+
+    #[test]
+    fn a_scope_is_an_owned_send_value_for_extractors() {
+        owned_and_send::<Scope>();
+        owned_and_send::<ScopeReceipt>();
+    }
+}
