@@ -59,7 +59,9 @@ pub struct DispatchOptions {
     /// result and receipt, or the receptor's refusal. A later dispatch with the same key and
     /// the same command (type and body) answers that outcome again without running the
     /// receptor (a replayed `local_invoke` still waits for the first one's perspectives); with
-    /// another command it is refused with [`DispatchError::IdempotencyKeyReused`] (HTTP 422).
+    /// another command it is refused with [`DispatchError::IdempotencyKeyReused`] (HTTP 422;
+    /// commands are compared by a SHA-256 of their type and encoded body, so a command sent
+    /// with keys should not hold fields whose encoding varies, such as a `HashMap`).
     /// Dispatches of one key run one after another in this process. Keys are kept for
     /// `store.dedup_retention_hours` (durably on Postgres, for the life of the process in
     /// memory). A version conflict, timeout, panic or store failure records nothing: retrying
