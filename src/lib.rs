@@ -113,6 +113,7 @@
 //! | `operator` (feature `operator`) | commands a service embeds in its binary: `replay` with a progress bar |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
+//! | `idempotency` (internal) | idempotent commands: recorded first outcomes, request hashes, one run per key |
 //! | `partition` (internal) | per-partition actors that run jobs strictly in order |
 //! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
@@ -121,6 +122,7 @@
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
+//! | [`scope`] | request scopes: several commands written in one transaction, all or nothing |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
 
@@ -131,6 +133,7 @@ pub mod dispatcher;
 pub mod envelope;
 pub mod error;
 pub mod handler;
+pub(crate) mod idempotency;
 pub mod message;
 #[cfg(feature = "operator")]
 pub mod operator;
@@ -141,6 +144,7 @@ pub mod replay;
 mod retry;
 pub mod routing;
 pub mod runtime;
+pub mod scope;
 pub mod signal;
 pub mod store;
 pub mod transport;
@@ -157,6 +161,7 @@ pub use handler::{
 };
 pub use message::{Command, Event, Message};
 pub use runtime::{Runtime, RuntimeBuilder};
+pub use scope::{Scope, ScopeReceipt};
 pub use signal::StopSignal;
 pub use store::ExpectedVersion;
 

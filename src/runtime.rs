@@ -348,7 +348,8 @@ impl Runtime {
             .await?
     }
 
-    /// `LocalInvoke` continuing a conversation.
+    /// `LocalInvoke` with options: a conversation to continue, a deadline, an idempotency key
+    /// (see [`DispatchOptions::idempotency_key`]).
     pub async fn local_invoke_with<C: Command, R: Send + 'static>(
         &self,
         command: C,
@@ -364,9 +365,26 @@ impl Runtime {
         self.dispatcher.send(SendCommand::new(command)).await?
     }
 
+    /// `Send` with options: a conversation to continue, a deadline, an idempotency key.
+    pub async fn send_with<C: Command>(
+        &self,
+        command: C,
+        options: DispatchOptions,
+    ) -> Result<DeliveryReceipt, DispatchError> {
+        self.dispatcher
+            .send(SendCommand::new(command).with_options(options))
+            .await?
+    }
+
     /// `Publish`: append an event, then perspectives and outbox.
     pub async fn publish<E: Event>(&self, event: E) -> Result<DeliveryReceipt, DispatchError> {
         self.dispatcher.send(PublishEvent::new(event)).await?
+    }
+
+    /// A request scope: commands dispatched in it are decided at once and written together,
+    /// in one store transaction, by [`crate::Scope::complete`]; dropped, it writes nothing.
+    pub fn scope(&self) -> crate::Scope {
+        crate::Scope::new(self.dispatcher.clone())
     }
 
     /// What one request caused, by correlation id.

@@ -33,6 +33,7 @@ mod contract {
     mod deferred_completions;
     mod failures;
     mod handler_timeout;
+    mod idempotency;
     mod inbox_dedup;
     mod lost_answers;
     mod malformed;
@@ -40,6 +41,7 @@ mod contract {
     mod read_your_writes;
     mod registry;
     mod replay;
+    mod scopes;
     mod stop_signal;
     mod version_conflict;
 }
@@ -47,6 +49,7 @@ mod contract {
 /// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
 mod postgres {
     mod deadlines;
+    mod idempotency;
     mod migrations;
     mod runtime;
     mod secrets;

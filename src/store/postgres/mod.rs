@@ -139,6 +139,13 @@ impl PostgresStore {
         self
     }
 
+    /// Keeps processed dedup keys and idempotency keys for `retention` instead of the
+    /// configuration's whole hours (`store.dedup_retention_hours`).
+    pub fn with_dedup_retention(mut self, retention: Duration) -> PostgresStore {
+        self.settings.dedup_retention = retention;
+        self
+    }
+
     /// Sends every batch to `wb_process_work_batch`, even those `wb_process_one_message` would
     /// take: lets the conformance suite hold both to the same contract.
     pub fn without_one_message_path(mut self) -> PostgresStore {
@@ -344,6 +351,10 @@ impl Store for PostgresStore {
                 &numbering.m_sidx,
                 &numbering.m_vback,
                 &numbering.m_apos,
+                &a.k_unit,
+                &a.k_key,
+                &a.k_hash,
+                &a.k_outcome,
             ]
         };
         let rows = {
@@ -559,6 +570,43 @@ impl Store for PostgresStore {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT k.request_hash, k.outcome, e.message_id, e.stream_id, e.version, e.position
+                       FROM {s}.wb_idempotency k
+                       LEFT JOIN {s}.wb_events e ON e.message_id = ANY (k.event_ids)
+                      WHERE k.idempotency_key = $1
+                      ORDER BY e.position",
+                    s = self.schema
+                ),
+                &[&key],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let record = NewIdempotencyRecord {
+            key: key.to_string(),
+            request_hash: first.get(0),
+            outcome: first.get(1),
+        };
+        let appended = rows
+            .iter()
+            .filter_map(|r| {
+                let message_id: Option<Uuid> = r.get(2);
+                Some(AppendedEvent {
+                    message_id: message_id?,
+                    stream_id: r.get(3),
+                    version: r.get::<_, i64>(4) as u64,
+                    position: r.get::<_, i64>(5) as u64,
+                })
+            })
+            .collect();
+        Ok(Some(IdempotencyRecord { record, appended }))
     }
 
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -118,6 +118,12 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
     ) -> Result<(), whizbang::store::StoreError> {
         self.inner.save_checkpoint(perspective, position).await
     }
+    async fn idempotency_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<whizbang::store::IdempotencyRecord>, whizbang::store::StoreError> {
+        self.inner.idempotency_record(key).await
+    }
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.work_signal()
     }

@@ -198,6 +198,10 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.save_checkpoint(p, pos).await
     }
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.idempotency_record(key).await
+    }
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.work_signal()
     }
