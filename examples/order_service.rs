@@ -11,9 +11,14 @@
 //! With `transport.kind = "amqp"` (`config/amqp.toml`) the inventory service is a separate
 //! process (`examples/inventory_service.rs`): this one checks that its events were accepted by
 //! the broker, and the other process shows them applied.
+//!
+//! It embeds the operator commands (`whizbang::operator`), as a service's own binary does:
+//! `cargo run --example order_service -- --config config/postgres.toml replay order-summary
+//! --from scratch` rebuilds the order summaries from the event store with a progress bar (plain
+//! lines when stderr is not a terminal), without starting the service.
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -32,6 +37,15 @@ struct Args {
     /// Configuration file.
     #[arg(long, default_value = "config/whizbang.toml")]
     config: PathBuf,
+    /// Without a command: run the scenario.
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Operator(whizbang::operator::OperatorCommand),
 }
 
 // ---- Messages ---------------------------------------------------------------------------
@@ -169,6 +183,15 @@ impl Perspective<OrderCreated> for Inventory {
     }
 }
 
+/// The order service's runtime with its receptor; the caller adds the read model.
+fn order_service(config: Config) -> whizbang::RuntimeBuilder {
+    let receptor = CreateOrderReceptor {
+        catalog: HashMap::from([("WIDGET", 2_500), ("GADGET", 9_900), ("GIZMO", 450)]),
+        credit_limit_cents: 100_000,
+    };
+    Runtime::builder(config).receptor::<CreateOrder, _>(receptor)
+}
+
 fn cents(c: i64) -> String {
     format!("${}.{:02}", c / 100, c % 100)
 }
@@ -214,6 +237,19 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
+    if let Some(Cmd::Operator(command)) = args.command {
+        // The same registrations as the service below, without starting it.
+        let summaries = OrderSummaries::default();
+        command
+            .run(
+                order_service(config)
+                    .perspective::<OrderCreated, _>("order-summary", summaries.clone()),
+            )
+            .await?;
+        let rebuilt = summaries.0.lock().unwrap().len();
+        println!("order-summary now holds {rebuilt} order(s)");
+        return Ok(());
+    }
 
     // The two services share one transport: the in-process bus by default.
     let transport: Option<Arc<dyn whizbang::transport::Transport>> = match config.transport.kind {
@@ -255,12 +291,7 @@ async fn run() -> anyhow::Result<()> {
 
     // Order service: the receptor and the order-summary read model.
     let summaries = OrderSummaries::default();
-    let receptor = CreateOrderReceptor {
-        catalog: HashMap::from([("WIDGET", 2_500), ("GADGET", 9_900), ("GIZMO", 450)]),
-        credit_limit_cents: 100_000,
-    };
-    let order_service = with_transport(Runtime::builder(config.clone()))
-        .receptor::<CreateOrder, _>(receptor)
+    let order_service = with_transport(order_service(config.clone()))
         .perspective::<OrderCreated, _>("order-summary", summaries.clone())
         .start()
         .await?;

@@ -45,6 +45,8 @@ pub enum RegistryError {
 #[derive(Clone)]
 pub(crate) struct ReceptorEntry {
     pub handle: ReceptorHandle,
+    /// The receptor itself, for encoding and decoding its results (idempotent commands).
+    pub receptor: Arc<dyn ErasedReceptor>,
 }
 
 #[derive(Clone)]
@@ -214,10 +216,14 @@ impl Handler<RegisterReceptor> for Registry {
             return Err(RegistryError::DuplicateReceptor(msg.command_type.into()));
         }
         self.claim_kind(msg.command_type, MessageKind::Command, msg.check)?;
-        let handle = ReceptorHandle::new(msg.receptor, self.handler_timeout);
-        self.table
-            .receptors
-            .insert(msg.command_type.to_string(), ReceptorEntry { handle });
+        let handle = ReceptorHandle::new(msg.receptor.clone(), self.handler_timeout);
+        self.table.receptors.insert(
+            msg.command_type.to_string(),
+            ReceptorEntry {
+                handle,
+                receptor: msg.receptor,
+            },
+        );
         self.view.replace(self.table.clone());
         Ok(())
     }

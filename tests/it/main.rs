@@ -34,6 +34,7 @@ mod contract {
     mod deferred_completions;
     mod failures;
     mod handler_timeout;
+    mod idempotency;
     mod inbox_dedup;
     mod lost_answers;
     mod malformed;
@@ -41,6 +42,7 @@ mod contract {
     mod read_your_writes;
     mod registry;
     mod replay;
+    mod scopes;
     mod stop_signal;
     mod supervision;
     mod version_conflict;
@@ -49,6 +51,7 @@ mod contract {
 /// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
 mod postgres {
     mod deadlines;
+    mod idempotency;
     mod migrations;
     mod runtime;
     mod secrets;
