@@ -44,6 +44,9 @@ pub struct DispatchOptions {
     pub causation_id: Option<Uuid>,
     /// Free-form key/value pairs carried in the envelope to every message this one causes.
     pub metadata: BTreeMap<String, String>,
+    /// A caller-chosen key (the HTTP `Idempotency-Key` header): carried to the store; a repeat
+    /// with the same key answers the first outcome.
+    pub idempotency_key: Option<String>,
 }
 
 impl DispatchOptions {

@@ -122,6 +122,8 @@
 //! | [`runtime`] | starting and stopping one service instance |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
+//! | `web` (feature `web`) | the HTTP edge for actix-web: problem+json errors, JSON and `Idempotency-Key` extractors, the status endpoint |
+//! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
 pub mod config;
 pub(crate) mod consumer;
@@ -140,7 +142,10 @@ pub mod routing;
 pub mod runtime;
 pub mod signal;
 pub mod store;
+pub mod testing;
 pub mod transport;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use config::Config;
 pub use dispatcher::{
