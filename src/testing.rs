@@ -296,9 +296,20 @@ impl<'a> Tracker<'a> {
         Ok((receipt, settled))
     }
 
-    /// Waits until the request `correlation_id` has settled on every watched runtime (see the
-    /// module's docs), at most the deadline.
+    /// Waits until the request `correlation_id`, whose dispatch has returned, has settled on
+    /// every watched runtime (see the module's docs), at most the deadline. A request that left
+    /// nothing behind (no event, no message) is settled at once.
     pub async fn settle(&self, correlation_id: Uuid) -> Result<Settled, TrackError> {
+        self.wait(correlation_id, false).await
+    }
+
+    /// Like [`Tracker::settle`], for a request whose dispatch has not answered (an HTTP 504: it
+    /// may still commit): waits until a watched runtime knows of it, then until it settled.
+    pub async fn settle_eventually(&self, correlation_id: Uuid) -> Result<Settled, TrackError> {
+        self.wait(correlation_id, true).await
+    }
+
+    async fn wait(&self, correlation_id: Uuid, must_be_known: bool) -> Result<Settled, TrackError> {
         let started = Instant::now();
         let mut changed = self.transport.changed.subscribe();
         loop {
@@ -310,7 +321,10 @@ impl<'a> Tracker<'a> {
                     status: runtime.status(correlation_id).await?,
                 });
             }
-            if self.settled(&published, &services) {
+            let known = services
+                .iter()
+                .any(|s| s.status != CorrelationStatus::default());
+            if (known || !must_be_known) && self.settled(&published, &services) {
                 return Ok(Settled {
                     correlation_id,
                     services,
