@@ -24,7 +24,7 @@
 //!     fn stream_id(&self) -> String { format!("door-{}", self.id) }
 //! }
 //! impl Command for Open {}
-//! #[derive(Debug, serde::Serialize, serde::Deserialize)]
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 //! struct Opened { id: String }
 //! impl Message for Opened {
 //!     const TYPE_NAME: &'static str = "Opened";
