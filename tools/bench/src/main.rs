@@ -1,7 +1,7 @@
 //! Benchmarks of the whizbang runtime, each measured against a baseline in the same run.
 //!
-//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, `e2e`, or `all` for
-//! the four in a row with their default settings)
+//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, `e2e`, `http`, or
+//! `all` for the five in a row with their default settings)
 //!
 //! Suites:
 //! - `store`: the Postgres store beside raw SQL on the same tables (see `store.rs`).
@@ -9,6 +9,8 @@
 //!   end-to-end latency at a fixed offered rate (see `amqp.rs`).
 //! - `e2e`: that end-to-end latency at several offered rates (`--rates`, default 100,1000),
 //!   p50 / p95 / p99, each timed from the intended send time.
+//! - `http`: the order API over HTTP on the Postgres store beside a bare actix-web handler
+//!   inserting the same event and outbox row with one raw statement (see `http.rs`).
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
 //!   store and transport, default configuration with the scoped flush strategy) beside a direct
 //!   call of the same receptor and perspective (`Receptor::handle`, the event's decode, and
@@ -26,6 +28,7 @@
 
 mod amqp;
 mod cpu;
+mod http;
 mod report;
 mod store;
 
@@ -66,7 +69,10 @@ enum Suite {
     /// End-to-end latency (local_invoke on one runtime → the perspective of another, over
     /// Postgres and the broker) at several offered rates, with p50 / p95 / p99.
     E2e(amqp::AmqpArgs),
-    /// core, store, amqp and e2e in a row, each with its default settings.
+    /// The order API over HTTP on the Postgres store beside a bare actix-web handler that
+    /// inserts the same event and outbox row with one raw statement; `/orders/async` alone.
+    Http(http::HttpArgs),
+    /// core, store, amqp, e2e and http in a row, each with its default settings.
     All,
     /// Print the Markdown table of a results file written earlier (with each figure's goal).
     Report {
@@ -575,11 +581,13 @@ fn main() {
             Suite::Store(args) => record("store", run_suite("store", store::store(args)).await),
             Suite::Amqp(args) => record("amqp", run_suite("amqp", amqp::amqp(args)).await),
             Suite::E2e(args) => record("e2e", run_suite("e2e", amqp::e2e(args)).await),
+            Suite::Http(args) => record("http", run_suite("http", http::http(args)).await),
             Suite::All => {
                 record("core", run_suite("core", core(defaults())).await);
                 record("store", run_suite("store", store::store(defaults())).await);
                 record("amqp", run_suite("amqp", amqp::amqp(defaults())).await);
                 record("e2e", run_suite("e2e", amqp::e2e(defaults())).await);
+                record("http", run_suite("http", http::http(defaults())).await);
             }
             // Printed before the actor system starts.
             Suite::Report { .. } => {}

@@ -42,6 +42,8 @@ const GOALS: &[(&str, &str, Goal)] = &[
     ("amqp", "consume_events_per_s", Goal::AtLeast(5000.0)),
     ("amqp", "e2e_p50_ms", Goal::AtMost(20.0)),
     ("amqp", "e2e_p99_ms", Goal::AtMost(100.0)),
+    ("http", "http_invoke_ratio_vs_raw", Goal::AtLeast(0.6)),
+    ("http", "http_invoke_p99_ratio_vs_raw", Goal::AtMost(2.0)),
 ];
 
 /// Besides the figures with goals, what the README's one table shows (`--headline`): the
@@ -54,6 +56,9 @@ const HEADLINE: &[(&str, &str)] = &[
     ("amqp", "publish_msgs_per_s"),
     ("amqp", "bare_publish_msgs_per_s"),
     ("e2e", "e2e_max_sustainable_per_s"),
+    ("http", "http_invoke_per_s"),
+    ("http", "http_raw_per_s"),
+    ("http", "http_async_per_s"),
 ];
 
 fn goal(suite: &str, figure: &str) -> Option<Goal> {
