@@ -47,7 +47,7 @@ cargo clippy --workspace --all-targets -- -D warnings || die "clippy found probl
 # The library without its optional backends: each feature set builds and lints clean, so a
 # service that needs only one of them is not handed a broken build.
 for features in "--no-default-features" "--no-default-features --features postgres" \
-    "--no-default-features --features amqp"; do
+    "--no-default-features --features amqp" "--no-default-features --features web"; do
     step "cargo clippy -p whizbang --lib $features -- -D warnings"
     # shellcheck disable=SC2086 # the feature flags are separate words
     cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"
