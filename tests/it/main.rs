@@ -66,4 +66,5 @@ mod web {
     mod limits;
     mod postgres;
     mod shutdown;
+    mod tracking;
 }
