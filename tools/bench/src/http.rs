@@ -5,7 +5,8 @@
 //! Keep-alive clients (`--clients`, each one connection, requests one after another) post
 //! orders, each on a stream of its own. The runtime's `POST /orders` (`local_invoke`: event
 //! store + outbox + the order-summary table, read-your-writes) and the raw handler are measured
-//! in alternating rounds; then `POST /orders/async` (`send`) alone. Figures:
+//! in alternating rounds; then `POST /orders/async` (`send`) alone. Both sides have
+//! `--connections` database connections, each held by one request at a time. Figures:
 //! `http_invoke_per_s`, `http_raw_per_s`, `http_invoke_ratio_vs_raw` (the median of the rounds'
 //! ratios), `http_invoke_p99_ms`, `http_raw_p99_ms`, `http_invoke_p99_ratio_vs_raw`,
 //! `http_async_per_s`. Every answer's status is checked: a request not answered `201`/`202`
@@ -20,7 +21,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use clap::Args;
 use orders::{CreateOrder, CreateOrderReceptor, OrderCreated, OrderSummaries};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 use whizbang::config::StoreBackend;
@@ -71,12 +72,40 @@ fn config(args: &HttpArgs, schema: &str) -> Config {
 }
 
 /// The raw baseline: the example's receptor logic, then one statement inserting the event and
-/// its outbox row.
+/// its outbox row, on a connection of its pool held for the request (as the runtime's pool
+/// does; a connection shared by concurrent requests would pipeline them).
 struct Raw {
-    connections: Vec<(tokio_postgres::Client, tokio_postgres::Statement)>,
-    next: AtomicUsize,
+    pool: bb8::Pool<RawConnections>,
     position: AtomicI64,
     receptor: CreateOrderReceptor,
+}
+
+/// Connections of the raw baseline, each with the insert prepared once.
+struct RawConnections {
+    config: tokio_postgres::Config,
+    sql: String,
+}
+
+impl bb8::ManageConnection for RawConnections {
+    type Connection = (tokio_postgres::Client, tokio_postgres::Statement);
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<Self::Connection, tokio_postgres::Error> {
+        let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let insert = client.prepare(&self.sql).await?;
+        Ok((client, insert))
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), tokio_postgres::Error> {
+        conn.0.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        conn.0.is_closed()
+    }
 }
 
 async fn raw_create(raw: web::Data<Raw>, cmd: web::Json<CreateOrder>) -> HttpResponse {
@@ -92,8 +121,11 @@ async fn raw_create(raw: web::Data<Raw>, cmd: web::Json<CreateOrder>) -> HttpRes
     let id = Uuid::now_v7();
     let position = raw.position.fetch_add(1, Ordering::Relaxed) + 1;
     let now_us = whizbang::envelope::now_us();
-    let (client, insert) =
-        &raw.connections[raw.next.fetch_add(1, Ordering::Relaxed) % raw.connections.len()];
+    let connection = match raw.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return HttpResponse::ServiceUnavailable().body(e.to_string()),
+    };
+    let (client, insert) = &*connection;
     let meta: Vec<u8> = Vec::new();
     match client
         .execute(
@@ -240,16 +272,16 @@ async fn run(args: &HttpArgs, base: &Config) -> BenchResult<()> {
     let mut raw_config = base.clone();
     raw_config.store.schema = format!("{}_raw", base.store.schema);
     PostgresStore::connect(&raw_config).await?;
-    let sql = raw_insert_sql(&raw_config.store.schema);
-    let mut connections = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections.max(1) {
-        let client = raw_client(&raw_config).await?;
-        let insert = client.prepare(&sql).await?;
-        connections.push((client, insert));
-    }
+    let pool = bb8::Pool::builder()
+        .max_size(args.connections.max(1) as u32)
+        .min_idle(Some(args.connections.max(1) as u32))
+        .build(RawConnections {
+            config: raw_config.store.database_url.parse()?,
+            sql: raw_insert_sql(&raw_config.store.schema),
+        })
+        .await?;
     let raw = web::Data::new(Raw {
-        connections,
-        next: AtomicUsize::new(0),
+        pool,
         position: AtomicI64::new(0),
         receptor: CreateOrderReceptor::standard(),
     });
