@@ -11,6 +11,11 @@
 //! With `transport.kind = "amqp"` (`config/amqp.toml`) the inventory service is a separate
 //! process (`examples/inventory_service.rs`): this one checks that its events were accepted by
 //! the broker, and the other process shows them applied.
+//!
+//! It embeds the operator commands (`whizbang::operator`), as a service's own binary does:
+//! `cargo run --example order_service -- --config config/postgres.toml replay order-summary
+//! --from scratch` rebuilds the order summaries from the event store with a progress bar (plain
+//! lines when stderr is not a terminal), without starting the service.
 
 // Shared with the order_api example and the HTTP tests; each uses a part of it.
 #[allow(dead_code)]
@@ -18,7 +23,7 @@
 mod orders;
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use orders::{
     CreateOrder, CreateOrderReceptor, Inventory, OrderCreated, OrderSummaries, cents, line,
 };
@@ -35,6 +40,20 @@ struct Args {
     /// Configuration file.
     #[arg(long, default_value = "config/whizbang.toml")]
     config: PathBuf,
+    /// Without a command: run the scenario.
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Operator(whizbang::operator::OperatorCommand),
+}
+
+/// The order service's runtime with its receptor; the caller adds the read model.
+fn order_service(config: Config) -> whizbang::RuntimeBuilder {
+    Runtime::builder(config).receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
 }
 
 async fn wait_until(
@@ -70,6 +89,18 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
+    if let Some(Cmd::Operator(command)) = args.command {
+        // The same registrations as the service below, without starting it.
+        let summaries = OrderSummaries::for_config(&config).await?;
+        command
+            .run(
+                order_service(config)
+                    .perspective::<OrderCreated, _>("order-summary", summaries.clone()),
+            )
+            .await?;
+        println!("order-summary now holds {} order(s)", summaries.count().await?);
+        return Ok(());
+    }
 
     // The two services share one transport: the in-process bus by default.
     let transport: Option<Arc<dyn whizbang::transport::Transport>> = match config.transport.kind {
@@ -111,9 +142,7 @@ async fn run() -> anyhow::Result<()> {
 
     // Order service: the receptor and the order-summary read model.
     let summaries = OrderSummaries::memory();
-    let receptor = CreateOrderReceptor::standard();
-    let order_service = with_transport(Runtime::builder(config.clone()))
-        .receptor::<CreateOrder, _>(receptor)
+    let order_service = with_transport(order_service(config.clone()))
         .perspective::<OrderCreated, _>("order-summary", summaries.clone())
         .start()
         .await?;

@@ -47,7 +47,8 @@ cargo clippy --workspace --all-targets -- -D warnings || die "clippy found probl
 # The library without its optional backends: each feature set builds and lints clean, so a
 # service that needs only one of them is not handed a broken build.
 for features in "--no-default-features" "--no-default-features --features postgres" \
-    "--no-default-features --features amqp" "--no-default-features --features web"; do
+    "--no-default-features --features amqp" "--no-default-features --features web" \
+    "--no-default-features --features operator"; do
     step "cargo clippy -p whizbang --lib $features -- -D warnings"
     # shellcheck disable=SC2086 # the feature flags are separate words
     cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"
@@ -68,6 +69,14 @@ smoke_schema="smoke_pg_$$"
 WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
     cargo run --release --example order_service -- --config config/postgres.toml \
     || die "the order_service example failed on the Postgres store"
+step "smoke test: the operator commands on what the example left (status, replay)"
+WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
+    cargo run --release --bin whizbang -- --config config/postgres.toml status \
+    || die "whizbang status failed on the example's schema"
+WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
+    cargo run --release --example order_service -- --config config/postgres.toml \
+    replay order-summary --from scratch \
+    || die "the order_service example's replay command failed"
 psql "$WHIZBANG_TEST_DATABASE_URL" -Xqc "DROP SCHEMA IF EXISTS $smoke_schema CASCADE; DROP SCHEMA IF EXISTS ${smoke_schema}_inventory CASCADE" >/dev/null
 
 step "smoke test: the order_api example over HTTP (POST /orders, then SIGTERM)"

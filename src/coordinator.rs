@@ -396,6 +396,7 @@ impl Coordinator {
                             if resolves_doubt {
                                 act.claims_in_doubt = false;
                             }
+                            act.processed_rows_written(&reports.inbox_completions, &result.stale);
                             act.distribute(result, units, claimed, ctx)
                         }
                         Err(e) => {
@@ -512,6 +513,13 @@ impl Coordinator {
                     self.hand_outbox(claimed_outbox);
                     let _ = pending.reply.send(Ok(CommitOutcome { appended, applied }));
                 }
+                UnitOutcome::KeyTaken { key } => {
+                    // The dispatcher reads the record there and answers its outcome (or this
+                    // error, if the key was recorded for another command).
+                    let _ = pending
+                        .reply
+                        .send(Err(DispatchError::IdempotencyKeyReused { key }));
+                }
                 UnitOutcome::Conflict {
                     stream_id,
                     expected,
@@ -552,6 +560,27 @@ impl Coordinator {
                 count = result.stale.len(),
                 "reports refused: lease lost (fencing)"
             );
+        }
+    }
+
+    /// Inbox rows whose completion a batch just wrote: whoever waits for them as rows of
+    /// another dispatch ([`AwaitProcessed`]) is answered now rather than at the next poll.
+    fn processed_rows_written(&mut self, completed: &[WorkRef], stale: &[Uuid]) {
+        if self.remote_waiters.is_empty() {
+            return;
+        }
+        for w in completed {
+            if stale.contains(&w.message_id) {
+                continue;
+            }
+            for tx in self
+                .remote_waiters
+                .remove(&w.message_id)
+                .into_iter()
+                .flatten()
+            {
+                let _ = tx.send(Ok(()));
+            }
         }
     }
 
@@ -771,6 +800,31 @@ impl Handler<Commit> for Coordinator {
         if self.wants_flush() {
             self.flush(ctx);
         }
+    }
+}
+
+/// Answers, per inbox message id, when that row has been processed: a replayed idempotent
+/// `local_invoke` waits for the perspectives of the first dispatch's events as it did. Looked
+/// up at once, then at each fallback poll (or handed over with the row if this instance claims
+/// it).
+pub struct AwaitProcessed(pub Vec<Uuid>);
+
+impl Message for AwaitProcessed {
+    type Result = Vec<AppliedReceiver>;
+}
+
+impl Handler<AwaitProcessed> for Coordinator {
+    type Result = MessageResult<AwaitProcessed>;
+
+    fn handle(&mut self, msg: AwaitProcessed, ctx: &mut Self::Context) -> Self::Result {
+        let mut receivers = Vec::with_capacity(msg.0.len());
+        for id in msg.0 {
+            let (tx, rx) = oneshot::channel();
+            self.remote_waiters.entry(id).or_default().push(tx);
+            receivers.push(rx);
+        }
+        self.check_remote_waiters(ctx);
+        MessageResult(receivers)
     }
 }
 

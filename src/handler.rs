@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Why a receptor refused a command. Each maps to one HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a receptor refused a command. Each maps to one HTTP status. Serializable: the refusal
+/// of an idempotent command is recorded and answered again to a retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ReceptorError {
     /// The command is malformed or incomplete (400).
     #[error("validation failed: {0}")]
@@ -182,8 +183,9 @@ fn emitted<M: message::Message>(kind: MessageKind, m: &M) -> Emitted {
 
 /// Handles one command type. Exactly one receptor may be registered per command type.
 pub trait Receptor<C: Command>: Send + Sync + 'static {
-    /// What `local_invoke` returns to the caller.
-    type Result: Send + 'static;
+    /// What `local_invoke` returns to the caller. Serializable: the first outcome of a
+    /// command dispatched with an idempotency key is recorded and answered again to a retry.
+    type Result: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
 
     /// Decides what the command does. Returning an error writes nothing.
     fn handle(
@@ -272,6 +274,12 @@ pub(crate) trait ErasedReceptor: Send + Sync + 'static {
         typed: Option<Box<dyn Any + Send>>,
         ctx: ReceptorContext,
     ) -> BoxFuture<'static, Result<ErasedDecision, ReceptorFailure>>;
+
+    /// Encodes a result this receptor returned (an [`ErasedDecision::result`]).
+    fn encode_result(&self, result: &(dyn Any + Send)) -> Result<Vec<u8>, String>;
+
+    /// Decodes a result [`ErasedReceptor::encode_result`] encoded.
+    fn decode_result(&self, bytes: &[u8]) -> Result<Box<dyn Any + Send>, String>;
 }
 
 pub(crate) struct ReceptorAdapter<C, R> {
@@ -314,6 +322,27 @@ impl<C: Command, R: Receptor<C>> ErasedReceptor for ReceptorAdapter<C, R> {
             })
         }
         .boxed()
+    }
+
+    fn encode_result(&self, result: &(dyn Any + Send)) -> Result<Vec<u8>, String> {
+        let result = result
+            .downcast_ref::<R::Result>()
+            .ok_or_else(|| format!("the result of `{}` is not its receptor's", C::TYPE_NAME))?;
+        let mut bytes = Vec::with_capacity(64);
+        rmp_serde::encode::write_named(&mut bytes, result)
+            .map_err(|e| format!("cannot encode the result of `{}`: {e}", C::TYPE_NAME))?;
+        Ok(bytes)
+    }
+
+    fn decode_result(&self, bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
+        rmp_serde::from_slice::<R::Result>(bytes)
+            .map(|r| Box::new(r) as Box<dyn Any + Send>)
+            .map_err(|e| {
+                format!(
+                    "cannot decode the recorded result of `{}`: {e}",
+                    C::TYPE_NAME
+                )
+            })
     }
 }
 

@@ -16,9 +16,10 @@ use crate::coordinator::{AppliedSender, CommitAnswer, CommitOutcome, Coordinator
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::handler::{Apply, HandlerFailure, Invoke};
+use crate::idempotency::{Keyed, Outcome};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
-use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
+use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::any::Any;
@@ -40,7 +41,23 @@ pub struct CommandJob {
     pub typed: Option<Box<dyn Any + Send>>,
     /// Wait for the perspectives of the resulting events (local_invoke).
     pub wait: bool,
+    /// The idempotency key it was dispatched with: its outcome is recorded in its unit.
+    pub keyed: Option<Keyed>,
     pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
+}
+
+/// A command of a request scope: the receptor decides and the unit is planned, but nothing is
+/// committed; the unit goes back to the scope, which commits all of its units at once.
+pub struct ScopedJob {
+    pub envelope: Envelope,
+    pub typed: Option<Box<dyn Any + Send>>,
+    pub reply: oneshot::Sender<Result<Decided, DispatchError>>,
+}
+
+/// A scoped command's decision: the receptor's result and the unit planned from it.
+pub struct Decided {
+    pub result: Box<dyn Any + Send>,
+    pub unit: UnitOfWork,
 }
 
 /// An inbox row, with whoever waits for it to be processed.
@@ -51,6 +68,7 @@ pub struct InboxJob {
 
 pub enum Job {
     Command(CommandJob),
+    Scoped(ScopedJob),
     Inbox(InboxJob),
 }
 
@@ -58,7 +76,16 @@ impl Job {
     fn inbox_stream(&self) -> Option<&str> {
         match self {
             Job::Inbox(j) => Some(&j.work.envelope.stream_id),
-            Job::Command(_) => None,
+            Job::Command(_) | Job::Scoped(_) => None,
+        }
+    }
+
+    /// The stream of a command from the dispatcher (scoped or not).
+    fn command_stream(&self) -> Option<&str> {
+        match self {
+            Job::Command(j) => Some(&j.envelope.stream_id),
+            Job::Scoped(j) => Some(&j.envelope.stream_id),
+            Job::Inbox(_) => None,
         }
     }
 }
@@ -154,8 +181,8 @@ impl PartitionActor {
         if self.busy {
             return;
         }
-        if let Some(Job::Command(next)) = self.queue.front()
-            && self.committing.contains_key(&next.envelope.stream_id)
+        if let Some(stream) = self.queue.front().and_then(Job::command_stream)
+            && self.committing.contains_key(stream)
         {
             // Its stream's previous command is still committing: wait for it (the commit's
             // completion pumps again).
@@ -177,10 +204,11 @@ impl PartitionActor {
                             envelope,
                             typed,
                             wait,
+                            keyed,
                             reply,
                         } = job;
                         let stream = envelope.stream_id.clone();
-                        let queued = queue_command(&deps, envelope, typed, None, wait).await;
+                        let queued = queue_command(&deps, envelope, typed, None, wait, keyed).await;
                         (stream, queued, reply)
                     }
                     .into_actor(self)
@@ -209,6 +237,19 @@ impl PartitionActor {
                                 );
                             }
                         }
+                        act.pump(ctx);
+                    }),
+                );
+            }
+            Job::Scoped(job) => {
+                ctx.spawn(
+                    async move {
+                        let decided = decide(&deps, job.envelope, job.typed).await;
+                        let _ = job.reply.send(decided);
+                    }
+                    .into_actor(self)
+                    .map(|_, act, ctx| {
+                        act.busy = false;
                         act.pump(ctx);
                     }),
                 );
@@ -298,14 +339,26 @@ impl PartitionActor {
 struct QueuedCommand {
     result: Box<dyn Any + Send>,
     commit: CommitAnswer,
+    /// The receptor refused a keyed command: the unit records the refusal only, and the
+    /// refusal is the answer once it is committed.
+    refused: Option<DispatchError>,
 }
 
 impl QueuedCommand {
     /// Waits for the unit's commit.
     async fn committed(self) -> Result<CommandOutcome, DispatchError> {
+        let committed = self.commit.await;
+        if let Some(refusal) = self.refused {
+            return match committed {
+                // The key was recorded by another dispatch: the dispatcher answers that one.
+                Err(e @ DispatchError::IdempotencyKeyReused { .. }) => Err(e),
+                // Recorded, or not (a retry then runs the command again): the refusal stands.
+                _ => Err(refusal),
+            };
+        }
         let CommitOutcome {
             appended, applied, ..
-        } = self.commit.await?;
+        } = committed?;
         Ok(CommandOutcome {
             result: self.result,
             appended,
@@ -321,10 +374,96 @@ async fn queue_command(
     typed: Option<Box<dyn Any + Send>>,
     completes: Option<WorkRef>,
     wait: bool,
+    keyed: Option<Keyed>,
 ) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
     // Sent through the table's address (held for the call), not a clone of it: an address
     // clone costs two allocations.
+    let Some(receptor) = table.receptor(&envelope.message_type) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: envelope.message_type,
+        });
+    };
+    let envelope = Arc::new(envelope);
+    let decision = match receptor
+        .addr
+        .send(Invoke {
+            envelope: envelope.clone(),
+            typed,
+        })
+        .await?
+        .await
+    {
+        Ok(decision) => decision,
+        Err(failure) => {
+            let refusal = DispatchError::from_handler(&envelope.message_type, failure);
+            return match (keyed, &refusal) {
+                // A business refusal of a keyed command is its outcome: recorded, so a retry
+                // answers it again rather than deciding anew.
+                (
+                    Some(keyed),
+                    DispatchError::Rejected {
+                        message_type,
+                        error,
+                    },
+                ) => {
+                    let record = keyed.record(&Outcome::Rejected {
+                        message_type: message_type.clone(),
+                        error: error.clone(),
+                    })?;
+                    let unit = UnitOfWork {
+                        idempotency: Some(record),
+                        ..UnitOfWork::default()
+                    };
+                    Ok(QueuedCommand {
+                        result: Box::new(()),
+                        commit: commit(&deps.coordinator, unit, false),
+                        refused: Some(refusal),
+                    })
+                }
+                _ => Err(refusal),
+            };
+        }
+    };
+    let mut unit = plan_unit(
+        &deps.origin,
+        &table,
+        &envelope,
+        decision.events,
+        decision.commands,
+        decision.expectations,
+        completes,
+    )?;
+    if let Some(keyed) = keyed {
+        let result = receptor
+            .receptor
+            .encode_result(&*decision.result)
+            .map_err(DispatchError::Codec)?;
+        unit.idempotency = Some(keyed.record(&Outcome::Done {
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id,
+            stream_id: envelope.stream_id.clone(),
+            timestamp_us: envelope.timestamp_us,
+            accepted: false,
+            result: Some(result),
+            inbox: unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
+        })?);
+    }
+    // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
+    Ok(QueuedCommand {
+        result: decision.result,
+        commit: commit(&deps.coordinator, unit, wait),
+        refused: None,
+    })
+}
+
+/// Receptor → unit, not committed: a command of a request scope.
+async fn decide(
+    deps: &PartitionDeps,
+    envelope: Envelope,
+    typed: Option<Box<dyn Any + Send>>,
+) -> Result<Decided, DispatchError> {
+    let table = deps.registry.current();
     let Some(receptor) = table.receptor(&envelope.message_type) else {
         return Err(DispatchError::HandlerNotFound {
             message_type: envelope.message_type,
@@ -347,12 +486,11 @@ async fn queue_command(
         decision.events,
         decision.commands,
         decision.expectations,
-        completes,
+        None,
     )?;
-    // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
-    Ok(QueuedCommand {
+    Ok(Decided {
         result: decision.result,
-        commit: commit(&deps.coordinator, unit, wait),
+        unit,
     })
 }
 
@@ -364,7 +502,7 @@ async fn run_command(
     completes: Option<WorkRef>,
     wait: bool,
 ) -> Result<CommandOutcome, DispatchError> {
-    queue_command(deps, envelope, typed, completes, wait)
+    queue_command(deps, envelope, typed, completes, wait, None)
         .await?
         .committed()
         .await

@@ -44,6 +44,8 @@ pub enum RegistryError {
 #[derive(Clone)]
 pub(crate) struct ReceptorEntry {
     pub addr: Addr<ReceptorActor>,
+    /// The receptor itself, for encoding and decoding its results (idempotent commands).
+    pub receptor: Arc<dyn ErasedReceptor>,
 }
 
 #[derive(Clone)]
@@ -196,11 +198,16 @@ impl Handler<RegisterReceptor> for Registry {
         self.claim_kind(msg.command_type, MessageKind::Command, msg.check)?;
         let (command_type, receptor) = (msg.command_type, msg.receptor);
         let timeout = self.handler_timeout;
+        let erased = receptor.clone();
         let addr =
             Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone(), timeout));
-        self.table
-            .receptors
-            .insert(command_type.to_string(), ReceptorEntry { addr });
+        self.table.receptors.insert(
+            command_type.to_string(),
+            ReceptorEntry {
+                addr,
+                receptor: erased,
+            },
+        );
         self.view.replace(self.table.clone());
         Ok(())
     }

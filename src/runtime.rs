@@ -82,21 +82,7 @@ impl RuntimeBuilder {
         let config = self.config;
         config.validate(std::path::Path::new("(runtime config)"))?;
         let instance = self.instance.unwrap_or_else(Uuid::now_v7);
-        let store: Arc<dyn Store> = match self.store {
-            Some(s) => s,
-            None => match config.store.backend {
-                StoreBackend::Memory => {
-                    Arc::new(MemoryStore::new(StoreSettings::from_config(&config)))
-                }
-                #[cfg(feature = "postgres")]
-                StoreBackend::Postgres => {
-                    Arc::new(crate::store::postgres::PostgresStore::connect(&config).await?)
-                }
-                // `validate` above refuses it, naming the missing feature.
-                #[cfg(not(feature = "postgres"))]
-                StoreBackend::Postgres => return Err(missing_feature("store.backend", "postgres")),
-            },
-        };
+        let store = open_store(&config, self.store).await?;
         let transport: Arc<dyn Transport> = match self.transport {
             Some(t) => t,
             None => match config.transport.kind {
@@ -226,6 +212,63 @@ impl RuntimeBuilder {
     }
 }
 
+impl RuntimeBuilder {
+    /// Replays the event store through the registered perspective `name` without starting the
+    /// instance: it opens the store (as [`RuntimeBuilder::start`] would), starts the registered
+    /// perspectives' actors (receptors are not started), and runs the replay, `page_size`
+    /// events per read, calling `progress` before the first page and after every page. No
+    /// instance is registered, no partition leased, nothing consumed or published: it is what
+    /// a service's `replay` command runs (see the `operator` feature), beside or instead of
+    /// the running service. Must be called inside a running actix system.
+    pub async fn replay(
+        self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+        page_size: u32,
+        progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
+    ) -> Result<crate::replay::ReplayReport, crate::replay::ReplayError> {
+        let config = self.config;
+        config.validate(std::path::Path::new("(runtime config)"))?;
+        let store = open_store(&config, self.store).await?;
+        let view = RegistryView::default();
+        let registry = Registry::new(
+            config.routing.topics.clone(),
+            view.clone(),
+            Duration::from_millis(config.coordinator.handler_timeout_ms),
+        )
+        .start();
+        for p in self.perspectives {
+            registry
+                .send(p)
+                .await
+                .map_err(|e| StartError::Actor(e.to_string()))?
+                .map_err(StartError::from)?;
+        }
+        Ok(crate::replay::replay(&store, &view, name, from, page_size, progress).await?)
+    }
+}
+
+/// The store given to the builder, or else the one the configuration names (connected, and
+/// for Postgres migrated).
+async fn open_store(
+    config: &Config,
+    given: Option<Arc<dyn Store>>,
+) -> Result<Arc<dyn Store>, StartError> {
+    Ok(match given {
+        Some(s) => s,
+        None => match config.store.backend {
+            StoreBackend::Memory => Arc::new(MemoryStore::new(StoreSettings::from_config(config))),
+            #[cfg(feature = "postgres")]
+            StoreBackend::Postgres => {
+                Arc::new(crate::store::postgres::PostgresStore::connect(config).await?)
+            }
+            // `validate` refuses it first, naming the missing feature.
+            #[cfg(not(feature = "postgres"))]
+            StoreBackend::Postgres => return Err(missing_feature("store.backend", "postgres")),
+        },
+    })
+}
+
 /// A backend this build was compiled without: `Config::validate` refuses it first; answered the
 /// same way here rather than assumed unreachable.
 #[cfg(not(all(feature = "postgres", feature = "amqp")))]
@@ -305,7 +348,8 @@ impl Runtime {
             .await?
     }
 
-    /// `LocalInvoke` continuing a conversation.
+    /// `LocalInvoke` with options: a conversation to continue, a deadline, an idempotency key
+    /// (see [`DispatchOptions::idempotency_key`]).
     pub async fn local_invoke_with<C: Command, R: Send + 'static>(
         &self,
         command: C,
@@ -321,9 +365,26 @@ impl Runtime {
         self.dispatcher.send(SendCommand::new(command)).await?
     }
 
+    /// `Send` with options: a conversation to continue, a deadline, an idempotency key.
+    pub async fn send_with<C: Command>(
+        &self,
+        command: C,
+        options: DispatchOptions,
+    ) -> Result<DeliveryReceipt, DispatchError> {
+        self.dispatcher
+            .send(SendCommand::new(command).with_options(options))
+            .await?
+    }
+
     /// `Publish`: append an event, then perspectives and outbox.
     pub async fn publish<E: Event>(&self, event: E) -> Result<DeliveryReceipt, DispatchError> {
         self.dispatcher.send(PublishEvent::new(event)).await?
+    }
+
+    /// A request scope: commands dispatched in it are decided at once and written together,
+    /// in one store transaction, by [`crate::Scope::complete`]; dropped, it writes nothing.
+    pub fn scope(&self) -> crate::Scope {
+        crate::Scope::new(self.dispatcher.clone())
     }
 
     /// What one request caused, by correlation id.
@@ -338,7 +399,19 @@ impl Runtime {
         name: &str,
         from: crate::replay::ReplayFrom,
     ) -> Result<crate::replay::ReplayReport, DispatchError> {
-        crate::replay::replay(&self.store, &self.view, name, from, 500).await
+        crate::replay::replay(&self.store, &self.view, name, from, 500, &mut |_| {}).await
+    }
+
+    /// [`Runtime::replay_perspective`], reading `page_size` events at a time and calling
+    /// `progress` before the first page and after every page.
+    pub async fn replay_perspective_with_progress(
+        &self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+        page_size: u32,
+        progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
+    ) -> Result<crate::replay::ReplayReport, DispatchError> {
+        crate::replay::replay(&self.store, &self.view, name, from, page_size, progress).await
     }
 
     /// Stops consuming and taking new dispatches, lets those in flight finish, writes everything

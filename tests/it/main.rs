@@ -38,6 +38,7 @@ mod contract {
     mod deferred_completions;
     mod failures;
     mod handler_timeout;
+    mod idempotency;
     mod inbox_dedup;
     mod lost_answers;
     mod malformed;
@@ -45,6 +46,7 @@ mod contract {
     mod read_your_writes;
     mod registry;
     mod replay;
+    mod scopes;
     mod stop_signal;
     mod version_conflict;
 }
@@ -52,6 +54,7 @@ mod contract {
 /// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
 mod postgres {
     mod deadlines;
+    mod idempotency;
     mod migrations;
     mod runtime;
     mod secrets;
