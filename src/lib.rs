@@ -126,6 +126,8 @@
 //! | [`scope`] | request scopes: several commands written in one transaction, all or nothing |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
+//! | `web` (feature `web`) | the HTTP edge for actix-web: problem+json errors, JSON and `Idempotency-Key` extractors, the status endpoint |
+//! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
 pub mod config;
 pub(crate) mod consumer;
@@ -149,7 +151,10 @@ pub mod scope;
 pub mod signal;
 pub mod store;
 pub mod supervision;
+pub mod testing;
 pub mod transport;
+#[cfg(feature = "web")]
+pub mod web;
 mod workers;
 
 pub use config::Config;

@@ -7,6 +7,11 @@
 
 mod support;
 
+/// The order domain and HTTP service of the examples (`examples/orders`), for `web::*`.
+#[allow(dead_code)]
+#[path = "../../examples/orders/mod.rs"]
+mod orders;
+
 mod actix_facts;
 mod config_files;
 mod config_reference;
@@ -56,4 +61,15 @@ mod postgres {
     mod runtime;
     mod secrets;
     mod tls;
+}
+
+/// The HTTP edge (`whizbang::web`) through the order_api example over real HTTP, and
+/// `whizbang::testing`.
+mod web {
+    mod flows;
+    mod harness;
+    mod limits;
+    mod postgres;
+    mod shutdown;
+    mod tracking;
 }

@@ -99,7 +99,11 @@ struct WorkReceptor;
 impl Receptor<Work> for WorkReceptor {
     type Result = Uuid;
 
-    async fn handle(&self, cmd: Work, _ctx: ReceptorContext) -> Result<Decision<Uuid>, ReceptorError> {
+    async fn handle(
+        &self,
+        cmd: Work,
+        _ctx: ReceptorContext,
+    ) -> Result<Decision<Uuid>, ReceptorError> {
         if cmd.burn_us > 0 {
             burn(Duration::from_micros(cmd.burn_us));
         }
@@ -207,13 +211,20 @@ pub async fn engine(args: EngineArgs) -> BenchResult<()> {
 }
 
 /// Completed calls per second with `callers` closed-loop callers for `secs`.
-async fn closed_loop(runtime: &Runtime, callers: usize, burn_us: u64, secs: u64) -> BenchResult<f64> {
+async fn closed_loop(
+    runtime: &Runtime,
+    callers: usize,
+    burn_us: u64,
+    secs: u64,
+) -> BenchResult<f64> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let counts = futures::future::join_all((0..callers).map(|c| async move {
         let mut n = 0_u64;
         while Instant::now() < deadline {
-            let _: Uuid = runtime.local_invoke(work(format!("c-{c}"), burn_us)).await?;
+            let _: Uuid = runtime
+                .local_invoke(work(format!("c-{c}"), burn_us))
+                .await?;
             n += 1;
         }
         Ok::<_, DispatchError>(n)
@@ -267,7 +278,9 @@ async fn heartbeat_under_hog(args: &EngineArgs) -> BenchResult<()> {
         let me = runtime.instance_id();
         let held: i64 = client
             .query_one(
-                &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id = $1"),
+                &format!(
+                    "SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id = $1"
+                ),
                 &[&me],
             )
             .await?
@@ -364,8 +377,9 @@ async fn overload(args: &EngineArgs) -> BenchResult<()> {
                 );
                 actix::spawn(async move {
                     let t = Instant::now();
-                    let answer: Result<Uuid, _> =
-                        runtime.local_invoke(work(format!("o-{}", n % 1000), 0)).await;
+                    let answer: Result<Uuid, _> = runtime
+                        .local_invoke(work(format!("o-{}", n % 1000), 0))
+                        .await;
                     match answer {
                         Ok(_) => {
                             counters.0.fetch_add(1, Ordering::Relaxed);
@@ -462,8 +476,9 @@ async fn stall(args: &EngineArgs) -> BenchResult<()> {
                     while Instant::now() < stop_at {
                         n += 1;
                         let t = Instant::now();
-                        let answer: Result<Uuid, _> =
-                            runtime.local_invoke(work(format!("st-{c}-{}", n % 50), 0)).await;
+                        let answer: Result<Uuid, _> = runtime
+                            .local_invoke(work(format!("st-{c}-{}", n % 50), 0))
+                            .await;
                         match answer {
                             Ok(token) => committed.lock().unwrap().push(token),
                             Err(e) => {
@@ -519,9 +534,17 @@ async fn stall(args: &EngineArgs) -> BenchResult<()> {
         let committed = std::mem::take(&mut *committed.lock().unwrap());
         let lost = committed.iter().filter(|t| !stored.contains(t)).count();
         let waits = std::mem::take(&mut *waits_for_error.lock().unwrap());
-        let error_s_max = waits.iter().max().copied().unwrap_or_default().as_secs_f64();
+        let error_s_max = waits
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64();
         figure("pg_stall_s", args.stall_secs);
-        figure("pg_stall_statement_timeout_ms", statement_timeout.as_millis());
+        figure(
+            "pg_stall_statement_timeout_ms",
+            statement_timeout.as_millis(),
+        );
         figure("pg_stall_errors", waits.len());
         figure("pg_stall_error_s_max", format!("{error_s_max:.2}"));
         figure("pg_stall_committed", committed.len());
