@@ -22,6 +22,9 @@ use std::time::Duration;
 pub struct Consumer {
     pub topic: String,
     pub subscription: String,
+    /// Which of the subscription's receivers this is ([`Transport::receivers`]): its shard
+    /// queue on RabbitMQ, its session receiver on Service Bus, 0 otherwise.
+    pub receiver: u32,
     pub transport: Arc<dyn Transport>,
     pub coordinator: Addr<Coordinator>,
     pub registry: RegistryView,
@@ -38,6 +41,7 @@ impl Actor for Consumer {
         let lp = ReceiveLoop {
             topic: self.topic.clone(),
             subscription: self.subscription.clone(),
+            receiver: self.receiver,
             transport: self.transport.clone(),
             coordinator: self.coordinator.clone(),
             registry: self.registry.clone(),
@@ -57,6 +61,7 @@ enum ReceiveEnd {
 struct ReceiveLoop {
     topic: String,
     subscription: String,
+    receiver: u32,
     transport: Arc<dyn Transport>,
     coordinator: Addr<Coordinator>,
     registry: RegistryView,
@@ -73,16 +78,26 @@ impl ReceiveLoop {
         loop {
             let mut sub = match self
                 .transport
-                .subscribe(&self.topic, &self.subscription, self.prefetch)
+                .subscribe_receiver(
+                    &self.topic,
+                    &self.subscription,
+                    self.receiver,
+                    self.prefetch,
+                )
                 .await
             {
                 Ok(sub) => {
                     reopen.reset();
                     sub
                 }
+                // No session was available within the service's wait: ask again at once.
+                Err(crate::transport::TransportError::SessionIdle(why)) => {
+                    tracing::trace!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %why, "no session available");
+                    continue;
+                }
                 Err(e) => {
                     let delay = reopen.next_delay();
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
@@ -96,13 +111,18 @@ impl ReceiveLoop {
                     // them out again in queue order.
                     drop(sub);
                     let delay = commit_backoff.next_delay();
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, retry_in_ms = delay.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, retry_in_ms = delay.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
                     tokio::time::sleep(delay).await;
+                }
+                // The session went idle with nothing unsettled: give it back, take the next.
+                Err(crate::transport::TransportError::SessionIdle(why)) => {
+                    drop(sub);
+                    tracing::debug!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %why, "session given back");
                 }
                 Err(e) => {
                     drop(sub);
                     let delay = reopen.next_delay();
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -130,7 +150,7 @@ impl ReceiveLoop {
                         accepted.push(delivery.tag);
                     }
                     Err(reason) => {
-                        tracing::warn!(topic = %self.topic, subscription = %self.subscription, %reason, "delivery rejected");
+                        tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %reason, "delivery rejected");
                         sub.settle(delivery.tag, Settlement::Reject(reason)).await?;
                     }
                 }

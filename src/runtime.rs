@@ -192,24 +192,28 @@ impl RuntimeBuilder {
         )
         .start();
 
-        let consumers = config
-            .routing
-            .subscriptions
-            .iter()
-            .map(|s| {
-                Consumer {
-                    topic: s.topic.clone(),
-                    subscription: s.name.clone(),
-                    transport: transport.clone(),
-                    coordinator: coordinator.clone(),
-                    registry: view.clone(),
-                    origin: origin.clone(),
-                    prefetch: config.transport.prefetch,
-                    max_message_bytes: config.transport.max_message_bytes as usize,
-                }
-                .start()
-            })
-            .collect();
+        let mut consumers = Vec::new();
+        for s in &config.routing.subscriptions {
+            // One consumer per receiver of the subscription: each shard queue (RabbitMQ) or
+            // session receiver (Service Bus) has its own receive loop, so a slow stream holds
+            // up only its own shard or session.
+            for receiver in 0..transport.receivers(&s.topic, &s.name) {
+                consumers.push(
+                    Consumer {
+                        topic: s.topic.clone(),
+                        subscription: s.name.clone(),
+                        receiver,
+                        transport: transport.clone(),
+                        coordinator: coordinator.clone(),
+                        registry: view.clone(),
+                        origin: origin.clone(),
+                        prefetch: config.transport.prefetch,
+                        max_message_bytes: config.transport.max_message_bytes as usize,
+                    }
+                    .start(),
+                );
+            }
+        }
         tracing::info!(service = %config.service.name, %instance, store = ?config.store.backend, transport = ?config.transport.kind, "runtime started");
         Ok(Runtime {
             config,
