@@ -241,27 +241,37 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
         let second = start_instance("b", instance_config(&topic, &schema), &log).await?;
 
         let total = STREAMS * EVENTS as usize;
-        let mut first = Some(first);
-        for seq in 1..=EVENTS {
-            for (i, stream) in streams.iter().enumerate() {
-                if i == 0 && seq == 1 {
-                    continue;
+        // The sender keeps going on its own task while an instance may be stopped.
+        let to_send = streams.clone();
+        let sending = tokio::spawn(async move {
+            for seq in 1..=EVENTS {
+                for (i, stream) in to_send.iter().enumerate() {
+                    if i == 0 && seq == 1 {
+                        continue;
+                    }
+                    sender.send(&Bumped::new(stream.as_str(), seq)).await?;
                 }
-                sender.send(&Bumped::new(stream.as_str(), seq)).await?;
             }
-            if stop_midway && seq == EVENTS / 2 {
-                wait_until("a third of the events to be applied", || {
-                    log.len() >= total / 3
-                })
-                .await?;
-                // Mid-stream: later events of every stream are still to come, and some of
-                // those already sent are in flight at the first instance.
-                if let Some(runtime) = first.take() {
-                    runtime.shutdown().await?;
-                }
+            sender.close().await;
+            anyhow::Ok(())
+        });
+        let mut first = Some(first);
+        if stop_midway {
+            wait_until("a third of the events to be applied", || {
+                log.len() >= total / 3
+            })
+            .await?;
+            // Mid-stream: the sender is still sending, and deliveries are in flight at the
+            // first instance (received, being committed, or applied and not yet completed).
+            anyhow::ensure!(
+                !sending.is_finished(),
+                "the sender finished before the stop: nothing was in flight"
+            );
+            if let Some(runtime) = first.take() {
+                runtime.shutdown().await?;
             }
         }
-        sender.close().await;
+        sending.await??;
         wait_until("every event to be applied", || log.len() >= total)
             .await
             .map_err(|e| anyhow::anyhow!("{e}: {} of {total} applied", log.len()))?;
