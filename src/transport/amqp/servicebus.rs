@@ -386,24 +386,24 @@ mod tests {
         let key = Symbol::from("com.microsoft:session-filter");
         let next = session_filter(None);
         assert_eq!(next.len(), 1);
-        let (descriptor, value) = described(&next[&key]);
+        let (descriptor, value) = described(next.get(&key).unwrap());
         assert_eq!(descriptor, &Descriptor::Code(0x0000_0013_7000_000C));
         assert_eq!(value, &Value::Null);
 
         let named = session_filter(Some("order-42"));
-        let (descriptor, value) = described(&named[&key]);
+        let (descriptor, value) = described(named.get(&key).unwrap());
         assert_eq!(descriptor, &Descriptor::Code(SESSION_FILTER_CODE));
         assert_eq!(value, &Value::String("order-42".into()));
 
         // On the wire: described(ulong 0x000000137000000C, str8 "order-42").
-        let bytes = serde_amqp::to_vec(&named[&key]).unwrap();
+        let bytes = serde_amqp::to_vec(named.get(&key).unwrap()).unwrap();
         assert_eq!(
             &bytes[..10],
             &[0x00, 0x80, 0x00, 0x00, 0x00, 0x13, 0x70, 0x00, 0x00, 0x0c]
         );
         assert_eq!(&bytes[10..12], &[0xa1, 8]);
         assert_eq!(&bytes[12..], b"order-42");
-        let bytes = serde_amqp::to_vec(&next[&key]).unwrap();
+        let bytes = serde_amqp::to_vec(next.get(&key).unwrap()).unwrap();
         assert_eq!(bytes.last(), Some(&0x40), "null value");
     }
 
@@ -490,7 +490,7 @@ mod tests {
                         .insert("statusDescription", "because")
                         .build(),
                 )
-                .value(body)
+                .body(body)
                 .build()
         };
         let mut ok = OrderedMap::new();

@@ -25,9 +25,12 @@ use whizbang::{Config, EventMeta, Perspective, PerspectiveError, Runtime};
 
 const SHARDS: u32 = 4;
 
+/// One application: the instance, the stream, the event's seq, its message id.
+type Application = (&'static str, String, u32, Uuid);
+
 /// Every application of an event by either instance, in the order they happened.
 #[derive(Clone, Default)]
-struct Applied(Arc<Mutex<Vec<(&'static str, String, u32, Uuid)>>>);
+struct Applied(Arc<Mutex<Vec<Application>>>);
 
 /// The perspective of one instance: records into the shared log under its name.
 #[derive(Clone)]

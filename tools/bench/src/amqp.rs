@@ -669,10 +669,10 @@ async fn bare_drain(args: &AmqpArgs, names: &Names, n: usize, streams: usize) ->
     let c = config(args, "bench-drain", "unused");
     let window = c.transport.prefetch.max(1);
     let filler = AmqpTransport::from_config(&c.transport, "bench-fill")?;
-    let mut in_flight = FuturesUnordered::new();
     let envelopes = (0..n)
         .map(|i| tick_envelope(&tick(i % streams, i)))
         .collect::<BenchResult<Vec<_>>>()?;
+    let mut in_flight = FuturesUnordered::new();
     for e in &envelopes {
         if in_flight.len() >= 256
             && let Some(r) = in_flight.next().await
