@@ -225,8 +225,10 @@ const STREAMS: usize = 50;
 const EVENTS: u32 = 20;
 
 /// Two instances on one subscription and one schema consume `STREAMS` × `EVENTS` events sent
-/// in order per stream; with `stop_midway`, the first instance (the one receiving: it attached
-/// first, so it is every shard's active consumer) is shut down once a third has been applied.
+/// in order per stream. Without `stop_midway` both start together (each shard goes to whichever
+/// attached first); with it, the first instance starts alone (so it is every shard's active
+/// consumer), the second joins as a standby, and the first is shut down once a third of the
+/// events has been applied, the sender still sending.
 async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
     let _pg = pg::slot().await;
     let _broker = require_broker().await?;
@@ -235,13 +237,27 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
     let schema = format!("t_{}_c", Uuid::now_v7().simple());
     let log = Applied::default();
     let result = async {
-        let first = start_instance("a", instance_config(&topic, &schema), &log).await?;
         let streams = streams("order", STREAMS);
         let mut sender = PlainSender::open(&topic).await?;
-        // The first instance is attached (and every shard's active consumer) once it applies.
-        sender.send(&Bumped::new(streams[0].as_str(), 1)).await?;
-        wait_until("the first instance to apply", || log.len() >= 1).await?;
-        let second = start_instance("b", instance_config(&topic, &schema), &log).await?;
+        let (first, second) = if stop_midway {
+            let first = start_instance("a", instance_config(&topic, &schema), &log).await?;
+            // The first instance is attached (and every shard's active consumer) once it
+            // applies: the one to stop is the one receiving.
+            sender.send(&Bumped::new(streams[0].as_str(), 1)).await?;
+            wait_until("the first instance to apply", || log.len() >= 1).await?;
+            let second = start_instance("b", instance_config(&topic, &schema), &log).await?;
+            (first, second)
+        } else {
+            // Started together, the two race for each shard: whichever attaches first is its
+            // active consumer.
+            let (first, second) = tokio::join!(
+                start_instance("a", instance_config(&topic, &schema), &log),
+                start_instance("b", instance_config(&topic, &schema), &log)
+            );
+            let (first, second) = (first?, second?);
+            sender.send(&Bumped::new(streams[0].as_str(), 1)).await?;
+            (first, second)
+        };
 
         let total = STREAMS * EVENTS as usize;
         // The sender keeps going on its own task while an instance may be stopped.
