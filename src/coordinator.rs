@@ -39,6 +39,7 @@ use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -142,9 +143,17 @@ pub struct Coordinator {
     publisher: Option<Addr<Publisher>>,
     stopped: bool,
     shutdown_reply: Option<oneshot::Sender<Result<(), DispatchError>>>,
+    /// Instances of this service the last heartbeat saw alive (this one included), read by the
+    /// consumers that balance shard queues over the instances.
+    live_instances: Arc<AtomicU32>,
 }
 
 impl Coordinator {
+    /// The live-instance count the heartbeat keeps up to date (1 until the first heartbeat).
+    pub fn live_instances(&self) -> Arc<AtomicU32> {
+        self.live_instances.clone()
+    }
+
     pub fn new(store: Arc<dyn Store>, instance: InstanceId, settings: CoordinatorSettings) -> Self {
         Coordinator {
             store,
@@ -170,6 +179,7 @@ impl Coordinator {
             publisher: None,
             stopped: false,
             shutdown_reply: None,
+            live_instances: Arc::new(AtomicU32::new(1)),
         }
     }
 
@@ -680,8 +690,10 @@ impl Actor for Coordinator {
             ctx.spawn(
                 async move { store.heartbeat(instance).await }
                     .into_actor(act)
-                    .map(|result, _act, _ctx| match result {
+                    .map(|result, act: &mut Coordinator, _ctx| match result {
                         Ok(hb) if !hb.released.is_empty() => {
+                            act.live_instances
+                                .store(hb.live_instances.max(1), Ordering::Relaxed);
                             tracing::debug!(
                                 released = hb.released.len(),
                                 held = hb.held_partitions.len(),
@@ -689,7 +701,9 @@ impl Actor for Coordinator {
                                 "heartbeat released partitions"
                             );
                         }
-                        Ok(_) => {}
+                        Ok(hb) => act
+                            .live_instances
+                            .store(hb.live_instances.max(1), Ordering::Relaxed),
                         Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                     }),
             );

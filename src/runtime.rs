@@ -8,7 +8,7 @@
 //! business logic.
 
 use crate::config::{Config, StoreBackend, TransportKind};
-use crate::consumer::{Consumer, StopConsumer};
+use crate::consumer::{Consumer, ShardShare, StopConsumer};
 use crate::coordinator::{Attach, Coordinator, CoordinatorSettings, Shutdown};
 use crate::dispatcher::{
     Admission, DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent,
@@ -27,6 +27,7 @@ use crate::transport::Transport;
 use crate::transport::memory::{MemoryBus, MemoryTransport};
 use actix::prelude::*;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -159,8 +160,9 @@ impl RuntimeBuilder {
             store.clone(),
             instance,
             CoordinatorSettings::from_config(&config),
-        )
-        .start();
+        );
+        let live_instances = coordinator.live_instances();
+        let coordinator = coordinator.start();
         let partitions = PartitionDirectory::new(PartitionDeps {
             origin: origin.clone(),
             registry: view.clone(),
@@ -193,16 +195,25 @@ impl RuntimeBuilder {
         .start();
 
         let mut consumers = Vec::new();
+        let mut shard_shares = Vec::new();
         for s in &config.routing.subscriptions {
             // One consumer per receiver of the subscription: each shard queue (RabbitMQ) or
             // session receiver (Service Bus) has its own receive loop, so a slow stream holds
             // up only its own shard or session.
-            for receiver in 0..transport.receivers(&s.topic, &s.name) {
+            let receivers = transport.receivers(&s.topic, &s.name);
+            let share = (receivers > 1 && transport.receivers_are_shards()).then(|| ShardShare {
+                shards: receivers,
+                live_instances: live_instances.clone(),
+                active: Arc::new(AtomicU32::new(0)),
+            });
+            shard_shares.extend(share.clone());
+            for receiver in 0..receivers {
                 consumers.push(
                     Consumer {
                         topic: s.topic.clone(),
                         subscription: s.name.clone(),
                         receiver,
+                        share: share.clone(),
                         transport: transport.clone(),
                         coordinator: coordinator.clone(),
                         registry: view.clone(),
@@ -224,6 +235,7 @@ impl RuntimeBuilder {
             dispatcher,
             coordinator,
             consumers,
+            shard_shares,
             view,
             admission,
         })
@@ -251,11 +263,21 @@ pub struct Runtime {
     dispatcher: Addr<Dispatcher>,
     coordinator: Addr<Coordinator>,
     consumers: Vec<Addr<Consumer>>,
+    shard_shares: Vec<ShardShare>,
     view: RegistryView,
     admission: Admission,
 }
 
 impl Runtime {
+    /// How many shard queues (sharded subscriptions, `transport.amqp.shards`) this instance is
+    /// the active consumer of right now; 0 without sharded subscriptions.
+    pub fn active_shards(&self) -> u32 {
+        self.shard_shares
+            .iter()
+            .map(|s| s.active.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
     /// Starts configuring a runtime; see [`RuntimeBuilder::start`].
     pub fn builder(config: Config) -> RuntimeBuilder {
         RuntimeBuilder {

@@ -111,6 +111,13 @@ pub trait Transport: Send + Sync + 'static {
         1
     }
 
+    /// True when the receivers of a subscription are shard queues, each delivered to one
+    /// consumer of all instances at a time (single active consumer): the runtime then spreads
+    /// the active shards over the live instances.
+    fn receivers_are_shards(&self) -> bool {
+        false
+    }
+
     /// Opens receiver `index` (below [`Transport::receivers`]) of `subscription`: the
     /// subscription itself unless the transport splits it.
     async fn subscribe_receiver(

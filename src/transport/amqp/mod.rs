@@ -165,6 +165,10 @@ impl Transport for AmqpTransport {
         self.settings.addresses.receivers_per_subscription()
     }
 
+    fn receivers_are_shards(&self) -> bool {
+        self.settings.addresses.shards > 0 && !self.settings.addresses.sessions
+    }
+
     async fn subscribe_receiver(
         &self,
         topic: &str,

@@ -201,6 +201,9 @@ fn instance_config(topic: &str, schema: &str) -> Config {
     // Small windows so that a shard's deliveries are spread over several inbox commits.
     c.transport.prefetch = 50;
     c.runtime.shutdown_timeout_ms = 20_000;
+    // Live instances are known from the heartbeat: soon, so that the shards are shared soon
+    // (the lease stays at its default: a short one expires under load and re-runs events).
+    c.partitions.heartbeat_seconds = 1;
     on_postgres(c, schema)
 }
 
@@ -260,7 +263,8 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
         };
 
         let total = STREAMS * EVENTS as usize;
-        // The sender keeps going on its own task while an instance may be stopped.
+        // The sender keeps going on its own task while an instance may be stopped, a round
+        // (one event of every stream) every 100 ms.
         let to_send = streams.clone();
         let sending = tokio::spawn(async move {
             for seq in 1..=EVENTS {
@@ -270,10 +274,25 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
                     }
                     sender.send(&Bumped::new(stream.as_str(), seq)).await?;
                 }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             sender.close().await;
             anyhow::Ok(())
         });
+        if !stop_midway {
+            // The instance that attached first hands shards over to the other once the
+            // heartbeat shows two instances: both receive at once.
+            wait_until("both instances to be active on shards", || {
+                first.active_shards() > 0 && second.active_shards() > 0
+            })
+            .await?;
+            let (a, b) = (first.active_shards(), second.active_shards());
+            eprintln!("active shards: a {a}, b {b}");
+            assert!(
+                a + b <= SHARDS,
+                "more active receivers than shards: {a} + {b}"
+            );
+        }
         let mut first = Some(first);
         if stop_midway {
             wait_until("a third of the events to be applied", || {
