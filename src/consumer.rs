@@ -350,3 +350,62 @@ impl Handler<StopConsumer> for Consumer {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(shards: u32, live: u32) -> ShardShare {
+        ShardShare {
+            shards,
+            live_instances: Arc::new(AtomicU32::new(live)),
+            active: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    #[test]
+    fn fair_share_is_rounded_up_and_never_divides_by_zero() {
+        assert_eq!(share(4, 1).fair_share(), 4);
+        assert_eq!(share(4, 2).fair_share(), 2);
+        assert_eq!(share(4, 3).fair_share(), 2);
+        assert_eq!(share(4, 8).fair_share(), 1);
+        assert_eq!(share(4, 0).fair_share(), 4);
+    }
+
+    #[test]
+    fn only_the_excess_over_the_share_is_handed_over() {
+        let s = share(4, 2);
+        let mut receivers: Vec<Balance> = (0..4).map(|_| Balance::default()).collect();
+        for b in &mut receivers {
+            b.became_active(&s);
+        }
+        assert_eq!(s.active.load(Ordering::SeqCst), 4);
+        let leaving = receivers
+            .iter_mut()
+            .filter_map(|b| b.should_hand_over(&s).then_some(()))
+            .count();
+        assert_eq!(leaving, 2, "two of four go when two instances live");
+        assert_eq!(s.active.load(Ordering::SeqCst), 2);
+        // Alone, an instance keeps every shard.
+        let alone = share(4, 1);
+        let mut b = Balance::default();
+        b.became_active(&alone);
+        assert!(!b.should_hand_over(&alone));
+        b.left(&alone);
+        assert_eq!(alone.active.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_shard_nobody_took_is_kept_for_a_while() {
+        let s = share(2, 2);
+        let (mut a, mut b) = (Balance::default(), Balance::default());
+        a.became_active(&s);
+        b.became_active(&s);
+        assert!(a.should_hand_over(&s));
+        // It came straight back: nobody stood by. It is kept now, though still over the share.
+        a.became_active(&s);
+        assert_eq!(s.active.load(Ordering::SeqCst), 2);
+        assert!(!a.should_hand_over(&s));
+        assert!(b.should_hand_over(&s), "the other one may still go");
+    }
+}
