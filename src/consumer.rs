@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 /// A shard handed over that comes back this soon had no standby to take it.
 pub const HANDOVER_TAKEN_WITHIN: Duration = Duration::from_secs(5);
+/// The pause before asking again for a session when none was available.
+const NO_SESSION_PAUSE: Duration = Duration::from_millis(200);
 /// How long a shard that nobody took is kept before it is offered again.
 pub const HOLD_AFTER_UNTAKEN: Duration = Duration::from_secs(60);
 
@@ -185,9 +187,11 @@ impl ReceiveLoop {
                     reopen.reset();
                     sub
                 }
-                // No session was available within the service's wait: ask again at once.
+                // No session was available within the service's wait (the attach itself
+                // waited): ask again, after a short pause in case the service answered early.
                 Err(crate::transport::TransportError::SessionIdle(why)) => {
                     tracing::trace!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %why, "no session available");
+                    tokio::time::sleep(NO_SESSION_PAUSE).await;
                     continue;
                 }
                 Err(e) => {
