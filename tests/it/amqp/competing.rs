@@ -105,11 +105,15 @@ impl PlainSender {
         })
     }
 
+    /// Sends one event and waits for its outcome, within [`DEADLINE`] (fe2o3-amqp may otherwise
+    /// wait for an outcome forever when the connection goes).
     async fn send(&mut self, event: &Bumped) -> anyhow::Result<()> {
-        let outcome = self
-            .sender
-            .send(wire::to_message(&event_envelope(event)))
-            .await?;
+        let outcome = tokio::time::timeout(
+            DEADLINE,
+            self.sender.send(wire::to_message(&event_envelope(event))),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no outcome for {event:?} within {DEADLINE:?}"))??;
         anyhow::ensure!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
         Ok(())
     }
@@ -204,6 +208,8 @@ fn instance_config(topic: &str, schema: &str) -> Config {
     // Live instances are known from the heartbeat: soon, so that the shards are shared soon
     // (the lease stays at its default: a short one expires under load and re-runs events).
     c.partitions.heartbeat_seconds = 1;
+    // Two runtimes share the server with the other tests: a few connections each.
+    c.store.pool_size = 4;
     on_postgres(c, schema)
 }
 
@@ -309,7 +315,11 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
                 runtime.shutdown().await?;
             }
         }
-        sending.await??;
+        tokio::time::timeout(DEADLINE * 2, sending)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("the sender did not finish within {:?}", DEADLINE * 2)
+            })???;
         wait_until("every event to be applied", || log.len() >= total)
             .await
             .map_err(|e| anyhow::anyhow!("{e}: {} of {total} applied", log.len()))?;
@@ -387,7 +397,7 @@ async fn a_rejected_delivery_lands_in_the_dead_letter_queue() -> anyhow::Result<
     };
     let mut sender = PlainSender::open(&topic).await?;
     for message in [good(1), unknown, good(3)] {
-        let outcome = sender.sender.send(message).await?;
+        let outcome = tokio::time::timeout(DEADLINE, sender.sender.send(message)).await??;
         anyhow::ensure!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
     }
     sender.close().await;
