@@ -17,12 +17,13 @@
 //! at the back as a standby. A shard nobody took (it comes back within
 //! [`HANDOVER_TAKEN_WITHIN`]) is kept for [`HOLD_AFTER_UNTAKEN`] before the next attempt.
 
-use crate::coordinator::{Coordinator, commit};
+use crate::coordinator::commit;
 use crate::envelope::Envelope;
 use crate::registry::RegistryView;
 use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
+use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -117,12 +118,16 @@ pub struct Consumer {
     /// other instances'.
     pub share: Option<ShardShare>,
     pub transport: Arc<dyn Transport>,
-    pub coordinator: Addr<Coordinator>,
+    /// Read for every commit: the engine may have been restarted since the last one.
+    pub engine: EngineCell,
     pub registry: RegistryView,
     pub origin: Origin,
     pub prefetch: u32,
     /// The largest payload admitted, inclusive (see [`Envelope::check_size`]).
     pub max_message_bytes: usize,
+    pub health: HealthState,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    pub _lifeline: Lifeline,
 }
 
 impl Actor for Consumer {
@@ -135,11 +140,12 @@ impl Actor for Consumer {
             receiver: self.receiver,
             share: self.share.clone(),
             transport: self.transport.clone(),
-            coordinator: self.coordinator.clone(),
+            engine: self.engine.clone(),
             registry: self.registry.clone(),
             origin: self.origin.clone(),
             prefetch: self.prefetch,
             max_message_bytes: self.max_message_bytes,
+            health: self.health.clone(),
         };
         ctx.spawn(lp.run().into_actor(self));
     }
@@ -159,11 +165,12 @@ struct ReceiveLoop {
     receiver: u32,
     share: Option<ShardShare>,
     transport: Arc<dyn Transport>,
-    coordinator: Addr<Coordinator>,
+    engine: EngineCell,
     registry: RegistryView,
     origin: Origin,
     prefetch: u32,
     max_message_bytes: usize,
+    health: HealthState,
 }
 
 impl ReceiveLoop {
@@ -184,6 +191,7 @@ impl ReceiveLoop {
                 .await
             {
                 Ok(sub) => {
+                    self.health.transport_ok();
                     reopen.reset();
                     sub
                 }
@@ -195,6 +203,7 @@ impl ReceiveLoop {
                     continue;
                 }
                 Err(e) => {
+                    self.health.transport_failed();
                     let delay = reopen.next_delay();
                     tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
                     tokio::time::sleep(delay).await;
@@ -232,6 +241,7 @@ impl ReceiveLoop {
                 }
                 Err(e) => {
                     drop(sub);
+                    self.health.transport_failed();
                     let delay = reopen.next_delay();
                     tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
                     tokio::time::sleep(delay).await;
@@ -250,6 +260,7 @@ impl ReceiveLoop {
     ) -> Result<ReceiveEnd, crate::transport::TransportError> {
         loop {
             let deliveries = sub.receive(self.prefetch as usize).await?;
+            fault::check(self.origin.instance, ActorKind::Consumer);
             let mut accepted = Vec::new();
             let mut rows = Vec::new();
             for delivery in deliveries {
@@ -279,7 +290,7 @@ impl ReceiveLoop {
                 claim_for_writer: true,
                 ..UnitOfWork::default()
             };
-            let settlement = match commit(&self.coordinator, unit, false).await {
+            let settlement = match commit(&self.engine.coordinator(), unit, false).await {
                 Ok(_) => Settlement::Accept,
                 Err(e) => {
                     tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");

@@ -105,7 +105,7 @@ $$;
 
 -- Renews this instance's liveness and leases, gives up idle partitions at once and, above its
 -- fair share (leased partitions / live instances), a few partitions with nothing in flight
--- here; purges processed dedup keys older than the retention and instances gone for ten
+-- here; purges processed dedup keys and idempotency keys older than the retention, and instances gone for ten
 -- leases; wakes every instance when work became claimable.
 CREATE OR REPLACE FUNCTION {{schema}}.wb_heartbeat(
     p_instance uuid, p_lease_s double precision, p_retention_s double precision
@@ -198,6 +198,8 @@ BEGIN
 
     DELETE FROM {{schema}}.wb_dedup
      WHERE received_at < now() - p_retention_s * interval '1 second' AND processed_at IS NOT NULL;
+    DELETE FROM {{schema}}.wb_idempotency
+     WHERE created_at < now() - p_retention_s * interval '1 second';
     DELETE FROM {{schema}}.wb_instances
      WHERE last_seen < now() - 10 * p_lease_s * interval '1 second';
 
