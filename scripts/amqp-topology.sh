@@ -49,8 +49,9 @@ specs=("$@")
 
 name_ok() { [[ $1 =~ ^[A-Za-z0-9._-]+$ ]]; }
 
-exchanges=()
-queues=()   # "exchange queue" pairs
+exchanges=()   # topic exchanges
+queues=()      # "exchange queue" pairs: plain subscription queues, bound with #
+sharded=()     # "topic sub shards" triples
 for spec in "${specs[@]}"; do
     topic=${spec%%:*}
     subs=""
@@ -60,20 +61,64 @@ for spec in "${specs[@]}"; do
     IFS=',' read -r -a sub_list <<<"$subs"
     for sub in "${sub_list[@]}"; do
         [[ -z $sub ]] && continue
+        shards=0
+        if [[ $sub == */* ]]; then
+            shards=${sub#*/}
+            sub=${sub%%/*}
+            [[ $shards =~ ^[1-9][0-9]{0,3}$ ]] || die "bad shard count in '$spec' (1 to 9999)"
+        fi
         name_ok "$sub" || die "bad subscription name '$sub' in '$spec'"
-        queues+=("$topic $topic.$sub")
+        if ((shards)); then
+            sharded+=("$topic $sub $shards")
+        else
+            queues+=("$topic $topic.$sub")
+        fi
+    done
+done
+
+# Every subscription queue (plain or shard) with the dead-letter exchange its policy names.
+all_queues=()  # "queue dead-letter-name" pairs
+for pair in "${queues[@]+"${queues[@]}"}"; do
+    all_queues+=("${pair#* } ${pair#* }.dead")
+done
+for triple in "${sharded[@]+"${sharded[@]}"}"; do
+    read -r topic sub shards <<<"$triple"
+    for ((i = 0; i < shards; i++)); do
+        all_queues+=("$topic.$sub.$i $topic.$sub.dead")
     done
 done
 
 if ((delete)); then
     # One Erlang call for everything (each rabbitmqctl start costs about a second).
     terms=()
-    for pair in "${queues[@]}"; do
+    del_queue() {
+        terms+=("rabbit_amqqueue:with(rabbit_misc:r(<<\"$VHOST\">>, queue, <<\"$1\">>), fun(Q) -> rabbit_amqqueue:delete(Q, false, false, <<\"whizbang\">>) end, fun(_) -> ok end)")
+    }
+    del_exchange() {
+        terms+=("rabbit_exchange:delete(rabbit_misc:r(<<\"$VHOST\">>, exchange, <<\"$1\">>), false, <<\"whizbang\">>)")
+    }
+    del_policy() {
+        terms+=("rabbit_policy:delete(<<\"$VHOST\">>, <<\"$1\">>, <<\"whizbang\">>)")
+    }
+    for pair in "${queues[@]+"${queues[@]}"}"; do
         q=${pair#* }
-        terms+=("rabbit_amqqueue:with(rabbit_misc:r(<<\"$VHOST\">>, queue, <<\"$q\">>), fun(Q) -> rabbit_amqqueue:delete(Q, false, false, <<\"whizbang\">>) end, fun(_) -> ok end)")
+        del_queue "$q"
+        del_queue "$q.dead"
+        del_exchange "$q.dead"
+        del_policy "whizbang-dead-letter-$q"
+    done
+    for triple in "${sharded[@]+"${sharded[@]}"}"; do
+        read -r topic sub shards <<<"$triple"
+        for ((i = 0; i < shards; i++)); do
+            del_queue "$topic.$sub.$i"
+        done
+        del_queue "$topic.$sub.dead"
+        del_exchange "$topic.$sub.dead"
+        del_exchange "$topic.$sub"
+        del_policy "whizbang-dead-letter-$topic.$sub"
     done
     for x in "${exchanges[@]}"; do
-        terms+=("rabbit_exchange:delete(rabbit_misc:r(<<\"$VHOST\">>, exchange, <<\"$x\">>), false, <<\"whizbang\">>)")
+        del_exchange "$x"
     done
     joined=$(printf '%s, ' "${terms[@]}")
     rmqctl eval "[${joined%, }]." >/dev/null || die "deleting ${specs[*]} failed"
@@ -84,24 +129,60 @@ json_list() { # joins its arguments with commas
     local IFS=,
     printf '%s' "$*"
 }
+exchange_json() { # NAME TYPE ARGUMENTS-JSON
+    printf '{"name":"%s","vhost":"%s","type":"%s","durable":true,"auto_delete":false,"internal":false,"arguments":%s}' \
+        "$1" "$VHOST" "$2" "$3"
+}
+queue_json() { # NAME ARGUMENTS-JSON
+    printf '{"name":"%s","vhost":"%s","durable":true,"auto_delete":false,"arguments":%s}' "$1" "$VHOST" "$2"
+}
+binding_json() { # SOURCE DESTINATION DESTINATION-TYPE ROUTING-KEY
+    printf '{"source":"%s","vhost":"%s","destination":"%s","destination_type":"%s","routing_key":"%s","arguments":{}}' \
+        "$1" "$VHOST" "$2" "$3" "$4"
+}
+policy_json() { # NAME QUEUE-PATTERN DEAD-LETTER-EXCHANGE
+    printf '{"vhost":"%s","name":"%s","pattern":"%s","apply-to":"queues","priority":0,"definition":{"dead-letter-exchange":"%s"}}' \
+        "$VHOST" "$1" "$2" "$3"
+}
 ex_json=()
 for x in "${exchanges[@]}"; do
-    ex_json+=("{\"name\":\"$x\",\"vhost\":\"$VHOST\",\"type\":\"topic\",\"durable\":true,\"auto_delete\":false,\"internal\":false,\"arguments\":{}}")
+    ex_json+=("$(exchange_json "$x" topic '{}')")
 done
 q_json=()
 b_json=()
-for pair in "${queues[@]}"; do
+p_json=()
+dead_letter() { # NAME QUEUE-PATTERN: the fanout exchange and queue NAME, and the policy
+    ex_json+=("$(exchange_json "$1" fanout '{}')")
+    q_json+=("$(queue_json "$1" '{}')")
+    b_json+=("$(binding_json "$1" "$1" queue '')")
+    p_json+=("$(policy_json "whizbang-dead-letter-${1%.dead}" "$2" "$1")")
+}
+quote_re() { sed 's/[.]/\\\\./g' <<<"$1"; } # a name as a regex literal, escaped for JSON
+for pair in "${queues[@]+"${queues[@]}"}"; do
     x=${pair% *}
     q=${pair#* }
-    q_json+=("{\"name\":\"$q\",\"vhost\":\"$VHOST\",\"durable\":true,\"auto_delete\":false,\"arguments\":{}}")
-    b_json+=("{\"source\":\"$x\",\"vhost\":\"$VHOST\",\"destination\":\"$q\",\"destination_type\":\"queue\",\"routing_key\":\"#\",\"arguments\":{}}")
+    q_json+=("$(queue_json "$q" '{}')")
+    b_json+=("$(binding_json "$x" "$q" queue '#')")
+    dead_letter "$q.dead" "^$(quote_re "$q")\$"
+done
+for triple in "${sharded[@]+"${sharded[@]}"}"; do
+    read -r topic sub shards <<<"$triple"
+    # The hash exchange picks a shard from the message annotations section, which whizbang
+    # fills with the stream id alone (x-opt-partition-key): one stream, one shard.
+    ex_json+=("$(exchange_json "$topic.$sub" x-consistent-hash '{"hash-header":"x-amqp-1.0-message-annotations"}')")
+    b_json+=("$(binding_json "$topic" "$topic.$sub" exchange '#')")
+    for ((i = 0; i < shards; i++)); do
+        q_json+=("$(queue_json "$topic.$sub.$i" '{"x-single-active-consumer":true}')")
+        b_json+=("$(binding_json "$topic.$sub" "$topic.$sub.$i" queue 1)")
+    done
+    dead_letter "$topic.$sub.dead" "^$(quote_re "$topic.$sub")\\\\.[0-9]+\$"
 done
 
 defs=$(mktemp /tmp/whizbang-topology.XXXXXX.json)
 trap 'rm -f "$defs"' EXIT
-printf '{"exchanges":[%s],"queues":[%s],"bindings":[%s]}\n' \
+printf '{"exchanges":[%s],"queues":[%s],"bindings":[%s],"policies":[%s]}\n' \
     "$(json_list "${ex_json[@]}")" "$(json_list "${q_json[@]+"${q_json[@]}"}")" \
-    "$(json_list "${b_json[@]+"${b_json[@]}"}")" >"$defs"
+    "$(json_list "${b_json[@]+"${b_json[@]}"}")" "$(json_list "${p_json[@]+"${p_json[@]}"}")" >"$defs"
 chmod 644 "$defs" # rabbitmqctl reads it as the rabbitmq user
 # Retried until the deadline: the broker may be (re)starting its application.
 deadline=$((SECONDS + TOPOLOGY_TIMEOUT))
@@ -110,19 +191,34 @@ until import_out=$(rmqctl import_definitions "$defs" 2>&1); do
     sleep 0.5
 done
 
-# The import is asynchronous: wait until every exchange, queue and binding is listed.
+# The import is asynchronous: wait until every exchange, queue, binding and policy is listed.
 missing() {
-    local have_x have_q have_b
+    local have_x have_q have_b have_p
     have_x=$(rmqctl list_exchanges -p "$VHOST" --quiet --no-table-headers name 2>/dev/null) || return 0
     have_q=$(rmqctl list_queues -p "$VHOST" --quiet --no-table-headers name 2>/dev/null) || return 0
     have_b=$(rmqctl list_bindings -p "$VHOST" --quiet --no-table-headers source_name destination_name routing_key 2>/dev/null) || return 0
-    local x pair
+    have_p=$(rmqctl list_policies -p "$VHOST" --quiet --no-table-headers 2>/dev/null | cut -f2) || return 0
+    local x pair dead triple topic sub shards i
     for x in "${exchanges[@]}"; do
         grep -qxF "$x" <<<"$have_x" || return 0
     done
-    for pair in "${queues[@]}"; do
+    for pair in "${all_queues[@]+"${all_queues[@]}"}"; do
+        grep -qxF "${pair% *}" <<<"$have_q" || return 0
         grep -qxF "${pair#* }" <<<"$have_q" || return 0
+        grep -qxF "${pair#* }" <<<"$have_x" || return 0
+        dead=${pair#* }
+        grep -qxF "whizbang-dead-letter-${dead%.dead}" <<<"$have_p" || return 0
+    done
+    for pair in "${queues[@]+"${queues[@]}"}"; do
         grep -qP "^\Q${pair% *}\E\t\Q${pair#* }\E\t#$" <<<"$have_b" || return 0
+    done
+    for triple in "${sharded[@]+"${sharded[@]}"}"; do
+        read -r topic sub shards <<<"$triple"
+        grep -qxF "$topic.$sub" <<<"$have_x" || return 0
+        grep -qP "^\Q$topic\E\t\Q$topic.$sub\E\t#$" <<<"$have_b" || return 0
+        for ((i = 0; i < shards; i++)); do
+            grep -qP "^\Q$topic.$sub\E\t\Q$topic.$sub.$i\E\t1$" <<<"$have_b" || return 0
+        done
     done
     return 1
 }

@@ -6,9 +6,9 @@
 #
 # 1. Installs what is missing (apt-get: postgresql, rabbitmq-server, a C linker; rustup when
 #    there is no cargo), only when missing.
-# 2. Starts PostgreSQL on 127.0.0.1:5432 and RabbitMQ (with its AMQP 1.0 plugin) on
-#    127.0.0.1:5672 when they are not answering, and waits for them with a deadline. A server
-#    that cannot be reached fails the caller: tests are never skipped.
+# 2. Starts PostgreSQL on 127.0.0.1:5432 and RabbitMQ (with its AMQP 1.0 and consistent-hash
+#    exchange plugins) on 127.0.0.1:5672 when they are not answering, and waits for them with a
+#    deadline. A server that cannot be reached fails the caller: tests are never skipped.
 # 3. Declares the AMQP topology of the examples (scripts/amqp-topology.sh).
 #
 # Idempotent. Reads WHIZBANG_TEST_DATABASE_URL, WHIZBANG_TEST_AMQP_URL (defaults below) and
@@ -167,12 +167,21 @@ ensure_servers() {
     # ---- 3. RabbitMQ with AMQP 1.0 ----------------------------------------------------------
 
     step "RabbitMQ with AMQP 1.0 (127.0.0.1:5672)"
+    # Both plugins in every call: `rabbitmq-plugins enable X` makes the node run exactly the
+    # plugins of its enabled_plugins file plus X, so naming one alone can stop the other.
+    # The consistent-hash exchange spreads the streams of a sharded subscription over its
+    # shard queues (transport.amqp.shards).
+    local plugins=(rabbitmq_amqp1_0 rabbitmq_consistent_hash_exchange)
     if amqp10_ready; then
-        note "already speaking AMQP 1.0"
+        note "already speaking AMQP 1.0; making sure ${plugins[*]} are enabled"
+        as_root rabbitmq-plugins enable "${plugins[@]}" >/dev/null ||
+            die "rabbitmq-plugins enable ${plugins[*]} failed"
+        wait_for "AMQP 1.0" amqp10_ready ||
+            die "RabbitMQ does not speak AMQP 1.0 on 127.0.0.1:5672 after enabling ${plugins[*]}"
     elif port_open 5672; then
-        note "running; enabling the rabbitmq_amqp1_0 plugin live"
-        as_root rabbitmq-plugins enable rabbitmq_amqp1_0 >/dev/null ||
-            die "rabbitmq-plugins enable rabbitmq_amqp1_0 failed"
+        note "running; enabling ${plugins[*]} live"
+        as_root rabbitmq-plugins enable "${plugins[@]}" >/dev/null ||
+            die "rabbitmq-plugins enable ${plugins[*]} failed"
         wait_for "AMQP 1.0" amqp10_ready ||
             die "RabbitMQ does not speak AMQP 1.0 on 127.0.0.1:5672 ${SERVER_TIMEOUT}s after enabling the plugin"
     else
@@ -181,9 +190,9 @@ ensure_servers() {
             [[ -r /etc/rabbitmq/rabbitmq-env.conf ]] && . /etc/rabbitmq/rabbitmq-env.conf >/dev/null 2>&1
             echo "${RABBITMQ_NODENAME:-${NODENAME:-rabbit@$(hostname -s)}}"
         )
-        note "starting node $node (loopback only) with the rabbitmq_amqp1_0 plugin"
-        as_root rabbitmq-plugins enable --offline rabbitmq_amqp1_0 >/dev/null ||
-            die "rabbitmq-plugins enable --offline rabbitmq_amqp1_0 failed"
+        note "starting node $node (loopback only) with ${plugins[*]}"
+        as_root rabbitmq-plugins enable --offline "${plugins[@]}" >/dev/null ||
+            die "rabbitmq-plugins enable --offline ${plugins[*]} failed"
         as_root env RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1 \
             rabbitmq-server -detached || die "rabbitmq-server -detached failed"
         as_root rabbitmqctl wait --timeout "$SERVER_TIMEOUT" "/var/lib/rabbitmq/mnesia/$node.pid" >/dev/null ||

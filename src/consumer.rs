@@ -7,6 +7,15 @@
 //! fails the deliveries are released for redelivery and the subscription is reopened, so that
 //! nothing received after them can enter the inbox first. It must not run handlers: committed
 //! rows go to partition actors through the coordinator, in delivery order.
+//!
+//! On a sharded subscription (RabbitMQ single-active-consumer shard queues, see
+//! [`ShardShare`]) every instance runs a receiver on every shard and the broker delivers each
+//! shard to one of them. A receiver that is active while its instance holds more than its fair
+//! share of the shards (shards ÷ live instances, rounded up) hands its shard over: right after
+//! a batch is committed and settled (nothing unsettled, so nothing can be overtaken) it
+//! detaches, which makes the broker activate a standby of another instance, and attaches again
+//! at the back as a standby. A shard nobody took (it comes back within
+//! [`HANDOVER_TAKEN_WITHIN`]) is kept for [`HOLD_AFTER_UNTAKEN`] before the next attempt.
 
 use crate::coordinator::commit;
 use crate::envelope::Envelope;
@@ -18,11 +27,96 @@ use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A shard handed over that comes back this soon had no standby to take it.
+pub const HANDOVER_TAKEN_WITHIN: Duration = Duration::from_secs(5);
+/// The pause before asking again for a session when none was available.
+const NO_SESSION_PAUSE: Duration = Duration::from_millis(200);
+/// How long a shard that nobody took is kept before it is offered again.
+pub const HOLD_AFTER_UNTAKEN: Duration = Duration::from_secs(60);
+
+/// What the receivers of one sharded subscription of this instance share: the shard count,
+/// the live instances (from the coordinator's heartbeat), and how many of them are active.
+#[derive(Clone)]
+pub struct ShardShare {
+    /// The subscription's shards (its receivers).
+    pub shards: u32,
+    /// Instances of this service alive, this one included.
+    pub live_instances: Arc<AtomicU32>,
+    /// This instance's receivers of the subscription that are their shard's active consumer.
+    pub active: Arc<AtomicU32>,
+}
+
+impl ShardShare {
+    /// The most shards one instance should be active on: shards ÷ live instances, rounded up.
+    pub fn fair_share(&self) -> u32 {
+        self.shards
+            .div_ceil(self.live_instances.load(Ordering::Relaxed).max(1))
+    }
+}
+
+/// One receiver's part in the sharing: whether it is active, and when it last handed over.
+#[derive(Default)]
+struct Balance {
+    active: bool,
+    handed_over_at: Option<Instant>,
+    hold_until: Option<Instant>,
+}
+
+impl Balance {
+    /// This receiver got deliveries: it is its shard's active consumer.
+    fn became_active(&mut self, share: &ShardShare) {
+        if self.active {
+            return;
+        }
+        self.active = true;
+        share.active.fetch_add(1, Ordering::SeqCst);
+        if let Some(at) = self.handed_over_at.take()
+            && at.elapsed() < HANDOVER_TAKEN_WITHIN
+        {
+            // Nobody stood by to take it: keep it a while rather than flap.
+            self.hold_until = Some(Instant::now() + HOLD_AFTER_UNTAKEN);
+        }
+    }
+
+    /// The link is gone (handed over, lost, or released after a failed commit).
+    fn left(&mut self, share: &ShardShare) {
+        if std::mem::take(&mut self.active) {
+            share.active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// True when this receiver should hand its shard over now (and counts it as gone).
+    fn should_hand_over(&mut self, share: &ShardShare) -> bool {
+        if !self.active || self.hold_until.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        let fair = share.fair_share();
+        let leaving = share
+            .active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n > fair).then(|| n - 1)
+            })
+            .is_ok();
+        if leaving {
+            self.active = false;
+            self.handed_over_at = Some(Instant::now());
+        }
+        leaving
+    }
+}
 
 pub struct Consumer {
     pub topic: String,
     pub subscription: String,
+    /// Which of the subscription's receivers this is ([`Transport::receivers`]): its shard
+    /// queue on RabbitMQ, its session receiver on Service Bus, 0 otherwise.
+    pub receiver: u32,
+    /// Set on a sharded subscription: how this instance's receivers share the shards with the
+    /// other instances'.
+    pub share: Option<ShardShare>,
     pub transport: Arc<dyn Transport>,
     /// Read for every commit: the engine may have been restarted since the last one.
     pub engine: EngineCell,
@@ -43,6 +137,8 @@ impl Actor for Consumer {
         let lp = ReceiveLoop {
             topic: self.topic.clone(),
             subscription: self.subscription.clone(),
+            receiver: self.receiver,
+            share: self.share.clone(),
             transport: self.transport.clone(),
             engine: self.engine.clone(),
             registry: self.registry.clone(),
@@ -58,11 +154,16 @@ impl Actor for Consumer {
 /// Why a receive loop gave its subscription up without a transport error.
 enum ReceiveEnd {
     CommitFailed,
+    /// The instance is active on more than its share of the shards: this one goes to a
+    /// standby of another instance.
+    HandOver,
 }
 
 struct ReceiveLoop {
     topic: String,
     subscription: String,
+    receiver: u32,
+    share: Option<ShardShare>,
     transport: Arc<dyn Transport>,
     engine: EngineCell,
     registry: RegistryView,
@@ -77,10 +178,16 @@ impl ReceiveLoop {
         let mut reopen = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         // Grows while inbox commits keep failing (the store is down), reset by a commit.
         let mut commit_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut balance = Balance::default();
         loop {
             let mut sub = match self
                 .transport
-                .subscribe(&self.topic, &self.subscription, self.prefetch)
+                .subscribe_receiver(
+                    &self.topic,
+                    &self.subscription,
+                    self.receiver,
+                    self.prefetch,
+                )
                 .await
             {
                 Ok(sub) => {
@@ -88,15 +195,34 @@ impl ReceiveLoop {
                     reopen.reset();
                     sub
                 }
+                // No session was available within the service's wait (the attach itself
+                // waited): ask again, after a short pause in case the service answered early.
+                Err(crate::transport::TransportError::SessionIdle(why)) => {
+                    tracing::trace!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %why, "no session available");
+                    tokio::time::sleep(NO_SESSION_PAUSE).await;
+                    continue;
+                }
                 Err(e) => {
                     self.health.transport_failed();
                     let delay = reopen.next_delay();
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
             };
-            match self.consume(&mut *sub, &mut commit_backoff).await {
+            let ended = self
+                .consume(&mut *sub, &mut commit_backoff, &mut balance)
+                .await;
+            if let Some(share) = &self.share {
+                balance.left(share);
+            }
+            match ended {
+                Ok(ReceiveEnd::HandOver) => {
+                    // Everything received was committed and settled: the standby that the
+                    // broker activates now starts exactly where this receiver stopped.
+                    drop(sub);
+                    tracing::info!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, "shard handed over to a standby instance (more than this instance's share was active)");
+                }
                 Ok(ReceiveEnd::CommitFailed) => {
                     // Deliveries that came after the released ones may already be in hand (the
                     // prefetch window). Committing them before the released ones come back would
@@ -105,14 +231,19 @@ impl ReceiveLoop {
                     // them out again in queue order.
                     drop(sub);
                     let delay = commit_backoff.next_delay();
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, retry_in_ms = delay.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, retry_in_ms = delay.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
                     tokio::time::sleep(delay).await;
+                }
+                // The session went idle with nothing unsettled: give it back, take the next.
+                Err(crate::transport::TransportError::SessionIdle(why)) => {
+                    drop(sub);
+                    tracing::debug!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %why, "session given back");
                 }
                 Err(e) => {
                     drop(sub);
                     self.health.transport_failed();
                     let delay = reopen.next_delay();
-                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
+                    tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -125,6 +256,7 @@ impl ReceiveLoop {
         &self,
         sub: &mut dyn Subscription,
         commit_backoff: &mut Backoff,
+        balance: &mut Balance,
     ) -> Result<ReceiveEnd, crate::transport::TransportError> {
         loop {
             let deliveries = sub.receive(self.prefetch as usize).await?;
@@ -141,7 +273,7 @@ impl ReceiveLoop {
                         accepted.push(delivery.tag);
                     }
                     Err(reason) => {
-                        tracing::warn!(topic = %self.topic, subscription = %self.subscription, %reason, "delivery rejected");
+                        tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %reason, "delivery rejected");
                         sub.settle(delivery.tag, Settlement::Reject(reason)).await?;
                     }
                 }
@@ -173,6 +305,12 @@ impl ReceiveLoop {
                 return Ok(ReceiveEnd::CommitFailed);
             }
             commit_backoff.reset();
+            if let Some(share) = &self.share {
+                balance.became_active(share);
+                if balance.should_hand_over(share) {
+                    return Ok(ReceiveEnd::HandOver);
+                }
+            }
         }
     }
 
@@ -225,5 +363,64 @@ impl Handler<StopConsumer> for Consumer {
 
     fn handle(&mut self, _msg: StopConsumer, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(shards: u32, live: u32) -> ShardShare {
+        ShardShare {
+            shards,
+            live_instances: Arc::new(AtomicU32::new(live)),
+            active: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    #[test]
+    fn fair_share_is_rounded_up_and_never_divides_by_zero() {
+        assert_eq!(share(4, 1).fair_share(), 4);
+        assert_eq!(share(4, 2).fair_share(), 2);
+        assert_eq!(share(4, 3).fair_share(), 2);
+        assert_eq!(share(4, 8).fair_share(), 1);
+        assert_eq!(share(4, 0).fair_share(), 4);
+    }
+
+    #[test]
+    fn only_the_excess_over_the_share_is_handed_over() {
+        let s = share(4, 2);
+        let mut receivers: Vec<Balance> = (0..4).map(|_| Balance::default()).collect();
+        for b in &mut receivers {
+            b.became_active(&s);
+        }
+        assert_eq!(s.active.load(Ordering::SeqCst), 4);
+        let leaving = receivers
+            .iter_mut()
+            .filter_map(|b| b.should_hand_over(&s).then_some(()))
+            .count();
+        assert_eq!(leaving, 2, "two of four go when two instances live");
+        assert_eq!(s.active.load(Ordering::SeqCst), 2);
+        // Alone, an instance keeps every shard.
+        let alone = share(4, 1);
+        let mut b = Balance::default();
+        b.became_active(&alone);
+        assert!(!b.should_hand_over(&alone));
+        b.left(&alone);
+        assert_eq!(alone.active.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_shard_nobody_took_is_kept_for_a_while() {
+        let s = share(2, 2);
+        let (mut a, mut b) = (Balance::default(), Balance::default());
+        a.became_active(&s);
+        b.became_active(&s);
+        assert!(a.should_hand_over(&s));
+        // It came straight back: nobody stood by. It is kept now, though still over the share.
+        a.became_active(&s);
+        assert_eq!(s.active.load(Ordering::SeqCst), 2);
+        assert!(!a.should_hand_over(&s));
+        assert!(b.should_hand_over(&s), "the other one may still go");
     }
 }

@@ -40,6 +40,7 @@ use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -152,6 +153,9 @@ pub struct Coordinator {
     /// Tells the supervisor when this actor ends (see `supervision`).
     _lifeline: Lifeline,
     shutdown_reply: Option<oneshot::Sender<Result<(), DispatchError>>>,
+    /// Instances of this service the last heartbeat saw alive (this one included), read by the
+    /// consumers that balance shard queues over the instances.
+    live_instances: Arc<AtomicU32>,
 }
 
 /// What a coordinator is started with besides its store and settings.
@@ -163,6 +167,9 @@ pub(crate) struct CoordinatorLinks {
     /// Started by the supervisor after an engine restart: the first batch re-reads the rows
     /// this instance holds claimed (they were handed to the engine that stopped).
     pub recovering: bool,
+    /// The live-instance count the heartbeat keeps up to date (1 until the first heartbeat);
+    /// shared with the consumers of sharded subscriptions, and kept across engine restarts.
+    pub live_instances: Arc<AtomicU32>,
 }
 
 impl Coordinator {
@@ -197,6 +204,7 @@ impl Coordinator {
             publisher: links.publisher,
             stopped: false,
             shutdown_reply: None,
+            live_instances: links.live_instances,
             health: links.health,
             _lifeline: links.lifeline,
         }
@@ -795,6 +803,8 @@ impl Actor for Coordinator {
                     .map(|result, act, _ctx| match result {
                         Ok(hb) if !hb.released.is_empty() => {
                             act.health.heartbeat_ok();
+                            act.live_instances
+                                .store(hb.live_instances.max(1), Ordering::Relaxed);
                             tracing::debug!(
                                 released = hb.released.len(),
                                 held = hb.held_partitions.len(),
@@ -802,7 +812,11 @@ impl Actor for Coordinator {
                                 "heartbeat released partitions"
                             );
                         }
-                        Ok(_) => act.health.heartbeat_ok(),
+                        Ok(hb) => {
+                            act.health.heartbeat_ok();
+                            act.live_instances
+                                .store(hb.live_instances.max(1), Ordering::Relaxed)
+                        }
                         Err(e) => {
                             act.health.store_failed();
                             tracing::warn!(error = %e, "heartbeat failed")

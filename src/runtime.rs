@@ -8,7 +8,7 @@
 //! business logic.
 
 use crate::config::{Config, StoreBackend, TransportKind};
-use crate::consumer::{Consumer, StopConsumer};
+use crate::consumer::{Consumer, ShardShare, StopConsumer};
 use crate::coordinator::{Coordinator, CoordinatorLinks, CoordinatorSettings, Shutdown};
 use crate::dispatcher::{
     Admission, DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent,
@@ -33,6 +33,7 @@ use crate::workers::{Placement, Workers};
 use actix::prelude::*;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -153,8 +154,32 @@ impl RuntimeBuilder {
             .collect();
         transport.check_topology(&topics, &subscriptions).await?;
 
+        // One consumer per receiver of each subscription: each shard queue (RabbitMQ) or
+        // session receiver (Service Bus) has its own receive loop, so a slow stream holds up
+        // only its own shard or session.
+        let live_instances = Arc::new(AtomicU32::new(1));
+        let mut receivers = Vec::new();
+        let mut shard_shares = Vec::new();
+        for s in &config.routing.subscriptions {
+            let n = transport.receivers(&s.topic, &s.name);
+            let share = (n > 1 && transport.receivers_are_shards()).then(|| ShardShare {
+                shards: n,
+                live_instances: live_instances.clone(),
+                active: Arc::new(AtomicU32::new(0)),
+            });
+            shard_shares.extend(share.clone());
+            for receiver in 0..n {
+                receivers.push(Receiver {
+                    topic: s.topic.clone(),
+                    subscription: s.name.clone(),
+                    receiver,
+                    share: share.clone(),
+                });
+            }
+        }
         let workers = Workers::start(config.runtime.worker_threads)
             .map_err(|e| StartError::Actor(format!("cannot start the worker threads: {e}")))?;
+        let consumers = receivers.len();
         let blueprint = blueprint(
             &config,
             workers.placement(),
@@ -163,13 +188,10 @@ impl RuntimeBuilder {
             &origin,
             &view,
             &health,
+            receivers,
+            &live_instances,
         );
-        let supervised = supervision.start(
-            blueprint,
-            registry,
-            config.routing.subscriptions.len(),
-            health,
-        );
+        let supervised = supervision.start(blueprint, registry, consumers, health);
         let admission = Admission::new(&config.runtime);
         let dispatcher = Dispatcher::new(
             origin.clone(),
@@ -188,14 +210,25 @@ impl RuntimeBuilder {
             dispatcher,
             supervised,
             workers,
+            shard_shares,
             view,
             admission,
         })
     }
 }
 
+/// One receive loop of a subscription: its shard queue (RabbitMQ) or session receiver (Service
+/// Bus), or the subscription itself.
+struct Receiver {
+    topic: String,
+    subscription: String,
+    receiver: u32,
+    share: Option<ShardShare>,
+}
+
 /// How the supervisor builds the engine, a consumer and the registry (at start and again after
 /// a stop).
+#[allow(clippy::too_many_arguments)]
 fn blueprint(
     config: &Config,
     placement: Placement,
@@ -204,6 +237,8 @@ fn blueprint(
     origin: &Origin,
     view: &RegistryView,
     health: &HealthState,
+    receivers: Vec<Receiver>,
+    live_instances: &Arc<AtomicU32>,
 ) -> Blueprint {
     let engine = {
         let (store, transport, origin, view, health) = (
@@ -216,6 +251,7 @@ fn blueprint(
         let settings = CoordinatorSettings::from_config(config);
         let window = config.transport.publisher_window as usize;
         let send_timeout = Duration::from_millis(config.transport.send_timeout_ms);
+        let live_instances = live_instances.clone();
         let idle_after = (config.partitions.idle_actor_seconds > 0)
             .then(|| Duration::from_secs(config.partitions.idle_actor_seconds));
         move |lifelines: LifelineIssuer, recovering: bool| {
@@ -259,6 +295,7 @@ fn blueprint(
                     health: health.clone(),
                     lifeline: lifelines.issue(ActorKind::Coordinator, 0),
                     recovering,
+                    live_instances: live_instances.clone(),
                 },
             );
             Context::with_receiver(rx).run(actor);
@@ -276,16 +313,17 @@ fn blueprint(
             view.clone(),
             health.clone(),
         );
-        let subscriptions = config.routing.subscriptions.clone();
         let (prefetch, max_message_bytes) = (
             config.transport.prefetch,
             config.transport.max_message_bytes as usize,
         );
         move |index: usize, lifelines: LifelineIssuer, engine: EngineCell| {
-            let s = &subscriptions[index];
+            let r = &receivers[index];
             Consumer {
-                topic: s.topic.clone(),
-                subscription: s.name.clone(),
+                topic: r.topic.clone(),
+                subscription: r.subscription.clone(),
+                receiver: r.receiver,
+                share: r.share.clone(),
                 transport: transport.clone(),
                 engine,
                 registry: view.clone(),
@@ -402,11 +440,21 @@ pub struct Runtime {
     dispatcher: Addr<Dispatcher>,
     supervised: Supervised,
     workers: Workers,
+    shard_shares: Vec<ShardShare>,
     view: RegistryView,
     admission: Admission,
 }
 
 impl Runtime {
+    /// How many shard queues (sharded subscriptions, `transport.amqp.shards`) this instance is
+    /// the active consumer of right now; 0 without sharded subscriptions.
+    pub fn active_shards(&self) -> u32 {
+        self.shard_shares
+            .iter()
+            .map(|s| s.active.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
     /// Starts configuring a runtime; see [`RuntimeBuilder::start`].
     pub fn builder(config: Config) -> RuntimeBuilder {
         RuntimeBuilder {

@@ -74,6 +74,26 @@ pub struct AmqpConfig {
     pub token_ttl_seconds: u64,
     /// How long before expiry each CBS token is renewed.
     pub token_renew_before_seconds: u64,
+    /// RabbitMQ: each subscription is this many shard queues behind a consistent-hash exchange
+    /// that keeps every stream on one shard, each a single-active-consumer queue; every
+    /// instance attaches to every shard. 0 = one plain queue per subscription (one consumer
+    /// instance keeps streams in order; several would not).
+    pub shards: u32,
+    /// Template of a shard queue's address (`{shard}`, `{subscription}`, optionally
+    /// `{topic}`); the flavour's default when absent.
+    pub shard_address: Option<String>,
+    /// Service Bus: subscriptions are session-enabled (session id = stream id) and received
+    /// through session receivers that accept the next available session.
+    pub sessions: bool,
+    /// Session receivers per subscription and instance (`sessions = true`): sessions held at
+    /// once.
+    pub max_concurrent_sessions: u32,
+    /// A session receiver that received nothing for this long gives its session back and
+    /// accepts the next available one.
+    pub session_idle_timeout_ms: u64,
+    /// How often a held session's lock is renewed (keep it well under the entity's lock
+    /// duration, 60 s by default).
+    pub session_lock_renew_seconds: u64,
 }
 
 impl Default for AmqpConfig {
@@ -92,6 +112,12 @@ impl Default for AmqpConfig {
             reconnect_backoff_max_ms: 10_000,
             token_ttl_seconds: 3_600,
             token_renew_before_seconds: 300,
+            shards: 0,
+            shard_address: None,
+            sessions: false,
+            max_concurrent_sessions: 8,
+            session_idle_timeout_ms: 1_000,
+            session_lock_renew_seconds: 20,
         }
     }
 }
@@ -113,6 +139,32 @@ impl AmqpConfig {
                 AmqpFlavour::RabbitMq => "/amq/queue/{topic}.{subscription}",
                 AmqpFlavour::ServiceBus => "{topic}/Subscriptions/{subscription}",
             })
+    }
+
+    /// The shard address template in force (configured, or the flavour's default).
+    pub fn shard_template(&self) -> &str {
+        self.shard_address.as_deref().unwrap_or(match self.flavour {
+            AmqpFlavour::RabbitMq => "/amq/queue/{topic}.{subscription}.{shard}",
+            AmqpFlavour::ServiceBus => "{topic}/Subscriptions/{subscription}-{shard}",
+        })
+    }
+
+    /// The broker address of shard `shard` of `subscription` on `topic` (`shards` > 0).
+    pub fn shard_address_of(&self, topic: &str, subscription: &str, shard: u32) -> String {
+        self.shard_template()
+            .replace("{topic}", topic)
+            .replace("{subscription}", subscription)
+            .replace("{shard}", &shard.to_string())
+    }
+
+    /// How many receivers one instance runs on each subscription: its shards, its concurrent
+    /// session receivers, or one.
+    pub fn receivers_per_subscription(&self) -> u32 {
+        if self.sessions {
+            self.max_concurrent_sessions
+        } else {
+            self.shards.max(1)
+        }
     }
 
     /// The broker address of `topic`.
@@ -149,6 +201,48 @@ impl AmqpConfig {
             "transport.amqp.subscription_address",
             self.subscription_template(),
             "{subscription}",
+        )?;
+        check_shard_template(self.shard_template())
+            .map_err(|m| ("transport.amqp.shard_address".to_string(), m))?;
+        ensure(self.shards <= 1_000, "transport.amqp.shards", || {
+            format!("must be at most 1000, got {}", self.shards)
+        })?;
+        ensure(
+            !(self.sessions && self.shards > 0),
+            "transport.amqp.sessions",
+            || "sessions (Service Bus) and shards (RabbitMQ) exclude each other: set one".into(),
+        )?;
+        ensure(
+            !self.sessions || self.flavour == AmqpFlavour::ServiceBus,
+            "transport.amqp.sessions",
+            || {
+                "sessions need flavour = \"servicebus\" (RabbitMQ has no session filter: use shards)".into()
+            },
+        )?;
+        ensure(
+            (1..=256).contains(&self.max_concurrent_sessions),
+            "transport.amqp.max_concurrent_sessions",
+            || {
+                format!(
+                    "must be between 1 and 256, got {}",
+                    self.max_concurrent_sessions
+                )
+            },
+        )?;
+        ensure(
+            self.session_idle_timeout_ms > 0,
+            "transport.amqp.session_idle_timeout_ms",
+            || "must be at least 1".into(),
+        )?;
+        ensure(
+            (1..=300).contains(&self.session_lock_renew_seconds),
+            "transport.amqp.session_lock_renew_seconds",
+            || {
+                format!(
+                    "must be between 1 and 300, got {}",
+                    self.session_lock_renew_seconds
+                )
+            },
         )?;
         for (name, address) in &self.addresses {
             ensure(
@@ -229,6 +323,26 @@ fn check_template(t: &str, required: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A shard template holds `{shard}` and `{subscription}`, and no placeholder but those and
+/// `{topic}`.
+fn check_shard_template(t: &str) -> Result<(), String> {
+    for required in ["{shard}", "{subscription}"] {
+        if !t.contains(required) {
+            return Err(format!("`{t}` must contain {required}"));
+        }
+    }
+    let rest = t
+        .replace("{shard}", "")
+        .replace("{subscription}", "")
+        .replace("{topic}", "");
+    if rest.contains('{') || rest.contains('}') {
+        return Err(format!(
+            "`{t}` has an unknown placeholder (known: {{topic}}, {{subscription}}, {{shard}})"
+        ));
+    }
+    Ok(())
+}
+
 /// `amqp://` or `amqps://`, a host, an optional port.
 fn check_amqp_url(url: &str) -> Result<(), String> {
     let rest = url
@@ -272,6 +386,8 @@ impl fmt::Debug for AmqpConfig {
             .field("topic_address", &self.topic_template())
             .field("subscription_address", &self.subscription_template())
             .field("addresses", &self.addresses)
+            .field("shards", &self.shards)
+            .field("sessions", &self.sessions)
             .finish_non_exhaustive()
     }
 }
@@ -314,6 +430,33 @@ mod tests {
     }
 
     #[test]
+    fn shards_and_sessions_set_the_receivers_of_a_subscription() {
+        let plain = amqp("").unwrap().transport.amqp;
+        assert_eq!(plain.receivers_per_subscription(), 1);
+        let sharded = amqp("shards = 4").unwrap().transport.amqp;
+        assert_eq!(sharded.receivers_per_subscription(), 4);
+        assert_eq!(
+            sharded.shard_address_of("orders", "inventory", 3),
+            "/amq/queue/orders.inventory.3"
+        );
+        let custom =
+            amqp("shards = 2\nshard_address = \"/amq/queue/{subscription}-{shard}@{topic}\"")
+                .unwrap()
+                .transport
+                .amqp;
+        assert_eq!(
+            custom.shard_address_of("orders", "inv", 1),
+            "/amq/queue/inv-1@orders"
+        );
+        let sessions =
+            amqp("flavour = \"servicebus\"\nsessions = true\nmax_concurrent_sessions = 3")
+                .unwrap()
+                .transport
+                .amqp;
+        assert_eq!(sessions.receivers_per_subscription(), 3);
+    }
+
+    #[test]
     fn amqp_keys_are_named_in_errors() {
         let cases = [
             ("topic_adress = \"x\"", "transport.amqp.topic_adress"),
@@ -345,6 +488,32 @@ mod tests {
                 "transport.amqp.token_renew_before_seconds",
             ),
             ("token_ttl_seconds = 10", "transport.amqp.token_ttl_seconds"),
+            ("shards = 1001", "transport.amqp.shards"),
+            (
+                "shard_address = \"/amq/queue/{subscription}\"",
+                "transport.amqp.shard_address",
+            ),
+            (
+                "shard_address = \"/amq/queue/{subscription}.{shrd}.{shard}\"",
+                "transport.amqp.shard_address",
+            ),
+            ("sessions = true", "transport.amqp.sessions"),
+            (
+                "flavour = \"servicebus\"\nsessions = true\nshards = 4",
+                "transport.amqp.sessions",
+            ),
+            (
+                "max_concurrent_sessions = 0",
+                "transport.amqp.max_concurrent_sessions",
+            ),
+            (
+                "session_idle_timeout_ms = 0",
+                "transport.amqp.session_idle_timeout_ms",
+            ),
+            (
+                "session_lock_renew_seconds = 0",
+                "transport.amqp.session_lock_renew_seconds",
+            ),
             (
                 "addresses = { \"a/b/c\" = \"x\" }",
                 "transport.amqp.addresses",

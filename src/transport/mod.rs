@@ -69,6 +69,10 @@ pub enum TransportError {
     /// The subscription was closed (shutting down).
     #[error("subscription closed")]
     Closed,
+    /// A session receiver gave its session back after it went idle, or found no session
+    /// available: the consumer opens the next one at once (not a failure).
+    #[error("session receiver on {0} is idle")]
+    SessionIdle(String),
 }
 
 impl TransportError {
@@ -76,7 +80,10 @@ impl TransportError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            TransportError::Connection(_) | TransportError::Timeout { .. } | TransportError::Closed
+            TransportError::Connection(_)
+                | TransportError::Timeout { .. }
+                | TransportError::Closed
+                | TransportError::SessionIdle(_)
         )
     }
 }
@@ -95,6 +102,34 @@ pub trait Transport: Send + Sync + 'static {
         subscription: &str,
         prefetch: u32,
     ) -> Result<Box<dyn Subscription>, TransportError>;
+
+    /// How many receivers one instance runs on `subscription` of `topic`, each opened with
+    /// [`Transport::subscribe_receiver`]: one, unless the broker splits the subscription so
+    /// that several instances keep each stream in order (RabbitMQ shard queues, Service Bus
+    /// session receivers).
+    fn receivers(&self, _topic: &str, _subscription: &str) -> u32 {
+        1
+    }
+
+    /// True when the receivers of a subscription are shard queues, each delivered to one
+    /// consumer of all instances at a time (single active consumer): the runtime then spreads
+    /// the active shards over the live instances.
+    fn receivers_are_shards(&self) -> bool {
+        false
+    }
+
+    /// Opens receiver `index` (below [`Transport::receivers`]) of `subscription`: the
+    /// subscription itself unless the transport splits it.
+    async fn subscribe_receiver(
+        &self,
+        topic: &str,
+        subscription: &str,
+        index: u32,
+        prefetch: u32,
+    ) -> Result<Box<dyn Subscription>, TransportError> {
+        let _ = index;
+        self.subscribe(topic, subscription, prefetch).await
+    }
 
     /// Verifies that the topics and subscriptions exist before anything is sent.
     async fn check_topology(

@@ -20,6 +20,7 @@ mod store_conformance;
 /// The AMQP 1.0 transport against the real broker (RabbitMQ) and a fake Service Bus.
 mod amqp {
     mod cbs;
+    mod competing;
     mod conformance;
     mod end_to_end;
     mod inbox_failure;

@@ -27,7 +27,7 @@ pub(super) struct LinkConnection {
 }
 
 /// Aborts its task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -46,6 +46,17 @@ pub(super) struct LinkGuard {
 }
 
 impl LinkConnection {
+    /// Begins one more session on the link's connection (for a management client beside the
+    /// link, so that its errors cannot end the link's session).
+    pub(super) async fn extra_session(
+        &mut self,
+        address: &str,
+    ) -> Result<SessionHandle<()>, TransportError> {
+        Session::begin(&mut self.connection)
+            .await
+            .map_err(|e| connection_error(address, "cannot begin a session", e))
+    }
+
     /// Hands the session and connection to a watcher task (they live as long as it does).
     pub(super) fn watch(self) -> LinkGuard {
         let LinkConnection {

@@ -28,6 +28,15 @@
 //! (the message type); the subscription queues are bound with `#`. [`Transport::check_topology`]
 //! attaches to every address at start-up and names the first one that does not exist, because
 //! RabbitMQ accepts and silently drops what is sent to a missing `/amq/queue/…`.
+//!
+//! ## Several instances on one subscription
+//!
+//! With `shards` > 0 (RabbitMQ) a subscription is that many single-active-consumer shard
+//! queues fed by a consistent-hash exchange that keeps each stream on one shard; with
+//! `sessions` (Service Bus) it is a session-enabled subscription read by session receivers.
+//! Either way [`Transport::receivers`] tells the runtime how many receive loops to run, and
+//! [`Transport::subscribe_receiver`] opens each: a stream is read by one receiver of one
+//! instance at a time, in order, and another takes over when it goes.
 
 mod links;
 mod receiver;
@@ -90,6 +99,18 @@ impl AmqpTransport {
             .subscription_address_of(topic, subscription)
     }
 
+    /// The broker address receiver `index` of `subscription` reads: its shard queue when
+    /// `shards` > 0, else the subscription's own address.
+    pub fn receiver_address(&self, topic: &str, subscription: &str, index: u32) -> String {
+        if self.settings.addresses.shards > 0 {
+            self.settings
+                .addresses
+                .shard_address_of(topic, subscription, index)
+        } else {
+            self.subscription_address(topic, subscription)
+        }
+    }
+
     /// The queue of the sender task of `topic`, started on first use.
     fn sender(&self, topic: &str) -> mpsc::Sender<SendRequest> {
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,6 +161,31 @@ impl Transport for AmqpTransport {
         Ok(Box::new(subscription))
     }
 
+    fn receivers(&self, _topic: &str, _subscription: &str) -> u32 {
+        self.settings.addresses.receivers_per_subscription()
+    }
+
+    fn receivers_are_shards(&self) -> bool {
+        self.settings.addresses.shards > 0 && !self.settings.addresses.sessions
+    }
+
+    async fn subscribe_receiver(
+        &self,
+        topic: &str,
+        subscription: &str,
+        index: u32,
+        prefetch: u32,
+    ) -> Result<Box<dyn Subscription>, TransportError> {
+        let address = self.receiver_address(topic, subscription, index);
+        let name = format!("{topic}.{subscription}.{index}");
+        let subscription = if self.settings.addresses.sessions {
+            AmqpSubscription::open_session(&self.settings, address, &name, prefetch).await?
+        } else {
+            AmqpSubscription::open(&self.settings, address, &name, prefetch).await?
+        };
+        Ok(Box::new(subscription))
+    }
+
     async fn check_topology(
         &self,
         topics: &[String],
@@ -154,12 +200,31 @@ impl Transport for AmqpTransport {
             probes.push((format!("topic `{topic}`"), address, as_receiver));
         }
         for (topic, subscription) in subscriptions {
-            let address = self.subscription_address(topic, subscription);
-            probes.push((
-                format!("subscription `{subscription}` of topic `{topic}`"),
-                address,
-                true,
-            ));
+            if self.settings.addresses.sessions {
+                // A plain receiver cannot attach to a session-enabled entity: its management
+                // node answers for the entity instead.
+                let address =
+                    servicebus::management_address(&self.subscription_address(topic, subscription));
+                probes.push((
+                    format!("subscription `{subscription}` of topic `{topic}`"),
+                    address,
+                    false,
+                ));
+                continue;
+            }
+            let shards = self.settings.addresses.shards;
+            for index in 0..shards.max(1) {
+                let what = if shards > 0 {
+                    format!("shard {index} of subscription `{subscription}` of topic `{topic}`")
+                } else {
+                    format!("subscription `{subscription}` of topic `{topic}`")
+                };
+                probes.push((
+                    what,
+                    self.receiver_address(topic, subscription, index),
+                    true,
+                ));
+            }
         }
         let results =
             futures::future::join_all(probes.iter().map(|(_, address, as_receiver)| {

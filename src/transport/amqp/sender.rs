@@ -302,6 +302,7 @@ impl TransportError {
             },
             TransportError::Topology(m) => TransportError::Topology(m.clone()),
             TransportError::Closed => TransportError::Closed,
+            TransportError::SessionIdle(m) => TransportError::SessionIdle(m.clone()),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Azure Service Bus specifics: SAS tokens, and CBS put-token with renewal.
+//! Azure Service Bus specifics: SAS tokens, CBS put-token with renewal, and sessions.
 //!
 //! Owns the SAS token format Service Bus checks, the SASL credentials of a Service Bus
 //! connection, and the claims-based-security exchange: a connection opened with SASL ANONYMOUS
@@ -7,6 +7,15 @@
 //! credentials and an authorized connection. The connection string itself is a configuration
 //! value, parsed by [`crate::config::ConnectionString`].
 //!
+//! Sessions (`transport.amqp.sessions`): a session-enabled subscription delivers the messages of
+//! one session (the AMQP `group-id`, whizbang's stream id) to one receiver at a time, in order.
+//! A receiver attaches with the source filter `com.microsoft:session-filter` (a described value,
+//! descriptor `0x00000013:0x7000000C`; null asks for the next available session), reads the
+//! session it was given from the filter of the attach the service answers with, and keeps the
+//! session locked by `com.microsoft:renew-session-lock` requests to the entity's `$management`
+//! node (application property `operation`, body map `session-id`; the answer has
+//! `statusCode` 200 and the new `expiration`).
+//!
 //! The service is unreachable from development machines; the pure parts are unit-tested here
 //! against vectors computed independently (python3's `hmac`, `hashlib`, `base64`, `urllib`).
 
@@ -14,11 +23,18 @@ use crate::config::{AmqpAuth as Auth, ConnectionString};
 use crate::transport::TransportError;
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::session::Session;
-use fe2o3_amqp::types::primitives::Timestamp;
+use fe2o3_amqp::types::definitions::Fields;
+use fe2o3_amqp::types::messaging::{ApplicationProperties, FilterSet, Message, Source};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Value};
+use fe2o3_amqp::types::primitives::{Symbol, Timestamp};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp_management::request::Request;
+use fe2o3_amqp_management::response::Response;
 use hmac::{Hmac, KeyInit, Mac};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
 use sha2::Sha256;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,6 +69,130 @@ pub fn sas_token(resource_uri: &str, key_name: &str, key: &str, expiry_unix: u64
         "SharedAccessSignature sr={encoded_uri}&sig={}&se={expiry_unix}&skn={key_name}",
         url_encode(&signature)
     )
+}
+
+/// The source filter that asks Service Bus for a session.
+pub const SESSION_FILTER: &str = "com.microsoft:session-filter";
+/// The descriptor code of [`SESSION_FILTER`]'s value (`0x00000013:0x7000000C`).
+pub const SESSION_FILTER_CODE: u64 = 0x0000_0013_7000_000C;
+/// The management operation that extends a session's lock.
+pub const RENEW_SESSION_LOCK: &str = "com.microsoft:renew-session-lock";
+/// Link property (and request application property): how long, in milliseconds, the service
+/// may wait before answering (for an accept-next: for a session to become available).
+pub const SERVER_TIMEOUT: &str = "com.microsoft:timeout";
+/// Request application property: how long the management operation may take, in milliseconds.
+pub const REQUEST_SERVER_TIMEOUT: &str = "com.microsoft:server-timeout";
+
+/// The source filter of a session receiver: `session_id`, or the next available session when
+/// `None` (a described null).
+pub fn session_filter(session_id: Option<&str>) -> FilterSet {
+    let value = match session_id {
+        Some(id) => Value::String(id.to_string()),
+        None => Value::Null,
+    };
+    let mut filter = FilterSet::new();
+    filter.insert(
+        Symbol::from(SESSION_FILTER),
+        Value::Described(Box::new(Described {
+            descriptor: Descriptor::Code(SESSION_FILTER_CODE),
+            value,
+        })),
+    );
+    filter
+}
+
+/// The link properties of an accept-next attach: the service waits up to `wait` for a
+/// session before it answers without one.
+pub fn session_link_properties(wait: Duration) -> Fields {
+    let mut fields = Fields::new();
+    fields.insert(
+        Symbol::from(SERVER_TIMEOUT),
+        Value::Uint(wait.as_millis().min(u32::MAX as u128) as u32),
+    );
+    fields
+}
+
+/// The session a receiver was given: the session filter of the source the service attached
+/// with (described or, from older peers, bare). `None` when it gave none (no session was
+/// available within the wait).
+pub fn accepted_session_id(source: Option<&Source>) -> Option<String> {
+    let value = source?
+        .filter
+        .as_ref()?
+        .get(&Symbol::from(SESSION_FILTER))?;
+    let inner = match value {
+        Value::Described(described) => &described.value,
+        other => other,
+    };
+    match inner {
+        Value::String(id) if !id.is_empty() => Some(id.clone()),
+        _ => None,
+    }
+}
+
+/// The management node of an entity (`orders/Subscriptions/inventory/$management`).
+pub fn management_address(entity_address: &str) -> String {
+    format!("{}/$management", entity_address.trim_end_matches('/'))
+}
+
+/// `com.microsoft:renew-session-lock`: extends the lock of `session_id` by the entity's lock
+/// duration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewSessionLock {
+    /// The session whose lock is renewed.
+    pub session_id: String,
+    /// How long the service may take to answer, in milliseconds.
+    pub server_timeout_ms: u32,
+}
+
+impl Request for RenewSessionLock {
+    const OPERATION: &'static str = RENEW_SESSION_LOCK;
+    type Response = SessionLockRenewed;
+    type Body = Value;
+
+    fn encode_application_properties(&mut self) -> Option<ApplicationProperties> {
+        Some(
+            ApplicationProperties::builder()
+                .insert(
+                    REQUEST_SERVER_TIMEOUT,
+                    SimpleValue::Uint(self.server_timeout_ms),
+                )
+                .build(),
+        )
+    }
+
+    fn encode_body(self) -> Value {
+        let mut body = OrderedMap::new();
+        body.insert(
+            Value::String("session-id".into()),
+            Value::String(self.session_id),
+        );
+        Value::Map(body)
+    }
+}
+
+/// The answer to [`RenewSessionLock`]: status 200 and the lock's new expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionLockRenewed {
+    /// When the lock now expires (milliseconds since the Unix epoch), when the service said.
+    pub expiration_ms: Option<i64>,
+}
+
+impl Response for SessionLockRenewed {
+    const STATUS_CODE: u16 = 200;
+    type Body = Value;
+    type Error = fe2o3_amqp_management::error::Error;
+
+    fn decode_message(message: Message<Value>) -> Result<Self, Self::Error> {
+        let expiration_ms = match &message.body {
+            Value::Map(map) => match map.get(&Value::String("expiration".into())) {
+                Some(Value::Timestamp(t)) => Some(t.milliseconds()),
+                _ => None,
+            },
+            _ => None,
+        };
+        Ok(SessionLockRenewed { expiration_ms })
+    }
 }
 
 /// How CBS tokens are made and when they are renewed.
@@ -232,6 +372,136 @@ mod tests {
         );
         assert_eq!(settings.renew_after(), Duration::from_secs(3300));
         assert!(settings.renew_after() < settings.token_ttl);
+    }
+
+    fn described(value: &Value) -> (&Descriptor, &Value) {
+        match value {
+            Value::Described(d) => (&d.descriptor, &d.value),
+            other => panic!("a described value expected, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn session_filter_asks_for_a_session_or_the_next_available_one() {
+        let key = Symbol::from("com.microsoft:session-filter");
+        let next = session_filter(None);
+        assert_eq!(next.len(), 1);
+        let (descriptor, value) = described(next.get(&key).unwrap());
+        assert_eq!(descriptor, &Descriptor::Code(0x0000_0013_7000_000C));
+        assert_eq!(value, &Value::Null);
+
+        let named = session_filter(Some("order-42"));
+        let (descriptor, value) = described(named.get(&key).unwrap());
+        assert_eq!(descriptor, &Descriptor::Code(SESSION_FILTER_CODE));
+        assert_eq!(value, &Value::String("order-42".into()));
+
+        // On the wire: described(ulong 0x000000137000000C, str8 "order-42").
+        let bytes = serde_amqp::to_vec(named.get(&key).unwrap()).unwrap();
+        assert_eq!(
+            &bytes[..10],
+            &[0x00, 0x80, 0x00, 0x00, 0x00, 0x13, 0x70, 0x00, 0x00, 0x0c]
+        );
+        assert_eq!(&bytes[10..12], &[0xa1, 8]);
+        assert_eq!(&bytes[12..], b"order-42");
+        let bytes = serde_amqp::to_vec(next.get(&key).unwrap()).unwrap();
+        assert_eq!(bytes.last(), Some(&0x40), "null value");
+    }
+
+    #[test]
+    fn the_accepted_session_is_read_from_the_attach_answer() {
+        let source = |filter: Option<FilterSet>| {
+            let mut s = Source::builder()
+                .address("orders/Subscriptions/inventory")
+                .build();
+            s.filter = filter;
+            s
+        };
+        assert_eq!(
+            accepted_session_id(Some(&source(Some(session_filter(Some("order-7")))))),
+            Some("order-7".into())
+        );
+        // Some peers echo the value without its descriptor.
+        let mut bare = FilterSet::new();
+        bare.insert(
+            Symbol::from(SESSION_FILTER),
+            Value::String("order-8".into()),
+        );
+        assert_eq!(
+            accepted_session_id(Some(&source(Some(bare)))),
+            Some("order-8".into())
+        );
+        // No session available: the filter comes back null, or not at all.
+        assert_eq!(
+            accepted_session_id(Some(&source(Some(session_filter(None))))),
+            None
+        );
+        assert_eq!(accepted_session_id(Some(&source(None))), None);
+        assert_eq!(accepted_session_id(None), None);
+    }
+
+    #[test]
+    fn accept_next_waits_as_long_as_the_link_property_says() {
+        let p = session_link_properties(Duration::from_secs(5));
+        assert_eq!(
+            p.get(&Symbol::from("com.microsoft:timeout")),
+            Some(&Value::Uint(5_000))
+        );
+    }
+
+    #[test]
+    fn session_locks_are_renewed_on_the_entitys_management_node() {
+        assert_eq!(
+            management_address("orders/Subscriptions/inventory"),
+            "orders/Subscriptions/inventory/$management"
+        );
+        let message = RenewSessionLock {
+            session_id: "order-42".into(),
+            server_timeout_ms: 10_000,
+        }
+        .into_message();
+        let app = message.application_properties.as_ref().unwrap();
+        assert_eq!(
+            app.get("operation"),
+            Some(&SimpleValue::String(
+                "com.microsoft:renew-session-lock".into()
+            ))
+        );
+        assert_eq!(
+            app.get("com.microsoft:server-timeout"),
+            Some(&SimpleValue::Uint(10_000))
+        );
+        let Value::Map(body) = &message.body else {
+            panic!("an amqp-value map body expected, got {:?}", message.body);
+        };
+        assert_eq!(
+            body.get(&Value::String("session-id".into())),
+            Some(&Value::String("order-42".into()))
+        );
+        assert_eq!(body.len(), 1);
+    }
+
+    #[test]
+    fn a_renewal_answer_gives_the_new_expiry_or_its_status() {
+        let answer = |status: i32, body: Value| {
+            Message::builder()
+                .application_properties(
+                    ApplicationProperties::builder()
+                        .insert("statusCode", SimpleValue::Int(status))
+                        .insert("statusDescription", "because")
+                        .build(),
+                )
+                .body(body)
+                .build()
+        };
+        let mut ok = OrderedMap::new();
+        ok.insert(
+            Value::String("expiration".into()),
+            Value::Timestamp(Timestamp::from_milliseconds(1_700_000_060_000)),
+        );
+        let renewed = SessionLockRenewed::from_message(answer(200, Value::Map(ok))).unwrap();
+        assert_eq!(renewed.expiration_ms, Some(1_700_000_060_000));
+        let lost = SessionLockRenewed::from_message(answer(410, Value::Null)).unwrap_err();
+        assert!(format!("{lost:?}").contains("410"), "{lost:?}");
     }
 
     #[test]

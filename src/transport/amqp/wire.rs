@@ -271,6 +271,31 @@ mod tests {
         }
     }
 
+    /// RabbitMQ's sharded subscriptions hash the encoded message-annotations section (its AMQP
+    /// 1.0 plugin exposes no other per-stream value to the consistent-hash exchange): it must
+    /// hold the stream id and nothing else, so that one stream always lands on one shard.
+    #[test]
+    fn message_annotations_hold_the_stream_id_alone() {
+        let e = sample();
+        let annotations = to_message(&e).message_annotations.unwrap();
+        assert_eq!(annotations.len(), 1);
+        let key: fe2o3_amqp::types::messaging::annotations::OwnedKey =
+            Symbol::from(PARTITION_KEY).into();
+        assert_eq!(
+            annotations.get(&key),
+            Some(&Value::String(e.stream_id.clone()))
+        );
+        // Two messages of one stream, differing in everything else, encode the same section.
+        let mut other = sample();
+        other.message_id = Uuid::now_v7();
+        other.message_type = "Other".into();
+        other.payload = vec![1, 2, 3];
+        let bytes = |e: &Envelope| serde_amqp::to_vec(&to_message(e).message_annotations).unwrap();
+        assert_eq!(bytes(&e), bytes(&other));
+        other.stream_id = "order-2".into();
+        assert_ne!(bytes(&e), bytes(&other));
+    }
+
     #[test]
     fn round_trips_every_field() {
         let e = sample();

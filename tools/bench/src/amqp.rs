@@ -12,6 +12,10 @@
 //! - `consume_events_per_s`: broker → inbox (dedup) → perspective. A subscription queue
 //!   pre-filled with N event envelopes; a runtime (Postgres store, schema already migrated) is
 //!   started on it and timed from `start()` until its counting perspective applied all N.
+//! - `bare_drain_msgs_per_s`, `consume_ratio_vs_bare_drain`: the same queue pre-filled with the
+//!   same N envelopes, drained by a bare fe2o3-amqp receiver (credit windows of the runtime's
+//!   prefetch, accepting each message), timed from attach to the last accept; and the
+//!   runtime's consume rate over it.
 //! - `e2e_p50_ms`, `e2e_p99_ms`: a sender runtime's `local_invoke` (receptor → event with a
 //!   topic → outbox → broker) to the perspective of a second runtime consuming the
 //!   subscription, at a fixed offered rate, timed from each event's intended send time (carried
@@ -19,8 +23,10 @@
 
 use super::{BenchResult, Samples, figure};
 use async_trait::async_trait;
-use fe2o3_amqp::types::messaging::Outcome;
-use fe2o3_amqp::{Connection, Sender, Session};
+use fe2o3_amqp::link::CreditMode;
+use fe2o3_amqp::types::messaging::{Body, Outcome};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
@@ -415,6 +421,12 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     // ---- 2. Broker → inbox → perspective (W3), without and with 10% duplicate deliveries ----
     let rate = consume(args, names, &schemas[1], n, streams, None).await?;
     figure("consume_events_per_s", format!("{rate:.0}"));
+    let drain = bare_drain(args, names, n, streams).await?;
+    figure("bare_drain_msgs_per_s", format!("{drain:.0}"));
+    figure(
+        "consume_ratio_vs_bare_drain",
+        format!("{:.2}", rate / drain),
+    );
     let rate = consume(args, names, &schemas[4], n, streams, Some(10)).await?;
     figure(
         "consume_10pct_duplicates_deliveries_per_s",
@@ -646,6 +658,61 @@ async fn end_to_end_in(
         );
     }
     Ok(samples.percentile(99.0) / 1000.0)
+}
+
+/// Pre-fills the consume topic's queue with `n` envelopes like [`consume`] does, then drains it
+/// with a bare fe2o3-amqp receiver: credit granted a window (the runtime's prefetch) at a time
+/// once the previous one is used up (as the runtime does: RabbitMQ fails a link whose credit is
+/// renewed while transfers are on the wire), each message accepted; msg/s from the attach to
+/// the last accept.
+async fn bare_drain(args: &AmqpArgs, names: &Names, n: usize, streams: usize) -> BenchResult<f64> {
+    let c = config(args, "bench-drain", "unused");
+    let window = c.transport.prefetch.max(1);
+    let filler = AmqpTransport::from_config(&c.transport, "bench-fill")?;
+    let envelopes = (0..n)
+        .map(|i| tick_envelope(&tick(i % streams, i)))
+        .collect::<BenchResult<Vec<_>>>()?;
+    let mut in_flight = FuturesUnordered::new();
+    for e in &envelopes {
+        if in_flight.len() >= 256
+            && let Some(r) = in_flight.next().await
+        {
+            r?;
+        }
+        in_flight.push(filler.publish(&names.consume_topic, e));
+    }
+    while let Some(r) = in_flight.next().await {
+        r?;
+    }
+    drop(in_flight);
+    let address = filler.subscription_address(&names.consume_topic, "inbox");
+    let start = Instant::now();
+    let mut connection = Connection::open("bench-drain", amqp_url(args).as_str()).await?;
+    let mut session = Session::begin(&mut connection).await?;
+    let mut receiver = Receiver::builder()
+        .name("bare-drain")
+        .source(address.as_str())
+        .credit_mode(CreditMode::Manual)
+        .auto_accept(false)
+        .attach(&mut session)
+        .await?;
+    let mut drained = 0;
+    while drained < n {
+        let grant = window.min((n - drained) as u32);
+        receiver.set_credit(grant).await?;
+        for _ in 0..grant {
+            let delivery = tokio::time::timeout(DEADLINE, receiver.recv::<Body<Value>>())
+                .await
+                .map_err(|_| format!("bare drain: nothing received after {drained} of {n}"))??;
+            receiver.accept(&delivery).await?;
+            drained += 1;
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(receiver);
+    let _ = session.end().await;
+    let _ = connection.close().await;
+    Ok(rate)
 }
 
 /// A bare fe2o3-amqp sender: `send_batchable` with up to 256 unsettled, `n` copies (each with

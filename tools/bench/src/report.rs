@@ -40,6 +40,7 @@ const GOALS: &[(&str, &str, Goal)] = &[
     ("store", "idle_queries_per_s", Goal::AtMost(1.0)),
     ("amqp", "publish_ratio_vs_bare", Goal::AtLeast(0.8)),
     ("amqp", "consume_events_per_s", Goal::AtLeast(5000.0)),
+    ("amqp", "consume_ratio_vs_bare_drain", Goal::AtLeast(0.6)),
     ("amqp", "e2e_p50_ms", Goal::AtMost(20.0)),
     ("amqp", "e2e_p99_ms", Goal::AtMost(100.0)),
     ("engine", "cpu_receptor_scaling_ratio", Goal::AtLeast(1.6)),
