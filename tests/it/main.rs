@@ -44,9 +44,11 @@ mod contract {
     mod version_conflict;
 }
 
-/// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
+/// The Postgres store on its own: migrations, the liveness lock, the whole runtime on it, TLS to
+/// the server.
 mod postgres {
     mod deadlines;
+    mod liveness;
     mod migrations;
     mod runtime;
     mod secrets;

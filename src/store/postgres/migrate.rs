@@ -1,5 +1,5 @@
-//! Schema migrations: `schema/0001_baseline.sql` and `schema/functions/*.sql`, embedded in the
-//! binary.
+//! Schema migrations: the numbered files `schema/0001_baseline.sql`, `schema/0002_…` and
+//! `schema/functions/*.sql`, embedded in the binary.
 //!
 //! Owns bringing one schema to what this build expects, under a transaction-scoped advisory
 //! lock per schema (so instances starting together do the work once) and in one transaction:
@@ -33,11 +33,18 @@ pub struct Migration {
 }
 
 /// Every baseline file, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_baseline.sql",
-    sql: include_str!("../../../schema/0001_baseline.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_baseline.sql",
+        sql: include_str!("../../../schema/0001_baseline.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_liveness_lock.sql",
+        sql: include_str!("../../../schema/0002_liveness_lock.sql"),
+    },
+];
 
 /// One embedded function file: re-applied whenever its text changes.
 pub struct FunctionFile {
