@@ -13,9 +13,13 @@
 //! inbox (deduplicated) → perspective, in order per order stream. It runs until Ctrl-C, or
 //! until `--orders N` orders were applied (then it prints the reservations and exits 0), or
 //! fails when `--timeout-secs` pass first.
+//!
+//! It embeds the operator commands (`whizbang::operator`): `... --example inventory_service --
+//! --config config/amqp.toml replay inventory --from scratch` rebuilds the reservations from
+//! its event store with its progress, without consuming anything.
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,6 +43,15 @@ struct Args {
     /// With --orders: fail if they were not all applied within this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Without a command: consume and apply orders.
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Operator(whizbang::operator::OperatorCommand),
 }
 
 // ---- The event it consumes (same type name and fields as the order service's) ------------
@@ -114,6 +127,22 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let mut config = Config::load(&args.config)?;
+    if let Some(Cmd::Operator(command)) = args.command {
+        // Its own schema, as when it runs; nothing is consumed.
+        config.service.name = "inventory-service".into();
+        config.store.schema = format!("{}_inventory", config.store.schema);
+        config.routing.subscriptions.clear();
+        let inventory = Inventory::default();
+        command
+            .run(
+                Runtime::builder(config)
+                    .perspective::<OrderCreated, _>("inventory", inventory.clone()),
+            )
+            .await?;
+        let r = inventory.0.lock().unwrap_or_else(|p| p.into_inner());
+        println!("inventory now holds {} order(s)", r.orders);
+        return Ok(());
+    }
     anyhow::ensure!(
         config.transport.kind == TransportKind::Amqp,
         "{} uses transport.kind = {:?}: a separate inventory process needs \"amqp\" (the memory transport lives inside one process; order_service runs its own inventory then)",
@@ -153,11 +182,20 @@ async fn run() -> anyhow::Result<()> {
     // Listening from now on: a SIGTERM from an orchestrator (or Ctrl-C) stops the service
     // cleanly, the runtime writing what it holds and releasing its leases.
     let mut stop = whizbang::StopSignal::new()?;
+    // Actors that keep failing (more than runtime.max_restarts restarts within the window) make
+    // the instance unhealthy: exit non-zero, so that an orchestrator replaces it.
+    let mut unhealthy = std::pin::pin!(runtime.unhealthy());
     match args.orders {
         None => {
             println!("waiting for orders; SIGTERM or Ctrl-C to stop");
-            stop.recv().await;
-            println!("stop requested: shutting down");
+            tokio::select! {
+                _ = stop.recv() => println!("stop requested: shutting down"),
+                _ = &mut unhealthy => {
+                    let health = runtime.health();
+                    runtime.shutdown().await?;
+                    anyhow::bail!("unhealthy, exiting: {}", health.reasons.join("; "));
+                }
+            }
         }
         Some(expected) => {
             let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -166,6 +204,11 @@ async fn run() -> anyhow::Result<()> {
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = stop.recv() => break,
+                    _ = &mut unhealthy => {
+                        let health = runtime.health();
+                        runtime.shutdown().await?;
+                        anyhow::bail!("unhealthy, exiting: {}", health.reasons.join("; "));
+                    }
                 }
                 let applied = inventory.0.lock().unwrap_or_else(|p| p.into_inner()).orders;
                 if applied >= expected {

@@ -11,20 +11,28 @@
 //! With `transport.kind = "amqp"` (`config/amqp.toml`) the inventory service is a separate
 //! process (`examples/inventory_service.rs`): this one checks that its events were accepted by
 //! the broker, and the other process shows them applied.
+//!
+//! It embeds the operator commands (`whizbang::operator`), as a service's own binary does:
+//! `cargo run --example order_service -- --config config/postgres.toml replay order-summary
+//! --from scratch` rebuilds the order summaries from the event store with a progress bar (plain
+//! lines when stderr is not a terminal), without starting the service.
+
+// Shared with the order_api example and the HTTP tests; each uses a part of it.
+#[allow(dead_code)]
+#[path = "orders/mod.rs"]
+mod orders;
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use clap::{Parser, Subcommand};
+use orders::{
+    CreateOrder, CreateOrderReceptor, Inventory, OrderCreated, OrderSummaries, cents, line,
+};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use whizbang::config::{SubscriptionConfig, TransportKind};
 use whizbang::transport::memory::{MemoryBus, MemoryTransport};
-use whizbang::{
-    Command, Config, Decision, DispatchError, Event, EventMeta, Message, Perspective,
-    PerspectiveError, ReceiptStatus, Receptor, ReceptorContext, ReceptorError, Runtime,
-};
+use whizbang::{Config, DispatchError, Message, ReceiptStatus, Runtime};
 
 #[derive(Parser)]
 #[command(about = "Order service scenario on the whizbang runtime")]
@@ -32,153 +40,20 @@ struct Args {
     /// Configuration file.
     #[arg(long, default_value = "config/whizbang.toml")]
     config: PathBuf,
+    /// Without a command: run the scenario.
+    #[command(subcommand)]
+    command: Option<Cmd>,
 }
 
-// ---- Messages ---------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderLine {
-    sku: String,
-    quantity: i32,
-    unit_price_cents: i64,
+#[derive(Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Operator(whizbang::operator::OperatorCommand),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CreateOrder {
-    order_id: String,
-    customer_id: String,
-    lines: Vec<OrderLine>,
-}
-
-impl Message for CreateOrder {
-    const TYPE_NAME: &'static str = "CreateOrder";
-    fn stream_id(&self) -> String {
-        format!("order-{}", self.order_id)
-    }
-}
-impl Command for CreateOrder {}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderCreated {
-    order_id: String,
-    customer_id: String,
-    lines: Vec<OrderLine>,
-    total_cents: i64,
-}
-
-impl Message for OrderCreated {
-    const TYPE_NAME: &'static str = "OrderCreated";
-    fn stream_id(&self) -> String {
-        format!("order-{}", self.order_id)
-    }
-}
-impl Event for OrderCreated {}
-
-// ---- Receptor ---------------------------------------------------------------------------
-
-/// Validates an order against the catalog and a credit limit, then decides `OrderCreated`.
-struct CreateOrderReceptor {
-    catalog: HashMap<&'static str, i64>,
-    credit_limit_cents: i64,
-}
-
-impl Receptor<CreateOrder> for CreateOrderReceptor {
-    type Result = OrderCreated;
-
-    async fn handle(
-        &self,
-        cmd: CreateOrder,
-        _ctx: ReceptorContext,
-    ) -> Result<Decision<OrderCreated>, ReceptorError> {
-        if cmd.lines.is_empty() {
-            return Err(ReceptorError::Validation(
-                "an order needs at least one line".into(),
-            ));
-        }
-        if let Some(bad) = cmd.lines.iter().find(|l| l.quantity <= 0) {
-            return Err(ReceptorError::Validation(format!(
-                "quantity of {} must be positive, got {}",
-                bad.sku, bad.quantity
-            )));
-        }
-        if let Some(unknown) = cmd
-            .lines
-            .iter()
-            .find(|l| !self.catalog.contains_key(l.sku.as_str()))
-        {
-            return Err(ReceptorError::NotFound(format!("product {}", unknown.sku)));
-        }
-        let total_cents: i64 = cmd
-            .lines
-            .iter()
-            .map(|l| i64::from(l.quantity) * l.unit_price_cents)
-            .sum();
-        if total_cents > self.credit_limit_cents {
-            return Err(ReceptorError::Conflict(format!(
-                "total {} exceeds the credit limit {} of customer {}",
-                cents(total_cents),
-                cents(self.credit_limit_cents),
-                cmd.customer_id
-            )));
-        }
-        Ok(Decision::event(OrderCreated {
-            order_id: cmd.order_id,
-            customer_id: cmd.customer_id,
-            lines: cmd.lines,
-            total_cents,
-        }))
-    }
-}
-
-// ---- Perspectives -----------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct OrderSummary {
-    customer_id: String,
-    lines: usize,
-    total_cents: i64,
-}
-
-#[derive(Clone, Default)]
-struct OrderSummaries(Arc<Mutex<BTreeMap<String, OrderSummary>>>);
-
-impl Perspective<OrderCreated> for OrderSummaries {
-    async fn apply(&self, e: OrderCreated, _meta: EventMeta) -> Result<(), PerspectiveError> {
-        self.0.lock().unwrap().insert(
-            e.order_id,
-            OrderSummary {
-                customer_id: e.customer_id,
-                lines: e.lines.len(),
-                total_cents: e.total_cents,
-            },
-        );
-        Ok(())
-    }
-}
-
-#[derive(Clone, Default)]
-struct Inventory(Arc<Mutex<BTreeMap<String, i64>>>);
-
-impl Perspective<OrderCreated> for Inventory {
-    async fn apply(&self, e: OrderCreated, _meta: EventMeta) -> Result<(), PerspectiveError> {
-        let mut reserved = self.0.lock().unwrap();
-        for line in e.lines {
-            *reserved.entry(line.sku).or_default() += i64::from(line.quantity);
-        }
-        Ok(())
-    }
-}
-
-fn cents(c: i64) -> String {
-    format!("${}.{:02}", c / 100, c % 100)
-}
-
-fn line(sku: &str, quantity: i32, unit_price_cents: i64) -> OrderLine {
-    OrderLine {
-        sku: sku.into(),
-        quantity,
-        unit_price_cents,
-    }
+/// The order service's runtime with its receptor; the caller adds the read model.
+fn order_service(config: Config) -> whizbang::RuntimeBuilder {
+    Runtime::builder(config).receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
 }
 
 async fn wait_until(
@@ -214,6 +89,21 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
+    if let Some(Cmd::Operator(command)) = args.command {
+        // The same registrations as the service below, without starting it.
+        let summaries = OrderSummaries::for_config(&config).await?;
+        command
+            .run(
+                order_service(config)
+                    .perspective::<OrderCreated, _>("order-summary", summaries.clone()),
+            )
+            .await?;
+        println!(
+            "order-summary now holds {} order(s)",
+            summaries.count().await?
+        );
+        return Ok(());
+    }
 
     // The two services share one transport: the in-process bus by default.
     let transport: Option<Arc<dyn whizbang::transport::Transport>> = match config.transport.kind {
@@ -254,13 +144,8 @@ async fn run() -> anyhow::Result<()> {
     };
 
     // Order service: the receptor and the order-summary read model.
-    let summaries = OrderSummaries::default();
-    let receptor = CreateOrderReceptor {
-        catalog: HashMap::from([("WIDGET", 2_500), ("GADGET", 9_900), ("GIZMO", 450)]),
-        credit_limit_cents: 100_000,
-    };
-    let order_service = with_transport(Runtime::builder(config.clone()))
-        .receptor::<CreateOrder, _>(receptor)
+    let summaries = OrderSummaries::memory();
+    let order_service = with_transport(order_service(config.clone()))
         .perspective::<OrderCreated, _>("order-summary", summaries.clone())
         .start()
         .await?;
@@ -301,11 +186,8 @@ async fn run() -> anyhow::Result<()> {
         cents(created.total_cents)
     );
     let summary = summaries
-        .0
-        .lock()
-        .unwrap()
         .get("A-1001")
-        .cloned()
+        .await?
         .context("read-your-writes broken: order summary missing right after local_invoke")?;
     println!(
         "   read model right after the call: customer {}, {} lines, total {}",
@@ -425,7 +307,7 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(
-        summaries.0.lock().unwrap().len() == 2,
+        summaries.count().await? == 2,
         "rejected orders reached the read model"
     );
 

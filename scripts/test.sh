@@ -47,7 +47,8 @@ cargo clippy --workspace --all-targets -- -D warnings || die "clippy found probl
 # The library without its optional backends: each feature set builds and lints clean, so a
 # service that needs only one of them is not handed a broken build.
 for features in "--no-default-features" "--no-default-features --features postgres" \
-    "--no-default-features --features amqp"; do
+    "--no-default-features --features amqp" "--no-default-features --features web" \
+    "--no-default-features --features operator"; do
     step "cargo clippy -p whizbang --lib $features -- -D warnings"
     # shellcheck disable=SC2086 # the feature flags are separate words
     cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"
@@ -68,7 +69,34 @@ smoke_schema="smoke_pg_$$"
 WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
     cargo run --release --example order_service -- --config config/postgres.toml \
     || die "the order_service example failed on the Postgres store"
+step "smoke test: the operator commands on what the example left (status, replay)"
+WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
+    cargo run --release --bin whizbang -- --config config/postgres.toml status \
+    || die "whizbang status failed on the example's schema"
+WHIZBANG_SCHEMA="$smoke_schema" WHIZBANG_DATABASE_URL="$WHIZBANG_TEST_DATABASE_URL" \
+    cargo run --release --example order_service -- --config config/postgres.toml \
+    replay order-summary --from scratch \
+    || die "the order_service example's replay command failed"
 psql "$WHIZBANG_TEST_DATABASE_URL" -Xqc "DROP SCHEMA IF EXISTS $smoke_schema CASCADE; DROP SCHEMA IF EXISTS ${smoke_schema}_inventory CASCADE" >/dev/null
+
+step "smoke test: the order_api example over HTTP (POST /orders, then SIGTERM)"
+api_port=18480
+cargo build --release --example order_api || die "the order_api example does not build"
+"${CARGO_TARGET_DIR:-target}/release/examples/order_api" --listen "127.0.0.1:$api_port" &
+api_pid=$!
+for _ in $(seq 1 300); do
+    rc=0
+    curl -s "http://127.0.0.1:$api_port/orders/none" -o /dev/null || rc=$?
+    [ "$rc" -ne 7 ] && break # 7: could not connect (not listening yet)
+    sleep 0.1
+done
+status=$(curl -s --max-time 60 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$api_port/orders" \
+    -H 'Content-Type: application/json' \
+    -d '{"order_id":"S-1","customer_id":"smoke","lines":[{"sku":"WIDGET","quantity":1,"unit_price_cents":2500}]}' \
+    || true)
+kill -TERM "$api_pid"
+wait "$api_pid" || die "order_api did not stop cleanly on SIGTERM"
+[ "$status" = "201" ] || die "POST /orders answered $status, not 201"
 
 step "smoke test: scripts/amqp-smoke.sh (order_service and inventory_service over AMQP)"
 scripts/amqp-smoke.sh || die "the two services did not exchange their events over AMQP"

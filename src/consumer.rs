@@ -8,12 +8,13 @@
 //! nothing received after them can enter the inbox first. It must not run handlers: committed
 //! rows go to partition actors through the coordinator, in delivery order.
 
-use crate::coordinator::{Coordinator, commit};
+use crate::coordinator::commit;
 use crate::envelope::Envelope;
 use crate::registry::RegistryView;
 use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
+use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -23,12 +24,16 @@ pub struct Consumer {
     pub topic: String,
     pub subscription: String,
     pub transport: Arc<dyn Transport>,
-    pub coordinator: Addr<Coordinator>,
+    /// Read for every commit: the engine may have been restarted since the last one.
+    pub engine: EngineCell,
     pub registry: RegistryView,
     pub origin: Origin,
     pub prefetch: u32,
     /// The largest payload admitted, inclusive (see [`Envelope::check_size`]).
     pub max_message_bytes: usize,
+    pub health: HealthState,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    pub _lifeline: Lifeline,
 }
 
 impl Actor for Consumer {
@@ -39,11 +44,12 @@ impl Actor for Consumer {
             topic: self.topic.clone(),
             subscription: self.subscription.clone(),
             transport: self.transport.clone(),
-            coordinator: self.coordinator.clone(),
+            engine: self.engine.clone(),
             registry: self.registry.clone(),
             origin: self.origin.clone(),
             prefetch: self.prefetch,
             max_message_bytes: self.max_message_bytes,
+            health: self.health.clone(),
         };
         ctx.spawn(lp.run().into_actor(self));
     }
@@ -58,11 +64,12 @@ struct ReceiveLoop {
     topic: String,
     subscription: String,
     transport: Arc<dyn Transport>,
-    coordinator: Addr<Coordinator>,
+    engine: EngineCell,
     registry: RegistryView,
     origin: Origin,
     prefetch: u32,
     max_message_bytes: usize,
+    health: HealthState,
 }
 
 impl ReceiveLoop {
@@ -77,10 +84,12 @@ impl ReceiveLoop {
                 .await
             {
                 Ok(sub) => {
+                    self.health.transport_ok();
                     reopen.reset();
                     sub
                 }
                 Err(e) => {
+                    self.health.transport_failed();
                     let delay = reopen.next_delay();
                     tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open subscription");
                     tokio::time::sleep(delay).await;
@@ -101,6 +110,7 @@ impl ReceiveLoop {
                 }
                 Err(e) => {
                     drop(sub);
+                    self.health.transport_failed();
                     let delay = reopen.next_delay();
                     tracing::warn!(topic = %self.topic, subscription = %self.subscription, error = %e, retry_in_ms = delay.as_millis() as u64, "subscription lost; reopening");
                     tokio::time::sleep(delay).await;
@@ -118,6 +128,7 @@ impl ReceiveLoop {
     ) -> Result<ReceiveEnd, crate::transport::TransportError> {
         loop {
             let deliveries = sub.receive(self.prefetch as usize).await?;
+            fault::check(self.origin.instance, ActorKind::Consumer);
             let mut accepted = Vec::new();
             let mut rows = Vec::new();
             for delivery in deliveries {
@@ -147,7 +158,7 @@ impl ReceiveLoop {
                 claim_for_writer: true,
                 ..UnitOfWork::default()
             };
-            let settlement = match commit(&self.coordinator, unit, false).await {
+            let settlement = match commit(&self.engine.coordinator(), unit, false).await {
                 Ok(_) => Settlement::Accept,
                 Err(e) => {
                     tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");

@@ -32,6 +32,7 @@ use crate::store::{
     AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
     UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
+use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::VecDeque;
@@ -82,6 +83,8 @@ pub struct CoordinatorSettings {
     pub max_batch: usize,
     /// Batches written at once (see the module docs for which may overlap).
     pub max_in_flight: usize,
+    /// Most rows per queue handed out and not reported back (`coordinator.max_rows_in_flight`).
+    pub max_rows_in_flight: usize,
 }
 
 impl CoordinatorSettings {
@@ -98,6 +101,7 @@ impl CoordinatorSettings {
             },
             max_batch: c.max_batch_size as usize,
             max_in_flight: c.max_batches_in_flight.min(config.store.pool_size).max(1) as usize,
+            max_rows_in_flight: c.max_rows_in_flight as usize,
         }
     }
 }
@@ -136,16 +140,38 @@ pub struct Coordinator {
     claims_in_doubt: bool,
     /// Set while batches fail: the delay before the next attempt.
     error_backoff: Option<Duration>,
+    /// Rows (inbox, outbox) the batches in flight may hand out, counted against
+    /// `max_rows_in_flight` until they answer.
+    reserved_rows: (usize, usize),
     /// Consecutive failed batches, timing the retries (the runtime's one retry policy).
     store_failures: Backoff,
-    partitions: Option<PartitionDirectory>,
-    publisher: Option<Addr<Publisher>>,
+    partitions: PartitionDirectory,
+    publisher: Addr<Publisher>,
     stopped: bool,
+    health: HealthState,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    _lifeline: Lifeline,
     shutdown_reply: Option<oneshot::Sender<Result<(), DispatchError>>>,
 }
 
+/// What a coordinator is started with besides its store and settings.
+pub(crate) struct CoordinatorLinks {
+    pub partitions: PartitionDirectory,
+    pub publisher: Addr<Publisher>,
+    pub health: HealthState,
+    pub lifeline: Lifeline,
+    /// Started by the supervisor after an engine restart: the first batch re-reads the rows
+    /// this instance holds claimed (they were handed to the engine that stopped).
+    pub recovering: bool,
+}
+
 impl Coordinator {
-    pub fn new(store: Arc<dyn Store>, instance: InstanceId, settings: CoordinatorSettings) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        instance: InstanceId,
+        settings: CoordinatorSettings,
+        links: CoordinatorLinks,
+    ) -> Self {
         Coordinator {
             store,
             instance,
@@ -160,16 +186,19 @@ impl Coordinator {
             unclaimed_rows: false,
             outbox_in_flight: HashSet::new(),
             inbox_in_flight: HashSet::new(),
-            claims_in_doubt: false,
+            claims_in_doubt: links.recovering,
             error_backoff: None,
+            reserved_rows: (0, 0),
             store_failures: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             // Claim once at start: work left by an earlier run of this service.
             claim_wanted: true,
             completions_due: false,
-            partitions: None,
-            publisher: None,
+            partitions: links.partitions,
+            publisher: links.publisher,
             stopped: false,
             shutdown_reply: None,
+            health: links.health,
+            _lifeline: links.lifeline,
         }
     }
 
@@ -182,6 +211,28 @@ impl Coordinator {
             || self.pending.len() >= self.settings.max_batch
             || self.reports.reports() >= self.settings.max_batch
             || (self.completions_due && self.completions_queued())
+    }
+
+    /// What a claim may take: the configured batch, cut to the room left under
+    /// `coordinator.max_rows_in_flight` per queue. Rows beyond it stay in the store; the
+    /// completions that free room set `unclaimed_rows`, and the claim comes again.
+    fn claim_budget(&self) -> ClaimBudget {
+        let (inbox_room, outbox_room) = self.rows_room();
+        let full = self.settings.claim_budget;
+        ClaimBudget {
+            outbox: full.outbox.min(outbox_room.min(u32::MAX as usize) as u32),
+            inbox: full.inbox.min(inbox_room.min(u32::MAX as usize) as u32),
+        }
+    }
+
+    /// Rows per queue (inbox, outbox) that may still be handed out: the limit less the rows
+    /// handed out and those the batches in flight may hand out.
+    fn rows_room(&self) -> (usize, usize) {
+        let max = self.settings.max_rows_in_flight;
+        (
+            max.saturating_sub(self.inbox_in_flight.len() + self.reserved_rows.0),
+            max.saturating_sub(self.outbox_in_flight.len() + self.reserved_rows.1),
+        )
     }
 
     fn completions_queued(&self) -> bool {
@@ -282,7 +333,7 @@ impl Coordinator {
 
     /// Starts one batch if there is room and something to write; whether it did.
     fn flush_one(&mut self, ctx: &mut Context<Self>) -> bool {
-        if self.partitions.is_none() || self.exclusive_in_flight {
+        if self.exclusive_in_flight {
             return false;
         }
         if self.in_flight >= self.settings.max_in_flight {
@@ -315,9 +366,25 @@ impl Coordinator {
             self.reports.inbox_completions = std::mem::take(&mut batch.inbox_completions);
         }
         let mut units = Vec::with_capacity(pending.len());
+        // Rows a unit would hand out at once count against `max_rows_in_flight`: a unit that
+        // does not fit (nor any after it) leaves its rows pending in the store, claimed later.
+        let (mut inbox_room, mut outbox_room) = self.rows_room();
+        let mut reserved = (0, 0);
         batch.units = pending
             .into_iter()
-            .map(|p| {
+            .map(|mut p| {
+                if p.unit.claim_for_writer {
+                    let (i, o) = (p.unit.inbox.len(), p.unit.outbox.len());
+                    if i <= inbox_room && o <= outbox_room {
+                        inbox_room -= i;
+                        outbox_room -= o;
+                        reserved.0 += i;
+                        reserved.1 += o;
+                    } else {
+                        p.unit.claim_for_writer = false;
+                        (inbox_room, outbox_room) = (0, 0);
+                    }
+                }
                 units.push(SentUnit {
                     inbox_ids: p.unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
                     outbox_rows: p.unit.outbox.len(),
@@ -334,8 +401,13 @@ impl Coordinator {
         if self.claims_in_doubt {
             self.claim_wanted = true;
         }
+        // The claim was cut to the room left: rows may wait in the store beyond it.
+        let mut claim_cut = false;
         if self.claim_wanted && !self.stopped {
-            batch.claim = Some(self.settings.claim_budget);
+            let budget = self.claim_budget();
+            let full = self.settings.claim_budget;
+            claim_cut = budget.outbox < full.outbox || budget.inbox < full.inbox;
+            batch.claim = Some(budget);
             if self.claims_in_doubt {
                 batch.in_flight = Some(InFlight {
                     outbox: self.outbox_in_flight.iter().copied().collect(),
@@ -364,6 +436,12 @@ impl Coordinator {
         };
         batch.units = batch_units;
         let claimed = batch.claim.is_some();
+        if let Some(budget) = batch.claim {
+            reserved.0 += budget.inbox as usize;
+            reserved.1 += budget.outbox as usize;
+        }
+        self.reserved_rows.0 += reserved.0;
+        self.reserved_rows.1 += reserved.1;
         let resolves_doubt = batch.in_flight.is_some();
         let (n_units, n_reports) = (batch.units.len(), batch.reports());
         let started = std::time::Instant::now();
@@ -373,6 +451,8 @@ impl Coordinator {
                 .map(move |result, act, ctx| {
                     act.in_flight -= 1;
                     act.exclusive_in_flight = false;
+                    act.reserved_rows.0 -= reserved.0;
+                    act.reserved_rows.1 -= reserved.1;
                     for stream in streams {
                         if let Entry::Occupied(mut e) = act.busy_streams.entry(stream) {
                             *e.get_mut() -= 1;
@@ -391,14 +471,24 @@ impl Coordinator {
                     );
                     match result {
                         Ok(result) => {
+                            act.health.store_ok();
                             act.error_backoff = None;
                             act.store_failures.reset();
                             if resolves_doubt {
                                 act.claims_in_doubt = false;
                             }
-                            act.distribute(result, units, claimed, ctx)
+                            act.processed_rows_written(&reports.inbox_completions, &result.stale);
+                            act.distribute(result, units, claimed, ctx);
+                            act.health.rows_in_flight(
+                                act.inbox_in_flight.len(),
+                                act.outbox_in_flight.len(),
+                            );
+                            if claim_cut {
+                                act.unclaimed_rows = true;
+                            }
                         }
                         Err(e) => {
+                            act.health.store_failed();
                             act.claims_in_doubt = true;
                             act.error_backoff = Some(act.store_failures.next_delay());
                             tracing::warn!(
@@ -427,10 +517,16 @@ impl Coordinator {
         true
     }
 
-    /// After `Shutdown`: once nothing is queued or in flight, release every partition at once
-    /// (so other instances take over without waiting for expiry) and answer.
+    /// After `Shutdown`: once nothing is queued or in flight (no batch, and no row still with a
+    /// partition actor or the publisher), release every partition at once (so other instances
+    /// take over without waiting for expiry) and answer.
     fn finish_shutdown_when_drained(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight > 0 || !self.pending.is_empty() || self.reports.reports() > 0 {
+        if self.in_flight > 0
+            || !self.pending.is_empty()
+            || self.reports.reports() > 0
+            || !self.inbox_in_flight.is_empty()
+            || !self.outbox_in_flight.is_empty()
+        {
             return;
         }
         let Some(reply) = self.shutdown_reply.take() else {
@@ -512,6 +608,13 @@ impl Coordinator {
                     self.hand_outbox(claimed_outbox);
                     let _ = pending.reply.send(Ok(CommitOutcome { appended, applied }));
                 }
+                UnitOutcome::KeyTaken { key } => {
+                    // The dispatcher reads the record there and answers its outcome (or this
+                    // error, if the key was recorded for another command).
+                    let _ = pending
+                        .reply
+                        .send(Err(DispatchError::IdempotencyKeyReused { key }));
+                }
                 UnitOutcome::Conflict {
                     stream_id,
                     expected,
@@ -555,6 +658,27 @@ impl Coordinator {
         }
     }
 
+    /// Inbox rows whose completion a batch just wrote: whoever waits for them as rows of
+    /// another dispatch ([`AwaitProcessed`]) is answered now rather than at the next poll.
+    fn processed_rows_written(&mut self, completed: &[WorkRef], stale: &[Uuid]) {
+        if self.remote_waiters.is_empty() {
+            return;
+        }
+        for w in completed {
+            if stale.contains(&w.message_id) {
+                continue;
+            }
+            for tx in self
+                .remote_waiters
+                .remove(&w.message_id)
+                .into_iter()
+                .flatten()
+            {
+                let _ = tx.send(Ok(()));
+            }
+        }
+    }
+
     fn hand_inbox(&mut self, work: InboxWork, done: Vec<AppliedSender>) {
         // A row of this partition failed after the batch that claimed `work` was sent (its
         // report is still queued): `work` may be a later row of the failed row's stream, claimed
@@ -576,13 +700,11 @@ impl Coordinator {
             }
             return;
         }
-        if let Some(dir) = &self.partitions {
-            self.inbox_in_flight.insert(work.envelope.message_id);
-            dir.enqueue(
-                work.work.partition,
-                crate::partition::Job::Inbox(InboxJob { work, done }),
-            );
-        }
+        self.inbox_in_flight.insert(work.envelope.message_id);
+        self.partitions.enqueue(
+            work.work.partition,
+            crate::partition::Job::Inbox(InboxJob { work, done }),
+        );
     }
 
     fn hand_outbox(&mut self, rows: Vec<OutboxWork>) {
@@ -601,21 +723,11 @@ impl Coordinator {
         if rows.is_empty() {
             return;
         }
-        if self.publisher.is_some() {
-            self.outbox_in_flight
-                .extend(rows.iter().map(|r| r.envelope.message_id));
-        }
-        match &self.publisher {
-            // do_send: the publisher never stops before the coordinator, and must not make the
-            // coordinator wait (see the module docs).
-            Some(p) => p.do_send(PublishRows(rows)),
-            None => {
-                // No publisher (a service that only consumes): hand the rows back.
-                self.reports
-                    .outbox_releases
-                    .extend(rows.into_iter().map(|r| r.work));
-            }
-        }
+        self.outbox_in_flight
+            .extend(rows.iter().map(|r| r.envelope.message_id));
+        // do_send: the publisher must not make the coordinator wait (see the module docs); if
+        // it stopped, the supervisor restarts the engine and the rows are read again.
+        self.publisher.do_send(PublishRows(rows));
     }
 
     fn arm_work_signal(&self, ctx: &mut Context<Self>, mut rx: tokio::sync::watch::Receiver<u64>) {
@@ -680,8 +792,9 @@ impl Actor for Coordinator {
             ctx.spawn(
                 async move { store.heartbeat(instance).await }
                     .into_actor(act)
-                    .map(|result, _act, _ctx| match result {
+                    .map(|result, act, _ctx| match result {
                         Ok(hb) if !hb.released.is_empty() => {
+                            act.health.heartbeat_ok();
                             tracing::debug!(
                                 released = hb.released.len(),
                                 held = hb.held_partitions.len(),
@@ -689,32 +802,24 @@ impl Actor for Coordinator {
                                 "heartbeat released partitions"
                             );
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        Ok(_) => act.health.heartbeat_ok(),
+                        Err(e) => {
+                            act.health.store_failed();
+                            tracing::warn!(error = %e, "heartbeat failed")
+                        }
                     }),
             );
         });
         self.arm_work_signal(ctx, self.store.work_signal());
+        self.flush(ctx);
     }
 }
 
-/// Wires the coordinator to the actors it hands work to (they need its address first).
-pub struct Attach {
-    pub partitions: PartitionDirectory,
-    pub publisher: Option<Addr<Publisher>>,
-}
-
-impl Message for Attach {
-    type Result = ();
-}
-
-impl Handler<Attach> for Coordinator {
+impl Handler<StopNow> for Coordinator {
     type Result = ();
 
-    fn handle(&mut self, msg: Attach, ctx: &mut Self::Context) {
-        self.partitions = Some(msg.partitions);
-        self.publisher = msg.publisher;
-        self.flush(ctx);
+    fn handle(&mut self, _msg: StopNow, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -757,6 +862,7 @@ impl Handler<Commit> for Coordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Commit, ctx: &mut Self::Context) {
+        fault::check(self.instance, ActorKind::Coordinator);
         if self.stopped {
             let _ = msg
                 .reply
@@ -771,6 +877,31 @@ impl Handler<Commit> for Coordinator {
         if self.wants_flush() {
             self.flush(ctx);
         }
+    }
+}
+
+/// Answers, per inbox message id, when that row has been processed: a replayed idempotent
+/// `local_invoke` waits for the perspectives of the first dispatch's events as it did. Looked
+/// up at once, then at each fallback poll (or handed over with the row if this instance claims
+/// it).
+pub struct AwaitProcessed(pub Vec<Uuid>);
+
+impl Message for AwaitProcessed {
+    type Result = Vec<AppliedReceiver>;
+}
+
+impl Handler<AwaitProcessed> for Coordinator {
+    type Result = MessageResult<AwaitProcessed>;
+
+    fn handle(&mut self, msg: AwaitProcessed, ctx: &mut Self::Context) -> Self::Result {
+        let mut receivers = Vec::with_capacity(msg.0.len());
+        for id in msg.0 {
+            let (tx, rx) = oneshot::channel();
+            self.remote_waiters.entry(id).or_default().push(tx);
+            receivers.push(rx);
+        }
+        self.check_remote_waiters(ctx);
+        MessageResult(receivers)
     }
 }
 
@@ -797,6 +928,7 @@ impl Handler<Report> for Coordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Report, ctx: &mut Self::Context) {
+        fault::check(self.instance, ActorKind::Coordinator);
         match &msg {
             Report::OutboxDone(done) => {
                 for w in done {
@@ -831,11 +963,33 @@ impl Handler<Report> for Coordinator {
         if self.wants_flush() {
             self.flush(ctx);
         }
+        self.health
+            .rows_in_flight(self.inbox_in_flight.len(), self.outbox_in_flight.len());
+        // A report that wrote nothing (a command completed with its own unit) may be the last
+        // row a shutdown waits for.
+        self.finish_shutdown_when_drained(ctx);
     }
 }
 
-/// Writes everything still queued, then gives up this instance's partitions. Answered when
-/// done; the coordinator accepts no new units afterwards.
+/// Rows handed out and not reported back yet, per queue (what a shutdown past its deadline
+/// leaves to the next holder).
+pub struct RowsInFlight;
+
+impl Message for RowsInFlight {
+    type Result = (usize, usize);
+}
+
+impl Handler<RowsInFlight> for Coordinator {
+    type Result = MessageResult<RowsInFlight>;
+
+    fn handle(&mut self, _msg: RowsInFlight, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult((self.inbox_in_flight.len(), self.outbox_in_flight.len()))
+    }
+}
+
+/// Writes everything still queued, waits for the rows handed to partition actors and the
+/// publisher to be reported and writes their completions, then gives up this instance's
+/// partitions. Answered when done; the coordinator accepts no new units afterwards.
 pub struct Shutdown;
 
 impl Message for Shutdown {

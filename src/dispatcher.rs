@@ -8,21 +8,31 @@
 //!   for them has run: read-your-writes.
 //! - [`PublishEvent`]: append an event and send it to its perspectives and the outbox.
 //!
+//! A command dispatched with [`DispatchOptions::idempotency_key`] runs once: a repeat answers
+//! the recorded first outcome (see `idempotency`). The commands of a request scope
+//! ([`crate::Scope`]) are decided here too, their units collected by the scope and committed
+//! as one when it completes.
+//!
 //! Owns envelope creation (UUIDv7 id, correlation, causation, hops) and routing a command to the
 //! partition actor of its stream. It must not run handlers or wait inside its own mailbox: each
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
 use crate::config::RuntimeConfig;
-use crate::coordinator::{Coordinator, commit};
+use crate::coordinator::{AwaitProcessed, Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
+use crate::idempotency::{KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
-use crate::partition::{CommandJob, Job, PartitionDirectory};
+use crate::partition::{CommandJob, CommandOutcome, Decided, Job, ScopedJob};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
-use crate::store::{AppendedEvent, CorrelationStatus, Store, UnitOfWork};
+use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
+use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
+use crate::supervision::EngineCell;
 use actix::prelude::*;
+use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +41,8 @@ use tokio::sync::oneshot;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-/// Tracing context and deadline of a dispatch: continue an existing conversation, or start a
-/// new one.
+/// Tracing context, deadline and idempotency key of a dispatch: continue an existing
+/// conversation, or start a new one.
 #[derive(Debug, Clone, Default)]
 pub struct DispatchOptions {
     /// How long the caller waits, for room under `runtime.max_in_flight` and for the answer;
@@ -44,6 +54,21 @@ pub struct DispatchOptions {
     pub causation_id: Option<Uuid>,
     /// Free-form key/value pairs carried in the envelope to every message this one causes.
     pub metadata: BTreeMap<String, String>,
+    /// A caller-chosen key that makes a command idempotent (`local_invoke` and `send`; an
+    /// HTTP service maps its `Idempotency-Key` header here). The first dispatch with a key
+    /// runs and its outcome is recorded with its effects, in the same store transaction: its
+    /// result and receipt, or the receptor's refusal. A later dispatch with the same key and
+    /// the same command (type and body) answers that outcome again without running the
+    /// receptor (a replayed `local_invoke` still waits for the first one's perspectives); with
+    /// another command it is refused with [`DispatchError::IdempotencyKeyReused`] (HTTP 422;
+    /// commands are compared by a SHA-256 of their type and encoded body, so a command sent
+    /// with keys should not hold fields whose encoding varies, such as a `HashMap`).
+    /// Dispatches of one key run one after another in this process. Keys are kept for
+    /// `store.dedup_retention_hours` (durably on Postgres, for the life of the process in
+    /// memory). A version conflict, timeout, panic or store failure records nothing: retrying
+    /// with the same key is safe after any error, a lost commit answer included. `None`: no
+    /// key, every dispatch runs.
+    pub idempotency_key: Option<String>,
 }
 
 impl DispatchOptions {
@@ -63,6 +88,23 @@ impl DispatchOptions {
         DispatchOptions {
             correlation_id: Some(correlation_id),
             causation_id: Some(causation_id),
+            ..DispatchOptions::default()
+        }
+    }
+
+    /// Options with this idempotency key (see [`DispatchOptions::idempotency_key`]).
+    ///
+    /// ```
+    /// use whizbang::DispatchOptions;
+    ///
+    /// let options = DispatchOptions::idempotent("order-7-create");
+    /// assert_eq!(options.idempotency_key.as_deref(), Some("order-7-create"));
+    /// // runtime.local_invoke_with(command, options): a retry with the same key answers the
+    /// // first outcome without running the receptor again.
+    /// ```
+    pub fn idempotent(key: impl Into<String>) -> DispatchOptions {
+        DispatchOptions {
+            idempotency_key: Some(key.into()),
             ..DispatchOptions::default()
         }
     }
@@ -201,10 +243,12 @@ impl Message for Status {
 pub struct Dispatcher {
     origin: Origin,
     registry: RegistryView,
-    partitions: PartitionDirectory,
-    coordinator: Addr<Coordinator>,
+    /// Read when the work is handed over: the engine may have been restarted meanwhile.
+    engine: EngineCell,
     store: Arc<dyn Store>,
     admission: Admission,
+    /// One dispatch at a time per idempotency key.
+    keys: KeyLocks,
 }
 
 /// The edge's backpressure: at most `runtime.max_in_flight` dispatches at once, each bounded by
@@ -330,18 +374,17 @@ impl Dispatcher {
     pub(crate) fn new(
         origin: Origin,
         registry: RegistryView,
-        partitions: PartitionDirectory,
-        coordinator: Addr<Coordinator>,
+        engine: EngineCell,
         store: Arc<dyn Store>,
         admission: Admission,
     ) -> Dispatcher {
         Dispatcher {
             origin,
             registry,
-            partitions,
-            coordinator,
+            engine,
             store,
             admission,
+            keys: KeyLocks::default(),
         }
     }
 
@@ -370,10 +413,11 @@ impl Dispatcher {
         command: C,
         options: DispatchOptions,
         wait: bool,
+        keyed: Option<Keyed>,
     ) -> (
         DeliveryReceipt,
         impl FnOnce() + 'static,
-        oneshot::Receiver<Result<crate::partition::CommandOutcome, DispatchError>>,
+        oneshot::Receiver<Result<CommandOutcome, DispatchError>>,
     ) {
         // The payload is encoded only if the command itself must be stored (outbox/inbox):
         // a local receptor gets the typed value.
@@ -388,15 +432,16 @@ impl Dispatcher {
         // The receipt is taken now (its events are filled in once committed): the envelope
         // itself moves on to the partition actor, uncopied.
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
-        let partitions = self.partitions.clone();
+        let engine = self.engine.clone();
         let partition = self.origin.partition(&envelope.stream_id);
         let queue = move || {
-            partitions.enqueue(
+            engine.partitions().enqueue(
                 partition,
                 Job::Command(CommandJob {
                     envelope,
                     typed: Some(Box::new(command)),
                     wait,
+                    keyed,
                     reply,
                 }),
             )
@@ -429,24 +474,145 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
             });
         }
         let deadline = msg.options.deadline;
-        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true);
+        if let Some(key) = msg.options.idempotency_key.clone() {
+            let keyed = match keyed_command(key, &msg.command) {
+                Ok(k) => k,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
+            let (_, queue, rx) =
+                self.run_locally(msg.command, msg.options, true, Some(keyed.clone()));
+            let (keys, store) = (self.keys.clone(), self.store.clone());
+            let (registry, engine) = (self.registry.clone(), self.engine.clone());
+            return self.admission.admit(C::TYPE_NAME, deadline, move || {
+                Box::pin(async move {
+                    let run = async move {
+                        queue();
+                        rx.await.map_err(gone)?
+                    };
+                    match once_per_key(keys, store, keyed, run).await? {
+                        KeyedAnswer::Ran(outcome) => typed_result::<C, R>(outcome).await,
+                        KeyedAnswer::Replayed(outcome, _) => {
+                            replayed_result::<C, R>(&registry, &engine.coordinator(), outcome).await
+                        }
+                    }
+                })
+            });
+        }
+        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true, None);
         self.admission.admit(C::TYPE_NAME, deadline, move || {
             queue();
-            Box::pin(async move {
-                let outcome = rx.await.map_err(gone)??;
-                for applied in outcome.applied {
-                    applied.await.map_err(gone)??;
-                }
-                outcome
-                    .result
-                    .downcast::<R>()
-                    .map(|r| *r)
-                    .map_err(|_| DispatchError::ResultType {
-                        message_type: C::TYPE_NAME.into(),
-                        expected: std::any::type_name::<R>(),
-                    })
-            })
+            Box::pin(async move { typed_result::<C, R>(rx.await.map_err(gone)??).await })
         })
+    }
+}
+
+/// The key of a keyed dispatch with the hash of its command.
+fn keyed_command<C: Command>(key: String, command: &C) -> Result<Keyed, DispatchError> {
+    let payload = message::encode(command).map_err(|e| DispatchError::Codec(e.to_string()))?;
+    Ok(Keyed::new(key, C::TYPE_NAME, &payload))
+}
+
+/// A handled command's typed result, once the perspectives of its events have run.
+async fn typed_result<C: Command, R: 'static>(outcome: CommandOutcome) -> Result<R, DispatchError> {
+    for applied in outcome.applied {
+        applied.await.map_err(gone)??;
+    }
+    downcast_result::<C, R>(outcome.result)
+}
+
+fn downcast_result<C: Command, R: 'static>(
+    result: Box<dyn std::any::Any + Send>,
+) -> Result<R, DispatchError> {
+    result
+        .downcast::<R>()
+        .map(|r| *r)
+        .map_err(|_| DispatchError::ResultType {
+            message_type: C::TYPE_NAME.into(),
+            expected: std::any::type_name::<R>(),
+        })
+}
+
+/// The typed result a keyed `local_invoke` answered the first time, once the perspectives of
+/// the first dispatch's events have run (read-your-writes, as the first answer promised); or
+/// the refusal it answered.
+async fn replayed_result<C: Command, R: 'static>(
+    registry: &RegistryView,
+    coordinator: &Addr<Coordinator>,
+    outcome: Outcome,
+) -> Result<R, DispatchError> {
+    let (result, inbox) = match outcome {
+        Outcome::Done { result, inbox, .. } => (result, inbox),
+        Outcome::Rejected {
+            message_type,
+            error,
+        } => {
+            return Err(DispatchError::Rejected {
+                message_type,
+                error,
+            });
+        }
+    };
+    let Some(bytes) = result else {
+        return Err(DispatchError::ResultType {
+            message_type: C::TYPE_NAME.into(),
+            expected: std::any::type_name::<R>(),
+        });
+    };
+    let table = registry.current();
+    let Some(entry) = table.receptor(C::TYPE_NAME) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: C::TYPE_NAME.into(),
+        });
+    };
+    let value = entry
+        .receptor
+        .decode_result(&bytes)
+        .map_err(DispatchError::Codec)?;
+    for applied in coordinator.send(AwaitProcessed(inbox)).await? {
+        applied.await.map_err(gone)??;
+    }
+    downcast_result::<C, R>(value)
+}
+
+/// What a keyed dispatch ends with.
+enum KeyedAnswer<T> {
+    /// It ran: its own answer.
+    Ran(T),
+    /// A dispatch of the same key and command ran before: its recorded outcome, with the
+    /// events its unit appended.
+    Replayed(Outcome, Vec<AppendedEvent>),
+}
+
+/// Runs `run` (the dispatch, started when first polled) under the key's lock unless the key is
+/// recorded; answers the record if it is, or if a concurrent dispatch elsewhere recorded it
+/// first (the unit comes back with the key taken and wrote nothing).
+async fn once_per_key<T>(
+    keys: KeyLocks,
+    store: Arc<dyn Store>,
+    keyed: Keyed,
+    run: impl Future<Output = Result<T, DispatchError>>,
+) -> Result<KeyedAnswer<T>, DispatchError> {
+    let _one_at_a_time = keys.lock(&keyed.key).await;
+    if let Some(record) = store.idempotency_record(&keyed.key).await? {
+        let (outcome, appended) = keyed.replay(record)?;
+        return Ok(KeyedAnswer::Replayed(outcome, appended));
+    }
+    match run.await {
+        Err(DispatchError::IdempotencyKeyReused { .. }) => {
+            match store.idempotency_record(&keyed.key).await? {
+                Some(record) => {
+                    let (outcome, appended) = keyed.replay(record)?;
+                    Ok(KeyedAnswer::Replayed(outcome, appended))
+                }
+                // Taken by a unit that then gave it back (a version conflict in the same batch):
+                // nothing is recorded, so sending again runs the command.
+                None => Err(DispatchError::Unavailable(format!(
+                    "idempotency key `{}` was held by a dispatch that did not commit; send again",
+                    keyed.key
+                ))),
+            }
+        }
+        answer => answer.map(KeyedAnswer::Ran),
     }
 }
 
@@ -456,8 +622,34 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
         let table = self.registry.current();
         let deadline = msg.options.deadline;
+        let keyed = match msg.options.idempotency_key.clone() {
+            Some(key) => match keyed_command(key, &msg.command) {
+                Ok(k) => Some(k),
+                Err(e) => return Box::pin(async move { Err(e) }),
+            },
+            None => None,
+        };
         if table.receptor(C::TYPE_NAME).is_some() {
-            let (mut receipt, queue, rx) = self.run_locally(msg.command, msg.options, false);
+            let (mut receipt, queue, rx) =
+                self.run_locally(msg.command, msg.options, false, keyed.clone());
+            if let Some(keyed) = keyed {
+                let (keys, store) = (self.keys.clone(), self.store.clone());
+                return self.admission.admit(C::TYPE_NAME, deadline, move || {
+                    Box::pin(async move {
+                        let run = async move {
+                            queue();
+                            rx.await.map_err(gone)?
+                        };
+                        match once_per_key(keys, store, keyed, run).await? {
+                            KeyedAnswer::Ran(outcome) => {
+                                receipt.events = outcome.appended;
+                                Ok(receipt)
+                            }
+                            KeyedAnswer::Replayed(outcome, appended) => outcome.receipt(appended),
+                        }
+                    })
+                });
+            }
             return self.admission.admit(C::TYPE_NAME, deadline, move || {
                 queue();
                 Box::pin(async move {
@@ -485,7 +677,10 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
             payload,
             msg.options,
         );
-        self.commit_one_admitted(C::TYPE_NAME, deadline, envelope)
+        match keyed {
+            Some(keyed) => self.commit_keyed_admitted(C::TYPE_NAME, deadline, envelope, keyed),
+            None => self.commit_one_admitted(C::TYPE_NAME, deadline, envelope),
+        }
     }
 }
 
@@ -520,15 +715,52 @@ impl Dispatcher {
     ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
         let origin = self.origin.clone();
         let registry = self.registry.clone();
-        let coordinator = self.coordinator.clone();
+        let engine = self.engine.clone();
         self.admission.admit(message_type, deadline, move || {
             commit_one(
                 &origin,
                 &registry,
-                &coordinator,
+                &engine.coordinator(),
                 envelope,
                 ReceiptStatus::Accepted,
+                None,
             )
+        })
+    }
+
+    /// [`Dispatcher::commit_one_admitted`] for a command with an idempotency key: its unit
+    /// records the receipt, and a repeat answers the first receipt.
+    fn commit_keyed_admitted(
+        &self,
+        message_type: &'static str,
+        deadline: Option<Duration>,
+        envelope: Envelope,
+        keyed: Keyed,
+    ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
+        let origin = self.origin.clone();
+        let registry = self.registry.clone();
+        let engine = self.engine.clone();
+        let (keys, store) = (self.keys.clone(), self.store.clone());
+        self.admission.admit(message_type, deadline, move || {
+            Box::pin(async move {
+                let record = keyed.clone();
+                // Built (and the unit sent) only once the key is held and found free.
+                let run = async move {
+                    commit_one(
+                        &origin,
+                        &registry,
+                        &engine.coordinator(),
+                        envelope,
+                        ReceiptStatus::Accepted,
+                        Some(record),
+                    )
+                    .await
+                };
+                match once_per_key(keys, store, keyed, run).await? {
+                    KeyedAnswer::Ran(receipt) => Ok(receipt),
+                    KeyedAnswer::Replayed(outcome, appended) => outcome.receipt(appended),
+                }
+            })
         })
     }
 }
@@ -540,6 +772,7 @@ fn commit_one(
     coordinator: &Addr<Coordinator>,
     mut envelope: Envelope,
     status: ReceiptStatus,
+    keyed: Option<Keyed>,
 ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
     let mut unit = UnitOfWork {
         claim_for_writer: true,
@@ -553,11 +786,203 @@ fn commit_one(
     if let Err(e) = add_message(origin, &registry.current(), &mut unit, envelope) {
         return Box::pin(async move { Err(e) });
     }
+    if let Some(keyed) = keyed {
+        let outcome = Outcome::Done {
+            message_id: receipt.message_id,
+            correlation_id: receipt.correlation_id,
+            stream_id: receipt.stream_id.clone(),
+            timestamp_us: receipt.timestamp_us,
+            accepted: status == ReceiptStatus::Accepted,
+            result: None,
+            inbox: unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
+        };
+        match keyed.record(&outcome) {
+            Ok(record) => unit.idempotency = Some(record),
+            Err(e) => return Box::pin(async move { Err(e) }),
+        }
+    }
     let committed = commit(coordinator, unit, false);
     Box::pin(async move {
         receipt.events = committed.await?.appended;
         Ok(receipt)
     })
+}
+
+impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
+    type Result =
+        ResponseFuture<Result<(Box<dyn std::any::Any + Send>, ScopedCommand), DispatchError>>;
+
+    fn handle(&mut self, msg: ScopedInvoke<C>, _ctx: &mut Self::Context) -> Self::Result {
+        if self.registry.current().receptor(C::TYPE_NAME).is_none() {
+            return Box::pin(async {
+                Err(DispatchError::HandlerNotFound {
+                    message_type: C::TYPE_NAME.into(),
+                })
+            });
+        }
+        if msg.options.idempotency_key.is_some() {
+            return Box::pin(async {
+                Err(DispatchError::InvalidMessage {
+                    message_type: C::TYPE_NAME.into(),
+                    reason: "an idempotency key cannot be given to a command of a scope: the \
+                             scope's commands are written as one unit"
+                        .into(),
+                })
+            });
+        }
+        let deadline = msg.options.deadline;
+        let envelope = self.envelope(
+            MessageKind::Command,
+            C::TYPE_NAME,
+            msg.command.stream_id(),
+            Vec::new(),
+            msg.options,
+        );
+        let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
+        let partition = self.origin.partition(&envelope.stream_id);
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Scoped(ScopedJob {
+            envelope,
+            typed: Some(Box::new(msg.command)),
+            reply,
+        });
+        let engine = self.engine.clone();
+        self.admission.admit(C::TYPE_NAME, deadline, move || {
+            engine.partitions().enqueue(partition, job);
+            Box::pin(async move {
+                let Decided { result, unit } = rx.await.map_err(gone)??;
+                Ok((
+                    result,
+                    ScopedCommand {
+                        message_type: C::TYPE_NAME,
+                        receipt,
+                        unit,
+                    },
+                ))
+            })
+        })
+    }
+}
+
+impl Handler<CompleteScope> for Dispatcher {
+    type Result = ResponseFuture<Result<ScopeReceipt, DispatchError>>;
+
+    fn handle(&mut self, msg: CompleteScope, _ctx: &mut Self::Context) -> Self::Result {
+        let engine = self.engine.clone();
+        self.admission.admit("scope", None, move || {
+            Box::pin(complete_scope(engine.coordinator(), msg.commands))
+        })
+    }
+}
+
+/// A scoped command's expectation, as written into the scope's one unit.
+struct ScopedExpectation {
+    command: usize,
+    stream_id: String,
+    /// As the command's receptor gave it.
+    expected: ExpectedVersion,
+    /// Relative to the stream before the scope: less the appends of the scope's earlier
+    /// commands.
+    written: ExpectedVersion,
+    /// Appends of the scope's earlier commands to the stream.
+    before: u64,
+}
+
+/// Commits the commands of a scope as one unit (all or nothing), then waits for the
+/// perspectives of its events. A version conflict is answered as the failure of the command
+/// whose expectation did not hold.
+async fn complete_scope(
+    coordinator: Addr<Coordinator>,
+    mut commands: Vec<ScopedCommand>,
+) -> Result<ScopeReceipt, DispatchError> {
+    let mut unit = UnitOfWork {
+        claim_for_writer: true,
+        ..UnitOfWork::default()
+    };
+    let mut appended: HashMap<String, u64> = HashMap::new();
+    let mut expectations = Vec::new();
+    let mut event_of: HashMap<Uuid, usize> = HashMap::new();
+    for (index, command) in commands.iter_mut().enumerate() {
+        let failed = |error: DispatchError| DispatchError::ScopeFailed {
+            index,
+            message_type: command.message_type.into(),
+            error: Box::new(error),
+        };
+        let own = std::mem::take(&mut command.unit);
+        for (stream_id, expected) in own.expectations {
+            let before = appended.get(&stream_id).copied().unwrap_or(0);
+            let written = match expected {
+                _ if before == 0 => expected,
+                ExpectedVersion::Any => ExpectedVersion::Any,
+                ExpectedVersion::Exact(v) if v >= before => ExpectedVersion::Exact(v - before),
+                // The scope's own earlier commands already took the stream past it.
+                _ => {
+                    return Err(failed(DispatchError::VersionConflict {
+                        stream_id,
+                        expected,
+                        actual: before,
+                    }));
+                }
+            };
+            unit.expectations.push((stream_id.clone(), written));
+            expectations.push(ScopedExpectation {
+                command: index,
+                stream_id,
+                expected,
+                written,
+                before,
+            });
+        }
+        for event in &own.events {
+            *appended.entry(event.stream_id.clone()).or_default() += 1;
+            event_of.insert(event.message_id, index);
+        }
+        unit.events.extend(own.events);
+        unit.outbox.extend(own.outbox);
+        unit.inbox.extend(own.inbox);
+        unit.completes_inbox.extend(own.completes_inbox);
+    }
+    match commit(&coordinator, unit, true).await {
+        Ok(outcome) => {
+            for applied in outcome.applied {
+                applied.await.map_err(gone)??;
+            }
+            let mut receipts: Vec<DeliveryReceipt> =
+                commands.into_iter().map(|c| c.receipt).collect();
+            for event in outcome.appended {
+                if let Some(&index) = event_of.get(&event.message_id) {
+                    receipts[index].events.push(event);
+                }
+            }
+            Ok(ScopeReceipt { receipts })
+        }
+        Err(DispatchError::VersionConflict {
+            stream_id,
+            expected,
+            actual,
+        }) => {
+            let blamed = expectations
+                .iter()
+                .find(|x| x.stream_id == stream_id && !x.written.matches(actual));
+            match blamed {
+                Some(x) => Err(DispatchError::ScopeFailed {
+                    index: x.command,
+                    message_type: commands[x.command].message_type.into(),
+                    error: Box::new(DispatchError::VersionConflict {
+                        stream_id,
+                        expected: x.expected,
+                        actual: actual + x.before,
+                    }),
+                }),
+                None => Err(DispatchError::VersionConflict {
+                    stream_id,
+                    expected,
+                    actual,
+                }),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl Handler<Status> for Dispatcher {

@@ -110,6 +110,31 @@ pub enum DispatchError {
         /// The limit that was reached.
         max_in_flight: u32,
     },
+    /// The idempotency key was already used for another command (another type or another
+    /// body); nothing was run (HTTP 422). Choose a new key for a new command.
+    #[error(
+        "idempotency key `{key}` was already used for a different command (another type or \
+         body); nothing was run"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+    },
+    /// A command of a request scope ([`crate::scope::Scope`]) failed, so nothing of the scope
+    /// was written; `error` is that command's own error (which decides the HTTP status and
+    /// whether retrying may help).
+    #[error(
+        "command {index} of the scope (`{message_type}`) failed, so nothing of the scope was \
+         written: {error}"
+    )]
+    ScopeFailed {
+        /// The command's place in the scope (0-based, in dispatch order).
+        index: usize,
+        /// The command's type name.
+        message_type: String,
+        /// Why it failed.
+        error: Box<DispatchError>,
+    },
     /// No answer within the caller's deadline. The work was started and goes on: it may still
     /// commit, so look its correlation id up before sending it again (HTTP 504).
     #[error(
@@ -128,8 +153,10 @@ impl DispatchError {
     /// The status an HTTP layer would answer with.
     pub fn http_status(&self) -> u16 {
         match self {
+            DispatchError::ScopeFailed { error, .. } => error.http_status(),
             DispatchError::Rejected { error, .. } => error.http_status(),
             DispatchError::InvalidMessage { .. } => 400,
+            DispatchError::IdempotencyKeyReused { .. } => 422,
             DispatchError::VersionConflict { .. } => 409,
             DispatchError::Store(e) if e.is_retryable() => 503,
             DispatchError::Unavailable(_)
@@ -143,6 +170,9 @@ impl DispatchError {
     /// A version conflict or a receptor's business-rule conflict: the request clashed with the
     /// current state (HTTP 409).
     pub fn is_conflict(&self) -> bool {
+        if let DispatchError::ScopeFailed { error, .. } = self {
+            return error.is_conflict();
+        }
         matches!(
             self,
             DispatchError::VersionConflict { .. }
@@ -156,6 +186,7 @@ impl DispatchError {
     /// Retrying the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
+            DispatchError::ScopeFailed { error, .. } => error.is_retryable(),
             DispatchError::Store(e) => e.is_retryable(),
             DispatchError::VersionConflict { .. }
             | DispatchError::Unavailable(_)
@@ -171,6 +202,7 @@ impl DispatchError {
     /// errors that say "later".
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
+            DispatchError::ScopeFailed { error, .. } => error.retry_after(),
             DispatchError::Overloaded { .. } | DispatchError::Unavailable(_) => {
                 Some(std::time::Duration::from_secs(1))
             }
@@ -183,6 +215,7 @@ impl DispatchError {
     pub fn store_error(&self) -> Option<&StoreError> {
         match self {
             DispatchError::Store(e) => Some(e),
+            DispatchError::ScopeFailed { error, .. } => error.store_error(),
             _ => None,
         }
     }
@@ -269,5 +302,15 @@ mod tests {
         let down: DispatchError = StoreError::unavailable("connection closed").into();
         assert!(down.is_retryable());
         assert_eq!(down.http_status(), 503);
+    }
+
+    #[test]
+    fn a_reused_idempotency_key_is_unprocessable_and_not_retryable() {
+        let e = DispatchError::IdempotencyKeyReused { key: "k-1".into() };
+        assert_eq!(e.http_status(), 422);
+        assert!(!e.is_retryable());
+        assert!(!e.is_conflict());
+        assert_eq!(e.retry_after(), None);
+        assert!(e.to_string().contains("k-1"), "{e}");
     }
 }

@@ -2,15 +2,14 @@
 //!
 //! Owns the two traits users implement — [`Receptor`] (a command → a decision: a typed result,
 //! events, follow-on commands) and [`Perspective`] (an event → a read-model update) — their
-//! type-erased adapters, and `ReceptorActor` / `PerspectiveActor`, which run user code with
-//! every panic caught and turned into a failure of that one message. It must not touch the
-//! store or decide ordering: partition actors call these actors one message at a time per
-//! stream.
+//! type-erased adapters, and `ReceptorHandle` / `PerspectiveHandle`, which run user code with
+//! every panic caught and turned into a failure of that one message, bounded by
+//! `coordinator.handler_timeout_ms`. It must not touch the store or decide ordering: partition
+//! actors call these handles one message at a time per stream.
 
 use crate::envelope::{Envelope, MessageKind};
 use crate::message::{self, CodecError, Command, Event};
 use crate::store::ExpectedVersion;
-use actix::prelude::*;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use std::any::Any;
@@ -22,8 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Why a receptor refused a command. Each maps to one HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a receptor refused a command. Each maps to one HTTP status. Serializable: the refusal
+/// of an idempotent command is recorded and answered again to a retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ReceptorError {
     /// The command is malformed or incomplete (400).
     #[error("validation failed: {0}")]
@@ -182,8 +182,9 @@ fn emitted<M: message::Message>(kind: MessageKind, m: &M) -> Emitted {
 
 /// Handles one command type. Exactly one receptor may be registered per command type.
 pub trait Receptor<C: Command>: Send + Sync + 'static {
-    /// What `local_invoke` returns to the caller.
-    type Result: Send + 'static;
+    /// What `local_invoke` returns to the caller. Serializable: the first outcome of a
+    /// command dispatched with an idempotency key is recorded and answered again to a retry.
+    type Result: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
 
     /// Decides what the command does. Returning an error writes nothing.
     fn handle(
@@ -272,6 +273,12 @@ pub(crate) trait ErasedReceptor: Send + Sync + 'static {
         typed: Option<Box<dyn Any + Send>>,
         ctx: ReceptorContext,
     ) -> BoxFuture<'static, Result<ErasedDecision, ReceptorFailure>>;
+
+    /// Encodes a result this receptor returned (an [`ErasedDecision::result`]).
+    fn encode_result(&self, result: &(dyn Any + Send)) -> Result<Vec<u8>, String>;
+
+    /// Decodes a result [`ErasedReceptor::encode_result`] encoded.
+    fn decode_result(&self, bytes: &[u8]) -> Result<Box<dyn Any + Send>, String>;
 }
 
 pub(crate) struct ReceptorAdapter<C, R> {
@@ -314,6 +321,27 @@ impl<C: Command, R: Receptor<C>> ErasedReceptor for ReceptorAdapter<C, R> {
             })
         }
         .boxed()
+    }
+
+    fn encode_result(&self, result: &(dyn Any + Send)) -> Result<Vec<u8>, String> {
+        let result = result
+            .downcast_ref::<R::Result>()
+            .ok_or_else(|| format!("the result of `{}` is not its receptor's", C::TYPE_NAME))?;
+        let mut bytes = Vec::with_capacity(64);
+        rmp_serde::encode::write_named(&mut bytes, result)
+            .map_err(|e| format!("cannot encode the result of `{}`: {e}", C::TYPE_NAME))?;
+        Ok(bytes)
+    }
+
+    fn decode_result(&self, bytes: &[u8]) -> Result<Box<dyn Any + Send>, String> {
+        rmp_serde::from_slice::<R::Result>(bytes)
+            .map(|r| Box::new(r) as Box<dyn Any + Send>)
+            .map_err(|e| {
+                format!(
+                    "cannot decode the recorded result of `{}`: {e}",
+                    C::TYPE_NAME
+                )
+            })
     }
 }
 
@@ -374,159 +402,81 @@ async fn guarded<T, F: GuardFailure>(
     }
 }
 
-/// Runs one receptor. Calls run concurrently (ordering is the partition actor's job); a panic
-/// in user code becomes [`ReceptorFailure::Panicked`] for that one call.
-pub(crate) struct ReceptorActor {
-    pub(crate) command_type: &'static str,
-    pub(crate) receptor: Arc<dyn ErasedReceptor>,
+/// A registered receptor, run by the partition actor of the command's stream. Calls run
+/// concurrently (ordering is the partition actor's job); a panic in user code becomes
+/// [`ReceptorFailure::Panicked`] for that one call, and a run past the timeout
+/// [`ReceptorFailure::TimedOut`]. It is a handle, not an actor: a mailbox hop here would
+/// serialize nothing (the partition actor already orders the calls) and cost two hops a command.
+#[derive(Clone)]
+pub(crate) struct ReceptorHandle {
+    receptor: Arc<dyn ErasedReceptor>,
     /// `coordinator.handler_timeout_ms`.
     timeout: Duration,
-    restarts: u32,
 }
 
-impl ReceptorActor {
-    pub(crate) fn new(
-        command_type: &'static str,
-        receptor: Arc<dyn ErasedReceptor>,
-        timeout: Duration,
-    ) -> Self {
-        ReceptorActor {
-            command_type,
-            receptor,
-            timeout,
-            restarts: 0,
-        }
-    }
-}
-
-impl Actor for ReceptorActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Partition actors await every call, so the mailbox never needs to drop anything.
-        ctx.set_mailbox_capacity(1024);
-    }
-}
-
-impl Supervised for ReceptorActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
-        self.restarts += 1;
-        tracing::warn!(
-            command_type = self.command_type,
-            restarts = self.restarts,
-            "receptor actor restarted"
-        );
-    }
-}
-
-/// Runs the receptor on one command.
-pub(crate) struct Invoke {
-    /// Shared with the caller, which plans the unit from it once the receptor has run.
-    pub envelope: Arc<Envelope>,
-    pub typed: Option<Box<dyn Any + Send>>,
-}
-
-/// The receptor's run, guarded against panics, for the caller to await in its own task: a
-/// request-response future would take a task of its own per command only to pass the answer on.
+/// The receptor's run on one command, guarded against panics and bounded by the timeout.
 pub(crate) type InvokeRun = BoxFuture<'static, Result<ErasedDecision, ReceptorFailure>>;
 
-impl Message for Invoke {
-    type Result = InvokeRun;
-}
+impl ReceptorHandle {
+    pub(crate) fn new(receptor: Arc<dyn ErasedReceptor>, timeout: Duration) -> Self {
+        ReceptorHandle { receptor, timeout }
+    }
 
-impl Handler<Invoke> for ReceptorActor {
-    type Result = MessageResult<Invoke>;
-
-    fn handle(&mut self, msg: Invoke, _ctx: &mut Self::Context) -> Self::Result {
+    /// Runs the receptor on `envelope` (`typed`: the command itself when it was never encoded).
+    pub(crate) fn invoke(
+        &self,
+        envelope: &Envelope,
+        typed: Option<Box<dyn Any + Send>>,
+    ) -> InvokeRun {
         let ctx = ReceptorContext {
-            message_id: msg.envelope.message_id,
-            correlation_id: msg.envelope.correlation_id,
-            causation_id: msg.envelope.causation_id,
-            stream_id: msg.envelope.stream_id.clone(),
-            metadata: msg.envelope.metadata.clone(),
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id,
+            causation_id: envelope.causation_id,
+            stream_id: envelope.stream_id.clone(),
+            metadata: envelope.metadata.clone(),
         };
-        let receptor = self.receptor.clone();
         // Building the future may run user code too (a non-async `handle`): guard it as well.
-        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            receptor.invoke(&msg.envelope, msg.typed, ctx)
-        }));
-        let run: InvokeRun = match fut {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.receptor.invoke(envelope, typed, ctx)
+        })) {
             Ok(fut) => Box::pin(guarded(fut, self.timeout)),
             Err(payload) => {
                 let message = panic_message(payload);
                 Box::pin(async move { Err(ReceptorFailure::Panicked(message)) })
             }
-        };
-        MessageResult(run)
-    }
-}
-
-/// Runs one perspective. Calls for different streams run concurrently; a panic becomes
-/// [`HandlerFailure::Panicked`] for that one event.
-pub(crate) struct PerspectiveActor {
-    pub(crate) name: String,
-    pub(crate) perspective: Arc<dyn ErasedPerspective>,
-    /// `coordinator.handler_timeout_ms`.
-    timeout: Duration,
-    restarts: u32,
-}
-
-impl PerspectiveActor {
-    pub(crate) fn new(
-        name: String,
-        perspective: Arc<dyn ErasedPerspective>,
-        timeout: Duration,
-    ) -> Self {
-        PerspectiveActor {
-            name,
-            perspective,
-            timeout,
-            restarts: 0,
         }
     }
 }
 
-impl Actor for PerspectiveActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(1024);
-    }
+/// A registered perspective, run by the partition actor of the event's stream (or by a replay).
+/// Calls for different streams run concurrently; a panic becomes [`HandlerFailure::Panicked`]
+/// for that one event. A handle, not an actor, for the reason given on [`ReceptorHandle`].
+#[derive(Clone)]
+pub(crate) struct PerspectiveHandle {
+    perspective: Arc<dyn ErasedPerspective>,
+    /// `coordinator.handler_timeout_ms`.
+    timeout: Duration,
 }
 
-impl Supervised for PerspectiveActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
-        self.restarts += 1;
-        tracing::warn!(perspective = %self.name, restarts = self.restarts, "perspective actor restarted");
-    }
-}
-
-/// Applies one event.
-pub(crate) struct Apply {
-    pub envelope: Arc<Envelope>,
-}
-
-/// The perspective's run on one event, guarded against panics, for the caller to await (see
-/// [`InvokeRun`]).
+/// The perspective's run on one event, guarded against panics and bounded by the timeout.
 pub(crate) type ApplyRun = BoxFuture<'static, Result<(), HandlerFailure>>;
 
-impl Message for Apply {
-    type Result = ApplyRun;
-}
+impl PerspectiveHandle {
+    pub(crate) fn new(perspective: Arc<dyn ErasedPerspective>, timeout: Duration) -> Self {
+        PerspectiveHandle {
+            perspective,
+            timeout,
+        }
+    }
 
-impl Handler<Apply> for PerspectiveActor {
-    type Result = MessageResult<Apply>;
-
-    fn handle(&mut self, msg: Apply, _ctx: &mut Self::Context) -> Self::Result {
-        let perspective = self.perspective.clone();
-        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| perspective.apply(&msg.envelope)));
-        let run: ApplyRun = match fut {
+    /// Applies the event in `envelope`.
+    pub(crate) fn apply(&self, envelope: &Envelope) -> ApplyRun {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.perspective.apply(envelope))) {
             Ok(fut) => Box::pin(guarded(fut, self.timeout)),
             Err(payload) => {
                 let message = panic_message(payload);
                 Box::pin(async move { Err(HandlerFailure::Panicked(message)) })
             }
-        };
-        MessageResult(run)
+        }
     }
 }

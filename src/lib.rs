@@ -107,21 +107,27 @@
 //! |---|---|
 //! | [`message`] | the `Command` / `Event` traits and the payload codec |
 //! | [`envelope`] | message id, correlation, causation, hops, metadata |
-//! | [`handler`] | the `Receptor` / `Perspective` traits and the actors that run them |
+//! | [`handler`] | the `Receptor` / `Perspective` traits and the guarded handles that run them |
 //! | [`registry`] | message type → receptor, perspectives, topic |
-//! | [`replay`] | rebuilding or resuming a perspective from the event store |
+//! | [`replay`] | rebuilding or resuming a perspective from the event store, with progress reports |
+//! | `operator` (feature `operator`) | commands a service embeds in its binary: `replay` with a progress bar |
 //! | [`dispatcher`] | the public API: `SendCommand`, `LocalInvoke`, `PublishEvent` |
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
+//! | `idempotency` (internal) | idempotent commands: recorded first outcomes, request hashes, one run per key |
 //! | `partition` (internal) | per-partition actors that run jobs strictly in order |
 //! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
 //! | `consumer` (internal) | transport deliveries → inbox, settled after commit |
-//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`] (with [`store::postgres::migrate`], [`store::postgres::tls`]) |
+//! | [`store`] | the work-coordinator contract; [`store::memory`], [`store::postgres`] (with [`store::postgres::migrate`], [`store::postgres::tls`], [`store::postgres::inspect`]: the operator's read-only views) |
 //! | [`transport`] | the transport contract; [`transport::memory`], [`transport::amqp`] |
 //! | [`config`] | the TOML configuration |
 //! | [`runtime`] | starting and stopping one service instance |
+//! | [`supervision`] | restarting actors that stop, the restart budget, [`Health`] |
+//! | [`scope`] | request scopes: several commands written in one transaction, all or nothing |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
+//! | `web` (feature `web`) | the HTTP edge for actix-web: problem+json errors, JSON and `Idempotency-Key` extractors, the status endpoint |
+//! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
 pub mod config;
 pub(crate) mod consumer;
@@ -130,7 +136,10 @@ pub mod dispatcher;
 pub mod envelope;
 pub mod error;
 pub mod handler;
+pub(crate) mod idempotency;
 pub mod message;
+#[cfg(feature = "operator")]
+pub mod operator;
 pub(crate) mod partition;
 pub(crate) mod publisher;
 pub mod registry;
@@ -138,9 +147,15 @@ pub mod replay;
 mod retry;
 pub mod routing;
 pub mod runtime;
+pub mod scope;
 pub mod signal;
 pub mod store;
+pub mod supervision;
+pub mod testing;
 pub mod transport;
+#[cfg(feature = "web")]
+pub mod web;
+mod workers;
 
 pub use config::Config;
 pub use dispatcher::{
@@ -154,8 +169,10 @@ pub use handler::{
 };
 pub use message::{Command, Event, Message};
 pub use runtime::{Runtime, RuntimeBuilder};
+pub use scope::{Scope, ScopeReceipt};
 pub use signal::StopSignal;
 pub use store::ExpectedVersion;
+pub use supervision::{ActorKind, Health};
 
 #[doc(hidden)]
 pub use mimalloc as __mimalloc;

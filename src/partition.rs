@@ -15,15 +15,19 @@
 use crate::coordinator::{AppliedSender, CommitAnswer, CommitOutcome, Coordinator, Report, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
-use crate::handler::{Apply, HandlerFailure, Invoke};
+use crate::handler::HandlerFailure;
+use crate::idempotency::{Keyed, Outcome};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
-use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, WorkRef};
+use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
+use crate::supervision::{ActorKind, Lifeline, LifelineIssuer, StopNow, fault};
+use crate::workers::Placement;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -40,7 +44,23 @@ pub struct CommandJob {
     pub typed: Option<Box<dyn Any + Send>>,
     /// Wait for the perspectives of the resulting events (local_invoke).
     pub wait: bool,
+    /// The idempotency key it was dispatched with: its outcome is recorded in its unit.
+    pub keyed: Option<Keyed>,
     pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
+}
+
+/// A command of a request scope: the receptor decides and the unit is planned, but nothing is
+/// committed; the unit goes back to the scope, which commits all of its units at once.
+pub struct ScopedJob {
+    pub envelope: Envelope,
+    pub typed: Option<Box<dyn Any + Send>>,
+    pub reply: oneshot::Sender<Result<Decided, DispatchError>>,
+}
+
+/// A scoped command's decision: the receptor's result and the unit planned from it.
+pub struct Decided {
+    pub result: Box<dyn Any + Send>,
+    pub unit: UnitOfWork,
 }
 
 /// An inbox row, with whoever waits for it to be processed.
@@ -51,6 +71,7 @@ pub struct InboxJob {
 
 pub enum Job {
     Command(CommandJob),
+    Scoped(ScopedJob),
     Inbox(InboxJob),
 }
 
@@ -58,7 +79,16 @@ impl Job {
     fn inbox_stream(&self) -> Option<&str> {
         match self {
             Job::Inbox(j) => Some(&j.work.envelope.stream_id),
-            Job::Command(_) => None,
+            Job::Command(_) | Job::Scoped(_) => None,
+        }
+    }
+
+    /// The stream of a command from the dispatcher (scoped or not).
+    fn command_stream(&self) -> Option<&str> {
+        match self {
+            Job::Command(j) => Some(&j.envelope.stream_id),
+            Job::Scoped(j) => Some(&j.envelope.stream_id),
+            Job::Inbox(_) => None,
         }
     }
 }
@@ -75,14 +105,30 @@ pub(crate) struct PartitionDeps {
     pub origin: Origin,
     pub registry: RegistryView,
     pub coordinator: Addr<Coordinator>,
+    /// Lifelines of the engine generation these actors belong to.
+    pub lifelines: LifelineIssuer,
+    /// The worker arbiter of each partition.
+    pub placement: Placement,
+    /// An actor with nothing to do for this long stops (`partitions.idle_actor_seconds`);
+    /// `None`: never.
+    pub idle_after: Option<Duration>,
 }
+
+/// A live partition actor as the directory knows it.
+struct Slot {
+    addr: Addr<PartitionActor>,
+    /// Jobs sent to it: an idle actor stops only once it has received every one.
+    sent: u64,
+}
+
+type Slots = Arc<Mutex<HashMap<u32, Slot>>>;
 
 /// The live partition actors of this instance, started on first use.
 #[derive(Clone)]
 pub struct PartitionDirectory {
     // Shared, not copied: every job of every partition uses them.
     deps: Arc<PartitionDeps>,
-    actors: Arc<Mutex<HashMap<u32, Addr<PartitionActor>>>>,
+    actors: Slots,
 }
 
 impl PartitionDirectory {
@@ -93,30 +139,66 @@ impl PartitionDirectory {
         }
     }
 
-    /// Queues a job on its partition's actor. Queuing never waits and never drops: partition
-    /// actors live as long as the system, and their handler only appends to a queue.
+    /// How many partition actors are running.
+    pub fn running(&self) -> usize {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops every partition actor now (an engine restart): the jobs they hold are dropped,
+    /// their callers answered `Unavailable`, and their rows read again by the next engine.
+    pub fn stop_all(&self) {
+        let actors = std::mem::take(&mut *self.actors.lock().unwrap_or_else(|p| p.into_inner()));
+        for slot in actors.into_values() {
+            slot.addr.do_send(StopNow);
+        }
+    }
+
+    /// Queues a job on its partition's actor, starting it on its worker if it is not running.
+    /// Queuing never waits and never drops: an actor stops only when idle and after it received
+    /// every job sent to it (see `PartitionActor::retire_if_idle`), and its handler only
+    /// appends to a queue.
     pub fn enqueue(&self, partition: u32, job: Job) {
         // Sent under the lock (sending never waits): an address clone costs two allocations.
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-        actors
-            .entry(partition)
-            .or_insert_with(|| {
-                PartitionActor {
-                    partition,
-                    deps: self.deps.clone(),
-                    queue: VecDeque::new(),
-                    busy: false,
-                    partial: HashMap::new(),
-                    committing: HashMap::new(),
-                }
-                .start()
-            })
-            .do_send(Enqueue(job));
+        let slot = actors.entry(partition).or_insert_with(|| {
+            let deps = self.deps.clone();
+            let slots = self.actors.clone();
+            let lifeline = deps.lifelines.issue(ActorKind::Partition, 0);
+            let worker = deps.placement.partition(partition).clone();
+            let addr = PartitionActor::start_in_arbiter(&worker, move |_| PartitionActor {
+                partition,
+                lifeline,
+                deps,
+                slots,
+                received: 0,
+                unacknowledged_failures: HashMap::new(),
+                last_active: Instant::now(),
+                queue: VecDeque::new(),
+                busy: false,
+                partial: HashMap::new(),
+                committing: HashMap::new(),
+            });
+            Slot { addr, sent: 0 }
+        });
+        slot.sent += 1;
+        slot.addr.do_send(Enqueue(job));
     }
 }
 
 pub struct PartitionActor {
     partition: u32,
+    /// Tells the supervisor when this actor ends (see `supervision`); disarmed when it stops
+    /// because it was idle.
+    lifeline: Lifeline,
+    /// The directory's slots, to leave them when idle.
+    slots: Slots,
+    /// Jobs received (compared with the slot's `sent` before stopping).
+    received: u64,
+    /// Streams whose row (the id) failed here and whose failure the coordinator has not
+    /// acknowledged yet.
+    unacknowledged_failures: HashMap<String, Uuid>,
+    /// When it last received or finished a job.
+    last_active: Instant,
     deps: Arc<PartitionDeps>,
     queue: VecDeque<Job>,
     busy: bool,
@@ -131,14 +213,46 @@ pub struct PartitionActor {
 
 impl Actor for PartitionActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(idle) = self.deps.idle_after {
+            ctx.run_interval(idle / 2, move |act, ctx| act.retire_if_idle(idle, ctx));
+        }
+    }
 }
 
 impl Handler<Enqueue> for PartitionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Enqueue, ctx: &mut Self::Context) {
+        fault::check(self.deps.origin.instance, ActorKind::Partition);
+        self.received += 1;
+        self.last_active = Instant::now();
         self.queue.push_back(msg.0);
         self.pump(ctx);
+    }
+}
+
+/// Runs the next job (after one was handed back without running).
+struct Pump;
+
+impl Message for Pump {
+    type Result = ();
+}
+
+impl Handler<Pump> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Pump, ctx: &mut Self::Context) {
+        self.pump(ctx);
+    }
+}
+
+impl Handler<StopNow> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopNow, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -150,12 +264,41 @@ enum InboxResult {
 }
 
 impl PartitionActor {
+    /// Stops this actor if it has had nothing to do for `idle` and holds nothing: no job, no
+    /// commit awaited, no partly applied row. Decided under the directory's lock, and only once
+    /// every job sent to it has arrived, so no job can be sent to a stopped actor; the next job
+    /// of the partition starts a new one.
+    fn retire_if_idle(&mut self, idle: Duration, ctx: &mut Context<Self>) {
+        if self.busy
+            || !self.queue.is_empty()
+            || !self.committing.is_empty()
+            || !self.partial.is_empty()
+            || !self.unacknowledged_failures.is_empty()
+            || self.last_active.elapsed() < idle
+        {
+            return;
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let me = ctx.address();
+        match slots.get(&self.partition) {
+            Some(slot) if slot.addr == me && slot.sent == self.received => {
+                slots.remove(&self.partition);
+            }
+            // A job is on its way (it resets `last_active`), or the directory was replaced.
+            _ => return,
+        }
+        drop(slots);
+        self.lifeline.disarm();
+        ctx.stop();
+    }
+
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.last_active = Instant::now();
         if self.busy {
             return;
         }
-        if let Some(Job::Command(next)) = self.queue.front()
-            && self.committing.contains_key(&next.envelope.stream_id)
+        if let Some(stream) = self.queue.front().and_then(Job::command_stream)
+            && self.committing.contains_key(stream)
         {
             // Its stream's previous command is still committing: wait for it (the commit's
             // completion pumps again).
@@ -177,10 +320,11 @@ impl PartitionActor {
                             envelope,
                             typed,
                             wait,
+                            keyed,
                             reply,
                         } = job;
                         let stream = envelope.stream_id.clone();
-                        let queued = queue_command(&deps, envelope, typed, None, wait).await;
+                        let queued = queue_command(&deps, envelope, typed, None, wait, keyed).await;
                         (stream, queued, reply)
                     }
                     .into_actor(self)
@@ -213,7 +357,34 @@ impl PartitionActor {
                     }),
                 );
             }
+            Job::Scoped(job) => {
+                ctx.spawn(
+                    async move {
+                        let decided = decide(&deps, job.envelope, job.typed).await;
+                        let _ = job.reply.send(decided);
+                    }
+                    .into_actor(self)
+                    .map(|_, act, ctx| {
+                        act.busy = false;
+                        act.pump(ctx);
+                    }),
+                );
+            }
             Job::Inbox(job) => {
+                if let Some(failed) = self
+                    .unacknowledged_failures
+                    .get(&job.work.envelope.stream_id)
+                    && *failed != job.work.envelope.message_id
+                {
+                    // A later row of a stream whose row failed, handed out by the coordinator
+                    // before it had the failure: back it goes, behind the retry.
+                    self.busy = false;
+                    self.deps
+                        .coordinator
+                        .do_send(Report::InboxReleased(job.work.work, job.done));
+                    ctx.notify(Pump);
+                    return;
+                }
                 let skip = self
                     .partial
                     .remove(&job.work.envelope.message_id)
@@ -225,7 +396,7 @@ impl PartitionActor {
                     }
                     .into_actor(self)
                     .map(|(job, result), act, ctx| {
-                        act.finish_inbox(job, result);
+                        act.finish_inbox(job, result, ctx);
                         act.busy = false;
                         act.pump(ctx);
                     }),
@@ -234,7 +405,7 @@ impl PartitionActor {
         }
     }
 
-    fn finish_inbox(&mut self, job: InboxJob, result: InboxResult) {
+    fn finish_inbox(&mut self, job: InboxJob, result: InboxResult, ctx: &mut Context<Self>) {
         let coordinator = &self.deps.coordinator;
         let id = job.work.envelope.message_id;
         match result {
@@ -262,10 +433,20 @@ impl PartitionActor {
                 if !applied.is_empty() {
                     self.partial.insert(id, applied);
                 }
-                coordinator.do_send(Report::InboxFailed(Failure {
+                // Until the coordinator has the failure, it may still hand out later rows of
+                // this stream (the partition actor runs on a thread of its own): those are
+                // handed back, and the failed row alone may come next.
+                let stream = job.work.envelope.stream_id.clone();
+                self.unacknowledged_failures.insert(stream.clone(), id);
+                let report = coordinator.send(Report::InboxFailed(Failure {
                     work: job.work.work,
                     kind,
                     error: error.clone(),
+                }));
+                ctx.spawn(report.into_actor(self).map(move |_, act, _| {
+                    if act.unacknowledged_failures.get(&stream) == Some(&id) {
+                        act.unacknowledged_failures.remove(&stream);
+                    }
                 }));
                 for tx in job.done {
                     let _ = tx.send(Err(DispatchError::PerspectiveFailed {
@@ -298,14 +479,26 @@ impl PartitionActor {
 struct QueuedCommand {
     result: Box<dyn Any + Send>,
     commit: CommitAnswer,
+    /// The receptor refused a keyed command: the unit records the refusal only, and the
+    /// refusal is the answer once it is committed.
+    refused: Option<DispatchError>,
 }
 
 impl QueuedCommand {
     /// Waits for the unit's commit.
     async fn committed(self) -> Result<CommandOutcome, DispatchError> {
+        let committed = self.commit.await;
+        if let Some(refusal) = self.refused {
+            return match committed {
+                // The key was recorded by another dispatch: the dispatcher answers that one.
+                Err(e @ DispatchError::IdempotencyKeyReused { .. }) => Err(e),
+                // Recorded, or not (a retry then runs the command again): the refusal stands.
+                _ => Err(refusal),
+            };
+        }
         let CommitOutcome {
             appended, applied, ..
-        } = self.commit.await?;
+        } = committed?;
         Ok(CommandOutcome {
             result: self.result,
             appended,
@@ -321,23 +514,93 @@ async fn queue_command(
     typed: Option<Box<dyn Any + Send>>,
     completes: Option<WorkRef>,
     wait: bool,
+    keyed: Option<Keyed>,
 ) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
-    // Sent through the table's address (held for the call), not a clone of it: an address
-    // clone costs two allocations.
     let Some(receptor) = table.receptor(&envelope.message_type) else {
         return Err(DispatchError::HandlerNotFound {
             message_type: envelope.message_type,
         });
     };
-    let envelope = Arc::new(envelope);
+    let decision = match receptor.handle.invoke(&envelope, typed).await {
+        Ok(decision) => decision,
+        Err(failure) => {
+            let refusal = DispatchError::from_handler(&envelope.message_type, failure);
+            return match (keyed, &refusal) {
+                // A business refusal of a keyed command is its outcome: recorded, so a retry
+                // answers it again rather than deciding anew.
+                (
+                    Some(keyed),
+                    DispatchError::Rejected {
+                        message_type,
+                        error,
+                    },
+                ) => {
+                    let record = keyed.record(&Outcome::Rejected {
+                        message_type: message_type.clone(),
+                        error: error.clone(),
+                    })?;
+                    let unit = UnitOfWork {
+                        idempotency: Some(record),
+                        ..UnitOfWork::default()
+                    };
+                    Ok(QueuedCommand {
+                        result: Box::new(()),
+                        commit: commit(&deps.coordinator, unit, false),
+                        refused: Some(refusal),
+                    })
+                }
+                _ => Err(refusal),
+            };
+        }
+    };
+    let mut unit = plan_unit(
+        &deps.origin,
+        &table,
+        &envelope,
+        decision.events,
+        decision.commands,
+        decision.expectations,
+        completes,
+    )?;
+    if let Some(keyed) = keyed {
+        let result = receptor
+            .receptor
+            .encode_result(&*decision.result)
+            .map_err(DispatchError::Codec)?;
+        unit.idempotency = Some(keyed.record(&Outcome::Done {
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id,
+            stream_id: envelope.stream_id.clone(),
+            timestamp_us: envelope.timestamp_us,
+            accepted: false,
+            result: Some(result),
+            inbox: unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
+        })?);
+    }
+    // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
+    Ok(QueuedCommand {
+        result: decision.result,
+        commit: commit(&deps.coordinator, unit, wait),
+        refused: None,
+    })
+}
+
+/// Receptor → unit, not committed: a command of a request scope.
+async fn decide(
+    deps: &PartitionDeps,
+    envelope: Envelope,
+    typed: Option<Box<dyn Any + Send>>,
+) -> Result<Decided, DispatchError> {
+    let table = deps.registry.current();
+    let Some(receptor) = table.receptor(&envelope.message_type) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: envelope.message_type,
+        });
+    };
     let decision = receptor
-        .addr
-        .send(Invoke {
-            envelope: envelope.clone(),
-            typed,
-        })
-        .await?
+        .handle
+        .invoke(&envelope, typed)
         .await
         .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
     let unit = plan_unit(
@@ -347,12 +610,11 @@ async fn queue_command(
         decision.events,
         decision.commands,
         decision.expectations,
-        completes,
+        None,
     )?;
-    // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
-    Ok(QueuedCommand {
+    Ok(Decided {
         result: decision.result,
-        commit: commit(&deps.coordinator, unit, wait),
+        unit,
     })
 }
 
@@ -364,7 +626,7 @@ async fn run_command(
     completes: Option<WorkRef>,
     wait: bool,
 ) -> Result<CommandOutcome, DispatchError> {
-    queue_command(deps, envelope, typed, completes, wait)
+    queue_command(deps, envelope, typed, completes, wait, None)
         .await?
         .committed()
         .await
@@ -387,41 +649,30 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
         }
         MessageKind::Event => {
             let table = deps.registry.current();
-            let envelope = Arc::new(work.envelope.clone());
+            let envelope = &work.envelope;
             let perspectives: Vec<_> = table
                 .perspectives(&envelope.message_type)
                 .iter()
                 .filter(|p| !skip.contains(&p.name))
-                .cloned()
                 .collect();
             // The perspectives of one event run in parallel; the next event waits for all.
-            let results = futures::future::join_all(perspectives.iter().map(|p| {
-                let applied = p.addr.send(Apply {
-                    envelope: envelope.clone(),
-                });
-                async move { Ok::<_, MailboxError>(applied.await?.await) }
-            }))
-            .await;
+            let results =
+                futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope)))
+                    .await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
             for (p, result) in perspectives.iter().zip(results) {
                 match result {
-                    Ok(Ok(())) => applied.push(p.name.clone()),
-                    Ok(Err(HandlerFailure::Panicked(m))) => {
+                    Ok(()) => applied.push(p.name.clone()),
+                    Err(HandlerFailure::Panicked(m)) => {
                         failure.get_or_insert((
                             FailureKind::Panicked,
                             format!("{}: panicked: {m}", p.name),
                         ));
                     }
-                    Ok(Err(other)) => {
+                    Err(other) => {
                         failure
                             .get_or_insert((FailureKind::Failed, format!("{}: {other}", p.name)));
-                    }
-                    Err(mailbox) => {
-                        failure.get_or_insert((
-                            FailureKind::Transient,
-                            format!("{}: {mailbox}", p.name),
-                        ));
                     }
                 }
             }

@@ -12,6 +12,7 @@
 use crate::coordinator::{Coordinator, Report};
 use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
+use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use crate::transport::{Transport, TransportError};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -39,6 +40,9 @@ pub struct Publisher {
     ready: VecDeque<String>,
     /// Rows accepted since the last report, sent by [`ReportAccepted`] at the end of the turn.
     accepted: Vec<WorkRef>,
+    health: HealthState,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    _lifeline: Lifeline,
 }
 
 /// One stream's state in the publisher.
@@ -58,6 +62,8 @@ impl Publisher {
         origin: Origin,
         window: usize,
         send_timeout: Duration,
+        health: HealthState,
+        lifeline: Lifeline,
     ) -> Publisher {
         Publisher {
             transport,
@@ -69,6 +75,8 @@ impl Publisher {
             streams: HashMap::new(),
             ready: VecDeque::new(),
             accepted: Vec::new(),
+            health,
+            _lifeline: lifeline,
         }
     }
 
@@ -118,6 +126,7 @@ impl Publisher {
                     }
                     match result {
                         Ok(()) => {
+                            act.health.transport_ok();
                             if act.accepted.is_empty() {
                                 // Handled after the sends that finished in this turn.
                                 ctx.notify(ReportAccepted);
@@ -125,6 +134,9 @@ impl Publisher {
                             act.accepted.push(work);
                         }
                         Err(e) => {
+                            if e.is_transient() {
+                                act.health.transport_failed();
+                            }
                             act.report_accepted();
                             tracing::warn!(message_id = %message_id, topic = %topic, error = %e, "publish failed; stream parked until the retry");
                             let kind = if e.is_transient() {
@@ -178,10 +190,19 @@ impl Actor for Publisher {
     type Context = Context<Self>;
 }
 
+impl Handler<StopNow> for Publisher {
+    type Result = ();
+
+    fn handle(&mut self, _msg: StopNow, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
 impl Handler<PublishRows> for Publisher {
     type Result = ();
 
     fn handle(&mut self, msg: PublishRows, ctx: &mut Self::Context) {
+        fault::check(self.origin.instance, ActorKind::Publisher);
         for row in msg.0 {
             let queue = self
                 .streams

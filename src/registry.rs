@@ -4,14 +4,15 @@
 //! Owns registration (a second receptor for one command type is an error) and publishes an
 //! immutable snapshot of its table through a `RegistryView` so that the dispatcher, partition
 //! and consumer actors resolve handlers without a round trip per message. It must not run user
-//! code: it only starts the supervised actors that do.
+//! code: partition actors run the handlers it resolves (see `handler::ReceptorHandle`).
 
 use crate::envelope::MessageKind;
 use crate::handler::{
-    ErasedPerspective, ErasedReceptor, PerspectiveActor, PerspectiveAdapter, ReceptorActor,
-    ReceptorAdapter,
+    ErasedPerspective, ErasedReceptor, PerspectiveAdapter, PerspectiveHandle, ReceptorAdapter,
+    ReceptorHandle,
 };
 use crate::message::{self, Command, Event};
+use crate::supervision::{ActorKind, Lifeline, fault};
 use crate::{Perspective, Receptor};
 use actix::prelude::*;
 use foldhash::HashMap;
@@ -43,13 +44,15 @@ pub enum RegistryError {
 
 #[derive(Clone)]
 pub(crate) struct ReceptorEntry {
-    pub addr: Addr<ReceptorActor>,
+    pub handle: ReceptorHandle,
+    /// The receptor itself, for encoding and decoding its results (idempotent commands).
+    pub receptor: Arc<dyn ErasedReceptor>,
 }
 
 #[derive(Clone)]
 pub(crate) struct PerspectiveEntry {
     pub name: String,
-    pub addr: Addr<PerspectiveActor>,
+    pub handle: PerspectiveHandle,
 }
 
 /// One snapshot of the registry.
@@ -73,15 +76,15 @@ impl RegistryTable {
             .unwrap_or_default()
     }
 
-    /// Every registration of the perspective `name`: (event type, actor).
-    pub fn perspectives_named(&self, name: &str) -> Vec<(String, Addr<PerspectiveActor>)> {
+    /// Every registration of the perspective `name`: (event type, handle).
+    pub fn perspectives_named(&self, name: &str) -> Vec<(String, PerspectiveHandle)> {
         self.perspectives
             .iter()
             .flat_map(|(event_type, entries)| {
                 entries
                     .iter()
                     .filter(|p| p.name == name)
-                    .map(|p| (event_type.clone(), p.addr.clone()))
+                    .map(|p| (event_type.clone(), p.handle.clone()))
             })
             .collect()
     }
@@ -116,25 +119,43 @@ impl RegistryView {
 pub struct Registry {
     table: RegistryTable,
     view: RegistryView,
-    /// `coordinator.handler_timeout_ms`, given to every handler actor it starts.
+    /// `coordinator.handler_timeout_ms`, given to every handler it registers.
     handler_timeout: Duration,
+    /// This instance (for test-only fault injection).
+    instance: uuid::Uuid,
+    /// Tells the supervisor when this actor ends (see `supervision`).
+    _lifeline: Lifeline,
 }
 
 impl Registry {
+    /// A registry whose table starts with the routing `topics` and no handlers.
     pub(crate) fn new(
         topics: BTreeMap<String, String>,
         view: RegistryView,
         handler_timeout: Duration,
+        instance: uuid::Uuid,
+        lifeline: Lifeline,
     ) -> Registry {
-        let table = RegistryTable {
+        view.replace(RegistryTable {
             topics,
             ..RegistryTable::default()
-        };
-        view.replace(table.clone());
+        });
+        Registry::resume(view, handler_timeout, instance, lifeline)
+    }
+
+    /// A registry going on from the table `view` last published (a restart after a stop).
+    pub(crate) fn resume(
+        view: RegistryView,
+        handler_timeout: Duration,
+        instance: uuid::Uuid,
+        lifeline: Lifeline,
+    ) -> Registry {
         Registry {
-            table,
+            table: (*view.current()).clone(),
             view,
             handler_timeout,
+            instance,
+            _lifeline: lifeline,
         }
     }
 
@@ -190,17 +211,19 @@ impl Handler<RegisterReceptor> for Registry {
     type Result = Result<(), RegistryError>;
 
     fn handle(&mut self, msg: RegisterReceptor, _ctx: &mut Self::Context) -> Self::Result {
+        fault::check(self.instance, ActorKind::Registry);
         if self.table.receptors.contains_key(msg.command_type) {
             return Err(RegistryError::DuplicateReceptor(msg.command_type.into()));
         }
         self.claim_kind(msg.command_type, MessageKind::Command, msg.check)?;
-        let (command_type, receptor) = (msg.command_type, msg.receptor);
-        let timeout = self.handler_timeout;
-        let addr =
-            Supervisor::start(move |_| ReceptorActor::new(command_type, receptor.clone(), timeout));
-        self.table
-            .receptors
-            .insert(command_type.to_string(), ReceptorEntry { addr });
+        let handle = ReceptorHandle::new(msg.receptor.clone(), self.handler_timeout);
+        self.table.receptors.insert(
+            msg.command_type.to_string(),
+            ReceptorEntry {
+                handle,
+                receptor: msg.receptor,
+            },
+        );
         self.view.replace(self.table.clone());
         Ok(())
     }
@@ -238,6 +261,7 @@ impl Handler<RegisterPerspective> for Registry {
     type Result = Result<(), RegistryError>;
 
     fn handle(&mut self, msg: RegisterPerspective, _ctx: &mut Self::Context) -> Self::Result {
+        fault::check(self.instance, ActorKind::Registry);
         if self
             .table
             .perspectives(msg.event_type)
@@ -250,18 +274,14 @@ impl Handler<RegisterPerspective> for Registry {
             });
         }
         self.claim_kind(msg.event_type, MessageKind::Event, msg.check)?;
-        let (name, perspective) = (msg.name.clone(), msg.perspective);
-        let timeout = self.handler_timeout;
-        let addr = Supervisor::start(move |_| {
-            PerspectiveActor::new(name.clone(), perspective.clone(), timeout)
-        });
+        let handle = PerspectiveHandle::new(msg.perspective, self.handler_timeout);
         self.table
             .perspectives
             .entry(msg.event_type.to_string())
             .or_default()
             .push(PerspectiveEntry {
                 name: msg.name,
-                addr,
+                handle,
             });
         self.view.replace(self.table.clone());
         Ok(())

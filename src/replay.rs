@@ -5,10 +5,11 @@
 //! perspective's types one at a time (so each stream stays in order), and saving the checkpoint
 //! after each page. It must not run while the same read model is being reset by its owner; it
 //! does not clear the read model itself (the application decides what "from scratch" means for
-//! its own tables) — it only chooses where to start.
+//! its own tables) — it only chooses where to start. After each page it reports its
+//! [`ReplayProgress`] to the caller's callback (the `operator` feature draws it as a progress
+//! bar); it does not print anything itself.
 
-use crate::error::DispatchError;
-use crate::handler::Apply;
+use crate::error::{DispatchError, StartError};
 use crate::registry::RegistryView;
 use crate::store::Store;
 use std::sync::Arc;
@@ -31,13 +32,61 @@ pub struct ReplayReport {
     pub checkpoint: u64,
 }
 
-/// Replays the event store through every registration named `perspective`.
+/// Why [`crate::RuntimeBuilder::replay`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The store could not be opened or a perspective not registered.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The replay itself failed: no perspective of that name, a store error, or a perspective
+    /// that failed on an event (the checkpoint stays at the last page applied whole).
+    #[error(transparent)]
+    Replay(#[from] DispatchError),
+}
+
+impl From<crate::config::ConfigError> for ReplayError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        ReplayError::Start(e.into())
+    }
+}
+
+/// How far a replay has come: reported once before the first page and after every page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayProgress {
+    /// The position the replay started after (0 from scratch, the checkpoint otherwise).
+    pub start: u64,
+    /// The last position read so far (`start` before the first page).
+    pub position: u64,
+    /// The event store's last position when the replay started, raised to `position` when
+    /// events stored since are read too: `end - start` positions is the work to do.
+    pub end: u64,
+    /// Events applied to the perspective so far (events of its types only).
+    pub applied: u64,
+    /// Whether the replay has read to the end and saved its checkpoint (the last report).
+    pub done: bool,
+}
+
+impl ReplayProgress {
+    /// Positions read so far.
+    pub fn read(&self) -> u64 {
+        self.position.saturating_sub(self.start)
+    }
+
+    /// Positions to read in all, as far as is known now.
+    pub fn total(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+}
+
+/// Replays the event store through every registration named `perspective`, `page_size` events
+/// per read, calling `progress` before the first page and after each one.
 pub(crate) async fn replay(
     store: &Arc<dyn Store>,
     registry: &RegistryView,
     perspective: &str,
     from: ReplayFrom,
     page_size: u32,
+    progress: &mut (dyn FnMut(&ReplayProgress) + Send),
 ) -> Result<ReplayReport, DispatchError> {
     let table = registry.current();
     let targets = table.perspectives_named(perspective);
@@ -50,6 +99,14 @@ pub(crate) async fn replay(
         ReplayFrom::Scratch => 0,
         ReplayFrom::Checkpoint => store.load_checkpoint(perspective).await?.unwrap_or(0),
     };
+    let mut report = ReplayProgress {
+        start: position,
+        position,
+        end: store.last_position().await?.max(position),
+        applied: 0,
+        done: false,
+    };
+    progress(&report);
     let mut applied = 0;
     loop {
         let page = store.read_all(position, page_size.max(1)).await?;
@@ -57,26 +114,29 @@ pub(crate) async fn replay(
             break;
         };
         for event in page {
-            for (event_type, addr) in &targets {
+            for (event_type, handle) in &targets {
                 if *event_type != event.envelope.message_type {
                     continue;
                 }
                 let message_id = event.envelope.message_id;
-                addr.send(Apply {
-                    envelope: Arc::new(event.envelope.clone()),
-                })
-                .await?
-                .await
-                .map_err(|e| DispatchError::PerspectiveFailed {
-                    message_id,
-                    error: e.to_string(),
+                handle.apply(&event.envelope).await.map_err(|e| {
+                    DispatchError::PerspectiveFailed {
+                        message_id,
+                        error: e.to_string(),
+                    }
                 })?;
                 applied += 1;
             }
         }
         position = last;
         store.save_checkpoint(perspective, position).await?;
+        report.position = position;
+        report.end = report.end.max(position);
+        report.applied = applied;
+        progress(&report);
     }
+    report.done = true;
+    progress(&report);
     Ok(ReplayReport {
         applied,
         checkpoint: position,

@@ -158,6 +158,10 @@ mod tests {
             topics,
             view.clone(),
             std::time::Duration::from_secs(30),
+            Uuid::now_v7(),
+            crate::supervision::Supervision::new()
+                .issuer()
+                .issue(crate::supervision::ActorKind::Registry, 0),
         );
         let origin = Origin {
             service: "routing-test".into(),

@@ -9,7 +9,7 @@
 
 use crate::config::{Config, StoreBackend, TransportKind};
 use crate::consumer::{Consumer, StopConsumer};
-use crate::coordinator::{Attach, Coordinator, CoordinatorSettings, Shutdown};
+use crate::coordinator::{Coordinator, CoordinatorLinks, CoordinatorSettings, Shutdown};
 use crate::dispatcher::{
     Admission, DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent,
     SendCommand, Status,
@@ -23,9 +23,15 @@ use crate::registry::{RegisterPerspective, RegisterReceptor, Registry, RegistryV
 use crate::routing::Origin;
 use crate::store::memory::MemoryStore;
 use crate::store::{CorrelationStatus, InstanceId, Store, StoreSettings};
+use crate::supervision::{
+    ActorKind, Blueprint, EngineCell, EngineRefs, Health, HealthState, LifelineIssuer, Supervised,
+    Supervision,
+};
 use crate::transport::Transport;
 use crate::transport::memory::{MemoryBus, MemoryTransport};
+use crate::workers::{Placement, Workers};
 use actix::prelude::*;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -82,21 +88,7 @@ impl RuntimeBuilder {
         let config = self.config;
         config.validate(std::path::Path::new("(runtime config)"))?;
         let instance = self.instance.unwrap_or_else(Uuid::now_v7);
-        let store: Arc<dyn Store> = match self.store {
-            Some(s) => s,
-            None => match config.store.backend {
-                StoreBackend::Memory => {
-                    Arc::new(MemoryStore::new(StoreSettings::from_config(&config)))
-                }
-                #[cfg(feature = "postgres")]
-                StoreBackend::Postgres => {
-                    Arc::new(crate::store::postgres::PostgresStore::connect(&config).await?)
-                }
-                // `validate` above refuses it, naming the missing feature.
-                #[cfg(not(feature = "postgres"))]
-                StoreBackend::Postgres => return Err(missing_feature("store.backend", "postgres")),
-            },
-        };
+        let store = open_store(&config, self.store).await?;
         let transport: Arc<dyn Transport> = match self.transport {
             Some(t) => t,
             None => match config.transport.kind {
@@ -125,10 +117,16 @@ impl RuntimeBuilder {
             max_message_bytes: config.transport.max_message_bytes as usize,
         };
         let view = RegistryView::default();
+        let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);
+        let supervision = Supervision::new();
+        let health = HealthState::new(&config);
+        health.heartbeat_ok();
         let registry = Registry::new(
             config.routing.topics.clone(),
             view.clone(),
-            Duration::from_millis(config.coordinator.handler_timeout_ms),
+            handler_timeout,
+            instance,
+            supervision.issuer().issue(ActorKind::Registry, 0),
         )
         .start();
         for r in self.receptors {
@@ -155,75 +153,230 @@ impl RuntimeBuilder {
             .collect();
         transport.check_topology(&topics, &subscriptions).await?;
 
-        let coordinator = Coordinator::new(
-            store.clone(),
-            instance,
-            CoordinatorSettings::from_config(&config),
-        )
-        .start();
-        let partitions = PartitionDirectory::new(PartitionDeps {
-            origin: origin.clone(),
-            registry: view.clone(),
-            coordinator: coordinator.clone(),
-        });
-        let publisher = Publisher::new(
-            transport.clone(),
-            coordinator.clone(),
-            origin.clone(),
-            config.transport.publisher_window as usize,
-            Duration::from_millis(config.transport.send_timeout_ms),
-        )
-        .start();
-        coordinator
-            .send(Attach {
-                partitions: partitions.clone(),
-                publisher: Some(publisher),
-            })
-            .await
-            .map_err(|e| StartError::Actor(e.to_string()))?;
+        let workers = Workers::start(config.runtime.worker_threads)
+            .map_err(|e| StartError::Actor(format!("cannot start the worker threads: {e}")))?;
+        let blueprint = blueprint(
+            &config,
+            workers.placement(),
+            &store,
+            &transport,
+            &origin,
+            &view,
+            &health,
+        );
+        let supervised = supervision.start(
+            blueprint,
+            registry,
+            config.routing.subscriptions.len(),
+            health,
+        );
         let admission = Admission::new(&config.runtime);
         let dispatcher = Dispatcher::new(
             origin.clone(),
             view.clone(),
-            partitions.clone(),
-            coordinator.clone(),
+            supervised.engine.clone(),
             store.clone(),
             admission.clone(),
         )
         .start();
-
-        let consumers = config
-            .routing
-            .subscriptions
-            .iter()
-            .map(|s| {
-                Consumer {
-                    topic: s.topic.clone(),
-                    subscription: s.name.clone(),
-                    transport: transport.clone(),
-                    coordinator: coordinator.clone(),
-                    registry: view.clone(),
-                    origin: origin.clone(),
-                    prefetch: config.transport.prefetch,
-                    max_message_bytes: config.transport.max_message_bytes as usize,
-                }
-                .start()
-            })
-            .collect();
         tracing::info!(service = %config.service.name, %instance, store = ?config.store.backend, transport = ?config.transport.kind, "runtime started");
         Ok(Runtime {
             config,
             instance,
             store,
             transport,
-            registry,
             dispatcher,
-            coordinator,
-            consumers,
+            supervised,
+            workers,
             view,
             admission,
         })
     }
+}
+
+/// How the supervisor builds the engine, a consumer and the registry (at start and again after
+/// a stop).
+fn blueprint(
+    config: &Config,
+    placement: Placement,
+    store: &Arc<dyn Store>,
+    transport: &Arc<dyn Transport>,
+    origin: &Origin,
+    view: &RegistryView,
+    health: &HealthState,
+) -> Blueprint {
+    let engine = {
+        let (store, transport, origin, view, health) = (
+            store.clone(),
+            transport.clone(),
+            origin.clone(),
+            view.clone(),
+            health.clone(),
+        );
+        let settings = CoordinatorSettings::from_config(config);
+        let window = config.transport.publisher_window as usize;
+        let send_timeout = Duration::from_millis(config.transport.send_timeout_ms);
+        let idle_after = (config.partitions.idle_actor_seconds > 0)
+            .then(|| Duration::from_secs(config.partitions.idle_actor_seconds));
+        move |lifelines: LifelineIssuer, recovering: bool| {
+            // The coordinator's address exists before it starts, so the partitions and the
+            // publisher it hands work to are built with it and given to it whole.
+            let (tx, rx) = dev::channel::channel::<Coordinator>(16);
+            let coordinator = Addr::new(tx);
+            let partitions = PartitionDirectory::new(PartitionDeps {
+                origin: origin.clone(),
+                registry: view.clone(),
+                coordinator: coordinator.clone(),
+                lifelines: lifelines.clone(),
+                placement: placement.clone(),
+                idle_after,
+            });
+            let publisher = {
+                let (transport, origin, health) =
+                    (transport.clone(), origin.clone(), health.clone());
+                let (coordinator, lifeline) = (
+                    coordinator.clone(),
+                    lifelines.issue(ActorKind::Publisher, 0),
+                );
+                Publisher::new(
+                    transport,
+                    coordinator,
+                    origin,
+                    window,
+                    send_timeout,
+                    health,
+                    lifeline,
+                )
+                .start()
+            };
+            let actor = Coordinator::new(
+                store.clone(),
+                origin.instance,
+                settings.clone(),
+                CoordinatorLinks {
+                    partitions: partitions.clone(),
+                    publisher: publisher.clone(),
+                    health: health.clone(),
+                    lifeline: lifelines.issue(ActorKind::Coordinator, 0),
+                    recovering,
+                },
+            );
+            Context::with_receiver(rx).run(actor);
+            EngineRefs {
+                coordinator,
+                partitions,
+                publisher,
+            }
+        }
+    };
+    let consumer = {
+        let (transport, origin, view, health) = (
+            transport.clone(),
+            origin.clone(),
+            view.clone(),
+            health.clone(),
+        );
+        let subscriptions = config.routing.subscriptions.clone();
+        let (prefetch, max_message_bytes) = (
+            config.transport.prefetch,
+            config.transport.max_message_bytes as usize,
+        );
+        move |index: usize, lifelines: LifelineIssuer, engine: EngineCell| {
+            let s = &subscriptions[index];
+            Consumer {
+                topic: s.topic.clone(),
+                subscription: s.name.clone(),
+                transport: transport.clone(),
+                engine,
+                registry: view.clone(),
+                origin: origin.clone(),
+                prefetch,
+                max_message_bytes,
+                health: health.clone(),
+                _lifeline: lifelines.issue(ActorKind::Consumer, index),
+            }
+            .start()
+        }
+    };
+    let registry = {
+        let view = view.clone();
+        let instance = origin.instance;
+        let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);
+        move |lifelines: LifelineIssuer| {
+            Registry::resume(
+                view.clone(),
+                handler_timeout,
+                instance,
+                lifelines.issue(ActorKind::Registry, 0),
+            )
+            .start()
+        }
+    };
+    Blueprint {
+        engine: Box::new(engine),
+        consumer: Box::new(consumer),
+        registry: Box::new(registry),
+    }
+}
+
+impl RuntimeBuilder {
+    /// Replays the event store through the registered perspective `name` without starting the
+    /// instance: it opens the store (as [`RuntimeBuilder::start`] would), starts the registered
+    /// perspectives' actors (receptors are not started), and runs the replay, `page_size`
+    /// events per read, calling `progress` before the first page and after every page. No
+    /// instance is registered, no partition leased, nothing consumed or published: it is what
+    /// a service's `replay` command runs (see the `operator` feature), beside or instead of
+    /// the running service. Must be called inside a running actix system.
+    pub async fn replay(
+        self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+        page_size: u32,
+        progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
+    ) -> Result<crate::replay::ReplayReport, crate::replay::ReplayError> {
+        let config = self.config;
+        config.validate(std::path::Path::new("(runtime config)"))?;
+        let store = open_store(&config, self.store).await?;
+        let view = RegistryView::default();
+        // A registry of its own, unsupervised: it lives as long as the replay.
+        let registry = Registry::new(
+            config.routing.topics.clone(),
+            view.clone(),
+            Duration::from_millis(config.coordinator.handler_timeout_ms),
+            Uuid::now_v7(),
+            Supervision::new().issuer().issue(ActorKind::Registry, 0),
+        )
+        .start();
+        for p in self.perspectives {
+            registry
+                .send(p)
+                .await
+                .map_err(|e| StartError::Actor(e.to_string()))?
+                .map_err(StartError::from)?;
+        }
+        Ok(crate::replay::replay(&store, &view, name, from, page_size, progress).await?)
+    }
+}
+
+/// The store given to the builder, or else the one the configuration names (connected, and
+/// for Postgres migrated).
+async fn open_store(
+    config: &Config,
+    given: Option<Arc<dyn Store>>,
+) -> Result<Arc<dyn Store>, StartError> {
+    Ok(match given {
+        Some(s) => s,
+        None => match config.store.backend {
+            StoreBackend::Memory => Arc::new(MemoryStore::new(StoreSettings::from_config(config))),
+            #[cfg(feature = "postgres")]
+            StoreBackend::Postgres => {
+                Arc::new(crate::store::postgres::PostgresStore::connect(config).await?)
+            }
+            // `validate` refuses it first, naming the missing feature.
+            #[cfg(not(feature = "postgres"))]
+            StoreBackend::Postgres => return Err(missing_feature("store.backend", "postgres")),
+        },
+    })
 }
 
 /// A backend this build was compiled without: `Config::validate` refuses it first; answered the
@@ -237,16 +390,18 @@ fn missing_feature(key: &str, feature: &str) -> StartError {
     })
 }
 
+/// How long a shutdown past its deadline still waits for the store to release the leases.
+const STOP_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A running instance of a service.
 pub struct Runtime {
     config: Config,
     instance: InstanceId,
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
-    registry: Addr<Registry>,
     dispatcher: Addr<Dispatcher>,
-    coordinator: Addr<Coordinator>,
-    consumers: Vec<Addr<Consumer>>,
+    supervised: Supervised,
+    workers: Workers,
     view: RegistryView,
     admission: Admission,
 }
@@ -272,7 +427,22 @@ impl Runtime {
 
     /// The registry actor: handlers can be registered after start too.
     pub fn registry(&self) -> Addr<Registry> {
-        self.registry.clone()
+        self.supervised.registry()
+    }
+
+    /// How the instance is doing: see [`Health`]. Cheap (no round trip): it reads what the
+    /// actors recorded.
+    pub fn health(&self) -> Health {
+        self.supervised.health()
+    }
+
+    /// Resolves when the instance turns unhealthy for good (its actors restarted more than
+    /// `runtime.max_restarts` times within `runtime.restart_window_seconds`): a service's
+    /// `main` waits on it beside its stop signal and exits non-zero, so that its orchestrator
+    /// replaces it.
+    pub fn unhealthy(&self) -> impl Future<Output = ()> + 'static {
+        let health = self.supervised.health.clone();
+        async move { health.unhealthy().await }
     }
 
     /// The store this instance writes to.
@@ -305,7 +475,8 @@ impl Runtime {
             .await?
     }
 
-    /// `LocalInvoke` continuing a conversation.
+    /// `LocalInvoke` with options: a conversation to continue, a deadline, an idempotency key
+    /// (see [`DispatchOptions::idempotency_key`]).
     pub async fn local_invoke_with<C: Command, R: Send + 'static>(
         &self,
         command: C,
@@ -321,9 +492,26 @@ impl Runtime {
         self.dispatcher.send(SendCommand::new(command)).await?
     }
 
+    /// `Send` with options: a conversation to continue, a deadline, an idempotency key.
+    pub async fn send_with<C: Command>(
+        &self,
+        command: C,
+        options: DispatchOptions,
+    ) -> Result<DeliveryReceipt, DispatchError> {
+        self.dispatcher
+            .send(SendCommand::new(command).with_options(options))
+            .await?
+    }
+
     /// `Publish`: append an event, then perspectives and outbox.
     pub async fn publish<E: Event>(&self, event: E) -> Result<DeliveryReceipt, DispatchError> {
         self.dispatcher.send(PublishEvent::new(event)).await?
+    }
+
+    /// A request scope: commands dispatched in it are decided at once and written together,
+    /// in one store transaction, by [`crate::Scope::complete`]; dropped, it writes nothing.
+    pub fn scope(&self) -> crate::Scope {
+        crate::Scope::new(self.dispatcher.clone())
     }
 
     /// What one request caused, by correlation id.
@@ -338,16 +526,33 @@ impl Runtime {
         name: &str,
         from: crate::replay::ReplayFrom,
     ) -> Result<crate::replay::ReplayReport, DispatchError> {
-        crate::replay::replay(&self.store, &self.view, name, from, 500).await
+        crate::replay::replay(&self.store, &self.view, name, from, 500, &mut |_| {}).await
     }
 
-    /// Stops consuming and taking new dispatches, lets those in flight finish, writes everything
-    /// queued and releases this instance's partitions, all within `runtime.shutdown_timeout_ms`;
-    /// past it the leases are left to expire (the next holder re-runs what was left).
+    /// [`Runtime::replay_perspective`], reading `page_size` events at a time and calling
+    /// `progress` before the first page and after every page.
+    pub async fn replay_perspective_with_progress(
+        &self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+        page_size: u32,
+        progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
+    ) -> Result<crate::replay::ReplayReport, DispatchError> {
+        crate::replay::replay(&self.store, &self.view, name, from, page_size, progress).await
+    }
+
+    /// Stops consuming and taking new dispatches, lets those in flight and the rows handed to
+    /// partition actors and the publisher finish, writes their completions and releases this
+    /// instance's partitions, all within `runtime.shutdown_timeout_ms`. Past it, the work still
+    /// running is stopped (logged with what was left) and the leases are released anyway: the
+    /// next holder re-runs what was left (at least once). An error only if the store could not
+    /// be told: then the leases expire.
     pub async fn shutdown(self) -> Result<(), DispatchError> {
         let deadline = Duration::from_millis(self.config.runtime.shutdown_timeout_ms);
         let started = std::time::Instant::now();
-        for consumer in &self.consumers {
+        // Actors stopped from here on are not restarted.
+        self.supervised.health.begin_stopping();
+        for consumer in self.supervised.consumers() {
             let _ = consumer.send(StopConsumer).await;
         }
         // No new dispatches; those in flight finish first, so their rows are written and
@@ -361,21 +566,50 @@ impl Runtime {
             );
         }
         let remaining = deadline.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, self.coordinator.send(Shutdown)).await {
-            Ok(answer) => answer?,
+        let coordinator = self.supervised.engine.coordinator();
+        let outcome = match tokio::time::timeout(remaining, coordinator.send(Shutdown)).await {
+            Ok(answer) => answer.map_err(DispatchError::from).and_then(|done| done),
             Err(_) => {
+                // Past the deadline: the handlers still running are stopped with their threads,
+                // and the leases released anyway, so the next holder starts at once; it re-runs
+                // what was left (at least once).
+                let (inbox, outbox) = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    coordinator.send(crate::coordinator::RowsInFlight),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+                self.workers.stop();
+                let released = tokio::time::timeout(
+                    STOP_RELEASE_TIMEOUT,
+                    self.store.release_partitions(self.instance, None),
+                )
+                .await;
+                let released = matches!(released, Ok(Ok(())));
                 tracing::warn!(
                     deadline_ms = deadline.as_millis() as u64,
-                    "shutdown deadline passed before the store took what was queued and the \
-                     leases were released: another instance takes the partitions over when \
-                     their leases expire and re-runs what was left (at least once)"
+                    inbox_rows_left = inbox,
+                    outbox_rows_left = outbox,
+                    released,
+                    "shutdown deadline passed with work still running: it was stopped, the \
+                     leases were released anyway (or, if the store did not answer, expire), and \
+                     the next holder re-runs what was left (at least once)"
                 );
-                Err(DispatchError::Unavailable(format!(
-                    "shutdown did not finish within runtime.shutdown_timeout_ms ({} ms); the \
-                     leases expire and the next holder re-runs what was left",
-                    deadline.as_millis()
-                )))
+                if released {
+                    Ok(())
+                } else {
+                    Err(DispatchError::Unavailable(format!(
+                        "shutdown did not finish within runtime.shutdown_timeout_ms ({} ms) and \
+                         the store did not take the release of the leases: they expire, and the \
+                         next holder re-runs what was left",
+                        deadline.as_millis()
+                    )))
+                }
             }
-        }
+        };
+        self.workers.stop();
+        outcome
     }
 }

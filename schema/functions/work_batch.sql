@@ -44,6 +44,10 @@
 -- (its appends do not count) or the upsert's answer is not in the order asked, the batch is
 -- numbered here instead.
 --
+-- Idempotency records (k_ arrays, at most one per unit; see 0003_idempotency.sql) are written
+-- first; a unit whose key is already recorded comes back as a 'taken' row (unit, the key in
+-- stream_id), a kind wb_batch_row's comment in 0001_baseline.sql predates.
+--
 -- The packed answer: the common cases come back in one row each instead of one row per item.
 -- - 'appended_v' (the caller's numbering was used, i.e. no unit conflicted): `position` is the
 --   batch's last position and `payload` each appended stream's new version in s_stream's
@@ -77,7 +81,9 @@ CREATE OR REPLACE FUNCTION {{schema}}.wb_process_work_batch(
     -- the caller's numbering (see the top of this file): appended streams, distinct and in byte order,
     -- with their appends; per message (0 where not appended) its stream's place in s_stream,
     -- the appends of its stream after it, its place among the batch's appends
-    s_stream text[], s_count bigint[], m_sidx integer[], m_vback bigint[], m_apos bigint[]
+    s_stream text[], s_count bigint[], m_sidx integer[], m_vback bigint[], m_apos bigint[],
+    -- idempotency records: unit, key, request hash, encoded outcome (at most one per unit)
+    k_unit integer[], k_key text[], k_hash bytea[], k_outcome bytea[]
 ) RETURNS SETOF {{schema}}.wb_batch_row LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
@@ -98,6 +104,7 @@ DECLARE
     v_gen bigint[];
     v_claimed_id uuid[];
     v_claimed_gen bigint[];
+    v_taken integer[] := '{}';
 BEGIN
     -- The writer's new rows go into partitions it leases (below) without locking each lease
     -- row; this shared lock is what the heartbeat's exclusive one waits for before it gives up
@@ -259,7 +266,41 @@ BEGIN
     END IF;
 
     ---------------------------------------------------------------- units
-    IF cardinality(m_id) > 0 OR cardinality(x_unit) > 0 OR cardinality(c_id) > 0 THEN
+    IF cardinality(m_id) > 0 OR cardinality(x_unit) > 0 OR cardinality(c_id) > 0
+       OR cardinality(k_unit) > 0 THEN
+        -- Idempotency keys first, before any stream row is locked, in byte order (every batch
+        -- takes keys, then streams, in one order: no deadlock between instances). A key already
+        -- recorded, or taken by an earlier unit of this batch, refuses its unit ('taken', the
+        -- key in stream_id): it joins the conflicts and writes nothing. The insert waits for a
+        -- concurrent batch holding the same key, and sees its row once it commits. A unit that
+        -- conflicts on a version below gives its key back.
+        IF cardinality(k_unit) > 0 THEN
+            WITH k AS (
+                SELECT t.*, min(t.ord) OVER (PARTITION BY t.key) AS first_ord
+                  FROM unnest(k_unit, k_key, k_hash, k_outcome)
+                       WITH ORDINALITY AS t(u, key, hash, outcome, ord)
+            ),
+            ins AS (
+                INSERT INTO {{schema}}.wb_idempotency (idempotency_key, request_hash, outcome, event_ids)
+                SELECT k.key, k.hash, k.outcome,
+                       ARRAY(SELECT m.id FROM unnest(m_unit, m_id, m_append) WITH ORDINALITY AS m(u, id, a, ord)
+                              WHERE m.u = k.u AND m.a ORDER BY m.ord)
+                  FROM k WHERE k.ord = k.first_ord
+                 ORDER BY k.key COLLATE "C"
+                    ON CONFLICT (idempotency_key) DO NOTHING
+                RETURNING idempotency_key
+            )
+            SELECT coalesce(array_agg(k.u), '{}') INTO v_taken
+              FROM k WHERE k.ord <> k.first_ord OR k.key NOT IN (SELECT idempotency_key FROM ins);
+            IF cardinality(v_taken) > 0 THEN
+                v_conflicts := v_conflicts || v_taken;
+                RETURN QUERY SELECT 'taken', k.u, NULL::uuid, k.key, NULL::bigint, NULL::bigint,
+                       NULL::integer, NULL::bigint, NULL::integer, NULL::text, NULL::uuid, NULL::uuid,
+                       NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea
+                  FROM unnest(k_unit, k_key) AS k(u, key) WHERE k.u = ANY (v_taken);
+            END IF;
+        END IF;
+
         -- With expectations: the stream rows exist and are locked in a fixed order (no deadlock
         -- between instances) before the versions are checked. Without: the upsert below locks.
         IF cardinality(x_unit) > 0 THEN
@@ -291,6 +332,14 @@ BEGIN
                        NULL::uuid, NULL::text, NULL::text, NULL::bigint, NULL::bytea, NULL::bytea;
             END IF;
         END LOOP;
+        -- The keys of units that conflicted on a version are given back (inserted above, in
+        -- this transaction): the caller may run the command again with the same key.
+        IF cardinality(k_unit) > 0 AND cardinality(v_conflicts) > cardinality(v_taken) THEN
+            DELETE FROM {{schema}}.wb_idempotency
+             WHERE idempotency_key IN (
+                   SELECT k.key FROM unnest(k_unit, k_key) AS k(u, key)
+                    WHERE k.u = ANY (v_conflicts) AND NOT (k.u = ANY (v_taken)));
+        END IF;
 
         -- Inbox rows completed by their (accepted) unit.
         IF cardinality(c_id) > 0 THEN

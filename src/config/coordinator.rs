@@ -43,6 +43,10 @@ pub struct CoordinatorConfig {
     /// as a failed attempt (retried with backoff, then dead-lettered). Only a handler that
     /// awaits can be stopped: code that blocks its thread is not interrupted.
     pub handler_timeout_ms: u64,
+    /// Most rows of each queue (inbox, outbox) handed to partition actors or the publisher and
+    /// not reported back yet. Claims take only what fits under it; the rest waits in the
+    /// store, claimed as reports free room.
+    pub max_rows_in_flight: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -55,6 +59,7 @@ impl Default for CoordinatorConfig {
             max_batch_size: 1_000,
             max_batches_in_flight: 2,
             handler_timeout_ms: 30_000,
+            max_rows_in_flight: 10_000,
         }
     }
 }
@@ -70,6 +75,10 @@ impl CoordinatorConfig {
         at_least_one(&[
             ("coordinator.poll_interval_ms", self.poll_interval_ms),
             ("coordinator.handler_timeout_ms", self.handler_timeout_ms),
+            (
+                "coordinator.max_rows_in_flight",
+                self.max_rows_in_flight.into(),
+            ),
             ("coordinator.claim_batch_size", self.claim_batch_size.into()),
             ("coordinator.max_batch_size", self.max_batch_size.into()),
             (

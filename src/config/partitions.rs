@@ -19,6 +19,9 @@ pub struct PartitionConfig {
     pub lease_seconds: u64,
     /// How often leases are renewed; shorter than `lease_seconds`.
     pub heartbeat_seconds: u64,
+    /// A partition actor with nothing to do for this long stops (it is started again by the
+    /// partition's next job); 0: never.
+    pub idle_actor_seconds: u64,
 }
 
 impl Default for PartitionConfig {
@@ -28,6 +31,7 @@ impl Default for PartitionConfig {
             max_partitions_per_instance: 100,
             lease_seconds: 300,
             heartbeat_seconds: 10,
+            idle_actor_seconds: 60,
         }
     }
 }

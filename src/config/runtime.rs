@@ -1,8 +1,8 @@
 //! `[runtime]`: what the instance admits from its callers.
 //!
-//! Owns the in-flight limit, the default deadline of a dispatch and the shutdown deadline, and
-//! their checks. It must
-//! not enforce them (the dispatcher does).
+//! Owns the in-flight limit, the default deadline of a dispatch, the shutdown deadline and the
+//! restart budget of supervised actors, and their checks. It must not enforce them (the
+//! dispatcher, the runtime and the supervisor do).
 
 use super::{Checked, at_least_one};
 use serde::Deserialize;
@@ -22,6 +22,16 @@ pub struct RuntimeConfig {
     /// what is queued before it gives up; past it the leases are left to expire and the next
     /// holder re-runs what was left (at least once, as documented).
     pub shutdown_timeout_ms: u64,
+    /// Restarts of supervised actors (after a panic or an unexpected stop) tolerated within
+    /// `restart_window_seconds`; one more turns `Runtime::health` not live, and the instance
+    /// should be replaced.
+    pub max_restarts: u32,
+    /// The window over which `max_restarts` is counted.
+    pub restart_window_seconds: u64,
+    /// Threads (actix arbiters) running the partition actors, and so the receptors and
+    /// perspectives; 0: one per core the process may use. The coordinator and the publisher run
+    /// on a thread of their own besides these.
+    pub worker_threads: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -30,6 +40,9 @@ impl Default for RuntimeConfig {
             max_in_flight: 10_000,
             dispatch_timeout_ms: 30_000,
             shutdown_timeout_ms: 10_000,
+            max_restarts: 5,
+            restart_window_seconds: 60,
+            worker_threads: 0,
         }
     }
 }
@@ -40,6 +53,10 @@ impl RuntimeConfig {
             ("runtime.max_in_flight", self.max_in_flight.into()),
             ("runtime.dispatch_timeout_ms", self.dispatch_timeout_ms),
             ("runtime.shutdown_timeout_ms", self.shutdown_timeout_ms),
+            (
+                "runtime.restart_window_seconds",
+                self.restart_window_seconds,
+            ),
         ])
     }
 }

@@ -116,6 +116,9 @@ struct State {
     held: HashMap<InstanceId, BTreeSet<u32>>,
     instances: HashMap<InstanceId, Instant>,
     checkpoints: HashMap<String, u64>,
+    /// Idempotency records by key, with when they were written (purged after the dedup
+    /// retention).
+    idempotency: HashMap<String, (Instant, IdempotencyRecord)>,
 }
 
 /// The embedded store. Cheap to create; share it behind an `Arc` between instances to simulate
@@ -504,6 +507,7 @@ impl Store for MemoryStore {
         }
         let retention = settings.dedup_retention;
         st.processed.retain(|_, (at, _)| *at + retention > now);
+        st.idempotency.retain(|_, (at, _)| *at + retention > now);
         let held_partitions = st
             .held
             .get(&instance)
@@ -573,6 +577,15 @@ impl Store for MemoryStore {
         }
 
         for unit in batch.units {
+            // The key first, as on Postgres: a unit whose key is taken writes nothing.
+            if let Some(record) = &unit.idempotency
+                && st.idempotency.contains_key(&record.key)
+            {
+                result.units.push(UnitOutcome::KeyTaken {
+                    key: record.key.clone(),
+                });
+                continue;
+            }
             let conflict = unit.expectations.iter().find_map(|(stream, expected)| {
                 let actual = st.versions.get(stream).copied().unwrap_or(0);
                 (!expected.matches(actual)).then(|| UnitOutcome::Conflict {
@@ -618,6 +631,18 @@ impl Store for MemoryStore {
                     version,
                     envelope,
                 });
+            }
+            if let Some(record) = unit.idempotency {
+                st.idempotency.insert(
+                    record.key.clone(),
+                    (
+                        now,
+                        IdempotencyRecord {
+                            record,
+                            appended: appended.clone(),
+                        },
+                    ),
+                );
             }
             let mut claimed_outbox = Vec::new();
             for row in unit.outbox {
@@ -837,6 +862,11 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        // Positions are 1..n in append order (see `read_all`).
+        Ok(self.lock().events.len() as u64)
+    }
+
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         let st = self.lock();
         Ok(message_ids
@@ -953,6 +983,10 @@ impl Store for MemoryStore {
             .checkpoints
             .insert(perspective.to_string(), position);
         Ok(())
+    }
+
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Ok(self.lock().idempotency.get(key).map(|(_, r)| r.clone()))
     }
 
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -17,6 +17,10 @@
 //! - A stream's rows are claimed in order, never past a row that is waiting for a retry or is
 //!   dead-lettered (the stream is parked).
 //! - Lease times come from the store's own clock.
+//! - An idempotency key is recorded at most once: a unit carrying a key that is already
+//!   recorded (by an earlier batch, or an earlier unit of the same batch) comes back as
+//!   [`UnitOutcome::KeyTaken`] and writes nothing; the record is written with the unit's other
+//!   rows, in the same atomic step, and is purged after the dedup retention.
 
 pub mod memory;
 #[cfg(feature = "postgres")]
@@ -137,6 +141,32 @@ pub struct UnitOfWork {
     /// Lease the new rows to the writer at once where it can hold their partition, so they are
     /// processed without waiting for a claim.
     pub claim_for_writer: bool,
+    /// The idempotency key of the command this unit is the outcome of, recorded with the unit
+    /// (see [`NewIdempotencyRecord`]); `None` for a command dispatched without a key.
+    pub idempotency: Option<NewIdempotencyRecord>,
+}
+
+/// The record of an idempotent command's first outcome, written in the same atomic step as the
+/// command's events and queue rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewIdempotencyRecord {
+    /// The caller's idempotency key ([`crate::DispatchOptions::idempotency_key`]).
+    pub key: String,
+    /// The hash of the command's type name and encoded body: a later dispatch with the same key
+    /// and another hash is refused.
+    pub request_hash: Vec<u8>,
+    /// The outcome as the dispatcher encoded it (its result, its receipt, or its refusal),
+    /// opaque to the store.
+    pub outcome: Vec<u8>,
+}
+
+/// A recorded idempotency key, as [`Store::idempotency_record`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// The key, the hash and the encoded outcome, as written.
+    pub record: NewIdempotencyRecord,
+    /// The events the unit that wrote the record appended, in the unit's order.
+    pub appended: Vec<AppendedEvent>,
 }
 
 /// Where an appended event landed.
@@ -322,6 +352,12 @@ pub enum UnitOutcome {
         /// Its version when the unit was checked (0: no stream).
         actual: u64,
     },
+    /// The unit's idempotency key was already recorded: nothing of this unit was written.
+    /// The record there ([`Store::idempotency_record`]) holds the first outcome.
+    KeyTaken {
+        /// The key.
+        key: String,
+    },
 }
 
 /// The answer to one [`WorkBatch`], units in the order they were given.
@@ -481,6 +517,18 @@ pub enum StoreError {
         /// The pre-squash file names its `wb_migrations` records.
         applied: Vec<String>,
     },
+    /// The schema lacks tables this build reads: it was never migrated, or only by an older
+    /// build. Read-only operator commands answer this instead of migrating.
+    #[error(
+        "schema `{schema}` is not migrated (missing {}): run `whizbang migrate` first",
+        missing.join(", ")
+    )]
+    NotMigrated {
+        /// The configured schema (`store.schema`).
+        schema: String,
+        /// The baseline files it has not recorded.
+        missing: Vec<String>,
+    },
     /// A row the caller named does not exist (a dead letter to requeue or skip, say).
     #[error("no such row: {0}")]
     NotFound(String),
@@ -516,6 +564,7 @@ impl StoreError {
             StoreError::Refused { .. }
             | StoreError::Migration { .. }
             | StoreError::PreSquashSchema { .. }
+            | StoreError::NotMigrated { .. }
             | StoreError::NotFound(_)
             | StoreError::Corrupt(_) => false,
         }
@@ -549,7 +598,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Renews this instance's leases and liveness; gives up idle partitions and, gradually,
-    /// partitions above its fair share; purges expired dedup records. A store shared by several
+    /// partitions above its fair share; purges expired dedup records and idempotency records. A store shared by several
     /// processes also looks for instances that died (the Postgres store: their liveness lock is
     /// free) and expires their leases at once, as if they had run out.
     async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError>;
@@ -583,6 +632,10 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// The position of the newest stored event (0 when the event store is empty): where a
+    /// replay that starts now will have read to once it catches up.
+    async fn last_position(&self) -> Result<u64, StoreError>;
+
     /// Of the given inbox message ids, those that are processed.
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
 
@@ -606,6 +659,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records the position a perspective has been replayed up to.
     async fn save_checkpoint(&self, perspective: &str, position: u64) -> Result<(), StoreError>;
+
+    /// The record of an idempotency key, if one was committed and not yet purged.
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
 
     /// Bumped whenever work becomes claimable (new pending rows, released partitions); the
     /// coordinator waits on it instead of polling.

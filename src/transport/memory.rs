@@ -1,7 +1,7 @@
 //! The in-process bus: topics fan out to durable-for-the-process subscriptions.
 //!
-//! Owns per-subscription queues with delivery tags, unsettled tracking (a released delivery is
-//! delivered again, first), and a dead-letter list for rejected deliveries. Like Service Bus, a
+//! Owns per-subscription queues with delivery tags, unsettled tracking (a released delivery, or
+//! one held by a subscription that was dropped, is delivered again, first), and a dead-letter list for rejected deliveries. Like Service Bus, a
 //! subscription receives what is published after it exists. It must not be used between
 //! processes: it lives in one process's memory.
 
@@ -156,6 +156,7 @@ impl Transport for MemoryTransport {
     ) -> Result<Box<dyn Subscription>, TransportError> {
         Ok(Box::new(MemorySubscription {
             queue: self.bus.queue(topic, subscription),
+            held: Vec::new(),
         }))
     }
 
@@ -174,6 +175,35 @@ impl Transport for MemoryTransport {
 
 struct MemorySubscription {
     queue: Arc<SubscriptionQueue>,
+    /// Tags delivered through this subscription and not settled through it: like a broker when
+    /// a link closes, dropping the subscription puts them back for the next receiver.
+    held: Vec<u64>,
+}
+
+impl SubscriptionQueue {
+    /// Puts an unsettled delivery back at its place in arrival order (ahead of everything that
+    /// arrived after it): releasing several deliveries must not reverse them.
+    fn release(st: &mut QueueState, arrival: u64, message: Result<Envelope, MalformedDelivery>) {
+        let at = st.ready.partition_point(|(a, _)| *a < arrival);
+        st.ready.insert(at, (arrival, message));
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        let mut st = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut released = false;
+        for tag in self.held.drain(..) {
+            if let Some((arrival, message)) = st.unsettled.remove(&tag) {
+                SubscriptionQueue::release(&mut st, arrival, message);
+                released = true;
+            }
+        }
+        drop(st);
+        if released {
+            self.queue.ready.notify_one();
+        }
+    }
 }
 
 #[async_trait]
@@ -192,6 +222,7 @@ impl Subscription for MemorySubscription {
                         st.next_tag += 1;
                         let tag = st.next_tag;
                         st.unsettled.insert(tag, (arrival, message.clone()));
+                        self.held.push(tag);
                         out.push(Delivery { tag, message });
                     }
                     return Ok(out);
@@ -202,6 +233,7 @@ impl Subscription for MemorySubscription {
     }
 
     async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError> {
+        self.held.retain(|t| *t != tag);
         let mut st = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some((arrival, message)) = st.unsettled.remove(&tag) else {
             return Ok(()); // settling twice is harmless
@@ -210,10 +242,7 @@ impl Subscription for MemorySubscription {
             Settlement::Accept => {}
             Settlement::Reject(reason) => st.dead.push((message, reason)),
             Settlement::Release => {
-                // Back to its place in arrival order (ahead of everything that arrived after
-                // it): releasing several deliveries must not reverse them.
-                let at = st.ready.partition_point(|(a, _)| *a < arrival);
-                st.ready.insert(at, (arrival, message));
+                SubscriptionQueue::release(&mut st, arrival, message);
                 drop(st);
                 self.queue.ready.notify_one();
             }

@@ -7,6 +7,11 @@
 
 mod support;
 
+/// The order domain and HTTP service of the examples (`examples/orders`), for `web::*`.
+#[allow(dead_code)]
+#[path = "../../examples/orders/mod.rs"]
+mod orders;
+
 mod actix_facts;
 mod config_files;
 mod config_reference;
@@ -27,12 +32,14 @@ mod amqp {
 /// The contract (`src/lib.rs`), one file per concern, mostly on the in-memory transport.
 mod contract {
     mod admission;
+    mod backpressure;
     mod bad_input;
     mod batches_in_flight;
     mod correlation;
     mod deferred_completions;
     mod failures;
     mod handler_timeout;
+    mod idempotency;
     mod inbox_dedup;
     mod lost_answers;
     mod malformed;
@@ -40,7 +47,9 @@ mod contract {
     mod read_your_writes;
     mod registry;
     mod replay;
+    mod scopes;
     mod stop_signal;
+    mod supervision;
     mod version_conflict;
 }
 
@@ -48,9 +57,21 @@ mod contract {
 /// the server.
 mod postgres {
     mod deadlines;
+    mod idempotency;
     mod liveness;
     mod migrations;
     mod runtime;
     mod secrets;
     mod tls;
+}
+
+/// The HTTP edge (`whizbang::web`) through the order_api example over real HTTP, and
+/// `whizbang::testing`.
+mod web {
+    mod flows;
+    mod harness;
+    mod limits;
+    mod postgres;
+    mod shutdown;
+    mod tracking;
 }

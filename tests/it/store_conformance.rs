@@ -66,7 +66,9 @@ async fn open_postgres_with(s: StoreSettings, one_message_path: bool) -> (Arc<dy
         .await
         .expect("Postgres must be reachable for the conformance suite");
     // The config knob is whole seconds; the suite wants 1 s leases.
-    let store = store.with_lease(s.lease);
+    let store = store
+        .with_lease(s.lease)
+        .with_dedup_retention(s.dedup_retention);
     let store = if one_message_path {
         store
     } else {
@@ -173,7 +175,26 @@ fn committed(
             claimed_inbox,
             duplicate_inbox,
         } => (appended, claimed_outbox, claimed_inbox, duplicate_inbox),
-        UnitOutcome::Conflict { .. } => panic!("unexpected conflict: {o:?}"),
+        UnitOutcome::Conflict { .. } | UnitOutcome::KeyTaken { .. } => {
+            panic!("unexpected outcome: {o:?}")
+        }
+    }
+}
+
+/// `u` recording idempotency key `key` for a request hashing to `hash`, with `outcome`.
+fn keyed(mut u: UnitOfWork, key: &str, hash: &[u8], outcome: &[u8]) -> UnitOfWork {
+    u.idempotency = Some(NewIdempotencyRecord {
+        key: key.into(),
+        request_hash: hash.to_vec(),
+        outcome: outcome.to_vec(),
+    });
+    u
+}
+
+fn key_taken(o: &UnitOutcome) -> &str {
+    match o {
+        UnitOutcome::KeyTaken { key } => key,
+        other => panic!("expected the key taken, got {other:?}"),
     }
 }
 
@@ -423,6 +444,44 @@ async fn conflict_goes_to_its_unit_only(b: Backend) {
     // The conflicting unit left no queue rows either.
     let status = store.correlation_status(e1.correlation_id).await.unwrap();
     assert_eq!(status, CorrelationStatus::default());
+}
+
+/// A unit writing to several streams (a request scope's commands) is refused whole when one of
+/// its expectations fails: nothing of any of its streams is written.
+async fn a_unit_over_several_streams_is_refused_whole(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let e0 = event("whole-a", 0);
+    batch(&store, a, units(vec![unit(&e0, true)])).await;
+    let (e1, e2, e3) = (
+        event("whole-b", 1),
+        event("whole-a", 2),
+        event("whole-c", 3),
+    );
+    let mut u = unit(&e1, true);
+    for e in [&e2, &e3] {
+        let more = unit(e, true);
+        u.events.extend(more.events);
+        u.outbox.extend(more.outbox);
+        u.inbox.extend(more.inbox);
+    }
+    u.expectations
+        .push(("whole-b".into(), ExpectedVersion::NoStream));
+    u.expectations
+        .push(("whole-a".into(), ExpectedVersion::NoStream));
+    let r = batch(&store, a, units(vec![u])).await;
+    assert!(
+        matches!(&r.units[0], UnitOutcome::Conflict { stream_id, actual: 1, .. } if stream_id == "whole-a"),
+        "{:?}",
+        r.units[0]
+    );
+    assert_eq!(store.read_stream("whole-a", 1).await.unwrap().len(), 1);
+    assert!(store.read_stream("whole-b", 1).await.unwrap().is_empty());
+    assert!(store.read_stream("whole-c", 1).await.unwrap().is_empty());
+    for e in [&e1, &e2, &e3] {
+        let status = store.correlation_status(e.correlation_id).await.unwrap();
+        assert_eq!(status, CorrelationStatus::default(), "no queue rows");
+    }
 }
 
 async fn concurrent_writers_exactly_one_wins(b: Backend) {
@@ -738,7 +797,15 @@ async fn dead_letter_after_max_attempts_then_requeue_and_skip(b: Backend) {
     // Parked: nothing of the stream is claimable, even after the backoff.
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(batch(&store, a, claim_all()).await.claimed_inbox.is_empty());
+    let mut rx = store.work_signal();
+    // Let any wake-up already on its way arrive, then start from a quiet signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
     store.requeue_dead_letter(e1.message_id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("a requeue wakes the instances: the stream is claimable again")
+        .unwrap();
     let r = batch(&store, a, claim_all()).await;
     let ids: Vec<(Uuid, u32)> = r
         .claimed_inbox
@@ -776,7 +843,13 @@ async fn dead_letter_after_max_attempts_then_requeue_and_skip(b: Backend) {
         .await;
     }
     assert_eq!(store.dead_letters().await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
     store.skip_dead_letter(e1.message_id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.changed())
+        .await
+        .expect("a skip wakes the instances: the rest of the stream is claimable")
+        .unwrap();
     assert!(store.dead_letters().await.unwrap().is_empty());
     let r = batch(&store, a, claim_all()).await;
     let ids: Vec<Uuid> = r
@@ -1412,6 +1485,202 @@ async fn perspective_checkpoints(b: Backend) {
     assert_eq!(store.load_checkpoint("other").await.unwrap(), Some(7));
 }
 
+async fn an_idempotency_key_is_recorded_with_its_unit_and_refuses_a_second(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    assert_eq!(store.idempotency_record("k-1").await.unwrap(), None);
+    let (e1, e2) = (event("idem", 1), event("idem", 2));
+    let mut first = unit(&e1, true);
+    first.events.push(e2.clone());
+    let r = batch(&store, a, units(vec![keyed(first, "k-1", b"h1", b"first")])).await;
+    let appended = committed(&r.units[0]).0.clone();
+    assert_eq!(appended.len(), 2);
+    let record = store
+        .idempotency_record("k-1")
+        .await
+        .unwrap()
+        .expect("recorded with its unit");
+    assert_eq!(
+        record.record,
+        NewIdempotencyRecord {
+            key: "k-1".into(),
+            request_hash: b"h1".to_vec(),
+            outcome: b"first".to_vec(),
+        }
+    );
+    assert_eq!(record.appended, appended, "the unit's events, in its order");
+
+    // The same key again, in a later batch (with a version expectation it would meet, and
+    // another request): refused whole, nothing of it written.
+    let e3 = event("idem-other", 3);
+    let mut again = keyed(unit(&e3, true), "k-1", b"h2", b"second");
+    again
+        .expectations
+        .push(("idem-other".into(), ExpectedVersion::NoStream));
+    let r = batch(&store, a, units(vec![again])).await;
+    assert_eq!(key_taken(&r.units[0]), "k-1");
+    assert!(store.read_stream("idem-other", 1).await.unwrap().is_empty());
+    let status = store.correlation_status(e3.correlation_id).await.unwrap();
+    assert_eq!(status, CorrelationStatus::default(), "no queue rows either");
+    let kept = store.idempotency_record("k-1").await.unwrap().unwrap();
+    assert_eq!(
+        kept.record.outcome,
+        b"first".to_vec(),
+        "the first record stays"
+    );
+}
+
+async fn a_key_taken_earlier_in_the_batch_refuses_the_later_unit_only(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e1, e2, e3) = (event("kb", 1), event("kb", 2), event("kb-free", 3));
+    let r = batch(
+        &store,
+        a,
+        units(vec![
+            keyed(unit(&e1, true), "dup", b"h", b"one"),
+            keyed(unit(&e2, true), "dup", b"h", b"two"),
+            keyed(unit(&e3, true), "free", b"h", b"three"),
+        ]),
+    )
+    .await;
+    assert_eq!(committed(&r.units[0]).0[0].version, 1);
+    assert_eq!(key_taken(&r.units[1]), "dup");
+    assert_eq!(committed(&r.units[2]).0[0].stream_id, "kb-free");
+    let ids: Vec<Uuid> = store
+        .read_stream("kb", 1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.envelope.message_id)
+        .collect();
+    assert_eq!(ids, vec![e1.message_id]);
+    let dup = store.idempotency_record("dup").await.unwrap().unwrap();
+    assert_eq!(dup.record.outcome, b"one".to_vec());
+    assert!(store.idempotency_record("free").await.unwrap().is_some());
+}
+
+async fn a_unit_refused_on_its_version_gives_its_key_back(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e1, e2) = (event("kv", 1), event("kv", 2));
+    let mut u = keyed(unit(&e1, true), "kv-key", b"h", b"o");
+    u.expectations
+        .push(("kv".into(), ExpectedVersion::Exact(5)));
+    let r = batch(&store, a, units(vec![u])).await;
+    assert!(
+        matches!(r.units[0], UnitOutcome::Conflict { .. }),
+        "{:?}",
+        r.units[0]
+    );
+    assert_eq!(store.idempotency_record("kv-key").await.unwrap(), None);
+    // The key is free for the command run again.
+    let r = batch(
+        &store,
+        a,
+        units(vec![keyed(unit(&e2, true), "kv-key", b"h", b"o2")]),
+    )
+    .await;
+    committed(&r.units[0]);
+    let record = store.idempotency_record("kv-key").await.unwrap().unwrap();
+    assert_eq!(record.record.outcome, b"o2".to_vec());
+    assert_eq!(record.appended.len(), 1);
+    assert_eq!(record.appended[0].message_id, e2.message_id);
+}
+
+async fn a_unit_of_only_an_idempotency_record_commits(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let refusal = keyed(UnitOfWork::default(), "refused", b"h", b"no");
+    let r = batch(&store, a, units(vec![refusal])).await;
+    assert!(committed(&r.units[0]).0.is_empty());
+    let record = store.idempotency_record("refused").await.unwrap().unwrap();
+    assert_eq!(record.record.outcome, b"no".to_vec());
+    assert!(record.appended.is_empty());
+    let again = keyed(UnitOfWork::default(), "refused", b"h", b"no again");
+    let r = batch(&store, a, units(vec![again])).await;
+    assert_eq!(key_taken(&r.units[0]), "refused");
+}
+
+async fn concurrent_units_with_one_key_commit_exactly_one(b: Backend) {
+    let store = open(b, settings()).await;
+    let (a, c) = (instance(&store).await, instance(&store).await);
+    for round in 0..10 {
+        let key = format!("race-{round}");
+        let (ea, ec) = (
+            event(&format!("ra-{round}"), 1),
+            event(&format!("rc-{round}"), 2),
+        );
+        let (ra, rc) = tokio::join!(
+            store.process_work_batch(a, units(vec![keyed(unit(&ea, false), &key, b"h", b"a")])),
+            store.process_work_batch(c, units(vec![keyed(unit(&ec, false), &key, b"h", b"c")]))
+        );
+        let (ra, rc) = (ra.expect("writer a's batch"), rc.expect("writer c's batch"));
+        let outcomes = [&ra.units[0], &rc.units[0]].map(|o| o.clone());
+        let winner = match (&outcomes[0], &outcomes[1]) {
+            (UnitOutcome::Committed { .. }, UnitOutcome::KeyTaken { .. }) => (&ea, b"a"),
+            (UnitOutcome::KeyTaken { .. }, UnitOutcome::Committed { .. }) => (&ec, b"c"),
+            other => panic!("round {round}: exactly one must commit: {other:?}"),
+        };
+        let loser = if winner.0.message_id == ea.message_id {
+            &ec
+        } else {
+            &ea
+        };
+        let record = store.idempotency_record(&key).await.unwrap().unwrap();
+        assert_eq!(record.record.outcome, winner.1.to_vec());
+        assert_eq!(record.appended[0].message_id, winner.0.message_id);
+        assert!(
+            store
+                .read_stream(&loser.stream_id, 1)
+                .await
+                .unwrap()
+                .is_empty(),
+            "round {round}: the loser wrote nothing"
+        );
+    }
+}
+
+async fn idempotency_keys_are_purged_after_the_retention(b: Backend) {
+    let mut s = settings();
+    s.dedup_retention = Duration::from_millis(300);
+    let store = open(b, s).await;
+    let a = instance(&store).await;
+    let r = batch(
+        &store,
+        a,
+        units(vec![keyed(UnitOfWork::default(), "old", b"h", b"o")]),
+    )
+    .await;
+    committed(&r.units[0]);
+    store.heartbeat(a).await.unwrap();
+    assert!(
+        store.idempotency_record("old").await.unwrap().is_some(),
+        "kept within the retention"
+    );
+    eventually(10, "the key purged by a heartbeat", || {
+        let store = store.clone();
+        async move {
+            store.heartbeat(a).await.unwrap();
+            store
+                .idempotency_record("old")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    // Gone: the key may be used again.
+    let r = batch(
+        &store,
+        a,
+        units(vec![keyed(UnitOfWork::default(), "old", b"h2", b"o2")]),
+    )
+    .await;
+    committed(&r.units[0]);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -1435,6 +1704,7 @@ conformance!(
     versions_per_stream_and_positions,
     versions_follow_batch_order_across_streams,
     conflict_goes_to_its_unit_only,
+    a_unit_over_several_streams_is_refused_whole,
     concurrent_writers_exactly_one_wins,
     inbox_dedup,
     writer_claims_and_completes,
@@ -1459,6 +1729,12 @@ conformance!(
     claims_whose_answer_was_lost_are_handed_out_again,
     in_flight_twins_are_told_apart_by_queue,
     a_recovery_claim_beyond_its_budget_gives_the_rest_up,
+    an_idempotency_key_is_recorded_with_its_unit_and_refuses_a_second,
+    a_key_taken_earlier_in_the_batch_refuses_the_later_unit_only,
+    a_unit_refused_on_its_version_gives_its_key_back,
+    a_unit_of_only_an_idempotency_record_commits,
+    concurrent_units_with_one_key_commit_exactly_one,
+    idempotency_keys_are_purged_after_the_retention,
 );
 
 /// Postgres only (the memory store has no concurrent transactions): a partition above the fair

@@ -1,5 +1,5 @@
 //! The rows of the batch functions back into a [`WorkBatchResult`]: the answer rows by kind
-//! (stale, dead, retry, conflict, appended, the packed `appended_v` and `wclaims_o`, dup,
+//! (stale, dead, retry, conflict, taken, appended, the packed `appended_v` and `wclaims_o`, dup,
 //! writer and pending claims), envelopes decoded from their columns, and the start-up check
 //! that the functions still return [`BATCH_ROW_COLUMNS`] in that order.
 //!
@@ -220,6 +220,12 @@ pub(super) fn read_answer(
                     stream_id: stream,
                     expected,
                     actual: actual as u64,
+                };
+            }
+            "taken" => {
+                let u = unit.ok_or_else(|| StoreError::Corrupt("taken without unit".into()))?;
+                outcomes[u] = UnitOutcome::KeyTaken {
+                    key: row.get(column::STREAM_ID),
                 };
             }
             "appended" => {

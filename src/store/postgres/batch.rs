@@ -1,5 +1,6 @@
 //! A [`WorkBatch`] as the arguments of the batch functions: the parallel arrays of
-//! `wb_process_work_batch` (reports, units, expected versions, messages, inbox completions),
+//! `wb_process_work_batch` (reports, units, expected versions, messages, inbox completions,
+//! idempotency records),
 //! the numbering of the batch's appends the caller computes (see
 //! `schema/functions/work_batch.sql`), and the scalars of `wb_process_one_message` for a batch of one message.
 //!
@@ -53,6 +54,10 @@ pub(super) struct BatchArrays<'a> {
     pub(super) c_id: Vec<Uuid>,
     pub(super) c_part: Vec<i32>,
     pub(super) c_gen: Vec<i64>,
+    pub(super) k_unit: Vec<i32>,
+    pub(super) k_key: Vec<&'a str>,
+    pub(super) k_hash: Vec<&'a [u8]>,
+    pub(super) k_outcome: Vec<&'a [u8]>,
 }
 
 impl<'a> BatchArrays<'a> {
@@ -176,6 +181,12 @@ impl<'a> BatchArrays<'a> {
             self.m_part[i] = row.partition as i32;
             self.m_inbox[i] = true;
         }
+        if let Some(record) = &unit.idempotency {
+            self.k_unit.push(index);
+            self.k_key.push(&record.key);
+            self.k_hash.push(&record.request_hash);
+            self.k_outcome.push(&record.outcome);
+        }
         for w in &unit.completes_inbox {
             self.c_unit.push(index);
             self.c_id.push(w.message_id);
@@ -188,7 +199,7 @@ impl<'a> BatchArrays<'a> {
 impl BatchArrays<'_> {
     /// Whether `wb_process_one_message` can write this batch: completions only as reports, at
     /// most one unit with at most one message, no expected versions, no inbox rows completed
-    /// by the unit, no claim. Most batches of `local_invoke` and of scoped flushes are such;
+    /// by the unit, no idempotency record, no claim. Most batches of `local_invoke` and of scoped flushes are such;
     /// that function writes them row by row at about two thirds of the general one's cost.
     pub(super) fn one_message(&self, batch: &WorkBatch) -> bool {
         batch.claim.is_none()
@@ -198,6 +209,7 @@ impl BatchArrays<'_> {
             && self.m_id.len() <= 1
             && self.x_unit.is_empty()
             && self.c_id.is_empty()
+            && self.k_unit.is_empty()
     }
 }
 

@@ -84,7 +84,7 @@ impl bb8::ManageConnection for PgManager {
         let client = self.inner.connect().await?;
         let s = &self.schema;
         let batch = client
-            .prepare(&call(s, "wb_process_work_batch", 43))
+            .prepare(&call(s, "wb_process_work_batch", 47))
             .await?;
         let one_message = client
             .prepare(&call(s, "wb_process_one_message", 21))

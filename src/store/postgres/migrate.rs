@@ -1,5 +1,6 @@
-//! Schema migrations: the numbered files `schema/0001_baseline.sql`, `schema/0002_…` and
-//! `schema/functions/*.sql`, embedded in the binary.
+//! Schema migrations: the numbered files of `schema/` (`0001_baseline.sql`,
+//! `0002_liveness_lock.sql`, `0003_idempotency.sql`) and `schema/functions/*.sql`, embedded in
+//! the binary.
 //!
 //! Owns bringing one schema to what this build expects, under a transaction-scoped advisory
 //! lock per schema (so instances starting together do the work once) and in one transaction:
@@ -43,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "0002_liveness_lock.sql",
         sql: include_str!("../../../schema/0002_liveness_lock.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_idempotency.sql",
+        sql: include_str!("../../../schema/0003_idempotency.sql"),
     },
 ];
 

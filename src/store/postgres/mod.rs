@@ -13,13 +13,15 @@
 //! two holding connections (so that they die with the process). The pieces live beside it:
 //! [`connect`] (pool, prepared statements, start-up connection), `liveness` (the lock's and
 //! LISTEN's connections), `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their
-//! rows back into a [`WorkBatchResult`]), `admin` (dead letters), [`migrate`](mod@migrate),
-//! [`tls`] and [`vacuum`].
+//! rows back into a [`WorkBatchResult`]), `admin` (dead letters), [`inspect`] (the operator's
+//! read-only views and bulk dead-letter actions), [`migrate`](mod@migrate), [`tls`] and
+//! [`vacuum`].
 
 mod admin;
 mod answer;
 mod batch;
 pub mod connect;
+pub mod inspect;
 mod liveness;
 pub mod migrate;
 pub mod tls;
@@ -190,6 +192,13 @@ impl PostgresStore {
     /// of [`LIVENESS_GRACE`] (tests).
     pub fn with_liveness_grace(mut self, grace: Duration) -> PostgresStore {
         self.liveness_grace = grace;
+        self
+    }
+
+    /// Keeps processed dedup keys and idempotency keys for `retention` instead of the
+    /// configuration's whole hours (`store.dedup_retention_hours`).
+    pub fn with_dedup_retention(mut self, retention: Duration) -> PostgresStore {
+        self.settings.dedup_retention = retention;
         self
     }
 
@@ -410,6 +419,10 @@ impl Store for PostgresStore {
                 &numbering.m_sidx,
                 &numbering.m_vback,
                 &numbering.m_apos,
+                &a.k_unit,
+                &a.k_key,
+                &a.k_hash,
+                &a.k_outcome,
             ]
         };
         let rows = {
@@ -530,6 +543,16 @@ impl Store for PostgresStore {
         rows.iter().map(stored_event).collect()
     }
 
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .query(
+                &format!("SELECT last FROM {}.wb_position", self.schema),
+                &[],
+            )
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+    }
+
     async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         let rows = self
             .query(
@@ -620,6 +643,43 @@ impl Store for PostgresStore {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT k.request_hash, k.outcome, e.message_id, e.stream_id, e.version, e.position
+                       FROM {s}.wb_idempotency k
+                       LEFT JOIN {s}.wb_events e ON e.message_id = ANY (k.event_ids)
+                      WHERE k.idempotency_key = $1
+                      ORDER BY e.position",
+                    s = self.schema
+                ),
+                &[&key],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let record = NewIdempotencyRecord {
+            key: key.to_string(),
+            request_hash: first.get(0),
+            outcome: first.get(1),
+        };
+        let appended = rows
+            .iter()
+            .filter_map(|r| {
+                let message_id: Option<Uuid> = r.get(2);
+                Some(AppendedEvent {
+                    message_id: message_id?,
+                    stream_id: r.get(3),
+                    version: r.get::<_, i64>(4) as u64,
+                    position: r.get::<_, i64>(5) as u64,
+                })
+            })
+            .collect();
+        Ok(Some(IdempotencyRecord { record, appended }))
     }
 
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {

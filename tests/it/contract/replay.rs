@@ -1,5 +1,6 @@
 //! Rebuilding a perspective from the event store, and resuming from its checkpoint, on the
-//! memory store and on Postgres.
+//! memory store and on Postgres; and the `replay` operator command a service embeds, with its
+//! progress.
 
 use crate::support::pg;
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,7 @@ async fn rebuild_and_resume(backend: StoreBackend) {
     }
     let live = log.0.lock().unwrap().clone();
     assert_eq!(live.len(), 30);
+    assert_eq!(rt.store().last_position().await.unwrap(), 30);
 
     // Rebuild from scratch into an emptied read model: the same events, in the same order.
     log.0.lock().unwrap().clear();
@@ -144,4 +146,127 @@ async fn memory_rebuild_and_resume() {
 async fn postgres_rebuild_and_resume() {
     let _pg = pg::slot().await;
     rebuild_and_resume(StoreBackend::Postgres).await;
+}
+
+/// `replay` as a service embeds it (`whizbang::operator`): parsed from a command line,
+/// run on a builder with the perspective registered (the service itself not started), it
+/// rebuilds the read model and reports its progress as plain lines, then resumes from its
+/// checkpoint with nothing left to apply.
+#[actix_rt::test]
+async fn operator_replay_rebuilds_with_progress_lines() {
+    use clap::Parser;
+    use whizbang::operator::OperatorCommand;
+
+    #[derive(Parser)]
+    struct Service {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    }
+
+    let _pg = pg::slot().await;
+    let config = config(StoreBackend::Postgres);
+    let schema = config.store.schema.clone();
+    let live = Log::default();
+    let rt = Runtime::builder(config.clone())
+        .receptor::<Add, _>(AddReceptor)
+        .perspective::<Added, _>("log", live.clone())
+        .start()
+        .await
+        .expect("runtime starts");
+    for n in 0..25 {
+        let _: Added = rt
+            .local_invoke(Add {
+                stream: format!("s{}", n % 4),
+                n,
+            })
+            .await
+            .unwrap();
+    }
+    rt.shutdown().await.unwrap();
+
+    let replay = |from: &str| {
+        Service::try_parse_from([
+            "my-service",
+            "replay",
+            "log",
+            "--from",
+            from,
+            "--page-size",
+            "10",
+            "--progress",
+            "lines",
+            "--progress-interval",
+            "0",
+        ])
+        .expect("the command line parses")
+        .command
+    };
+    let rebuilt = Log::default();
+    let (mut progress, mut summary) = (Vec::new(), Vec::new());
+    let report = replay("scratch")
+        .run_with(
+            Runtime::builder(config.clone()).perspective::<Added, _>("log", rebuilt.clone()),
+            &mut progress,
+            &mut summary,
+        )
+        .await
+        .expect("the replay runs");
+    assert_eq!((report.applied, report.checkpoint), (25, 25));
+    assert_eq!(*rebuilt.0.lock().unwrap(), *live.0.lock().unwrap());
+    let progress = String::from_utf8(progress).unwrap();
+    let lines: Vec<&str> = progress.lines().collect();
+    let expected = [
+        "replay log: 0/25 events read (0%), 0 applied",
+        "replay log: 10/25 events read (40%), 10 applied",
+        "replay log: 20/25 events read (80%), 20 applied",
+        "replay log: 25/25 events read (100%), 25 applied",
+        "replay log: done, 25 events read, 25 applied in ",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{progress}");
+    for (line, start) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(start),
+            "{line:?} starts with {start:?}\n{progress}"
+        );
+    }
+    assert!(lines[1].contains("events/s, ETA "), "{progress}");
+    assert!(lines[4].ends_with("checkpoint 25"), "{progress}");
+    assert_eq!(
+        String::from_utf8(summary).unwrap(),
+        "replayed perspective log from scratch: 25 events applied, checkpoint at position 25\n"
+    );
+
+    // From the checkpoint: nothing new, nothing applied.
+    let resumed = Log::default();
+    let (mut progress, mut summary) = (Vec::new(), Vec::new());
+    let report = replay("checkpoint")
+        .run_with(
+            Runtime::builder(config.clone()).perspective::<Added, _>("log", resumed.clone()),
+            &mut progress,
+            &mut summary,
+        )
+        .await
+        .expect("the resume runs");
+    assert_eq!((report.applied, report.checkpoint), (0, 25));
+    assert!(resumed.0.lock().unwrap().is_empty());
+    let progress = String::from_utf8(progress).unwrap();
+    assert!(
+        progress.starts_with("replay log: 0/0 events read (100%)")
+            && progress.contains("replay log: done, 0 events read, 0 applied"),
+        "{progress}"
+    );
+
+    // A perspective the service does not have is an error, not an empty success.
+    let err = replay("scratch")
+        .run_with(
+            Runtime::builder(config).perspective::<Added, _>("other", Log::default()),
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("no perspective named log");
+    assert!(err.to_string().contains("perspective log"), "{err}");
+    pg::drop_schemas(&[&schema])
+        .await
+        .expect("the test's schema is dropped");
 }

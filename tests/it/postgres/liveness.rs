@@ -95,7 +95,7 @@ async fn write(store: &Arc<dyn Store>, by: InstanceId, stream: &str, events: u8)
                 assert_eq!(claimed_outbox.len(), 1, "the row is claimed for its writer");
                 claimed_outbox[0].work
             }
-            UnitOutcome::Conflict { .. } => panic!("conflict"),
+            other => panic!("not committed: {other:?}"),
         })
         .collect()
 }

@@ -202,7 +202,7 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         })
         .collect();
     changed.push(Migration {
-        version: MIGRATIONS.len() as i32 + 1,
+        version: MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0) + 1,
         name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
@@ -234,7 +234,7 @@ async fn a_changed_applied_file_is_refused_and_nothing_else_is_applied() {
         })
         .collect();
     extended.push(Migration {
-        version: MIGRATIONS.len() as i32 + 1,
+        version: MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0) + 1,
         name: "0099_new.sql",
         sql: "CREATE TABLE {{schema}}.wb_new_table (id integer);",
     });
@@ -503,7 +503,8 @@ async fn an_unreachable_database_is_retried_until_the_start_up_timeout() {
 }
 
 /// The arguments of a work batch of two units (one event each, appended and bound for the
-/// outbox, claimed for the writer) on partitions `p` and `p + 1`, as SQL literals.
+/// outbox, claimed for the writer, no idempotency records) on partitions `p` and `p + 1`, as
+/// SQL literals.
 fn two_unit_batch_args(instance: Uuid, p: i32, ids: [Uuid; 2]) -> String {
     let [a, b] = ids;
     format!(
@@ -518,7 +519,8 @@ fn two_unit_batch_args(instance: Uuid, p: i32, ids: [Uuid; 2]) -> String {
          '{{1,1}}',
          ARRAY[CASE WHEN 's-{a}' COLLATE \"C\" < 's-{b}' THEN 1 ELSE 2 END,
                CASE WHEN 's-{a}' COLLATE \"C\" < 's-{b}' THEN 2 ELSE 1 END],
-         '{{0,0}}', '{{1,2}}'",
+         '{{0,0}}', '{{1,2}}',
+         '{{}}', '{{}}', '{{}}', '{{}}'",
         q = p + 1
     )
 }

@@ -79,6 +79,9 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
     ) -> Result<Vec<whizbang::store::StoredEvent>, whizbang::store::StoreError> {
         self.inner.read_all(after, limit).await
     }
+    async fn last_position(&self) -> Result<u64, whizbang::store::StoreError> {
+        self.inner.last_position().await
+    }
     async fn inbox_processed(
         &self,
         ids: &[Uuid],
@@ -114,6 +117,12 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
         position: u64,
     ) -> Result<(), whizbang::store::StoreError> {
         self.inner.save_checkpoint(perspective, position).await
+    }
+    async fn idempotency_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<whizbang::store::IdempotencyRecord>, whizbang::store::StoreError> {
+        self.inner.idempotency_record(key).await
     }
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.work_signal()

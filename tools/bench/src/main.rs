@@ -1,7 +1,7 @@
 //! Benchmarks of the whizbang runtime, each measured against a baseline in the same run.
 //!
-//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, `e2e`, or `all` for
-//! the four in a row with their default settings)
+//! `cargo run --release --bin whizbang-bench -- core` (or `store`, `amqp`, `e2e`, `engine`, `http`, or
+//! `all` for the six in a row with their default settings)
 //!
 //! Suites:
 //! - `store`: the Postgres store beside raw SQL on the same tables (see `store.rs`).
@@ -9,6 +9,11 @@
 //!   end-to-end latency at a fixed offered rate (see `amqp.rs`).
 //! - `e2e`: that end-to-end latency at several offered rates (`--rates`, default 100,1000),
 //!   p50 / p95 / p99, each timed from the intended send time.
+//! - `engine`: the runtime under stress: CPU-bound receptors on 1 and 2 worker threads, the
+//!   heartbeat under a receptor that blocks its thread, memory under overload, a stopped
+//!   Postgres server (see `engine.rs`).
+//! - `http`: the order API over HTTP on the Postgres store beside a bare actix-web handler
+//!   inserting the same event and outbox row with one raw statement (see `http.rs`).
 //! - `core`: the cost of a `local_invoke` (receptor → one event → one perspective, in-memory
 //!   store and transport, default configuration with the scoped flush strategy) beside a direct
 //!   call of the same receptor and perspective (`Receptor::handle`, the event's decode, and
@@ -26,6 +31,8 @@
 
 mod amqp;
 mod cpu;
+mod engine;
+mod http;
 mod report;
 mod store;
 
@@ -66,7 +73,15 @@ enum Suite {
     /// End-to-end latency (local_invoke on one runtime → the perspective of another, over
     /// Postgres and the broker) at several offered rates, with p50 / p95 / p99.
     E2e(amqp::AmqpArgs),
-    /// core, store, amqp and e2e in a row, each with its default settings.
+    /// The runtime under stress: CPU-bound receptors on 1 and 2 worker threads, the heartbeat
+    /// under a receptor that blocks its thread, memory under 5x overload, and a stopped Postgres
+    /// server (SIGSTOP; skipped with --no-stall).
+    Engine(engine::EngineArgs),
+    /// The order API over HTTP on the Postgres store beside a bare actix-web handler that
+    /// inserts the same event and outbox row with one raw statement; `/orders/async` alone.
+    Http(http::HttpArgs),
+    /// core, store, amqp, e2e, http and engine in a row, each with its default settings
+    /// (engine's stall phase pauses the machine's Postgres server).
     All,
     /// Print the Markdown table of a results file written earlier (with each figure's goal).
     Report {
@@ -575,11 +590,21 @@ fn main() {
             Suite::Store(args) => record("store", run_suite("store", store::store(args)).await),
             Suite::Amqp(args) => record("amqp", run_suite("amqp", amqp::amqp(args)).await),
             Suite::E2e(args) => record("e2e", run_suite("e2e", amqp::e2e(args)).await),
+            Suite::Engine(args) => {
+                record("engine", run_suite("engine", engine::engine(args)).await)
+            }
+            Suite::Http(args) => record("http", run_suite("http", http::http(args)).await),
             Suite::All => {
                 record("core", run_suite("core", core(defaults())).await);
                 record("store", run_suite("store", store::store(defaults())).await);
                 record("amqp", run_suite("amqp", amqp::amqp(defaults())).await);
                 record("e2e", run_suite("e2e", amqp::e2e(defaults())).await);
+                record("http", run_suite("http", http::http(defaults())).await);
+                // Last: its stall phase pauses the machine's Postgres server.
+                record(
+                    "engine",
+                    run_suite("engine", engine::engine(defaults())).await,
+                );
             }
             // Printed before the actor system starts.
             Suite::Report { .. } => {}

@@ -42,6 +42,20 @@ const GOALS: &[(&str, &str, Goal)] = &[
     ("amqp", "consume_events_per_s", Goal::AtLeast(5000.0)),
     ("amqp", "e2e_p50_ms", Goal::AtMost(20.0)),
     ("amqp", "e2e_p99_ms", Goal::AtMost(100.0)),
+    ("engine", "cpu_receptor_scaling_ratio", Goal::AtLeast(1.6)),
+    (
+        "engine",
+        "heartbeat_under_cpu_hog_lost_leases",
+        Goal::AtMost(0.0),
+    ),
+    ("engine", "overload_rss_growth_mb", Goal::AtMost(64.0)),
+    // Twice the caller deadline of the overload phase (1 s).
+    ("engine", "overload_accepted_p99_ms", Goal::AtMost(2000.0)),
+    // The statement timeout (5 s by default) + 1 s.
+    ("engine", "pg_stall_error_s_max", Goal::AtMost(6.0)),
+    ("engine", "pg_stall_lost", Goal::AtMost(0.0)),
+    ("http", "http_invoke_ratio_vs_raw", Goal::AtLeast(0.6)),
+    ("http", "http_invoke_p99_ratio_vs_raw", Goal::AtMost(2.0)),
 ];
 
 /// Besides the figures with goals, what the README's one table shows (`--headline`): the
@@ -54,6 +68,9 @@ const HEADLINE: &[(&str, &str)] = &[
     ("amqp", "publish_msgs_per_s"),
     ("amqp", "bare_publish_msgs_per_s"),
     ("e2e", "e2e_max_sustainable_per_s"),
+    ("http", "http_invoke_per_s"),
+    ("http", "http_raw_per_s"),
+    ("http", "http_async_per_s"),
 ];
 
 fn goal(suite: &str, figure: &str) -> Option<Goal> {

@@ -166,6 +166,10 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.read_all(a, l).await
     }
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.last_position().await
+    }
     async fn inbox_processed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.inbox_processed(ids).await
@@ -193,6 +197,10 @@ impl Store for Counting {
     async fn save_checkpoint(&self, p: &str, pos: u64) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.save_checkpoint(p, pos).await
+    }
+    async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.idempotency_record(key).await
     }
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.work_signal()
