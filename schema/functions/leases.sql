@@ -13,6 +13,16 @@
 -- it exclusively, so "no rows here" and "nothing claimed here" are never stale. Shared for
 -- batches, so several batches of one instance run at once.
 --
+-- The liveness lock: a lease bounds how long a dead instance's partitions wait (the lease,
+-- 300 s by default), which for a process that crashed is far too long. So each instance also
+-- holds a session-level advisory lock of its own, in shared mode, on connections it keeps open
+-- for its whole life (wb_take_liveness; the runtime holds it on a dedicated connection and on
+-- its LISTEN connection, so one dropped connection does not free it). A process that dies
+-- loses its connections, and with them the lock, at once; another instance's heartbeat that
+-- finds the lock free takes the dead instance's partitions over exactly as if their leases had
+-- run out (wb_heartbeat). The lease and its fencing token still protect against an instance
+-- that is alive but stalled or cut off: its connections stay open, so its lock stays held.
+--
 -- Every function here runs generic plans (planned once per connection, not per call), with
 -- sequential scans off: see work_batch.sql for why both.
 
@@ -21,6 +31,65 @@
 CREATE OR REPLACE FUNCTION {{schema}}.wb_instance_key(p_instance uuid) RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT AS $$
     SELECT hashtextextended('whizbang-instance:{{schema}}:' || p_instance::text, 0)
+$$;
+
+-- The liveness lock's key is the two-integer form, pg_advisory_lock(class, key): a lock space
+-- apart from wb_instance_key's one-bigint form (the two never meet), with the schema as the
+-- class, so all the liveness locks of one schema are found in pg_locks by classid, and the
+-- instance as the key. Two instances whose keys collide (a 1 in 2^32 chance per pair of one
+-- schema; across schemas the classes differ too) only make each other look alive while either
+-- runs: the dead one's partitions then wait for its leases, as without the lock.
+CREATE OR REPLACE FUNCTION {{schema}}.wb_liveness_class() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT hashtext('whizbang-liveness:{{schema}}')
+$$;
+
+CREATE OR REPLACE FUNCTION {{schema}}.wb_liveness_key(p_instance uuid) RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT hashtext(p_instance::text)
+$$;
+
+-- Takes the liveness locks of p_instances for the calling session (shared: the instance's
+-- connections hold it together) and records when (locked_at, lock_seen_at), unless another
+-- session of the instance held the lock already: then it has been held without a break, and
+-- locked_at (the start of that unbroken hold) stands. The instances' rows are locked first and
+-- the times written before the commit: a heartbeat reads an instance's row with FOR UPDATE
+-- before it looks at the lock, so it sees either the lock free and the old times or the lock
+-- held and the new ones, never the lock held with times from before a loss. The caller takes
+-- each lock once per session (a second take would need a second release).
+CREATE OR REPLACE FUNCTION {{schema}}.wb_take_liveness(p_instances uuid[]) RETURNS void
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+DECLARE
+    v_held uuid[];
+BEGIN
+    PERFORM 1 FROM {{schema}}.wb_instances WHERE instance_id = ANY (p_instances)
+      ORDER BY instance_id FOR UPDATE;
+    v_held := ARRAY(
+        SELECT i FROM unnest(p_instances) AS t(i)
+         WHERE EXISTS (
+               SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ShareLock'
+                  AND l.objsubid = 2 AND l.pid <> pg_backend_pid()
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = {{schema}}.wb_liveness_class()::oid
+                  AND l.objid = {{schema}}.wb_liveness_key(t.i)::oid));
+    PERFORM pg_advisory_lock_shared({{schema}}.wb_liveness_class(), {{schema}}.wb_liveness_key(i))
+       FROM unnest(p_instances) AS t(i);
+    UPDATE {{schema}}.wb_instances
+       SET locked_at = clock_timestamp(), lock_seen_at = clock_timestamp()
+     WHERE instance_id = ANY (p_instances)
+       AND (locked_at IS NULL OR NOT (instance_id = ANY (v_held)));
+END;
+$$;
+
+-- Gives up the calling session's liveness locks of p_instances (a graceful stop).
+CREATE OR REPLACE FUNCTION {{schema}}.wb_drop_liveness(p_instances uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_unlock_shared({{schema}}.wb_liveness_class(), {{schema}}.wb_liveness_key(i))
+       FROM unnest(p_instances) AS t(i);
+END;
 $$;
 
 -- Leases the given partitions to p_instance where they are free, expired or already its own,
@@ -103,12 +172,27 @@ BEGIN
 END;
 $$;
 
--- Renews this instance's liveness and leases, gives up idle partitions at once and, above its
--- fair share (leased partitions / live instances), a few partitions with nothing in flight
--- here; purges processed dedup keys and idempotency keys older than the retention, and instances gone for ten
--- leases; wakes every instance when work became claimable.
+-- Renews this instance's liveness and leases; takes over the partitions of instances whose
+-- liveness lock is free (they died); gives up idle partitions at once and, above its fair share
+-- (leased partitions / live instances), a few partitions with nothing in flight here; purges
+-- processed dedup keys and idempotency keys older than the retention and instances gone for ten leases; wakes every
+-- instance when work became claimable.
+--
+-- An instance found dead by its lock has its live leases expired (expires_at = now()), nothing
+-- else: from there everything is what a lease that ran out gets. The next claim of any instance
+-- leases the partition under the next generation, so a report of the old holder (should it be
+-- alive after all, cut off from its own connections) is refused as stale; until then the old
+-- holder's own heartbeat may renew it, as it may renew a lease that ran out. Only a heartbeat
+-- whose own instance holds its lock judges others, and only those known to have held their
+-- lock at some moment of its own current hold (greatest(locked_at, lock_seen_at) > its
+-- locked_at: they took it, or a heartbeat, theirs or another's, found it held, after it took
+-- its own), or any once it has held its own for p_grace_s: after an event that dropped every
+-- connection (a server restart, a failover), the first instance back must not take the lock
+-- of one that is reconnecting for a death. An instance without a recorded lock (locked_at
+-- NULL: an older build) is judged by its leases only.
 CREATE OR REPLACE FUNCTION {{schema}}.wb_heartbeat(
-    p_instance uuid, p_lease_s double precision, p_retention_s double precision
+    p_instance uuid, p_lease_s double precision, p_retention_s double precision,
+    p_grace_s double precision DEFAULT 10
 ) RETURNS TABLE (live_instances integer, held integer[], released integer[])
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
@@ -120,12 +204,76 @@ DECLARE
     v_released integer[];
     v_excess integer;
     v_p integer;
+    v_locked_at timestamptz;
+    v_other record;
 BEGIN
     -- Waits for this instance's batches that are writing rows into its partitions (they hold
     -- the shared lock from before their rows exist until they commit), and keeps new ones out
     -- until this transaction ends: "no rows" and "nothing claimed" below are not stale.
     PERFORM pg_advisory_xact_lock({{schema}}.wb_instance_key(p_instance));
-    UPDATE {{schema}}.wb_instances SET last_seen = now() WHERE instance_id = p_instance;
+
+    -- This instance's own liveness lock. The row first (a take in progress is waited for, see
+    -- wb_take_liveness), then the lock. Free means every connection holding it is gone: the
+    -- instance is reconnecting (or its process is dead, and this is a statement it sent before
+    -- it died, run by the server after it). Either way it judges nobody, and records nothing:
+    -- what a dead process's last statements write must not change how it is judged. Its
+    -- leases are renewed as ever (an instance alone keeps working); others that find its lock
+    -- free expire them, as for a crash.
+    SELECT i.locked_at INTO v_locked_at FROM {{schema}}.wb_instances i
+     WHERE i.instance_id = p_instance FOR UPDATE;
+    IF v_locked_at IS NOT NULL
+       AND pg_try_advisory_xact_lock({{schema}}.wb_liveness_class(),
+                                     {{schema}}.wb_liveness_key(p_instance)) THEN
+        v_locked_at := NULL;
+    END IF;
+    UPDATE {{schema}}.wb_instances
+       SET last_seen = now(),
+           lock_seen_at = CASE WHEN v_locked_at IS NULL THEN lock_seen_at ELSE now() END
+     WHERE instance_id = p_instance;
+
+    -- Other instances with live leases: a lock held is recorded as seen (the evidence a young
+    -- judge needs, below); a lock free means dead. Nothing here waits on them: their row is
+    -- skipped when locked (a take or a heartbeat of theirs is under way: alive, and no other
+    -- judge is trying their lock at the same time, so a lock found held is held by them), their
+    -- locks are only tried, and so are their lease rows.
+    IF v_locked_at IS NOT NULL THEN
+        FOR v_other IN
+            SELECT i.instance_id, greatest(i.locked_at, i.lock_seen_at) AS seen
+              FROM {{schema}}.wb_instances i
+             WHERE i.instance_id <> p_instance AND i.locked_at IS NOT NULL
+               AND EXISTS (SELECT 1 FROM {{schema}}.wb_partition_leases l
+                            WHERE l.instance_id = i.instance_id AND l.expires_at > now())
+             ORDER BY i.instance_id
+             FOR UPDATE OF i SKIP LOCKED
+        LOOP
+            IF NOT pg_try_advisory_xact_lock({{schema}}.wb_liveness_class(),
+                                             {{schema}}.wb_liveness_key(v_other.instance_id)) THEN
+                UPDATE {{schema}}.wb_instances SET lock_seen_at = now()
+                 WHERE instance_id = v_other.instance_id;
+                CONTINUE;
+            END IF;
+            -- Free. Judged only if it held its lock at some moment of this instance's current
+            -- hold of its own, or once that hold is older than the grace.
+            CONTINUE WHEN NOT (v_other.seen > v_locked_at
+                               OR v_locked_at < now() - p_grace_s * interval '1 second');
+            -- A batch of it may outlive its process on the server, writing rows claimed under
+            -- its leases (it holds this lock in shared mode until it commits): next heartbeat.
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock({{schema}}.wb_instance_key(v_other.instance_id));
+            -- A lease row another transaction holds is skipped: next heartbeat. So is a lease a
+            -- statement of the dead process renews after this (it is judged again as long as
+            -- its lock is free and it has live leases).
+            UPDATE {{schema}}.wb_partition_leases l SET expires_at = now()
+             WHERE l.partition IN (SELECT m.partition FROM {{schema}}.wb_partition_leases m
+                                    WHERE m.instance_id = v_other.instance_id
+                                      AND m.expires_at > now()
+                                      FOR UPDATE SKIP LOCKED);
+            -- No longer counted live (by instances of this one's lease).
+            UPDATE {{schema}}.wb_instances i
+               SET last_seen = least(i.last_seen, now() - p_lease_s * interval '1 second')
+             WHERE i.instance_id = v_other.instance_id;
+        END LOOP;
+    END IF;
+
     UPDATE {{schema}}.wb_partition_leases SET expires_at = now() + p_lease_s * interval '1 second'
      WHERE instance_id = p_instance;
     SELECT count(*) INTO v_live FROM {{schema}}.wb_instances

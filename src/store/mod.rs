@@ -587,7 +587,9 @@ pub fn retryable_sqlstate(code: &str) -> bool {
 /// The work coordinator contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Registers (or re-registers) an instance of a service.
+    /// Registers (or re-registers) an instance of a service, before it takes any lease (the
+    /// Postgres store takes the instance's liveness lock here, and gives it up with a release
+    /// of all its partitions).
     async fn register_instance(
         &self,
         instance: InstanceId,
@@ -596,7 +598,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Renews this instance's leases and liveness; gives up idle partitions and, gradually,
-    /// partitions above its fair share; purges expired dedup records and idempotency records.
+    /// partitions above its fair share; purges expired dedup records and idempotency records. A store shared by several
+    /// processes also looks for instances that died (the Postgres store: their liveness lock is
+    /// free) and expires their leases at once, as if they had run out.
     async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError>;
 
     /// Applies one batch atomically (see the module docs).

@@ -54,10 +54,12 @@ mod contract {
     mod version_conflict;
 }
 
-/// The Postgres store on its own: migrations, the whole runtime on it, TLS to the server.
+/// The Postgres store on its own: migrations, the liveness lock, the whole runtime on it, TLS to
+/// the server.
 mod postgres {
     mod deadlines;
     mod idempotency;
+    mod liveness;
     mod migrations;
     mod runtime;
     mod secrets;

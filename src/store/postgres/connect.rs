@@ -1,7 +1,8 @@
 //! Connections of the Postgres store: the bb8 pool's manager (each pooled connection prepares
 //! the batch, one-message and heartbeat statements once), the start-up connection retried
-//! with capped backoff while the database is unreachable, the LISTEN connection that wakes the
-//! coordinator when work is stored, and the mapping of driver errors to [`StoreError`].
+//! with capped backoff while the database is unreachable, and the mapping of driver errors to
+//! [`StoreError`]. The long-lived connections (the liveness lock's and LISTEN's) are
+//! `liveness`'s.
 //!
 //! It must not run queries of the store's contract (those belong to `PostgresStore`) and must
 //! never put the database's password into a log line or an error: it names the database by
@@ -17,7 +18,7 @@ use bb8_postgres::PostgresConnectionManager;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio_postgres::{AsyncMessage, Client, Statement};
+use tokio_postgres::{Client, Statement};
 
 /// A pooled connection with its prepared statements.
 pub struct PgConnection {
@@ -46,8 +47,9 @@ pub fn with_deadlines(pg: &mut tokio_postgres::Config, config: &Config) {
 
 /// The pool's connections also carry the server-side `statement_timeout`
 /// (`store.statement_timeout_ms`, lock waits included), added to any `options` the URL gives.
-/// Start-up work (migrations wait on an advisory lock while another instance migrates) and the
-/// LISTEN connection do not.
+/// Start-up work (migrations wait on an advisory lock while another instance migrates) does
+/// not; the connections holding the liveness lock do (a take that waits longer is retried on a
+/// new connection).
 pub(super) fn with_statement_timeout(
     pg: &tokio_postgres::Config,
     config: &Config,
@@ -87,7 +89,7 @@ impl bb8::ManageConnection for PgManager {
         let one_message = client
             .prepare(&call(s, "wb_process_one_message", 21))
             .await?;
-        let heartbeat = client.prepare(&call(s, "wb_heartbeat", 3)).await?;
+        let heartbeat = client.prepare(&call(s, "wb_heartbeat", 4)).await?;
         Ok(PgConnection {
             client,
             batch,
@@ -243,53 +245,4 @@ async fn connect_one(
         }
     });
     Ok(client)
-}
-
-/// Keeps a LISTEN connection open for the life of the store; bumps `signal` on every
-/// notification and after every reconnect (notifications may have been missed meanwhile).
-pub(super) async fn listen(
-    config: tokio_postgres::Config,
-    tls: DatabaseTls,
-    schema: String,
-    signal: tokio::sync::watch::Sender<u64>,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        match config.connect(tls.clone()).await {
-            Ok((client, mut connection)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let driver = tokio::spawn(async move {
-                    let mut messages =
-                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-                    use futures::StreamExt;
-                    while let Some(message) = messages.next().await {
-                        match message {
-                            Ok(AsyncMessage::Notification(_)) => {
-                                let _ = tx.send(());
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                    }
-                });
-                if client
-                    .batch_execute(&format!("LISTEN wb_work_{schema}"))
-                    .await
-                    .is_ok()
-                {
-                    backoff.reset();
-                    signal.send_modify(|n| *n = n.wrapping_add(1));
-                    while rx.recv().await.is_some() {
-                        signal.send_modify(|n| *n = n.wrapping_add(1));
-                    }
-                }
-                driver.abort();
-                tracing::warn!("LISTEN connection lost; reconnecting");
-            }
-            Err(e) => {
-                tracing::warn!(error = %describe(&e), "LISTEN connection failed; reconnecting");
-            }
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
 }

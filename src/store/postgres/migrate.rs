@@ -1,5 +1,6 @@
 //! Schema migrations: the numbered files of `schema/` (`0001_baseline.sql`,
-//! `0003_idempotency.sql`) and `schema/functions/*.sql`, embedded in the binary.
+//! `0002_liveness_lock.sql`, `0003_idempotency.sql`) and `schema/functions/*.sql`, embedded in
+//! the binary.
 //!
 //! Owns bringing one schema to what this build expects, under a transaction-scoped advisory
 //! lock per schema (so instances starting together do the work once) and in one transaction:
@@ -38,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "0001_baseline.sql",
         sql: include_str!("../../../schema/0001_baseline.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_liveness_lock.sql",
+        sql: include_str!("../../../schema/0002_liveness_lock.sql"),
     },
     Migration {
         version: 3,

@@ -1,17 +1,19 @@
 //! The Postgres store: the durable implementation of the work-coordinator contract.
 //!
 //! Owns [`PostgresStore`] and its [`Store`] implementation: start-up (connect with retries,
-//! migrate, the autovacuum check, the pool and the LISTEN task), choosing per batch between
-//! `wb_process_work_batch` (arrays, one statement, one round trip, one transaction) and
-//! `wb_process_one_message` (a batch of one message), partition releases, and the reads
-//! (streams, the global log, inbox status, correlation status, checkpoints). Lease times are
-//! the database's `now()`, never this process's clock; several batches of one instance may run
-//! at once, each on its own pooled connection.
+//! migrate, the autovacuum check, the pool, the LISTEN task and the liveness lock's holder),
+//! choosing per batch between `wb_process_work_batch` (arrays, one statement, one round trip,
+//! one transaction) and `wb_process_one_message` (a batch of one message), partition
+//! releases, and the reads (streams, the global log, inbox status, correlation status,
+//! checkpoints). Lease times are the database's `now()`, never this process's clock; several
+//! batches of one instance may run at once, each on its own pooled connection.
 //!
-//! It must not hold state of its own between calls: everything lives in the database. The
-//! pieces live beside it: [`connect`] (pool, prepared statements, start-up connection, LISTEN),
-//! `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their rows back into a
-//! [`WorkBatchResult`]), `admin` (dead letters), [`inspect`] (the operator's
+//! It must not hold state of its own between calls: everything lives in the database, but for
+//! the liveness locks of the instances registered through it, which live in the sessions of its
+//! two holding connections (so that they die with the process). The pieces live beside it:
+//! [`connect`] (pool, prepared statements, start-up connection), `liveness` (the lock's and
+//! LISTEN's connections), `batch` (a [`WorkBatch`] as the functions' arrays), `answer` (their
+//! rows back into a [`WorkBatchResult`]), `admin` (dead letters), [`inspect`] (the operator's
 //! read-only views and bulk dead-letter actions), [`migrate`](mod@migrate), [`tls`] and
 //! [`vacuum`].
 
@@ -20,6 +22,7 @@ mod answer;
 mod batch;
 pub mod connect;
 pub mod inspect;
+mod liveness;
 pub mod migrate;
 pub mod tls;
 pub mod vacuum;
@@ -27,9 +30,10 @@ pub mod vacuum;
 use self::answer::{MessagePlaces, check_batch_columns, read_answer, stored_event};
 use self::batch::{BatchArrays, Numbering, OneMessage, PackedAppends};
 use self::connect::{
-    PgConnection, PgManager, connect_at_start, endpoint, listen, pool_error, query_error,
-    unavailable, with_deadlines, with_statement_timeout,
+    PgConnection, PgManager, connect_at_start, endpoint, pool_error, query_error, unavailable,
+    with_deadlines, with_statement_timeout,
 };
+use self::liveness::{Liveness, Role, keep_open};
 use self::migrate::{describe, migrate};
 use self::vacuum::autovacuum_gaps;
 use super::*;
@@ -41,13 +45,25 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 /// The durable store: one Postgres schema, reached through a connection pool, with a task
-/// that LISTENs for work notifications (stopped when the store is dropped).
+/// that LISTENs for work notifications and one that holds the liveness lock of the instances
+/// registered through it (both on connections of their own; stopped when the store is
+/// dropped, which frees the locks).
 pub struct PostgresStore {
     pool: bb8::Pool<PgManager>,
     schema: String,
     settings: StoreSettings,
     signal: tokio::sync::watch::Sender<u64>,
+    /// The LISTEN connection's task; it holds the liveness locks too.
     listener: tokio::task::JoinHandle<()>,
+    /// The dedicated liveness lock connection's task.
+    lock_holder: tokio::task::JoinHandle<()>,
+    liveness: Liveness,
+    /// How long `register_instance` waits for the instance's liveness lock
+    /// (`store.startup_timeout_ms`).
+    lock_deadline: Duration,
+    /// How long an instance must have held its own liveness lock before its heartbeat judges
+    /// instances it has not seen holding theirs (see `wb_heartbeat`).
+    liveness_grace: Duration,
     /// Whether batches of one message go to `wb_process_one_message` (always, outside tests).
     one_message_path: bool,
     /// The longest wait for one answer: the server's statement timeout plus [`ANSWER_MARGIN`].
@@ -61,13 +77,23 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.listener.abort();
+        self.lock_holder.abort();
     }
 }
+
+/// How long an instance that has just taken its liveness lock (at start, or again after its
+/// connections were lost) waits before it judges, by its lock, an instance that no heartbeat
+/// has found holding its own since: after a server restart or a failover every instance is
+/// reconnecting, and one that comes back first must not take a slower one's partitions for a
+/// death. Every holder retries within about a second of the server's return
+/// (`liveness::RETRY_CAP`), so this is a wide margin. A crash within it is taken over when it
+/// ends (plus a heartbeat) rather than at once.
+pub const LIVENESS_GRACE: Duration = Duration::from_secs(10);
 
 impl PostgresStore {
     /// Connects to the configured database (retrying with capped backoff until
     /// `store.startup_timeout_ms`), applies the migrations, and opens the pool and the LISTEN
-    /// connection.
+    /// connection (the liveness lock's own connection opens once an instance registers).
     pub async fn connect(config: &Config) -> Result<PostgresStore, StoreError> {
         let (mut pg_config, tls) = tls::database_config(config).map_err(StoreError::unavailable)?;
         if tls.is_plain() && !tls::only_local_hosts(&pg_config) {
@@ -120,13 +146,36 @@ impl PostgresStore {
         // On the statements every pooled connection prepares anyway: no second prepare.
         check_batch_columns(&*pool.get().await.map_err(pool_error)?, &schema)?;
         let signal = tokio::sync::watch::channel(0).0;
-        let listener = tokio::spawn(listen(pg_config, tls, schema.clone(), signal.clone()));
+        // The liveness lock's two holders. Their statements (a take may wait behind another
+        // instance's heartbeat for a moment) are bounded like the pool's.
+        let mut liveness = Liveness::new();
+        let held = with_statement_timeout(&pg_config, config);
+        let listener = tokio::spawn(keep_open(
+            held.clone(),
+            tls.clone(),
+            schema.clone(),
+            Role::Listen(signal.clone()),
+            liveness.holder(),
+        ));
+        let mut dedicated = held;
+        dedicated.application_name(format!("whizbang:{}:lock", config.service.name));
+        let lock_holder = tokio::spawn(keep_open(
+            dedicated,
+            tls,
+            schema.clone(),
+            Role::Lock,
+            liveness.holder(),
+        ));
         Ok(PostgresStore {
             pool,
             schema,
             settings,
             signal,
             listener,
+            lock_holder,
+            liveness,
+            lock_deadline: Duration::from_millis(config.store.startup_timeout_ms),
+            liveness_grace: LIVENESS_GRACE,
             one_message_path: true,
             answer_deadline: Duration::from_millis(config.store.statement_timeout_ms)
                 + ANSWER_MARGIN,
@@ -136,6 +185,13 @@ impl PostgresStore {
     /// Uses a lease shorter than the configuration's whole seconds allow.
     pub fn with_lease(mut self, lease: Duration) -> PostgresStore {
         self.settings.lease = lease;
+        self
+    }
+
+    /// Judges other instances by their liveness lock after holding its own for `grace` instead
+    /// of [`LIVENESS_GRACE`] (tests).
+    pub fn with_liveness_grace(mut self, grace: Duration) -> PostgresStore {
+        self.liveness_grace = grace;
         self
     }
 
@@ -228,18 +284,30 @@ impl Store for PostgresStore {
             ),
             &[&instance, &service, &host],
         )
-        .await
-        .map(|_| ())
+        .await?;
+        // The liveness lock before any lease: from the first lease on, a death of this process
+        // frees its partitions at the next heartbeat of another instance.
+        self.liveness.want(instance);
+        if self.liveness.wait_held(instance, self.lock_deadline).await {
+            return Ok(());
+        }
+        self.liveness.forget(instance);
+        Err(StoreError::unavailable(format!(
+            "instance {instance}: its liveness lock was not taken within {} ms \
+             (store.startup_timeout_ms); see the warnings of its lock connection",
+            self.lock_deadline.as_millis()
+        )))
     }
 
     async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError> {
         let conn = self.conn().await?;
         let lease = self.settings.lease.as_secs_f64();
         let retention = self.settings.dedup_retention.as_secs_f64();
+        let grace = self.liveness_grace.as_secs_f64();
         let row = self
             .answered(&conn.broken, async {
                 conn.client
-                    .query_one(&conn.heartbeat, &[&instance, &lease, &retention])
+                    .query_one(&conn.heartbeat, &[&instance, &lease, &retention, &grace])
                     .await
                     .map_err(query_error)
             })
@@ -431,7 +499,12 @@ impl Store for PostgresStore {
             tx.execute(&statement, &params).await.map_err(query_error)?;
             tx.commit().await.map_err(query_error)
         })
-        .await
+        .await?;
+        if partitions.is_none() {
+            // Stopped for good: nothing of it left to take over.
+            self.liveness.forget(instance);
+        }
+        Ok(())
     }
 
     async fn read_stream(

@@ -5,7 +5,10 @@
 //! - the order scenario: read-your-writes, send + status, every event applied once in order;
 //! - two instances of one service sharing a schema;
 //! - lease takeover after an instance dies holding work, and at once after a graceful shutdown;
-//! - connections killed under load (`pg_terminate_backend`): the runtime recovers by itself.
+//! - connections killed under load (`pg_terminate_backend`): the runtime recovers by itself;
+//! - takeover after a crash within a heartbeat under the default 300 s lease: a child process
+//!   (this test binary run again, `crash_child`) SIGKILLed with work in flight, through its
+//!   liveness lock; and an instance whose lock connection is terminated takes the lock again.
 //!
 //! Every check is made against what the store holds: for each stream, the message ids applied
 //! by a perspective must equal the message ids stored, in version order — exactly once each, in
@@ -984,5 +987,429 @@ async fn connections_killed_mid_run_recover_without_loss_or_duplicates() {
     );
     rt.shutdown().await.unwrap();
     down.shutdown().await.unwrap();
+    drop_schemas(&[&schema, &down_schema]).await;
+}
+
+// ---- (e) takeover after a crash, by the liveness lock ------------------------------------------
+
+/// Environment of the child process of [`a_killed_process_is_taken_over_within_a_heartbeat`]:
+/// the schema and service it runs in. Without them [`crash_child`] does nothing.
+const CRASH_SCHEMA: &str = "WHIZBANG_TEST_CRASH_SCHEMA";
+const CRASH_SERVICE: &str = "WHIZBANG_TEST_CRASH_SERVICE";
+/// The child's test, as the parent runs it from this test binary.
+const CRASH_CHILD: &str = "postgres::runtime::crash_child";
+/// What the child prints once it has written its work: this, then its instance id.
+const CRASH_READY: &str = "crash-child-ready";
+const CRASH_STREAMS: usize = 10;
+const CRASH_EVENTS: u32 = 6;
+/// Events of each stream the child applies (and completes) before it blocks.
+const CRASH_DONE: u32 = 2;
+
+/// The configuration of both the child and the instance that survives it: the default 300 s
+/// lease, a heartbeat every second.
+fn crash_config(service: &str, schema: &str) -> Config {
+    let mut c = publishing(pg_config(service, schema));
+    c.partitions.heartbeat_seconds = 1;
+    c.store.pool_size = 4;
+    assert_eq!(c.partitions.lease_seconds, 300, "the default lease");
+    c
+}
+
+/// The child's perspective: applies the first [`CRASH_DONE`] events of each stream, then blocks
+/// for ever, so the rest of each stream stays in flight.
+#[derive(Clone)]
+struct BlocksAfterDone;
+
+impl Perspective<Bumped> for BlocksAfterDone {
+    async fn apply(&self, event: Bumped, _meta: EventMeta) -> Result<(), PerspectiveError> {
+        if event.seq > CRASH_DONE {
+            futures::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+/// The child process (run only by the parent test, through the environment above): an instance
+/// whose sends hang and whose perspective blocks after [`CRASH_DONE`] events per stream, so
+/// that it holds leases with work in flight; it says so, then waits for its SIGKILL (or, should
+/// the parent die first, the end of its standard input).
+#[actix_rt::test]
+#[ignore = "the child process of a_killed_process_is_taken_over_within_a_heartbeat, which runs it"]
+async fn crash_child() {
+    let (Ok(schema), Ok(service)) = (std::env::var(CRASH_SCHEMA), std::env::var(CRASH_SERVICE))
+    else {
+        return;
+    };
+    let rt = Runtime::builder(crash_config(&service, &schema))
+        .transport(Arc::new(HangingTransport {
+            inner: MemoryTransport::new(MemoryBus::new()),
+            attempts: Arc::new(AtomicUsize::new(0)),
+        }))
+        .perspective::<Bumped, _>("summary", BlocksAfterDone)
+        .start()
+        .await
+        .expect("the child starts");
+    let streams: Vec<String> = (0..CRASH_STREAMS).map(|s| format!("crash-{s}")).collect();
+    publish_all(&rt, &streams, CRASH_EVENTS)
+        .await
+        .expect("the child publishes");
+    println!("{CRASH_READY} {}", rt.instance_id());
+    let _ = tokio::task::spawn_blocking(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    })
+    .await;
+    std::process::exit(1);
+}
+
+/// Kills the child when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process that dies (SIGKILL) holding leases of the default 300 s with work in flight: the
+/// other instance resumes its partitions' work within a heartbeat + 2 s, through the dead
+/// process's liveness lock, which went with its connections; nothing is lost, and nothing the
+/// dead process had committed (its first events of each stream, applied and completed) is done
+/// again. Every partition it held changed hands (the fencing token grew).
+#[actix_rt::test]
+async fn a_killed_process_is_taken_over_within_a_heartbeat() {
+    let _pg = pg::slot().await;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let service = format!("crash-{}", Uuid::now_v7().simple());
+    let config = crash_config(&service, &schema);
+    let heartbeat = Duration::from_secs(config.partitions.heartbeat_seconds);
+
+    // The survivor first, so that it holds its lock from before the child's.
+    let local = Recorder::default();
+    let survivor = on_bus(config.clone(), &bus)
+        .perspective::<Bumped, _>("summary", local.clone())
+        .start()
+        .await
+        .expect("start the survivor");
+
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([CRASH_CHILD, "--exact", "--ignored", "--nocapture"])
+        .env(CRASH_SCHEMA, &schema)
+        .env(CRASH_SERVICE, &service)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the child process");
+    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Uuid>();
+    std::thread::spawn(move || {
+        let mut ready = Some(ready_tx);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if let Some(id) = line.strip_prefix(CRASH_READY)
+                && let (Some(tx), Ok(id)) = (ready.take(), id.trim().parse())
+            {
+                let _ = tx.send(id);
+            }
+        }
+    });
+    let dead = tokio::time::timeout(DEADLINE, ready_rx)
+        .await
+        .expect("the child writes its work in time")
+        .expect("the child says it is ready");
+
+    // Its work in flight: the first events of each stream applied and completed, the rest held
+    // by its blocked perspective, every outbox row by its hanging sends.
+    let in_flight = (CRASH_STREAMS * (CRASH_EVENTS - CRASH_DONE) as usize) as i64;
+    let all = (CRASH_STREAMS * CRASH_EVENTS as usize) as i64;
+    wait_for!("the child to hold its work in flight", DEADLINE, {
+        let claimed = |table: &str| {
+            format!("SELECT count(*) FROM {schema}.{table} WHERE claimed_by = '{dead}'")
+        };
+        let (o, i) = queued(&client, &schema).await;
+        let (co, ci) = (
+            count(&client, &claimed("wb_outbox")).await,
+            count(&client, &claimed("wb_inbox")).await,
+        );
+        (o != all || co != all || i != in_flight || ci != in_flight).then(|| {
+            format!("outbox {o} ({co} claimed) of {all}, inbox {i} ({ci} claimed) of {in_flight}")
+        })
+    });
+    let held: Vec<(i32, i64)> = client
+        .query(
+            &format!(
+                "SELECT partition, generation FROM {schema}.wb_partition_leases
+                  WHERE instance_id = '{dead}' AND expires_at > now() + interval '200 seconds'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(!held.is_empty(), "the child holds long leases when it dies");
+
+    // SIGKILL.
+    child.0.kill().expect("SIGKILL the child");
+    let killed = SystemTime::now();
+    let killed_at = Instant::now();
+    child.0.wait().unwrap();
+
+    let expected_here = in_flight as usize;
+    wait_for!(
+        "the survivor to finish the dead process's work",
+        DEADLINE,
+        {
+            let (o, i) = queued(&client, &schema).await;
+            let (_, di) = queued(&client, &down_schema).await;
+            let done =
+                local.total() >= expected_here && remote.total() >= all as usize && o + i + di == 0;
+            (!done).then(|| {
+            format!(
+                "local {} of {expected_here}, remote {} of {all}; outbox {o} inbox {i} downstream inbox {di}",
+                local.total(),
+                remote.total()
+            )
+        })
+        }
+    );
+    let resumed = local
+        .first()
+        .expect("the survivor applied events")
+        .duration_since(killed)
+        .unwrap_or_default();
+    eprintln!(
+        "crash takeover: the survivor applied its first event {resumed:?} after the SIGKILL, \
+         finished after {:?} (lease {} s, heartbeat {heartbeat:?})",
+        killed_at.elapsed(),
+        config.partitions.lease_seconds
+    );
+    assert!(
+        resumed <= heartbeat + Duration::from_secs(2),
+        "resumed {resumed:?} after the kill, bound heartbeat + 2 s"
+    );
+
+    let stored = stored_events(&client, &schema).await;
+    assert_eq!(stored.len(), CRASH_STREAMS);
+    assert_versions_follow_seq(&stored);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    // Here: exactly what the child had not completed, once each and in order.
+    let not_done: Stored = stored
+        .iter()
+        .map(|(s, events)| (s.clone(), events[CRASH_DONE as usize..].to_vec()))
+        .collect();
+    assert_applied_once_in_order("the survivor's perspective", &not_done, &local);
+    for (partition, generation) in held {
+        let (holder, now): (Option<Uuid>, i64) = {
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT instance_id, generation FROM {schema}.wb_partition_leases
+                          WHERE partition = $1"
+                    ),
+                    &[&partition],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert!(
+            now > generation && holder != Some(dead),
+            "partition {partition}: generation {generation} -> {now}, held by {holder:?}"
+        );
+    }
+    survivor.shutdown().await.unwrap();
+    down.shutdown().await.unwrap();
+    drop_schemas(&[&schema, &down_schema]).await;
+}
+
+/// The sessions holding `instance`'s liveness lock whose `application_name` is `name`.
+async fn lock_sessions(client: &Client, schema: &str, instance: Uuid, name: &str) -> Vec<i32> {
+    client
+        .query(
+            &format!(
+                "SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+                  WHERE a.application_name = $2 AND l.locktype = 'advisory' AND l.granted
+                    AND l.objsubid = 2 AND l.classid = {schema}.wb_liveness_class()::oid
+                    AND l.objid = {schema}.wb_liveness_key($1)::oid"
+            ),
+            &[&instance, &name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// An instance whose dedicated lock connection is terminated (`pg_terminate_backend`, again and
+/// again, while it works) takes its lock again on a new connection; meanwhile its LISTEN
+/// connection holds it, so another instance heartbeating every 100 ms never finds it free and
+/// takes nothing over: every event is applied once, in order, here and downstream.
+#[actix_rt::test]
+async fn an_instance_whose_lock_connection_is_terminated_takes_its_lock_again() {
+    let _pg = pg::slot().await;
+    const STREAMS: usize = 20;
+    const EVENTS: u32 = 40;
+    const TERMINATIONS: usize = 4;
+    let client = connect().await;
+    let (schema, down_schema) = (new_schema(), new_schema());
+    let bus = MemoryBus::new();
+    let remote = Recorder::default();
+    let down = downstream(&bus, &down_schema, &remote).await;
+    let service = format!("relock-{}", Uuid::now_v7().simple());
+    let lock_name = format!("whizbang:{service}:lock");
+
+    // An eager judge: an instance of the same schema whose heartbeat runs every 100 ms and
+    // that never claims (anything it took over would stay visible in the leases).
+    let mut judge_config = pg_config("judge", &schema);
+    judge_config.store.pool_size = 2;
+    let judge_store: Arc<dyn whizbang::store::Store> = Arc::new(
+        whizbang::store::postgres::PostgresStore::connect(&judge_config)
+            .await
+            .expect("the judge's store"),
+    );
+    let judge = Uuid::now_v7();
+    judge_store
+        .register_instance(judge, "judge", "host")
+        .await
+        .unwrap();
+
+    let mut config = publishing(pg_config(&service, &schema));
+    config.partitions.heartbeat_seconds = 1;
+    let local = Recorder::default();
+    let rt = on_bus(config, &bus)
+        .receptor::<Bump, _>(BumpReceptor)
+        .perspective::<Bumped, _>("summary", local.clone())
+        .start()
+        .await
+        .expect("start");
+    let x = rt.instance_id();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicUsize::new(0));
+    let killer = {
+        let (stop, kills) = (stop.clone(), kills.clone());
+        let (schema, lock_name) = (schema.clone(), lock_name.clone());
+        let judge_store = judge_store.clone();
+        tokio::spawn(async move {
+            let client = connect().await;
+            let mut terminated: Vec<i32> = Vec::new();
+            let mut judged = 0usize;
+            let mut next_kill = Instant::now() + Duration::from_millis(300);
+            while !stop.load(Ordering::SeqCst) || terminated.len() < TERMINATIONS {
+                judge_store
+                    .heartbeat(judge)
+                    .await
+                    .expect("the judge's heartbeat");
+                judged += 1;
+                let expired = count(
+                    &client,
+                    &format!(
+                        "SELECT count(*) FROM {schema}.wb_partition_leases
+                          WHERE instance_id = '{x}' AND expires_at <= now()"
+                    ),
+                )
+                .await;
+                assert_eq!(expired, 0, "a lease of the live instance was expired");
+                if terminated.len() < TERMINATIONS && Instant::now() >= next_kill {
+                    let pids = lock_sessions(&client, &schema, x, &lock_name).await;
+                    if let Some(&pid) = pids.iter().find(|p| !terminated.contains(p)) {
+                        client
+                            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                            .await
+                            .unwrap();
+                        terminated.push(pid);
+                        kills.fetch_add(1, Ordering::SeqCst);
+                        next_kill = Instant::now() + Duration::from_millis(400);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (terminated, judged)
+        })
+    };
+
+    let began = Instant::now();
+    let calls = (0..STREAMS).map(|s| {
+        let rt = &rt;
+        async move {
+            let stream = format!("relock-{s}");
+            for seq in 1..=EVENTS {
+                let cmd = bump(&stream, seq);
+                let token = cmd.token;
+                let result = rt
+                    .local_invoke::<Bump, Bumped>(cmd)
+                    .await
+                    .unwrap_or_else(|e| panic!("stream {stream} seq {seq}: {e}"));
+                assert_eq!(result.token, token);
+                // Spread the calls over the terminations.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+    stop.store(true, Ordering::SeqCst);
+    let under_load = kills.load(Ordering::SeqCst);
+    let (terminated, judged) = killer.await.unwrap();
+    eprintln!(
+        "terminated the lock connection {} times during {:?}; the judge heartbeat {judged} times",
+        terminated.len(),
+        began.elapsed()
+    );
+    assert_eq!(terminated.len(), TERMINATIONS);
+    assert!(
+        under_load >= 2,
+        "only {under_load} terminations while the calls ran"
+    );
+
+    // The lock is held again by a new dedicated connection.
+    wait_for!("the lock taken again on a new connection", DEADLINE, {
+        let pids = lock_sessions(&client, &schema, x, &lock_name).await;
+        (pids.len() != 1 || terminated.contains(&pids[0])).then(|| format!("{pids:?}"))
+    });
+    let recorded = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM {schema}.wb_instances WHERE instance_id = '{x}' AND locked_at IS NOT NULL"
+        ),
+    )
+    .await;
+    assert_eq!(recorded, 1, "the instance is still judged by its lock");
+    let judge_leases = count(
+        &client,
+        &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id = '{judge}'"),
+    )
+    .await;
+    assert_eq!(judge_leases, 0);
+
+    let expected = STREAMS * EVENTS as usize;
+    wait_for!("every event applied here and downstream", DEADLINE, {
+        let (o, i) = queued(&client, &schema).await;
+        let (_, di) = queued(&client, &down_schema).await;
+        let done = local.total() >= expected && remote.total() >= expected && o + i + di == 0;
+        (!done).then(|| {
+            format!(
+                "local {} remote {} of {expected}; outbox {o} inbox {i} downstream inbox {di}",
+                local.total(),
+                remote.total()
+            )
+        })
+    });
+    let stored = stored_events(&client, &schema).await;
+    assert_eq!(stored.len(), STREAMS);
+    assert_versions_follow_seq(&stored);
+    assert_applied_once_in_order("local perspective", &stored, &local);
+    assert_applied_once_in_order("downstream perspective", &stored, &remote);
+    rt.shutdown().await.unwrap();
+    down.shutdown().await.unwrap();
+    judge_store.release_partitions(judge, None).await.unwrap();
+    drop(judge_store);
     drop_schemas(&[&schema, &down_schema]).await;
 }

@@ -15,11 +15,12 @@ use whizbang::Config;
 use whizbang::config::StoreBackend;
 
 /// Postgres tests that run at once, whatever the number of test threads (one per core by
-/// default). One case holds up to 11 connections at its peak (two runtimes' pools, the
-/// LISTEN connections and the test's own clients), so 6 at once stay under 70: below the 100 a
-/// fresh server allows, with room for the operator tools and other clients. A thread count
-/// cap would bound it too, but only where the cap is set (`scripts/test.sh`), not under a
-/// plain `cargo test` on a machine with many cores; the memory and broker tests need no slot.
+/// default). One case holds up to 13 connections at its peak (two runtimes' pools, their
+/// LISTEN and liveness lock connections and the test's own clients), so 6 at once stay under
+/// 80: below the 100 a fresh server allows, with room for the operator tools and other
+/// clients. A thread count cap would bound it too, but only where the cap is set
+/// (`scripts/test.sh`), not under a plain `cargo test` on a machine with many cores; the memory
+/// and broker tests need no slot.
 const AT_ONCE: usize = 6;
 
 /// Held by a test for as long as it uses the database; see [`AT_ONCE`].

@@ -12,8 +12,10 @@
 //! Postgres server once mid-run. When the writers are done and everything has drained, the
 //! run compares the writers' event store with the consumer perspective's log of applications
 //! and prints one `name: value` line per figure (`lost`, `duplicates`, `order_violations`,
-//! `stuck_rows`, `takeover_s_max`, …), writes them to `target/chaos/results.json`, and exits
-//! non-zero when a bound is missed. Lease times come from `config/chaos.toml`.
+//! `stuck_rows`, `takeover_s_max`, `crash_takeover_s_max`, …), writes them to
+//! `target/chaos/results.json`, and exits non-zero when a bound is missed. Lease times come
+//! from `config/chaos.toml`, but for writer 0, whose lease is 300 s (`--crash-lease-s`): its
+//! kills can only be taken over in seconds through its liveness lock.
 //!
 //! Two single-fault scenarios run after it (`scripts/chaos.sh` runs both, in both forms), in
 //! this process against the shared servers, each checking what its old integration test did:

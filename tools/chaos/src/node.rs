@@ -39,7 +39,8 @@ pub fn stream_name(n: usize) -> String {
     format!("chaos-{n:04}")
 }
 
-/// What every node is told: the configuration file, its schema, and the run's topic.
+/// What every node is told: the configuration file, its schema, the run's topic, and a lease
+/// that replaces the file's (the long-lease writer of a run).
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
     #[arg(long)]
@@ -48,6 +49,9 @@ pub struct NodeArgs {
     pub schema: String,
     #[arg(long)]
     pub topic: String,
+    /// `partitions.lease_seconds` for this node instead of the file's.
+    #[arg(long)]
+    pub lease_seconds: Option<u64>,
 }
 
 impl NodeArgs {
@@ -58,18 +62,25 @@ impl NodeArgs {
         config.store.schema = self.schema.clone();
         config.routing.topics.clear();
         config.routing.subscriptions.clear();
+        if let Some(lease) = self.lease_seconds {
+            config.partitions.lease_seconds = lease;
+        }
         Ok(config)
     }
 
     fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--config".into(),
             self.config.to_string_lossy().into_owned(),
             "--schema".into(),
             self.schema.clone(),
             "--topic".into(),
             self.topic.clone(),
-        ]
+        ];
+        if let Some(lease) = self.lease_seconds {
+            args.extend(["--lease-seconds".into(), lease.to_string()]);
+        }
+        args
     }
 }
 

@@ -3,6 +3,11 @@
 //! Postgres server once mid-run, measures how long each dead writer's partitions stay stuck
 //! behind its leases, waits for the run to drain, stops everything gracefully and judges.
 //!
+//! Writer 0 runs with a lease far longer than the heartbeat (`--crash-lease-s`, 300 s, the
+//! default of `partitions.lease_seconds`); the others with the configuration's. A kill of writer
+//! 0 can only be taken over in seconds through its liveness lock, so its takeovers are the
+//! run's `crash_takeover_s_max`, bound by the heartbeat + 2 s.
+//!
 //! Each run works in schemas and on a topic of its own (`chaos_<id>_w`, `chaos_<id>_c`,
 //! `chaos-<id>`), so runs never see each other's rows or deliveries; they are removed when the
 //! run passes and kept for inspection when it fails. Logs of every process go to
@@ -51,6 +56,10 @@ pub struct RunArgs {
     /// How long a killed writer stays dead before it is started again.
     #[arg(long, default_value_t = 500)]
     pub restart_delay_ms: u64,
+    /// The lease of writer 0, in seconds: far longer than the heartbeat, so that its kills
+    /// measure takeover after a crash (`crash_takeover_s_max`), not a lease running out.
+    #[arg(long, default_value_t = 300)]
+    pub crash_lease_s: u64,
     /// Do not restart the broker mid-run.
     #[arg(long)]
     pub no_broker_restart: bool,
@@ -75,6 +84,10 @@ struct Plan {
     restart_delay: Duration,
     lease: Duration,
     takeover_bound_s: f64,
+    heartbeat: Duration,
+    /// Writer 0's lease.
+    crash_lease_s: u64,
+    crash_takeover_bound_s: f64,
     /// The broker restarts after this many kills, the Postgres server after that many.
     kills_before_broker: usize,
     kills_before_postgres: usize,
@@ -98,11 +111,22 @@ impl Plan {
             restart_delay: Duration::from_millis(args.restart_delay_ms),
             lease: Duration::from_secs(config.partitions.lease_seconds),
             takeover_bound_s: config.partitions.lease_seconds as f64 + 2.0,
+            heartbeat: Duration::from_secs(config.partitions.heartbeat_seconds),
+            crash_lease_s: args.crash_lease_s,
+            crash_takeover_bound_s: config.partitions.heartbeat_seconds as f64 + 2.0,
             kills_before_broker: broker_after,
             kills_before_postgres: postgres_after,
         };
         if plan.writers < 2 || plan.streams == 0 || plan.events == 0 || plan.rate <= 0.0 {
             return Err("need at least 2 writers, 1 stream, 1 event and a positive rate".into());
+        }
+        if plan.crash_lease_s < 10 * config.partitions.heartbeat_seconds {
+            return Err(format!(
+                "--crash-lease-s {} is not far longer than the heartbeat ({} s): its kills would \
+                 not tell takeover by the lock from a lease running out",
+                plan.crash_lease_s, config.partitions.heartbeat_seconds
+            )
+            .into());
         }
         Ok(plan)
     }
@@ -157,7 +181,8 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
     .map_err(|e| format!("{e} (or pass --no-broker-restart --no-postgres-restart)"))?;
     let db_url = config.store.database_url.clone();
     println!(
-        "chaos run {}: {} writers, {} streams x {} events at {}/s, a kill every {:?}, lease {:?}; logs in {}",
+        "chaos run {}: {} writers, {} streams x {} events at {}/s, a kill every {:?}, lease {:?} \
+         (writer 0: {} s), heartbeat {:?}; logs in {}",
         names.id,
         plan.writers,
         plan.streams,
@@ -165,6 +190,8 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         plan.rate,
         plan.kill_every,
         plan.lease,
+        plan.crash_lease_s,
+        plan.heartbeat,
         dir.display()
     );
     amqp_topology::topology(&[names.topology_spec()], false)?;
@@ -350,7 +377,8 @@ struct Run {
     writers: Vec<WriterSlot>,
     consumer: Option<Node>,
     kills: usize,
-    trackers: Vec<JoinHandle<f64>>,
+    /// Per kill: whether the writer had the long lease (a crash takeover), and its tracker.
+    trackers: Vec<(bool, JoinHandle<f64>)>,
     restarts: Vec<(&'static str, JoinHandle<Result<f64, String>>)>,
     log: Vec<String>,
 }
@@ -385,9 +413,18 @@ impl Run {
         let committed = self.committed().await?;
         let stuck_rows = self.stuck_rows().await?;
         let counts = verdict::count(&committed, &applied);
-        let takeover_s_max = takeovers.iter().copied().fold(0.0_f64, f64::max);
-        let each: Vec<String> = takeovers.iter().map(|t| format!("{t:.1}")).collect();
-        println!("takeover after each kill (s): {}", each.join(" "));
+        let takeover_s_max = takeovers.iter().map(|t| t.1).fold(0.0_f64, f64::max);
+        let crash: Vec<f64> = takeovers.iter().filter(|t| t.0).map(|t| t.1).collect();
+        let crash_takeover_s_max = crash.iter().copied().fold(0.0_f64, f64::max);
+        let each: Vec<String> = takeovers
+            .iter()
+            .map(|(long, t)| format!("{t:.1}{}", if *long { "*" } else { "" }))
+            .collect();
+        println!(
+            "takeover after each kill (s; * writer 0, lease {} s): {}",
+            self.plan.crash_lease_s,
+            each.join(" ")
+        );
         self.log.push(format!("takeovers_s {}", each.join(" ")));
 
         let figures: Vec<(&str, String)> = vec![
@@ -415,6 +452,13 @@ impl Run {
             (
                 "takeover_bound_s",
                 format!("{:.1}", self.plan.takeover_bound_s),
+            ),
+            ("crash_lease_s", self.plan.crash_lease_s.to_string()),
+            ("crash_kills", crash.len().to_string()),
+            ("crash_takeover_s_max", format!("{crash_takeover_s_max:.1}")),
+            (
+                "crash_takeover_bound_s",
+                format!("{:.1}", self.plan.crash_takeover_bound_s),
             ),
             (
                 "elapsed_s",
@@ -449,8 +493,20 @@ impl Run {
                 self.plan.takeover_bound_s
             ));
         }
+        if crash_takeover_s_max > self.plan.crash_takeover_bound_s {
+            failures.push(format!(
+                "crash_takeover_s_max = {crash_takeover_s_max:.1} s, bound {:.1} s (heartbeat + 2 s)",
+                self.plan.crash_takeover_bound_s
+            ));
+        }
         if self.kills == 0 {
             failures.push("no writer was killed: the run was too short to prove takeover".into());
+        }
+        if crash.is_empty() {
+            failures.push(
+                "writer 0 (the long lease) was never killed: nothing proves takeover after a crash"
+                    .into(),
+            );
         }
         failures.extend(restart_errors);
         failures.extend(stopped);
@@ -479,6 +535,7 @@ impl Run {
                 config: self.args.config.clone(),
                 schema: self.names.consumer_schema.clone(),
                 topic: self.names.topic.clone(),
+                lease_seconds: None,
             },
             out: self.dir.join("applied.json"),
         };
@@ -494,6 +551,7 @@ impl Run {
                 config: self.args.config.clone(),
                 schema: self.names.writer_schema.clone(),
                 topic: self.names.topic.clone(),
+                lease_seconds: (index == 0).then_some(self.plan.crash_lease_s),
             },
             index,
             writers: self.plan.writers,
@@ -514,9 +572,11 @@ impl Run {
     ///
     /// The faults take turns: a kill every `kill_every`; after a set number of kills the
     /// broker restarts, after more the Postgres server, each once the last kill's takeover had
-    /// time to complete (lease + 2 s); kills resume 2 s after the server is back. So a takeover
-    /// time measures leases, never a server's absence. A restart whose turn has not come when
-    /// the writers finish happens then, before the drain.
+    /// time to complete (lease + 2 s); kills resume 2 s after the broker is back, and the
+    /// heartbeat + 4 s after the Postgres server is (every instance takes its liveness lock
+    /// again and heartbeats once, so that the instances see each other alive again). So a
+    /// takeover time measures leases and locks, never a server's absence. A restart whose turn
+    /// has not come when the writers finish happens then, before the drain.
     async fn drive(&mut self) -> ChaosResult<()> {
         let start = Instant::now();
         let deadline = self.plan.drive_time() * 3 + Duration::from_secs(120);
@@ -537,12 +597,17 @@ impl Run {
             let now = Instant::now();
             let elapsed = now - start;
 
-            // A server restart finished: kills resume 2 s later.
+            // A server restart finished: kills resume a little later.
             if let Some(i) = restart_running
                 && self.restarts[i].1.is_finished()
             {
                 restart_running = None;
-                next_kill = next_kill.max(now + Duration::from_secs(2));
+                let pause = if self.restarts[i].0 == "postgres" {
+                    self.plan.heartbeat + Duration::from_secs(4)
+                } else {
+                    Duration::from_secs(2)
+                };
+                next_kill = next_kill.max(now + pause);
             }
 
             // Restart writers whose time has come.
@@ -635,13 +700,24 @@ impl Run {
         let at = (killed_at - start).as_secs_f64();
         println!("killed {} at {at:.1}s", node.label);
         if let Some(dead) = instance {
-            self.trackers.push(tokio::spawn(track_takeover(
-                Db::new(&self.db_url),
-                self.names.writer_schema.clone(),
-                dead,
-                killed_at,
-                self.plan.lease + Duration::from_secs(10),
-            )));
+            // Writer 0's partitions wait for its 300 s lease unless its lock frees them: watched
+            // past the crash bound only long enough to fail it.
+            let crash = index == 0;
+            let window = if crash {
+                Duration::from_secs_f64(self.plan.crash_takeover_bound_s + 10.0)
+            } else {
+                self.plan.lease + Duration::from_secs(10)
+            };
+            self.trackers.push((
+                crash,
+                tokio::spawn(track_takeover(
+                    Db::new(&self.db_url),
+                    self.names.writer_schema.clone(),
+                    dead,
+                    killed_at,
+                    window,
+                )),
+            ));
         }
         Ok(())
     }
@@ -699,11 +775,12 @@ impl Run {
         errors
     }
 
-    async fn takeovers(&mut self) -> Vec<f64> {
+    /// Per kill: whether it was writer 0's (the long lease), and its takeover time.
+    async fn takeovers(&mut self) -> Vec<(bool, f64)> {
         let mut out = Vec::new();
-        for t in self.trackers.drain(..) {
+        for (crash, t) in self.trackers.drain(..) {
             if let Ok(s) = t.await {
-                out.push(s);
+                out.push((crash, s));
             }
         }
         out

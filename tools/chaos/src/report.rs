@@ -27,7 +27,11 @@ fn bound(name: &str, figures: &Value) -> Option<(String, bool)> {
             let bound = number("takeover_bound_s")?;
             (format!("≤ {bound} (lease + 2 s)"), value <= bound)
         }
-        "kills" => ("≥ 1".into(), value >= 1.0),
+        "crash_takeover_s_max" => {
+            let bound = number("crash_takeover_bound_s")?;
+            (format!("≤ {bound} (heartbeat + 2 s)"), value <= bound)
+        }
+        "kills" | "crash_kills" => ("≥ 1".into(), value >= 1.0),
         _ => return None,
     })
 }
@@ -157,7 +161,9 @@ mod tests {
             "figures": {"writers": 3.0, "streams": 60.0, "events_per_stream": 50.0, "kills": 6.0,
                         "broker_restarts": 1.0, "postgres_restarts": 1.0,
                         "expected_events": 3000.0, "committed": 3000.0, "lost": 0.0,
-                        "duplicates": 2.0, "takeover_s_max": 7.5, "takeover_bound_s": 7.0},
+                        "duplicates": 2.0, "takeover_s_max": 7.5, "takeover_bound_s": 7.0,
+                        "crash_lease_s": 300.0, "crash_kills": 2.0,
+                        "crash_takeover_s_max": 1.4, "crash_takeover_bound_s": 3.0},
             "failures": ["duplicates = 2, must be 0"],
         });
         let scenario = serde_json::json!({
@@ -181,6 +187,12 @@ mod tests {
             "{t}"
         );
         assert!(
+            t.contains("| run | `crash_takeover_s_max` | 1.4 | ≤ 3 (heartbeat + 2 s) (met) |"),
+            "{t}"
+        );
+        assert!(t.contains("| run | `crash_kills` | 2 | ≥ 1 (met) |"), "{t}");
+        assert!(t.contains("| run | `crash_lease_s` | 300 |  |"), "{t}");
+        assert!(
             t.contains("| run | verdict | **failed**: duplicates = 2, must be 0 | |"),
             "{t}"
         );
@@ -195,5 +207,33 @@ mod tests {
             l.contains("lost: 0\n") && l.contains("verdict: **failed**"),
             "{l}"
         );
+    }
+
+    #[test]
+    fn a_crash_takeover_past_the_heartbeat_bound_is_not_met() {
+        let results = serde_json::json!({
+            "commit": "abc", "cores": 2, "form": "short",
+            "figures": {"crash_kills": 0.0, "crash_takeover_s_max": 3.1,
+                        "crash_takeover_bound_s": 3.0, "takeover_s_max": 3.1,
+                        "takeover_bound_s": 5.0},
+            "failures": ["crash_takeover_s_max = 3.1 s, bound 3.0 s (heartbeat + 2 s)"],
+        });
+        let t = table(&results, &[]);
+        assert!(
+            t.contains(
+                "| run | `crash_takeover_s_max` | 3.1 | ≤ 3 (heartbeat + 2 s) (**not met**) |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | `crash_kills` | 0 | ≥ 1 (**not met**) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | `takeover_s_max` | 3.1 | ≤ 5 (lease + 2 s) (met) |"),
+            "{t}"
+        );
+        let l = lines(&results, &[]);
+        assert!(l.contains("crash_takeover_s_max: 3.1\n"), "{l}");
     }
 }
