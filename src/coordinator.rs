@@ -510,6 +510,12 @@ impl Coordinator {
                             for unit in units {
                                 let _ = unit.reply.send(Err(err.clone()));
                             }
+                            // The units queued behind it would wait for a store that is failing
+                            // (the next batch is a recovery with no units): their writers are
+                            // answered now, retryable, within one batch's deadline of the fault.
+                            for pending in act.pending.drain(..) {
+                                let _ = pending.reply.send(Err(err.clone()));
+                            }
                         }
                     }
                     if act.error_backoff.is_some() {
@@ -881,6 +887,15 @@ impl Handler<Commit> for Coordinator {
             let _ = msg
                 .reply
                 .send(Err(DispatchError::Unavailable("runtime stopped".into())));
+            return;
+        }
+        if self.error_backoff.is_some() {
+            // The last batch failed and no batch has succeeded since: the store is failing.
+            // Refused at once (retryable, nothing written) rather than held until it recovers.
+            let _ = msg.reply.send(Err(DispatchError::Unavailable(
+                "the store is failing (the last work batch failed); nothing was written, retry"
+                    .into(),
+            )));
             return;
         }
         self.pending.push_back(PendingUnit {
