@@ -419,6 +419,8 @@ impl Dispatcher {
         impl FnOnce() + 'static,
         oneshot::Receiver<Result<CommandOutcome, DispatchError>>,
     ) {
+        let deadline = options.deadline.unwrap_or(self.admission.default_deadline);
+        let give_up_at = Instant::now() + deadline;
         // The payload is encoded only if the command itself must be stored (outbox/inbox):
         // a local receptor gets the typed value.
         let envelope = self.envelope(
@@ -442,6 +444,8 @@ impl Dispatcher {
                     typed: Some(Box::new(command)),
                     wait,
                     keyed,
+                    give_up_at,
+                    deadline,
                     reply,
                 }),
             )

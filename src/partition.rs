@@ -46,6 +46,12 @@ pub struct CommandJob {
     pub wait: bool,
     /// The idempotency key it was dispatched with: its outcome is recorded in its unit.
     pub keyed: Option<Keyed>,
+    /// The caller's deadline: a command still queued past it is answered `Timeout` without
+    /// running its receptor (its caller has given up; under overload, running it would only
+    /// delay the commands whose callers still wait).
+    pub give_up_at: Instant,
+    /// The deadline that `give_up_at` ends (for the error's text).
+    pub deadline: Duration,
     pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
 }
 
@@ -321,10 +327,19 @@ impl PartitionActor {
                             typed,
                             wait,
                             keyed,
+                            give_up_at,
+                            deadline,
                             reply,
                         } = job;
                         let stream = envelope.stream_id.clone();
-                        let queued = queue_command(&deps, envelope, typed, None, wait, keyed).await;
+                        let queued = if Instant::now() > give_up_at {
+                            Err(DispatchError::Timeout {
+                                message_type: envelope.message_type,
+                                deadline_ms: deadline.as_millis() as u64,
+                            })
+                        } else {
+                            queue_command(&deps, envelope, typed, None, wait, keyed).await
+                        };
                         (stream, queued, reply)
                     }
                     .into_actor(self)

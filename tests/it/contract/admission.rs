@@ -263,3 +263,48 @@ async fn shutdown_stops_waiting_for_stuck_work_at_its_deadline() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[actix::test]
+async fn a_command_whose_caller_gave_up_before_it_ran_is_not_run() -> anyhow::Result<()> {
+    let gated = Gated::new();
+    let rt = start(100, &gated).await?;
+    let stream = unique("adm-gave-up");
+    // The first command of the stream waits at the gate; the second queues behind it on the
+    // same partition actor, with a short deadline.
+    let dispatcher = rt.dispatcher();
+    let first = {
+        let (d, stream) = (dispatcher.clone(), stream.clone());
+        actix::spawn(async move {
+            d.send(LocalInvoke::<Bump, Bumped>::new(bump(&stream)))
+                .await
+        })
+    };
+    wait_until("the first command at the gate", || gated.entered() == 1).await?;
+    let second = rt
+        .local_invoke_with::<_, Bumped>(
+            Bump {
+                stream: stream.clone(),
+                seq: 2,
+            },
+            within(Duration::from_millis(200)),
+        )
+        .await;
+    anyhow::ensure!(
+        matches!(second, Err(DispatchError::Timeout { .. })),
+        "expected Timeout, got {second:?}"
+    );
+    gated.open();
+    let first: Bumped = first.await??.map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(first.seq == 1);
+    // The second command's receptor never runs: its caller was gone when its turn came.
+    holds_for(
+        "the abandoned command not run",
+        Duration::from_millis(500),
+        || gated.entered() == 1,
+    )
+    .await?;
+    let stored = rt.store().read_all(0, 100).await?;
+    anyhow::ensure!(stored.len() == 1, "one event stored: {}", stored.len());
+    rt.shutdown().await?;
+    Ok(())
+}
