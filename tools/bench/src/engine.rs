@@ -17,7 +17,7 @@
 //!   (retryable) error, and after SIGCONT whether every command answered `Ok` is in the store.
 //!   It pauses the machine's shared server: never run it beside the test suite.
 
-use crate::{BenchResult, Samples, figure};
+use crate::{BenchResult, Samples, figure, raw_client};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -178,14 +178,6 @@ async fn start(config: Config) -> BenchResult<(Runtime, Applied)> {
         .start()
         .await?;
     Ok((runtime, applied))
-}
-
-async fn raw_client(url: &str) -> BenchResult<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    actix::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
 }
 
 async fn drop_schema(url: &str, schema: &str) {

@@ -161,15 +161,6 @@ fn raw_insert_sql(schema: &str) -> String {
     )
 }
 
-async fn raw_client(c: &Config) -> BenchResult<tokio_postgres::Client> {
-    let (client, conn) =
-        tokio_postgres::connect(&c.store.database_url, tokio_postgres::NoTls).await?;
-    actix::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 /// One round: every client posts `requests` orders to `url`, one after another on one
 /// keep-alive connection. Returns the latencies and the wall time.
 async fn round(
@@ -236,7 +227,7 @@ pub async fn http(args: HttpArgs) -> BenchResult<()> {
     let schema = format!("bench_http_{}", Uuid::now_v7().simple());
     let base = config(&args, &schema);
     let result = run(&args, &base).await;
-    if let Ok(client) = raw_client(&base).await {
+    if let Ok(client) = crate::raw_client(&base.store.database_url).await {
         let _ = client
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE"

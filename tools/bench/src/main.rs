@@ -218,6 +218,16 @@ fn deposit(account: usize, n: usize) -> Deposit {
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// A plain client of the database at `url` (no TLS), for the baselines' raw SQL and clean-up;
+/// its connection runs on the current arbiter.
+async fn raw_client(url: &str) -> BenchResult<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    actix::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
 /// Sorted samples: microseconds when made from durations.
 struct Samples(Vec<f64>);
 

@@ -227,15 +227,6 @@ fn config(args: &StoreArgs, schema: &str) -> Config {
     c
 }
 
-async fn raw_client(c: &Config) -> BenchResult<tokio_postgres::Client> {
-    let (client, conn) =
-        tokio_postgres::connect(&c.store.database_url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 pub async fn store(args: StoreArgs) -> BenchResult<()> {
     let schema = format!("bench_{}", Uuid::now_v7().simple());
     let base = config(&args, &schema);
@@ -252,7 +243,7 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
     }
     let result = run(&args, &base).await;
     // Leave nothing behind, whatever happened.
-    if let Ok(client) = raw_client(&base).await {
+    if let Ok(client) = crate::raw_client(&base.store.database_url).await {
         let _ = client
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE;
@@ -265,7 +256,7 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
 
 async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     let pg: Arc<dyn Store> = Arc::new(PostgresStore::connect(base).await?);
-    let client = raw_client(base).await?;
+    let client = crate::raw_client(&base.store.database_url).await?;
     // The raw baselines write into their own copy of the tables (same migrations, same
     // indexes): rows they insert must not become work for the runtimes measured here.
     let schema = &format!("{}_raw", base.store.schema);
@@ -893,7 +884,7 @@ impl RawRows<'_> {
         let per_client = total.div_ceil(clients);
         let mut connections = Vec::with_capacity(clients);
         for _ in 0..clients {
-            let client = raw_client(config).await?;
+            let client = crate::raw_client(&config.store.database_url).await?;
             let statement = client.prepare(&sql).await?;
             connections.push((client, statement));
         }
