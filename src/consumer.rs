@@ -24,6 +24,7 @@ use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
 use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
+use crate::telemetry;
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -263,9 +264,24 @@ impl ReceiveLoop {
             fault::check(self.origin.instance, ActorKind::Consumer);
             let mut accepted = Vec::new();
             let mut rows = Vec::new();
+            // The receive span of the first delivery admitted: the inbox commit's parent.
+            let mut first_received = None;
             for delivery in deliveries {
-                match self.admit(delivery.message) {
-                    Ok(envelope) => {
+                let span = match &delivery.message {
+                    Ok(envelope) => telemetry::receive(
+                        self.origin.messaging_system,
+                        &self.topic,
+                        &self.subscription,
+                        envelope,
+                        self.origin.partition(&envelope.stream_id),
+                    ),
+                    Err(_) => tracing::Span::none(),
+                };
+                match span.in_scope(|| self.admit(delivery.message)) {
+                    Ok(mut envelope) => {
+                        // The inbox row continues the trace from the receive span.
+                        telemetry::stamp(&span, &mut envelope.metadata);
+                        first_received.get_or_insert(span);
                         rows.push(NewInboxRow {
                             partition: self.origin.partition(&envelope.stream_id),
                             envelope,
@@ -273,6 +289,7 @@ impl ReceiveLoop {
                         accepted.push(delivery.tag);
                     }
                     Err(reason) => {
+                        span.record("otel.status_code", "error");
                         tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %reason, "delivery rejected");
                         sub.settle(delivery.tag, Settlement::Reject(reason)).await?;
                     }
@@ -290,7 +307,18 @@ impl ReceiveLoop {
                 claim_for_writer: true,
                 ..UnitOfWork::default()
             };
-            let settlement = match commit(&self.engine.coordinator(), unit, false).await {
+            let span = telemetry::inbox_commit(
+                self.origin.messaging_system,
+                &self.topic,
+                &self.subscription,
+                &first_received.unwrap_or_else(tracing::Span::none),
+                unit.inbox.len(),
+            );
+            for row in unit.inbox.iter().skip(1) {
+                telemetry::link(&span, &row.envelope.metadata);
+            }
+            let committed = commit(&self.engine.coordinator(), unit, false);
+            let settlement = match telemetry::within(&span, committed).await {
                 Ok(_) => Settlement::Accept,
                 Err(e) => {
                     tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");
@@ -298,9 +326,17 @@ impl ReceiveLoop {
                 }
             };
             let failed = matches!(settlement, Settlement::Release);
-            for tag in accepted {
-                sub.settle(tag, settlement.clone()).await?;
-            }
+            span.record(
+                "whizbang.settlement",
+                if failed { "released" } else { "accepted" },
+            );
+            let settle = async {
+                for tag in accepted {
+                    sub.settle(tag, settlement.clone()).await?;
+                }
+                Ok::<(), crate::transport::TransportError>(())
+            };
+            telemetry::within(&span, settle).await?;
             if failed {
                 return Ok(ReceiveEnd::CommitFailed);
             }

@@ -453,8 +453,21 @@ impl Coordinator {
         let resolves_doubt = batch.in_flight.is_some();
         let (n_units, n_reports) = (batch.units.len(), batch.reports());
         let started = std::time::Instant::now();
+        let span = crate::telemetry::work_batch(n_units, n_reports, claimed);
+        if !span.is_disabled() {
+            for unit in &batch.units {
+                let first = unit.inbox.first().map(|r| &r.envelope);
+                if let Some(envelope) = first.or(unit.outbox.first().map(|r| &r.envelope)) {
+                    crate::telemetry::link(&span, &envelope.metadata);
+                }
+            }
+        }
+        let batch_span = span.clone();
         ctx.spawn(
-            async move { store.process_work_batch(instance, batch).await }
+            async move {
+                crate::telemetry::within(&batch_span, store.process_work_batch(instance, batch))
+                    .await
+            }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.in_flight -= 1;
@@ -477,6 +490,17 @@ impl Coordinator {
                         ms = started.elapsed().as_secs_f64() * 1000.0,
                         "work batch"
                     );
+                    match &result {
+                        Ok(result) => {
+                            span.record("whizbang.claimed_outbox", result.claimed_outbox.len());
+                            span.record("whizbang.claimed_inbox", result.claimed_inbox.len());
+                        }
+                        Err(e) => {
+                            let class = if e.is_retryable() { "store_retryable" } else { "store" };
+                            span.record("error.type", class);
+                        }
+                    }
+                    drop(span);
                     match result {
                         Ok(result) => {
                             act.health.store_ok();

@@ -29,6 +29,7 @@ use crate::routing::{Origin, add_message};
 use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
 use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
 use crate::supervision::EngineCell;
+use crate::telemetry;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
@@ -39,6 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Span;
 use uuid::Uuid;
 
 /// Tracing context, deadline and idempotency key of a dispatch: continue an existing
@@ -155,6 +157,8 @@ pub struct LocalInvoke<C, R> {
     pub command: C,
     /// Correlation, causation and metadata.
     pub options: DispatchOptions,
+    /// The caller's span when the message was made: the dispatch span's parent.
+    parent: Span,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -164,6 +168,7 @@ impl<C, R> LocalInvoke<C, R> {
         LocalInvoke {
             command,
             options: DispatchOptions::default(),
+            parent: Span::current(),
             _result: PhantomData,
         }
     }
@@ -185,6 +190,8 @@ pub struct SendCommand<C> {
     pub command: C,
     /// Correlation, causation and metadata.
     pub options: DispatchOptions,
+    /// The caller's span when the message was made: the dispatch span's parent.
+    parent: Span,
 }
 
 impl<C> SendCommand<C> {
@@ -193,6 +200,7 @@ impl<C> SendCommand<C> {
         SendCommand {
             command,
             options: DispatchOptions::default(),
+            parent: Span::current(),
         }
     }
 
@@ -213,6 +221,8 @@ pub struct PublishEvent<E> {
     pub event: E,
     /// Correlation, causation and metadata.
     pub options: DispatchOptions,
+    /// The caller's span when the message was made: the dispatch span's parent.
+    parent: Span,
 }
 
 impl<E> PublishEvent<E> {
@@ -221,6 +231,7 @@ impl<E> PublishEvent<E> {
         PublishEvent {
             event,
             options: DispatchOptions::default(),
+            parent: Span::current(),
         }
     }
 }
@@ -395,6 +406,7 @@ impl Dispatcher {
         stream_id: String,
         payload: Vec<u8>,
         options: DispatchOptions,
+        span: &Span,
     ) -> Envelope {
         let mut envelope = Envelope::new(kind, message_type, stream_id, payload);
         if let Some(c) = options.correlation_id {
@@ -403,6 +415,11 @@ impl Dispatcher {
         envelope.causation_id = options.causation_id;
         envelope.metadata = options.metadata;
         envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
+        if !span.is_disabled() {
+            telemetry::record_envelope(span, &envelope);
+            span.record("whizbang.partition", self.origin.partition(&envelope.stream_id));
+            telemetry::stamp(span, &mut envelope.metadata);
+        }
         envelope
     }
 
@@ -414,6 +431,7 @@ impl Dispatcher {
         options: DispatchOptions,
         wait: bool,
         keyed: Option<Keyed>,
+        span: &Span,
     ) -> (
         DeliveryReceipt,
         impl FnOnce() + 'static,
@@ -429,6 +447,7 @@ impl Dispatcher {
             command.stream_id(),
             Vec::new(),
             options,
+            span,
         );
         let (reply, rx) = oneshot::channel();
         // The receipt is taken now (its events are filled in once committed): the envelope
@@ -436,6 +455,7 @@ impl Dispatcher {
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
         let engine = self.engine.clone();
         let partition = self.origin.partition(&envelope.stream_id);
+        let span = span.clone();
         let queue = move || {
             engine.partitions().enqueue(
                 partition,
@@ -447,6 +467,7 @@ impl Dispatcher {
                     give_up_at,
                     deadline,
                     reply,
+                    span,
                 }),
             )
         };
@@ -462,6 +483,15 @@ impl Actor for Dispatcher {
     }
 }
 
+/// `work` inside `span` (as it is when nobody wants the span: no wrapper, no allocation).
+fn traced<T: 'static>(span: Span, work: ResponseFuture<T>) -> ResponseFuture<T> {
+    if span.is_disabled() {
+        work
+    } else {
+        Box::pin(tracing::Instrument::instrument(work, span))
+    }
+}
+
 fn gone<E>(_: E) -> DispatchError {
     DispatchError::Unavailable("partition actor stopped".into())
 }
@@ -470,6 +500,17 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
     type Result = ResponseFuture<Result<R, DispatchError>>;
 
     fn handle(&mut self, msg: LocalInvoke<C, R>, _ctx: &mut Self::Context) -> Self::Result {
+        let span = telemetry::dispatch(&msg.parent, "local_invoke", C::TYPE_NAME);
+        traced(span.clone(), self.local_invoke(msg, &span))
+    }
+}
+
+impl Dispatcher {
+    fn local_invoke<C: Command, R: Send + 'static>(
+        &mut self,
+        msg: LocalInvoke<C, R>,
+        span: &Span,
+    ) -> ResponseFuture<Result<R, DispatchError>> {
         if self.registry.current().receptor(C::TYPE_NAME).is_none() {
             return Box::pin(async {
                 Err(DispatchError::HandlerNotFound {
@@ -484,7 +525,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
                 Err(e) => return Box::pin(async move { Err(e) }),
             };
             let (_, queue, rx) =
-                self.run_locally(msg.command, msg.options, true, Some(keyed.clone()));
+                self.run_locally(msg.command, msg.options, true, Some(keyed.clone()), span);
             let (keys, store) = (self.keys.clone(), self.store.clone());
             let (registry, engine) = (self.registry.clone(), self.engine.clone());
             return self.admission.admit(C::TYPE_NAME, deadline, move || {
@@ -502,7 +543,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
                 })
             });
         }
-        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true, None);
+        let (_, queue, rx) = self.run_locally(msg.command, msg.options, true, None, span);
         self.admission.admit(C::TYPE_NAME, deadline, move || {
             queue();
             Box::pin(async move { typed_result::<C, R>(rx.await.map_err(gone)??).await })
@@ -624,6 +665,17 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     type Result = ResponseFuture<Result<DeliveryReceipt, DispatchError>>;
 
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
+        let span = telemetry::dispatch(&msg.parent, "send", C::TYPE_NAME);
+        traced(span.clone(), self.send_command(msg, &span))
+    }
+}
+
+impl Dispatcher {
+    fn send_command<C: Command>(
+        &mut self,
+        msg: SendCommand<C>,
+        span: &Span,
+    ) -> ResponseFuture<Result<DeliveryReceipt, DispatchError>> {
         let table = self.registry.current();
         let deadline = msg.options.deadline;
         let keyed = match msg.options.idempotency_key.clone() {
@@ -635,7 +687,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
         };
         if table.receptor(C::TYPE_NAME).is_some() {
             let (mut receipt, queue, rx) =
-                self.run_locally(msg.command, msg.options, false, keyed.clone());
+                self.run_locally(msg.command, msg.options, false, keyed.clone(), span);
             if let Some(keyed) = keyed {
                 let (keys, store) = (self.keys.clone(), self.store.clone());
                 return self.admission.admit(C::TYPE_NAME, deadline, move || {
@@ -680,6 +732,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
             msg.command.stream_id(),
             payload,
             msg.options,
+            span,
         );
         match keyed {
             Some(keyed) => self.commit_keyed_admitted(C::TYPE_NAME, deadline, envelope, keyed),
@@ -697,14 +750,19 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
         };
         let deadline = msg.options.deadline;
+        let span = telemetry::dispatch(&msg.parent, "publish", E::TYPE_NAME);
         let envelope = self.envelope(
             MessageKind::Event,
             E::TYPE_NAME,
             msg.event.stream_id(),
             payload,
             msg.options,
+            &span,
         );
-        self.commit_one_admitted(E::TYPE_NAME, deadline, envelope)
+        traced(
+            span,
+            self.commit_one_admitted(E::TYPE_NAME, deadline, envelope),
+        )
     }
 }
 
@@ -841,6 +899,7 @@ impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
             msg.command.stream_id(),
             Vec::new(),
             msg.options,
+            &Span::none(),
         );
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
         let partition = self.origin.partition(&envelope.stream_id);

@@ -125,6 +125,7 @@
 //! | [`supervision`] | restarting actors that stop, the restart budget, [`Health`] |
 //! | [`scope`] | request scopes: several commands written in one transaction, all or nothing |
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
+//! | [`telemetry`] | a span per step of a message's life, W3C trace context in the envelope and on the wire; OpenTelemetry export (features `otel`, `otlp`) |
 //! | [`error`] | the public error types |
 //! | `web` (feature `web`) | the HTTP edge for actix-web: problem+json errors, JSON and `Idempotency-Key` extractors, the status endpoint |
 //! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
@@ -151,6 +152,7 @@ pub mod scope;
 pub mod signal;
 pub mod store;
 pub mod supervision;
+pub mod telemetry;
 pub mod testing;
 pub mod transport;
 #[cfg(feature = "web")]

@@ -21,6 +21,7 @@ use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
 use crate::supervision::{ActorKind, Lifeline, LifelineIssuer, StopNow, fault};
+use crate::telemetry;
 use crate::workers::Placement;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -29,6 +30,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use tracing::Span;
 use uuid::Uuid;
 
 /// What a handled command gives back.
@@ -53,6 +55,8 @@ pub struct CommandJob {
     /// The deadline that `give_up_at` ends (for the error's text).
     pub deadline: Duration,
     pub reply: oneshot::Sender<Result<CommandOutcome, DispatchError>>,
+    /// The dispatch span: the receptor span's parent.
+    pub span: Span,
 }
 
 /// A command of a request scope: the receptor decides and the unit is planned, but nothing is
@@ -330,6 +334,7 @@ impl PartitionActor {
                             give_up_at,
                             deadline,
                             reply,
+                            span,
                         } = job;
                         let stream = envelope.stream_id.clone();
                         let queued = if Instant::now() > give_up_at {
@@ -338,7 +343,7 @@ impl PartitionActor {
                                 deadline_ms: deadline.as_millis() as u64,
                             })
                         } else {
-                            queue_command(&deps, envelope, typed, None, wait, keyed).await
+                            queue_command(&deps, envelope, typed, None, wait, keyed, &span).await
                         };
                         (stream, queued, reply)
                     }
@@ -530,6 +535,7 @@ async fn queue_command(
     completes: Option<WorkRef>,
     wait: bool,
     keyed: Option<Keyed>,
+    parent: &Span,
 ) -> Result<QueuedCommand, DispatchError> {
     let table = deps.registry.current();
     let Some(receptor) = table.receptor(&envelope.message_type) else {
@@ -537,7 +543,12 @@ async fn queue_command(
             message_type: envelope.message_type,
         });
     };
-    let decision = match receptor.handle.invoke(&envelope, typed).await {
+    let mut envelope = envelope;
+    let span = telemetry::receptor(parent, &envelope, deps.origin.partition(&envelope.stream_id));
+    let invoked = telemetry::within(&span, receptor.handle.invoke(&envelope, typed)).await;
+    // The messages it causes inherit the envelope's metadata: they continue the receptor's trace.
+    telemetry::stamp(&span, &mut envelope.metadata);
+    let decision = match invoked {
         Ok(decision) => decision,
         Err(failure) => {
             let refusal = DispatchError::from_handler(&envelope.message_type, failure);
@@ -613,11 +624,16 @@ async fn decide(
             message_type: envelope.message_type,
         });
     };
-    let decision = receptor
-        .handle
-        .invoke(&envelope, typed)
+    let mut envelope = envelope;
+    let span = telemetry::receptor(
+        &Span::none(),
+        &envelope,
+        deps.origin.partition(&envelope.stream_id),
+    );
+    let decision = telemetry::within(&span, receptor.handle.invoke(&envelope, typed))
         .await
         .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
+    telemetry::stamp(&span, &mut envelope.metadata);
     let unit = plan_unit(
         &deps.origin,
         &table,
@@ -641,7 +657,7 @@ async fn run_command(
     completes: Option<WorkRef>,
     wait: bool,
 ) -> Result<CommandOutcome, DispatchError> {
-    queue_command(deps, envelope, typed, completes, wait, None)
+    queue_command(deps, envelope, typed, completes, wait, None, &Span::none())
         .await?
         .committed()
         .await
@@ -671,9 +687,16 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 .filter(|p| !skip.contains(&p.name))
                 .collect();
             // The perspectives of one event run in parallel; the next event waits for all.
-            let results =
-                futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope)))
-                    .await;
+            let span = telemetry::perspective(
+                envelope,
+                deps.origin.partition(&envelope.stream_id),
+                work.attempts,
+            );
+            let results = telemetry::within(
+                &span,
+                futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope))),
+            )
+            .await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
             for (p, result) in perspectives.iter().zip(results) {

@@ -13,6 +13,7 @@ use crate::coordinator::{Coordinator, Report};
 use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
+use crate::telemetry;
 use crate::transport::{Transport, TransportError};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -105,17 +106,26 @@ impl Publisher {
             } = row;
             let message_id = envelope.message_id;
             envelope.push_hop(self.origin.hop(&envelope.stream_id, Some(&topic)));
+            let span = telemetry::publish(
+                self.origin.messaging_system,
+                &topic,
+                &envelope,
+                self.origin.partition(&envelope.stream_id),
+            );
+            // The receiver continues the trace from the publish span.
+            telemetry::stamp(&span, &mut envelope.metadata);
             ctx.spawn(
                 async move {
-                    let result =
-                        match tokio::time::timeout(timeout, transport.publish(&topic, &envelope))
-                            .await
-                        {
-                            Ok(result) => result,
-                            Err(_) => Err(TransportError::Timeout {
-                                topic: topic.clone(),
-                            }),
-                        };
+                    let send = tokio::time::timeout(timeout, transport.publish(&topic, &envelope));
+                    let result = match telemetry::within(&span, send).await {
+                        Ok(result) => result,
+                        Err(_) => Err(TransportError::Timeout {
+                            topic: topic.clone(),
+                        }),
+                    };
+                    if result.is_err() {
+                        span.record("otel.status_code", "error");
+                    }
                     (result, topic)
                 }
                 .into_actor(self)

@@ -38,6 +38,8 @@ pub(crate) struct Origin {
     /// The largest payload (inclusive) a message bound for the outbox may have:
     /// `transport.max_message_bytes`, what every receiver admits.
     pub max_message_bytes: usize,
+    /// `messaging.system` of the publish and receive spans (see `telemetry`).
+    pub messaging_system: &'static str,
 }
 
 impl Origin {
@@ -168,6 +170,7 @@ mod tests {
             instance: Uuid::now_v7(),
             partition_count: 16,
             max_message_bytes: limit,
+            messaging_system: "test",
         };
         (origin, view.current())
     }

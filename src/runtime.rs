@@ -116,6 +116,13 @@ impl RuntimeBuilder {
             instance,
             partition_count: config.partitions.partition_count,
             max_message_bytes: config.transport.max_message_bytes as usize,
+            messaging_system: match config.transport.kind {
+                TransportKind::Memory => "whizbang.memory",
+                TransportKind::Amqp => match config.transport.amqp.flavour {
+                    crate::config::AmqpFlavour::RabbitMq => "rabbitmq",
+                    crate::config::AmqpFlavour::ServiceBus => "servicebus",
+                },
+            },
         };
         let view = RegistryView::default();
         let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);

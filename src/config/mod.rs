@@ -2,7 +2,8 @@
 //!
 //! Owns parsing (`config/*.toml`), validation of every knob, and the environment overrides for
 //! endpoints and secrets (`WHIZBANG_DATABASE_URL`, `WHIZBANG_AMQP_URL`,
-//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`, `WHIZBANG_SCHEMA`).
+//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`, `WHIZBANG_SCHEMA`,
+//! `WHIZBANG_OTLP_ENDPOINT`).
 //! It must not start anything: a config that loads is a config that is valid, so nothing starts
 //! half-way. Unknown keys are rejected, and every error names the key and the file.
 //! Secrets never appear in `Debug` output: URLs are printed with their password masked.
@@ -19,6 +20,8 @@
 //! | `[transport]` | `transport.rs` | [`TransportConfig`] |
 //! | `[transport.amqp]` | `amqp.rs`, `connection_string.rs` | [`AmqpConfig`], [`ConnectionString`] |
 //! | `[routing]` | `routing.rs` | [`RoutingConfig`] |
+//! | `[telemetry]` | `telemetry.rs` | [`TelemetryConfig`] |
+//! | `[telemetry.tracing]` | `tracing.rs` | [`TracingSettings`] |
 
 mod amqp;
 mod connection_string;
@@ -28,6 +31,8 @@ mod routing;
 mod runtime;
 mod service;
 mod store;
+mod telemetry;
+mod tracing;
 mod transport;
 
 pub use amqp::{AmqpAuth, AmqpConfig, AmqpFlavour};
@@ -38,6 +43,8 @@ pub use routing::{RoutingConfig, SubscriptionConfig};
 pub use runtime::RuntimeConfig;
 pub use service::ServiceConfig;
 pub use store::{StoreBackend, StoreConfig, is_identifier};
+pub use telemetry::TelemetryConfig;
+pub use self::tracing::TracingSettings;
 pub use transport::{TransportConfig, TransportKind};
 
 use serde::Deserialize;
@@ -96,6 +103,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `[runtime]`.
     pub runtime: RuntimeConfig,
+    /// `[telemetry]`.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -177,6 +186,9 @@ impl Config {
         if let Some(schema) = lookup("WHIZBANG_SCHEMA") {
             self.store.schema = schema;
         }
+        if let Some(endpoint) = lookup("WHIZBANG_OTLP_ENDPOINT") {
+            self.telemetry.tracing.otlp_endpoint = endpoint;
+        }
     }
 
     /// Checks ranges and relations between knobs, section by section; the error names the
@@ -190,6 +202,7 @@ impl Config {
             .and_then(|()| self.transport.validate())
             .and_then(|()| self.routing.validate())
             .and_then(|()| self.runtime.validate())
+            .and_then(|()| self.telemetry.validate())
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: file.to_path_buf(),
                 key,

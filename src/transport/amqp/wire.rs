@@ -12,6 +12,7 @@
 //! | `causation_id` | application property `whizbang-causation-id` (absent for an original request) |
 //! | `hops` | application property `whizbang-hops` (JSON array; AMQP properties hold scalars only) |
 //! | `metadata` | one application property `whizbang-meta-KEY` per entry (strings, filterable in Service Bus rules) |
+//! | `metadata["traceparent"]`, `metadata["tracestate"]` | application properties `traceparent` / `tracestate` (W3C Trace Context, as other AMQP clients propagate it; see [`crate::telemetry`]) |
 //! | — | `header.durable` = true |
 //!
 //! Decoding never panics and never guesses: anything missing or of the wrong type becomes a
@@ -19,6 +20,7 @@
 //! with that reason.
 
 use crate::envelope::{Envelope, Hop, MessageKind};
+use crate::telemetry::{TRACEPARENT, TRACESTATE};
 use crate::transport::MalformedDelivery;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Header, Message, MessageAnnotations, MessageId, Properties,
@@ -63,10 +65,11 @@ pub fn to_message(envelope: &Envelope) -> Message<Data> {
     let hops = serde_json::to_string(&envelope.hops).unwrap_or_else(|_| "[]".into());
     app.insert(PROP_HOPS.to_string(), SimpleValue::String(hops));
     for (key, value) in &envelope.metadata {
-        app.insert(
-            format!("{PROP_META_PREFIX}{key}"),
-            SimpleValue::String(value.clone()),
-        );
+        let name = match key.as_str() {
+            TRACEPARENT | TRACESTATE => key.clone(),
+            _ => format!("{PROP_META_PREFIX}{key}"),
+        };
+        app.insert(name, SimpleValue::String(value.clone()));
     }
     let mut annotations = MessageAnnotations::default();
     annotations.insert(
@@ -168,7 +171,11 @@ pub fn from_message(message: Message<Body<Value>>) -> Result<Envelope, Malformed
     };
     let mut metadata = BTreeMap::new();
     for (key, value) in app.iter() {
-        if let Some(name) = key.strip_prefix(PROP_META_PREFIX) {
+        let name = match key.as_str() {
+            TRACEPARENT | TRACESTATE => Some(key.as_str()),
+            _ => key.strip_prefix(PROP_META_PREFIX),
+        };
+        if let Some(name) = name {
             match value {
                 SimpleValue::String(v) => {
                     metadata.insert(name.to_string(), v.clone());
@@ -239,6 +246,11 @@ mod tests {
         );
         e.metadata.insert("tenant".into(), "acme".into());
         e.metadata.insert("user id".into(), "ü-42".into());
+        e.metadata.insert(
+            TRACEPARENT.into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+        e.metadata.insert(TRACESTATE.into(), "congo=t61rcWkgMzE".into());
         e.push_hop(Hop {
             service: "order-service".into(),
             instance: Uuid::now_v7(),
@@ -312,6 +324,27 @@ mod tests {
             Some(&Value::String("order-1".into()))
         );
         assert_eq!(from_message(received(m)).unwrap(), e);
+    }
+
+    /// The W3C trace context goes as the plain `traceparent` / `tracestate` properties that
+    /// other AMQP clients (OpenTelemetry's instrumentations) read and write, not as metadata.
+    #[test]
+    fn the_trace_context_travels_as_w3c_application_properties() {
+        let e = sample();
+        let m = to_message(&e);
+        let app = m.application_properties.as_ref().unwrap();
+        assert_eq!(
+            app.get(TRACEPARENT),
+            Some(&SimpleValue::String(e.metadata[TRACEPARENT].clone()))
+        );
+        assert_eq!(
+            app.get(TRACESTATE),
+            Some(&SimpleValue::String("congo=t61rcWkgMzE".into()))
+        );
+        assert!(!app.contains_key(&format!("{PROP_META_PREFIX}{TRACEPARENT}")));
+        let back = from_message(received(m)).unwrap();
+        assert_eq!(back.metadata[TRACEPARENT], e.metadata[TRACEPARENT]);
+        assert_eq!(back.metadata[TRACESTATE], e.metadata[TRACESTATE]);
     }
 
     #[test]
