@@ -468,89 +468,91 @@ impl Coordinator {
                 crate::telemetry::within(&batch_span, store.process_work_batch(instance, batch))
                     .await
             }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    act.in_flight -= 1;
-                    act.exclusive_in_flight = false;
-                    act.reserved_rows.0 -= reserved.0;
-                    act.reserved_rows.1 -= reserved.1;
-                    for stream in streams {
-                        if let Entry::Occupied(mut e) = act.busy_streams.entry(stream) {
-                            *e.get_mut() -= 1;
-                            if *e.get() == 0 {
-                                e.remove();
-                            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.in_flight -= 1;
+                act.exclusive_in_flight = false;
+                act.reserved_rows.0 -= reserved.0;
+                act.reserved_rows.1 -= reserved.1;
+                for stream in streams {
+                    if let Entry::Occupied(mut e) = act.busy_streams.entry(stream) {
+                        *e.get_mut() -= 1;
+                        if *e.get() == 0 {
+                            e.remove();
                         }
                     }
-                    tracing::trace!(
-                        units = n_units,
-                        reports = n_reports,
-                        claimed,
-                        ok = result.is_ok(),
-                        ms = started.elapsed().as_secs_f64() * 1000.0,
-                        "work batch"
-                    );
-                    match &result {
-                        Ok(result) => {
-                            span.record("whizbang.claimed_outbox", result.claimed_outbox.len());
-                            span.record("whizbang.claimed_inbox", result.claimed_inbox.len());
+                }
+                tracing::trace!(
+                    units = n_units,
+                    reports = n_reports,
+                    claimed,
+                    ok = result.is_ok(),
+                    ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "work batch"
+                );
+                match &result {
+                    Ok(result) => {
+                        span.record("whizbang.claimed_outbox", result.claimed_outbox.len());
+                        span.record("whizbang.claimed_inbox", result.claimed_inbox.len());
+                    }
+                    Err(e) => {
+                        let class = if e.is_retryable() {
+                            "store_retryable"
+                        } else {
+                            "store"
+                        };
+                        span.record("error.type", class);
+                    }
+                }
+                drop(span);
+                match result {
+                    Ok(result) => {
+                        act.health.store_ok();
+                        act.error_backoff = None;
+                        act.store_failures.reset();
+                        if resolves_doubt {
+                            act.claims_in_doubt = false;
                         }
-                        Err(e) => {
-                            let class = if e.is_retryable() { "store_retryable" } else { "store" };
-                            span.record("error.type", class);
+                        act.processed_rows_written(&reports.inbox_completions, &result.stale);
+                        act.distribute(result, units, claimed, ctx);
+                        act.health
+                            .rows_in_flight(act.inbox_in_flight.len(), act.outbox_in_flight.len());
+                        if claim_cut {
+                            act.unclaimed_rows = true;
                         }
                     }
-                    drop(span);
-                    match result {
-                        Ok(result) => {
-                            act.health.store_ok();
-                            act.error_backoff = None;
-                            act.store_failures.reset();
-                            if resolves_doubt {
-                                act.claims_in_doubt = false;
-                            }
-                            act.processed_rows_written(&reports.inbox_completions, &result.stale);
-                            act.distribute(result, units, claimed, ctx);
-                            act.health.rows_in_flight(
-                                act.inbox_in_flight.len(),
-                                act.outbox_in_flight.len(),
-                            );
-                            if claim_cut {
-                                act.unclaimed_rows = true;
-                            }
+                    Err(e) => {
+                        act.health.store_failed();
+                        act.claims_in_doubt = true;
+                        act.error_backoff = Some(act.store_failures.next_delay());
+                        tracing::warn!(
+                            error = %e,
+                            failures = act.store_failures.failures(),
+                            retry_in_ms = act.error_backoff.unwrap_or_default().as_millis() as u64,
+                            "work batch failed; reports kept for the next batch"
+                        );
+                        act.restore_reports(reports);
+                        let err = DispatchError::from(e);
+                        for unit in units {
+                            let _ = unit.reply.send(Err(err.clone()));
                         }
-                        Err(e) => {
-                            act.health.store_failed();
-                            act.claims_in_doubt = true;
-                            act.error_backoff = Some(act.store_failures.next_delay());
-                            tracing::warn!(
-                                error = %e,
-                                failures = act.store_failures.failures(),
-                                retry_in_ms = act.error_backoff.unwrap_or_default().as_millis() as u64,
-                                "work batch failed; reports kept for the next batch"
-                            );
-                            act.restore_reports(reports);
-                            let err = DispatchError::from(e);
-                            for unit in units {
-                                let _ = unit.reply.send(Err(err.clone()));
-                            }
-                            // The units queued behind it would wait for a store that is failing
-                            // (the next batch is a recovery with no units): their writers are
-                            // answered now, retryable, within one batch's deadline of the fault.
-                            for pending in act.pending.drain(..) {
-                                let _ = pending.reply.send(Err(err.clone()));
-                            }
+                        // The units queued behind it would wait for a store that is failing
+                        // (the next batch is a recovery with no units): their writers are
+                        // answered now, retryable, within one batch's deadline of the fault.
+                        for pending in act.pending.drain(..) {
+                            let _ = pending.reply.send(Err(err.clone()));
                         }
                     }
-                    if act.error_backoff.is_some() {
-                        // The store is failing: try again later, not in a tight loop.
-                        let delay = act.error_backoff.unwrap_or_default();
-                        ctx.run_later(delay, |act, ctx| act.flush(ctx));
-                    } else if act.wants_flush() {
-                        act.flush(ctx);
-                    }
-                    act.finish_shutdown_when_drained(ctx);
-                }),
+                }
+                if act.error_backoff.is_some() {
+                    // The store is failing: try again later, not in a tight loop.
+                    let delay = act.error_backoff.unwrap_or_default();
+                    ctx.run_later(delay, |act, ctx| act.flush(ctx));
+                } else if act.wants_flush() {
+                    act.flush(ctx);
+                }
+                act.finish_shutdown_when_drained(ctx);
+            }),
         );
         true
     }

@@ -417,7 +417,10 @@ impl Dispatcher {
         envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
         if !span.is_disabled() {
             telemetry::record_envelope(span, &envelope);
-            span.record("whizbang.partition", self.origin.partition(&envelope.stream_id));
+            span.record(
+                "whizbang.partition",
+                self.origin.partition(&envelope.stream_id),
+            );
             telemetry::stamp(span, &mut envelope.metadata);
         }
         envelope

@@ -544,7 +544,11 @@ async fn queue_command(
         });
     };
     let mut envelope = envelope;
-    let span = telemetry::receptor(parent, &envelope, deps.origin.partition(&envelope.stream_id));
+    let span = telemetry::receptor(
+        parent,
+        &envelope,
+        deps.origin.partition(&envelope.stream_id),
+    );
     let invoked = telemetry::within(&span, receptor.handle.invoke(&envelope, typed)).await;
     // The messages it causes inherit the envelope's metadata: they continue the receptor's trace.
     telemetry::stamp(&span, &mut envelope.metadata);

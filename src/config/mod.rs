@@ -35,6 +35,7 @@ mod telemetry;
 mod tracing;
 mod transport;
 
+pub use self::tracing::TracingSettings;
 pub use amqp::{AmqpAuth, AmqpConfig, AmqpFlavour};
 pub use connection_string::{ConnectionString, ConnectionStringError};
 pub use coordinator::{CoordinatorConfig, FlushStrategy};
@@ -44,7 +45,6 @@ pub use runtime::RuntimeConfig;
 pub use service::ServiceConfig;
 pub use store::{StoreBackend, StoreConfig, is_identifier};
 pub use telemetry::TelemetryConfig;
-pub use self::tracing::TracingSettings;
 pub use transport::{TransportConfig, TransportKind};
 
 use serde::Deserialize;

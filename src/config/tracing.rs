@@ -62,16 +62,12 @@ impl TracingSettings {
                 .into()
         })?;
         let authority = rest.unwrap_or_default().split(['/', '?', '#']).next();
-        ensure(
-            !authority.unwrap_or_default().contains('@'),
-            key,
-            || "must not hold credentials (user:password@)".into(),
-        )?;
-        ensure(
-            !authority.unwrap_or_default().is_empty(),
-            key,
-            || "names no host".into(),
-        )
+        ensure(!authority.unwrap_or_default().contains('@'), key, || {
+            "must not hold credentials (user:password@)".into()
+        })?;
+        ensure(!authority.unwrap_or_default().is_empty(), key, || {
+            "names no host".into()
+        })
     }
 }
 

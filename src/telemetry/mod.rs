@@ -36,7 +36,7 @@
 #[cfg(feature = "otel")]
 mod otel;
 #[cfg(feature = "otel")]
-pub use otel::{TelemetryError, TracingGuard, init_tracing, layer};
+pub use otel::{TelemetryError, TracingGuard, init_tracing, layer, span_context};
 
 use crate::envelope::Envelope;
 use std::collections::BTreeMap;
@@ -121,7 +121,12 @@ pub(crate) fn perspective(envelope: &Envelope, partition: u32, attempts: u32) ->
 }
 
 /// The span of one outbox row sent to `topic`, continuing the trace of the row.
-pub(crate) fn publish(system: &'static str, topic: &str, envelope: &Envelope, partition: u32) -> Span {
+pub(crate) fn publish(
+    system: &'static str,
+    topic: &str,
+    envelope: &Envelope,
+    partition: u32,
+) -> Span {
     let span = tracing::info_span!(
         target: "whizbang",
         parent: None,

@@ -8,10 +8,10 @@
 
 use super::{TRACEPARENT, TRACESTATE};
 use crate::config::Config;
+use opentelemetry::Context;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
-use opentelemetry::Context;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -95,10 +95,10 @@ pub fn init_tracing(
         .with_filter(logs);
     let provider = exporter_provider(config)?;
     let otel = match &provider {
-        Some(provider) => Some(
-            layer(provider)
-                .with_filter(filter("telemetry.tracing.span_filter", &settings.span_filter)?),
-        ),
+        Some(provider) => Some(layer(provider).with_filter(filter(
+            "telemetry.tracing.span_filter",
+            &settings.span_filter,
+        )?)),
         None => None,
     };
     tracing_subscriber::registry()
@@ -138,10 +138,7 @@ fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, Telem
     if settings.otlp_endpoint.is_empty() {
         return Ok(None);
     }
-    let endpoint = format!(
-        "{}/v1/traces",
-        settings.otlp_endpoint.trim_end_matches('/')
-    );
+    let endpoint = format!("{}/v1/traces", settings.otlp_endpoint.trim_end_matches('/'));
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_endpoint(endpoint)
@@ -183,13 +180,28 @@ fn resource(config: &Config) -> opentelemetry_sdk::Resource {
         .build()
 }
 
+/// The OpenTelemetry span context of `span` (its trace and span ids), `None` when no
+/// OpenTelemetry layer records it: to print a trace id, or to tie other telemetry to a span.
+pub fn span_context(span: &Span) -> Option<SpanContext> {
+    if span.is_disabled() {
+        return None;
+    }
+    let context = span.context().span().span_context().clone();
+    context.is_valid().then_some(context)
+}
+
 /// The span context a `traceparent` names, `None` if it is absent or malformed (a malformed
 /// context starts a new trace, as W3C Trace Context asks, and is never an error).
 pub(crate) fn parse(metadata: &BTreeMap<String, String>) -> Option<SpanContext> {
     let value = metadata.get(TRACEPARENT)?;
     let mut parts = value.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
     // Version 00 has exactly four parts; a later version may append more (W3C §3.2.4).
     if !hex(version, 2) || version == "ff" || (version == "00" && parts.next().is_some()) {
         return None;
@@ -234,14 +246,9 @@ pub(super) fn continue_trace(span: &Span, metadata: &BTreeMap<String, String>) {
 }
 
 pub(super) fn stamp(span: &Span, metadata: &mut BTreeMap<String, String>) {
-    if span.is_disabled() {
+    let Some(span_context) = span_context(span) else {
         return;
-    }
-    let context = span.context();
-    let span_context = context.span().span_context().clone();
-    if !span_context.is_valid() {
-        return;
-    }
+    };
     metadata.insert(TRACEPARENT.to_string(), format(&span_context));
     let state = span_context.trace_state().header();
     if state.is_empty() {

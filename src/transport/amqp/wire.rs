@@ -250,7 +250,8 @@ mod tests {
             TRACEPARENT.into(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         );
-        e.metadata.insert(TRACESTATE.into(), "congo=t61rcWkgMzE".into());
+        e.metadata
+            .insert(TRACESTATE.into(), "congo=t61rcWkgMzE".into());
         e.push_hop(Hop {
             service: "order-service".into(),
             instance: Uuid::now_v7(),
