@@ -24,7 +24,7 @@ use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
 use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
-use crate::telemetry;
+use crate::telemetry::traces;
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -268,7 +268,7 @@ impl ReceiveLoop {
             let mut first_received = None;
             for delivery in deliveries {
                 let span = match &delivery.message {
-                    Ok(envelope) => telemetry::receive(
+                    Ok(envelope) => traces::receive(
                         self.origin.messaging_system,
                         &self.topic,
                         &self.subscription,
@@ -280,7 +280,7 @@ impl ReceiveLoop {
                 match span.in_scope(|| self.admit(delivery.message)) {
                     Ok(mut envelope) => {
                         // The inbox row continues the trace from the receive span.
-                        telemetry::stamp(&span, &mut envelope.metadata);
+                        traces::stamp(&span, &mut envelope.metadata);
                         first_received.get_or_insert(span);
                         rows.push(NewInboxRow {
                             partition: self.origin.partition(&envelope.stream_id),
@@ -307,7 +307,7 @@ impl ReceiveLoop {
                 claim_for_writer: true,
                 ..UnitOfWork::default()
             };
-            let span = telemetry::inbox_commit(
+            let span = traces::inbox_commit(
                 self.origin.messaging_system,
                 &self.topic,
                 &self.subscription,
@@ -315,10 +315,10 @@ impl ReceiveLoop {
                 unit.inbox.len(),
             );
             for row in unit.inbox.iter().skip(1) {
-                telemetry::link(&span, &row.envelope.metadata);
+                traces::link(&span, &row.envelope.metadata);
             }
             let committed = commit(&self.engine.coordinator(), unit, false);
-            let settlement = match telemetry::within(&span, committed).await {
+            let settlement = match traces::within(&span, committed).await {
                 Ok(_) => Settlement::Accept,
                 Err(e) => {
                     tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");
@@ -336,7 +336,7 @@ impl ReceiveLoop {
                 }
                 Ok::<(), crate::transport::TransportError>(())
             };
-            telemetry::within(&span, settle).await?;
+            traces::within(&span, settle).await?;
             if failed {
                 return Ok(ReceiveEnd::CommitFailed);
             }

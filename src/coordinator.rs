@@ -453,20 +453,23 @@ impl Coordinator {
         let resolves_doubt = batch.in_flight.is_some();
         let (n_units, n_reports) = (batch.units.len(), batch.reports());
         let started = std::time::Instant::now();
-        let span = crate::telemetry::work_batch(n_units, n_reports, claimed);
+        let span = crate::telemetry::traces::work_batch(n_units, n_reports, claimed);
         if !span.is_disabled() {
             for unit in &batch.units {
                 let first = unit.inbox.first().map(|r| &r.envelope);
                 if let Some(envelope) = first.or(unit.outbox.first().map(|r| &r.envelope)) {
-                    crate::telemetry::link(&span, &envelope.metadata);
+                    crate::telemetry::traces::link(&span, &envelope.metadata);
                 }
             }
         }
         let batch_span = span.clone();
         ctx.spawn(
             async move {
-                crate::telemetry::within(&batch_span, store.process_work_batch(instance, batch))
-                    .await
+                crate::telemetry::traces::within(
+                    &batch_span,
+                    store.process_work_batch(instance, batch),
+                )
+                .await
             }
             .into_actor(self)
             .map(move |result, act, ctx| {

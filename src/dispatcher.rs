@@ -29,7 +29,7 @@ use crate::routing::{Origin, add_message};
 use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
 use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
 use crate::supervision::EngineCell;
-use crate::telemetry;
+use crate::telemetry::traces;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
@@ -416,12 +416,12 @@ impl Dispatcher {
         envelope.metadata = options.metadata;
         envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
         if !span.is_disabled() {
-            telemetry::record_envelope(span, &envelope);
+            traces::record_envelope(span, &envelope);
             span.record(
                 "whizbang.partition",
                 self.origin.partition(&envelope.stream_id),
             );
-            telemetry::stamp(span, &mut envelope.metadata);
+            traces::stamp(span, &mut envelope.metadata);
         }
         envelope
     }
@@ -503,7 +503,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
     type Result = ResponseFuture<Result<R, DispatchError>>;
 
     fn handle(&mut self, msg: LocalInvoke<C, R>, _ctx: &mut Self::Context) -> Self::Result {
-        let span = telemetry::dispatch(&msg.parent, "local_invoke", C::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, "local_invoke", C::TYPE_NAME);
         traced(span.clone(), self.local_invoke(msg, &span))
     }
 }
@@ -668,7 +668,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     type Result = ResponseFuture<Result<DeliveryReceipt, DispatchError>>;
 
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
-        let span = telemetry::dispatch(&msg.parent, "send", C::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, "send", C::TYPE_NAME);
         traced(span.clone(), self.send_command(msg, &span))
     }
 }
@@ -753,7 +753,7 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
         };
         let deadline = msg.options.deadline;
-        let span = telemetry::dispatch(&msg.parent, "publish", E::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, "publish", E::TYPE_NAME);
         let envelope = self.envelope(
             MessageKind::Event,
             E::TYPE_NAME,

@@ -21,7 +21,7 @@ use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
 use crate::supervision::{ActorKind, Lifeline, LifelineIssuer, StopNow, fault};
-use crate::telemetry;
+use crate::telemetry::traces;
 use crate::workers::Placement;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -544,14 +544,14 @@ async fn queue_command(
         });
     };
     let mut envelope = envelope;
-    let span = telemetry::receptor(
+    let span = traces::receptor(
         parent,
         &envelope,
         deps.origin.partition(&envelope.stream_id),
     );
-    let invoked = telemetry::within(&span, receptor.handle.invoke(&envelope, typed)).await;
+    let invoked = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
     // The messages it causes inherit the envelope's metadata: they continue the receptor's trace.
-    telemetry::stamp(&span, &mut envelope.metadata);
+    traces::stamp(&span, &mut envelope.metadata);
     let decision = match invoked {
         Ok(decision) => decision,
         Err(failure) => {
@@ -629,15 +629,15 @@ async fn decide(
         });
     };
     let mut envelope = envelope;
-    let span = telemetry::receptor(
+    let span = traces::receptor(
         &Span::none(),
         &envelope,
         deps.origin.partition(&envelope.stream_id),
     );
-    let decision = telemetry::within(&span, receptor.handle.invoke(&envelope, typed))
+    let decision = traces::within(&span, receptor.handle.invoke(&envelope, typed))
         .await
         .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
-    telemetry::stamp(&span, &mut envelope.metadata);
+    traces::stamp(&span, &mut envelope.metadata);
     let unit = plan_unit(
         &deps.origin,
         &table,
@@ -691,12 +691,12 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 .filter(|p| !skip.contains(&p.name))
                 .collect();
             // The perspectives of one event run in parallel; the next event waits for all.
-            let span = telemetry::perspective(
+            let span = traces::perspective(
                 envelope,
                 deps.origin.partition(&envelope.stream_id),
                 work.attempts,
             );
-            let results = telemetry::within(
+            let results = traces::within(
                 &span,
                 futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope))),
             )

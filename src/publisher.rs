@@ -13,7 +13,7 @@ use crate::coordinator::{Coordinator, Report};
 use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
-use crate::telemetry;
+use crate::telemetry::traces;
 use crate::transport::{Transport, TransportError};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -106,18 +106,18 @@ impl Publisher {
             } = row;
             let message_id = envelope.message_id;
             envelope.push_hop(self.origin.hop(&envelope.stream_id, Some(&topic)));
-            let span = telemetry::publish(
+            let span = traces::publish(
                 self.origin.messaging_system,
                 &topic,
                 &envelope,
                 self.origin.partition(&envelope.stream_id),
             );
             // The receiver continues the trace from the publish span.
-            telemetry::stamp(&span, &mut envelope.metadata);
+            traces::stamp(&span, &mut envelope.metadata);
             ctx.spawn(
                 async move {
                     let send = tokio::time::timeout(timeout, transport.publish(&topic, &envelope));
-                    let result = match telemetry::within(&span, send).await {
+                    let result = match traces::within(&span, send).await {
                         Ok(result) => result,
                         Err(_) => Err(TransportError::Timeout {
                             topic: topic.clone(),

@@ -9,7 +9,7 @@ use super::tracing::TracingSettings;
 use serde::Deserialize;
 
 /// `[telemetry]`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// `[telemetry.tracing]`: trace export.

@@ -6,7 +6,7 @@
 //! here is a no-op: a trace context is read or written only for a span an OpenTelemetry layer
 //! records.
 
-use super::{TRACEPARENT, TRACESTATE};
+use super::traces::{TRACEPARENT, TRACESTATE};
 use crate::config::Config;
 use opentelemetry::Context;
 use opentelemetry::trace::{
@@ -23,7 +23,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Why [`init_tracing`] could not install tracing.
 #[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
+pub enum TracingError {
     /// `telemetry.tracing.otlp_endpoint` is set, but the crate was built without `otlp`.
     #[error(
         "telemetry.tracing.otlp_endpoint is set but whizbang was built without the `otlp` feature"
@@ -84,7 +84,7 @@ impl Drop for TracingGuard {
 pub fn init_tracing(
     config: &Config,
     default_log_filter: &str,
-) -> Result<TracingGuard, TelemetryError> {
+) -> Result<TracingGuard, TracingError> {
     let settings = &config.telemetry.tracing;
     let logs = match std::env::var("RUST_LOG") {
         Ok(directive) => filter("RUST_LOG", &directive)?,
@@ -105,7 +105,7 @@ pub fn init_tracing(
         .with(fmt)
         .with(otel)
         .try_init()
-        .map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
+        .map_err(|e| TracingError::AlreadyInstalled(e.to_string()))?;
     Ok(TracingGuard { provider })
 }
 
@@ -121,10 +121,10 @@ where
         .with_tracked_inactivity(false)
 }
 
-fn filter(key: &'static str, directive: &str) -> Result<EnvFilter, TelemetryError> {
+fn filter(key: &'static str, directive: &str) -> Result<EnvFilter, TracingError> {
     EnvFilter::builder()
         .parse(directive)
-        .map_err(|e| TelemetryError::Filter {
+        .map_err(|e| TracingError::Filter {
             key,
             directive: directive.to_string(),
             reason: e.to_string(),
@@ -132,7 +132,7 @@ fn filter(key: &'static str, directive: &str) -> Result<EnvFilter, TelemetryErro
 }
 
 #[cfg(feature = "otlp")]
-fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, TracingError> {
     use opentelemetry_otlp::WithExportConfig;
     let settings = &config.telemetry.tracing;
     if settings.otlp_endpoint.is_empty() {
@@ -143,7 +143,7 @@ fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, Telem
         .with_http()
         .with_endpoint(endpoint)
         .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        .map_err(|e| TracingError::Exporter(e.to_string()))?;
     Ok(Some(
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
@@ -154,11 +154,11 @@ fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, Telem
 }
 
 #[cfg(not(feature = "otlp"))]
-fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, TracingError> {
     if config.telemetry.tracing.otlp_endpoint.is_empty() {
         Ok(None)
     } else {
-        Err(TelemetryError::OtlpNotBuilt)
+        Err(TracingError::OtlpNotBuilt)
     }
 }
 

@@ -18,7 +18,10 @@
 //!   store and transport, default configuration with the scoped flush strategy) beside a direct
 //!   call of the same receptor and perspective (`Receptor::handle`, the event's decode, and
 //!   `Perspective::apply`; the event's encode happens inside `handle`, in `Decision::event`,
-//!   exactly as in the runtime).
+//!   exactly as in the runtime). Then the same throughput with telemetry off and on, in
+//!   alternating blocks (`telemetry_overhead_ratio`: median throughput off / on; on = the
+//!   runtime's spans recorded by tracing-opentelemetry into a batch span processor, and a
+//!   Prometheus recorder installed as the `metrics` recorder; see `telemetry.rs`).
 //!
 //! Output: one `name: value` line per figure on stdout, so scripts can parse it; the same
 //! figures, with the machine, the Postgres settings that matter and the commit, go to
@@ -35,6 +38,7 @@ mod engine;
 mod http;
 mod report;
 mod store;
+mod telemetry;
 
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -123,6 +127,13 @@ struct CoreArgs {
     /// Calls per caller in the throughput figure.
     #[arg(long, default_value_t = 500)]
     calls_per_caller: usize,
+    /// Rounds of the telemetry comparison, each a throughput block with telemetry off and one
+    /// with it on (in alternating order), `callers` callers each.
+    #[arg(long, default_value_t = 10)]
+    telemetry_rounds: usize,
+    /// Calls per caller in each block of the telemetry comparison.
+    #[arg(long, default_value_t = 300)]
+    telemetry_calls_per_caller: usize,
     /// Distinct streams the sequential latency loop cycles through.
     #[arg(long, default_value_t = 64)]
     streams: usize,
@@ -422,18 +433,11 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
     }
 
     // The runtime: default configuration, scoped flush, in-memory store and transport.
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    config.service.name = "whizbang-bench".into();
-    config.coordinator.flush_strategy = FlushStrategy::Scoped;
+    // Telemetry is off (see `telemetry`) until the comparison at the end.
+    let telemetry = telemetry::switch();
+    telemetry.set(false)?;
     let balances = Balances::default();
-    let runtime = Runtime::builder(config)
-        .receptor::<Deposit, _>(DepositReceptor)
-        .perspective::<Deposited, _>("balances", balances.clone())
-        .start()
-        .await?;
+    let runtime = core_runtime(&args, balances.clone()).await?;
     let direct_receptor = DepositReceptor;
     let direct_balances = Balances::default();
 
@@ -492,26 +496,48 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
 
     // Throughput: concurrent callers, each on its own stream (distinct from the ones above).
     let callers = args.callers.max(1);
-    let start = Instant::now();
-    let results = futures::future::join_all((0..callers).map(|c| {
-        let runtime = &runtime;
-        let calls = args.calls_per_caller;
-        async move {
-            for n in 0..calls {
-                let _: Deposited = runtime.local_invoke(deposit(streams + c, n)).await?;
-            }
-            Ok::<_, whizbang::DispatchError>(())
-        }
-    }))
-    .await;
-    let elapsed = start.elapsed();
-    for r in results {
-        r?;
+    let per_s = throughput(&runtime, streams, callers, args.calls_per_caller).await?;
+
+    // Telemetry off / on: the same throughput, in alternating blocks, on this runtime with
+    // telemetry off and on a second one started, warmed up and measured with it on (metric
+    // handles are registered when first used, with what the recorder was then).
+    telemetry.set(true)?;
+    if !tracing::enabled!(target: "whizbang", tracing::Level::INFO) {
+        return Err("telemetry on, yet the runtime's info spans are not enabled".into());
     }
-    let total_calls = callers * args.calls_per_caller;
-    let per_s = total_calls as f64 / elapsed.as_secs_f64();
+    let traced = core_runtime(&args, Balances::default()).await?;
+    throughput(&traced, streams, callers, args.warmup.div_ceil(callers)).await?;
+    let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.telemetry_rounds.max(1) {
+        let mut rates = [0.0_f64; 2];
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_telemetry in order {
+            telemetry.set(with_telemetry)?;
+            if !with_telemetry && tracing::enabled!(target: "whizbang", tracing::Level::INFO) {
+                return Err("telemetry off, yet the runtime's info spans are enabled".into());
+            }
+            let measured = if with_telemetry { &traced } else { &runtime };
+            let calls = args.telemetry_calls_per_caller;
+            rates[usize::from(with_telemetry)] =
+                throughput(measured, streams, callers, calls).await?;
+        }
+        off.push(rates[0]);
+        on.push(rates[1]);
+        ratios.push(rates[0] / rates[1]);
+    }
+    telemetry.flush();
+    if telemetry.spans_exported() == 0 {
+        return Err("telemetry on, yet no span reached the exporter".into());
+    }
+    telemetry.set(false)?;
+    let (off, on, ratios) = (Samples::of(off), Samples::of(on), Samples::of(ratios));
 
     runtime.shutdown().await?;
+    traced.shutdown().await?;
 
     let p50 = invoke.percentile(50.0);
     let direct_p50 = direct.percentile(50.0);
@@ -532,17 +558,74 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
     );
     figure("throughput_callers", callers);
     figure("local_invoke_per_s", format!("{per_s:.0}"));
+    figure("telemetry_rounds", ratios.0.len());
+    figure(
+        "telemetry_off_per_s",
+        format!("{:.0}", off.percentile(50.0)),
+    );
+    figure("telemetry_on_per_s", format!("{:.0}", on.percentile(50.0)));
+    figure(
+        "telemetry_overhead_ratio",
+        format!("{:.3}", off.percentile(50.0) / on.percentile(50.0)),
+    );
+    figure(
+        "telemetry_round_ratio_min",
+        format!("{:.3}", ratios.percentile(0.0)),
+    );
+    figure(
+        "telemetry_round_ratio_max",
+        format!("{:.3}", ratios.percentile(100.0)),
+    );
+    figure("telemetry_spans_exported", telemetry.spans_exported());
+    figure("telemetry_metric_lines", telemetry.metric_lines());
     Ok(())
+}
+
+/// The core suite's runtime: default configuration (or `--config`), scoped flush, in-memory
+/// store and transport, the deposit receptor and the balances perspective.
+async fn core_runtime(args: &CoreArgs, balances: Balances) -> BenchResult<Runtime> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    config.service.name = "whizbang-bench".into();
+    config.coordinator.flush_strategy = FlushStrategy::Scoped;
+    Ok(Runtime::builder(config)
+        .receptor::<Deposit, _>(DepositReceptor)
+        .perspective::<Deposited, _>("balances", balances)
+        .start()
+        .await?)
+}
+
+/// Completed `local_invoke`s per second of `callers` concurrent callers making `calls` each,
+/// caller `c` on the stream of account `first_stream + c`.
+async fn throughput(
+    runtime: &Runtime,
+    first_stream: usize,
+    callers: usize,
+    calls: usize,
+) -> BenchResult<f64> {
+    let start = Instant::now();
+    let results = futures::future::join_all((0..callers).map(|c| async move {
+        for n in 0..calls {
+            let _: Deposited = runtime.local_invoke(deposit(first_stream + c, n)).await?;
+        }
+        Ok::<_, whizbang::DispatchError>(())
+    }))
+    .await;
+    let elapsed = start.elapsed();
+    for r in results {
+        r?;
+    }
+    Ok((callers * calls) as f64 / elapsed.as_secs_f64())
 }
 
 whizbang::use_mimalloc!();
 
 fn main() {
-    // Logs go to stderr, off unless RUST_LOG asks (figures go to stdout).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
+    // Logs go to stderr, off unless RUST_LOG asks (figures go to stdout); spans and metrics
+    // are recorded only in the core suite's telemetry-on blocks.
+    telemetry::install();
     let cli = Cli::parse();
     if let Suite::Report {
         file,

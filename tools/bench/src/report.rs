@@ -33,6 +33,7 @@ impl Goal {
 /// The goals the issues name, by suite and figure.
 const GOALS: &[(&str, &str, Goal)] = &[
     ("core", "local_invoke_us_p50", Goal::AtMost(20.0)),
+    ("core", "telemetry_overhead_ratio", Goal::AtMost(1.10)),
     ("store", "empty_batch_ms_p50", Goal::AtMost(0.5)),
     ("store", "store_ratio_vs_raw", Goal::AtLeast(0.7)),
     ("store", "local_invoke_p50_ratio_vs_raw", Goal::AtMost(2.0)),
