@@ -120,16 +120,15 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let args = Args::parse();
     let mut config = Config::load(&args.config)?;
+    // Its own name in logs and traces (the configuration file is the order service's).
+    config.service.name = "inventory-service".into();
+    // Log lines to stderr (RUST_LOG, else warn); spans to an OTLP collector when
+    // [telemetry.tracing] otlp_endpoint is set (docs/telemetry.md). Flushed when dropped.
+    let _tracing = whizbang::telemetry::init_tracing(&config, "warn")?;
     if let Some(Cmd::Operator(command)) = args.command {
         // Its own schema, as when it runs; nothing is consumed.
-        config.service.name = "inventory-service".into();
         config.store.schema = format!("{}_inventory", config.store.schema);
         config.routing.subscriptions.clear();
         let inventory = Inventory::default();
@@ -155,7 +154,6 @@ async fn run() -> anyhow::Result<()> {
         .get(OrderCreated::TYPE_NAME)
         .cloned()
         .context("config routing.topics must name a topic for OrderCreated")?;
-    config.service.name = "inventory-service".into();
     config.store.schema = format!("{}_inventory", config.store.schema);
     config.routing.topics.clear();
     config.routing.subscriptions = vec![SubscriptionConfig {

@@ -46,13 +46,11 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
+    // Log lines to stderr (RUST_LOG, else info); spans to an OTLP collector when
+    // [telemetry.tracing] otlp_endpoint is set (docs/telemetry.md). Flushed when dropped.
+    let _tracing = whizbang::telemetry::init_tracing(&config, "info")?;
     // Listening for signals from the start: one that comes while the runtime starts is kept.
     let mut stop = StopSignal::new()?;
     let summaries = OrderSummaries::for_config(&config).await?;

@@ -82,13 +82,11 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
+    // Log lines to stderr (RUST_LOG, else warn); spans to an OTLP collector when
+    // [telemetry.tracing] otlp_endpoint is set (docs/telemetry.md). Flushed when dropped.
+    let _tracing = whizbang::telemetry::init_tracing(&config, "warn")?;
     if let Some(Cmd::Operator(command)) = args.command {
         // The same registrations as the service below, without starting it.
         let summaries = OrderSummaries::for_config(&config).await?;

@@ -112,6 +112,12 @@ pub fn init_tracing(
 /// The tracing-opentelemetry layer that records spans through `provider` (for an application
 /// that builds its own subscriber or exporter, and for tests with the SDK's in-memory
 /// exporter). Add it to a `tracing_subscriber::registry()`.
+///
+/// Tuned for a span per message step: no busy/idle time per span, no code location or thread
+/// attributes (the span names say where), and no OpenTelemetry context made current on every
+/// poll of an instrumented future (the runtime propagates contexts itself). An application
+/// whose own OpenTelemetry instrumentation reads `Context::current()` builds its layer with
+/// `tracing_opentelemetry::layer()` instead.
 pub fn layer<S>(provider: &SdkTracerProvider) -> OpenTelemetryLayer<S, SdkTracer>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
@@ -119,6 +125,9 @@ where
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("whizbang"))
         .with_tracked_inactivity(false)
+        .with_location(false)
+        .with_threads(false)
+        .with_context_activation(false)
 }
 
 fn filter(key: &'static str, directive: &str) -> Result<EnvFilter, TracingError> {

@@ -498,9 +498,14 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
     let callers = args.callers.max(1);
     let per_s = throughput(&runtime, streams, callers, args.calls_per_caller).await?;
 
-    // Telemetry off / on: the same throughput, in alternating blocks, on this runtime with
-    // telemetry off and on a second one started, warmed up and measured with it on (metric
-    // handles are registered when first used, with what the recorder was then).
+    runtime.shutdown().await?;
+
+    // Telemetry off / on: the same throughput, in alternating blocks, on two fresh runtimes
+    // with the same history: one started, warmed up and measured with telemetry off, the other
+    // with it on (metric handles are registered when first used, with what the recorder was
+    // then).
+    let plain = core_runtime(&args, Balances::default()).await?;
+    throughput(&plain, streams, callers, args.warmup.div_ceil(callers)).await?;
     telemetry.set(true)?;
     if !tracing::enabled!(target: "whizbang", tracing::Level::INFO) {
         return Err("telemetry on, yet the runtime's info spans are not enabled".into());
@@ -520,7 +525,7 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
             if !with_telemetry && tracing::enabled!(target: "whizbang", tracing::Level::INFO) {
                 return Err("telemetry off, yet the runtime's info spans are enabled".into());
             }
-            let measured = if with_telemetry { &traced } else { &runtime };
+            let measured = if with_telemetry { &traced } else { &plain };
             let calls = args.telemetry_calls_per_caller;
             rates[usize::from(with_telemetry)] =
                 throughput(measured, streams, callers, calls).await?;
@@ -535,8 +540,7 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
     }
     telemetry.set(false)?;
     let (off, on, ratios) = (Samples::of(off), Samples::of(on), Samples::of(ratios));
-
-    runtime.shutdown().await?;
+    plain.shutdown().await?;
     traced.shutdown().await?;
 
     let p50 = invoke.percentile(50.0);
