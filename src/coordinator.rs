@@ -29,8 +29,8 @@ use crate::partition::{InboxJob, PartitionDirectory};
 use crate::publisher::{PublishRows, Publisher};
 use crate::retry::Backoff;
 use crate::store::{
-    AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
-    UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
+    AppendedEvent, ClaimBudget, Failure, InFlight, InboxSettled, InboxWork, InstanceId, OutboxWork,
+    Store, UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use actix::prelude::*;
@@ -657,11 +657,9 @@ impl Coordinator {
         }
         for id in &result.dead_lettered {
             tracing::warn!(message_id = %id, "message dead-lettered after max attempts; its stream is parked");
-            for tx in self.released_waiters.remove(id).into_iter().flatten() {
-                let _ = tx.send(Err(DispatchError::PerspectiveFailed {
-                    message_id: *id,
-                    error: "dead-lettered".into(),
-                }));
+            let waiters = self.released_waiters.remove(id).into_iter().flatten();
+            for tx in waiters.chain(self.remote_waiters.remove(id).into_iter().flatten()) {
+                let _ = tx.send(Err(dead_lettered(*id, "")));
             }
         }
         if !result.stale.is_empty() {
@@ -768,19 +766,34 @@ impl Coordinator {
         let ids: Vec<Uuid> = self.remote_waiters.keys().copied().collect();
         let store = self.store.clone();
         ctx.spawn(
-            async move { store.inbox_processed(&ids).await }
+            async move { store.inbox_settled(&ids).await }
                 .into_actor(self)
                 .map(|result, act, _ctx| {
-                    if let Ok(done) = result {
-                        for id in done {
-                            for tx in act.remote_waiters.remove(&id).into_iter().flatten() {
-                                let _ = tx.send(Ok(()));
+                    for (id, settled) in result.unwrap_or_default() {
+                        let answer = match settled {
+                            InboxSettled::Processed => Ok(()),
+                            InboxSettled::DeadLettered { last_error } => {
+                                Err(dead_lettered(id, &last_error))
                             }
+                        };
+                        for tx in act.remote_waiters.remove(&id).into_iter().flatten() {
+                            let _ = tx.send(answer.clone());
                         }
                     }
                 }),
         );
     }
+}
+
+/// The answer to whoever waits for an inbox row that was dead-lettered: a perspective failure
+/// with the last recorded error, when the store has it.
+fn dead_lettered(message_id: Uuid, last_error: &str) -> DispatchError {
+    let error = if last_error.is_empty() {
+        "dead-lettered".to_string()
+    } else {
+        format!("dead-lettered after its last attempt failed: {last_error}")
+    };
+    DispatchError::PerspectiveFailed { message_id, error }
 }
 
 impl Actor for Coordinator {

@@ -553,18 +553,33 @@ impl Store for PostgresStore {
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
     }
 
-    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    async fn inbox_settled(
+        &self,
+        message_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, InboxSettled)>, StoreError> {
+        let s = &self.schema;
         let rows = self
             .query(
                 &format!(
-                    "SELECT message_id FROM {}.wb_dedup
-                      WHERE message_id = ANY($1) AND processed_at IS NOT NULL",
-                    self.schema
+                    "SELECT message_id, NULL::text FROM {s}.wb_dedup
+                      WHERE message_id = ANY($1) AND processed_at IS NOT NULL
+                     UNION ALL
+                     SELECT message_id, coalesce(last_error, '') FROM {s}.wb_inbox
+                      WHERE message_id = ANY($1) AND dead"
                 ),
                 &[&message_ids],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let settled = match r.get::<_, Option<String>>(1) {
+                    None => InboxSettled::Processed,
+                    Some(last_error) => InboxSettled::DeadLettered { last_error },
+                };
+                (r.get(0), settled)
+            })
+            .collect())
     }
 
     async fn correlation_status(
