@@ -71,8 +71,10 @@ pub struct PostgresStore {
 }
 
 /// How much longer than the server's statement timeout the store waits for an answer: the
-/// server cancels a slow statement itself and answers; past this margin nothing is answering.
-const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// server cancels a slow statement itself and answers within milliseconds; past this margin
+/// nothing is answering. Half a second, so that a caller queued behind the batch still hears
+/// of a hung server within the statement timeout + 1 s.
+const ANSWER_MARGIN: Duration = Duration::from_millis(500);
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
@@ -244,10 +246,10 @@ impl PostgresStore {
             Err(_) => {
                 broken.store(true, Ordering::Relaxed);
                 Err(StoreError::unavailable(format!(
-                    "no answer from the database within {} ms (store.statement_timeout_ms + {} s); \
+                    "no answer from the database within {} ms (store.statement_timeout_ms + {} ms); \
                      the connection is dropped",
                     self.answer_deadline.as_millis(),
-                    ANSWER_MARGIN.as_secs()
+                    ANSWER_MARGIN.as_millis()
                 )))
             }
         }
