@@ -376,6 +376,21 @@ impl RuntimeBuilder {
         page_size: u32,
         progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
     ) -> Result<crate::replay::ReplayReport, crate::replay::ReplayError> {
+        let never = crate::replay::ReplayStop::new();
+        self.replay_until(name, from, page_size, progress, &never)
+            .await
+    }
+
+    /// [`RuntimeBuilder::replay`] that stops after the page it is applying once `stop` is
+    /// asked for (its checkpoint saved; the report says `stopped`).
+    pub async fn replay_until(
+        self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+        page_size: u32,
+        progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
+        stop: &crate::replay::ReplayStop,
+    ) -> Result<crate::replay::ReplayReport, crate::replay::ReplayError> {
         let config = self.config;
         config.validate(std::path::Path::new("(runtime config)"))?;
         let store = open_store(&config, self.store).await?;
@@ -396,7 +411,7 @@ impl RuntimeBuilder {
                 .map_err(|e| StartError::Actor(e.to_string()))?
                 .map_err(StartError::from)?;
         }
-        Ok(crate::replay::replay(&store, &view, name, from, page_size, progress).await?)
+        Ok(crate::replay::replay(&store, &view, name, from, page_size, progress, stop).await?)
     }
 }
 
@@ -578,7 +593,17 @@ impl Runtime {
         name: &str,
         from: crate::replay::ReplayFrom,
     ) -> Result<crate::replay::ReplayReport, DispatchError> {
-        crate::replay::replay(&self.store, &self.view, name, from, 500, &mut |_| {}).await
+        let never = crate::replay::ReplayStop::new();
+        crate::replay::replay(
+            &self.store,
+            &self.view,
+            name,
+            from,
+            500,
+            &mut |_| {},
+            &never,
+        )
+        .await
     }
 
     /// [`Runtime::replay_perspective`], reading `page_size` events at a time and calling
@@ -590,7 +615,17 @@ impl Runtime {
         page_size: u32,
         progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
     ) -> Result<crate::replay::ReplayReport, DispatchError> {
-        crate::replay::replay(&self.store, &self.view, name, from, page_size, progress).await
+        let never = crate::replay::ReplayStop::new();
+        crate::replay::replay(
+            &self.store,
+            &self.view,
+            name,
+            from,
+            page_size,
+            progress,
+            &never,
+        )
+        .await
     }
 
     /// Stops consuming and taking new dispatches, lets those in flight and the rows handed to
