@@ -17,8 +17,8 @@
 //! at the back as a standby. A shard nobody took (it comes back within
 //! [`HANDOVER_TAKEN_WITHIN`]) is kept for [`HOLD_AFTER_UNTAKEN`] before the next attempt.
 
-use crate::coordinator::commit;
 use crate::envelope::Envelope;
+use crate::protocol::commit;
 use crate::registry::RegistryView;
 use crate::retry::Backoff;
 use crate::routing::Origin;
@@ -317,7 +317,7 @@ impl ReceiveLoop {
             for row in unit.inbox.iter().skip(1) {
                 traces::link(&span, &row.envelope.metadata);
             }
-            let committed = commit(&self.engine.coordinator(), unit, false);
+            let committed = commit(&self.engine.commits(), unit, false);
             let settlement = match traces::within(&span, committed).await {
                 Ok(_) => Settlement::Accept,
                 Err(e) => {
