@@ -59,7 +59,7 @@ pub fn install() {
             metrics_on,
             exported,
             prometheus,
-            provider: provider,
+            provider,
         }
     });
 }
