@@ -47,42 +47,51 @@ pub const TRACESTATE: &str = "tracestate";
 /// `messaging.system` of the steps inside one service (dispatch, receptor, perspective).
 pub const SYSTEM: &str = "whizbang";
 
+/// An `info` span of a step of one message, with the identity fields every such span has
+/// (recorded later by [`record_envelope`]) after the given ones. A macro, not a function:
+/// `tracing` needs every span's field names at its call site.
+macro_rules! message_span {
+    ($parent:expr, $name:literal, $($field:tt)*) => {
+        tracing::info_span!(
+            target: "whizbang",
+            parent: $parent,
+            $name,
+            $($field)*
+            messaging.message.id = Empty,
+            messaging.message.conversation_id = Empty,
+            whizbang.causation_id = Empty,
+            whizbang.message_type = Empty,
+            whizbang.stream_id = Empty,
+        )
+    };
+}
+
 /// The span of a dispatch (`local_invoke`, `send`, `publish`), child of `parent` (the caller's
 /// span when the call was made; none: a new trace).
 pub(crate) fn dispatch(parent: &Span, operation: &'static str, message_type: &'static str) -> Span {
-    tracing::info_span!(
-        target: "whizbang",
-        parent: parent,
+    let span = message_span!(
+        parent,
         "whizbang.dispatch",
         otel.kind = "producer",
         messaging.system = SYSTEM,
         messaging.operation.type = "send",
         messaging.operation.name = operation,
-        messaging.message.id = Empty,
-        messaging.message.conversation_id = Empty,
-        whizbang.causation_id = Empty,
-        whizbang.message_type = message_type,
-        whizbang.stream_id = Empty,
         whizbang.partition = Empty,
-    )
+    );
+    span.record("whizbang.message_type", message_type);
+    span
 }
 
 /// The span of a receptor deciding `envelope`, child of `parent` (the dispatch span of a
 /// command from this process; none: the context in the envelope, for a command from the inbox).
 pub(crate) fn receptor(parent: &Span, envelope: &Envelope, partition: u32) -> Span {
-    let span = tracing::info_span!(
-        target: "whizbang",
-        parent: parent,
+    let span = message_span!(
+        parent,
         "whizbang.receptor",
         otel.kind = "consumer",
         messaging.system = SYSTEM,
         messaging.operation.type = "process",
         messaging.operation.name = "receptor",
-        messaging.message.id = Empty,
-        messaging.message.conversation_id = Empty,
-        whizbang.causation_id = Empty,
-        whizbang.message_type = Empty,
-        whizbang.stream_id = Empty,
         whizbang.partition = partition,
     );
     if parent.is_none() {
@@ -94,25 +103,17 @@ pub(crate) fn receptor(parent: &Span, envelope: &Envelope, partition: u32) -> Sp
 
 /// The span of the perspectives of one event (an inbox row), continuing its trace.
 pub(crate) fn perspective(envelope: &Envelope, partition: u32, attempts: u32) -> Span {
-    let span = tracing::info_span!(
-        target: "whizbang",
-        parent: None,
+    let span = message_span!(
+        None,
         "whizbang.perspective",
         otel.kind = "consumer",
         messaging.system = SYSTEM,
         messaging.operation.type = "process",
         messaging.operation.name = "perspective",
-        messaging.message.id = Empty,
-        messaging.message.conversation_id = Empty,
-        whizbang.causation_id = Empty,
-        whizbang.message_type = Empty,
-        whizbang.stream_id = Empty,
         whizbang.partition = partition,
         whizbang.attempts = attempts,
     );
-    continue_trace(&span, &envelope.metadata);
-    record_envelope(&span, envelope);
-    span
+    continued(span, envelope)
 }
 
 /// The span of one outbox row sent to `topic`, continuing the trace of the row.
@@ -122,9 +123,8 @@ pub(crate) fn publish(
     envelope: &Envelope,
     partition: u32,
 ) -> Span {
-    let span = tracing::info_span!(
-        target: "whizbang",
-        parent: None,
+    let span = message_span!(
+        None,
         "whizbang.publish",
         otel.kind = "producer",
         messaging.system = system,
@@ -132,16 +132,9 @@ pub(crate) fn publish(
         messaging.operation.name = "publish",
         messaging.destination.name = topic,
         otel.status_code = Empty,
-        messaging.message.id = Empty,
-        messaging.message.conversation_id = Empty,
-        whizbang.causation_id = Empty,
-        whizbang.message_type = Empty,
-        whizbang.stream_id = Empty,
         whizbang.partition = partition,
     );
-    continue_trace(&span, &envelope.metadata);
-    record_envelope(&span, envelope);
-    span
+    continued(span, envelope)
 }
 
 /// The span of one delivery from `subscription` of `topic`, continuing the sender's trace.
@@ -152,9 +145,8 @@ pub(crate) fn receive(
     envelope: &Envelope,
     partition: u32,
 ) -> Span {
-    let span = tracing::info_span!(
-        target: "whizbang",
-        parent: None,
+    let span = message_span!(
+        None,
         "whizbang.receive",
         otel.kind = "consumer",
         messaging.system = system,
@@ -163,16 +155,9 @@ pub(crate) fn receive(
         messaging.destination.name = topic,
         messaging.destination.subscription.name = subscription,
         otel.status_code = Empty,
-        messaging.message.id = Empty,
-        messaging.message.conversation_id = Empty,
-        whizbang.causation_id = Empty,
-        whizbang.message_type = Empty,
-        whizbang.stream_id = Empty,
         whizbang.partition = partition,
     );
-    continue_trace(&span, &envelope.metadata);
-    record_envelope(&span, envelope);
-    span
+    continued(span, envelope)
 }
 
 /// The span of committing `count` received deliveries to the inbox and settling them, child of
@@ -222,6 +207,13 @@ pub(crate) async fn within<F: Future>(span: &Span, work: F) -> F::Output {
     } else {
         tracing::Instrument::instrument(work, span.clone()).await
     }
+}
+
+/// `span` continuing the trace in `envelope`'s metadata, with its identity recorded.
+fn continued(span: Span, envelope: &Envelope) -> Span {
+    continue_trace(&span, &envelope.metadata);
+    record_envelope(&span, envelope);
+    span
 }
 
 /// Records the identity of `envelope` on `span` (nothing when nobody wants the span).
