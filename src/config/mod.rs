@@ -2,7 +2,8 @@
 //!
 //! Owns parsing (`config/*.toml`), validation of every knob, and the environment overrides for
 //! endpoints and secrets (`WHIZBANG_DATABASE_URL`, `WHIZBANG_AMQP_URL`,
-//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`, `WHIZBANG_SCHEMA`).
+//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`, `WHIZBANG_SCHEMA`,
+//! `WHIZBANG_METRICS_LISTEN`).
 //! It must not start anything: a config that loads is a config that is valid, so nothing starts
 //! half-way. Unknown keys are rejected, and every error names the key and the file.
 //! Secrets never appear in `Debug` output: URLs are printed with their password masked.
@@ -19,6 +20,8 @@
 //! | `[transport]` | `transport.rs` | [`TransportConfig`] |
 //! | `[transport.amqp]` | `amqp.rs`, `connection_string.rs` | [`AmqpConfig`], [`ConnectionString`] |
 //! | `[routing]` | `routing.rs` | [`RoutingConfig`] |
+//! | `[runtime]` | `runtime.rs` | [`RuntimeConfig`] |
+//! | `[telemetry]` | `telemetry.rs` | [`TelemetryConfig`] |
 
 mod amqp;
 mod connection_string;
@@ -28,6 +31,7 @@ mod routing;
 mod runtime;
 mod service;
 mod store;
+mod telemetry;
 mod transport;
 
 pub use amqp::{AmqpAuth, AmqpConfig, AmqpFlavour};
@@ -38,6 +42,7 @@ pub use routing::{RoutingConfig, SubscriptionConfig};
 pub use runtime::RuntimeConfig;
 pub use service::ServiceConfig;
 pub use store::{StoreBackend, StoreConfig, is_identifier};
+pub use telemetry::TelemetryConfig;
 pub use transport::{TransportConfig, TransportKind};
 
 use serde::Deserialize;
@@ -96,6 +101,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `[runtime]`.
     pub runtime: RuntimeConfig,
+    /// `[telemetry]`.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -177,6 +184,9 @@ impl Config {
         if let Some(schema) = lookup("WHIZBANG_SCHEMA") {
             self.store.schema = schema;
         }
+        if let Some(listen) = lookup("WHIZBANG_METRICS_LISTEN") {
+            self.telemetry.metrics_listen = listen;
+        }
     }
 
     /// Checks ranges and relations between knobs, section by section; the error names the
@@ -190,6 +200,7 @@ impl Config {
             .and_then(|()| self.transport.validate())
             .and_then(|()| self.routing.validate())
             .and_then(|()| self.runtime.validate())
+            .and_then(|()| self.telemetry.validate())
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: file.to_path_buf(),
                 key,
@@ -680,6 +691,21 @@ mod tests {
                 other => panic!("{text}: expected {key} to fail, got {:?}", other.err()),
             }
         }
+        if cfg!(feature = "metrics") {
+            let e = parse("[telemetry]\nmetrics_listen = \"localhost\"")
+                .err()
+                .unwrap();
+            assert_eq!(e.key(), Some("telemetry.metrics_listen"));
+            assert!(e.to_string().contains("not an IP:PORT"), "{e}");
+            let c = parse("[telemetry]\nmetrics_listen = \"127.0.0.1:0\"").unwrap();
+            assert_eq!(c.telemetry.metrics_addr(), Some(([127, 0, 0, 1], 0).into()));
+        } else {
+            let e = parse("[telemetry]\nmetrics_listen = \"127.0.0.1:0\"")
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("feature `metrics`"), "{e}");
+        }
+        assert_eq!(parse("").unwrap().telemetry.metrics_addr(), None);
         // The defaults pass every check, with either transport.
         parse("").unwrap();
         parse(amqp).unwrap();
