@@ -784,8 +784,11 @@ impl Coordinator {
     fn heartbeat_seen(&mut self, hb: &Heartbeat, ctx: &mut Context<Self>) {
         let mut held = hb.held_partitions.clone();
         held.sort_unstable();
+        // Leased since the last heartbeat (by a claim): held now, or held until this heartbeat
+        // released them.
         let acquired = held
             .iter()
+            .chain(&hb.released)
             .filter(|p| self.held_partitions.binary_search(p).is_err())
             .count();
         let meters = self.health.meters().clone();
