@@ -58,6 +58,7 @@ pub struct MetricInfo {
 }
 
 /// The outcome of a dispatch, the `outcome` label of `whizbang_dispatches_total`.
+#[cfg(feature = "metrics")]
 pub(crate) const DISPATCH_OUTCOMES: [&str; 8] = [
     "ok",
     "rejected",
@@ -90,6 +91,7 @@ pub(crate) fn dispatch_outcome<T>(result: &Result<T, crate::DispatchError>) -> u
 }
 
 /// The queues of the `queue` label, in the order of the gauges' arrays.
+#[cfg(feature = "metrics")]
 pub(crate) const QUEUES: [&str; 2] = ["outbox", "inbox"];
 
 /// Every metric the runtime exports; `docs/metrics.md` documents each and the Grafana
