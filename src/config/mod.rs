@@ -40,6 +40,10 @@ pub use coordinator::{CoordinatorConfig, FlushStrategy};
 pub use partitions::PartitionConfig;
 pub use routing::{RoutingConfig, SubscriptionConfig};
 pub use runtime::RuntimeConfig;
+/// The type holding `store.database_url`, `transport.amqp_url` and
+/// `transport.amqp.connection_string`, and the trait that reads it (re-exported from `secrecy`
+/// so that a service need not depend on it).
+pub use secrecy::{ExposeSecret, SecretString};
 pub use service::ServiceConfig;
 pub use store::{StoreBackend, StoreConfig, is_identifier};
 pub use telemetry::TelemetryConfig;
@@ -84,7 +88,9 @@ impl ConfigError {
 }
 
 /// The whole configuration. Every field has a default, so an empty file is a valid file.
-#[derive(Clone, Default, Deserialize)]
+/// Its `Debug` shows no secret: the URLs and the connection string are [`SecretString`]s,
+/// shown with their secrets masked.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[service]`.
@@ -170,13 +176,13 @@ impl Config {
     /// production and a map in tests.
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         if let Some(url) = lookup("WHIZBANG_DATABASE_URL") {
-            self.store.database_url = url;
+            self.store.database_url = url.into();
         }
         if let Some(url) = lookup("WHIZBANG_AMQP_URL") {
-            self.transport.amqp_url = url;
+            self.transport.amqp_url = url.into();
         }
         if let Some(cs) = lookup("WHIZBANG_AMQP_CONNECTION_STRING") {
-            self.transport.amqp.connection_string = cs;
+            self.transport.amqp.connection_string = cs.into();
         }
         if let Some(name) = lookup("WHIZBANG_SERVICE_NAME") {
             self.service.name = name;
@@ -392,7 +398,7 @@ mod tests {
     fn env_overrides_endpoints() {
         let mut c = parse("").unwrap();
         c.apply_env(|k| (k == "WHIZBANG_DATABASE_URL").then(|| "postgres://a:b@h/db".into()));
-        assert_eq!(c.store.database_url, "postgres://a:b@h/db");
+        assert_eq!(c.store.database_url.expose_secret(), "postgres://a:b@h/db");
     }
 
     #[test]
@@ -455,6 +461,50 @@ mod tests {
         }
         // Names that merely end in the key are left alone.
         assert_eq!(redact("host=h mypassword=x"), "host=h mypassword=x");
+    }
+
+    /// The secrets of the configuration, in every form the drivers accept, loaded from a file
+    /// and from the environment: the `Debug` of the whole configuration, and of each secret
+    /// alone, never shows one.
+    #[test]
+    fn no_secret_in_the_debug_of_the_configuration() {
+        let forms = [
+            "postgres://u:S3cretPw@h:5432/db",
+            "postgres://u@h/db?password=S3cretPw&sslmode=require",
+            "host=127.0.0.1 user=u password=S3cretPw dbname=no_such_db",
+            "host=h password='S3cret Pw' dbname=d",
+        ];
+        for form in forms {
+            let text = format!(
+                "[store]\ndatabase_url = \"{}\"\n[transport]\namqp_url = \"amqps://u:S3cretPw@h\"\n\
+                 [transport.amqp]\nconnection_string = \"Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=S3cretPw=\"\n",
+                form
+            );
+            let mut c = parse(&text).unwrap();
+            assert_eq!(c.store.database_url.expose_secret(), form);
+            for shown in [
+                format!("{c:?}"),
+                format!("{:#?}", c.store),
+                format!("{:?}", c.store.database_url),
+                format!("{:?}", c.transport.amqp_url),
+                format!("{:?}", c.transport.amqp.connection_string),
+            ] {
+                assert!(!shown.contains("S3cret"), "{form}: {shown}");
+            }
+            assert!(
+                format!("{c:?}").contains("SharedAccessKeyName=k"),
+                "the rest is shown"
+            );
+            c.apply_env(|k| match k {
+                "WHIZBANG_DATABASE_URL" => Some(form.into()),
+                "WHIZBANG_AMQP_URL" => Some("amqp://u:S3cretPw@h".into()),
+                "WHIZBANG_AMQP_CONNECTION_STRING" => {
+                    Some("Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=S3cretPw".into())
+                }
+                _ => None,
+            });
+            assert!(!format!("{c:?}").contains("S3cret"), "{form}: {c:?}");
+        }
     }
 
     /// Every check of `validate`, each alone: the key it names and its message, word for word.

@@ -99,7 +99,7 @@ async fn unreachable_broker_fails_fast_and_backs_off() -> anyhow::Result<()> {
     let port = listener.local_addr()?.port();
     drop(listener);
     let mut config = amqp_transport_config();
-    config.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}");
+    config.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}").into();
     config.amqp.reconnect_backoff_base_ms = 2_000;
     config.amqp.reconnect_backoff_max_ms = 2_000;
     let t = AmqpTransport::from_config(&config, "unreachable")?;

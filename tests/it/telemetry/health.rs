@@ -46,7 +46,8 @@ async fn readiness_follows_postgres_through_a_cut_and_a_restore() -> anyhow::Res
         url.replace(&host_port, &format!("@{}", proxy.addr()))
     } else {
         format!("postgres://postgres@{}/postgres", proxy.addr())
-    };
+    }
+    .into();
     c.telemetry.metrics_listen = "127.0.0.1:0".into();
     c.partitions.heartbeat_seconds = 1;
     c.store.connect_timeout_ms = 1_000;
