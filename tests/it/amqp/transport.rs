@@ -388,7 +388,7 @@ async fn cbs_auth_puts_a_token_before_attaching_the_link() -> anyhow::Result<()>
 /// `Debug` of the settings built from them.
 #[actix::test]
 async fn broker_errors_never_show_the_password_or_the_key() -> anyhow::Result<()> {
-    let logs = crate::support::captured_logs();
+    let logs = captured_logs();
     let secret = format!("S3cret{}", uuid::Uuid::now_v7().simple());
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
@@ -420,7 +420,7 @@ async fn broker_errors_never_show_the_password_or_the_key() -> anyhow::Result<()
         assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
         assert!(!said.contains(&secret), "the secret leaked: {said}");
     }
-    let leaked = crate::support::log_lines_with(&logs, &secret);
+    let leaked = log_lines_with(&logs, &secret);
     assert!(leaked.is_empty(), "the secret reached the log: {leaked:?}");
     Ok(())
 }
