@@ -406,8 +406,7 @@ async fn broker_errors_never_show_the_password_or_the_key() -> anyhow::Result<()
         let published = t
             .publish("orders", &event_envelope(&Bumped::new("s", 1)))
             .await
-            .err()
-            .expect("no broker");
+            .expect_err("no broker");
         let subscribed = t
             .subscribe("orders", "inventory", 10)
             .await
