@@ -24,6 +24,7 @@ use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
 use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
+use crate::telemetry::SettleMeters;
 use crate::telemetry::traces;
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
@@ -146,6 +147,7 @@ impl Actor for Consumer {
             origin: self.origin.clone(),
             prefetch: self.prefetch,
             max_message_bytes: self.max_message_bytes,
+            settled: self.health.meters().settle(&self.topic, &self.subscription),
             health: self.health.clone(),
         };
         ctx.spawn(lp.run().into_actor(self));
@@ -172,6 +174,8 @@ struct ReceiveLoop {
     prefetch: u32,
     max_message_bytes: usize,
     health: HealthState,
+    /// `whizbang_deliveries_total` of this subscription.
+    settled: SettleMeters,
 }
 
 impl ReceiveLoop {
@@ -292,6 +296,7 @@ impl ReceiveLoop {
                         span.record("otel.status_code", "error");
                         tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %reason, "delivery rejected");
                         sub.settle(delivery.tag, Settlement::Reject(reason)).await?;
+                        self.settled.rejected();
                     }
                 }
             }
@@ -326,6 +331,7 @@ impl ReceiveLoop {
                 }
             };
             let failed = matches!(settlement, Settlement::Release);
+            let settled = accepted.len();
             span.record(
                 "whizbang.settlement",
                 if failed { "released" } else { "accepted" },
@@ -337,6 +343,11 @@ impl ReceiveLoop {
                 Ok::<(), crate::transport::TransportError>(())
             };
             traces::within(&span, settle).await?;
+            if failed {
+                self.settled.released(settled);
+            } else {
+                self.settled.accepted(settled);
+            }
             if failed {
                 return Ok(ReceiveEnd::CommitFailed);
             }

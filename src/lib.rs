@@ -128,6 +128,7 @@
 //! | [`telemetry`] | a span per step of a message's life, W3C trace context in the envelope and on the wire; OpenTelemetry export (features `otel`, `otlp`) |
 //! | [`error`] | the public error types |
 //! | `web` (feature `web`) | the HTTP edge for actix-web: problem+json errors, JSON and `Idempotency-Key` extractors, the status endpoint |
+//! | [`telemetry`] | the metrics the runtime exports ([`telemetry::METRICS`]) and, with `telemetry.metrics_listen`, the listener serving `/metrics`, `/health/live`, `/health/ready` |
 //! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
 pub mod config;

@@ -553,10 +553,12 @@ async fn queue_command(
         &envelope,
         deps.origin.partition(&envelope.stream_id),
     );
-    let invoked = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
+    let started = Instant::now();
+    let decided = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
+    receptor.meters.record(decided.is_ok(), started.elapsed());
     // The messages it causes inherit the envelope's metadata: they continue the receptor's trace.
     traces::stamp(&span, &mut envelope.metadata);
-    let decision = match invoked {
+    let decision = match decided {
         Ok(decision) => decision,
         Err(failure) => {
             let refusal = DispatchError::from_handler(&envelope.message_type, failure);
@@ -638,9 +640,10 @@ async fn decide(
         &envelope,
         deps.origin.partition(&envelope.stream_id),
     );
-    let decision = traces::within(&span, receptor.handle.invoke(&envelope, typed))
-        .await
-        .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
+    let started = Instant::now();
+    let decided = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
+    receptor.meters.record(decided.is_ok(), started.elapsed());
+    let decision = decided.map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
     traces::stamp(&span, &mut envelope.metadata);
     let unit = plan_unit(
         &deps.origin,
@@ -700,11 +703,13 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 deps.origin.partition(&envelope.stream_id),
                 work.attempts,
             );
-            let results = traces::within(
-                &span,
-                futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope))),
-            )
-            .await;
+            let apply_all = futures::future::join_all(perspectives.iter().map(|p| async move {
+                let started = Instant::now();
+                let result = p.handle.apply(envelope).await;
+                p.meters.record(result.is_ok(), started.elapsed());
+                result
+            }));
+            let results = traces::within(&span, apply_all).await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
             for (p, result) in perspectives.iter().zip(results) {
