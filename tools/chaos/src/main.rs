@@ -140,7 +140,11 @@ fn main() {
     let system = actix::System::new();
     let result = system.block_on(async move {
         match cli.command {
-            Mode::Run(args) => orchestrator::run(args).await,
+            // Ctrl-C drops the run, and with it any hang guard (SIGCONT to a stopped server).
+            Mode::Run(args) => tokio::select! {
+                outcome = orchestrator::run(args) => outcome,
+                _ = tokio::signal::ctrl_c() => Err("interrupted (Ctrl-C)".into()),
+            },
             Mode::PgRestart(args) => {
                 let mut scenario = Scenario::new("pg-restart");
                 let outcome = until_interrupted(pg_restart::run(args, &mut scenario)).await;
