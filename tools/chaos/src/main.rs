@@ -72,10 +72,13 @@ enum Mode {
         /// Default: target/chaos/results.json.
         #[arg(long)]
         file: Option<std::path::PathBuf>,
-        /// One Markdown table (for the README: scripts/readme-figures.sh) instead of
+        /// One Markdown table (for docs/chaos.md: scripts/readme-figures.sh) instead of
         /// `name: value` lines.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "headline")]
         markdown: bool,
+        /// A headline of a few lines (for the README: scripts/readme-figures.sh).
+        #[arg(long)]
+        headline: bool,
     },
     /// One process of a run (started by `run`).
     #[command(subcommand)]
@@ -134,8 +137,20 @@ fn main() {
             None
         }
     };
-    if let Mode::Report { file, markdown } = &cli.command {
-        std::process::exit(report(file.as_deref(), *markdown));
+    if let Mode::Report {
+        file,
+        markdown,
+        headline,
+    } = &cli.command
+    {
+        let form = if *headline {
+            report::Form::Headline
+        } else if *markdown {
+            report::Form::Markdown
+        } else {
+            report::Form::Lines
+        };
+        std::process::exit(report(file.as_deref(), form));
     }
     let system = actix::System::new();
     let result = system.block_on(async move {
@@ -182,7 +197,7 @@ async fn until_interrupted(scenario: impl Future<Output = ChaosResult<()>>) -> C
 }
 
 /// `whizbang-chaos report`: the exit code.
-fn report(file: Option<&std::path::Path>, markdown: bool) -> i32 {
+fn report(file: Option<&std::path::Path>, form: report::Form) -> i32 {
     let dir = whizbang_tools_common::target_dir().join("chaos");
     let path = file.map_or_else(|| dir.join("results.json"), std::path::Path::to_path_buf);
     let results = match std::fs::read(&path)
@@ -199,10 +214,13 @@ fn report(file: Option<&std::path::Path>, markdown: bool) -> i32 {
         }
     };
     let scenarios = report::scenarios(path.parent().unwrap_or(&dir), &results["commit"]);
-    if markdown {
-        print!("{}", report::table(&results, &scenarios));
-    } else {
-        print!("{}", report::lines(&results, &scenarios));
-    }
+    print!(
+        "{}",
+        match form {
+            report::Form::Markdown => report::table(&results, &scenarios),
+            report::Form::Headline => report::headline(&results, &scenarios),
+            report::Form::Lines => report::lines(&results, &scenarios),
+        }
+    );
     0
 }

@@ -1,7 +1,9 @@
-//! The orchestrator of a chaos run: starts the consumer and the writer processes, kills a
-//! writer with SIGKILL every few seconds and starts it again, restarts the broker once and the
-//! Postgres server once mid-run, measures how long each dead writer's partitions stay stuck
-//! behind its leases, waits for the run to drain, stops everything gracefully and judges.
+//! The orchestrator of a chaos run: starts the consumer and the writer processes, kills one of
+//! them with SIGKILL every few seconds and starts it again, restarts and hangs the broker and
+//! the Postgres server mid-run (with a kill during each), publishes poison messages, measures
+//! how long each dead instance's partitions stay stuck behind its leases, requeues the dead
+//! letters with the operator CLI, waits for the run to drain, stops everything gracefully and
+//! judges.
 //!
 //! Writer 0 runs with a lease far longer than the heartbeat (`--crash-lease-s`, 300 s, the
 //! default of `partitions.lease_seconds`); the others with the configuration's. A kill of writer
@@ -326,7 +328,6 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
 struct Heard {
     instance: Option<Uuid>,
     done: bool,
-    applied: u64,
 }
 
 /// One running node process.
@@ -363,7 +364,6 @@ impl Node {
                 match line.split_once(' ') {
                     Some(("instance", id)) => heard.instance = id.parse().ok(),
                     Some(("done", _)) => heard.done = true,
-                    Some(("applied", n)) => heard.applied = n.parse().unwrap_or(heard.applied),
                     _ => {}
                 }
             }
