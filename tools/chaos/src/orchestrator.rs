@@ -837,7 +837,11 @@ impl Run {
                         what,
                         tokio::spawn(hang_recovery(
                             Db::new(&self.db_url),
-                            self.names.read_schema.clone(),
+                            (
+                                self.names.writer_schema.clone(),
+                                self.names.consumer_schema.clone(),
+                                self.names.read_schema.clone(),
+                            ),
                             resumed,
                             baseline,
                         )),
@@ -1424,13 +1428,22 @@ async fn applied_count(db: &mut Db, read_schema: &str) -> Result<i64, String> {
 /// From SIGCONT (`resumed`) until the consumers apply again: the read model grows beyond
 /// `baseline` (for a Postgres hang, what it held before the SIGSTOP: nothing can commit while
 /// the server is stopped; for a broker hang, what it holds at SIGCONT). Watched for 60 s; a
-/// backlog that never moves again is an error, unless there was none left to move.
+/// backlog that never moves again is an error. When there is no backlog to move (the writers'
+/// outbox and the consumers' inbox empty but for streams waiting behind a dead letter) and the
+/// read model did not grow, the recovery is 0: nothing was held up.
 async fn hang_recovery(
     mut db: Db,
-    read_schema: String,
+    names: (String, String, String),
     resumed: Instant,
     baseline: Option<i64>,
 ) -> Result<f64, String> {
+    let (w, c, read_schema) = names;
+    let backlog_sql = format!(
+        "SELECT (SELECT count(*) FROM {w}.wb_outbox)::bigint \
+              + (SELECT count(*) FROM {c}.wb_inbox i WHERE NOT EXISTS \
+                   (SELECT 1 FROM {c}.wb_inbox d WHERE d.dead AND d.stream_id = i.stream_id))::bigint, \
+                0::bigint"
+    );
     let limit = Duration::from_secs(60);
     let mut baseline = baseline;
     loop {
@@ -1438,7 +1451,11 @@ async fn hang_recovery(
             match baseline {
                 None => baseline = Some(now),
                 Some(b) if now > b => return Ok(resumed.elapsed().as_secs_f64()),
-                Some(_) => {}
+                Some(_) => {
+                    if let Ok((0, _)) = db.pair(&backlog_sql).await {
+                        return Ok(0.0);
+                    }
+                }
             }
         }
         if resumed.elapsed() > limit {
