@@ -1149,8 +1149,8 @@ async fn broker_dead_letter_queues_are_counted_and_shown_and_keep_their_messages
             .properties(
                 Properties::builder()
                     .message_id(format!("dead-{i}"))
-                    .subject("test.NoSuchEvent")
-                    .group_id("order-7")
+                    .subject(String::from("test.NoSuchEvent"))
+                    .group_id(String::from("order-7"))
                     .build(),
             )
             .data(Binary::from(vec![0xc1, 0xff]))
