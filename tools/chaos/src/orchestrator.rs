@@ -293,6 +293,7 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         hangs: Vec::new(),
         poisoned: 0,
         dead: DeadLetters::default(),
+        startup_failures: 0,
         trackers: Vec::new(),
         restarts: Vec::new(),
         log: Vec::new(),
@@ -504,6 +505,8 @@ struct Run {
     hangs: Vec<(&'static str, JoinHandle<Result<f64, String>>)>,
     poisoned: usize,
     dead: DeadLetters,
+    /// Processes started again after their start-up failed during a server fault.
+    startup_failures: usize,
     /// Per kill: whether the writer had the long lease (a crash takeover), and its tracker.
     trackers: Vec<(bool, JoinHandle<f64>)>,
     restarts: Vec<(&'static str, JoinHandle<Result<f64, String>>)>,
@@ -573,6 +576,7 @@ impl Run {
             ("kills", self.kills.to_string()),
             ("consumer_kills", self.consumer_kills.to_string()),
             ("overlapping_kills", self.overlapping_kills.to_string()),
+            ("startup_failures", self.startup_failures.to_string()),
             ("hangs", hang_recovery.len().to_string()),
             ("hang_s", format!("{:.1}", self.plan.hang.as_secs_f64())),
             ("hang_recovery_s_max", format!("{hang_recovery_s_max:.1}")),
@@ -804,6 +808,9 @@ impl Run {
         // The fault under way: which server, when it began, whether its overlapping kill
         // happened, and for a hang the guard and when to resume.
         let mut running: Option<Running> = None;
+        // No fault starts before then: faults are apart by their pause and a takeover's time.
+        let mut quiet_until = start;
+        let mut last_fault_end: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tick.tick().await;
@@ -859,6 +866,8 @@ impl Run {
                         Duration::from_secs(2)
                     };
                     next_kill = next_kill.max(now + pause);
+                    quiet_until = now + pause + settle;
+                    last_fault_end = Some(now);
                     running = None;
                 }
             }
@@ -875,11 +884,28 @@ impl Run {
                 }
             }
 
-            // A process that exited on its own is a failure of the run.
+            // A process that exited on its own is a failure of the run, but for one that gave
+            // up starting while a server was away (the runtime's start-up check fails fast on
+            // an unreachable broker): started again, as a supervisor would.
+            let in_fault = running.is_some()
+                || last_fault_end.is_some_and(|t| now - t < Duration::from_secs(20));
+            let restart_delay = self.plan.restart_delay;
             for slot in self.writers.iter_mut().chain(self.consumers.iter_mut()) {
                 if let Some(node) = slot.node.as_mut()
                     && let Some(status) = node.exited()
                 {
+                    if node.heard(|h| h.instance.is_none()) && in_fault {
+                        println!(
+                            "{} could not start while a server was away ({status}); starting it again",
+                            node.label
+                        );
+                        self.log
+                            .push(format!("{} start-up failed during a server fault", node.label));
+                        self.startup_failures += 1;
+                        slot.node = None;
+                        slot.restart_at = Some(now + restart_delay);
+                        continue;
+                    }
                     return Err(format!(
                         "{} exited on its own ({status}):\n{}",
                         node.label,
@@ -910,7 +936,7 @@ impl Run {
                 .first()
                 .is_some_and(|&(after, _)| self.kills >= after || all_done);
             if turn {
-                if last_kill.is_none_or(|t| now - t >= settle) {
+                if last_kill.is_none_or(|t| now - t >= settle) && now >= quiet_until {
                     let (_, fault) = pending.remove(0);
                     running = Some(self.begin(fault, elapsed).await?);
                 }
