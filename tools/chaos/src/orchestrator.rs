@@ -700,7 +700,11 @@ impl Run {
     }
 
     fn count_restarts(&self, what: &str, errors: &[String]) -> String {
-        let done = self.log.iter().filter(|l| l.starts_with(what)).count();
+        let done = self
+            .log
+            .iter()
+            .filter(|l| l.starts_with(&format!("{what} restart at")))
+            .count();
         let failed = errors.iter().filter(|e| e.starts_with(what)).count();
         (done - failed.min(done)).to_string()
     }
@@ -803,7 +807,9 @@ impl Run {
             pending.push((postgres_after + 1, Fault::Hang("broker")));
         }
         let settle = self.plan.lease + Duration::from_secs(2);
-        let mut next_kill = start + Duration::from_secs(2).min(self.plan.kill_every);
+        // The first kill once every process had a few heartbeats to take its liveness lock and
+        // see the others holding theirs.
+        let mut next_kill = start + self.plan.heartbeat * 5;
         let mut last_kill: Option<Instant> = None;
         // The fault under way: which server, when it began, whether its overlapping kill
         // happened, and for a hang the guard and when to resume.
@@ -866,7 +872,8 @@ impl Run {
                         Duration::from_secs(2)
                     };
                     next_kill = next_kill.max(now + pause);
-                    quiet_until = now + pause + settle;
+                    // Room for two kills after the pause, then a takeover's time.
+                    quiet_until = now + pause + self.plan.kill_every * 2 + settle;
                     last_fault_end = Some(now);
                     running = None;
                 }
@@ -935,7 +942,8 @@ impl Run {
             let turn = pending
                 .first()
                 .is_some_and(|&(after, _)| self.kills >= after || all_done);
-            if turn {
+            // Kills go on until a takeover's time before the fault may start.
+            if turn && now + settle >= quiet_until {
                 if last_kill.is_none_or(|t| now - t >= settle) && now >= quiet_until {
                     let (_, fault) = pending.remove(0);
                     running = Some(self.begin(fault, elapsed).await?);
