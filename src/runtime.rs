@@ -18,6 +18,7 @@ use crate::error::{DispatchError, StartError};
 use crate::handler::{Perspective, Receptor};
 use crate::message::{Command, Event};
 use crate::partition::{PartitionDeps, PartitionDirectory};
+use crate::protocol::CoordinatorLink;
 use crate::publisher::Publisher;
 use crate::registry::{RegisterPerspective, RegisterReceptor, Registry, RegistryView};
 use crate::routing::Origin;
@@ -259,10 +260,14 @@ fn blueprint(
             // publisher it hands work to are built with it and given to it whole.
             let (tx, rx) = dev::channel::channel::<Coordinator>(16);
             let coordinator = Addr::new(tx);
+            let link = CoordinatorLink {
+                commits: coordinator.clone().recipient(),
+                reports: coordinator.clone().recipient(),
+            };
             let partitions = PartitionDirectory::new(PartitionDeps {
                 origin: origin.clone(),
                 registry: view.clone(),
-                coordinator: coordinator.clone(),
+                coordinator: link.clone(),
                 lifelines: lifelines.clone(),
                 placement: placement.clone(),
                 idle_after,
@@ -270,13 +275,10 @@ fn blueprint(
             let publisher = {
                 let (transport, origin, health) =
                     (transport.clone(), origin.clone(), health.clone());
-                let (coordinator, lifeline) = (
-                    coordinator.clone(),
-                    lifelines.issue(ActorKind::Publisher, 0),
-                );
+                let lifeline = lifelines.issue(ActorKind::Publisher, 0);
                 Publisher::new(
                     transport,
-                    coordinator,
+                    link.reports.clone(),
                     origin,
                     window,
                     send_timeout,
@@ -291,7 +293,7 @@ fn blueprint(
                 settings.clone(),
                 CoordinatorLinks {
                     partitions: partitions.clone(),
-                    publisher: publisher.clone(),
+                    publisher: publisher.clone().recipient(),
                     health: health.clone(),
                     lifeline: lifelines.issue(ActorKind::Coordinator, 0),
                     recovering,
@@ -300,6 +302,8 @@ fn blueprint(
             );
             Context::with_receiver(rx).run(actor);
             EngineRefs {
+                commits: link.commits,
+                awaits: coordinator.clone().recipient(),
                 coordinator,
                 partitions,
                 publisher,
