@@ -807,9 +807,10 @@ impl Run {
             pending.push((postgres_after + 1, Fault::Hang("broker")));
         }
         let settle = self.plan.lease + Duration::from_secs(2);
-        // The first kill once every process had a few heartbeats to take its liveness lock and
-        // see the others holding theirs.
-        let mut next_kill = start + self.plan.heartbeat * 5;
+        // The first kill once the instances judge each other by their liveness locks: an
+        // instance does so once it has held its own lock for 10 s (postgres.md), so a kill
+        // before that waits for it, which measures start-up, not takeover after a crash.
+        let mut next_kill = start + Duration::from_secs(10) + self.plan.heartbeat * 2;
         let mut last_kill: Option<Instant> = None;
         // The fault under way: which server, when it began, whether its overlapping kill
         // happened, and for a hang the guard and when to resume.
