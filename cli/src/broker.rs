@@ -92,10 +92,11 @@ pub async fn read(
     let url = &config.transport.amqp_url;
     let redacted = whizbang::config::redact(url);
     let connect = Duration::from_millis(config.transport.amqp.connect_timeout_ms);
-    let mut connection = tokio::time::timeout(connect, Connection::open("whizbang-cli", url.as_str()))
-        .await
-        .map_err(|_| format!("the broker at {redacted} did not answer within {connect:?}"))?
-        .map_err(|e| format!("cannot connect to the broker at {redacted}: {e}"))?;
+    let mut connection =
+        tokio::time::timeout(connect, Connection::open("whizbang-cli", url.as_str()))
+            .await
+            .map_err(|_| format!("the broker at {redacted} did not answer within {connect:?}"))?
+            .map_err(|e| format!("cannot connect to the broker at {redacted}: {e}"))?;
     let mut session = Session::begin(&mut connection)
         .await
         .map_err(|e| format!("cannot begin a session: {e}"))?;
@@ -103,7 +104,11 @@ pub async fn read(
     for queue in queues {
         let mut receiver = tokio::time::timeout(
             connect,
-            Receiver::attach(&mut session, "whizbang-cli-dead", format!("/amq/queue/{queue}")),
+            Receiver::attach(
+                &mut session,
+                "whizbang-cli-dead",
+                format!("/amq/queue/{queue}"),
+            ),
         )
         .await
         .map_err(|_| format!("attaching to {queue} timed out"))?
@@ -119,10 +124,7 @@ pub async fn read(
                 Err(_) => break,
             }
         }
-        let letters = deliveries
-            .iter()
-            .map(|d| letter(d.message()))
-            .collect();
+        let letters = deliveries.iter().map(|d| letter(d.message())).collect();
         release_all(&mut receiver, &deliveries).await;
         let _ = receiver.close().await;
         out.push(DeadQueue {

@@ -1102,8 +1102,15 @@ fn topology(spec: &str, delete: bool) {
     if delete {
         cmd.arg("--delete");
     }
-    let out = cmd.arg(spec).output().expect("run scripts/amqp-topology.sh");
-    assert!(out.status.success(), "amqp-topology.sh {spec}: {:?}", text(&out));
+    let out = cmd
+        .arg(spec)
+        .output()
+        .expect("run scripts/amqp-topology.sh");
+    assert!(
+        out.status.success(),
+        "amqp-topology.sh {spec}: {:?}",
+        text(&out)
+    );
 }
 
 /// `whizbang dead-letters broker ARGS` against the test broker.

@@ -251,9 +251,7 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         !args.no_postgres_restart || !args.no_hangs,
         &config.store.database_url,
     )
-    .map_err(|e| {
-        format!("{e} (or pass --no-broker-restart --no-postgres-restart --no-hangs)")
-    })?;
+    .map_err(|e| format!("{e} (or pass --no-broker-restart --no-postgres-restart --no-hangs)"))?;
     let db_url = config.store.database_url.clone();
     println!(
         "chaos run {}: {} writers, {} consumers on {} shards, {} streams x {} events at {}/s, \
@@ -862,10 +860,8 @@ impl Run {
                     ));
                     r.finished = true;
                 }
-                let finished = r.finished
-                    || r
-                        .restart
-                        .is_some_and(|i| self.restarts[i].1.is_finished());
+                let finished =
+                    r.finished || r.restart.is_some_and(|i| self.restarts[i].1.is_finished());
                 if finished {
                     let pause = if r.what == "postgres" {
                         self.plan.heartbeat + Duration::from_secs(4)
@@ -883,10 +879,7 @@ impl Run {
             // Restart processes whose time has come.
             for role in [Role::Writer, Role::Consumer] {
                 for index in 0..self.slots(role).len() {
-                    if self.slots(role)[index]
-                        .restart_at
-                        .is_some_and(|t| now >= t)
-                    {
+                    if self.slots(role)[index].restart_at.is_some_and(|t| now >= t) {
                         self.start_node(role, index)?;
                     }
                 }
@@ -907,8 +900,10 @@ impl Run {
                             "{} could not start while a server was away ({status}); starting it again",
                             node.label
                         );
-                        self.log
-                            .push(format!("{} start-up failed during a server fault", node.label));
+                        self.log.push(format!(
+                            "{} start-up failed during a server fault",
+                            node.label
+                        ));
                         self.startup_failures += 1;
                         slot.node = None;
                         slot.restart_at = Some(now + restart_delay);
@@ -1093,9 +1088,12 @@ impl Run {
         }
         let mut connection = Connection::open("chaos-poison", self.amqp_url.as_str()).await?;
         let mut session = Session::begin(&mut connection).await?;
-        let mut sender =
-            Sender::attach(&mut session, "poison", format!("/exchange/{}", self.names.topic))
-                .await?;
+        let mut sender = Sender::attach(
+            &mut session,
+            "poison",
+            format!("/exchange/{}", self.names.topic),
+        )
+        .await?;
         for i in 0..self.args.poison {
             let envelope = whizbang::Envelope::new(
                 whizbang::envelope::MessageKind::Event,
@@ -1115,7 +1113,8 @@ impl Run {
         let _ = sender.close().await;
         let _ = session.end().await;
         let _ = connection.close().await;
-        self.log.push(format!("{} poison messages sent", self.poisoned));
+        self.log
+            .push(format!("{} poison messages sent", self.poisoned));
         Ok(())
     }
 
@@ -1160,7 +1159,14 @@ impl Run {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let listed = self.cli(&["dead-letters", "list", "--queue", "inbox", "--output", "json"])?;
+        let listed = self.cli(&[
+            "dead-letters",
+            "list",
+            "--queue",
+            "inbox",
+            "--output",
+            "json",
+        ])?;
         self.dead.store = serde_json::from_str::<serde_json::Value>(&listed)
             .map_err(|e| format!("whizbang dead-letters list --output json: {e}: {listed}"))?
             .as_array()

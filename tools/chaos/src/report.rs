@@ -46,7 +46,10 @@ fn bound(name: &str, figures: &Value) -> Option<(String, bool)> {
         }
         "requeued" => {
             let dead = number("dead_lettered_store")?;
-            (format!("= {dead} (dead-lettered in the store)"), value == dead)
+            (
+                format!("= {dead} (dead-lettered in the store)"),
+                value == dead,
+            )
         }
         _ => return None,
     })
@@ -314,7 +317,10 @@ mod tests {
             t.contains("| run | `requeued` | 4 | = 4 (dead-lettered in the store) (met) |"),
             "{t}"
         );
-        assert!(t.contains("| run | `consumer_kills` | 3 | ≥ 1 (met) |"), "{t}");
+        assert!(
+            t.contains("| run | `consumer_kills` | 3 | ≥ 1 (met) |"),
+            "{t}"
+        );
     }
 
     #[test]

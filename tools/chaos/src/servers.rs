@@ -78,13 +78,9 @@ impl Servers {
                 .filter_map(|e| e.file_name().into_string().ok())
                 .collect();
             versions.sort_by_key(|v| v.parse::<u32>().unwrap_or(0));
-            Some(
-                versions
-                    .pop()
-                    .ok_or_else(|| {
-                        format!("no /etc/postgresql/<version>/{pg_cluster} cluster to restart")
-                    })?,
-            )
+            Some(versions.pop().ok_or_else(|| {
+                format!("no /etc/postgresql/<version>/{pg_cluster} cluster to restart")
+            })?)
         } else {
             None
         };
@@ -163,7 +159,12 @@ impl Servers {
         let version = self.pg_version.as_deref().ok_or("no Postgres cluster")?;
         self.as_root(
             "pg_ctlcluster",
-            &["--skip-systemctl-redirect", version, &self.pg_cluster, action],
+            &[
+                "--skip-systemctl-redirect",
+                version,
+                &self.pg_cluster,
+                action,
+            ],
         )
         .map(drop)
     }
