@@ -19,7 +19,7 @@ use fe2o3_amqp::{Connection, Receiver, Session};
 use serde_json::{Value as Json, json};
 use std::time::Duration;
 use whizbang::Config;
-use whizbang::config::AmqpFlavour;
+use whizbang::config::{AmqpFlavour, ExposeSecret};
 
 /// A message seen in a dead-letter queue.
 #[derive(Debug, Clone)]
@@ -89,14 +89,13 @@ pub async fn read(
     limit: usize,
     idle: Duration,
 ) -> Result<Vec<DeadQueue>, String> {
-    let url = &config.transport.amqp_url;
+    let url = config.transport.amqp_url.expose_secret();
     let redacted = whizbang::config::redact(url);
     let connect = Duration::from_millis(config.transport.amqp.connect_timeout_ms);
-    let mut connection =
-        tokio::time::timeout(connect, Connection::open("whizbang-cli", url.as_str()))
-            .await
-            .map_err(|_| format!("the broker at {redacted} did not answer within {connect:?}"))?
-            .map_err(|e| format!("cannot connect to the broker at {redacted}: {e}"))?;
+    let mut connection = tokio::time::timeout(connect, Connection::open("whizbang-cli", url))
+        .await
+        .map_err(|_| format!("the broker at {redacted} did not answer within {connect:?}"))?
+        .map_err(|e| format!("cannot connect to the broker at {redacted}: {e}"))?;
     let mut session = Session::begin(&mut connection)
         .await
         .map_err(|e| format!("cannot begin a session: {e}"))?;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
-use whizbang::config::SubscriptionConfig;
+use whizbang::config::{ExposeSecret, SubscriptionConfig};
 use whizbang::dispatcher::{Dispatcher, LocalInvoke};
 use whizbang::store::Store;
 use whizbang::{
@@ -460,7 +460,7 @@ pub async fn consumer(args: ConsumerArgs) -> ChaosResult<()> {
     config.store.max_attempts = args.max_attempts;
     let read_model = ReadModel {
         db: tokio::sync::Mutex::new(None),
-        url: config.store.database_url.clone(),
+        url: config.store.database_url.expose_secret().to_string(),
         insert: format!(
             "INSERT INTO {}.chaos_applied (stream, seq, message_id, label) VALUES ($1, $2, $3, $4)",
             args.read_schema

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 use whizbang::Config;
+use whizbang::config::ExposeSecret;
 use whizbang_tools_common::amqp_topology;
 
 #[derive(Args, Debug, Clone)]
@@ -249,10 +250,10 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
     let servers = Servers::find(
         !args.no_broker_restart || !args.no_hangs,
         !args.no_postgres_restart || !args.no_hangs,
-        &config.store.database_url,
+        config.store.database_url.expose_secret(),
     )
     .map_err(|e| format!("{e} (or pass --no-broker-restart --no-postgres-restart --no-hangs)"))?;
-    let db_url = config.store.database_url.clone();
+    let db_url = config.store.database_url.expose_secret().to_string();
     println!(
         "chaos run {}: {} writers, {} consumers on {} shards, {} streams x {} events at {}/s, \
          a kill every {:?}, lease {:?} (writer 0: {} s), heartbeat {:?}, flush {}; logs in {}",
@@ -283,7 +284,7 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
         writers: Vec::new(),
         consumers: Vec::new(),
         shards,
-        amqp_url: config.transport.amqp_url.clone(),
+        amqp_url: config.transport.amqp_url.expose_secret().to_string(),
         kills: 0,
         consumer_kills: 0,
         overlapping_kills: 0,
