@@ -65,7 +65,7 @@ private_servers() {
     trap stop_private_servers EXIT
     if [[ ! -d /etc/postgresql/$version/$CHAOS_PG_CLUSTER ]]; then
         as_root pg_createcluster "$version" "$CHAOS_PG_CLUSTER" --port "$CHAOS_PG_PORT" \
-            -o max_connections=300 -o listen_addresses=127.0.0.1 -- --auth=trust >/dev/null ||
+            -o max_connections=300 -- --auth=trust >/dev/null ||
             die "pg_createcluster $version $CHAOS_PG_CLUSTER failed"
     fi
     if ! pg_isready -q -h 127.0.0.1 -p "$CHAOS_PG_PORT"; then
