@@ -55,10 +55,12 @@
 
 mod extract;
 mod problem;
+mod scope;
 mod status;
 
 pub use extract::{BodyLimit, IdempotencyKey, Json, parse_json};
 pub use problem::{PROBLEM_JSON, Problem};
+pub use scope::{RequestScope, complete_scopes};
 pub use status::{
     DeadLetterReport, Progress, ReceiptEvent, ReceiptJson, StatusReport, StoredEvent, status,
 };
