@@ -13,7 +13,10 @@
 //! request's commands, and completes the scope when it has succeeded (an error path simply
 //! drops it). A `Scope` is an owned, `Send` value (no lifetime, no reference to the runtime's
 //! internals beyond actor addresses), so an actix-web extractor can build it from the runtime
-//! kept in the application data and hand it to the handler by value:
+//! kept in the application data and hand it to the handler by value (`whizbang::web::RequestScope`
+//! does, and its middleware completes it when the handler succeeded). A scope may carry an
+//! idempotency key ([`Scope::with_idempotency_key`]): the scope then runs once per key, and a
+//! repeat answers the recorded results. By hand:
 //!
 //! ```no_run
 //! # use whizbang::{Runtime, DispatchError};
@@ -227,6 +230,7 @@ impl Scope {
     }
 
     /// The dispatcher the scope dispatches to.
+    #[cfg(feature = "web")]
     pub(crate) fn dispatcher(&self) -> &Addr<Dispatcher> {
         &self.dispatcher
     }

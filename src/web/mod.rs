@@ -3,8 +3,10 @@
 //! Owns the HTTP edge of the library: [`Problem`] (RFC 9457 `application/problem+json`, with
 //! every [`DispatchError`] mapped to its status, `Retry-After` on 503, and server failures
 //! logged rather than answered), the extractors [`Json`] (415, 413 over
-//! `transport.max_message_bytes`, 400 naming the field) and [`IdempotencyKey`], the status
-//! endpoint handler [`status`], and [`RuntimeHandle`], the cloneable part of a
+//! `transport.max_message_bytes`, 400 naming the field), [`IdempotencyKey`] and
+//! [`RequestScope`] (the request's [`crate::Scope`], written by the [`complete_scopes`]
+//! middleware when the handler succeeded), the status endpoint handler [`status`], and
+//! [`RuntimeHandle`], the cloneable part of a
 //! [`crate::Runtime`] that handlers hold. It must not hold business logic, store anything, or own
 //! the server's life: the application builds its `HttpServer`, and stops the runtime after it.
 //!

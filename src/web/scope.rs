@@ -162,3 +162,15 @@ pub async fn complete_scopes(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix_web::test]
+    async fn a_scope_without_the_middleware_is_refused_not_dropped() {
+        let req = actix_web::test::TestRequest::default().to_http_request();
+        let refused = request_scope(&req).err().expect("refused");
+        assert_eq!(refused.status, 500);
+    }
+}
