@@ -18,12 +18,12 @@
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
 use crate::config::RuntimeConfig;
-use crate::coordinator::{AwaitProcessed, Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::idempotency::{KeyGuard, KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
 use crate::partition::{CommandJob, CommandOutcome, Decided, Job, ScopedJob};
+use crate::protocol::{AwaitProcessed, Commit, commit};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
 use crate::scope::{
@@ -501,7 +501,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
                     match once_per_key(keys, store, keyed, run).await? {
                         KeyedAnswer::Ran(outcome) => typed_result::<C, R>(outcome).await,
                         KeyedAnswer::Replayed(outcome, _) => {
-                            replayed_result::<C, R>(&registry, &engine.coordinator(), outcome).await
+                            replayed_result::<C, R>(&registry, &engine.awaits(), outcome).await
                         }
                     }
                 })
@@ -546,7 +546,7 @@ fn downcast_result<C: Command, R: 'static>(
 /// the refusal it answered.
 async fn replayed_result<C: Command, R: 'static>(
     registry: &RegistryView,
-    coordinator: &Addr<Coordinator>,
+    coordinator: &Recipient<AwaitProcessed>,
     outcome: Outcome,
 ) -> Result<R, DispatchError> {
     let (result, inbox) = match outcome {
@@ -718,7 +718,7 @@ impl Dispatcher {
             commit_one(
                 &origin,
                 &registry,
-                &engine.coordinator(),
+                &engine.commits(),
                 envelope,
                 ReceiptStatus::Accepted,
                 None,
@@ -747,7 +747,7 @@ impl Dispatcher {
                     commit_one(
                         &origin,
                         &registry,
-                        &engine.coordinator(),
+                        &engine.commits(),
                         envelope,
                         ReceiptStatus::Accepted,
                         Some(record),
@@ -767,7 +767,7 @@ impl Dispatcher {
 fn commit_one(
     origin: &Origin,
     registry: &RegistryView,
-    coordinator: &Addr<Coordinator>,
+    coordinator: &Recipient<Commit>,
     mut envelope: Envelope,
     status: ReceiptStatus,
     keyed: Option<Keyed>,
@@ -905,8 +905,8 @@ impl Handler<AwaitRecorded> for Dispatcher {
     type Result = ResponseFuture<Result<(), DispatchError>>;
 
     fn handle(&mut self, msg: AwaitRecorded, _ctx: &mut Self::Context) -> Self::Result {
-        let coordinator = self.engine.coordinator();
-        Box::pin(async move { await_processed(&coordinator, msg.0).await })
+        let awaits = self.engine.awaits();
+        Box::pin(async move { await_processed(&awaits, msg.0).await })
     }
 }
 
@@ -930,7 +930,7 @@ fn decode_result(
 
 /// Waits until the inbox rows `inbox` are processed here (their perspectives applied).
 async fn await_processed(
-    coordinator: &Addr<Coordinator>,
+    coordinator: &Recipient<AwaitProcessed>,
     inbox: Vec<Uuid>,
 ) -> Result<(), DispatchError> {
     for applied in coordinator.send(AwaitProcessed(inbox)).await? {
@@ -946,7 +946,7 @@ impl Handler<CompleteScope> for Dispatcher {
         let engine = self.engine.clone();
         self.admission.admit("scope", None, move || {
             Box::pin(complete_scope(
-                engine.coordinator(),
+                engine.commits(),
                 msg.commands,
                 msg.idempotency,
             ))
@@ -971,7 +971,7 @@ struct ScopedExpectation {
 /// perspectives of its events. A version conflict is answered as the failure of the command
 /// whose expectation did not hold.
 async fn complete_scope(
-    coordinator: Addr<Coordinator>,
+    coordinator: Recipient<Commit>,
     mut commands: Vec<ScopedCommand>,
     idempotency: Option<NewIdempotencyRecord>,
 ) -> Result<ScopeReceipt, DispatchError> {

@@ -141,6 +141,7 @@ pub mod message;
 #[cfg(feature = "operator")]
 pub mod operator;
 pub(crate) mod partition;
+pub(crate) mod protocol;
 pub(crate) mod publisher;
 pub mod registry;
 pub mod replay;

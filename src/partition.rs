@@ -12,11 +12,13 @@
 //! parked until the retry). It must not write to the store itself: it reports to the
 //! coordinator.
 
-use crate::coordinator::{AppliedSender, CommitAnswer, CommitOutcome, Coordinator, Report, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::handler::HandlerFailure;
 use crate::idempotency::{Keyed, Outcome};
+use crate::protocol::{
+    AppliedReceiver, AppliedSender, CommitAnswer, CommitOutcome, CoordinatorLink, Report, commit,
+};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, plan_unit};
 use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
@@ -35,7 +37,7 @@ use uuid::Uuid;
 pub struct CommandOutcome {
     pub result: Box<dyn Any + Send>,
     pub appended: Vec<AppendedEvent>,
-    pub applied: Vec<crate::coordinator::AppliedReceiver>,
+    pub applied: Vec<AppliedReceiver>,
 }
 
 /// A command from the dispatcher.
@@ -110,7 +112,7 @@ impl Message for Enqueue {
 pub(crate) struct PartitionDeps {
     pub origin: Origin,
     pub registry: RegistryView,
-    pub coordinator: Addr<Coordinator>,
+    pub coordinator: CoordinatorLink,
     /// Lifelines of the engine generation these actors belong to.
     pub lifelines: LifelineIssuer,
     /// The worker arbiter of each partition.
@@ -396,6 +398,7 @@ impl PartitionActor {
                     self.busy = false;
                     self.deps
                         .coordinator
+                        .reports
                         .do_send(Report::InboxReleased(job.work.work, job.done));
                     ctx.notify(Pump);
                     return;
@@ -421,7 +424,7 @@ impl PartitionActor {
     }
 
     fn finish_inbox(&mut self, job: InboxJob, result: InboxResult, ctx: &mut Context<Self>) {
-        let coordinator = &self.deps.coordinator;
+        let coordinator = &self.deps.coordinator.reports;
         let id = job.work.envelope.message_id;
         match result {
             InboxResult::Done => {
@@ -484,6 +487,7 @@ impl PartitionActor {
             if let Job::Inbox(job) = job {
                 self.deps
                     .coordinator
+                    .reports
                     .do_send(Report::InboxReleased(job.work.work, job.done));
             }
         }
@@ -561,7 +565,7 @@ async fn queue_command(
                     };
                     Ok(QueuedCommand {
                         result: Box::new(()),
-                        commit: commit(&deps.coordinator, unit, false),
+                        commit: commit(&deps.coordinator.commits, unit, false),
                         refused: Some(refusal),
                     })
                 }
@@ -596,7 +600,7 @@ async fn queue_command(
     // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
     Ok(QueuedCommand {
         result: decision.result,
-        commit: commit(&deps.coordinator, unit, wait),
+        commit: commit(&deps.coordinator.commits, unit, wait),
         refused: None,
     })
 }
