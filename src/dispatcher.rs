@@ -529,7 +529,8 @@ async fn typed_result<C: Command, R: 'static>(outcome: CommandOutcome) -> Result
     downcast_result::<C, R>(outcome.result)
 }
 
-fn downcast_result<C: Command, R: 'static>(
+/// A receptor's result as the type its caller asked for.
+pub(crate) fn downcast_result<C: Command, R: 'static>(
     result: Box<dyn std::any::Any + Send>,
 ) -> Result<R, DispatchError> {
     result

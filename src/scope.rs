@@ -37,7 +37,7 @@
 //! earlier command of the scope appended to counts those appends. It must not write anything
 //! itself: the dispatcher and the coordinator do.
 
-use crate::dispatcher::{DeliveryReceipt, DispatchOptions, Dispatcher};
+use crate::dispatcher::{DeliveryReceipt, DispatchOptions, Dispatcher, downcast_result};
 use crate::error::DispatchError;
 use crate::idempotency::{KeyGuard, RecordedCommand, ScopeRecord, request_hash};
 use crate::message::{self, Command};
@@ -212,7 +212,7 @@ impl Scope {
                 })
                 .await??;
             *next += 1;
-            return Ok((downcast::<C, R>(result)?, None));
+            return Ok((downcast_result::<C, R>(result)?, None));
         }
         let encode = hash.is_some();
         let (result, command) = self
@@ -226,7 +226,7 @@ impl Scope {
         if let (Keying::Fresh { hashes, .. }, Some(hash)) = (&mut self.key, hash) {
             hashes.push(hash);
         }
-        Ok((downcast::<C, R>(result)?, Some(command)))
+        Ok((downcast_result::<C, R>(result)?, Some(command)))
     }
 
     /// The dispatcher the scope dispatches to.
@@ -343,16 +343,6 @@ fn record_of(
         inbox,
     }
     .record(key)
-}
-
-fn downcast<C: Command, R: 'static>(result: Box<dyn Any + Send>) -> Result<R, DispatchError> {
-    result
-        .downcast::<R>()
-        .map(|r| *r)
-        .map_err(|_| DispatchError::ResultType {
-            message_type: C::TYPE_NAME.into(),
-            expected: std::any::type_name::<R>(),
-        })
 }
 
 /// Decides one command of a scope (see [`Scope::local_invoke`]); answered with the receptor's

@@ -71,12 +71,7 @@ async fn all_or_nothing(config: Config) -> anyhow::Result<Api> {
         "the receptor decided all three"
     );
     for id in ["T-1", "T-2", "T-3"] {
-        let stored = api
-            .orders
-            .store()
-            .read_stream(&format!("order-{id}"), 1)
-            .await?;
-        assert!(stored.is_empty(), "{id} stored events");
+        assert_eq!(api.events_of(id).await?, 0, "{id} stored events");
         assert_eq!(api.get(&format!("/orders/{id}")).await?.status, 404, "{id}");
     }
     assert_eq!(api.summaries.count().await?, 3);
