@@ -49,7 +49,7 @@ cargo clippy --workspace --all-targets -- -D warnings || die "clippy found probl
 # service that needs only one of them is not handed a broken build.
 for features in "--no-default-features" "--no-default-features --features postgres" \
     "--no-default-features --features amqp" "--no-default-features --features web" \
-    "--no-default-features --features operator"; do
+    "--no-default-features --features operator" "--no-default-features --features metrics"; do
     step "cargo clippy -p whizbang --lib $features -- -D warnings"
     # shellcheck disable=SC2086 # the feature flags are separate words
     cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"

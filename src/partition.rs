@@ -541,7 +541,10 @@ async fn queue_command(
             message_type: envelope.message_type,
         });
     };
-    let decision = match receptor.handle.invoke(&envelope, typed).await {
+    let started = Instant::now();
+    let decided = receptor.handle.invoke(&envelope, typed).await;
+    receptor.meters.record(decided.is_ok(), started.elapsed());
+    let decision = match decided {
         Ok(decision) => decision,
         Err(failure) => {
             let refusal = DispatchError::from_handler(&envelope.message_type, failure);
@@ -617,11 +620,10 @@ async fn decide(
             message_type: envelope.message_type,
         });
     };
-    let decision = receptor
-        .handle
-        .invoke(&envelope, typed)
-        .await
-        .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
+    let started = Instant::now();
+    let decided = receptor.handle.invoke(&envelope, typed).await;
+    receptor.meters.record(decided.is_ok(), started.elapsed());
+    let decision = decided.map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
     let unit = plan_unit(
         &deps.origin,
         &table,
@@ -675,9 +677,13 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 .filter(|p| !skip.contains(&p.name))
                 .collect();
             // The perspectives of one event run in parallel; the next event waits for all.
-            let results =
-                futures::future::join_all(perspectives.iter().map(|p| p.handle.apply(envelope)))
-                    .await;
+            let results = futures::future::join_all(perspectives.iter().map(|p| async move {
+                let started = Instant::now();
+                let result = p.handle.apply(envelope).await;
+                p.meters.record(result.is_ok(), started.elapsed());
+                result
+            }))
+            .await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
             for (p, result) in perspectives.iter().zip(results) {

@@ -13,6 +13,7 @@ use crate::handler::{
 };
 use crate::message::{self, Command, Event};
 use crate::supervision::{ActorKind, Lifeline, fault};
+use crate::telemetry::{HandlerMeters, Meters};
 use crate::{Perspective, Receptor};
 use actix::prelude::*;
 use foldhash::HashMap;
@@ -45,6 +46,8 @@ pub enum RegistryError {
 #[derive(Clone)]
 pub(crate) struct ReceptorEntry {
     pub handle: ReceptorHandle,
+    /// Its run times (`whizbang_receptor_duration_seconds`).
+    pub meters: HandlerMeters,
     /// The receptor itself, for encoding and decoding its results (idempotent commands).
     pub receptor: Arc<dyn ErasedReceptor>,
 }
@@ -53,6 +56,8 @@ pub(crate) struct ReceptorEntry {
 pub(crate) struct PerspectiveEntry {
     pub name: String,
     pub handle: PerspectiveHandle,
+    /// Its run times (`whizbang_perspective_duration_seconds`).
+    pub meters: HandlerMeters,
 }
 
 /// One snapshot of the registry.
@@ -123,6 +128,8 @@ pub struct Registry {
     handler_timeout: Duration,
     /// This instance (for test-only fault injection).
     instance: uuid::Uuid,
+    /// Where the handlers' run times are recorded.
+    meters: Meters,
     /// Tells the supervisor when this actor ends (see `supervision`).
     _lifeline: Lifeline,
 }
@@ -134,13 +141,14 @@ impl Registry {
         view: RegistryView,
         handler_timeout: Duration,
         instance: uuid::Uuid,
+        meters: Meters,
         lifeline: Lifeline,
     ) -> Registry {
         view.replace(RegistryTable {
             topics,
             ..RegistryTable::default()
         });
-        Registry::resume(view, handler_timeout, instance, lifeline)
+        Registry::resume(view, handler_timeout, instance, meters, lifeline)
     }
 
     /// A registry going on from the table `view` last published (a restart after a stop).
@@ -148,6 +156,7 @@ impl Registry {
         view: RegistryView,
         handler_timeout: Duration,
         instance: uuid::Uuid,
+        meters: Meters,
         lifeline: Lifeline,
     ) -> Registry {
         Registry {
@@ -155,6 +164,7 @@ impl Registry {
             view,
             handler_timeout,
             instance,
+            meters,
             _lifeline: lifeline,
         }
     }
@@ -221,6 +231,7 @@ impl Handler<RegisterReceptor> for Registry {
             msg.command_type.to_string(),
             ReceptorEntry {
                 handle,
+                meters: self.meters.receptor(msg.command_type),
                 receptor: msg.receptor,
             },
         );
@@ -280,6 +291,7 @@ impl Handler<RegisterPerspective> for Registry {
             .entry(msg.event_type.to_string())
             .or_default()
             .push(PerspectiveEntry {
+                meters: self.meters.perspective(&msg.name),
                 name: msg.name,
                 handle,
             });

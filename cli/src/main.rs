@@ -38,6 +38,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use uuid::Uuid;
 use whizbang::Config;
+use whizbang::config::ExposeSecret;
 use whizbang::config::{StoreBackend, redact};
 use whizbang::store::postgres::connect::{connect_at_start, endpoint};
 use whizbang::store::postgres::inspect::{self, DeadLetterFilter, Since};
@@ -264,7 +265,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )));
     }
     // A URL that does not parse is a configuration error, whatever the command.
-    let url = redact(&config.store.database_url);
+    let url = redact(config.store.database_url.expose_secret());
     let (mut pg, tls) = whizbang::store::postgres::tls::database_config(&config)
         .map_err(|e| Failure::Usage(format!("{}: {} ({url})", cli.config.display(), redact(&e))))?;
     if tls.is_plain() && !whizbang::store::postgres::tls::only_local_hosts(&pg) {

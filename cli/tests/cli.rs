@@ -411,7 +411,7 @@ fn runtime_config(schema: &str) -> whizbang::Config {
     let mut c =
         whizbang::Config::load(Path::new(&postgres_config())).expect("config/postgres.toml");
     c.service.name = "shipping".into();
-    c.store.database_url = database_url();
+    c.store.database_url = database_url().into();
     c.store.schema = schema.into();
     // The test server is shared: a small pool per runtime.
     c.store.pool_size = 2;

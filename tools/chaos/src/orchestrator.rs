@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 use whizbang::Config;
+use whizbang::config::ExposeSecret;
 use whizbang_tools_common::amqp_topology;
 
 #[derive(Args, Debug, Clone)]
@@ -176,10 +177,10 @@ pub async fn run(args: RunArgs) -> ChaosResult<bool> {
     let servers = Servers::find(
         !args.no_broker_restart,
         !args.no_postgres_restart,
-        &config.store.database_url,
+        config.store.database_url.expose_secret(),
     )
     .map_err(|e| format!("{e} (or pass --no-broker-restart --no-postgres-restart)"))?;
-    let db_url = config.store.database_url.clone();
+    let db_url = config.store.database_url.expose_secret().to_string();
     println!(
         "chaos run {}: {} writers, {} streams x {} events at {}/s, a kill every {:?}, lease {:?} \
          (writer 0: {} s), heartbeat {:?}; logs in {}",
