@@ -13,7 +13,7 @@
 #    whole workspace (the library, the operator CLI, the tools), the runtime contracts again on
 #    one worker thread (WHIZBANG_TEST_WORKER_THREADS=1), the order_service example as a
 #    smoke test, and the short form of the chaos run (scripts/chaos.sh --short: the main run,
-#    then the Postgres-restart and broker-restart scenarios).
+#    then the Postgres-restart and broker-restart scenarios, on private servers of its own).
 #
 # Idempotent: on a machine where everything is installed and running it only checks and tests.
 #
@@ -110,7 +110,7 @@ wait "$api_pid" || die "order_api did not stop cleanly on SIGTERM"
 step "smoke test: scripts/amqp-smoke.sh (order_service and inventory_service over AMQP)"
 scripts/amqp-smoke.sh || die "the two services did not exchange their events over AMQP"
 
-step "fault injection: scripts/chaos.sh --short (kills, broker and Postgres restarts)"
+step "fault injection: scripts/chaos.sh --short (kills, restarts and hangs, dead letters)"
 scripts/chaos.sh --short || die "the short chaos run failed"
 
 step "all passed"

@@ -78,8 +78,10 @@ mod postgres {
 mod web {
     mod flows;
     mod harness;
+    mod idempotency;
     mod limits;
     mod postgres;
+    mod scopes;
     mod shutdown;
     mod tracking;
 }
