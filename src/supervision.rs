@@ -681,6 +681,38 @@ pub mod fault {
             panic!("injected panic in the {kind:?} actor (fault-injection)");
         }
     }
+
+    static HOLD_COMMITS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static HELD_COMMITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// From now on, every read model of this process that applied an event of `stream_id`
+    /// (`crate::read_model`) hangs for ever before its transaction commits: a test kills the
+    /// process there, between the read model's writes and the record of its progress.
+    pub fn hold_read_model_commits(stream_id: &str) {
+        HOLD_COMMITS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stream_id.to_string());
+    }
+
+    /// How many read-model transactions hang where [`hold_read_model_commits`] holds them.
+    pub fn read_model_commits_held() -> usize {
+        HELD_COMMITS.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called by a read model's run after it applied an event of `stream_id`, before its
+    /// transaction commits.
+    pub(crate) async fn read_model_applied(stream_id: &str) {
+        let hold = HOLD_COMMITS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s == stream_id);
+        if hold {
+            HELD_COMMITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            futures::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Without the `fault-injection` feature nothing is ever armed.
@@ -690,4 +722,7 @@ pub(crate) mod fault {
 
     #[inline(always)]
     pub(crate) fn check(_instance: uuid::Uuid, _kind: ActorKind) {}
+
+    #[inline(always)]
+    pub(crate) async fn read_model_applied(_stream_id: &str) {}
 }
