@@ -863,7 +863,10 @@ async fn apply_once(
         .apply_once(name, envelope.message_id, false, &one)
         .await
     {
-        Ok(AppliedOnce::Applied | AppliedOnce::AlreadyApplied) => Ok(()),
+        Ok(AppliedOnce::Applied | AppliedOnce::AlreadyApplied) => {
+            fault::read_model_at(&envelope.stream_id, fault::HoldAt::AfterCommit).await;
+            Ok(())
+        }
         Ok(AppliedOnce::Refused) => Err(Fail::Handler(
             one.failure
                 .into_inner()

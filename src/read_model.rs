@@ -30,6 +30,7 @@
 use crate::envelope::Envelope;
 use crate::handler::{EventMeta, HandlerFailure, PerspectiveError, guarded, panic_message};
 use crate::message::{self, Event};
+use crate::supervision::fault;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use std::future::Future;
@@ -250,7 +251,7 @@ impl ApplyInTx for OneEvent<'_> {
                 .await
             {
                 Ok(()) => {
-                    crate::supervision::fault::read_model_applied(&self.meta.stream_id).await;
+                    fault::read_model_at(&self.meta.stream_id, fault::HoldAt::BeforeCommit).await;
                     Ok(())
                 }
                 Err(failure) => {

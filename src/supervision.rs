@@ -682,34 +682,41 @@ pub mod fault {
         }
     }
 
-    static HOLD_COMMITS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    static HELD_COMMITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    /// Where [`hold_read_models`] holds a read model's run on an event.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum HoldAt {
+        /// After the read model applied the event, before its transaction commits.
+        BeforeCommit,
+        /// After the transaction committed, before the inbox row is reported completed.
+        AfterCommit,
+    }
 
-    /// From now on, every read model of this process that applied an event of `stream_id`
-    /// (`crate::read_model`) hangs for ever before its transaction commits: a test kills the
-    /// process there, between the read model's writes and the record of its progress.
-    pub fn hold_read_model_commits(stream_id: &str) {
-        HOLD_COMMITS
+    static HOLDS: Mutex<Vec<(String, HoldAt)>> = Mutex::new(Vec::new());
+    static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// From now on, every read model of this process that runs an event of `stream_id`
+    /// (`crate::read_model`) hangs for ever at `at`: a test kills the process there.
+    pub fn hold_read_models(stream_id: &str, at: HoldAt) {
+        HOLDS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(stream_id.to_string());
+            .push((stream_id.to_string(), at));
     }
 
-    /// How many read-model transactions hang where [`hold_read_model_commits`] holds them.
-    pub fn read_model_commits_held() -> usize {
-        HELD_COMMITS.load(std::sync::atomic::Ordering::SeqCst)
+    /// How many read-model runs hang where [`hold_read_models`] holds them.
+    pub fn read_models_held() -> usize {
+        HELD.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Called by a read model's run after it applied an event of `stream_id`, before its
-    /// transaction commits.
-    pub(crate) async fn read_model_applied(stream_id: &str) {
-        let hold = HOLD_COMMITS
+    /// Called by a read model's run on an event of `stream_id` at `at`.
+    pub(crate) async fn read_model_at(stream_id: &str, at: HoldAt) {
+        let hold = HOLDS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|s| s == stream_id);
+            .any(|(s, a)| s == stream_id && *a == at);
         if hold {
-            HELD_COMMITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             futures::future::pending::<()>().await;
         }
     }
@@ -723,6 +730,13 @@ pub(crate) mod fault {
     #[inline(always)]
     pub(crate) fn check(_instance: uuid::Uuid, _kind: ActorKind) {}
 
+    /// Where a read model's run could be held (see the `fault-injection` feature).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum HoldAt {
+        BeforeCommit,
+        AfterCommit,
+    }
+
     #[inline(always)]
-    pub(crate) async fn read_model_applied(_stream_id: &str) {}
+    pub(crate) async fn read_model_at(_stream_id: &str, _at: HoldAt) {}
 }

@@ -61,6 +61,7 @@ mod postgres {
     mod idempotency;
     mod liveness;
     mod migrations;
+    mod read_models;
     mod runtime;
     mod secrets;
     mod tls;

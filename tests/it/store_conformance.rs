@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 use whizbang::envelope::{Envelope, MessageKind};
+use whizbang::read_model::{ReadModelTx, Refused};
 use whizbang::routing::partition_of;
 use whizbang::store::memory::MemoryStore;
 use whizbang::store::postgres::PostgresStore;
-use whizbang::read_model::{ReadModelTx, Refused};
 use whizbang::store::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -2102,7 +2102,10 @@ async fn an_inline_unit_commits_with_its_read_models_or_not_at_all(b: Backend) {
     let r = store.commit_inline(a, unit(&e0, true), &refusing).await;
     assert!(matches!(r.unwrap(), InlineOutcome::Refused));
     assert_eq!(refusing.seen.lock().unwrap()[0].version, 1);
-    assert_eq!(refusing.effects.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        refusing.effects.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     assert!(store.read_stream("inline", 1).await.unwrap().is_empty());
     let claimed = batch(&store, a, claim_all()).await;
     assert!(claimed.claimed_outbox.is_empty() && claimed.claimed_inbox.is_empty());
@@ -2124,7 +2127,10 @@ async fn an_inline_unit_commits_with_its_read_models_or_not_at_all(b: Backend) {
     };
     let appended = committed(&outcome).0.clone();
     assert_eq!(
-        appended.iter().map(|e| (e.version, e.position)).collect::<Vec<_>>(),
+        appended
+            .iter()
+            .map(|e| (e.version, e.position))
+            .collect::<Vec<_>>(),
         [(1, 2), (2, 3)]
     );
     assert_eq!(*models.seen.lock().unwrap(), appended);
@@ -2132,7 +2138,9 @@ async fn an_inline_unit_commits_with_its_read_models_or_not_at_all(b: Backend) {
     assert_eq!(store.read_stream("inline", 1).await.unwrap().len(), 2);
     for e in [&e1, &e2] {
         let again = Counted::new(false);
-        let r = store.apply_once("summary", e.message_id, false, &again).await;
+        let r = store
+            .apply_once("summary", e.message_id, false, &again)
+            .await;
         assert_eq!(r.unwrap(), AppliedOnce::AlreadyApplied);
     }
     // Its rows were not leased to the writer: they wait for a claim.
@@ -2147,7 +2155,11 @@ async fn an_inline_unit_commits_with_its_read_models_or_not_at_all(b: Backend) {
     })
     .await;
     assert_eq!(claimed.claimed_inbox.len(), 1, "the unit had one inbox row");
-    assert_eq!(claimed.claimed_outbox.len(), 1, "the unit had one outbox row");
+    assert_eq!(
+        claimed.claimed_outbox.len(),
+        1,
+        "the unit had one outbox row"
+    );
 
     // A version conflict writes nothing and runs no read model.
     let mut late = unit(&event("inline", 3), true);
@@ -2169,7 +2181,10 @@ async fn an_inbox_claim_carries_the_events_version_and_position(b: Backend) {
     let r = batch(&store, a, units(vec![unit(&e1, true)])).await;
     let claimed = &committed(&r.units[0]).2;
     assert_eq!(claimed.len(), 1);
-    assert_eq!((claimed[0].version, claimed[0].position), (Some(1), Some(1)));
+    assert_eq!(
+        (claimed[0].version, claimed[0].position),
+        (Some(1), Some(1))
+    );
     // Claimed later.
     batch(&store, a, units(vec![unit(&e2, false)])).await;
     // An event received from elsewhere: not in this event store.
@@ -2257,7 +2272,10 @@ async fn postgres_a_read_models_writes_commit_with_its_record() {
         id,
         refuse_after_write: true,
     };
-    let r = store.apply_once("rows", id, false, &refusing).await.unwrap();
+    let r = store
+        .apply_once("rows", id, false, &refusing)
+        .await
+        .unwrap();
     assert_eq!(r, AppliedOnce::Refused);
     assert_eq!(rows().await, (0, 0), "the write went with the refusal");
     let writes = Writes {
