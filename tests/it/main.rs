@@ -45,6 +45,7 @@ mod contract {
     mod lost_answers;
     mod malformed;
     mod ordering;
+    mod read_models;
     mod read_your_writes;
     mod registry;
     mod replay;
