@@ -600,11 +600,20 @@ fn commit_inline(
         match store.commit_inline(instance, unit, &run).await? {
             InlineOutcome::Refused => {
                 let failure = run.failure.into_inner().unwrap_or_else(|p| p.into_inner());
-                let (message_id, error) = match failure {
-                    Some((name, id, failure)) => (id, format!("{name}: {failure}")),
-                    None => (Uuid::nil(), "an inline read model refused".into()),
-                };
-                Err(DispatchError::PerspectiveFailed { message_id, error })
+                Err(match failure {
+                    Some((read_model, message_id, failure)) => {
+                        DispatchError::InlineReadModelFailed {
+                            message_id,
+                            read_model,
+                            error: failure.to_string(),
+                        }
+                    }
+                    None => DispatchError::InlineReadModelFailed {
+                        message_id: Uuid::nil(),
+                        read_model: String::new(),
+                        error: "refused without a reason".into(),
+                    },
+                })
             }
             InlineOutcome::Unit(UnitOutcome::Committed { appended, .. }) => {
                 // The unit's other rows wait, pending, for a claim; a caller who waits for the

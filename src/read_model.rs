@@ -22,10 +22,10 @@
 //! Inline ([`Consistency::Inline`]): the read model runs in the transaction that appends the
 //! command's events (the command is committed in a transaction of its own, not in the
 //! coordinator's group commit); its error, panic or timeout rolls the whole command back and the
-//! caller gets [`crate::DispatchError::PerspectiveFailed`]. Events of the same types that reach
-//! the service another way (from the broker, a request scope, a command from the inbox) are
-//! applied as [`Consistency::Async`] ones are, still exactly once. See `docs/architecture.md`
-//! for the trade-off.
+//! caller gets [`crate::DispatchError::InlineReadModelFailed`]. Events of the same types that
+//! reach the service another way (from the broker, a request scope, a command from the inbox)
+//! are applied as [`Consistency::Async`] ones are, still exactly once. See
+//! `docs/architecture.md` for the trade-off.
 
 use crate::envelope::Envelope;
 use crate::handler::{EventMeta, HandlerFailure, PerspectiveError, guarded, panic_message};

@@ -168,8 +168,13 @@ async fn a_failing_inline_read_model_rolls_back_its_command_alone() -> anyhow::R
     .await;
     for (b, answer) in bumps.iter().zip(&bumped) {
         match (b.seq == POISON, answer) {
-            (true, Err(DispatchError::PerspectiveFailed { error, .. })) => {
-                anyhow::ensure!(error.contains("rows: "), "{error}")
+            (
+                true,
+                Err(DispatchError::InlineReadModelFailed {
+                    read_model, error, ..
+                }),
+            ) => {
+                anyhow::ensure!(read_model == "rows" && error.contains("refused"), "{error}")
             }
             (false, Ok(_)) => {}
             (_, other) => anyhow::bail!("seq {}: {other:?}", b.seq),

@@ -393,7 +393,10 @@ async fn a_failing_inline_read_model_rolls_its_command_back_alone() {
     for (command, answer) in commands.iter().zip(&answers) {
         if command.seq == POISON {
             match answer {
-                Err(DispatchError::PerspectiveFailed { error, .. }) => {
+                Err(DispatchError::InlineReadModelFailed {
+                    read_model, error, ..
+                }) => {
+                    assert_eq!(read_model, "rows");
                     assert!(error.contains("seq 13 is refused"), "{error}")
                 }
                 other => panic!("the poison command answers its read model's error: {other:?}"),
