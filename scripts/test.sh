@@ -10,7 +10,8 @@
 #    127.0.0.1:5672 when they are not answering, and waits for them with a deadline. A server
 #    that cannot be reached fails this script: tests are never skipped.
 # 3. cargo fmt --check, cargo clippy (warnings are errors), cargo test and the doc tests over the
-#    whole workspace (the library, the operator CLI, the tools), the order_service example as a
+#    whole workspace (the library, the operator CLI, the tools), the runtime contracts again on
+#    one worker thread (WHIZBANG_TEST_WORKER_THREADS=1), the order_service example as a
 #    smoke test, and the short form of the chaos run (scripts/chaos.sh --short: the main run,
 #    then the Postgres-restart and broker-restart scenarios).
 #
@@ -57,6 +58,13 @@ done
 # --no-fail-fast: every test binary runs, so one run reports every failure.
 step "cargo test --workspace --all-targets --no-fail-fast"
 cargo test --workspace --all-targets --no-fail-fast || die "tests failed (see the failures listed above)"
+
+# The runtime contracts (ordering, read-your-writes, failures, supervision, ...) and the whole
+# runtime on Postgres again, with every partition on one worker thread: the run above used one
+# per core.
+step "WHIZBANG_TEST_WORKER_THREADS=1 cargo test --test it -- contract:: postgres::runtime"
+WHIZBANG_TEST_WORKER_THREADS=1 cargo test --test it -- contract:: postgres::runtime ||
+    die "the runtime contracts failed on one worker thread"
 
 step "cargo test --workspace --doc"
 cargo test --workspace --doc || die "doc tests failed"

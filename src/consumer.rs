@@ -17,8 +17,8 @@
 //! at the back as a standby. A shard nobody took (it comes back within
 //! [`HANDOVER_TAKEN_WITHIN`]) is kept for [`HOLD_AFTER_UNTAKEN`] before the next attempt.
 
-use crate::coordinator::commit;
 use crate::envelope::Envelope;
+use crate::protocol::commit;
 use crate::registry::RegistryView;
 use crate::retry::Backoff;
 use crate::routing::Origin;
@@ -290,7 +290,7 @@ impl ReceiveLoop {
                 claim_for_writer: true,
                 ..UnitOfWork::default()
             };
-            let settlement = match commit(&self.engine.coordinator(), unit, false).await {
+            let settlement = match commit(&self.engine.commits(), unit, false).await {
                 Ok(_) => Settlement::Accept,
                 Err(e) => {
                     tracing::warn!(error = %e, deliveries = accepted.len(), "inbox commit failed; deliveries released");

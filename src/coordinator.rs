@@ -26,38 +26,22 @@
 use crate::config::{Config, FlushStrategy};
 use crate::error::DispatchError;
 use crate::partition::{InboxJob, PartitionDirectory};
-use crate::publisher::{PublishRows, Publisher};
+use crate::protocol::{AppliedSender, AwaitProcessed, Commit, CommitOutcome, PublishRows, Report};
 use crate::retry::Backoff;
 use crate::store::{
-    AppendedEvent, ClaimBudget, Failure, InFlight, InboxWork, InstanceId, OutboxWork, Store,
-    UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
+    ClaimBudget, InFlight, InboxSettled, InboxWork, InstanceId, OutboxWork, Store, UnitOfWork,
+    UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use uuid::Uuid;
-
-/// Told when the perspectives of one inbox row have run (or failed).
-pub type AppliedSender = oneshot::Sender<Result<(), DispatchError>>;
-pub type AppliedReceiver = oneshot::Receiver<Result<(), DispatchError>>;
-
-/// What a committed unit gives back to its writer.
-#[derive(Debug)]
-pub struct CommitOutcome {
-    pub appended: Vec<AppendedEvent>,
-    /// One receiver per new inbox row, resolved when its perspectives have run (only when the
-    /// commit asked to wait).
-    pub applied: Vec<AppliedReceiver>,
-}
 
 struct PendingUnit {
     unit: UnitOfWork,
@@ -147,7 +131,7 @@ pub struct Coordinator {
     /// Consecutive failed batches, timing the retries (the runtime's one retry policy).
     store_failures: Backoff,
     partitions: PartitionDirectory,
-    publisher: Addr<Publisher>,
+    publisher: Recipient<PublishRows>,
     stopped: bool,
     health: HealthState,
     /// Tells the supervisor when this actor ends (see `supervision`).
@@ -161,7 +145,7 @@ pub struct Coordinator {
 /// What a coordinator is started with besides its store and settings.
 pub(crate) struct CoordinatorLinks {
     pub partitions: PartitionDirectory,
-    pub publisher: Addr<Publisher>,
+    pub publisher: Recipient<PublishRows>,
     pub health: HealthState,
     pub lifeline: Lifeline,
     /// Started by the supervisor after an engine restart: the first batch re-reads the rows
@@ -657,11 +641,9 @@ impl Coordinator {
         }
         for id in &result.dead_lettered {
             tracing::warn!(message_id = %id, "message dead-lettered after max attempts; its stream is parked");
-            for tx in self.released_waiters.remove(id).into_iter().flatten() {
-                let _ = tx.send(Err(DispatchError::PerspectiveFailed {
-                    message_id: *id,
-                    error: "dead-lettered".into(),
-                }));
+            let waiters = self.released_waiters.remove(id).into_iter().flatten();
+            for tx in waiters.chain(self.remote_waiters.remove(id).into_iter().flatten()) {
+                let _ = tx.send(Err(dead_lettered(*id, "")));
             }
         }
         if !result.stale.is_empty() {
@@ -768,19 +750,34 @@ impl Coordinator {
         let ids: Vec<Uuid> = self.remote_waiters.keys().copied().collect();
         let store = self.store.clone();
         ctx.spawn(
-            async move { store.inbox_processed(&ids).await }
+            async move { store.inbox_settled(&ids).await }
                 .into_actor(self)
                 .map(|result, act, _ctx| {
-                    if let Ok(done) = result {
-                        for id in done {
-                            for tx in act.remote_waiters.remove(&id).into_iter().flatten() {
-                                let _ = tx.send(Ok(()));
+                    for (id, settled) in result.unwrap_or_default() {
+                        let answer = match settled {
+                            InboxSettled::Processed => Ok(()),
+                            InboxSettled::DeadLettered { last_error } => {
+                                Err(dead_lettered(id, &last_error))
                             }
+                        };
+                        for tx in act.remote_waiters.remove(&id).into_iter().flatten() {
+                            let _ = tx.send(answer.clone());
                         }
                     }
                 }),
         );
     }
+}
+
+/// The answer to whoever waits for an inbox row that was dead-lettered: a perspective failure
+/// with the last recorded error, when the store has it.
+fn dead_lettered(message_id: Uuid, last_error: &str) -> DispatchError {
+    let error = if last_error.is_empty() {
+        "dead-lettered".to_string()
+    } else {
+        format!("dead-lettered after its last attempt failed: {last_error}")
+    };
+    DispatchError::PerspectiveFailed { message_id, error }
 }
 
 impl Actor for Coordinator {
@@ -843,41 +840,6 @@ impl Handler<StopNow> for Coordinator {
     }
 }
 
-/// Queues a unit; `reply` answers when it is committed (or conflicted, or the batch failed).
-/// Sent with [`commit`], which returns the answer to await.
-pub struct Commit {
-    pub unit: UnitOfWork,
-    /// Return receivers that resolve when the unit's inbox rows have been processed.
-    pub wait: bool,
-    pub reply: oneshot::Sender<Result<CommitOutcome, DispatchError>>,
-}
-
-impl Message for Commit {
-    type Result = ();
-}
-
-/// Puts `unit` in the coordinator's mailbox at once (units are committed in the order they
-/// arrive) and returns its answer to await. The answer comes through the message's own channel:
-/// a request-response `send` would spawn a task per unit only to pass the answer on.
-pub fn commit(coordinator: &Addr<Coordinator>, unit: UnitOfWork, wait: bool) -> CommitAnswer {
-    let (reply, rx) = oneshot::channel();
-    coordinator.do_send(Commit { unit, wait, reply });
-    CommitAnswer(rx)
-}
-
-/// The answer to a [`commit`]; `Unavailable` if the coordinator stopped without answering.
-pub struct CommitAnswer(oneshot::Receiver<Result<CommitOutcome, DispatchError>>);
-
-impl Future for CommitAnswer {
-    type Output = Result<CommitOutcome, DispatchError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|answer| {
-            answer.unwrap_or_else(|_| Err(DispatchError::Unavailable("coordinator stopped".into())))
-        })
-    }
-}
-
 impl Handler<Commit> for Coordinator {
     type Result = ();
 
@@ -909,16 +871,6 @@ impl Handler<Commit> for Coordinator {
     }
 }
 
-/// Answers, per inbox message id, when that row has been processed: a replayed idempotent
-/// `local_invoke` waits for the perspectives of the first dispatch's events as it did. Looked
-/// up at once, then at each fallback poll (or handed over with the row if this instance claims
-/// it).
-pub struct AwaitProcessed(pub Vec<Uuid>);
-
-impl Message for AwaitProcessed {
-    type Result = Vec<AppliedReceiver>;
-}
-
 impl Handler<AwaitProcessed> for Coordinator {
     type Result = MessageResult<AwaitProcessed>;
 
@@ -932,25 +884,6 @@ impl Handler<AwaitProcessed> for Coordinator {
         self.check_remote_waiters(ctx);
         MessageResult(receivers)
     }
-}
-
-/// What a partition actor or the publisher reports about a row it was handed.
-pub enum Report {
-    /// Rows the transport accepted (those of one turn of the publisher).
-    OutboxDone(Vec<WorkRef>),
-    OutboxFailed(Failure),
-    OutboxReleased(WorkRef),
-    InboxDone(WorkRef),
-    InboxFailed(Failure),
-    /// Handed back unprocessed (its stream is parked); the waiters go with it.
-    InboxReleased(WorkRef, Vec<AppliedSender>),
-    /// A command from the inbox whose completion was committed with its own unit: nothing to
-    /// write, only no longer in flight.
-    InboxCommitted(WorkRef),
-}
-
-impl Message for Report {
-    type Result = ();
 }
 
 impl Handler<Report> for Coordinator {

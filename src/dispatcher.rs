@@ -18,12 +18,12 @@
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
 use crate::config::RuntimeConfig;
-use crate::coordinator::{AwaitProcessed, Coordinator, commit};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::idempotency::{KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
 use crate::partition::{CommandJob, CommandOutcome, Decided, Job, ScopedJob};
+use crate::protocol::{AwaitProcessed, Commit, commit};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
 use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
@@ -496,7 +496,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
                     match once_per_key(keys, store, keyed, run).await? {
                         KeyedAnswer::Ran(outcome) => typed_result::<C, R>(outcome).await,
                         KeyedAnswer::Replayed(outcome, _) => {
-                            replayed_result::<C, R>(&registry, &engine.coordinator(), outcome).await
+                            replayed_result::<C, R>(&registry, &engine.awaits(), outcome).await
                         }
                     }
                 })
@@ -541,7 +541,7 @@ fn downcast_result<C: Command, R: 'static>(
 /// the refusal it answered.
 async fn replayed_result<C: Command, R: 'static>(
     registry: &RegistryView,
-    coordinator: &Addr<Coordinator>,
+    coordinator: &Recipient<AwaitProcessed>,
     outcome: Outcome,
 ) -> Result<R, DispatchError> {
     let (result, inbox) = match outcome {
@@ -724,7 +724,7 @@ impl Dispatcher {
             commit_one(
                 &origin,
                 &registry,
-                &engine.coordinator(),
+                &engine.commits(),
                 envelope,
                 ReceiptStatus::Accepted,
                 None,
@@ -753,7 +753,7 @@ impl Dispatcher {
                     commit_one(
                         &origin,
                         &registry,
-                        &engine.coordinator(),
+                        &engine.commits(),
                         envelope,
                         ReceiptStatus::Accepted,
                         Some(record),
@@ -773,7 +773,7 @@ impl Dispatcher {
 fn commit_one(
     origin: &Origin,
     registry: &RegistryView,
-    coordinator: &Addr<Coordinator>,
+    coordinator: &Recipient<Commit>,
     mut envelope: Envelope,
     status: ReceiptStatus,
     keyed: Option<Keyed>,
@@ -874,7 +874,7 @@ impl Handler<CompleteScope> for Dispatcher {
     fn handle(&mut self, msg: CompleteScope, _ctx: &mut Self::Context) -> Self::Result {
         let engine = self.engine.clone();
         self.admission.admit("scope", None, move || {
-            Box::pin(complete_scope(engine.coordinator(), msg.commands))
+            Box::pin(complete_scope(engine.commits(), msg.commands))
         })
     }
 }
@@ -896,7 +896,7 @@ struct ScopedExpectation {
 /// perspectives of its events. A version conflict is answered as the failure of the command
 /// whose expectation did not hold.
 async fn complete_scope(
-    coordinator: Addr<Coordinator>,
+    coordinator: Recipient<Commit>,
     mut commands: Vec<ScopedCommand>,
 ) -> Result<ScopeReceipt, DispatchError> {
     let mut unit = UnitOfWork {

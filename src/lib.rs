@@ -142,6 +142,7 @@ pub mod message;
 #[cfg(feature = "operator")]
 pub mod operator;
 pub(crate) mod partition;
+pub(crate) mod protocol;
 pub(crate) mod publisher;
 pub mod read_model;
 pub mod registry;

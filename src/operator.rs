@@ -39,6 +39,9 @@
 //! }
 //! ```
 //!
+//! SIGTERM or Ctrl-C stops a replay after the page it is applying, its checkpoint saved
+//! ([`ReplayError::Stopped`]): `--from checkpoint` resumes there.
+//!
 //! It owns parsing these commands and showing their progress: an `indicatif` bar (events read
 //! of the total, rate, ETA) when stderr is a terminal, plain lines on stderr otherwise, and a
 //! closing summary on stdout. It must not decide what a rebuild from scratch clears in the
@@ -48,7 +51,7 @@
 //! [`run`]: OperatorCommand::run
 
 use crate::RuntimeBuilder;
-use crate::replay::{ReplayError, ReplayFrom, ReplayProgress, ReplayReport};
+use crate::replay::{ReplayError, ReplayFrom, ReplayProgress, ReplayReport, ReplayStop};
 use std::io::{IsTerminal as _, Write};
 use std::time::{Duration, Instant};
 
@@ -166,16 +169,35 @@ async fn replay(
         1.0
     });
     let mut view = Progress::new(&args.perspective, style, interval, out);
+    // SIGTERM or Ctrl-C: the replay stops after the page it is applying, its checkpoint saved.
+    let stop = ReplayStop::new();
+    let watcher = crate::StopSignal::new().ok().map(|mut signal| {
+        let stop = stop.clone();
+        actix::spawn(async move {
+            signal.recv().await;
+            stop.stop();
+        })
+    });
     let report = builder
-        .replay(
+        .replay_until(
             &args.perspective,
             args.from.into(),
             args.page_size,
             &mut |p| view.show(p),
+            &stop,
         )
         .await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     view.finish();
     let report = report?;
+    if report.stopped {
+        return Err(ReplayError::Stopped {
+            checkpoint: report.checkpoint,
+            applied: report.applied,
+        });
+    }
     let _ = writeln!(
         summary,
         "replayed perspective {} from {}: {} events applied, checkpoint at position {}",

@@ -12,14 +12,15 @@
 //! parked until the retry). It must not write to the store itself: it reports to the
 //! coordinator.
 
-use crate::coordinator::{
-    AppliedSender, AwaitProcessed, CommitAnswer, CommitOutcome, Coordinator, Report, commit,
-};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::handler::EventMeta;
 use crate::handler::HandlerFailure;
 use crate::idempotency::{Keyed, Outcome};
+use crate::protocol::{
+    AppliedReceiver, AppliedSender, AwaitProcessed, CommitAnswer, CommitOutcome, CoordinatorLink,
+    Report, commit,
+};
 use crate::read_model::{AppliedOnce, InlineRun, OneEvent};
 use crate::registry::RegistryView;
 use crate::registry::{PerspectiveRun, RegistryTable};
@@ -45,7 +46,7 @@ use uuid::Uuid;
 pub struct CommandOutcome {
     pub result: Box<dyn Any + Send>,
     pub appended: Vec<AppendedEvent>,
-    pub applied: Vec<crate::coordinator::AppliedReceiver>,
+    pub applied: Vec<AppliedReceiver>,
 }
 
 /// A command from the dispatcher.
@@ -123,7 +124,7 @@ pub(crate) struct PartitionDeps {
     pub store: Arc<dyn Store>,
     pub origin: Origin,
     pub registry: RegistryView,
-    pub coordinator: Addr<Coordinator>,
+    pub coordinator: CoordinatorLink,
     /// Lifelines of the engine generation these actors belong to.
     pub lifelines: LifelineIssuer,
     /// The worker arbiter of each partition.
@@ -409,6 +410,7 @@ impl PartitionActor {
                     self.busy = false;
                     self.deps
                         .coordinator
+                        .reports
                         .do_send(Report::InboxReleased(job.work.work, job.done));
                     ctx.notify(Pump);
                     return;
@@ -434,7 +436,7 @@ impl PartitionActor {
     }
 
     fn finish_inbox(&mut self, job: InboxJob, result: InboxResult, ctx: &mut Context<Self>) {
-        let coordinator = &self.deps.coordinator;
+        let coordinator = &self.deps.coordinator.reports;
         let id = job.work.envelope.message_id;
         match result {
             InboxResult::Done => {
@@ -497,6 +499,7 @@ impl PartitionActor {
             if let Job::Inbox(job) = job {
                 self.deps
                     .coordinator
+                    .reports
                     .do_send(Report::InboxReleased(job.work.work, job.done));
             }
         }
@@ -620,6 +623,7 @@ fn commit_inline(
                 // perspectives waits for them as for rows another instance holds.
                 let applied = if wait && !inbox.is_empty() {
                     coordinator
+                        .awaits
                         .send(AwaitProcessed(inbox))
                         .await
                         .map_err(|e| DispatchError::Unavailable(e.to_string()))?
@@ -684,7 +688,11 @@ async fn queue_command(
                     };
                     Ok(QueuedCommand {
                         result: Box::new(()),
-                        commit: PendingCommit::Queued(commit(&deps.coordinator, unit, false)),
+                        commit: PendingCommit::Queued(commit(
+                            &deps.coordinator.commits,
+                            unit,
+                            false,
+                        )),
                         refused: Some(refusal),
                     })
                 }
@@ -720,7 +728,7 @@ async fn queue_command(
     // with inline read models is committed on its own instead.
     let commit = match inline_run(&table, &mut unit) {
         Some(run) => PendingCommit::Inline(commit_inline(deps, unit, run, wait)),
-        None => PendingCommit::Queued(commit(&deps.coordinator, unit, wait)),
+        None => PendingCommit::Queued(commit(&deps.coordinator.commits, unit, wait)),
     };
     Ok(QueuedCommand {
         result: decision.result,

@@ -9,7 +9,7 @@
 //! a quarter of the mailbox traffic of a command); a failure sends those first, so reports keep
 //! their order. It must not write to the store: the coordinator batches its reports.
 
-use crate::coordinator::{Coordinator, Report};
+use crate::protocol::{PublishRows, Report};
 use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
@@ -20,16 +20,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Rows to publish, in commit order.
-pub struct PublishRows(pub Vec<OutboxWork>);
-
-impl Message for PublishRows {
-    type Result = ();
-}
-
 pub struct Publisher {
     transport: Arc<dyn Transport>,
-    coordinator: Addr<Coordinator>,
+    coordinator: Recipient<Report>,
     origin: Origin,
     window: usize,
     send_timeout: Duration,
@@ -58,7 +51,7 @@ struct StreamQueue {
 impl Publisher {
     pub fn new(
         transport: Arc<dyn Transport>,
-        coordinator: Addr<Coordinator>,
+        coordinator: Recipient<Report>,
         origin: Origin,
         window: usize,
         send_timeout: Duration,

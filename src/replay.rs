@@ -15,6 +15,7 @@ use crate::read_model::{AppliedOnce, OneEvent};
 use crate::registry::{PerspectiveRun, RegistryView};
 use crate::store::Store;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,31 @@ pub struct ReplayReport {
     pub applied: u64,
     /// The checkpoint saved at the end: the last position read.
     pub checkpoint: u64,
+    /// Stopped by a [`ReplayStop`] before it read to the end: `checkpoint` is where a replay
+    /// `from checkpoint` resumes.
+    pub stopped: bool,
+}
+
+/// Asks a running replay to stop once the page it is applying is done and its checkpoint
+/// saved (a SIGTERM handler sets it): nothing of a page is applied twice on resuming.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayStop(Arc<AtomicBool>);
+
+impl ReplayStop {
+    /// A stop nobody has asked for yet.
+    pub fn new() -> ReplayStop {
+        ReplayStop::default()
+    }
+
+    /// Asks the replay to stop after its current page.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// Why [`crate::RuntimeBuilder::replay`] failed.
@@ -44,6 +70,18 @@ pub enum ReplayError {
     /// that failed on an event (the checkpoint stays at the last page applied whole).
     #[error(transparent)]
     Replay(#[from] DispatchError),
+    /// Stopped by a signal after `applied` events, its checkpoint saved at `checkpoint`: a
+    /// replay `--from checkpoint` resumes there.
+    #[error(
+        "stopped by a signal after {applied} events; checkpoint saved at position {checkpoint}: \
+         run the replay again with --from checkpoint to resume"
+    )]
+    Stopped {
+        /// The position the checkpoint was saved at.
+        checkpoint: u64,
+        /// Events applied before the stop.
+        applied: u64,
+    },
 }
 
 impl From<crate::config::ConfigError> for ReplayError {
@@ -81,7 +119,8 @@ impl ReplayProgress {
 }
 
 /// Replays the event store through every registration named `perspective`, `page_size` events
-/// per read, calling `progress` before the first page and after each one.
+/// per read, calling `progress` before the first page and after each one, until the end or
+/// until `stop` is asked for (checked between pages).
 pub(crate) async fn replay(
     store: &Arc<dyn Store>,
     registry: &RegistryView,
@@ -89,6 +128,7 @@ pub(crate) async fn replay(
     from: ReplayFrom,
     page_size: u32,
     progress: &mut (dyn FnMut(&ReplayProgress) + Send),
+    stop: &ReplayStop,
 ) -> Result<ReplayReport, DispatchError> {
     let table = registry.current();
     let targets = table.perspectives_named(perspective);
@@ -111,6 +151,13 @@ pub(crate) async fn replay(
     progress(&report);
     let mut applied = 0;
     loop {
+        if stop.is_stopped() {
+            return Ok(ReplayReport {
+                applied,
+                checkpoint: position,
+                stopped: true,
+            });
+        }
         let page = store.read_all(position, page_size.max(1)).await?;
         let Some(last) = page.last().map(|e| e.position) else {
             break;
@@ -161,5 +208,6 @@ pub(crate) async fn replay(
     Ok(ReplayReport {
         applied,
         checkpoint: position,
+        stopped: false,
     })
 }

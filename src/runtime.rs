@@ -18,6 +18,7 @@ use crate::error::{DispatchError, StartError};
 use crate::handler::{Perspective, Receptor};
 use crate::message::{Command, Event};
 use crate::partition::{PartitionDeps, PartitionDirectory};
+use crate::protocol::CoordinatorLink;
 use crate::publisher::Publisher;
 use crate::registry::{RegisterPerspective, RegisterReceptor, Registry, RegistryView};
 use crate::routing::Origin;
@@ -278,11 +279,16 @@ fn blueprint(
             // publisher it hands work to are built with it and given to it whole.
             let (tx, rx) = dev::channel::channel::<Coordinator>(16);
             let coordinator = Addr::new(tx);
+            let link = CoordinatorLink {
+                commits: coordinator.clone().recipient(),
+                reports: coordinator.clone().recipient(),
+                awaits: coordinator.clone().recipient(),
+            };
             let partitions = PartitionDirectory::new(PartitionDeps {
                 store: store.clone(),
                 origin: origin.clone(),
                 registry: view.clone(),
-                coordinator: coordinator.clone(),
+                coordinator: link.clone(),
                 lifelines: lifelines.clone(),
                 placement: placement.clone(),
                 idle_after,
@@ -290,13 +296,10 @@ fn blueprint(
             let publisher = {
                 let (transport, origin, health) =
                     (transport.clone(), origin.clone(), health.clone());
-                let (coordinator, lifeline) = (
-                    coordinator.clone(),
-                    lifelines.issue(ActorKind::Publisher, 0),
-                );
+                let lifeline = lifelines.issue(ActorKind::Publisher, 0);
                 Publisher::new(
                     transport,
-                    coordinator,
+                    link.reports.clone(),
                     origin,
                     window,
                     send_timeout,
@@ -311,7 +314,7 @@ fn blueprint(
                 settings.clone(),
                 CoordinatorLinks {
                     partitions: partitions.clone(),
-                    publisher: publisher.clone(),
+                    publisher: publisher.clone().recipient(),
                     health: health.clone(),
                     lifeline: lifelines.issue(ActorKind::Coordinator, 0),
                     recovering,
@@ -320,6 +323,8 @@ fn blueprint(
             );
             Context::with_receiver(rx).run(actor);
             EngineRefs {
+                commits: link.commits,
+                awaits: coordinator.clone().recipient(),
                 coordinator,
                 partitions,
                 publisher,
@@ -392,6 +397,21 @@ impl RuntimeBuilder {
         page_size: u32,
         progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
     ) -> Result<crate::replay::ReplayReport, crate::replay::ReplayError> {
+        let never = crate::replay::ReplayStop::new();
+        self.replay_until(name, from, page_size, progress, &never)
+            .await
+    }
+
+    /// [`RuntimeBuilder::replay`] that stops after the page it is applying once `stop` is
+    /// asked for (its checkpoint saved; the report says `stopped`).
+    pub async fn replay_until(
+        self,
+        name: &str,
+        from: crate::replay::ReplayFrom,
+        page_size: u32,
+        progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
+        stop: &crate::replay::ReplayStop,
+    ) -> Result<crate::replay::ReplayReport, crate::replay::ReplayError> {
         let config = self.config;
         config.validate(std::path::Path::new("(runtime config)"))?;
         let store = open_store(&config, self.store).await?;
@@ -412,7 +432,7 @@ impl RuntimeBuilder {
                 .map_err(|e| StartError::Actor(e.to_string()))?
                 .map_err(StartError::from)?;
         }
-        Ok(crate::replay::replay(&store, &view, name, from, page_size, progress).await?)
+        Ok(crate::replay::replay(&store, &view, name, from, page_size, progress, stop).await?)
     }
 }
 
@@ -594,7 +614,17 @@ impl Runtime {
         name: &str,
         from: crate::replay::ReplayFrom,
     ) -> Result<crate::replay::ReplayReport, DispatchError> {
-        crate::replay::replay(&self.store, &self.view, name, from, 500, &mut |_| {}).await
+        let never = crate::replay::ReplayStop::new();
+        crate::replay::replay(
+            &self.store,
+            &self.view,
+            name,
+            from,
+            500,
+            &mut |_| {},
+            &never,
+        )
+        .await
     }
 
     /// [`Runtime::replay_perspective`], reading `page_size` events at a time and calling
@@ -606,7 +636,17 @@ impl Runtime {
         page_size: u32,
         progress: &mut (dyn FnMut(&crate::replay::ReplayProgress) + Send),
     ) -> Result<crate::replay::ReplayReport, DispatchError> {
-        crate::replay::replay(&self.store, &self.view, name, from, page_size, progress).await
+        let never = crate::replay::ReplayStop::new();
+        crate::replay::replay(
+            &self.store,
+            &self.view,
+            name,
+            from,
+            page_size,
+            progress,
+            &never,
+        )
+        .await
     }
 
     /// Stops consuming and taking new dispatches, lets those in flight and the rows handed to

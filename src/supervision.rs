@@ -19,6 +19,7 @@
 
 use crate::coordinator::Coordinator;
 use crate::partition::PartitionDirectory;
+use crate::protocol::{AwaitProcessed, Commit};
 use crate::publisher::Publisher;
 use crate::retry::Backoff;
 use actix::prelude::*;
@@ -122,6 +123,11 @@ impl LifelineIssuer {
 /// engine is restarted.
 #[derive(Clone)]
 pub(crate) struct EngineRefs {
+    /// Where writers (the dispatcher, the consumers) queue units to commit.
+    pub commits: Recipient<Commit>,
+    /// Where a replayed idempotent dispatch waits for the first run's perspectives.
+    pub awaits: Recipient<AwaitProcessed>,
+    /// The actor itself, for the runtime's and the supervisor's own messages (shutdown, stop).
     pub coordinator: Addr<Coordinator>,
     pub partitions: PartitionDirectory,
     pub publisher: Addr<Publisher>,
@@ -136,12 +142,30 @@ impl EngineCell {
         EngineCell(Arc::new(RwLock::new(refs)))
     }
 
-    /// The current coordinator.
+    /// The current coordinator, for the runtime's shutdown.
     pub(crate) fn coordinator(&self) -> Addr<Coordinator> {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .coordinator
+            .clone()
+    }
+
+    /// Where the current coordinator takes units to commit.
+    pub(crate) fn commits(&self) -> Recipient<Commit> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .commits
+            .clone()
+    }
+
+    /// Where the current coordinator takes waits for processed inbox rows.
+    pub(crate) fn awaits(&self) -> Recipient<AwaitProcessed> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .awaits
             .clone()
     }
 

@@ -44,7 +44,7 @@ pub struct StoreConfig {
     pub startup_timeout_ms: u64,
     /// The server cancels any statement of the runtime's pool that runs longer (Postgres's
     /// `statement_timeout`, lock waits included), and the runtime gives up waiting for an answer
-    /// this long plus 1 s (a hung server or a half-open connection): a stalled database answers
+    /// this long plus 500 ms (a hung server or a half-open connection): a stalled database answers
     /// callers with a retryable error instead of holding them.
     pub statement_timeout_ms: u64,
     /// How long sent data may stay unacknowledged before the kernel drops the connection

@@ -1022,12 +1022,21 @@ impl Store for MemoryStore {
         Ok(self.lock().events.len() as u64)
     }
 
-    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    async fn inbox_settled(
+        &self,
+        message_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, InboxSettled)>, StoreError> {
         let st = self.lock();
         Ok(message_ids
             .iter()
-            .filter(|id| st.processed.contains_key(id))
-            .copied()
+            .filter_map(|id| {
+                if st.processed.contains_key(id) {
+                    return Some((*id, InboxSettled::Processed));
+                }
+                let row = st.inbox.rows.get(id).filter(|r| r.dead)?;
+                let last_error = row.last_error.clone().unwrap_or_default();
+                Some((*id, InboxSettled::DeadLettered { last_error }))
+            })
             .collect())
     }
 

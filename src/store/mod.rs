@@ -458,6 +458,18 @@ pub struct CorrelationStatus {
     pub dead_lettered: u64,
 }
 
+/// How an inbox row a caller waits for was settled ([`Store::inbox_settled`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboxSettled {
+    /// Its perspectives ran.
+    Processed,
+    /// It reached `store.max_attempts` and was dead-lettered.
+    DeadLettered {
+        /// The failure recorded with its last attempt.
+        last_error: String,
+    },
+}
+
 /// A heartbeat's answer.
 #[derive(Debug, Clone, Default)]
 pub struct Heartbeat {
@@ -678,8 +690,12 @@ pub trait Store: Send + Sync + 'static {
     /// replay that starts now will have read to once it catches up.
     async fn last_position(&self) -> Result<u64, StoreError>;
 
-    /// Of the given inbox message ids, those that are processed.
-    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError>;
+    /// Of the given inbox message ids, those that are settled: processed, or dead-lettered
+    /// (a caller waiting for one is answered with the dead-letter error rather than waiting on).
+    async fn inbox_settled(
+        &self,
+        message_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, InboxSettled)>, StoreError>;
 
     /// What a request caused, by correlation id.
     async fn correlation_status(

@@ -551,10 +551,10 @@ async fn inbox_dedup(b: Backend) {
     assert!(batch(&store, a, done).await.stale.is_empty());
     assert_eq!(
         store
-            .inbox_processed(&[e.message_id, f.message_id])
+            .inbox_settled(&[e.message_id, f.message_id])
             .await
             .unwrap(),
-        vec![e.message_id]
+        vec![(e.message_id, InboxSettled::Processed)]
     );
     let r = batch(&store, a, units(vec![inbox_only(&e, true)])).await;
     assert_eq!(committed(&r.units[0]).3, &vec![e.message_id]);
@@ -795,6 +795,14 @@ async fn dead_letter_after_max_attempts_then_requeue_and_skip(b: Backend) {
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].queue, Queue::Inbox);
     assert!(dead[0].error.contains("failure 3"), "{}", dead[0].error);
+    // A caller waiting for it (on another instance) learns it was dead-lettered, and why.
+    match &store.inbox_settled(&[e1.message_id]).await.unwrap()[..] {
+        [(id, InboxSettled::DeadLettered { last_error })] => {
+            assert_eq!(*id, e1.message_id);
+            assert!(last_error.contains("failure 3"), "{last_error}");
+        }
+        other => panic!("the dead letter is settled as such: {other:?}"),
+    }
     // Parked: nothing of the stream is claimable, even after the backoff.
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(batch(&store, a, claim_all()).await.claimed_inbox.is_empty());

@@ -72,8 +72,10 @@ pub struct PostgresStore {
 }
 
 /// How much longer than the server's statement timeout the store waits for an answer: the
-/// server cancels a slow statement itself and answers; past this margin nothing is answering.
-const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// server cancels a slow statement itself and answers within milliseconds; past this margin
+/// nothing is answering. Half a second, so that a caller queued behind the batch still hears
+/// of a hung server within the statement timeout + 1 s.
+const ANSWER_MARGIN: Duration = Duration::from_millis(500);
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
@@ -376,10 +378,10 @@ impl PostgresStore {
             Err(_) => {
                 broken.store(true, Ordering::Relaxed);
                 Err(StoreError::unavailable(format!(
-                    "no answer from the database within {} ms (store.statement_timeout_ms + {} s); \
+                    "no answer from the database within {} ms (store.statement_timeout_ms + {} ms); \
                      the connection is dropped",
                     self.answer_deadline.as_millis(),
-                    ANSWER_MARGIN.as_secs()
+                    ANSWER_MARGIN.as_millis()
                 )))
             }
         }
@@ -693,18 +695,33 @@ impl Store for PostgresStore {
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
     }
 
-    async fn inbox_processed(&self, message_ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    async fn inbox_settled(
+        &self,
+        message_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, InboxSettled)>, StoreError> {
+        let s = &self.schema;
         let rows = self
             .query(
                 &format!(
-                    "SELECT message_id FROM {}.wb_dedup
-                      WHERE message_id = ANY($1) AND processed_at IS NOT NULL",
-                    self.schema
+                    "SELECT message_id, NULL::text FROM {s}.wb_dedup
+                      WHERE message_id = ANY($1) AND processed_at IS NOT NULL
+                     UNION ALL
+                     SELECT message_id, coalesce(last_error, '') FROM {s}.wb_inbox
+                      WHERE message_id = ANY($1) AND dead"
                 ),
                 &[&message_ids],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let settled = match r.get::<_, Option<String>>(1) {
+                    None => InboxSettled::Processed,
+                    Some(last_error) => InboxSettled::DeadLettered { last_error },
+                };
+                (r.get(0), settled)
+            })
+            .collect())
     }
 
     async fn correlation_status(

@@ -5,6 +5,7 @@
 use crate::support::*;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
+use whizbang::store::InboxSettled;
 use whizbang::transport::memory::MemoryBus;
 use whizbang::{Command, Decision, Message, Receptor, ReceptorContext, ReceptorError};
 
@@ -36,9 +37,9 @@ async fn an_event_delivered_twice_is_applied_once() -> anyhow::Result<()> {
     // A third copy after it was processed: the dedup record must catch it.
     wait_for("the first event to be recorded as processed", || async {
         rt.store()
-            .inbox_processed(&[first.message_id])
+            .inbox_settled(&[first.message_id])
             .await
-            .is_ok_and(|done| done == vec![first.message_id])
+            .is_ok_and(|done| done == vec![(first.message_id, InboxSettled::Processed)])
     })
     .await?;
     bus.inject(TOPIC, first.clone());

@@ -6,7 +6,7 @@ use crate::support::pg;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use whizbang::config::StoreBackend;
-use whizbang::replay::ReplayFrom;
+use whizbang::replay::{ReplayFrom, ReplayReport, ReplayStop};
 use whizbang::{
     Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError, Receptor,
     ReceptorContext, ReceptorError, Runtime,
@@ -146,6 +146,75 @@ async fn memory_rebuild_and_resume() {
 async fn postgres_rebuild_and_resume() {
     let _pg = pg::slot().await;
     rebuild_and_resume(StoreBackend::Postgres).await;
+}
+
+/// A replay asked to stop (as the `replay` command is on SIGTERM) stops after the page it is
+/// applying, its checkpoint saved; resumed from the checkpoint it applies the rest, nothing
+/// twice.
+#[actix_rt::test]
+async fn a_stopped_replay_keeps_its_checkpoint_and_resumes_without_repeats() {
+    let _pg = pg::slot().await;
+    let config = config(StoreBackend::Postgres);
+    let schema = config.store.schema.clone();
+    let rt = Runtime::builder(config.clone())
+        .receptor::<Add, _>(AddReceptor)
+        .perspective::<Added, _>("log", Log::default())
+        .start()
+        .await
+        .expect("runtime starts");
+    for n in 0..25 {
+        let _: Added = rt
+            .local_invoke(Add {
+                stream: format!("s{}", n % 3),
+                n,
+            })
+            .await
+            .unwrap();
+    }
+    rt.shutdown().await.unwrap();
+
+    let rebuilt = Log::default();
+    let stop = ReplayStop::new();
+    let asked = stop.clone();
+    let report = Runtime::builder(config.clone())
+        .perspective::<Added, _>("log", rebuilt.clone())
+        .replay_until(
+            "log",
+            ReplayFrom::Scratch,
+            10,
+            &mut |p| {
+                if p.applied >= 10 {
+                    asked.stop();
+                }
+            },
+            &stop,
+        )
+        .await
+        .expect("the replay runs");
+    assert_eq!(
+        report,
+        ReplayReport {
+            applied: 10,
+            checkpoint: 10,
+            stopped: true
+        }
+    );
+    let report = Runtime::builder(config)
+        .perspective::<Added, _>("log", rebuilt.clone())
+        .replay("log", ReplayFrom::Checkpoint, 10, &mut |_| {})
+        .await
+        .expect("the replay resumes");
+    assert_eq!((report.applied, report.checkpoint), (15, 25));
+    assert!(!report.stopped);
+    let applied: Vec<u32> = rebuilt.0.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        applied,
+        (0..25).collect::<Vec<_>>(),
+        "each event once, in order"
+    );
+    pg::drop_schemas(&[&schema])
+        .await
+        .expect("the test's schema is dropped");
 }
 
 /// `replay` as a service embeds it (`whizbang::operator`): parsed from a command line,

@@ -27,11 +27,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 use uuid::Uuid;
 use whizbang::envelope::Envelope;
+use whizbang::routing::partition_of;
 use whizbang::transport::memory::{MemoryBus, MemoryTransport};
 use whizbang::transport::{Subscription, Transport, TransportError};
 use whizbang::{
-    Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError,
-    ReceiptStatus, Receptor, ReceptorContext, ReceptorError, Runtime,
+    Command, Config, Decision, DispatchError, DispatchOptions, Event, EventMeta, Message,
+    Perspective, PerspectiveError, ReceiptStatus, Receptor, ReceptorContext, ReceptorError,
+    Runtime,
 };
 
 const TOPIC: &str = "pg-bumps";
@@ -568,6 +570,94 @@ async fn two_instances_share_one_schema() {
     b.shutdown().await.unwrap();
     down.shutdown().await.unwrap();
     drop_schemas(&[&schema, &down_schema]).await;
+}
+
+/// Fails every event of a stream whose name starts with `poison`.
+struct FailsPoison;
+
+impl Perspective<Bumped> for FailsPoison {
+    async fn apply(&self, event: Bumped, _meta: EventMeta) -> Result<(), PerspectiveError> {
+        if event.stream.starts_with("poison") {
+            return Err(PerspectiveError("poisoned read model".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A `local_invoke` whose event another instance processes (that instance holds the partition)
+/// and dead-letters is answered with the dead-letter error and the perspective's last error,
+/// not left to wait out its deadline.
+#[actix_rt::test]
+async fn a_waiter_for_a_row_another_instance_dead_letters_gets_the_dead_letter_error() {
+    let _pg = pg::slot().await;
+    let schema = new_schema();
+    let mut config = pg_config(&format!("dead-wait-{}", Uuid::now_v7().simple()), &schema);
+    config.partitions.partition_count = 2;
+    config.partitions.lease_seconds = 120;
+    config.store.max_attempts = 4;
+    config.store.backoff_base_ms = 200;
+    config.store.backoff_max_ms = 400;
+    config.coordinator.poll_interval_ms = 50;
+    let bus = MemoryBus::new();
+    let start = |id: Uuid| {
+        on_bus(config.clone(), &bus)
+            .instance_id(id)
+            .receptor::<Bump, _>(BumpReceptor)
+            .perspective::<Bumped, _>("summary", FailsPoison)
+            .start()
+    };
+    // Two poisoned streams of one partition: the holder's first row keeps the partition busy
+    // (retrying), so the second instance cannot lease it and waits for the holder's work.
+    let partition = partition_of("poison-0", 2);
+    let second = (1..)
+        .map(|i| format!("poison-{i}"))
+        .find(|s| partition_of(s, 2) == partition)
+        .unwrap();
+    let holder = start(Uuid::now_v7()).await.expect("start the holder");
+    holder.send(bump("poison-0", 1)).await.expect("send");
+    let client = connect().await;
+    wait_for!("the holder to lease the partition", DEADLINE, {
+        let held = count(
+            &client,
+            &format!(
+                "SELECT count(*) FROM {schema}.wb_partition_leases WHERE partition = {partition} \
+                 AND instance_id = '{}'",
+                holder.instance_id()
+            ),
+        )
+        .await;
+        (held != 1).then(|| format!("leases of the holder on {partition}: {held}"))
+    });
+    let waiter = start(Uuid::now_v7()).await.expect("start the waiter");
+    let began = Instant::now();
+    let options = DispatchOptions {
+        deadline: Some(Duration::from_secs(30)),
+        ..DispatchOptions::default()
+    };
+    let answer = waiter
+        .local_invoke_with::<Bump, Bumped>(bump(&second, 1), options)
+        .await;
+    match answer {
+        Err(DispatchError::PerspectiveFailed { error, .. }) => {
+            assert!(error.contains("dead-lettered"), "{error}");
+            assert!(error.contains("poisoned read model"), "{error}");
+        }
+        other => panic!("expected the dead-letter error, got {other:?}"),
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "answered when dead-lettered, not at the deadline: {:?}",
+        began.elapsed()
+    );
+    let applied_by_waiter = count(
+        &client,
+        &format!("SELECT count(*) FROM {schema}.wb_partition_leases WHERE instance_id = '{}' AND partition = {partition}", waiter.instance_id()),
+    )
+    .await;
+    assert_eq!(applied_by_waiter, 0, "the row was the holder's to process");
+    waiter.shutdown().await.unwrap();
+    holder.shutdown().await.unwrap();
+    drop_schemas(&[&schema]).await;
 }
 
 // ---- (c) takeover ----------------------------------------------------------------------------

@@ -101,11 +101,11 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
     async fn last_position(&self) -> Result<u64, whizbang::store::StoreError> {
         self.inner.last_position().await
     }
-    async fn inbox_processed(
+    async fn inbox_settled(
         &self,
         ids: &[Uuid],
-    ) -> Result<Vec<Uuid>, whizbang::store::StoreError> {
-        self.inner.inbox_processed(ids).await
+    ) -> Result<Vec<(Uuid, whizbang::store::InboxSettled)>, whizbang::store::StoreError> {
+        self.inner.inbox_settled(ids).await
     }
     async fn correlation_status(
         &self,

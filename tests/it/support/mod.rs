@@ -264,10 +264,17 @@ impl<E: Event + Seq> Perspective<E> for Recorder {
 
 // ---- Runtimes ---------------------------------------------------------------------------
 
-/// The default configuration with a service name.
+/// The default configuration with a service name. `WHIZBANG_TEST_WORKER_THREADS` sets
+/// `runtime.worker_threads` (default: one per core), so `scripts/test.sh` runs the ordering,
+/// read-your-writes, failure and contract tests again on a single worker thread.
 pub fn config(service: &str) -> Config {
     let mut c = Config::default();
     c.service.name = service.into();
+    if let Ok(threads) = std::env::var("WHIZBANG_TEST_WORKER_THREADS") {
+        c.runtime.worker_threads = threads
+            .parse()
+            .expect("WHIZBANG_TEST_WORKER_THREADS is a number of threads");
+    }
     c
 }
 

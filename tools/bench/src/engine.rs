@@ -12,10 +12,13 @@
 //!   sustains (measured first, closed loop) for `--overload-secs`, each with a 1 s deadline:
 //!   resident memory at the end less after the first 5 s, the accepted calls' p99, how many
 //!   were refused `Overloaded`.
-//! - `pg_stall_*` (skipped with `--no-stall`): every Postgres server process stopped (SIGSTOP)
-//!   for `--stall-secs` while callers keep calling: the longest any caller waited for its
-//!   (retryable) error, and after SIGCONT whether every command answered `Ok` is in the store.
-//!   It pauses the machine's shared server: never run it beside the test suite.
+//! - `pg_stall_*` (skipped with `--no-stall`): the Postgres server the bench talks to (its
+//!   postmaster, found through `data_directory`, and every process it started) stopped
+//!   (SIGSTOP) for `--stall-secs` while callers keep calling: the longest any caller waited for
+//!   its (retryable) error, and after SIGCONT whether every command answered `Ok` is in the
+//!   store. It pauses that server: point `--database-url` at a server of its own (e.g. a second
+//!   cluster, `pg_createcluster 15 bench --port 5435 --start`) when anything else uses the
+//!   machine's.
 
 use crate::{BenchResult, Samples, figure, raw_client};
 use clap::Args;
@@ -54,7 +57,7 @@ pub struct EngineArgs {
     /// Seconds the Postgres server is stopped in the stall phase.
     #[arg(long, default_value_t = 30)]
     stall_secs: u64,
-    /// Skip the stall phase (it pauses the machine's Postgres server).
+    /// Skip the stall phase (it pauses the Postgres server at the database URL).
     #[arg(long)]
     no_stall: bool,
     /// Postgres URL (default: WHIZBANG_DATABASE_URL, then the local server).
@@ -426,23 +429,49 @@ async fn overload(args: &EngineArgs) -> BenchResult<()> {
     result
 }
 
-/// Sends `signal` to every Postgres server process of this machine.
-fn signal_postgres(signal: &str) -> BenchResult<()> {
-    let status = std::process::Command::new("pkill")
-        .args([&format!("-{signal}"), "-x", "postgres"])
-        .status()?;
-    if !status.success() {
-        return Err(format!("pkill -{signal} -x postgres failed: {status}").into());
+/// The postmaster of the server at `url`: the first line of `postmaster.pid` in its data
+/// directory (read as the bench's user: run it as root or as the server's owner).
+async fn postmaster_of(url: &str) -> BenchResult<u32> {
+    let client = raw_client(url).await?;
+    let dir: String = client.query_one("SHOW data_directory", &[]).await?.get(0);
+    let pid_file = std::path::Path::new(&dir).join("postmaster.pid");
+    let text = std::fs::read_to_string(&pid_file)
+        .map_err(|e| format!("cannot read {}: {e}", pid_file.display()))?;
+    let pid = text.lines().next().unwrap_or_default().trim().parse()?;
+    Ok(pid)
+}
+
+/// Sends `signal` to the postmaster `pid` and to every process it started (the server the
+/// bench talks to, and no other server of the machine). The postmaster first on STOP, so it
+/// starts no new backend meanwhile; last on CONT.
+fn signal_server(pid: u32, signal: &str) -> BenchResult<()> {
+    let run = |args: &[&str]| {
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+    };
+    let (pid, signal) = (pid.to_string(), format!("-{signal}"));
+    let postmaster = || run(&["kill", &signal, &pid]);
+    let children = || run(&["pkill", &signal, "-P", &pid]);
+    let (first, second) = if signal == "-STOP" {
+        (postmaster()?, children()?)
+    } else {
+        (children()?, postmaster()?)
+    };
+    // pkill exits 1 when it matched nothing (a server with no children): not an error.
+    if !first.success() && first.code() != Some(1) || !second.success() && second.code() != Some(1)
+    {
+        return Err(format!("signalling postmaster {pid} with {signal} failed").into());
     }
     Ok(())
 }
 
 /// Continues the server however the phase ends.
-struct ContinueOnDrop;
+struct ContinueOnDrop(u32);
 
 impl Drop for ContinueOnDrop {
     fn drop(&mut self) {
-        let _ = signal_postgres("CONT");
+        let _ = signal_server(self.0, "CONT");
     }
 }
 
@@ -451,6 +480,7 @@ async fn stall(args: &EngineArgs) -> BenchResult<()> {
     let config = postgres_config(args, &schema);
     let statement_timeout = Duration::from_millis(config.store.statement_timeout_ms);
     let url = config.store.database_url.clone();
+    let postmaster = postmaster_of(&url).await?;
     let result = async {
         let (runtime, _) = start(config).await?;
         let runtime = Arc::new(runtime);
@@ -487,8 +517,8 @@ async fn stall(args: &EngineArgs) -> BenchResult<()> {
             .collect();
         tokio::time::sleep(Duration::from_secs(1)).await;
         {
-            let _continue = ContinueOnDrop;
-            signal_postgres("STOP")?;
+            let _continue = ContinueOnDrop(postmaster);
+            signal_server(postmaster, "STOP")?;
             tokio::time::sleep(stall).await;
         }
         let resumed = Instant::now();

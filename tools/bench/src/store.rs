@@ -189,9 +189,9 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.last_position().await
     }
-    async fn inbox_processed(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    async fn inbox_settled(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, InboxSettled)>, StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.inner.inbox_processed(ids).await
+        self.inner.inbox_settled(ids).await
     }
     async fn correlation_status(&self, c: Uuid) -> Result<CorrelationStatus, StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
