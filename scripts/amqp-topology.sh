@@ -17,6 +17,8 @@
 # is asynchronous, so the script then polls list_exchanges / list_queues / list_bindings until
 # everything is there (deadline TOPOLOGY_TIMEOUT seconds, default 60) and fails otherwise.
 # Needs root (or sudo) for rabbitmqctl. Names: letters, digits, '.', '_' and '-'.
+# WHIZBANG_RABBITMQ_NODE names the broker node (rabbitmqctl -n; default: rabbitmqctl's own),
+# e.g. the private node of scripts/chaos.sh.
 
 set -euo pipefail
 
@@ -28,11 +30,15 @@ die() {
     exit 1
 }
 
+NODE_ARGS=()
+if [[ -n ${WHIZBANG_RABBITMQ_NODE:-} ]]; then
+    NODE_ARGS=(-n "$WHIZBANG_RABBITMQ_NODE")
+fi
 rmqctl() {
     if [[ $EUID -eq 0 ]]; then
-        rabbitmqctl "$@"
+        rabbitmqctl "${NODE_ARGS[@]+"${NODE_ARGS[@]}"}" "$@"
     elif command -v sudo >/dev/null; then
-        sudo rabbitmqctl "$@"
+        sudo rabbitmqctl "${NODE_ARGS[@]+"${NODE_ARGS[@]}"}" "$@"
     else
         die "need root (or sudo) to run rabbitmqctl"
     fi

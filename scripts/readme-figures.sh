@@ -2,7 +2,7 @@
 # Regenerates the figures in README.md and docs/ from the last runs' JSON, never by hand:
 #
 #   README.md           <!-- bench:begin/end -->  whizbang-bench report --markdown --headline
-#                       <!-- chaos:begin/end -->  whizbang-chaos report --markdown
+#                       <!-- chaos:begin/end -->  whizbang-chaos report --headline
 #   docs/benchmarks.md  <!-- bench:begin/end -->  whizbang-bench report --markdown (every figure)
 #   docs/chaos.md       <!-- chaos:begin/end -->  whizbang-chaos report --markdown
 #
@@ -35,6 +35,8 @@ cargo run --quiet --release --bin whizbang-bench -- report --markdown >"$work/be
     || die "whizbang-bench report --markdown failed"
 cargo run --quiet --release --bin whizbang-chaos -- report --markdown >"$work/chaos.md" \
     || die "whizbang-chaos report --markdown failed"
+cargo run --quiet --release --bin whizbang-chaos -- report --headline >"$work/chaos-headline.md" \
+    || die "whizbang-chaos report --headline failed"
 
 # Replaces what lies between each named marker pair (the markers stay) with its table; writes
 # FILE.new beside each, and only when every file succeeded are they moved into place.
@@ -42,7 +44,7 @@ python3 - "$work" <<'PY' || die "no file was changed"
 import sys
 work = sys.argv[1]
 plan = {
-    "README.md": {"bench": f"{work}/headline.md", "chaos": f"{work}/chaos.md"},
+    "README.md": {"bench": f"{work}/headline.md", "chaos": f"{work}/chaos-headline.md"},
     "docs/benchmarks.md": {"bench": f"{work}/bench.md"},
     "docs/chaos.md": {"chaos": f"{work}/chaos.md"},
 }

@@ -55,13 +55,13 @@ installed() { dpkg -s "$1" >/dev/null 2>&1; }
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
-# True when 127.0.0.1:5672 speaks AMQP 1.0: it answers the AMQP 1.0 SASL protocol header with
-# the same header. (RabbitMQ without the plugin answers with its 0-9-1 header instead; the port
+# True when 127.0.0.1:5672 (or the port given) speaks AMQP 1.0: it answers the AMQP 1.0 SASL
+# protocol header with the same header. (RabbitMQ without the plugin answers with its 0-9-1 header instead; the port
 # opens before the plugin is ready, so the open port alone proves nothing.)
 amqp10_ready() {
-    local answer
+    local answer port=${1:-5672}
     answer=$(timeout 3 bash -c \
-        'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\x03\x01\x00\x00" >&3 && head -c 8 <&3 | od -An -tx1' \
+        "exec 3<>/dev/tcp/127.0.0.1/$port && printf 'AMQP\\x03\\x01\\x00\\x00' >&3 && head -c 8 <&3 | od -An -tx1" \
         2>/dev/null) || return 1
     [[ ${answer//[[:space:]]/} == 414d515003010000 ]]
 }
@@ -80,7 +80,8 @@ wait_for() {
     note "$what: ready"
 }
 
-ensure_servers() {
+# Step 1 alone: what scripts/chaos.sh needs before it starts servers of its own.
+ensure_packages() {
     # ---- 1. Tools ---------------------------------------------------------------------------
 
     step "tools"
@@ -119,6 +120,10 @@ ensure_servers() {
         rustup component add rustfmt clippy || die "cannot add rustfmt and clippy"
     fi
     note "$(cargo --version)"
+}
+
+ensure_servers() {
+    ensure_packages
 
     # ---- 2. PostgreSQL ----------------------------------------------------------------------
 

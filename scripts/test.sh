@@ -13,7 +13,7 @@
 #    whole workspace (the library, the operator CLI, the tools), the runtime contracts again on
 #    one worker thread (WHIZBANG_TEST_WORKER_THREADS=1), the order_service example as a
 #    smoke test, and the short form of the chaos run (scripts/chaos.sh --short: the main run,
-#    then the Postgres-restart and broker-restart scenarios).
+#    then the Postgres-restart and broker-restart scenarios, on private servers of its own).
 #
 # Idempotent: on a machine where everything is installed and running it only checks and tests.
 #
@@ -49,7 +49,7 @@ cargo clippy --workspace --all-targets -- -D warnings || die "clippy found probl
 # service that needs only one of them is not handed a broken build.
 for features in "--no-default-features" "--no-default-features --features postgres" \
     "--no-default-features --features amqp" "--no-default-features --features web" \
-    "--no-default-features --features operator"; do
+    "--no-default-features --features operator" "--no-default-features --features metrics"; do
     step "cargo clippy -p whizbang --lib $features -- -D warnings"
     # shellcheck disable=SC2086 # the feature flags are separate words
     cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"
@@ -109,7 +109,7 @@ wait "$api_pid" || die "order_api did not stop cleanly on SIGTERM"
 step "smoke test: scripts/amqp-smoke.sh (order_service and inventory_service over AMQP)"
 scripts/amqp-smoke.sh || die "the two services did not exchange their events over AMQP"
 
-step "fault injection: scripts/chaos.sh --short (kills, broker and Postgres restarts)"
+step "fault injection: scripts/chaos.sh --short (kills, restarts and hangs, dead letters)"
 scripts/chaos.sh --short || die "the short chaos run failed"
 
 step "all passed"

@@ -24,6 +24,7 @@ use crate::retry::Backoff;
 use crate::routing::Origin;
 use crate::store::{NewInboxRow, UnitOfWork};
 use crate::supervision::{ActorKind, EngineCell, HealthState, Lifeline, fault};
+use crate::telemetry::SettleMeters;
 use crate::transport::{Settlement, Subscription, Transport};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -145,6 +146,7 @@ impl Actor for Consumer {
             origin: self.origin.clone(),
             prefetch: self.prefetch,
             max_message_bytes: self.max_message_bytes,
+            settled: self.health.meters().settle(&self.topic, &self.subscription),
             health: self.health.clone(),
         };
         ctx.spawn(lp.run().into_actor(self));
@@ -171,6 +173,8 @@ struct ReceiveLoop {
     prefetch: u32,
     max_message_bytes: usize,
     health: HealthState,
+    /// `whizbang_deliveries_total` of this subscription.
+    settled: SettleMeters,
 }
 
 impl ReceiveLoop {
@@ -275,6 +279,7 @@ impl ReceiveLoop {
                     Err(reason) => {
                         tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %reason, "delivery rejected");
                         sub.settle(delivery.tag, Settlement::Reject(reason)).await?;
+                        self.settled.rejected();
                     }
                 }
             }
@@ -298,8 +303,14 @@ impl ReceiveLoop {
                 }
             };
             let failed = matches!(settlement, Settlement::Release);
+            let settled = accepted.len();
             for tag in accepted {
                 sub.settle(tag, settlement.clone()).await?;
+            }
+            if failed {
+                self.settled.released(settled);
+            } else {
+                self.settled.accepted(settled);
             }
             if failed {
                 return Ok(ReceiveEnd::CommitFailed);

@@ -29,8 +29,8 @@ use crate::partition::{InboxJob, PartitionDirectory};
 use crate::protocol::{AppliedSender, AwaitProcessed, Commit, CommitOutcome, PublishRows, Report};
 use crate::retry::Backoff;
 use crate::store::{
-    ClaimBudget, InFlight, InboxSettled, InboxWork, InstanceId, OutboxWork, Store, UnitOfWork,
-    UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
+    ClaimBudget, Heartbeat, InFlight, InboxSettled, InboxWork, InstanceId, OutboxWork, Queue,
+    Store, UnitOfWork, UnitOutcome, WorkBatch, WorkBatchResult, WorkRef,
 };
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
 use actix::prelude::*;
@@ -140,6 +140,9 @@ pub struct Coordinator {
     /// Instances of this service the last heartbeat saw alive (this one included), read by the
     /// consumers that balance shard queues over the instances.
     live_instances: Arc<AtomicU32>,
+    /// The partitions held at the last heartbeat, ascending (`whizbang_leases_acquired_total`
+    /// counts those a heartbeat holds beyond them).
+    held_partitions: Vec<u32>,
 }
 
 /// What a coordinator is started with besides its store and settings.
@@ -189,6 +192,7 @@ impl Coordinator {
             stopped: false,
             shutdown_reply: None,
             live_instances: links.live_instances,
+            held_partitions: Vec::new(),
             health: links.health,
             _lifeline: links.lifeline,
         }
@@ -437,6 +441,7 @@ impl Coordinator {
         let resolves_doubt = batch.in_flight.is_some();
         let (n_units, n_reports) = (batch.units.len(), batch.reports());
         let started = std::time::Instant::now();
+        let meters = self.health.meters().clone();
         ctx.spawn(
             async move { store.process_work_batch(instance, batch).await }
                 .into_actor(self)
@@ -460,6 +465,16 @@ impl Coordinator {
                         ok = result.is_ok(),
                         ms = started.elapsed().as_secs_f64() * 1000.0,
                         "work batch"
+                    );
+                    let rows_claimed = result.as_ref().map_or(0, |r| {
+                        r.claimed_inbox.len()
+                            + r.claimed_outbox.len()
+                            + r.units.iter().map(UnitOutcome::rows_claimed).sum::<usize>()
+                    });
+                    meters.work_batch(
+                        result.is_ok(),
+                        started.elapsed(),
+                        (n_units, n_reports, rows_claimed),
                     );
                     match result {
                         Ok(result) => {
@@ -639,6 +654,9 @@ impl Coordinator {
             done.extend(self.remote_waiters.remove(&id).unwrap_or_default());
             self.hand_inbox(work, done);
         }
+        self.health
+            .meters()
+            .dead_lettered(result.dead_lettered.len());
         for id in &result.dead_lettered {
             tracing::warn!(message_id = %id, "message dead-lettered after max attempts; its stream is parked");
             let waiters = self.released_waiters.remove(id).into_iter().flatten();
@@ -743,6 +761,35 @@ impl Coordinator {
         );
     }
 
+    /// Records a heartbeat's leases and, when they are served, reads the backlog gauges (one
+    /// cheap query per heartbeat, never one per message).
+    fn heartbeat_seen(&mut self, hb: &Heartbeat, ctx: &mut Context<Self>) {
+        let mut held = hb.held_partitions.clone();
+        held.sort_unstable();
+        // Leased since the last heartbeat (by a claim): held now, or held until this heartbeat
+        // released them.
+        let acquired = held
+            .iter()
+            .chain(&hb.released)
+            .filter(|p| self.held_partitions.binary_search(p).is_err())
+            .count();
+        let meters = self.health.meters().clone();
+        meters.leases(held.len(), acquired, hb.released.len());
+        self.held_partitions = held;
+        if meters.wants_backlog() {
+            let store = self.store.clone();
+            ctx.spawn(
+                async move {
+                    match store.backlog().await {
+                        Ok(backlog) => meters.backlog(&backlog),
+                        Err(e) => tracing::debug!(error = %e, "backlog read failed"),
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+
     fn check_remote_waiters(&mut self, ctx: &mut Context<Self>) {
         if self.remote_waiters.is_empty() {
             return;
@@ -803,8 +850,9 @@ impl Actor for Coordinator {
             ctx.spawn(
                 async move { store.heartbeat(instance).await }
                     .into_actor(act)
-                    .map(|result, act, _ctx| match result {
+                    .map(|result, act, ctx| match result {
                         Ok(hb) if !hb.released.is_empty() => {
+                            act.heartbeat_seen(&hb, ctx);
                             act.health.heartbeat_ok();
                             act.live_instances
                                 .store(hb.live_instances.max(1), Ordering::Relaxed);
@@ -816,6 +864,7 @@ impl Actor for Coordinator {
                             );
                         }
                         Ok(hb) => {
+                            act.heartbeat_seen(&hb, ctx);
                             act.health.heartbeat_ok();
                             act.live_instances
                                 .store(hb.live_instances.max(1), Ordering::Relaxed)
@@ -898,11 +947,17 @@ impl Handler<Report> for Coordinator {
                 }
             }
             Report::OutboxReleased(w) => _ = self.outbox_in_flight.remove(&w.message_id),
-            Report::OutboxFailed(f) => _ = self.outbox_in_flight.remove(&f.work.message_id),
+            Report::OutboxFailed(f) => {
+                self.health.meters().retry(Queue::Outbox, f.kind);
+                self.outbox_in_flight.remove(&f.work.message_id);
+            }
             Report::InboxDone(w) | Report::InboxReleased(w, _) | Report::InboxCommitted(w) => {
                 _ = self.inbox_in_flight.remove(&w.message_id)
             }
-            Report::InboxFailed(f) => _ = self.inbox_in_flight.remove(&f.work.message_id),
+            Report::InboxFailed(f) => {
+                self.health.meters().retry(Queue::Inbox, f.kind);
+                self.inbox_in_flight.remove(&f.work.message_id);
+            }
         }
         let r = &mut self.reports;
         match msg {

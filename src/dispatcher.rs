@@ -29,6 +29,7 @@ use crate::routing::{Origin, add_message};
 use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
 use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
 use crate::supervision::EngineCell;
+use crate::telemetry::{DispatchMeters, Meters, dispatch_outcome};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
@@ -249,6 +250,8 @@ pub struct Dispatcher {
     admission: Admission,
     /// One dispatch at a time per idempotency key.
     keys: KeyLocks,
+    /// `whizbang_dispatches_total` per message type, registered the first time it is seen.
+    dispatched: HashMap<&'static str, DispatchMeters>,
 }
 
 /// The edge's backpressure: at most `runtime.max_in_flight` dispatches at once, each bounded by
@@ -260,11 +263,14 @@ pub(crate) struct Admission {
     closing: Arc<AtomicBool>,
     max_in_flight: u32,
     default_deadline: Duration,
+    /// `whizbang_dispatches_in_flight`.
+    meters: Meters,
 }
 
 impl Admission {
-    pub(crate) fn new(limits: &RuntimeConfig) -> Admission {
+    pub(crate) fn new(limits: &RuntimeConfig, meters: Meters) -> Admission {
         Admission {
+            meters,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
             closing: Arc::new(AtomicBool::new(false)),
             max_in_flight: limits.max_in_flight,
@@ -302,44 +308,78 @@ impl Admission {
     fn admit<T: 'static>(
         &self,
         message_type: &'static str,
+        counted: DispatchMeters,
         deadline: Option<Duration>,
         start: impl FnOnce() -> ResponseFuture<Result<T, DispatchError>> + 'static,
     ) -> ResponseFuture<Result<T, DispatchError>> {
         if self.closing.load(Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(DispatchError::Unavailable(
+            return Box::pin(async move {
+                let refused = Err(DispatchError::Unavailable(
                     "the runtime is shutting down".into(),
-                ))
+                ));
+                counted.record(dispatch_outcome(&refused));
+                refused
             });
         }
         let deadline = deadline.unwrap_or(self.default_deadline);
+        let meters = self.meters.clone();
         match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => Box::pin(answer_within(message_type, deadline, permit, start())),
+            Ok(permit) => Box::pin(answer_within(
+                message_type,
+                deadline,
+                Admitted::new(permit, meters, counted),
+                start(),
+            )),
             Err(_) => {
                 let in_flight = self.in_flight.clone();
                 let max_in_flight = self.max_in_flight;
                 Box::pin(async move {
                     let asked = Instant::now();
-                    let permit =
+                    let refused =
                         match tokio::time::timeout(deadline, in_flight.acquire_owned()).await {
-                            Ok(Ok(permit)) => permit,
-                            Ok(Err(_)) => {
-                                return Err(DispatchError::Unavailable(
-                                    "the runtime is shutting down".into(),
-                                ));
+                            Ok(Ok(permit)) => {
+                                let left = deadline.saturating_sub(asked.elapsed());
+                                let admitted = Admitted::new(permit, meters, counted);
+                                return answer_within(message_type, left, admitted, start()).await;
                             }
-                            Err(_) => {
-                                return Err(DispatchError::Overloaded {
-                                    message_type: message_type.into(),
-                                    max_in_flight,
-                                });
-                            }
+                            Ok(Err(_)) => Err(DispatchError::Unavailable(
+                                "the runtime is shutting down".into(),
+                            )),
+                            Err(_) => Err(DispatchError::Overloaded {
+                                message_type: message_type.into(),
+                                max_in_flight,
+                            }),
                         };
-                    let left = deadline.saturating_sub(asked.elapsed());
-                    answer_within(message_type, left, permit, start()).await
+                    counted.record(dispatch_outcome(&refused));
+                    refused
                 })
             }
         }
+    }
+}
+
+/// A dispatch's place under `runtime.max_in_flight`, counted in `whizbang_dispatches_in_flight`
+/// until it is dropped with the work.
+struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    meters: Meters,
+    counted: DispatchMeters,
+}
+
+impl Admitted {
+    fn new(permit: OwnedSemaphorePermit, meters: Meters, counted: DispatchMeters) -> Admitted {
+        meters.in_flight(1.0);
+        Admitted {
+            _permit: permit,
+            meters,
+            counted,
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.meters.in_flight(-1.0);
     }
 }
 
@@ -348,15 +388,16 @@ impl Admission {
 async fn answer_within<T: 'static>(
     message_type: &'static str,
     deadline: Duration,
-    permit: OwnedSemaphorePermit,
+    admitted: Admitted,
     work: ResponseFuture<Result<T, DispatchError>>,
 ) -> Result<T, DispatchError> {
+    let counted = admitted.counted.clone();
     let mut work = Box::pin(async move {
         let answer = work.await;
-        drop(permit);
+        drop(admitted);
         answer
     });
-    match tokio::time::timeout(deadline, &mut work).await {
+    let answer = match tokio::time::timeout(deadline, &mut work).await {
         Ok(answer) => answer,
         Err(_) => {
             actix::spawn(async move {
@@ -367,7 +408,9 @@ async fn answer_within<T: 'static>(
                 deadline_ms: deadline.as_millis() as u64,
             })
         }
-    }
+    };
+    counted.record(dispatch_outcome(&answer));
+    answer
 }
 
 impl Dispatcher {
@@ -385,7 +428,26 @@ impl Dispatcher {
             store,
             admission,
             keys: KeyLocks::default(),
+            dispatched: HashMap::new(),
         }
+    }
+
+    /// [`Admission::admit`], counting the dispatch under `message_type` (its counters are
+    /// registered the first time the type is dispatched; afterwards a look-up in this actor's
+    /// own map: no lock, no allocation).
+    fn admit<T: 'static>(
+        &mut self,
+        message_type: &'static str,
+        deadline: Option<Duration>,
+        start: impl FnOnce() -> ResponseFuture<Result<T, DispatchError>> + 'static,
+    ) -> ResponseFuture<Result<T, DispatchError>> {
+        let meters = &self.admission.meters;
+        let counted = self
+            .dispatched
+            .entry(message_type)
+            .or_insert_with(|| meters.dispatch(message_type))
+            .clone();
+        self.admission.admit(message_type, counted, deadline, start)
     }
 
     fn envelope(
@@ -487,7 +549,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
                 self.run_locally(msg.command, msg.options, true, Some(keyed.clone()));
             let (keys, store) = (self.keys.clone(), self.store.clone());
             let (registry, engine) = (self.registry.clone(), self.engine.clone());
-            return self.admission.admit(C::TYPE_NAME, deadline, move || {
+            return self.admit(C::TYPE_NAME, deadline, move || {
                 Box::pin(async move {
                     let run = async move {
                         queue();
@@ -503,7 +565,7 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
             });
         }
         let (_, queue, rx) = self.run_locally(msg.command, msg.options, true, None);
-        self.admission.admit(C::TYPE_NAME, deadline, move || {
+        self.admit(C::TYPE_NAME, deadline, move || {
             queue();
             Box::pin(async move { typed_result::<C, R>(rx.await.map_err(gone)??).await })
         })
@@ -638,7 +700,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
                 self.run_locally(msg.command, msg.options, false, keyed.clone());
             if let Some(keyed) = keyed {
                 let (keys, store) = (self.keys.clone(), self.store.clone());
-                return self.admission.admit(C::TYPE_NAME, deadline, move || {
+                return self.admit(C::TYPE_NAME, deadline, move || {
                     Box::pin(async move {
                         let run = async move {
                             queue();
@@ -654,7 +716,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
                     })
                 });
             }
-            return self.admission.admit(C::TYPE_NAME, deadline, move || {
+            return self.admit(C::TYPE_NAME, deadline, move || {
                 queue();
                 Box::pin(async move {
                     receipt.events = rx.await.map_err(gone)??.appended;
@@ -712,7 +774,7 @@ impl Dispatcher {
     /// A unit of one message for the outbox (a command for a remote receptor, or an event),
     /// committed once there is room under the in-flight limit.
     fn commit_one_admitted(
-        &self,
+        &mut self,
         message_type: &'static str,
         deadline: Option<Duration>,
         envelope: Envelope,
@@ -720,7 +782,7 @@ impl Dispatcher {
         let origin = self.origin.clone();
         let registry = self.registry.clone();
         let engine = self.engine.clone();
-        self.admission.admit(message_type, deadline, move || {
+        self.admit(message_type, deadline, move || {
             commit_one(
                 &origin,
                 &registry,
@@ -735,7 +797,7 @@ impl Dispatcher {
     /// [`Dispatcher::commit_one_admitted`] for a command with an idempotency key: its unit
     /// records the receipt, and a repeat answers the first receipt.
     fn commit_keyed_admitted(
-        &self,
+        &mut self,
         message_type: &'static str,
         deadline: Option<Duration>,
         envelope: Envelope,
@@ -745,7 +807,7 @@ impl Dispatcher {
         let registry = self.registry.clone();
         let engine = self.engine.clone();
         let (keys, store) = (self.keys.clone(), self.store.clone());
-        self.admission.admit(message_type, deadline, move || {
+        self.admit(message_type, deadline, move || {
             Box::pin(async move {
                 let record = keyed.clone();
                 // Built (and the unit sent) only once the key is held and found free.
@@ -851,7 +913,7 @@ impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
             reply,
         });
         let engine = self.engine.clone();
-        self.admission.admit(C::TYPE_NAME, deadline, move || {
+        self.admit(C::TYPE_NAME, deadline, move || {
             engine.partitions().enqueue(partition, job);
             Box::pin(async move {
                 let Decided { result, unit } = rx.await.map_err(gone)??;
@@ -873,7 +935,7 @@ impl Handler<CompleteScope> for Dispatcher {
 
     fn handle(&mut self, msg: CompleteScope, _ctx: &mut Self::Context) -> Self::Result {
         let engine = self.engine.clone();
-        self.admission.admit("scope", None, move || {
+        self.admit("scope", None, move || {
             Box::pin(complete_scope(engine.commits(), msg.commands))
         })
     }

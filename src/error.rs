@@ -283,6 +283,15 @@ pub enum StartError {
     /// An actor did not take a start-up message (its mailbox error, as text).
     #[error("actor system: {0}")]
     Actor(String),
+    /// `telemetry.metrics_listen` could not be bound (in use, not a local address, no right).
+    #[error("cannot listen on telemetry.metrics_listen {addr}: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why it could not be bound.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]

@@ -128,6 +128,7 @@
 //! | [`signal`] | SIGTERM and Ctrl-C: the process being asked to stop |
 //! | [`error`] | the public error types |
 //! | `web` (feature `web`) | the HTTP edge for actix-web: problem+json errors, JSON and `Idempotency-Key` extractors, the status endpoint |
+//! | [`telemetry`] | the metrics the runtime exports ([`telemetry::METRICS`]) and, with `telemetry.metrics_listen`, the listener serving `/metrics`, `/health/live`, `/health/ready` |
 //! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
 pub mod config;
@@ -154,6 +155,7 @@ pub mod scope;
 pub mod signal;
 pub mod store;
 pub mod supervision;
+pub mod telemetry;
 pub mod testing;
 pub mod transport;
 #[cfg(feature = "web")]

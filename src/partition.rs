@@ -664,7 +664,10 @@ async fn queue_command(
             message_type: envelope.message_type,
         });
     };
-    let decision = match receptor.handle.invoke(&envelope, typed).await {
+    let started = Instant::now();
+    let decided = receptor.handle.invoke(&envelope, typed).await;
+    receptor.meters.record(decided.is_ok(), started.elapsed());
+    let decision = match decided {
         Ok(decision) => decision,
         Err(failure) => {
             let refusal = DispatchError::from_handler(&envelope.message_type, failure);
@@ -749,11 +752,10 @@ async fn decide(
             message_type: envelope.message_type,
         });
     };
-    let decision = receptor
-        .handle
-        .invoke(&envelope, typed)
-        .await
-        .map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
+    let started = Instant::now();
+    let decided = receptor.handle.invoke(&envelope, typed).await;
+    receptor.meters.record(decided.is_ok(), started.elapsed());
+    let decision = decided.map_err(|f| DispatchError::from_handler(&envelope.message_type, f))?;
     let unit = plan_unit(
         &deps.origin,
         &table,
@@ -810,14 +812,20 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
             // The perspectives of one event run in parallel; the next event waits for all. A
             // read model runs in a store transaction of its own (an inline one too: an event
             // it applied with its command is recorded, and skipped here).
-            let runs = perspectives.iter().map(|p| match &p.run {
-                PerspectiveRun::Plain(handle) => handle
-                    .apply(envelope, meta.clone())
-                    .map(|r| r.map_err(Fail::Handler))
-                    .boxed(),
-                PerspectiveRun::Once { handle, .. } => {
-                    apply_once(deps, &p.name, handle, envelope, meta.clone()).boxed()
-                }
+            let meta = &meta;
+            let runs = perspectives.iter().map(|p| async move {
+                let started = Instant::now();
+                let result = match &p.run {
+                    PerspectiveRun::Plain(handle) => handle
+                        .apply(envelope, meta.clone())
+                        .await
+                        .map_err(Fail::Handler),
+                    PerspectiveRun::Once { handle, .. } => {
+                        apply_once(deps, &p.name, handle, envelope, meta.clone()).await
+                    }
+                };
+                p.meters.record(result.is_ok(), started.elapsed());
+                result
             });
             let results = futures::future::join_all(runs).await;
             let mut applied = skip;

@@ -13,6 +13,7 @@ use crate::protocol::{PublishRows, Report};
 use crate::routing::Origin;
 use crate::store::{Failure, FailureKind, OutboxWork, WorkRef};
 use crate::supervision::{ActorKind, HealthState, Lifeline, StopNow, fault};
+use crate::telemetry::PublishMeters;
 use crate::transport::{Transport, TransportError};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
@@ -34,6 +35,8 @@ pub struct Publisher {
     /// Rows accepted since the last report, sent by [`ReportAccepted`] at the end of the turn.
     accepted: Vec<WorkRef>,
     health: HealthState,
+    /// `whizbang_publish_total` per topic, registered the first time the topic is sent to.
+    published: HashMap<String, PublishMeters>,
     /// Tells the supervisor when this actor ends (see `supervision`).
     _lifeline: Lifeline,
 }
@@ -68,6 +71,7 @@ impl Publisher {
             streams: HashMap::new(),
             ready: VecDeque::new(),
             accepted: Vec::new(),
+            published: HashMap::new(),
             health,
             _lifeline: lifeline,
         }
@@ -114,6 +118,7 @@ impl Publisher {
                 .into_actor(self)
                 .map(move |(result, topic), act, ctx| {
                     act.in_flight -= 1;
+                    act.count_publish(&topic, result.as_ref().err().map(|e| e.is_transient()));
                     if let Some(queue) = act.streams.get_mut(&stream) {
                         queue.sending = false;
                     }
@@ -152,6 +157,19 @@ impl Publisher {
                     act.pump(ctx);
                 }),
             );
+        }
+    }
+
+    /// Counts one send to `topic`: `None` when accepted, else whether its failure was
+    /// transient.
+    fn count_publish(&mut self, topic: &str, failed: Option<bool>) {
+        match self.published.get(topic) {
+            Some(m) => m.record(failed),
+            None => {
+                let m = self.health.meters().publish(topic);
+                m.record(failed);
+                self.published.insert(topic.to_string(), m);
+            }
         }
     }
 

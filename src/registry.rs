@@ -16,6 +16,7 @@ use crate::read_model::{
     Consistency, ErasedReadModel, ReadModel, ReadModelAdapter, ReadModelHandle,
 };
 use crate::supervision::{ActorKind, Lifeline, fault};
+use crate::telemetry::{HandlerMeters, Meters};
 use crate::{Perspective, Receptor};
 use actix::prelude::*;
 use foldhash::HashMap;
@@ -48,6 +49,8 @@ pub enum RegistryError {
 #[derive(Clone)]
 pub(crate) struct ReceptorEntry {
     pub handle: ReceptorHandle,
+    /// Its run times (`whizbang_receptor_duration_seconds`).
+    pub meters: HandlerMeters,
     /// The receptor itself, for encoding and decoding its results (idempotent commands).
     pub receptor: Arc<dyn ErasedReceptor>,
 }
@@ -56,6 +59,8 @@ pub(crate) struct ReceptorEntry {
 pub(crate) struct PerspectiveEntry {
     pub name: String,
     pub run: PerspectiveRun,
+    /// Its run times (`whizbang_perspective_duration_seconds`).
+    pub meters: HandlerMeters,
 }
 
 /// How a registered perspective runs.
@@ -151,6 +156,8 @@ pub struct Registry {
     handler_timeout: Duration,
     /// This instance (for test-only fault injection).
     instance: uuid::Uuid,
+    /// Where the handlers' run times are recorded.
+    meters: Meters,
     /// Tells the supervisor when this actor ends (see `supervision`).
     _lifeline: Lifeline,
 }
@@ -162,13 +169,14 @@ impl Registry {
         view: RegistryView,
         handler_timeout: Duration,
         instance: uuid::Uuid,
+        meters: Meters,
         lifeline: Lifeline,
     ) -> Registry {
         view.replace(RegistryTable {
             topics,
             ..RegistryTable::default()
         });
-        Registry::resume(view, handler_timeout, instance, lifeline)
+        Registry::resume(view, handler_timeout, instance, meters, lifeline)
     }
 
     /// A registry going on from the table `view` last published (a restart after a stop).
@@ -176,6 +184,7 @@ impl Registry {
         view: RegistryView,
         handler_timeout: Duration,
         instance: uuid::Uuid,
+        meters: Meters,
         lifeline: Lifeline,
     ) -> Registry {
         Registry {
@@ -183,6 +192,7 @@ impl Registry {
             view,
             handler_timeout,
             instance,
+            meters,
             _lifeline: lifeline,
         }
     }
@@ -249,6 +259,7 @@ impl Handler<RegisterReceptor> for Registry {
             msg.command_type.to_string(),
             ReceptorEntry {
                 handle,
+                meters: self.meters.receptor(msg.command_type),
                 receptor: msg.receptor,
             },
         );
@@ -344,6 +355,7 @@ impl Handler<RegisterPerspective> for Registry {
             .entry(msg.event_type.to_string())
             .or_default()
             .push(PerspectiveEntry {
+                meters: self.meters.perspective(&msg.name),
                 name: msg.name,
                 run,
             });

@@ -159,6 +159,7 @@ mod tests {
             view.clone(),
             std::time::Duration::from_secs(30),
             Uuid::now_v7(),
+            crate::telemetry::Meters::noop(),
             crate::supervision::Supervision::new()
                 .issuer()
                 .issue(crate::supervision::ActorKind::Registry, 0),

@@ -28,6 +28,7 @@ use crate::supervision::{
     ActorKind, Blueprint, EngineCell, EngineRefs, Health, HealthState, LifelineIssuer, Supervised,
     Supervision,
 };
+use crate::telemetry::Meters;
 use crate::transport::Transport;
 use crate::transport::memory::{MemoryBus, MemoryTransport};
 use crate::workers::{Placement, Workers};
@@ -109,6 +110,17 @@ impl RuntimeBuilder {
         let config = self.config;
         config.validate(std::path::Path::new("(runtime config)"))?;
         let instance = self.instance.unwrap_or_else(Uuid::now_v7);
+        let meters = Meters::new(config.telemetry.metrics_addr().is_some());
+        // Bound first: an address in use fails the start before anything else is started, and
+        // probes get an answer (not ready) while the store is being reached.
+        #[cfg(feature = "metrics")]
+        let metrics_server = match (config.telemetry.metrics_addr(), meters.prometheus()) {
+            (Some(addr), Some(prometheus)) => Some(
+                crate::telemetry::MetricsServer::start(addr, prometheus)
+                    .map_err(|source| StartError::MetricsListen { addr, source })?,
+            ),
+            _ => None,
+        };
         let store = open_store(&config, self.store).await?;
         let transport: Arc<dyn Transport> = match self.transport {
             Some(t) => t,
@@ -140,13 +152,14 @@ impl RuntimeBuilder {
         let view = RegistryView::default();
         let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);
         let supervision = Supervision::new();
-        let health = HealthState::new(&config);
+        let health = HealthState::new(&config, meters.clone());
         health.heartbeat_ok();
         let registry = Registry::new(
             config.routing.topics.clone(),
             view.clone(),
             handler_timeout,
             instance,
+            meters.clone(),
             supervision.issuer().issue(ActorKind::Registry, 0),
         )
         .start();
@@ -212,7 +225,11 @@ impl RuntimeBuilder {
             &live_instances,
         );
         let supervised = supervision.start(blueprint, registry, consumers, health);
-        let admission = Admission::new(&config.runtime);
+        #[cfg(feature = "metrics")]
+        if let Some(server) = &metrics_server {
+            server.serve(supervised.clone());
+        }
+        let admission = Admission::new(&config.runtime, meters);
         let dispatcher = Dispatcher::new(
             origin.clone(),
             view.clone(),
@@ -233,6 +250,8 @@ impl RuntimeBuilder {
             shard_shares,
             view,
             admission,
+            #[cfg(feature = "metrics")]
+            metrics_server,
         })
     }
 }
@@ -365,11 +384,13 @@ fn blueprint(
         let view = view.clone();
         let instance = origin.instance;
         let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);
+        let meters = health.meters().clone();
         move |lifelines: LifelineIssuer| {
             Registry::resume(
                 view.clone(),
                 handler_timeout,
                 instance,
+                meters.clone(),
                 lifelines.issue(ActorKind::Registry, 0),
             )
             .start()
@@ -422,6 +443,7 @@ impl RuntimeBuilder {
             view.clone(),
             Duration::from_millis(config.coordinator.handler_timeout_ms),
             Uuid::now_v7(),
+            Meters::noop(),
             Supervision::new().issuer().issue(ActorKind::Registry, 0),
         )
         .start();
@@ -483,9 +505,22 @@ pub struct Runtime {
     shard_shares: Vec<ShardShare>,
     view: RegistryView,
     admission: Admission,
+    /// The listener of `telemetry.metrics_listen`, if set.
+    #[cfg(feature = "metrics")]
+    metrics_server: Option<crate::telemetry::MetricsServer>,
 }
 
 impl Runtime {
+    /// The address `/metrics`, `/health/live` and `/health/ready` are served on
+    /// (`telemetry.metrics_listen`, with the port chosen when it named port 0); `None` without
+    /// a listener.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        #[cfg(feature = "metrics")]
+        return self.metrics_server.as_ref().map(|s| s.addr());
+        #[cfg(not(feature = "metrics"))]
+        None
+    }
+
     /// How many shard queues (sharded subscriptions, `transport.amqp.shards`) this instance is
     /// the active consumer of right now; 0 without sharded subscriptions.
     pub fn active_shards(&self) -> u32 {
@@ -718,6 +753,10 @@ impl Runtime {
             }
         };
         self.workers.stop();
+        #[cfg(feature = "metrics")]
+        if let Some(server) = self.metrics_server {
+            server.stop().await;
+        }
         outcome
     }
 }

@@ -22,6 +22,7 @@ use crate::partition::PartitionDirectory;
 use crate::protocol::{AwaitProcessed, Commit};
 use crate::publisher::Publisher;
 use crate::retry::Backoff;
+use crate::telemetry::Meters;
 use actix::prelude::*;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -202,6 +203,8 @@ impl Message for StopNow {
 pub(crate) struct HealthState(Arc<HealthInner>);
 
 struct HealthInner {
+    /// The metrics the actors holding this state record (see [`crate::telemetry`]).
+    meters: Meters,
     started: Instant,
     max_restarts: u32,
     restart_window: Duration,
@@ -228,8 +231,9 @@ struct RestartLog {
 }
 
 impl HealthState {
-    pub(crate) fn new(config: &crate::Config) -> HealthState {
+    pub(crate) fn new(config: &crate::Config, meters: Meters) -> HealthState {
         HealthState(Arc::new(HealthInner {
+            meters,
             started: Instant::now(),
             max_restarts: config.runtime.max_restarts,
             restart_window: Duration::from_secs(config.runtime.restart_window_seconds),
@@ -243,6 +247,11 @@ impl HealthState {
             live: watch::channel(true).0,
             stopping: AtomicBool::new(false),
         }))
+    }
+
+    /// The metrics of this instance.
+    pub(crate) fn meters(&self) -> &Meters {
+        &self.0.meters
     }
 
     fn now_ms(&self) -> u64 {
@@ -276,6 +285,7 @@ impl HealthState {
 
     /// The rows the coordinator has handed out and not had reported back, per queue.
     pub(crate) fn rows_in_flight(&self, inbox: usize, outbox: usize) {
+        self.0.meters.rows_in_flight(inbox, outbox);
         self.0.inbox_rows_in_flight.store(inbox, Ordering::Relaxed);
         self.0
             .outbox_rows_in_flight
@@ -302,6 +312,7 @@ impl HealthState {
 
     /// Counts a restart; answers whether the budget still holds.
     fn restarted(&self, kind: ActorKind) -> bool {
+        self.0.meters.restarted(kind);
         let mut log = self.0.restarts.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         log.total += 1;
@@ -372,7 +383,9 @@ impl HealthState {
                 self.0.max_restarts
             ));
         }
-        if !actors_alive {
+        if self.is_stopping() {
+            reasons.push("the instance is shutting down".into());
+        } else if !actors_alive {
             reasons.push("an actor stopped and was not restarted yet".into());
         }
         if let Some(ms) = store_failing {
@@ -440,6 +453,27 @@ pub struct Health {
     pub restarts_total: u64,
     /// The kinds restarted within the window, oldest first.
     pub restarted: Vec<ActorKind>,
+}
+
+impl Health {
+    /// The report of an instance still starting (its store not reached yet): live, not ready.
+    pub fn starting() -> Health {
+        Health {
+            live: true,
+            ready: false,
+            reasons: vec!["the instance is starting".into()],
+            database_reachable: false,
+            transport_connected: false,
+            heartbeat_age_ms: None,
+            actors_alive: false,
+            partition_actors: 0,
+            inbox_rows_in_flight: 0,
+            outbox_rows_in_flight: 0,
+            restarts_in_window: 0,
+            restarts_total: 0,
+            restarted: Vec::new(),
+        }
+    }
 }
 
 /// How to build what the supervisor (re)starts.

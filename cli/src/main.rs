@@ -8,6 +8,8 @@
 //! whizbang [--config PATH] dead-letters show MESSAGE_ID [--output table|json]
 //! whizbang [--config PATH] dead-letters requeue (MESSAGE_ID... | --all [FILTERS])
 //! whizbang [--config PATH] dead-letters skip (MESSAGE_ID... | --all [FILTERS])
+//! whizbang [--config PATH] dead-letters broker [--subscription TOPIC:SUB]... [--show] [--output table|json]
+//!                                                         the broker's dead-letter queues (RabbitMQ)
 //!
 //! FILTERS: --queue outbox|inbox  --message-type TYPE  --stream STREAM_ID  --since 90s|15m|2h|3d|TIMESTAMP
 //! ```
@@ -27,6 +29,7 @@
 //! Exit codes: 0 done, 1 the operation failed (database unreachable, schema not migrated, no
 //! such dead letter, a changed migration file), 2 bad usage or an unusable configuration.
 
+mod broker;
 mod payload;
 mod render;
 
@@ -38,6 +41,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use uuid::Uuid;
 use whizbang::Config;
+use whizbang::config::ExposeSecret;
 use whizbang::config::{StoreBackend, redact};
 use whizbang::store::postgres::connect::{connect_at_start, endpoint};
 use whizbang::store::postgres::inspect::{self, DeadLetterFilter, Since};
@@ -104,6 +108,24 @@ enum DeadLetters {
     /// Drops dead letters so the rest of their streams is processed: the ones named, or with
     /// --all every one the filters select.
     Skip(Action),
+    /// The broker's dead-letter queues of the subscriptions (RabbitMQ `TOPIC.SUB.dead`: the
+    /// deliveries the consumers rejected): how many messages each holds, and with --show each
+    /// one's id, type and stream. Read by receiving and releasing every message, which puts it
+    /// back in place (nothing is removed; each one's delivery count goes up).
+    Broker {
+        /// TOPIC:SUBSCRIPTION; repeatable (default: the configuration's [routing]
+        /// subscriptions).
+        #[arg(long = "subscription")]
+        subscriptions: Vec<String>,
+        /// Also list each message.
+        #[arg(long)]
+        show: bool,
+        /// Read at most this many messages per queue (the count is then a lower bound).
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        #[command(flatten)]
+        output: OutputArg,
+    },
 }
 
 #[derive(Args)]
@@ -256,6 +278,24 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let config = Config::load(&cli.config).map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Command::DeadLetters(DeadLetters::Broker {
+        subscriptions,
+        show,
+        limit,
+        output,
+    }) = &cli.command
+    {
+        // The broker alone: no database needed.
+        let queues = broker::queues(&config, subscriptions).map_err(Failure::Usage)?;
+        let read = broker::read(&config, &queues, (*limit).max(1), Duration::from_secs(1))
+            .await
+            .map_err(Failure::Runtime)?;
+        match output.output {
+            Output::Table => print!("{}", broker::table(&read, *show)),
+            Output::Json => print_json(&broker::json(&read, *show)),
+        }
+        return Ok(());
+    }
     if config.store.backend == StoreBackend::Memory {
         return Err(Failure::Usage(format!(
             "{}: store.backend is \"memory\": nothing durable to operate on \
@@ -264,7 +304,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )));
     }
     // A URL that does not parse is a configuration error, whatever the command.
-    let url = redact(&config.store.database_url);
+    let url = redact(config.store.database_url.expose_secret());
     let (mut pg, tls) = whizbang::store::postgres::tls::database_config(&config)
         .map_err(|e| Failure::Usage(format!("{}: {} ({url})", cli.config.display(), redact(&e))))?;
     if tls.is_plain() && !whizbang::store::postgres::tls::only_local_hosts(&pg) {
@@ -321,6 +361,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::DeadLetters(DeadLetters::Skip(action)) => {
             act_command(&target, action, Act::Skip).await
         }
+        Command::DeadLetters(DeadLetters::Broker { .. }) => Ok(()),
     }
 }
 

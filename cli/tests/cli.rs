@@ -3,7 +3,8 @@
 //! list|show` (table and JSON) on a message the real runtime dead-lettered; reads through a role
 //! that may only SELECT; refusal of an unmigrated schema (left as it was); requeue and skip,
 //! one by one and in bulk only with `--all`; exit codes, refusals of bad configuration, and
-//! never printing the password.
+//! never printing the password. `dead-letters broker` against the real RabbitMQ
+//! (`WHIZBANG_TEST_AMQP_URL`), on a topic of its own declared with scripts/amqp-topology.sh.
 //!
 //! Each test works in its own schema (`t_<uuid>`), so they run in parallel. A server that
 //! cannot be reached fails the test: nothing here skips.
@@ -411,7 +412,7 @@ fn runtime_config(schema: &str) -> whizbang::Config {
     let mut c =
         whizbang::Config::load(Path::new(&postgres_config())).expect("config/postgres.toml");
     c.service.name = "shipping".into();
-    c.store.database_url = database_url();
+    c.store.database_url = database_url().into();
     c.store.schema = schema.into();
     // The test server is shared: a small pool per runtime.
     c.store.pool_size = 2;
@@ -1087,4 +1088,128 @@ async fn status_counts_a_row_waiting_for_its_retry() {
     );
     rt.shutdown().await.expect("shutdown");
     drop_schema(&client, &schema).await;
+}
+
+fn amqp_url() -> String {
+    std::env::var("WHIZBANG_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+/// Runs scripts/amqp-topology.sh [--delete] SPEC.
+fn topology(spec: &str, delete: bool) {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repository().join("scripts/amqp-topology.sh"));
+    if delete {
+        cmd.arg("--delete");
+    }
+    let out = cmd
+        .arg(spec)
+        .output()
+        .expect("run scripts/amqp-topology.sh");
+    assert!(
+        out.status.success(),
+        "amqp-topology.sh {spec}: {:?}",
+        text(&out)
+    );
+}
+
+/// `whizbang dead-letters broker ARGS` against the test broker.
+async fn broker_cli(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_whizbang"))
+            .arg("--config")
+            .arg(postgres_config())
+            .args(["dead-letters", "broker"])
+            .args(&args)
+            .env("WHIZBANG_AMQP_URL", amqp_url())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run the whizbang binary")
+    })
+    .await
+    .expect("the CLI ran")
+}
+
+#[tokio::test]
+async fn broker_dead_letter_queues_are_counted_and_shown_and_keep_their_messages() {
+    use fe2o3_amqp::types::messaging::{Message, Outcome, Properties};
+    use fe2o3_amqp::types::primitives::Binary;
+    use fe2o3_amqp::{Connection, Sender, Session};
+
+    let topic = format!("t-dlq-{}", Uuid::now_v7().simple());
+    let spec = format!("{topic}:inv/2");
+    topology(&spec, false);
+    let dead = format!("{topic}.inv.dead");
+
+    // Two rejected deliveries, as the broker would have dead-lettered them.
+    let url = amqp_url();
+    let mut connection = Connection::open("cli-test", url.as_str())
+        .await
+        .expect("the test broker answers");
+    let mut session = Session::begin(&mut connection).await.expect("session");
+    let mut sender = Sender::attach(&mut session, "dead", format!("/amq/queue/{dead}"))
+        .await
+        .expect("attach to the dead-letter queue");
+    for i in 0..2 {
+        let message = Message::builder()
+            .properties(
+                Properties::builder()
+                    .message_id(format!("dead-{i}"))
+                    .subject(String::from("test.NoSuchEvent"))
+                    .group_id(String::from("order-7"))
+                    .build(),
+            )
+            .data(Binary::from(vec![0xc1, 0xff]))
+            .build();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), sender.send(message))
+            .await
+            .expect("sent in time")
+            .expect("sent");
+        assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    }
+    let _ = sender.close().await;
+    let _ = session.end().await;
+    let _ = connection.close().await;
+
+    let subscription = format!("{topic}:inv");
+    let args = [
+        "--subscription",
+        subscription.as_str(),
+        "--show",
+        "--output",
+        "json",
+    ];
+    let first = json(&broker_cli(&args).await);
+    assert_eq!(first[0]["queue"], dead.as_str(), "{first}");
+    assert_eq!(first[0]["messages"], 2, "{first}");
+    let mut ids: Vec<String> = first[0]["letters"]
+        .as_array()
+        .expect("letters")
+        .iter()
+        .map(|l| l["message_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["dead-0", "dead-1"], "{first}");
+    assert_eq!(first[0]["letters"][0]["message_type"], "test.NoSuchEvent");
+    assert_eq!(first[0]["letters"][0]["stream_id"], "order-7");
+
+    // Reading removed nothing: the same count again, and in the table.
+    let table = broker_cli(&["--subscription", subscription.as_str()]).await;
+    let (stdout, stderr) = text(&table);
+    assert_eq!(table.status.code(), Some(0), "{stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&dead))
+        .unwrap_or_else(|| panic!("no line for {dead}: {stdout}"));
+    assert_eq!(line.split_whitespace().last(), Some("2"), "{stdout}");
+
+    // A malformed subscription is a usage error; a queue that is not there a failure.
+    let bad = broker_cli(&["--subscription", "no-colon"]).await;
+    assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
+    let missing = format!("{topic}-none:inv");
+    let absent = broker_cli(&["--subscription", missing.as_str()]).await;
+    assert_eq!(absent.status.code(), Some(1), "{:?}", text(&absent));
+
+    topology(&spec, true);
 }

@@ -7,6 +7,7 @@
 //! transport. Its `Debug` never shows the connection string's key.
 
 use super::{Checked, ConnectionString, ensure, redact};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,8 +49,9 @@ pub struct AmqpConfig {
     /// The broker; picks the default address templates.
     pub flavour: AmqpFlavour,
     /// Service Bus connection string (`Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…`).
-    /// When set it replaces `transport.amqp_url`. Never logged.
-    pub connection_string: String,
+    /// When set it replaces `transport.amqp_url`. Held as a secret (its key): never printed
+    /// (`expose_secret` to read it).
+    pub connection_string: SecretString,
     /// How connections authenticate.
     pub auth: AmqpAuth,
     /// PEM file of an extra CA certificate to trust for `amqps://` (besides the system's);
@@ -100,7 +102,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             flavour: AmqpFlavour::RabbitMq,
-            connection_string: String::new(),
+            connection_string: SecretString::default(),
             auth: AmqpAuth::Plain,
             tls_ca_file: String::new(),
             topic_address: None,
@@ -256,9 +258,9 @@ impl AmqpConfig {
                 || "address must not be empty".into(),
             )?;
         }
-        let has_connection_string = !self.connection_string.is_empty();
+        let has_connection_string = !self.connection_string.expose_secret().is_empty();
         if has_connection_string {
-            ConnectionString::parse(&self.connection_string)
+            ConnectionString::parse(self.connection_string.expose_secret())
                 .map_err(|e| ("transport.amqp.connection_string".into(), e.to_string()))?;
         } else {
             check_amqp_url(amqp_url).map_err(|m| ("transport.amqp_url".into(), m))?;
@@ -373,11 +375,7 @@ fn url_has_user(url: &str) -> bool {
 
 impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let connection_string = if self.connection_string.is_empty() {
-            String::new()
-        } else {
-            redact(&self.connection_string)
-        };
+        let connection_string = redact(self.connection_string.expose_secret());
         f.debug_struct("AmqpConfig")
             .field("flavour", &self.flavour)
             .field("connection_string", &connection_string)
@@ -571,7 +569,10 @@ mod tests {
         c.apply_env(|k| {
             (k == "WHIZBANG_AMQP_CONNECTION_STRING").then(|| CONNECTION_STRING.to_string())
         });
-        assert_eq!(c.transport.amqp.connection_string, CONNECTION_STRING);
+        assert_eq!(
+            c.transport.amqp.connection_string.expose_secret(),
+            CONNECTION_STRING
+        );
         c.transport.amqp_url = "amqp://user:hunter2@h:5672".into();
         assert!(!format!("{:?}", c.transport).contains("hunter2"));
     }

@@ -8,22 +8,36 @@
 //! a valid connection string; the transport reads the parsed value. It must not sign tokens or
 //! connect (that is `crate::transport::amqp::servicebus`), nor show the key in `Debug`.
 
+use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
 
 /// A parsed Service Bus connection string. `Debug` masks the key.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ConnectionString {
     /// The namespace host, e.g. `contoso.servicebus.windows.net` (with `:port` if one was given).
     pub host: String,
     /// The name of the shared access policy (`SharedAccessKeyName`).
     pub key_name: String,
-    /// The policy's key (`SharedAccessKey`); never printed.
-    pub key: String,
+    /// The policy's key (`SharedAccessKey`): a secret, never printed (`expose_secret` to
+    /// sign with it).
+    pub key: SecretString,
     /// Present in connection strings scoped to one entity.
     pub entity_path: Option<String>,
     /// `UseDevelopmentEmulator=true`: plain AMQP on port 5672, no TLS.
     pub use_development_emulator: bool,
 }
+
+impl PartialEq for ConnectionString {
+    fn eq(&self, other: &Self) -> bool {
+        self.host == other.host
+            && self.key_name == other.key_name
+            && self.key.expose_secret() == other.key.expose_secret()
+            && self.entity_path == other.entity_path
+            && self.use_development_emulator == other.use_development_emulator
+    }
+}
+
+impl Eq for ConnectionString {}
 
 /// Why a connection string was refused. No variant carries the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,7 +132,7 @@ impl ConnectionString {
         Ok(ConnectionString {
             host,
             key_name,
-            key,
+            key: key.into(),
             entity_path: entity_path.filter(|p| !p.is_empty()),
             use_development_emulator,
         })
@@ -192,7 +206,11 @@ mod tests {
         let c = ConnectionString::parse(&portal_string()).unwrap();
         assert_eq!(c.host, "contoso.servicebus.windows.net");
         assert_eq!(c.key_name, "RootManageSharedAccessKey");
-        assert_eq!(c.key, KEY, "the '=' padding of the key is kept");
+        assert_eq!(
+            c.key.expose_secret(),
+            KEY,
+            "the '=' padding of the key is kept"
+        );
         assert_eq!(c.entity_path, None);
         assert!(!c.use_development_emulator);
         assert_eq!(c.amqp_url(), "amqps://contoso.servicebus.windows.net:5671");

@@ -22,7 +22,7 @@ pub enum FlushStrategy {
 }
 
 /// `[coordinator]`.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
     /// When queued work is written.

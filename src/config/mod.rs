@@ -2,7 +2,8 @@
 //!
 //! Owns parsing (`config/*.toml`), validation of every knob, and the environment overrides for
 //! endpoints and secrets (`WHIZBANG_DATABASE_URL`, `WHIZBANG_AMQP_URL`,
-//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`, `WHIZBANG_SCHEMA`).
+//! `WHIZBANG_AMQP_CONNECTION_STRING`, `WHIZBANG_SERVICE_NAME`, `WHIZBANG_SCHEMA`,
+//! `WHIZBANG_METRICS_LISTEN`).
 //! It must not start anything: a config that loads is a config that is valid, so nothing starts
 //! half-way. Unknown keys are rejected, and every error names the key and the file.
 //! Secrets never appear in `Debug` output: URLs are printed with their password masked.
@@ -19,6 +20,8 @@
 //! | `[transport]` | `transport.rs` | [`TransportConfig`] |
 //! | `[transport.amqp]` | `amqp.rs`, `connection_string.rs` | [`AmqpConfig`], [`ConnectionString`] |
 //! | `[routing]` | `routing.rs` | [`RoutingConfig`] |
+//! | `[runtime]` | `runtime.rs` | [`RuntimeConfig`] |
+//! | `[telemetry]` | `telemetry.rs` | [`TelemetryConfig`] |
 
 mod amqp;
 mod connection_string;
@@ -28,6 +31,7 @@ mod routing;
 mod runtime;
 mod service;
 mod store;
+mod telemetry;
 mod transport;
 
 pub use amqp::{AmqpAuth, AmqpConfig, AmqpFlavour};
@@ -36,8 +40,13 @@ pub use coordinator::{CoordinatorConfig, FlushStrategy};
 pub use partitions::PartitionConfig;
 pub use routing::{RoutingConfig, SubscriptionConfig};
 pub use runtime::RuntimeConfig;
+/// The type holding `store.database_url`, `transport.amqp_url` and
+/// `transport.amqp.connection_string`, and the trait that reads it (re-exported from `secrecy`
+/// so that a service need not depend on it).
+pub use secrecy::{ExposeSecret, SecretString};
 pub use service::ServiceConfig;
 pub use store::{StoreBackend, StoreConfig, is_identifier};
+pub use telemetry::TelemetryConfig;
 pub use transport::{TransportConfig, TransportKind};
 
 use serde::Deserialize;
@@ -79,7 +88,9 @@ impl ConfigError {
 }
 
 /// The whole configuration. Every field has a default, so an empty file is a valid file.
-#[derive(Clone, Default, Deserialize)]
+/// Its `Debug` shows no secret: the URLs and the connection string are [`SecretString`]s,
+/// shown with their secrets masked.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[service]`.
@@ -96,6 +107,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `[runtime]`.
     pub runtime: RuntimeConfig,
+    /// `[telemetry]`.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -163,19 +176,22 @@ impl Config {
     /// production and a map in tests.
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         if let Some(url) = lookup("WHIZBANG_DATABASE_URL") {
-            self.store.database_url = url;
+            self.store.database_url = url.into();
         }
         if let Some(url) = lookup("WHIZBANG_AMQP_URL") {
-            self.transport.amqp_url = url;
+            self.transport.amqp_url = url.into();
         }
         if let Some(cs) = lookup("WHIZBANG_AMQP_CONNECTION_STRING") {
-            self.transport.amqp.connection_string = cs;
+            self.transport.amqp.connection_string = cs.into();
         }
         if let Some(name) = lookup("WHIZBANG_SERVICE_NAME") {
             self.service.name = name;
         }
         if let Some(schema) = lookup("WHIZBANG_SCHEMA") {
             self.store.schema = schema;
+        }
+        if let Some(listen) = lookup("WHIZBANG_METRICS_LISTEN") {
+            self.telemetry.metrics_listen = listen;
         }
     }
 
@@ -190,6 +206,7 @@ impl Config {
             .and_then(|()| self.transport.validate())
             .and_then(|()| self.routing.validate())
             .and_then(|()| self.runtime.validate())
+            .and_then(|()| self.telemetry.validate())
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: file.to_path_buf(),
                 key,
@@ -381,7 +398,7 @@ mod tests {
     fn env_overrides_endpoints() {
         let mut c = parse("").unwrap();
         c.apply_env(|k| (k == "WHIZBANG_DATABASE_URL").then(|| "postgres://a:b@h/db".into()));
-        assert_eq!(c.store.database_url, "postgres://a:b@h/db");
+        assert_eq!(c.store.database_url.expose_secret(), "postgres://a:b@h/db");
     }
 
     #[test]
@@ -444,6 +461,50 @@ mod tests {
         }
         // Names that merely end in the key are left alone.
         assert_eq!(redact("host=h mypassword=x"), "host=h mypassword=x");
+    }
+
+    /// The secrets of the configuration, in every form the drivers accept, loaded from a file
+    /// and from the environment: the `Debug` of the whole configuration, and of each secret
+    /// alone, never shows one.
+    #[test]
+    fn no_secret_in_the_debug_of_the_configuration() {
+        let forms = [
+            "postgres://u:S3cretPw@h:5432/db",
+            "postgres://u@h/db?password=S3cretPw&sslmode=require",
+            "host=127.0.0.1 user=u password=S3cretPw dbname=no_such_db",
+            "host=h password='S3cret Pw' dbname=d",
+        ];
+        for form in forms {
+            let text = format!(
+                "[store]\ndatabase_url = \"{}\"\n[transport]\namqp_url = \"amqps://u:S3cretPw@h\"\n\
+                 [transport.amqp]\nconnection_string = \"Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=S3cretPw=\"\n",
+                form
+            );
+            let mut c = parse(&text).unwrap();
+            assert_eq!(c.store.database_url.expose_secret(), form);
+            for shown in [
+                format!("{c:?}"),
+                format!("{:#?}", c.store),
+                format!("{:?}", c.store.database_url),
+                format!("{:?}", c.transport.amqp_url),
+                format!("{:?}", c.transport.amqp.connection_string),
+            ] {
+                assert!(!shown.contains("S3cret"), "{form}: {shown}");
+            }
+            assert!(
+                format!("{c:?}").contains("SharedAccessKeyName=k"),
+                "the rest is shown"
+            );
+            c.apply_env(|k| match k {
+                "WHIZBANG_DATABASE_URL" => Some(form.into()),
+                "WHIZBANG_AMQP_URL" => Some("amqp://u:S3cretPw@h".into()),
+                "WHIZBANG_AMQP_CONNECTION_STRING" => {
+                    Some("Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=S3cretPw".into())
+                }
+                _ => None,
+            });
+            assert!(!format!("{c:?}").contains("S3cret"), "{form}: {c:?}");
+        }
     }
 
     /// Every check of `validate`, each alone: the key it names and its message, word for word.
@@ -680,6 +741,21 @@ mod tests {
                 other => panic!("{text}: expected {key} to fail, got {:?}", other.err()),
             }
         }
+        if cfg!(feature = "metrics") {
+            let e = parse("[telemetry]\nmetrics_listen = \"localhost\"")
+                .err()
+                .unwrap();
+            assert_eq!(e.key(), Some("telemetry.metrics_listen"));
+            assert!(e.to_string().contains("not an IP:PORT"), "{e}");
+            let c = parse("[telemetry]\nmetrics_listen = \"127.0.0.1:0\"").unwrap();
+            assert_eq!(c.telemetry.metrics_addr(), Some(([127, 0, 0, 1], 0).into()));
+        } else {
+            let e = parse("[telemetry]\nmetrics_listen = \"127.0.0.1:0\"")
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("feature `metrics`"), "{e}");
+        }
+        assert_eq!(parse("").unwrap().telemetry.metrics_addr(), None);
         // The defaults pass every check, with either transport.
         parse("").unwrap();
         parse(amqp).unwrap();

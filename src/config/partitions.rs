@@ -7,7 +7,7 @@ use super::{Checked, at_least_one, ensure, within};
 use serde::Deserialize;
 
 /// `[partitions]`.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PartitionConfig {
     /// Streams are hashed into this many partitions, each processed in order by one instance

@@ -19,7 +19,7 @@ pub struct SubscriptionConfig {
 }
 
 /// `[routing]`.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// Message type name → destination topic. A type without an entry stays in this service.

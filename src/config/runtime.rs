@@ -8,7 +8,7 @@ use super::{Checked, at_least_one};
 use serde::Deserialize;
 
 /// `[runtime]`.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Most dispatches (`local_invoke`, `send`, `publish`) in the instance at once, from the call

@@ -7,7 +7,7 @@ use super::{Checked, ensure};
 use serde::Deserialize;
 
 /// `[service]`.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
     /// Name of this service; every instance of it shares the same store schema and

@@ -5,6 +5,7 @@
 //! its `Debug` never shows the database password.
 
 use super::{Checked, at_least_one, ensure, redact};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::fmt;
 
@@ -24,8 +25,10 @@ pub enum StoreBackend {
 pub struct StoreConfig {
     /// Where events, outbox, inbox and leases live.
     pub backend: StoreBackend,
-    /// Postgres connection URL (only read by the Postgres backend). Never logged.
-    pub database_url: String,
+    /// Postgres connection URL (only read by the Postgres backend), in any form libpq reads.
+    /// Held as a secret: it prints as `[REDACTED]`, and the store names the endpoint from the
+    /// parsed configuration, without the password (`expose_secret` to read it).
+    pub database_url: SecretString,
     /// Schema holding this service's tables: a lowercase SQL identifier.
     pub schema: String,
     /// Connections in the pool.
@@ -126,7 +129,7 @@ impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreConfig")
             .field("backend", &self.backend)
-            .field("database_url", &redact(&self.database_url))
+            .field("database_url", &redact(self.database_url.expose_secret()))
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("max_attempts", &self.max_attempts)

@@ -6,6 +6,7 @@
 //! URL's password.
 
 use super::{AmqpConfig, Checked, at_least_one, ensure, redact};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::fmt;
 
@@ -25,8 +26,9 @@ pub enum TransportKind {
 pub struct TransportConfig {
     /// Which transport.
     pub kind: TransportKind,
-    /// AMQP endpoint (`amqp://USER:PASSWORD@HOST:PORT`, or `amqps://`). Never logged.
-    pub amqp_url: String,
+    /// AMQP endpoint (`amqp://USER:PASSWORD@HOST:PORT`, or `amqps://`). Held as a secret
+    /// (its password): never printed (`expose_secret` to read it).
+    pub amqp_url: SecretString,
     /// Unsettled sends in flight at once (at most one per stream).
     pub publisher_window: u32,
     /// Credit: deliveries the broker may push ahead of processing.
@@ -68,7 +70,7 @@ impl TransportConfig {
                  without (enable it, or use `memory`)"
                     .to_string()
             })?;
-            self.amqp.validate(&self.amqp_url)?;
+            self.amqp.validate(self.amqp_url.expose_secret())?;
         }
         Ok(())
     }
@@ -78,7 +80,7 @@ impl fmt::Debug for TransportConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransportConfig")
             .field("kind", &self.kind)
-            .field("amqp_url", &redact(&self.amqp_url))
+            .field("amqp_url", &redact(self.amqp_url.expose_secret()))
             .field("publisher_window", &self.publisher_window)
             .field("prefetch", &self.prefetch)
             .field("amqp", &self.amqp)

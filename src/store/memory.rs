@@ -1040,6 +1040,26 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn backlog(&self) -> Result<Vec<Backlog>, StoreError> {
+        let st = self.lock();
+        let now = Instant::now();
+        Ok([(Queue::Outbox, &st.outbox), (Queue::Inbox, &st.inbox)]
+            .into_iter()
+            .map(|(queue, q)| {
+                let pending = q.rows.values().filter(|r| !r.dead);
+                Backlog {
+                    queue,
+                    pending: pending.clone().count() as u64,
+                    dead: q.rows.values().filter(|r| r.dead).count() as u64,
+                    oldest_pending_age: pending
+                        .map(|r| r.received)
+                        .min()
+                        .map(|at| now.saturating_duration_since(at)),
+                }
+            })
+            .collect())
+    }
+
     async fn correlation_status(
         &self,
         correlation_id: Uuid,

@@ -366,6 +366,20 @@ pub enum UnitOutcome {
     },
 }
 
+impl UnitOutcome {
+    /// Rows of a committed unit leased to its writer (0 for a unit not written).
+    pub fn rows_claimed(&self) -> usize {
+        match self {
+            UnitOutcome::Committed {
+                claimed_outbox,
+                claimed_inbox,
+                ..
+            } => claimed_outbox.len() + claimed_inbox.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// The answer to one [`WorkBatch`], units in the order they were given.
 #[derive(Debug, Clone, Default)]
 pub struct WorkBatchResult {
@@ -456,6 +470,20 @@ pub struct CorrelationStatus {
     pub inbox_processed: u64,
     /// Outbox and inbox rows dead-lettered.
     pub dead_lettered: u64,
+}
+
+/// The size of one work queue, for the backlog gauges (read once per heartbeat, never per
+/// message).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// The outbox or the inbox.
+    pub queue: Queue,
+    /// Rows waiting or in flight (not dead-lettered).
+    pub pending: u64,
+    /// Dead-lettered rows.
+    pub dead: u64,
+    /// Age of the oldest pending row; `None` when nothing is pending.
+    pub oldest_pending_age: Option<Duration>,
 }
 
 /// How an inbox row a caller waits for was settled ([`Store::inbox_settled`]).
@@ -724,6 +752,12 @@ pub trait Store: Send + Sync + 'static {
     /// Bumped whenever work becomes claimable (new pending rows, released partitions); the
     /// coordinator waits on it instead of polling.
     fn work_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// The backlog of the outbox and the inbox, in that order: one cheap read for the metrics
+    /// (`whizbang_queue_*`), taken once per heartbeat. A store that cannot tell answers none.
+    async fn backlog(&self) -> Result<Vec<Backlog>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,13 @@ mod amqp {
     mod transport;
 }
 
+/// Metrics, health probes and the dashboard (`[telemetry]`), over real HTTP.
+mod telemetry {
+    mod dashboard;
+    mod health;
+    mod metrics;
+}
+
 /// The contract (`src/lib.rs`), one file per concern, mostly on the in-memory transport.
 mod contract {
     mod admission;

@@ -52,7 +52,7 @@ async fn open_postgres(s: StoreSettings) -> (Arc<dyn Store>, String) {
 async fn open_postgres_with(s: StoreSettings, one_message_path: bool) -> (Arc<dyn Store>, String) {
     let mut c = whizbang::Config::default();
     c.store.backend = whizbang::config::StoreBackend::Postgres;
-    c.store.database_url = database_url();
+    c.store.database_url = database_url().into();
     c.store.schema = new_schema();
     c.store.startup_timeout_ms = 5_000;
     c.store.pool_size = 4;

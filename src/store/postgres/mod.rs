@@ -764,6 +764,42 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn backlog(&self) -> Result<Vec<Backlog>, StoreError> {
+        let queue = |table: &str, name: &str| {
+            format!(
+                "SELECT '{name}', count(*) FILTER (WHERE NOT dead), count(*) FILTER (WHERE dead),
+                        extract(epoch FROM now() - min(created_at) FILTER (WHERE NOT dead))::float8
+                   FROM {}.{table}",
+                self.schema
+            )
+        };
+        let rows = self
+            .query(
+                &format!(
+                    "{} UNION ALL {}",
+                    queue("wb_outbox", "outbox"),
+                    queue("wb_inbox", "inbox")
+                ),
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Backlog {
+                queue: if r.get::<_, &str>(0) == "outbox" {
+                    Queue::Outbox
+                } else {
+                    Queue::Inbox
+                },
+                pending: r.get::<_, i64>(1).max(0) as u64,
+                dead: r.get::<_, i64>(2).max(0) as u64,
+                oldest_pending_age: r
+                    .get::<_, Option<f64>>(3)
+                    .map(|s| Duration::from_secs_f64(s.max(0.0))),
+            })
+            .collect())
+    }
+
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         admin::dead_letters(self).await
     }

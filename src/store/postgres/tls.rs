@@ -22,6 +22,7 @@
 
 use crate::config::Config;
 use postgres_native_tls::{MakeTlsConnector, TlsConnector, TlsStream};
+use secrecy::ExposeSecret;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -158,7 +159,7 @@ fn take_libpq_tls(url: &str) -> Result<(String, LibpqTls), String> {
 /// The connection settings of `store.database_url` and the TLS connector its connections use.
 /// The error names the setting at fault (never the URL, which may hold a password).
 pub fn database_config(config: &Config) -> Result<(tokio_postgres::Config, DatabaseTls), String> {
-    let (url, libpq) = take_libpq_tls(&config.store.database_url)?;
+    let (url, libpq) = take_libpq_tls(config.store.database_url.expose_secret())?;
     let mut pg = tokio_postgres::Config::from_str(&url)
         .map_err(|e| format!("invalid store.database_url: {e}"))?;
     // Only a CA the URL alone names is libpq's `sslrootcert`; one `store.tls_ca_file` names

@@ -33,6 +33,7 @@ use fe2o3_amqp_management::request::Request;
 use fe2o3_amqp_management::response::Response;
 use hmac::{Hmac, KeyInit, Mac};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use secrecy::ExposeSecret;
 use serde_amqp::described::Described;
 use serde_amqp::descriptor::Descriptor;
 use sha2::Sha256;
@@ -223,7 +224,7 @@ impl CbsSettings {
         let token = sas_token(
             audience,
             &self.connection.key_name,
-            &self.connection.key,
+            self.connection.key.expose_secret(),
             expiry,
         );
         (token, expiry)
@@ -248,7 +249,8 @@ pub fn sasl_for(
     match auth {
         Auth::Plain => SaslProfile::Plain {
             username: connection.key_name.clone(),
-            password: connection.key.clone(),
+            // The SASL frame needs it as text: it goes to the broker and nowhere else.
+            password: connection.key.expose_secret().to_string(),
         },
         Auth::Anonymous | Auth::Cbs => SaslProfile::Anonymous,
     }

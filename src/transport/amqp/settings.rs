@@ -12,6 +12,7 @@ use crate::config::{AmqpAuth as Auth, AmqpConfig, ConnectionString, TransportCon
 use crate::retry::Backoff;
 use crate::transport::TransportError;
 use fe2o3_amqp::sasl_profile::SaslProfile;
+use secrecy::ExposeSecret;
 use std::fmt;
 use std::time::Duration;
 
@@ -69,8 +70,8 @@ impl AmqpSettings {
         service: &str,
     ) -> Result<AmqpSettings, TransportError> {
         let amqp = &config.amqp;
-        let (url, sasl, cbs) = if amqp.connection_string.is_empty() {
-            let (url, user) = split_credentials(&config.amqp_url);
+        let (url, sasl, cbs) = if amqp.connection_string.expose_secret().is_empty() {
+            let (url, user) = split_credentials(config.amqp_url.expose_secret());
             let sasl = match (amqp.auth, user) {
                 (Auth::Plain, Some((username, password))) => {
                     SaslProfile::Plain { username, password }
@@ -91,9 +92,10 @@ impl AmqpSettings {
             };
             (url, sasl, None)
         } else {
-            let cs = ConnectionString::parse(&amqp.connection_string).map_err(|e| {
-                TransportError::Connection(format!("transport.amqp.connection_string: {e}"))
-            })?;
+            let cs =
+                ConnectionString::parse(amqp.connection_string.expose_secret()).map_err(|e| {
+                    TransportError::Connection(format!("transport.amqp.connection_string: {e}"))
+                })?;
             let sasl = servicebus::sasl_for(amqp.auth, &cs);
             let cbs = (amqp.auth == Auth::Cbs).then(|| CbsSettings {
                 connection: cs.clone(),

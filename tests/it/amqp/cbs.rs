@@ -177,7 +177,7 @@ async fn cbs_tokens_are_put_before_each_link_and_renewed_before_expiry() -> anyh
     config.amqp.auth = AmqpAuth::Cbs;
     config.amqp.connection_string = format!(
         "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=send;SharedAccessKey={KEY};UseDevelopmentEmulator=true"
-    );
+    ).into();
     // Tokens of 60 s, renewed 58 s before they expire: the first renewal comes after 2 s.
     config.amqp.token_ttl_seconds = 60;
     config.amqp.token_renew_before_seconds = 58;

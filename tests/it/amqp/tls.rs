@@ -56,7 +56,7 @@ async fn amqps_connects_tls_first_and_carries_messages() -> anyhow::Result<()> {
     let _topology = Topology::declare(&[(&topic, &["s"])])?;
 
     let mut config = amqp_transport_config();
-    config.amqp_url = format!("amqps://guest:guest@localhost:{port}");
+    config.amqp_url = format!("amqps://guest:guest@localhost:{port}").into();
     config.amqp.tls_ca_file = cert.cert().display().to_string();
     let t = AmqpTransport::from_config(&config, "tls-test")?;
     let e = event_envelope(&Bumped::new("tls-stream", 1));
@@ -72,7 +72,7 @@ async fn amqps_connects_tls_first_and_carries_messages() -> anyhow::Result<()> {
 
     // The system roots do not know this certificate: without the CA the handshake fails.
     let mut untrusted = amqp_transport_config();
-    untrusted.amqp_url = format!("amqps://guest:guest@localhost:{port}");
+    untrusted.amqp_url = format!("amqps://guest:guest@localhost:{port}").into();
     let t = AmqpTransport::from_config(&untrusted, "tls-test")?;
     match t
         .publish(&topic, &event_envelope(&Bumped::new("tls-stream", 2)))

@@ -99,7 +99,7 @@ async fn unreachable_broker_fails_fast_and_backs_off() -> anyhow::Result<()> {
     let port = listener.local_addr()?.port();
     drop(listener);
     let mut config = amqp_transport_config();
-    config.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}");
+    config.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}").into();
     config.amqp.reconnect_backoff_base_ms = 2_000;
     config.amqp.reconnect_backoff_max_ms = 2_000;
     let t = AmqpTransport::from_config(&config, "unreachable")?;
@@ -380,5 +380,46 @@ async fn cbs_auth_puts_a_token_before_attaching_the_link() -> anyhow::Result<()>
         }
         other => anyhow::bail!("expected the CBS step to fail on RabbitMQ, got {other:?}"),
     }
+    Ok(())
+}
+
+/// An unreachable broker's errors, their `Debug` and the log name the endpoint but never the
+/// password of `amqp_url` nor the `SharedAccessKey` of a connection string, nor does the
+/// `Debug` of the settings built from them.
+#[actix::test]
+async fn broker_errors_never_show_the_password_or_the_key() -> anyhow::Result<()> {
+    let logs = captured_logs();
+    let secret = format!("S3cret{}", uuid::Uuid::now_v7().simple());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    drop(listener);
+    let mut plain = amqp_transport_config();
+    plain.amqp_url = format!("amqp://guest:{secret}@127.0.0.1:{port}").into();
+    let mut service_bus = amqp_transport_config();
+    service_bus.amqp.flavour = whizbang::config::AmqpFlavour::ServiceBus;
+    service_bus.amqp.connection_string = format!(
+        "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=send;SharedAccessKey={secret}=;UseDevelopmentEmulator=true"
+    )
+    .into();
+    for config in [plain, service_bus] {
+        let t = AmqpTransport::from_config(&config, "secret-test")?;
+        let published = t
+            .publish("orders", &event_envelope(&Bumped::new("s", 1)))
+            .await
+            .expect_err("no broker");
+        let subscribed = t
+            .subscribe("orders", "inventory", 10)
+            .await
+            .err()
+            .expect("no broker");
+        let said = format!(
+            "{published}\n{published:?}\n{subscribed}\n{subscribed:?}\n{config:?}\n{:?}",
+            t.settings()
+        );
+        assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
+        assert!(!said.contains(&secret), "the secret leaked: {said}");
+    }
+    let leaked = log_lines_with(&logs, &secret);
+    assert!(leaked.is_empty(), "the secret reached the log: {leaked:?}");
     Ok(())
 }

@@ -66,7 +66,7 @@ fn config(backend: StoreBackend) -> Config {
     let mut c = Config::default();
     c.service.name = "replay-test".into();
     c.store.backend = backend;
-    c.store.database_url = pg::database_url();
+    c.store.database_url = pg::database_url().into();
     c.store.schema = pg::new_schema();
     c.store.startup_timeout_ms = 5_000;
     c

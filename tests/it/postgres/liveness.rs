@@ -24,7 +24,7 @@ const PARTITIONS: u32 = 16;
 async fn open(schema: &str, grace: Option<Duration>) -> Arc<dyn Store> {
     let mut c = whizbang::Config::default();
     c.store.backend = whizbang::config::StoreBackend::Postgres;
-    c.store.database_url = database_url();
+    c.store.database_url = database_url().into();
     c.store.schema = schema.into();
     c.store.startup_timeout_ms = 10_000;
     c.store.pool_size = 2;

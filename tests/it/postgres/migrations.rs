@@ -482,7 +482,7 @@ async fn an_unreachable_database_is_retried_until_the_start_up_timeout() {
     };
     let mut c = whizbang::Config::default();
     c.store.backend = whizbang::config::StoreBackend::Postgres;
-    c.store.database_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    c.store.database_url = format!("postgres://postgres@127.0.0.1:{port}/postgres").into();
     c.store.schema = new_schema();
     c.store.startup_timeout_ms = 1_500;
     let started = std::time::Instant::now();
@@ -663,7 +663,7 @@ async fn a_schema_of_the_pre_squash_migrations_is_refused_untouched() {
     // The same through PostgresStore::connect: start-up fails with the same error.
     let mut c = whizbang::Config::default();
     c.store.backend = whizbang::config::StoreBackend::Postgres;
-    c.store.database_url = database_url();
+    c.store.database_url = database_url().into();
     c.store.schema = schema.clone();
     match whizbang::store::postgres::PostgresStore::connect(&c).await {
         Err(StoreError::PreSquashSchema { .. }) => {}

@@ -95,3 +95,49 @@ async fn retries_of_an_unreachable_database_never_log_the_password() {
         "the password reached the log: {leaked:?}"
     );
 }
+
+/// `sslmode=prefer`, or no `sslmode` at all, connects without TLS (libpq would try TLS first):
+/// off this machine the store warns, naming the endpoint without the password, that the
+/// password and the data travel in clear; `sslmode=require` is not warned about. The host is
+/// TEST-NET-1 (never routed), so nothing is ever sent.
+#[actix::test]
+async fn a_plaintext_connection_off_this_machine_is_warned_about_without_the_password() {
+    let logs = captured_logs();
+    let secret = format!("S3cret{}", Uuid::now_v7().simple());
+    let db = |case: &str| format!("warned_{case}_{}", Uuid::now_v7().simple());
+    let (absent, prefer, keyvalue, require) = (db("absent"), db("prefer"), db("kv"), db("req"));
+    for url in [
+        format!("postgres://postgres:{secret}@192.0.2.1:5432/{absent}"),
+        format!("postgres://postgres@192.0.2.1:5432/{prefer}?sslmode=prefer&password={secret}"),
+        format!("host=192.0.2.1 user=postgres password={secret} dbname={keyvalue}"),
+        format!("postgres://postgres:{secret}@192.0.2.1:5432/{require}?sslmode=require"),
+    ] {
+        let said = start_failure(&url, 300).await;
+        assert!(!said.contains(&secret), "the password leaked: {said}");
+    }
+    for warned in [&absent, &prefer, &keyvalue] {
+        let lines: Vec<String> = crate::support::log_lines_with(&logs, warned)
+            .into_iter()
+            .filter(|l| l.contains("not encrypted"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{warned}: one warning: {lines:?}");
+        assert!(
+            lines[0].contains("postgres://postgres@192.0.2.1"),
+            "{}",
+            lines[0]
+        );
+    }
+    let required: Vec<String> = crate::support::log_lines_with(&logs, &require)
+        .into_iter()
+        .filter(|l| l.contains("not encrypted"))
+        .collect();
+    assert!(
+        required.is_empty(),
+        "TLS required, no warning: {required:?}"
+    );
+    let leaked = crate::support::log_lines_with(&logs, &secret);
+    assert!(
+        leaked.is_empty(),
+        "the password reached the log: {leaked:?}"
+    );
+}

@@ -39,7 +39,7 @@ fn config(url: String, service: &str) -> Config {
     let mut c = Config::default();
     c.service.name = service.into();
     c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = url;
+    c.store.database_url = url.into();
     c.store.schema = new_schema();
     c.store.pool_size = 2;
     c.store.startup_timeout_ms = 3_000;

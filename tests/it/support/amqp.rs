@@ -24,7 +24,7 @@ pub fn amqp_url() -> String {
 pub fn amqp_transport_config() -> TransportConfig {
     let mut t = Config::default().transport;
     t.kind = TransportKind::Amqp;
-    t.amqp_url = amqp_url();
+    t.amqp_url = amqp_url().into();
     t.amqp.reconnect_backoff_max_ms = 1_000;
     t
 }

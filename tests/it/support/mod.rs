@@ -9,6 +9,8 @@ pub mod amqp;
 mod hooked;
 mod logs;
 pub mod pg;
+pub mod proxy;
+pub mod scrape;
 pub mod tls;
 
 pub use hooked::{BatchHook, HookedStore};

@@ -53,7 +53,7 @@ pub fn new_schema() -> String {
 /// `c` on the Postgres store under test, in `schema`.
 pub fn on_postgres(mut c: Config, schema: &str) -> Config {
     c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = database_url();
+    c.store.database_url = database_url().into();
     c.store.schema = schema.into();
     c
 }

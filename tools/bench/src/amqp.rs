@@ -262,10 +262,10 @@ fn config(args: &AmqpArgs, service: &str, schema: &str) -> Config {
     let mut c = Config::default();
     c.service.name = service.into();
     c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = database_url(args);
+    c.store.database_url = database_url(args).into();
     c.store.schema = schema.into();
     c.transport.kind = TransportKind::Amqp;
-    c.transport.amqp_url = amqp_url(args);
+    c.transport.amqp_url = amqp_url(args).into();
     c.transport.amqp.reconnect_backoff_max_ms = 1_000;
     c
 }

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use whizbang::config::ExposeSecret;
 use whizbang::config::StoreBackend;
 use whizbang::{
     Command, Config, Decision, DispatchError, DispatchOptions, Event, EventMeta, Message,
@@ -168,7 +169,8 @@ fn postgres_config(args: &EngineArgs, schema: &str) -> Config {
         .database_url
         .clone()
         .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .into();
     c.store.schema = schema.into();
     c
 }
@@ -261,7 +263,7 @@ async fn heartbeat_under_hog(args: &EngineArgs) -> BenchResult<()> {
     config.partitions.lease_seconds = 3;
     config.partitions.heartbeat_seconds = 1;
     config.runtime.worker_threads = 1;
-    let url = config.store.database_url.clone();
+    let url = config.store.database_url.expose_secret().to_string();
     let lease = Duration::from_secs(config.partitions.lease_seconds);
     let result = async {
         let (runtime, _) = start(config).await?;
@@ -338,7 +340,7 @@ async fn overload(args: &EngineArgs) -> BenchResult<()> {
     let mut config = postgres_config(args, &schema);
     let deadline = Duration::from_secs(1);
     config.runtime.dispatch_timeout_ms = deadline.as_millis() as u64;
-    let url = config.store.database_url.clone();
+    let url = config.store.database_url.expose_secret().to_string();
     let result = async {
         let (runtime, _) = start(config).await?;
         let runtime = Arc::new(runtime);
@@ -479,7 +481,7 @@ async fn stall(args: &EngineArgs) -> BenchResult<()> {
     let schema = format!("bench_engine_{}", Uuid::now_v7().simple());
     let config = postgres_config(args, &schema);
     let statement_timeout = Duration::from_millis(config.store.statement_timeout_ms);
-    let url = config.store.database_url.clone();
+    let url = config.store.database_url.expose_secret().to_string();
     let postmaster = postmaster_of(&url).await?;
     let result = async {
         let (runtime, _) = start(config).await?;

@@ -24,6 +24,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use whizbang::config::ExposeSecret;
 use whizbang::config::StoreBackend;
 use whizbang::store::postgres::PostgresStore;
 use whizbang::{Config, Consistency, Message, Runtime};
@@ -60,7 +61,8 @@ fn config(args: &HttpArgs, schema: &str) -> Config {
         .database_url
         .clone()
         .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .into();
     c.store.schema = schema.to_string();
     c.store.pool_size = args.connections as u32;
     // One instance alone: it may hold every partition.
@@ -227,7 +229,7 @@ pub async fn http(args: HttpArgs) -> BenchResult<()> {
     let schema = format!("bench_http_{}", Uuid::now_v7().simple());
     let base = config(&args, &schema);
     let result = run(&args, &base).await;
-    if let Ok(client) = crate::raw_client(&base.store.database_url).await {
+    if let Ok(client) = crate::raw_client(base.store.database_url.expose_secret()).await {
         let _ = client
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE"
@@ -267,7 +269,7 @@ async fn run(args: &HttpArgs, base: &Config) -> BenchResult<()> {
         .max_size(args.connections.max(1) as u32)
         .min_idle(Some(args.connections.max(1) as u32))
         .build(RawConnections {
-            config: raw_config.store.database_url.parse()?,
+            config: raw_config.store.database_url.expose_secret().parse()?,
             sql: raw_insert_sql(&raw_config.store.schema),
         })
         .await?;

@@ -48,6 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use whizbang::config::ExposeSecret;
 use whizbang::config::{FlushStrategy, StoreBackend};
 use whizbang::store::postgres::PostgresStore;
 use whizbang::store::*;
@@ -234,7 +235,8 @@ fn config(args: &StoreArgs, schema: &str) -> Config {
         .database_url
         .clone()
         .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .into();
     c.store.schema = schema.to_string();
     // One instance alone: it may hold every partition (the default of 100 is a share for a
     // fleet). The store takes this from the config it is opened with, so it is set here, for
@@ -262,7 +264,7 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
     }
     let result = run(&args, &base).await;
     // Leave nothing behind, whatever happened.
-    if let Ok(client) = crate::raw_client(&base.store.database_url).await {
+    if let Ok(client) = crate::raw_client(base.store.database_url.expose_secret()).await {
         let _ = client
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE;
@@ -275,7 +277,7 @@ pub async fn store(args: StoreArgs) -> BenchResult<()> {
 
 async fn run(args: &StoreArgs, base: &Config) -> BenchResult<()> {
     let pg: Arc<dyn Store> = Arc::new(PostgresStore::connect(base).await?);
-    let client = crate::raw_client(&base.store.database_url).await?;
+    let client = crate::raw_client(base.store.database_url.expose_secret()).await?;
     // The raw baselines write into their own copy of the tables (same migrations, same
     // indexes): rows they insert must not become work for the runtimes measured here.
     let schema = &format!("{}_raw", base.store.schema);
@@ -903,7 +905,7 @@ impl RawRows<'_> {
         let per_client = total.div_ceil(clients);
         let mut connections = Vec::with_capacity(clients);
         for _ in 0..clients {
-            let client = crate::raw_client(&config.store.database_url).await?;
+            let client = crate::raw_client(config.store.database_url.expose_secret()).await?;
             let statement = client.prepare(&sql).await?;
             connections.push((client, statement));
         }

@@ -1,34 +1,38 @@
 //! Fault injection across processes: proves the delivery contract (lost, duplicated and
-//! reordered events, stuck rows, takeover time) while instances die and servers restart.
+//! reordered events, stuck rows, takeover time, dead letters) while instances die and servers
+//! restart and hang.
 //!
-//! `cargo run --release --bin whizbang-chaos -- run [--short]` (or `scripts/chaos.sh`)
+//! `whizbang-chaos run [--short]` (or `scripts/chaos.sh`, which starts private servers)
 //!
-//! A run starts, as separate processes sharing the local Postgres and the AMQP broker, three
-//! writer instances of one service (they lease the stream partitions among themselves) and one
-//! consumer service subscribed to the writers' topic. The writers drive 200 streams × 100
-//! events (`--short`: 60 × 40) at a fixed rate, each event appended with the expected version
-//! of its stream. Every few seconds one writer gets SIGKILL and is started again half a second
-//! later (it resumes its streams from the event store); the broker is restarted once and the
-//! Postgres server once mid-run. When the writers are done and everything has drained, the
-//! run compares the writers' event store with the consumer perspective's log of applications
-//! and prints one `name: value` line per figure (`lost`, `duplicates`, `order_violations`,
-//! `stuck_rows`, `takeover_s_max`, `crash_takeover_s_max`, …), writes them to
-//! `target/chaos/results.json`, and exits non-zero when a bound is missed. Lease times come
-//! from `config/chaos.toml`, but for writer 0, whose lease is 300 s (`--crash-lease-s`): its
-//! kills can only be taken over in seconds through its liveness lock.
+//! A run starts, as separate processes, three writer instances of one service (they lease the
+//! stream partitions among themselves) and two consumer instances of another on one sharded
+//! subscription to the writers' topic, whose perspective writes a Postgres read model. The
+//! writers drive 200 streams × 100 events (`--short`: 60 × 50) at a fixed rate, each event
+//! appended with the expected version of its stream. Every few seconds one process (writers
+//! and consumers in turn) gets SIGKILL and is started again half a second later; the broker
+//! and the Postgres server are each restarted once and hung once (SIGSTOP / SIGCONT), with a
+//! kill during each; poison messages are published, and the perspective fails some events
+//! until the run requeues their dead letters with the operator CLI. When everything has
+//! drained, the run compares the writers' event store with the read model and prints one
+//! `name: value` line per figure (`lost`, `duplicates`, `order_violations`, `stuck_rows`,
+//! `takeover_s_max`, `crash_takeover_s_max`, `consumer_kills`, `hang_recovery_s_max`,
+//! `dead_lettered`, `requeued`, …), writes them to `target/chaos/results.json`, and exits
+//! non-zero when a bound is missed. Which servers it restarts and hangs:
+//! `WHIZBANG_CHAOS_PG_CLUSTER` and `WHIZBANG_RABBITMQ_NODE` (see `servers`).
 //!
 //! Two single-fault scenarios run after it (`scripts/chaos.sh` runs both, in both forms), in
-//! this process against the shared servers, each checking what its old integration test did:
+//! this process against the same servers, each checking what its old integration test did:
 //! `pg-restart` (the Postgres server restarted under load) and `broker-restart` (the broker
 //! stopped and started mid-run). They restart servers the parallel test suite depends on, so
 //! they live here, not in `tests/`. Each exits non-zero on any failed check, writes
 //! `target/chaos/<scenario>.json`, and leaves its server running however it ends (guards, and
 //! Ctrl-C stops the scenario through them). `report [--markdown]` prints the run's figures and
-//! bounds, with the scenarios of the same commit, from those files.
+//! bounds, with the scenarios of the same commit, from those files; `report --headline` a few
+//! lines for the README.
 //!
 //! Modules: `orchestrator` (processes, faults, measurements), `node` (the writer and consumer
 //! processes, started by the orchestrator as `whizbang-chaos node …`), `verdict` (counting),
-//! `servers` (restarting the broker and Postgres, and the guards), `pg_restart` and
+//! `servers` (restarting and hanging the broker and Postgres, and the guards), `pg_restart` and
 //! `broker_restart` (the scenarios), `scenario` (what a scenario reports), `report` (the table).
 
 mod broker_restart;
@@ -72,10 +76,13 @@ enum Mode {
         /// Default: target/chaos/results.json.
         #[arg(long)]
         file: Option<std::path::PathBuf>,
-        /// One Markdown table (for the README: scripts/readme-figures.sh) instead of
+        /// One Markdown table (for docs/chaos.md: scripts/readme-figures.sh) instead of
         /// `name: value` lines.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "headline")]
         markdown: bool,
+        /// A headline of a few lines (for the README: scripts/readme-figures.sh).
+        #[arg(long)]
+        headline: bool,
     },
     /// One process of a run (started by `run`).
     #[command(subcommand)]
@@ -134,13 +141,29 @@ fn main() {
             None
         }
     };
-    if let Mode::Report { file, markdown } = &cli.command {
-        std::process::exit(report(file.as_deref(), *markdown));
+    if let Mode::Report {
+        file,
+        markdown,
+        headline,
+    } = &cli.command
+    {
+        let form = if *headline {
+            report::Form::Headline
+        } else if *markdown {
+            report::Form::Markdown
+        } else {
+            report::Form::Lines
+        };
+        std::process::exit(report(file.as_deref(), form));
     }
     let system = actix::System::new();
     let result = system.block_on(async move {
         match cli.command {
-            Mode::Run(args) => orchestrator::run(args).await,
+            // Ctrl-C drops the run, and with it any hang guard (SIGCONT to a stopped server).
+            Mode::Run(args) => tokio::select! {
+                outcome = orchestrator::run(args) => outcome,
+                _ = tokio::signal::ctrl_c() => Err("interrupted (Ctrl-C)".into()),
+            },
             Mode::PgRestart(args) => {
                 let mut scenario = Scenario::new("pg-restart");
                 let outcome = until_interrupted(pg_restart::run(args, &mut scenario)).await;
@@ -178,7 +201,7 @@ async fn until_interrupted(scenario: impl Future<Output = ChaosResult<()>>) -> C
 }
 
 /// `whizbang-chaos report`: the exit code.
-fn report(file: Option<&std::path::Path>, markdown: bool) -> i32 {
+fn report(file: Option<&std::path::Path>, form: report::Form) -> i32 {
     let dir = whizbang_tools_common::target_dir().join("chaos");
     let path = file.map_or_else(|| dir.join("results.json"), std::path::Path::to_path_buf);
     let results = match std::fs::read(&path)
@@ -195,10 +218,13 @@ fn report(file: Option<&std::path::Path>, markdown: bool) -> i32 {
         }
     };
     let scenarios = report::scenarios(path.parent().unwrap_or(&dir), &results["commit"]);
-    if markdown {
-        print!("{}", report::table(&results, &scenarios));
-    } else {
-        print!("{}", report::lines(&results, &scenarios));
-    }
+    print!(
+        "{}",
+        match form {
+            report::Form::Markdown => report::table(&results, &scenarios),
+            report::Form::Headline => report::headline(&results, &scenarios),
+            report::Form::Lines => report::lines(&results, &scenarios),
+        }
+    );
     0
 }

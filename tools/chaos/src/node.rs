@@ -1,25 +1,26 @@
 //! The two kinds of process a chaos run starts: writer instances of service `chaos-writer`
-//! (several share one schema and lease its partitions among themselves) and one instance of
-//! service `chaos-consumer` (its own schema, one subscription on the writers' topic).
+//! (several share one schema and lease its partitions among themselves) and consumer instances
+//! of service `chaos-consumer` (their own schema, one sharded subscription on the writers'
+//! topic, competing for its shards and partitions).
 //!
 //! Each node talks to the orchestrator through its standard streams only: it prints
 //! `instance <uuid>` once started, a writer prints `done <retries>` when every one of its
-//! streams holds all its events, the consumer prints `applied <n>` as it goes; the end of
-//! standard input is the order to shut down gracefully (so a node never outlives its
-//! orchestrator). A writer may be killed at any moment; a new one with the same index resumes
-//! its streams from the event store. The nodes decide nothing about the run's verdict.
+//! streams holds all its events; the end of standard input is the order to shut down
+//! gracefully (so a node never outlives its orchestrator). Any node may be killed at any
+//! moment; a new one with the same index resumes: a writer its streams from the event store, a
+//! consumer whatever its subscription and inbox hold. The consumers' read model is a Postgres
+//! table (`chaos_applied` in the run's read schema) with one row per application, written by an
+//! ordinary perspective, so the verdict counts duplicates and order from the data itself. The
+//! nodes decide nothing about the run's verdict.
 
-use crate::verdict::Applied;
 use crate::{Append, Appended, ChaosResult};
 use clap::Args;
-use serde::Serialize;
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
-use whizbang::config::SubscriptionConfig;
+use whizbang::config::{ExposeSecret, SubscriptionConfig};
 use whizbang::dispatcher::{Dispatcher, LocalInvoke};
 use whizbang::store::Store;
 use whizbang::{
@@ -52,6 +53,9 @@ pub struct NodeArgs {
     /// `partitions.lease_seconds` for this node instead of the file's.
     #[arg(long)]
     pub lease_seconds: Option<u64>,
+    /// `coordinator.flush_strategy` for this node instead of the file's.
+    #[arg(long)]
+    pub flush_strategy: Option<String>,
 }
 
 impl NodeArgs {
@@ -64,6 +68,11 @@ impl NodeArgs {
         config.routing.subscriptions.clear();
         if let Some(lease) = self.lease_seconds {
             config.partitions.lease_seconds = lease;
+        }
+        if let Some(strategy) = &self.flush_strategy {
+            config.coordinator.flush_strategy =
+                serde_json::from_value(serde_json::Value::String(strategy.clone()))
+                    .map_err(|e| format!("--flush-strategy {strategy}: {e}"))?;
         }
         Ok(config)
     }
@@ -79,6 +88,9 @@ impl NodeArgs {
         ];
         if let Some(lease) = self.lease_seconds {
             args.extend(["--lease-seconds".into(), lease.to_string()]);
+        }
+        if let Some(strategy) = &self.flush_strategy {
+            args.extend(["--flush-strategy".into(), strategy.clone()]);
         }
         args
     }
@@ -125,9 +137,24 @@ impl WriterArgs {
 pub struct ConsumerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Where the applications are written (JSON) when the consumer stops.
+    /// This process's label (`consumer-<index>.<incarnation>`), written with each application
+    /// so that the verdict can tell re-applications after a kill of the applying process.
     #[arg(long)]
-    pub out: PathBuf,
+    pub label: String,
+    /// The schema of the read model (`chaos_applied`), made by the orchestrator.
+    #[arg(long)]
+    pub read_schema: String,
+    /// The perspective fails event `--fail-seq` of every stream whose number is a multiple of
+    /// `--fail-every` (0: none) until the file `--healed` exists.
+    #[arg(long, default_value_t = 0)]
+    pub fail_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub fail_seq: u64,
+    #[arg(long)]
+    pub healed: PathBuf,
+    /// `store.max_attempts` for this consumer (a failing event is dead-lettered after these).
+    #[arg(long)]
+    pub max_attempts: u32,
 }
 
 impl ConsumerArgs {
@@ -135,9 +162,43 @@ impl ConsumerArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec!["node".into(), "consumer".into()];
         args.extend(self.node.to_args());
-        args.extend(["--out".into(), self.out.to_string_lossy().into_owned()]);
+        for (flag, value) in [
+            ("--label", self.label.clone()),
+            ("--read-schema", self.read_schema.clone()),
+            ("--fail-every", self.fail_every.to_string()),
+            ("--fail-seq", self.fail_seq.to_string()),
+            ("--healed", self.healed.to_string_lossy().into_owned()),
+            ("--max-attempts", self.max_attempts.to_string()),
+        ] {
+            args.extend([flag.to_string(), value]);
+        }
         args
     }
+
+    /// Whether the perspective fails `stream`'s event `seq` (until healed).
+    pub fn fails(&self, stream: &str, seq: u64) -> bool {
+        self.fail_every > 0
+            && seq == self.fail_seq
+            && stream
+                .strip_prefix("chaos-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n % self.fail_every == 0)
+    }
+}
+
+/// The read model's table: one row per application, in the order they committed (`n`).
+/// Written by an ordinary perspective on its own connection, so a consumer killed between the
+/// insert and the inbox's completion applies the event again (a second row): the verdict
+/// counts those apart. With the transactional perspective kind, the same insert runs in the
+/// transaction that records the completion, and a second row can no longer happen.
+pub fn read_model_ddl(schema: &str) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; \
+         CREATE TABLE IF NOT EXISTS {schema}.chaos_applied ( \
+             n bigserial PRIMARY KEY, stream text NOT NULL, seq bigint NOT NULL, \
+             message_id uuid NOT NULL, label text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
 }
 
 // ---- the writer --------------------------------------------------------------------------
@@ -322,39 +383,72 @@ async fn stdin_closed() {
 
 // ---- the consumer ------------------------------------------------------------------------
 
-/// Every application, in order, and the distinct message ids among them.
-#[derive(Default)]
-struct Log {
-    applied: Vec<Applied>,
-    distinct: HashSet<uuid::Uuid>,
+/// The consumers' perspective: inserts one row per application into `chaos_applied`, and
+/// fails the chosen events until the run heals it.
+struct ReadModel {
+    db: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    url: String,
+    insert: String,
+    args: ConsumerArgs,
 }
 
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Log>>);
-
-impl Recorder {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+impl ReadModel {
+    async fn client(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<tokio_postgres::Client>>, PerspectiveError> {
+        let mut db = self.db.lock().await;
+        if db.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_postgres::connect(&self.url, tokio_postgres::NoTls),
+            )
+            .await
+            .map_err(|_| failed("timed out connecting to the read model"))?
+            .map_err(|e| failed(format!("read model unreachable: {e}")))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            *db = Some(client);
+        }
+        Ok(db)
     }
 }
 
-impl Perspective<Appended> for Recorder {
+fn failed(why: impl Into<String>) -> PerspectiveError {
+    PerspectiveError(why.into())
+}
+
+impl Perspective<Appended> for ReadModel {
     async fn apply(&self, event: Appended, meta: EventMeta) -> Result<(), PerspectiveError> {
-        let mut log = self.lock();
-        log.distinct.insert(meta.message_id);
-        log.applied.push(Applied {
-            stream: event.stream,
-            seq: event.seq,
-            message_id: meta.message_id,
-        });
-        Ok(())
+        if self.args.fails(&event.stream, event.seq) && !self.args.healed.exists() {
+            return Err(failed(format!(
+                "{} seq {} fails until the run heals it",
+                event.stream, event.seq
+            )));
+        }
+        let mut db = self.client().await?;
+        let client = db.as_ref().ok_or_else(|| failed("no connection"))?;
+        // No client-side deadline: one that gave up on an insert the server then committed
+        // would be retried and leave a second row the runtime did not cause.
+        let inserted = client
+            .execute(
+                &self.insert,
+                &[
+                    &event.stream,
+                    &(event.seq as i64),
+                    &meta.message_id,
+                    &self.args.label,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                *db = None;
+                Err(failed(format!("read model insert failed: {e}")))
+            }
+        }
     }
-}
-
-#[derive(Serialize)]
-struct ConsumerReport<'a> {
-    instance: String,
-    applied: &'a [Applied],
 }
 
 pub async fn consumer(args: ConsumerArgs) -> ChaosResult<()> {
@@ -363,37 +457,22 @@ pub async fn consumer(args: ConsumerArgs) -> ChaosResult<()> {
         topic: args.node.topic.clone(),
         name: SUBSCRIPTION.into(),
     }];
-    let recorder = Recorder::default();
+    config.store.max_attempts = args.max_attempts;
+    let read_model = ReadModel {
+        db: tokio::sync::Mutex::new(None),
+        url: config.store.database_url.expose_secret().to_string(),
+        insert: format!(
+            "INSERT INTO {}.chaos_applied (stream, seq, message_id, label) VALUES ($1, $2, $3, $4)",
+            args.read_schema
+        ),
+        args,
+    };
     let runtime = Runtime::builder(config)
-        .perspective::<Appended, _>("chaos-recorder", recorder.clone())
+        .perspective::<Appended, _>("chaos-read-model", read_model)
         .start()
         .await?;
-    let instance = runtime.instance_id().to_string();
-    println!("instance {instance}");
-
-    let mut stdin_closed = std::pin::pin!(stdin_closed());
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut reported = usize::MAX;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let n = recorder.lock().distinct.len();
-                if n != reported {
-                    println!("applied {n}");
-                    reported = n;
-                }
-            }
-            _ = &mut stdin_closed => break,
-        }
-    }
+    println!("instance {}", runtime.instance_id());
+    stdin_closed().await;
     runtime.shutdown().await?;
-    let log = recorder.lock();
-    let report = ConsumerReport {
-        instance,
-        applied: &log.applied,
-    };
-    std::fs::write(&args.out, serde_json::to_vec(&report)?)
-        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
-    println!("stopped {}", log.applied.len());
     Ok(())
 }

@@ -1,12 +1,20 @@
 //! The fault-injection table: the figures of the last chaos run (`target/chaos/results.json`)
 //! with the bound each must meet, followed by the single-fault scenarios of the same commit
 //! (`target/chaos/pg-restart.json`, `target/chaos/broker-restart.json`) when they ran, as one
-//! Markdown table (what the README's fault-injection section shows), or as `name: value`
-//! lines. It only reads and formats; the runs measure and judge.
+//! Markdown table (what docs/chaos.md shows), as `name: value` lines, or as a headline of a
+//! few lines (what the README shows). It only reads and formats; the runs measure and judge.
 
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
+
+/// How `whizbang-chaos report` prints.
+#[derive(Clone, Copy)]
+pub enum Form {
+    Lines,
+    Markdown,
+    Headline,
+}
 
 /// The scenarios whose results files the report adds, in order.
 pub const SCENARIOS: &[&str] = &["pg-restart", "broker-restart"];
@@ -31,7 +39,18 @@ fn bound(name: &str, figures: &Value) -> Option<(String, bool)> {
             let bound = number("crash_takeover_bound_s")?;
             (format!("≤ {bound} (heartbeat + 2 s)"), value <= bound)
         }
-        "kills" | "crash_kills" => ("≥ 1".into(), value >= 1.0),
+        "kills" | "crash_kills" | "consumer_kills" => ("≥ 1".into(), value >= 1.0),
+        "dead_lettered_broker" => {
+            let sent = number("poison_sent")?;
+            (format!("= {sent} (poison sent)"), value == sent)
+        }
+        "requeued" => {
+            let dead = number("dead_lettered_store")?;
+            (
+                format!("= {dead} (dead-lettered in the store)"),
+                value == dead,
+            )
+        }
         _ => return None,
     })
 }
@@ -87,11 +106,12 @@ pub fn table(results: &Value, scenarios: &[Value]) -> String {
     let figures = &results["figures"];
     let _ = writeln!(
         out,
-        "commit {}, {} cores; {} form: {} writers, {} streams × {} events, {} kills, {} broker and {} Postgres restarts\n",
+        "commit {}, {} cores; {} form: {} writers, {} consumers, {} streams × {} events, {} kills, {} broker and {} Postgres restarts\n",
         results["commit"].as_str().unwrap_or("?"),
         shown(&results["cores"]),
         results["form"].as_str().unwrap_or("?"),
         shown(&figures["writers"]),
+        shown(&figures["consumers"]),
         shown(&figures["streams"]),
         shown(&figures["events_per_stream"]),
         shown(&figures["kills"]),
@@ -132,6 +152,71 @@ pub fn table(results: &Value, scenarios: &[Value]) -> String {
     out
 }
 
+/// The headline for the README: one sentence on the run and one table row of the figures
+/// with bounds, then the scenarios' verdicts.
+pub fn headline(results: &Value, scenarios: &[Value]) -> String {
+    let f = &results["figures"];
+    let v = |name: &str| shown(&f[name]);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "commit {}, {} cores, {} form: {} writers and {} consumers ({} shards, flush {}), {} \
+         streams × {} events; {} kills ({} of consumers, {} during a server fault), the broker \
+         and Postgres each restarted and hung {} s; {} poison messages, {} failing events\n",
+        results["commit"].as_str().unwrap_or("?"),
+        shown(&results["cores"]),
+        results["form"].as_str().unwrap_or("?"),
+        v("writers"),
+        v("consumers"),
+        v("shards"),
+        v("flush_strategy"),
+        v("streams"),
+        v("events_per_stream"),
+        v("kills"),
+        v("consumer_kills"),
+        v("overlapping_kills"),
+        v("hang_s"),
+        v("poison_sent"),
+        v("dead_lettered_store"),
+    );
+    let _ = writeln!(
+        out,
+        "| lost | duplicates | order violations | stuck rows | re-applied after a consumer kill | takeover max | crash takeover max | hang recovery max | dead-lettered → requeued | verdict |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| {} | {} | {} | {} | {} | {} s (≤ {}) | {} s (≤ {}) | {} s | {} → {} | {} |",
+        v("lost"),
+        v("duplicates"),
+        v("order_violations"),
+        v("stuck_rows"),
+        v("reapplied_after_consumer_kill"),
+        v("takeover_s_max"),
+        v("takeover_bound_s"),
+        v("crash_takeover_s_max"),
+        v("crash_takeover_bound_s"),
+        v("hang_recovery_s_max"),
+        v("dead_lettered"),
+        v("requeued"),
+        verdict(&results["failures"]),
+    );
+    if !scenarios.is_empty() {
+        let each: Vec<String> = scenarios
+            .iter()
+            .map(|s| {
+                format!(
+                    "`{}` {}",
+                    s["scenario"].as_str().unwrap_or("?"),
+                    verdict(&s["failures"])
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "\nScenarios: {}.", each.join(", "));
+    }
+    out
+}
+
 /// The same figures as `name: value` lines (scenario figures prefixed with the scenario).
 pub fn lines(results: &Value, scenarios: &[Value]) -> String {
     let mut out = String::new();
@@ -158,7 +243,7 @@ mod tests {
     fn figures_are_listed_with_their_bounds_and_verdicts() {
         let results = serde_json::json!({
             "commit": "abc", "cores": 2, "form": "short",
-            "figures": {"writers": 3.0, "streams": 60.0, "events_per_stream": 50.0, "kills": 6.0,
+            "figures": {"writers": 3.0, "consumers": 2.0, "streams": 60.0, "events_per_stream": 50.0, "kills": 6.0,
                         "broker_restarts": 1.0, "postgres_restarts": 1.0,
                         "expected_events": 3000.0, "committed": 3000.0, "lost": 0.0,
                         "duplicates": 2.0, "takeover_s_max": 7.5, "takeover_bound_s": 7.0,
@@ -172,7 +257,7 @@ mod tests {
             "bounds": {"sends_not_stored_once": "= 0"}, "failures": [],
         });
         let t = table(&results, &[scenario]);
-        assert!(t.starts_with("commit abc, 2 cores; short form: 3 writers, 60 streams × 50 events, 6 kills, 1 broker and 1 Postgres restarts\n"), "{t}");
+        assert!(t.starts_with("commit abc, 2 cores; short form: 3 writers, 2 consumers, 60 streams × 50 events, 6 kills, 1 broker and 1 Postgres restarts\n"), "{t}");
         assert!(t.contains("| run | `lost` | 0 | = 0 (met) |"), "{t}");
         assert!(
             t.contains("| run | `duplicates` | 2 | = 0 (**not met**) |"),
@@ -206,6 +291,35 @@ mod tests {
         assert!(
             l.contains("lost: 0\n") && l.contains("verdict: **failed**"),
             "{l}"
+        );
+        let h = headline(&results, &[]);
+        assert_eq!(h.lines().count(), 5, "{h}");
+        assert!(
+            h.contains("| 0 | 2 |") && h.contains("7.5 s (≤ 7)") && h.contains("**failed**"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn dead_letters_must_match_what_was_poisoned_and_requeued() {
+        let results = serde_json::json!({
+            "commit": "abc", "cores": 2, "form": "short",
+            "figures": {"poison_sent": 5.0, "dead_lettered_broker": 4.0,
+                        "dead_lettered_store": 4.0, "requeued": 4.0, "consumer_kills": 3.0},
+            "failures": [],
+        });
+        let t = table(&results, &[]);
+        assert!(
+            t.contains("| run | `dead_lettered_broker` | 4 | = 5 (poison sent) (**not met**) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | `requeued` | 4 | = 4 (dead-lettered in the store) (met) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| run | `consumer_kills` | 3 | ≥ 1 (met) |"),
+            "{t}"
         );
     }
 

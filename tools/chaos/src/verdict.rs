@@ -1,11 +1,10 @@
 //! The verdict of a chaos run: what was committed (the writers' event store) against what the
-//! consumer applied (its perspective's log, in the order it applied them).
+//! consumers applied (their read model's rows, in the order they committed).
 //!
 //! Pure counting, no I/O: the orchestrator gathers both sides and the row counts, this module
 //! turns them into the figures the run is judged by. It must not decide bounds that belong to
 //! the configuration (the takeover bound is computed by the orchestrator from the lease time).
 
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
@@ -17,12 +16,14 @@ pub struct Committed {
     pub message_id: Uuid,
 }
 
-/// One application of an event by the consumer's perspective, in application order.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// One application of an event by a consumer's perspective, in application order, with the
+/// label of the process that applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub stream: String,
     pub seq: u64,
     pub message_id: Uuid,
+    pub label: String,
 }
 
 /// Lost, doubled and out-of-order applications.
@@ -30,8 +31,14 @@ pub struct Applied {
 pub struct Counts {
     /// Events committed but never applied.
     pub lost: usize,
-    /// Applications beyond the first of the same event.
+    /// Applications beyond the first of the same event that no kill explains: the inbox's
+    /// dedup failed.
     pub duplicates: usize,
+    /// Applications beyond the first of an event whose earlier application was made by a
+    /// process that was then SIGKILLed: an ordinary perspective's write commits apart from the
+    /// inbox's completion, so a kill between the two applies the event again (at least once;
+    /// the transactional perspective kind closes this gap).
+    pub reapplied_after_kill: usize,
     /// First applications of an event that did not come right after its predecessor in the
     /// stream (an earlier event was skipped or came later).
     pub order_violations: usize,
@@ -40,10 +47,12 @@ pub struct Counts {
 }
 
 /// Compares the committed events with the applications. `applied` is in the order the
-/// consumer applied them; only the relative order within one stream matters.
-pub fn count(committed: &[Committed], applied: &[Applied]) -> Counts {
+/// consumers applied them; only the relative order within one stream matters. `killed` names
+/// the consumer processes that were SIGKILLed.
+pub fn count(committed: &[Committed], applied: &[Applied], killed: &HashSet<String>) -> Counts {
     let committed_ids: HashSet<Uuid> = committed.iter().map(|c| c.message_id).collect();
-    let mut seen: HashSet<Uuid> = HashSet::with_capacity(applied.len());
+    // Each event's latest applier so far.
+    let mut seen: HashMap<Uuid, &str> = HashMap::with_capacity(applied.len());
     let mut last_seq: HashMap<&str, u64> = HashMap::new();
     let mut counts = Counts::default();
     for a in applied {
@@ -51,8 +60,12 @@ pub fn count(committed: &[Committed], applied: &[Applied]) -> Counts {
             counts.phantoms += 1;
             continue;
         }
-        if !seen.insert(a.message_id) {
-            counts.duplicates += 1;
+        if let Some(before) = seen.insert(a.message_id, &a.label) {
+            if killed.contains(before) && before != a.label {
+                counts.reapplied_after_kill += 1;
+            } else {
+                counts.duplicates += 1;
+            }
             continue;
         }
         let last = last_seq.entry(a.stream.as_str()).or_insert(0);
@@ -61,7 +74,10 @@ pub fn count(committed: &[Committed], applied: &[Applied]) -> Counts {
         }
         *last = (*last).max(a.seq);
     }
-    counts.lost = committed_ids.difference(&seen).count();
+    counts.lost = committed_ids
+        .iter()
+        .filter(|id| !seen.contains_key(id))
+        .count();
     counts
 }
 
@@ -95,8 +111,31 @@ mod tests {
                 stream: stream.into(),
                 seq,
                 message_id: id(stream, seq),
+                label: "c0.1".into(),
             })
             .collect()
+    }
+
+    fn count(c: &[Committed], a: &[Applied]) -> Counts {
+        super::count(c, a, &HashSet::new())
+    }
+
+    #[test]
+    fn a_second_application_after_a_kill_of_the_first_applier_is_counted_apart() {
+        let c = committed("a", 2);
+        let mut a = applied("a", &[1, 2]);
+        let mut again = applied("a", &[2]);
+        again[0].label = "c1.1".into();
+        a.extend(again.clone());
+        let killed: HashSet<String> = ["c0.1".to_string()].into();
+        let counts = super::count(&c, &a, &killed);
+        assert_eq!(counts.reapplied_after_kill, 1);
+        assert_eq!(counts.duplicates, 0);
+        // Without the kill the same rows are a duplicate.
+        assert_eq!(count(&c, &a).duplicates, 1);
+        // A second application by the process that made the first is a duplicate, killed or not.
+        a.extend(again);
+        assert_eq!(super::count(&c, &a, &killed).duplicates, 1);
     }
 
     #[test]
