@@ -20,14 +20,19 @@
 use crate::config::RuntimeConfig;
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
-use crate::idempotency::{KeyLocks, Keyed, Outcome};
+use crate::idempotency::{KeyGuard, KeyLocks, Keyed, Outcome};
 use crate::message::{self, Command, Event};
 use crate::partition::{CommandJob, CommandOutcome, Decided, Job, ScopedJob};
 use crate::protocol::{AwaitProcessed, Commit, commit};
 use crate::registry::RegistryView;
 use crate::routing::{Origin, add_message};
-use crate::scope::{CompleteScope, ScopeReceipt, ScopedCommand, ScopedInvoke};
-use crate::store::{AppendedEvent, CorrelationStatus, ExpectedVersion, Store, UnitOfWork};
+use crate::scope::{
+    AwaitRecorded, CompleteScope, DecodeResult, HoldKey, ScopeReceipt, ScopedCommand, ScopedInvoke,
+};
+use crate::store::{
+    AppendedEvent, CorrelationStatus, ExpectedVersion, IdempotencyRecord, NewIdempotencyRecord,
+    Store, UnitOfWork,
+};
 use crate::supervision::EngineCell;
 use crate::telemetry::{DispatchMeters, Meters, dispatch_outcome};
 use actix::prelude::*;
@@ -586,7 +591,8 @@ async fn typed_result<C: Command, R: 'static>(outcome: CommandOutcome) -> Result
     downcast_result::<C, R>(outcome.result)
 }
 
-fn downcast_result<C: Command, R: 'static>(
+/// A receptor's result as the type its caller asked for.
+pub(crate) fn downcast_result<C: Command, R: 'static>(
     result: Box<dyn std::any::Any + Send>,
 ) -> Result<R, DispatchError> {
     result
@@ -624,19 +630,8 @@ async fn replayed_result<C: Command, R: 'static>(
             expected: std::any::type_name::<R>(),
         });
     };
-    let table = registry.current();
-    let Some(entry) = table.receptor(C::TYPE_NAME) else {
-        return Err(DispatchError::HandlerNotFound {
-            message_type: C::TYPE_NAME.into(),
-        });
-    };
-    let value = entry
-        .receptor
-        .decode_result(&bytes)
-        .map_err(DispatchError::Codec)?;
-    for applied in coordinator.send(AwaitProcessed(inbox)).await? {
-        applied.await.map_err(gone)??;
-    }
+    let value = decode_result(registry, C::TYPE_NAME, &bytes)?;
+    await_processed(coordinator, inbox).await?;
     downcast_result::<C, R>(value)
 }
 
@@ -913,21 +908,98 @@ impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
             reply,
         });
         let engine = self.engine.clone();
+        let registry = self.registry.clone();
         self.admit(C::TYPE_NAME, deadline, move || {
             engine.partitions().enqueue(partition, job);
             Box::pin(async move {
                 let Decided { result, unit } = rx.await.map_err(gone)??;
+                let encoded = if msg.encode {
+                    let table = registry.current();
+                    let entry = table.receptor(C::TYPE_NAME).ok_or_else(|| {
+                        DispatchError::HandlerNotFound {
+                            message_type: C::TYPE_NAME.into(),
+                        }
+                    })?;
+                    Some(
+                        entry
+                            .receptor
+                            .encode_result(&*result)
+                            .map_err(DispatchError::Codec)?,
+                    )
+                } else {
+                    None
+                };
                 Ok((
                     result,
                     ScopedCommand {
                         message_type: C::TYPE_NAME,
                         receipt,
                         unit,
+                        encoded,
                     },
                 ))
             })
         })
     }
+}
+
+impl Handler<HoldKey> for Dispatcher {
+    type Result = ResponseFuture<Result<(KeyGuard, Option<IdempotencyRecord>), DispatchError>>;
+
+    fn handle(&mut self, msg: HoldKey, _ctx: &mut Self::Context) -> Self::Result {
+        let (keys, store) = (self.keys.clone(), self.store.clone());
+        Box::pin(async move {
+            let held = keys.lock(&msg.0).await;
+            let record = store.idempotency_record(&msg.0).await?;
+            Ok((held, record))
+        })
+    }
+}
+
+impl Handler<DecodeResult> for Dispatcher {
+    type Result = Result<Box<dyn std::any::Any + Send>, DispatchError>;
+
+    fn handle(&mut self, msg: DecodeResult, _ctx: &mut Self::Context) -> Self::Result {
+        decode_result(&self.registry, msg.message_type, &msg.bytes)
+    }
+}
+
+impl Handler<AwaitRecorded> for Dispatcher {
+    type Result = ResponseFuture<Result<(), DispatchError>>;
+
+    fn handle(&mut self, msg: AwaitRecorded, _ctx: &mut Self::Context) -> Self::Result {
+        let awaits = self.engine.awaits();
+        Box::pin(async move { await_processed(&awaits, msg.0).await })
+    }
+}
+
+/// Decodes a result a receptor of `message_type` returned and its adapter encoded.
+fn decode_result(
+    registry: &RegistryView,
+    message_type: &str,
+    bytes: &[u8],
+) -> Result<Box<dyn std::any::Any + Send>, DispatchError> {
+    let table = registry.current();
+    let Some(entry) = table.receptor(message_type) else {
+        return Err(DispatchError::HandlerNotFound {
+            message_type: message_type.into(),
+        });
+    };
+    entry
+        .receptor
+        .decode_result(bytes)
+        .map_err(DispatchError::Codec)
+}
+
+/// Waits until the inbox rows `inbox` are processed here (their perspectives applied).
+async fn await_processed(
+    coordinator: &Recipient<AwaitProcessed>,
+    inbox: Vec<Uuid>,
+) -> Result<(), DispatchError> {
+    for applied in coordinator.send(AwaitProcessed(inbox)).await? {
+        applied.await.map_err(gone)??;
+    }
+    Ok(())
 }
 
 impl Handler<CompleteScope> for Dispatcher {
@@ -936,7 +1008,11 @@ impl Handler<CompleteScope> for Dispatcher {
     fn handle(&mut self, msg: CompleteScope, _ctx: &mut Self::Context) -> Self::Result {
         let engine = self.engine.clone();
         self.admit("scope", None, move || {
-            Box::pin(complete_scope(engine.commits(), msg.commands))
+            Box::pin(complete_scope(
+                engine.commits(),
+                msg.commands,
+                msg.idempotency,
+            ))
         })
     }
 }
@@ -960,9 +1036,11 @@ struct ScopedExpectation {
 async fn complete_scope(
     coordinator: Recipient<Commit>,
     mut commands: Vec<ScopedCommand>,
+    idempotency: Option<NewIdempotencyRecord>,
 ) -> Result<ScopeReceipt, DispatchError> {
     let mut unit = UnitOfWork {
         claim_for_writer: true,
+        idempotency,
         ..UnitOfWork::default()
     };
     let mut appended: HashMap<String, u64> = HashMap::new();

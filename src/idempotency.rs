@@ -163,6 +163,90 @@ impl Keyed {
     }
 }
 
+/// The first outcome of a keyed request scope ([`crate::Scope::with_idempotency_key`]): what
+/// each of its commands answered, in order, and the inbox rows its unit wrote. Recorded only
+/// when the scope completed; a scope that failed writes nothing, so a retry runs it again.
+/// Encoded as a map whose only member is `scope_commands`, which no [`Outcome`] has: a key
+/// recorded by a single dispatch does not read as a scope, and the other way round the request
+/// hashes differ ([`scope_hash`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ScopeRecord {
+    pub scope_commands: Vec<RecordedCommand>,
+    /// The inbox rows the scope's unit wrote: a replay waits for them as the first completion
+    /// did.
+    pub inbox: Vec<Uuid>,
+}
+
+/// One command of a recorded scope.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RecordedCommand {
+    /// [`request_hash`] of the command.
+    pub hash: Vec<u8>,
+    pub message_id: Uuid,
+    pub correlation_id: Uuid,
+    pub stream_id: String,
+    pub timestamp_us: i64,
+    /// The receptor's result, encoded by the receptor's adapter.
+    pub result: Vec<u8>,
+    /// The events it appended (their message ids).
+    pub events: Vec<Uuid>,
+}
+
+impl ScopeRecord {
+    /// The record of this scope under `key`.
+    pub(crate) fn record(&self, key: &str) -> Result<NewIdempotencyRecord, DispatchError> {
+        let mut bytes = Vec::with_capacity(256);
+        rmp_serde::encode::write_named(&mut bytes, self)
+            .map_err(|e| DispatchError::Codec(format!("cannot encode a scope's outcome: {e}")))?;
+        let hashes: Vec<&[u8]> = self
+            .scope_commands
+            .iter()
+            .map(|c| c.hash.as_slice())
+            .collect();
+        Ok(NewIdempotencyRecord {
+            key: key.to_string(),
+            request_hash: scope_hash(&hashes),
+            outcome: bytes,
+        })
+    }
+
+    /// The scope recorded under `key`, or [`DispatchError::IdempotencyKeyReused`] if the key
+    /// was recorded for a single command.
+    pub(crate) fn read(
+        key: &str,
+        record: &IdempotencyRecord,
+    ) -> Result<ScopeRecord, DispatchError> {
+        rmp_serde::from_slice(&record.record.outcome).map_err(|_| {
+            DispatchError::IdempotencyKeyReused {
+                key: key.to_string(),
+            }
+        })
+    }
+
+    /// The receipt of command `index`, with its events among `appended`.
+    pub(crate) fn receipt(&self, index: usize, appended: &[AppendedEvent]) -> DeliveryReceipt {
+        let c = &self.scope_commands[index];
+        DeliveryReceipt {
+            message_id: c.message_id,
+            correlation_id: c.correlation_id,
+            stream_id: c.stream_id.clone(),
+            timestamp_us: c.timestamp_us,
+            status: ReceiptStatus::Delivered,
+            events: appended
+                .iter()
+                .filter(|e| c.events.contains(&e.message_id))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The request hash of a scope: of its commands' hashes, in order, under a type name no command
+/// has.
+pub(crate) fn scope_hash(commands: &[&[u8]]) -> Vec<u8> {
+    request_hash("whizbang.scope", &commands.concat())
+}
+
 /// One lock per idempotency key in use in this process: the dispatches of one key run one
 /// after another, so the receptor runs once and the later ones find the first one's record.
 /// Entries live while someone holds or waits for them.

@@ -4,22 +4,30 @@
 //!   `OrderCreated` result as JSON, the read models already updated;
 //! - `POST /orders/async` → `send` → `202 Accepted`, `Location: /orders/status/{correlation_id}`,
 //!   the receipt as JSON;
+//! - `POST /orders/batch` → several orders in one request scope (`whizbang::web::RequestScope`):
+//!   all placed (`201 Created`, the `OrderCreated` results in order) or none;
 //! - `GET /orders/status/{correlation_id}` → what the request caused (`whizbang::web::status`);
 //! - `GET /orders/{id}` → the order-summary read model.
 //!
-//! Errors are `application/problem+json` (`whizbang::web::Problem`). It owns the routes and the
+//! Every `POST` takes an `Idempotency-Key` header: a repeat answers the first outcome without
+//! placing the order(s) again. Errors are `application/problem+json` (`whizbang::web::Problem`). It owns the routes and the
 //! server's life (stop accepting, finish what is in flight, then stop the runtime); the domain is
 //! the parent module's, the HTTP plumbing the library's.
 
 use super::{CreateOrder, OrderCreated, OrderSummaries};
 use actix_web::dev::Server;
 use actix_web::http::header::LOCATION;
+use actix_web::middleware::from_fn;
 use actix_web::{App, HttpResponse, HttpServer, web};
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::net::TcpListener;
 use std::time::Duration;
 use uuid::Uuid;
-use whizbang::web::{BodyLimit, IdempotencyKey, Json, Problem, ReceiptJson, RuntimeHandle};
+use whizbang::web::{
+    BodyLimit, IdempotencyKey, Json, Problem, ReceiptJson, RequestScope, RuntimeHandle,
+    complete_scopes,
+};
 use whizbang::{DispatchOptions, Runtime};
 
 /// What every request handler holds.
@@ -78,6 +86,39 @@ async fn create_async(
         .json(ReceiptJson::from(&receipt)))
 }
 
+/// The body of `POST /orders/batch` (a request) and of its `201` (an answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch<T> {
+    pub orders: Vec<T>,
+}
+
+/// `POST /orders/batch`: every order of the batch placed, in one request scope, or none. The
+/// scope is written by the `complete_scopes` middleware once this answers `201`, before the
+/// answer leaves (so the read models show every order); a refused order fails the whole
+/// request and nothing of the scope is written.
+async fn create_batch(
+    mut scope: RequestScope,
+    Json(batch): Json<Batch<CreateOrder>>,
+) -> Result<HttpResponse, Problem> {
+    if batch.orders.is_empty() {
+        return Err(
+            Problem::bad_request("orders: a batch needs at least one order").with_field("orders"),
+        );
+    }
+    let mut created = Vec::with_capacity(batch.orders.len());
+    for (i, order) in batch.orders.into_iter().enumerate() {
+        let order: OrderCreated = scope.local_invoke(order).await.map_err(|e| {
+            let problem = Problem::from(e);
+            match problem.field {
+                Some(_) => problem,
+                None => problem.with_field(format!("orders[{i}]")),
+            }
+        })?;
+        created.push(order);
+    }
+    Ok(HttpResponse::Created().json(Batch { orders: created }))
+}
+
 /// `GET /orders/{id}`: the order-summary read model.
 async fn summary(
     orders: web::Data<Orders>,
@@ -104,6 +145,11 @@ async fn no_route() -> HttpResponse {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/orders", web::post().to(create))
         .route("/orders/async", web::post().to(create_async))
+        .service(
+            web::resource("/orders/batch")
+                .wrap(from_fn(complete_scopes))
+                .route(web::post().to(create_batch)),
+        )
         .route(
             "/orders/status/{correlation_id}",
             web::get().to(whizbang::web::status),

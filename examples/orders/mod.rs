@@ -157,8 +157,41 @@ pub struct OrderSummary {
     pub total_cents: i64,
 }
 
-type PgPool =
-    bb8::Pool<bb8_postgres::PostgresConnectionManager<whizbang::store::postgres::tls::DatabaseTls>>;
+type PgPool = bb8::Pool<SummaryConnections>;
+type Manager = bb8_postgres::PostgresConnectionManager<whizbang::store::postgres::tls::DatabaseTls>;
+use tokio_postgres::{Client, Statement, types::Type};
+
+/// Connections to the summaries table, each with the perspective's upsert prepared once: one
+/// round trip per event, and no parse and plan on the server for each (a query given as text
+/// costs a round trip of its own to prepare, every time).
+pub struct SummaryConnections {
+    inner: Manager,
+    upsert: String,
+}
+
+impl bb8::ManageConnection for SummaryConnections {
+    type Connection = (Client, Statement);
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let client = self.inner.connect().await?;
+        let upsert = client
+            .prepare_typed(
+                &self.upsert,
+                &[Type::TEXT, Type::TEXT, Type::INT4, Type::INT8],
+            )
+            .await?;
+        Ok((client, upsert))
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        self.inner.is_valid(&mut conn.0).await
+    }
+
+    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
+        self.inner.has_broken(&mut conn.0)
+    }
+}
 
 /// Where the order summaries live: a map for the in-memory store, a table in the service's
 /// schema (`<store.schema>.order_summary`) for the Postgres store.
@@ -186,10 +219,11 @@ impl OrderSummaries {
             .map_err(|e| anyhow::anyhow!(e))?;
         whizbang::store::postgres::connect::with_deadlines(&mut pg, config);
         let manager = bb8_postgres::PostgresConnectionManager::new(pg, tls);
-        let pool = bb8::Pool::builder().max_size(4).build(manager).await?;
         let schema = &config.store.schema;
         let table = format!("{schema}.order_summary");
-        pool.get()
+        // The table first (the pool's connections prepare their upsert on it), on a connection
+        // of its own.
+        bb8::ManageConnection::connect(&manager)
             .await?
             .batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema};
@@ -202,6 +236,20 @@ impl OrderSummaries {
                  )"
             ))
             .await?;
+        let upsert = format!(
+            "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
+             customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
+             total_cents = EXCLUDED.total_cents, updated_at = now()"
+        );
+        // As many as the runtime's own pool: a perspective runs per partition at once.
+        let pool = bb8::Pool::builder()
+            .max_size(config.store.pool_size.max(1))
+            .build(SummaryConnections {
+                inner: manager,
+                upsert,
+            })
+            .await?;
         Ok(OrderSummaries::Postgres { pool, table })
     }
 
@@ -213,6 +261,7 @@ impl OrderSummaries {
                 let row = pool
                     .get()
                     .await?
+                    .0
                     .query_opt(
                         &format!(
                             "SELECT order_id, customer_id, lines, total_cents FROM {table} \
@@ -239,6 +288,7 @@ impl OrderSummaries {
                 let n: i64 = pool
                     .get()
                     .await?
+                    .0
                     .query_one(&format!("SELECT count(*) FROM {table}"), &[])
                     .await?
                     .get(0);

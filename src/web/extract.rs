@@ -164,6 +164,20 @@ impl IdempotencyKey {
         Ok(value.iter().map(|&b| char::from(b)).collect())
     }
 
+    /// The request's key, if it has one; 400 when it is malformed or sent twice.
+    #[allow(clippy::result_large_err)] // a refusal's whole answer, as for `parse_json`
+    pub fn of(req: &HttpRequest) -> Result<IdempotencyKey, Problem> {
+        let mut values = req.headers().get_all(IdempotencyKey::HEADER);
+        match (values.next(), values.next()) {
+            (None, _) => Ok(IdempotencyKey(None)),
+            (Some(_), Some(_)) => Err(Problem::bad_request(
+                "the Idempotency-Key header was sent more than once",
+            )
+            .with_field(IdempotencyKey::HEADER)),
+            (Some(v), None) => IdempotencyKey::parse(v.as_bytes()).map(|k| IdempotencyKey(Some(k))),
+        }
+    }
+
     /// The key, if the request had one.
     pub fn into_inner(self) -> Option<String> {
         self.0
@@ -175,16 +189,7 @@ impl FromRequest for IdempotencyKey {
     type Future = Ready<Result<IdempotencyKey, Problem>>;
 
     fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
-        let mut values = req.headers().get_all(IdempotencyKey::HEADER);
-        let key = match (values.next(), values.next()) {
-            (None, _) => Ok(IdempotencyKey(None)),
-            (Some(_), Some(_)) => Err(Problem::bad_request(
-                "the Idempotency-Key header was sent more than once",
-            )
-            .with_field(IdempotencyKey::HEADER)),
-            (Some(v), None) => IdempotencyKey::parse(v.as_bytes()).map(|k| IdempotencyKey(Some(k))),
-        };
-        ready(key)
+        ready(IdempotencyKey::of(req))
     }
 }
 

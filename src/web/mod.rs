@@ -3,8 +3,10 @@
 //! Owns the HTTP edge of the library: [`Problem`] (RFC 9457 `application/problem+json`, with
 //! every [`DispatchError`] mapped to its status, `Retry-After` on 503, and server failures
 //! logged rather than answered), the extractors [`Json`] (415, 413 over
-//! `transport.max_message_bytes`, 400 naming the field) and [`IdempotencyKey`], the status
-//! endpoint handler [`status`], and [`RuntimeHandle`], the cloneable part of a
+//! `transport.max_message_bytes`, 400 naming the field), [`IdempotencyKey`] and
+//! [`RequestScope`] (the request's [`crate::Scope`], written by the [`complete_scopes`]
+//! middleware when the handler succeeded), the status endpoint handler [`status`], and
+//! [`RuntimeHandle`], the cloneable part of a
 //! [`crate::Runtime`] that handlers hold. It must not hold business logic, store anything, or own
 //! the server's life: the application builds its `HttpServer`, and stops the runtime after it.
 //!
@@ -55,10 +57,12 @@
 
 mod extract;
 mod problem;
+mod scope;
 mod status;
 
 pub use extract::{BodyLimit, IdempotencyKey, Json, parse_json};
 pub use problem::{PROBLEM_JSON, Problem};
+pub use scope::{RequestScope, complete_scopes};
 pub use status::{
     DeadLetterReport, Progress, ReceiptEvent, ReceiptJson, StatusReport, StoredEvent, status,
 };

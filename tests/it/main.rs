@@ -80,8 +80,10 @@ mod postgres {
 mod web {
     mod flows;
     mod harness;
+    mod idempotency;
     mod limits;
     mod postgres;
+    mod scopes;
     mod shutdown;
     mod tracking;
 }

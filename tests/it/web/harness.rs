@@ -187,6 +187,12 @@ impl Api {
         call(self.client.get(self.url(path)), None).await
     }
 
+    /// How many events the order service stored for order `id`.
+    pub async fn events_of(&self, id: &str) -> anyhow::Result<usize> {
+        let stream = format!("order-{id}");
+        Ok(self.orders.store().read_stream(&stream, 1).await?.len())
+    }
+
     /// A tracker over both services, with a deadline.
     pub fn tracker(&self) -> Tracker<'_> {
         Tracker::new(&self.transport)
