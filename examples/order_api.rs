@@ -19,7 +19,7 @@ use orders::{CreateOrder, CreateOrderReceptor, OrderCreated, OrderSummaries};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
-use whizbang::{Config, Runtime, StopSignal};
+use whizbang::{Config, Consistency, Runtime, StopSignal};
 
 #[derive(Parser)]
 #[command(about = "The order API (HTTP) on the whizbang runtime")]
@@ -56,7 +56,7 @@ async fn run() -> anyhow::Result<()> {
     let summaries = OrderSummaries::for_config(&config).await?;
     let runtime = Runtime::builder(config.clone())
         .receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
-        .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+        .read_model::<OrderCreated, _>("order-summary", summaries.clone(), Consistency::Async)
         .start()
         .await?;
     let listener = TcpListener::bind(&args.listen)?;

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use whizbang::config::{SubscriptionConfig, TransportKind};
 use whizbang::transport::memory::{MemoryBus, MemoryTransport};
-use whizbang::{Config, DispatchError, Message, ReceiptStatus, Runtime};
+use whizbang::{Config, Consistency, DispatchError, Message, ReceiptStatus, Runtime};
 
 #[derive(Parser)]
 #[command(about = "Order service scenario on the whizbang runtime")]
@@ -91,10 +91,11 @@ async fn run() -> anyhow::Result<()> {
         // The same registrations as the service below, without starting it.
         let summaries = OrderSummaries::for_config(&config).await?;
         command
-            .run(
-                order_service(config)
-                    .perspective::<OrderCreated, _>("order-summary", summaries.clone()),
-            )
+            .run(order_service(config).read_model::<OrderCreated, _>(
+                "order-summary",
+                summaries.clone(),
+                Consistency::Async,
+            ))
             .await?;
         println!(
             "order-summary now holds {} order(s)",
@@ -141,10 +142,11 @@ async fn run() -> anyhow::Result<()> {
         TransportKind::Amqp => None,
     };
 
-    // Order service: the receptor and the order-summary read model.
-    let summaries = OrderSummaries::memory();
+    // Order service: the receptor and the order-summary read model (exactly once: a table
+    // written in the runtime's transaction on the Postgres store, a map in memory).
+    let summaries = OrderSummaries::for_config(&config).await?;
     let order_service = with_transport(order_service(config.clone()))
-        .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+        .read_model::<OrderCreated, _>("order-summary", summaries.clone(), Consistency::Async)
         .start()
         .await?;
 

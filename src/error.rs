@@ -71,6 +71,20 @@ pub enum DispatchError {
         /// attempts.
         error: String,
     },
+    /// An inline read model (`whizbang::Consistency::Inline`) failed on the command's event
+    /// `message_id`: nothing of the command was written (HTTP 500; sending it again runs it
+    /// again).
+    #[error(
+        "nothing committed: inline read model `{read_model}` failed on event {message_id}: {error}"
+    )]
+    InlineReadModelFailed {
+        /// The id the event would have had.
+        message_id: Uuid,
+        /// The read model's name.
+        read_model: String,
+        /// Its error, panic or timeout as text.
+        error: String,
+    },
     /// `local_invoke` was asked for a result type the receptor does not return.
     #[error("receptor for `{message_type}` does not return `{expected}`")]
     ResultType {

@@ -85,16 +85,30 @@ pub struct EventMeta {
     pub stream_id: String,
     /// When the event was created, microseconds since the Unix epoch.
     pub timestamp_us: i64,
+    /// The event's version in its stream (1-based), for an event of this service's event store;
+    /// `None` for an event received from another service (the wire carries no version).
+    pub version: Option<u64>,
+    /// The event's position in this service's event store (1-based, gap-free); `None` for an
+    /// event received from another service.
+    pub position: Option<u64>,
 }
 
 impl EventMeta {
-    fn of(envelope: &Envelope) -> EventMeta {
+    /// The metadata of the event in `envelope`, stored at `version` and `position` (when it is
+    /// in this service's event store).
+    pub(crate) fn of(
+        envelope: &Envelope,
+        version: Option<u64>,
+        position: Option<u64>,
+    ) -> EventMeta {
         EventMeta {
             message_id: envelope.message_id,
             correlation_id: envelope.correlation_id,
             causation_id: envelope.causation_id,
             stream_id: envelope.stream_id.clone(),
             timestamp_us: envelope.timestamp_us,
+            version,
+            position,
         }
     }
 }
@@ -241,7 +255,7 @@ pub(crate) enum HandlerFailure {
 }
 
 /// The failures that a panic in user code, or user code past its deadline, becomes.
-trait GuardFailure {
+pub(crate) trait GuardFailure {
     fn panicked(message: String) -> Self;
     fn timed_out(after_ms: u64) -> Self;
 }
@@ -346,7 +360,11 @@ impl<C: Command, R: Receptor<C>> ErasedReceptor for ReceptorAdapter<C, R> {
 }
 
 pub(crate) trait ErasedPerspective: Send + Sync + 'static {
-    fn apply(&self, envelope: &Envelope) -> BoxFuture<'static, Result<(), HandlerFailure>>;
+    fn apply(
+        &self,
+        envelope: &Envelope,
+        meta: EventMeta,
+    ) -> BoxFuture<'static, Result<(), HandlerFailure>>;
 }
 
 pub(crate) struct PerspectiveAdapter<E, P> {
@@ -364,9 +382,12 @@ impl<E, P> PerspectiveAdapter<E, P> {
 }
 
 impl<E: Event, P: Perspective<E>> ErasedPerspective for PerspectiveAdapter<E, P> {
-    fn apply(&self, envelope: &Envelope) -> BoxFuture<'static, Result<(), HandlerFailure>> {
+    fn apply(
+        &self,
+        envelope: &Envelope,
+        meta: EventMeta,
+    ) -> BoxFuture<'static, Result<(), HandlerFailure>> {
         let event = message::decode::<E>(&envelope.payload);
-        let meta = EventMeta::of(envelope);
         let perspective = self.perspective.clone();
         async move {
             let event = event.map_err(|e| HandlerFailure::Decode(e.to_string()))?;
@@ -380,7 +401,7 @@ impl<E: Event, P: Perspective<E>> ErasedPerspective for PerspectiveAdapter<E, P>
 }
 
 /// Turns a panic payload into its message.
-fn panic_message(payload: Box<dyn Any + Send>) -> String {
+pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -391,8 +412,8 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
 }
 
 /// Runs user code with its panics caught and its run bounded by `timeout` (dropped past it).
-async fn guarded<T, F: GuardFailure>(
-    fut: BoxFuture<'static, Result<T, F>>,
+pub(crate) async fn guarded<T, F: GuardFailure>(
+    fut: BoxFuture<'_, Result<T, F>>,
     timeout: Duration,
 ) -> Result<T, F> {
     match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
@@ -469,9 +490,10 @@ impl PerspectiveHandle {
         }
     }
 
-    /// Applies the event in `envelope`.
-    pub(crate) fn apply(&self, envelope: &Envelope) -> ApplyRun {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.perspective.apply(envelope))) {
+    /// Applies the event in `envelope`, described by `meta`.
+    pub(crate) fn apply(&self, envelope: &Envelope, meta: EventMeta) -> ApplyRun {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.perspective.apply(envelope, meta)))
+        {
             Ok(fut) => Box::pin(guarded(fut, self.timeout)),
             Err(payload) => {
                 let message = panic_message(payload);

@@ -108,6 +108,7 @@
 //! | [`message`] | the `Command` / `Event` traits and the payload codec |
 //! | [`envelope`] | message id, correlation, causation, hops, metadata |
 //! | [`handler`] | the `Receptor` / `Perspective` traits and the guarded handles that run them |
+//! | [`read_model`] | exactly-once read models: [`ReadModel`] writes through the store transaction that records its progress, after the command or inline in its transaction |
 //! | [`registry`] | message type → receptor, perspectives, topic |
 //! | [`replay`] | rebuilding or resuming a perspective from the event store, with progress reports |
 //! | `operator` (feature `operator`) | commands a service embeds in its binary: `replay` with a progress bar |
@@ -145,6 +146,7 @@ pub mod operator;
 pub(crate) mod partition;
 pub(crate) mod protocol;
 pub(crate) mod publisher;
+pub mod read_model;
 pub mod registry;
 pub mod replay;
 mod retry;
@@ -172,6 +174,7 @@ pub use handler::{
     Decision, EventMeta, Perspective, PerspectiveError, Receptor, ReceptorContext, ReceptorError,
 };
 pub use message::{Command, Event, Message};
+pub use read_model::{Consistency, ReadModel, ReadModelTx};
 pub use runtime::{Runtime, RuntimeBuilder};
 pub use scope::{Scope, ScopeReceipt};
 pub use signal::StopSignal;

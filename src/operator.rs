@@ -28,7 +28,7 @@
 //! #[actix::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let builder = Runtime::builder(Config::load(std::path::Path::new("config/whizbang.toml"))?);
-//!     // .perspective::<OrderCreated, _>("order-summary", summaries) ...
+//!     // .read_model::<OrderCreated, _>("order-summary", summaries, Consistency::Async) ...
 //!     match Args::parse().command {
 //!         Some(Cmd::Operator(command)) => {
 //!             command.run(builder).await?;

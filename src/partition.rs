@@ -14,19 +14,28 @@
 
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
+use crate::handler::EventMeta;
 use crate::handler::HandlerFailure;
 use crate::idempotency::{Keyed, Outcome};
 use crate::protocol::{
-    AppliedReceiver, AppliedSender, CommitAnswer, CommitOutcome, CoordinatorLink, Report, commit,
+    AppliedReceiver, AppliedSender, AwaitProcessed, CommitAnswer, CommitOutcome, CoordinatorLink,
+    Report, commit,
 };
+use crate::read_model::{AppliedOnce, InlineRun, OneEvent};
 use crate::registry::RegistryView;
+use crate::registry::{PerspectiveRun, RegistryTable};
 use crate::routing::{Origin, plan_unit};
-use crate::store::{AppendedEvent, Failure, FailureKind, InboxWork, UnitOfWork, WorkRef};
+use crate::store::{
+    AppendedEvent, Failure, FailureKind, InboxWork, InlineOutcome, Store, UnitOfWork, UnitOutcome,
+    WorkRef,
+};
 use crate::supervision::{ActorKind, Lifeline, LifelineIssuer, StopNow, fault};
 use crate::telemetry::traces;
 use crate::workers::Placement;
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -114,6 +123,9 @@ impl Message for Enqueue {
 /// What every partition actor shares.
 #[derive(Clone)]
 pub(crate) struct PartitionDeps {
+    /// Read models run their transactions on it (`Store::apply_once`, `Store::commit_inline`);
+    /// everything else goes through the coordinator.
+    pub store: Arc<dyn Store>,
     pub origin: Origin,
     pub registry: RegistryView,
     pub coordinator: CoordinatorLink,
@@ -502,7 +514,7 @@ impl PartitionActor {
 /// A command whose receptor has run and whose unit is queued at the coordinator.
 struct QueuedCommand {
     result: Box<dyn Any + Send>,
-    commit: CommitAnswer,
+    commit: PendingCommit,
     /// The receptor refused a keyed command: the unit records the refusal only, and the
     /// refusal is the answer once it is committed.
     refused: Option<DispatchError>,
@@ -511,7 +523,10 @@ struct QueuedCommand {
 impl QueuedCommand {
     /// Waits for the unit's commit.
     async fn committed(self) -> Result<CommandOutcome, DispatchError> {
-        let committed = self.commit.await;
+        let committed = match self.commit {
+            PendingCommit::Queued(answer) => answer.await,
+            PendingCommit::Inline(run) => run.await,
+        };
         if let Some(refusal) = self.refused {
             return match committed {
                 // The key was recorded by another dispatch: the dispatcher answers that one.
@@ -529,6 +544,114 @@ impl QueuedCommand {
             applied,
         })
     }
+}
+
+/// How a command's unit gets committed.
+enum PendingCommit {
+    /// Queued at the coordinator, in its group commit.
+    Queued(CommitAnswer),
+    /// In a store transaction of its own, with its inline read models (run when awaited).
+    Inline(BoxFuture<'static, Result<CommitOutcome, DispatchError>>),
+}
+
+/// The inline read models of the unit's events, if any. An event whose perspectives are all
+/// inline loses its inbox row: they apply it with the command.
+fn inline_run(table: &RegistryTable, unit: &mut UnitOfWork) -> Option<InlineRun> {
+    let events: Vec<_> = unit
+        .events
+        .iter()
+        .filter_map(|e| {
+            let models: Vec<_> = table
+                .perspectives(&e.message_type)
+                .iter()
+                .filter_map(|p| match &p.run {
+                    PerspectiveRun::Once { handle, .. } if p.inline() => {
+                        Some((p.name.clone(), handle.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            (!models.is_empty()).then(|| (e.clone(), models))
+        })
+        .collect();
+    if events.is_empty() {
+        return None;
+    }
+    unit.inbox.retain(|row| {
+        row.envelope.kind != MessageKind::Event
+            || !table
+                .perspectives(&row.envelope.message_type)
+                .iter()
+                .all(|p| p.inline())
+    });
+    Some(InlineRun {
+        events,
+        failure: Default::default(),
+    })
+}
+
+/// Commits a unit with its inline read models in one store transaction (not in the
+/// coordinator's group commit, so a read model's failure rolls back this command alone).
+fn commit_inline(
+    deps: &PartitionDeps,
+    unit: UnitOfWork,
+    run: InlineRun,
+    wait: bool,
+) -> BoxFuture<'static, Result<CommitOutcome, DispatchError>> {
+    let (store, coordinator, instance) = (
+        deps.store.clone(),
+        deps.coordinator.clone(),
+        deps.origin.instance,
+    );
+    async move {
+        let inbox: Vec<Uuid> = unit.inbox.iter().map(|r| r.envelope.message_id).collect();
+        match store.commit_inline(instance, unit, &run).await? {
+            InlineOutcome::Refused => {
+                let failure = run.failure.into_inner().unwrap_or_else(|p| p.into_inner());
+                Err(match failure {
+                    Some((read_model, message_id, failure)) => {
+                        DispatchError::InlineReadModelFailed {
+                            message_id,
+                            read_model,
+                            error: failure.to_string(),
+                        }
+                    }
+                    None => DispatchError::InlineReadModelFailed {
+                        message_id: Uuid::nil(),
+                        read_model: String::new(),
+                        error: "refused without a reason".into(),
+                    },
+                })
+            }
+            InlineOutcome::Unit(UnitOutcome::Committed { appended, .. }) => {
+                // The unit's other rows wait, pending, for a claim; a caller who waits for the
+                // perspectives waits for them as for rows another instance holds.
+                let applied = if wait && !inbox.is_empty() {
+                    coordinator
+                        .awaits
+                        .send(AwaitProcessed(inbox))
+                        .await
+                        .map_err(|e| DispatchError::Unavailable(e.to_string()))?
+                } else {
+                    Vec::new()
+                };
+                Ok(CommitOutcome { appended, applied })
+            }
+            InlineOutcome::Unit(UnitOutcome::Conflict {
+                stream_id,
+                expected,
+                actual,
+            }) => Err(DispatchError::VersionConflict {
+                stream_id,
+                expected,
+                actual,
+            }),
+            InlineOutcome::Unit(UnitOutcome::KeyTaken { key }) => {
+                Err(DispatchError::IdempotencyKeyReused { key })
+            }
+        }
+    }
+    .boxed()
 }
 
 /// Receptor → unit → queued for commit (the coordinator keeps the order units arrive in).
@@ -582,7 +705,11 @@ async fn queue_command(
                     };
                     Ok(QueuedCommand {
                         result: Box::new(()),
-                        commit: commit(&deps.coordinator.commits, unit, false),
+                        commit: PendingCommit::Queued(commit(
+                            &deps.coordinator.commits,
+                            unit,
+                            false,
+                        )),
                         refused: Some(refusal),
                     })
                 }
@@ -614,10 +741,15 @@ async fn queue_command(
             inbox: unit.inbox.iter().map(|r| r.envelope.message_id).collect(),
         })?);
     }
-    // The unit goes into the coordinator's mailbox now; only the answer is awaited later.
+    // The unit goes into the coordinator's mailbox now; only the answer is awaited later. One
+    // with inline read models is committed on its own instead.
+    let commit = match inline_run(&table, &mut unit) {
+        Some(run) => PendingCommit::Inline(commit_inline(deps, unit, run, wait)),
+        None => PendingCommit::Queued(commit(&deps.coordinator.commits, unit, wait)),
+    };
     Ok(QueuedCommand {
         result: decision.result,
-        commit: commit(&deps.coordinator.commits, unit, wait),
+        commit,
         refused: None,
     })
 }
@@ -692,38 +824,58 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
         MessageKind::Event => {
             let table = deps.registry.current();
             let envelope = &work.envelope;
+            let meta = EventMeta::of(envelope, work.version, work.position);
             let perspectives: Vec<_> = table
                 .perspectives(&envelope.message_type)
                 .iter()
                 .filter(|p| !skip.contains(&p.name))
                 .collect();
-            // The perspectives of one event run in parallel; the next event waits for all.
+            // The perspectives of one event run in parallel; the next event waits for all. A
+            // read model runs in a store transaction of its own (an inline one too: an event
+            // it applied with its command is recorded, and skipped here).
             let span = traces::perspective(
                 envelope,
                 deps.origin.partition(&envelope.stream_id),
                 work.attempts,
             );
-            let apply_all = futures::future::join_all(perspectives.iter().map(|p| async move {
+            let meta = &meta;
+            let runs = perspectives.iter().map(|p| async move {
                 let started = Instant::now();
-                let result = p.handle.apply(envelope).await;
+                let result = match &p.run {
+                    PerspectiveRun::Plain(handle) => handle
+                        .apply(envelope, meta.clone())
+                        .await
+                        .map_err(Fail::Handler),
+                    PerspectiveRun::Once { handle, .. } => {
+                        apply_once(deps, &p.name, handle, envelope, meta.clone()).await
+                    }
+                };
                 p.meters.record(result.is_ok(), started.elapsed());
                 result
-            }));
-            let results = traces::within(&span, apply_all).await;
+            });
+            let results = traces::within(&span, futures::future::join_all(runs)).await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
             for (p, result) in perspectives.iter().zip(results) {
                 match result {
                     Ok(()) => applied.push(p.name.clone()),
-                    Err(HandlerFailure::Panicked(m)) => {
+                    Err(Fail::Handler(HandlerFailure::Panicked(m))) => {
                         failure.get_or_insert((
                             FailureKind::Panicked,
                             format!("{}: panicked: {m}", p.name),
                         ));
                     }
-                    Err(other) => {
+                    Err(Fail::Handler(other)) => {
                         failure
                             .get_or_insert((FailureKind::Failed, format!("{}: {other}", p.name)));
+                    }
+                    Err(Fail::Store(e)) => {
+                        let kind = if e.is_retryable() {
+                            FailureKind::Transient
+                        } else {
+                            FailureKind::Failed
+                        };
+                        failure.get_or_insert((kind, format!("{}: {e}", p.name)));
                     }
                 }
             }
@@ -732,5 +884,46 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 Some((kind, error)) => InboxResult::Failed(kind, error, applied),
             }
         }
+    }
+}
+
+/// Why one perspective of an inbox event did not apply it.
+enum Fail {
+    Handler(HandlerFailure),
+    /// A read model's transaction failed (its effects were rolled back with it).
+    Store(crate::store::StoreError),
+}
+
+/// Runs one read model on one event in its own store transaction, which also records the event
+/// as applied by it; an event recorded before is not applied again.
+async fn apply_once(
+    deps: &PartitionDeps,
+    name: &str,
+    handle: &crate::read_model::ReadModelHandle,
+    envelope: &Envelope,
+    meta: EventMeta,
+) -> Result<(), Fail> {
+    let one = OneEvent {
+        handle,
+        envelope,
+        meta,
+        failure: Default::default(),
+    };
+    match deps
+        .store
+        .apply_once(name, envelope.message_id, false, &one)
+        .await
+    {
+        Ok(AppliedOnce::Applied | AppliedOnce::AlreadyApplied) => {
+            fault::read_model_at(&envelope.stream_id, fault::HoldAt::AfterCommit).await;
+            Ok(())
+        }
+        Ok(AppliedOnce::Refused) => Err(Fail::Handler(
+            one.failure
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| HandlerFailure::Decode("refused without a reason".into())),
+        )),
+        Err(e) => Err(Fail::Store(e)),
     }
 }

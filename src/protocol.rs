@@ -34,6 +34,9 @@ pub struct CommitOutcome {
 pub struct CoordinatorLink {
     pub commits: Recipient<Commit>,
     pub reports: Recipient<Report>,
+    /// Where a unit committed outside the coordinator (with inline read models) waits for its
+    /// inbox rows.
+    pub awaits: Recipient<AwaitProcessed>,
 }
 
 /// Queues a unit; `reply` answers when it is committed (or conflicted, or the batch failed).

@@ -12,6 +12,9 @@ use crate::handler::{
     ReceptorHandle,
 };
 use crate::message::{self, Command, Event};
+use crate::read_model::{
+    Consistency, ErasedReadModel, ReadModel, ReadModelAdapter, ReadModelHandle,
+};
 use crate::supervision::{ActorKind, Lifeline, fault};
 use crate::telemetry::{HandlerMeters, Meters};
 use crate::{Perspective, Receptor};
@@ -55,9 +58,34 @@ pub(crate) struct ReceptorEntry {
 #[derive(Clone)]
 pub(crate) struct PerspectiveEntry {
     pub name: String,
-    pub handle: PerspectiveHandle,
+    pub run: PerspectiveRun,
     /// Its run times (`whizbang_perspective_duration_seconds`).
     pub meters: HandlerMeters,
+}
+
+/// How a registered perspective runs.
+#[derive(Clone)]
+pub(crate) enum PerspectiveRun {
+    /// A [`Perspective`]: its effects are its own, at least once.
+    Plain(PerspectiveHandle),
+    /// A [`crate::ReadModel`]: in the store transaction that records its progress.
+    Once {
+        handle: ReadModelHandle,
+        consistency: Consistency,
+    },
+}
+
+impl PerspectiveEntry {
+    /// Whether it runs inside the command's transaction.
+    pub fn inline(&self) -> bool {
+        matches!(
+            self.run,
+            PerspectiveRun::Once {
+                consistency: Consistency::Inline,
+                ..
+            }
+        )
+    }
 }
 
 /// One snapshot of the registry.
@@ -81,15 +109,15 @@ impl RegistryTable {
             .unwrap_or_default()
     }
 
-    /// Every registration of the perspective `name`: (event type, handle).
-    pub fn perspectives_named(&self, name: &str) -> Vec<(String, PerspectiveHandle)> {
+    /// Every registration of the perspective `name`: (event type, how it runs).
+    pub fn perspectives_named(&self, name: &str) -> Vec<(String, PerspectiveRun)> {
         self.perspectives
             .iter()
             .flat_map(|(event_type, entries)| {
                 entries
                     .iter()
                     .filter(|p| p.name == name)
-                    .map(|p| (event_type.clone(), p.handle.clone()))
+                    .map(|p| (event_type.clone(), p.run.clone()))
             })
             .collect()
     }
@@ -245,7 +273,13 @@ pub struct RegisterPerspective {
     pub(crate) event_type: &'static str,
     pub(crate) name: String,
     pub(crate) check: DecodeCheck,
-    pub(crate) perspective: Arc<dyn ErasedPerspective>,
+    pub(crate) perspective: Registered,
+}
+
+/// What is registered: a plain perspective, or a read model and when it runs.
+pub(crate) enum Registered {
+    Plain(Arc<dyn ErasedPerspective>),
+    Once(Arc<dyn ErasedReadModel>, Consistency),
 }
 
 impl RegisterPerspective {
@@ -259,7 +293,29 @@ impl RegisterPerspective {
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             },
-            perspective: Arc::new(PerspectiveAdapter::<E, P>::new(perspective)),
+            perspective: Registered::Plain(Arc::new(PerspectiveAdapter::<E, P>::new(perspective))),
+        }
+    }
+
+    /// Registers the read model `model` for event type `E` under `name`, run as `consistency`
+    /// says.
+    pub fn read_model<E: Event, R: ReadModel<E>>(
+        name: impl Into<String>,
+        model: R,
+        consistency: Consistency,
+    ) -> Self {
+        RegisterPerspective {
+            event_type: E::TYPE_NAME,
+            name: name.into(),
+            check: |b| {
+                message::decode::<E>(b)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            perspective: Registered::Once(
+                Arc::new(ReadModelAdapter::<E, R>::new(model)),
+                consistency,
+            ),
         }
     }
 }
@@ -285,7 +341,15 @@ impl Handler<RegisterPerspective> for Registry {
             });
         }
         self.claim_kind(msg.event_type, MessageKind::Event, msg.check)?;
-        let handle = PerspectiveHandle::new(msg.perspective, self.handler_timeout);
+        let run = match msg.perspective {
+            Registered::Plain(p) => {
+                PerspectiveRun::Plain(PerspectiveHandle::new(p, self.handler_timeout))
+            }
+            Registered::Once(model, consistency) => PerspectiveRun::Once {
+                handle: ReadModelHandle::new(model, self.handler_timeout),
+                consistency,
+            },
+        };
         self.table
             .perspectives
             .entry(msg.event_type.to_string())
@@ -293,7 +357,7 @@ impl Handler<RegisterPerspective> for Registry {
             .push(PerspectiveEntry {
                 meters: self.meters.perspective(&msg.name),
                 name: msg.name,
-                handle,
+                run,
             });
         self.view.replace(self.table.clone());
         Ok(())

@@ -10,7 +10,9 @@
 //! bar); it does not print anything itself.
 
 use crate::error::{DispatchError, StartError};
-use crate::registry::RegistryView;
+use crate::handler::EventMeta;
+use crate::read_model::{AppliedOnce, OneEvent};
+use crate::registry::{PerspectiveRun, RegistryView};
 use crate::store::Store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -161,17 +163,36 @@ pub(crate) async fn replay(
             break;
         };
         for event in page {
-            for (event_type, handle) in &targets {
+            for (event_type, run) in &targets {
                 if *event_type != event.envelope.message_type {
                     continue;
                 }
                 let message_id = event.envelope.message_id;
-                handle.apply(&event.envelope).await.map_err(|e| {
-                    DispatchError::PerspectiveFailed {
-                        message_id,
-                        error: e.to_string(),
+                let meta =
+                    EventMeta::of(&event.envelope, Some(event.version), Some(event.position));
+                let failed = |error: String| DispatchError::PerspectiveFailed { message_id, error };
+                match run {
+                    PerspectiveRun::Plain(handle) => handle
+                        .apply(&event.envelope, meta)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?,
+                    // A rebuild: applied whatever was recorded, and recorded again.
+                    PerspectiveRun::Once { handle, .. } => {
+                        let one = OneEvent {
+                            handle,
+                            envelope: &event.envelope,
+                            meta,
+                            failure: Default::default(),
+                        };
+                        let outcome = store
+                            .apply_once(perspective, message_id, true, &one)
+                            .await?;
+                        if outcome == AppliedOnce::Refused {
+                            let why = one.failure.into_inner().unwrap_or_else(|p| p.into_inner());
+                            return Err(failed(why.map(|e| e.to_string()).unwrap_or_default()));
+                        }
                     }
-                })?;
+                }
                 applied += 1;
             }
         }

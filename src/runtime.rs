@@ -67,6 +67,25 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Registers the read model `model` of event type `E` under `name`: its writes commit in the
+    /// store transaction that records its progress, so it shows each event exactly once (see
+    /// [`crate::read_model`]); `consistency` chooses whether it runs after the command (from
+    /// the inbox) or inline, inside the command's own transaction.
+    pub fn read_model<E: Event, R: crate::ReadModel<E>>(
+        mut self,
+        name: impl Into<String>,
+        model: R,
+        consistency: crate::Consistency,
+    ) -> Self {
+        self.perspectives
+            .push(RegisterPerspective::read_model::<E, R>(
+                name,
+                model,
+                consistency,
+            ));
+        self
+    }
+
     /// Uses this store instead of the one the configuration names (tests share one store
     /// between instances this way).
     pub fn store(mut self, store: Arc<dyn Store>) -> Self {
@@ -289,8 +308,10 @@ fn blueprint(
             let link = CoordinatorLink {
                 commits: coordinator.clone().recipient(),
                 reports: coordinator.clone().recipient(),
+                awaits: coordinator.clone().recipient(),
             };
             let partitions = PartitionDirectory::new(PartitionDeps {
+                store: store.clone(),
                 origin: origin.clone(),
                 registry: view.clone(),
                 coordinator: link.clone(),

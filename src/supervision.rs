@@ -739,6 +739,45 @@ pub mod fault {
             panic!("injected panic in the {kind:?} actor (fault-injection)");
         }
     }
+
+    /// Where [`hold_read_models`] holds a read model's run on an event.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum HoldAt {
+        /// After the read model applied the event, before its transaction commits.
+        BeforeCommit,
+        /// After the transaction committed, before the inbox row is reported completed.
+        AfterCommit,
+    }
+
+    static HOLDS: Mutex<Vec<(String, HoldAt)>> = Mutex::new(Vec::new());
+    static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// From now on, every read model of this process that runs an event of `stream_id`
+    /// (`crate::read_model`) hangs for ever at `at`: a test kills the process there.
+    pub fn hold_read_models(stream_id: &str, at: HoldAt) {
+        HOLDS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((stream_id.to_string(), at));
+    }
+
+    /// How many read-model runs hang where [`hold_read_models`] holds them.
+    pub fn read_models_held() -> usize {
+        HELD.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Called by a read model's run on an event of `stream_id` at `at`.
+    pub(crate) async fn read_model_at(stream_id: &str, at: HoldAt) {
+        let hold = HOLDS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(s, a)| s == stream_id && *a == at);
+        if hold {
+            HELD.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            futures::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Without the `fault-injection` feature nothing is ever armed.
@@ -748,4 +787,14 @@ pub(crate) mod fault {
 
     #[inline(always)]
     pub(crate) fn check(_instance: uuid::Uuid, _kind: ActorKind) {}
+
+    /// Where a read model's run could be held (see the `fault-injection` feature).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum HoldAt {
+        BeforeCommit,
+        AfterCommit,
+    }
+
+    #[inline(always)]
+    pub(crate) async fn read_model_at(_stream_id: &str, _at: HoldAt) {}
 }

@@ -1,7 +1,7 @@
 //! The order domain shared by the examples (`order_service`, `order_api`) and the HTTP tests
 //! (`tests/it/web`): the `CreateOrder` command, its receptor, the `OrderCreated` event and its
-//! perspectives (the order-summary read model, in memory or in a Postgres table, and the
-//! inventory reservations). `api` is the HTTP service over it.
+//! perspectives (the order-summary read model, exactly once, in memory or in a Postgres table,
+//! and the inventory reservations). `api` is the HTTP service over it.
 //!
 //! It must not start anything by itself: each example wires the runtime and decides what runs.
 
@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use whizbang::{
-    Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError, Receptor,
-    ReceptorContext, ReceptorError,
+    Command, Config, Decision, Event, EventMeta, Message, Perspective, PerspectiveError, ReadModel,
+    ReadModelTx, Receptor, ReceptorContext, ReceptorError,
 };
 
 // ---- Messages ---------------------------------------------------------------------------
@@ -199,7 +199,7 @@ impl bb8::ManageConnection for SummaryConnections {
 pub enum OrderSummaries {
     /// For the life of the process.
     Memory(Arc<Mutex<BTreeMap<String, OrderSummary>>>),
-    /// A real table, written by the perspective with an upsert (applying twice is harmless).
+    /// A real table, written by the read model in the runtime's transaction; `pool` reads it.
     Postgres { pool: PgPool, table: String },
 }
 
@@ -298,8 +298,16 @@ impl OrderSummaries {
     }
 }
 
-impl Perspective<OrderCreated> for OrderSummaries {
-    async fn apply(&self, e: OrderCreated, _meta: EventMeta) -> Result<(), PerspectiveError> {
+/// Exactly once: on Postgres the upsert runs in the transaction in which the runtime records
+/// the event as applied to `order-summary` (`whizbang::read_model`); in memory the insert is
+/// staged and runs with that record.
+impl ReadModel<OrderCreated> for OrderSummaries {
+    async fn apply(
+        &self,
+        e: OrderCreated,
+        _meta: EventMeta,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), PerspectiveError> {
         let summary = OrderSummary {
             order_id: e.order_id,
             customer_id: e.customer_id,
@@ -308,29 +316,37 @@ impl Perspective<OrderCreated> for OrderSummaries {
         };
         match self {
             OrderSummaries::Memory(map) => {
-                map.lock()
-                    .unwrap()
-                    .insert(summary.order_id.clone(), summary);
+                let map = map.clone();
+                tx.on_commit(move || {
+                    map.lock()
+                        .unwrap()
+                        .insert(summary.order_id.clone(), summary);
+                });
                 Ok(())
             }
-            OrderSummaries::Postgres { pool, .. } => {
-                let conn = pool
-                    .get()
-                    .await
-                    .map_err(|e| PerspectiveError(format!("order_summary: {e}")))?;
-                let (client, upsert) = &*conn;
-                client
-                    .execute(
-                        upsert,
-                        &[
-                            &summary.order_id,
-                            &summary.customer_id,
-                            &summary.lines,
-                            &summary.total_cents,
-                        ],
+            OrderSummaries::Postgres { table, .. } => {
+                let pg = tx.postgres().ok_or_else(|| {
+                    PerspectiveError(
+                        "order_summary is a Postgres table: the store must be Postgres".into(),
                     )
-                    .await
-                    .map_err(|e| PerspectiveError(format!("order_summary: {e}")))?;
+                })?;
+                // An upsert: a replay from scratch applies every event again.
+                pg.execute(
+                    &format!(
+                        "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
+                         customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
+                         total_cents = EXCLUDED.total_cents, updated_at = now()"
+                    ),
+                    &[
+                        &summary.order_id,
+                        &summary.customer_id,
+                        &summary.lines,
+                        &summary.total_cents,
+                    ],
+                )
+                .await
+                .map_err(|e| PerspectiveError(format!("order_summary: {e}")))?;
                 Ok(())
             }
         }

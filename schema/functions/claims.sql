@@ -184,10 +184,13 @@ BEGIN
           FROM prefix p WHERE o.seq = p.seq AND NOT p.cut
         RETURNING o.*
     )
-    SELECT 'claim_i'::text, NULL::integer, c.message_id, c.stream_id, NULL::bigint, c.seq, c.partition,
+    -- An event of this service's own event store comes with its version and position (the
+    -- perspectives' EventMeta); a command, or an event received from another service, without.
+    SELECT 'claim_i'::text, NULL::integer, c.message_id, c.stream_id, ev.version, ev."position", c.partition,
            c.claimed_generation, c.attempts, NULL::text, c.correlation_id, c.causation_id,
            c.message_type, c.message_kind, c.timestamp_us, c.meta, c.payload
-      FROM claimed c ORDER BY c.seq;
+      FROM claimed c LEFT JOIN {{schema}}.wb_events ev ON ev.message_id = c.message_id
+     ORDER BY c.seq;
 END;
 $$;
 

@@ -175,7 +175,7 @@ $$;
 -- Renews this instance's liveness and leases; takes over the partitions of instances whose
 -- liveness lock is free (they died); gives up idle partitions at once and, above its fair share
 -- (leased partitions / live instances), a few partitions with nothing in flight here; purges
--- processed dedup keys and idempotency keys older than the retention and instances gone for ten leases; wakes every
+-- processed dedup keys, idempotency keys and read-model records older than the retention and instances gone for ten leases; wakes every
 -- instance when work became claimable.
 --
 -- An instance found dead by its lock has its live leases expired (expires_at = now()), nothing
@@ -348,6 +348,8 @@ BEGIN
      WHERE received_at < now() - p_retention_s * interval '1 second' AND processed_at IS NOT NULL;
     DELETE FROM {{schema}}.wb_idempotency
      WHERE created_at < now() - p_retention_s * interval '1 second';
+    DELETE FROM {{schema}}.wb_read_model_applied
+     WHERE applied_at < now() - p_retention_s * interval '1 second';
     DELETE FROM {{schema}}.wb_instances
      WHERE last_seen < now() - 10 * p_lease_s * interval '1 second';
 

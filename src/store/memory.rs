@@ -3,9 +3,12 @@
 //! Owns an in-process event store, outbox, inbox, dedup records and partition leases behind one
 //! mutex, so every [`WorkBatch`] is atomic. Its clock is the process clock, which plays the part
 //! of the database clock. It must not be used where durability matters: everything is lost when
-//! the process exits.
+//! the process exits. A read model's effects ([`Store::apply_once`], [`Store::commit_inline`])
+//! are staged closures, run under that mutex together with the record that the event was
+//! applied: exactly once for the life of the process.
 
 use super::*;
+use crate::read_model::ReadModelTx;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -106,6 +109,8 @@ struct State {
     events: Vec<StoredEvent>,
     by_stream: HashMap<String, Vec<usize>>,
     by_correlation: HashMap<Uuid, Vec<usize>>,
+    /// Event message id → index in `events` (an inbox row's version and position).
+    by_id: HashMap<Uuid, usize>,
     outbox: RowQueue,
     inbox: RowQueue,
     /// Dedup records of processed messages: message id → (received at, correlation id); a
@@ -119,6 +124,9 @@ struct State {
     /// Idempotency records by key, with when they were written (purged after the dedup
     /// retention).
     idempotency: HashMap<String, (Instant, IdempotencyRecord)>,
+    /// (read model, event id) → when it was applied ([`Store::apply_once`]); purged after the
+    /// dedup retention.
+    read_models: HashMap<(String, Uuid), Instant>,
 }
 
 /// The embedded store. Cheap to create; share it behind an `Arc` between instances to simulate
@@ -127,6 +135,9 @@ pub struct MemoryStore {
     settings: StoreSettings,
     state: Mutex<State>,
     signal: tokio::sync::watch::Sender<u64>,
+    /// Held by a batch with units, and by an inline unit from before its read models run until
+    /// it is applied.
+    inline_gate: tokio::sync::Mutex<()>,
 }
 
 impl MemoryStore {
@@ -136,6 +147,7 @@ impl MemoryStore {
             settings,
             state: Mutex::new(State::default()),
             signal: tokio::sync::watch::channel(0).0,
+            inline_gate: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -147,6 +159,288 @@ impl MemoryStore {
 
     fn bump(&self) {
         self.signal.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Applies one batch to the locked state (see [`Store::process_work_batch`]).
+    fn apply_batch(
+        &self,
+        st: &mut State,
+        instance: InstanceId,
+        batch: WorkBatch,
+    ) -> WorkBatchResult {
+        let now = Instant::now();
+        let settings = &self.settings;
+        let mut left_pending = false;
+        let mut result = WorkBatchResult::default();
+
+        // Reports first: they free the streams that new work may queue behind.
+        let mut completed = false;
+        for w in &batch.outbox_completions {
+            if st.complete(Queue::Outbox, instance, w) {
+                completed = true;
+            } else {
+                result.stale.push(w.message_id);
+            }
+        }
+        for w in &batch.inbox_completions {
+            if st.complete(Queue::Inbox, instance, w) {
+                completed = true;
+            } else {
+                result.stale.push(w.message_id);
+            }
+        }
+        for f in &batch.outbox_failures {
+            if !st.fail(Queue::Outbox, instance, f, now, settings, &mut result) {
+                result.stale.push(f.work.message_id);
+            }
+        }
+        for f in &batch.inbox_failures {
+            if !st.fail(Queue::Inbox, instance, f, now, settings, &mut result) {
+                result.stale.push(f.work.message_id);
+            }
+        }
+        for w in &batch.outbox_releases {
+            if st.release_row(Queue::Outbox, instance, w) {
+                left_pending = true;
+            }
+        }
+        for w in &batch.inbox_releases {
+            if st.release_row(Queue::Inbox, instance, w) {
+                left_pending = true;
+            }
+        }
+
+        for unit in batch.units {
+            // The key first, as on Postgres: a unit whose key is taken writes nothing.
+            if let Some(record) = &unit.idempotency
+                && st.idempotency.contains_key(&record.key)
+            {
+                result.units.push(UnitOutcome::KeyTaken {
+                    key: record.key.clone(),
+                });
+                continue;
+            }
+            let conflict = unit.expectations.iter().find_map(|(stream, expected)| {
+                let actual = st.versions.get(stream).copied().unwrap_or(0);
+                (!expected.matches(actual)).then(|| UnitOutcome::Conflict {
+                    stream_id: stream.clone(),
+                    expected: *expected,
+                    actual,
+                })
+            });
+            if let Some(conflict) = conflict {
+                result.units.push(conflict);
+                continue;
+            }
+            for w in &unit.completes_inbox {
+                if st.complete(Queue::Inbox, instance, w) {
+                    completed = true;
+                } else {
+                    result.stale.push(w.message_id);
+                }
+            }
+            let mut appended = Vec::with_capacity(unit.events.len());
+            for envelope in unit.events {
+                let version = st.versions.entry(envelope.stream_id.clone()).or_default();
+                *version += 1;
+                let version = *version;
+                let position = st.events.len() as u64 + 1;
+                let index = st.events.len();
+                st.by_stream
+                    .entry(envelope.stream_id.clone())
+                    .or_default()
+                    .push(index);
+                st.by_correlation
+                    .entry(envelope.correlation_id)
+                    .or_default()
+                    .push(index);
+                st.by_id.insert(envelope.message_id, index);
+                appended.push(AppendedEvent {
+                    message_id: envelope.message_id,
+                    stream_id: envelope.stream_id.clone(),
+                    version,
+                    position,
+                });
+                st.events.push(StoredEvent {
+                    position,
+                    version,
+                    envelope,
+                });
+            }
+            if let Some(record) = unit.idempotency {
+                st.idempotency.insert(
+                    record.key.clone(),
+                    (
+                        now,
+                        IdempotencyRecord {
+                            record,
+                            appended: appended.clone(),
+                        },
+                    ),
+                );
+            }
+            let mut claimed_outbox = Vec::new();
+            for row in unit.outbox {
+                if st.outbox.rows.contains_key(&row.envelope.message_id) {
+                    continue; // the same message queued twice: already on its way
+                }
+                st.next_seq += 1;
+                let seq = st.next_seq;
+                let id = row.envelope.message_id;
+                let stream = row.envelope.stream_id.clone();
+                st.outbox.insert(Row {
+                    seq,
+                    envelope: row.envelope,
+                    topic: row.topic,
+                    partition: row.partition,
+                    attempts: 0,
+                    next_attempt: None,
+                    last_error: None,
+                    claimed: None,
+                    dead: false,
+                    received: now,
+                });
+                let claim = if unit.claim_for_writer {
+                    st.try_acquire(row.partition, instance, now, settings)
+                } else {
+                    None
+                };
+                match claim {
+                    Some(generation)
+                        if st.outbox.only_in_flight_before(
+                            &stream,
+                            seq,
+                            (instance, generation),
+                        ) =>
+                    {
+                        let r = st.outbox.rows.get_mut(&id).expect("just inserted");
+                        r.claimed = Some((instance, generation));
+                        claimed_outbox.push(OutboxWork {
+                            envelope: r.envelope.clone(),
+                            topic: r.topic.clone(),
+                            work: WorkRef {
+                                message_id: id,
+                                partition: row.partition,
+                                generation,
+                            },
+                            attempts: 0,
+                        });
+                    }
+                    _ => left_pending = true,
+                }
+            }
+            let mut claimed_inbox = Vec::new();
+            let mut duplicate_inbox = Vec::new();
+            for row in unit.inbox {
+                let id = row.envelope.message_id;
+                if st.is_duplicate_inbox(&id) {
+                    duplicate_inbox.push(id);
+                    continue;
+                }
+                st.next_seq += 1;
+                let seq = st.next_seq;
+                let stream = row.envelope.stream_id.clone();
+                st.inbox.insert(Row {
+                    seq,
+                    envelope: row.envelope,
+                    topic: String::new(),
+                    partition: row.partition,
+                    attempts: 0,
+                    next_attempt: None,
+                    last_error: None,
+                    claimed: None,
+                    dead: false,
+                    received: now,
+                });
+                let claim = if unit.claim_for_writer {
+                    st.try_acquire(row.partition, instance, now, settings)
+                } else {
+                    None
+                };
+                match claim {
+                    Some(generation)
+                        if st
+                            .inbox
+                            .only_in_flight_before(&stream, seq, (instance, generation)) =>
+                    {
+                        let (version, position) = st.place_of(&id);
+                        let r = st.inbox.rows.get_mut(&id).expect("just inserted");
+                        r.claimed = Some((instance, generation));
+                        claimed_inbox.push(InboxWork {
+                            envelope: r.envelope.clone(),
+                            work: WorkRef {
+                                message_id: id,
+                                partition: row.partition,
+                                generation,
+                            },
+                            attempts: 0,
+                            version,
+                            position,
+                        });
+                    }
+                    _ => left_pending = true,
+                }
+            }
+            result.units.push(UnitOutcome::Committed {
+                appended,
+                claimed_outbox,
+                claimed_inbox,
+                duplicate_inbox,
+            });
+        }
+
+        if let Some(budget) = batch.claim {
+            st.acquire_partitions_with_work(instance, now, settings);
+            let (known_outbox, known_inbox): (Option<HashSet<Uuid>>, Option<HashSet<Uuid>>) =
+                match &batch.in_flight {
+                    Some(f) => (
+                        Some(f.outbox.iter().copied().collect()),
+                        Some(f.inbox.iter().copied().collect()),
+                    ),
+                    None => (None, None),
+                };
+            for (id, work) in st.claim(
+                Queue::Outbox,
+                instance,
+                budget.outbox,
+                now,
+                known_outbox.as_ref(),
+            ) {
+                let row = &st.outbox.rows[&id];
+                result.claimed_outbox.push(OutboxWork {
+                    envelope: row.envelope.clone(),
+                    topic: row.topic.clone(),
+                    work,
+                    attempts: row.attempts,
+                });
+            }
+            for (id, work) in st.claim(
+                Queue::Inbox,
+                instance,
+                budget.inbox,
+                now,
+                known_inbox.as_ref(),
+            ) {
+                let row = &st.inbox.rows[&id];
+                let (version, position) = st.place_of(&id);
+                result.claimed_inbox.push(InboxWork {
+                    envelope: row.envelope.clone(),
+                    work,
+                    attempts: row.attempts,
+                    version,
+                    position,
+                });
+            }
+        }
+        // A completion may leave a held partition idle while rows wait in a partition nobody
+        // holds (written while this instance was at max_partitions_per_instance): wake the
+        // coordinators so that a claim trades the idle partition for it, rather than leaving
+        // those rows to the fallback poll.
+        let starved = completed && st.has_unleased_rows(now);
+        if left_pending || starved || !result.dead_lettered.is_empty() {
+            self.bump();
+        }
+        result
     }
 }
 
@@ -240,6 +534,14 @@ impl State {
         );
         self.held.entry(instance).or_default().insert(partition);
         Some(generation)
+    }
+
+    /// The version and position of an event of this store (`None`s for anything else).
+    fn place_of(&self, id: &Uuid) -> (Option<u64>, Option<u64>) {
+        match self.by_id.get(id).map(|&i| &self.events[i]) {
+            Some(e) => (Some(e.version), Some(e.position)),
+            None => (None, None),
+        }
     }
 
     fn is_duplicate_inbox(&self, id: &Uuid) -> bool {
@@ -508,6 +810,7 @@ impl Store for MemoryStore {
         let retention = settings.dedup_retention;
         st.processed.retain(|_, (at, _)| *at + retention > now);
         st.idempotency.retain(|_, (at, _)| *at + retention > now);
+        st.read_models.retain(|_, at| *at + retention > now);
         let held_partitions = st
             .held
             .get(&instance)
@@ -532,274 +835,126 @@ impl Store for MemoryStore {
         instance: InstanceId,
         batch: WorkBatch,
     ) -> Result<WorkBatchResult, StoreError> {
-        let now = Instant::now();
-        let settings = &self.settings;
-        let mut left_pending = false;
-        let mut result = WorkBatchResult::default();
+        // Units wait while an inline unit's read models run (as they wait for the append lock
+        // on Postgres): the versions and positions those were given must stay the ones written.
+        let _gate = if batch.units.is_empty() {
+            None
+        } else {
+            Some(self.inline_gate.lock().await)
+        };
+        Ok(self.apply_batch(&mut self.lock(), instance, batch))
+    }
+
+    async fn apply_once(
+        &self,
+        read_model: &str,
+        message_id: Uuid,
+        replay: bool,
+        apply: &dyn ApplyInTx,
+    ) -> Result<AppliedOnce, StoreError> {
+        let key = (read_model.to_string(), message_id);
+        if !replay && self.lock().read_models.contains_key(&key) {
+            return Ok(AppliedOnce::AlreadyApplied);
+        }
+        let mut tx = ReadModelTx::staged();
+        if apply.apply(&mut tx).await.is_err() {
+            return Ok(AppliedOnce::Refused);
+        }
+        let effects = tx.take_staged();
         let mut st = self.lock();
-        let st = &mut *st;
+        // Another run of the same event may have recorded it meanwhile: its effects stand.
+        if !replay && st.read_models.contains_key(&key) {
+            return Ok(AppliedOnce::AlreadyApplied);
+        }
+        st.read_models.insert(key, Instant::now());
+        for effect in effects {
+            effect();
+        }
+        Ok(AppliedOnce::Applied)
+    }
 
-        // Reports first: they free the streams that new work may queue behind.
-        let mut completed = false;
-        for w in &batch.outbox_completions {
-            if st.complete(Queue::Outbox, instance, w) {
-                completed = true;
-            } else {
-                result.stale.push(w.message_id);
-            }
-        }
-        for w in &batch.inbox_completions {
-            if st.complete(Queue::Inbox, instance, w) {
-                completed = true;
-            } else {
-                result.stale.push(w.message_id);
-            }
-        }
-        for f in &batch.outbox_failures {
-            if !st.fail(Queue::Outbox, instance, f, now, settings, &mut result) {
-                result.stale.push(f.work.message_id);
-            }
-        }
-        for f in &batch.inbox_failures {
-            if !st.fail(Queue::Inbox, instance, f, now, settings, &mut result) {
-                result.stale.push(f.work.message_id);
-            }
-        }
-        for w in &batch.outbox_releases {
-            if st.release_row(Queue::Outbox, instance, w) {
-                left_pending = true;
-            }
-        }
-        for w in &batch.inbox_releases {
-            if st.release_row(Queue::Inbox, instance, w) {
-                left_pending = true;
-            }
-        }
-
-        for unit in batch.units {
-            // The key first, as on Postgres: a unit whose key is taken writes nothing.
+    async fn commit_inline(
+        &self,
+        instance: InstanceId,
+        mut unit: UnitOfWork,
+        apply: &dyn InlineApply,
+    ) -> Result<InlineOutcome, StoreError> {
+        unit.claim_for_writer = false;
+        // No other unit is applied until this one is (see `process_work_batch`): the versions
+        // and positions foreseen here are the ones it gets.
+        let _gate = self.inline_gate.lock().await;
+        let foreseen = {
+            let st = self.lock();
             if let Some(record) = &unit.idempotency
                 && st.idempotency.contains_key(&record.key)
             {
-                result.units.push(UnitOutcome::KeyTaken {
+                return Ok(InlineOutcome::Unit(UnitOutcome::KeyTaken {
                     key: record.key.clone(),
-                });
-                continue;
+                }));
             }
-            let conflict = unit.expectations.iter().find_map(|(stream, expected)| {
+            for (stream, expected) in &unit.expectations {
                 let actual = st.versions.get(stream).copied().unwrap_or(0);
-                (!expected.matches(actual)).then(|| UnitOutcome::Conflict {
-                    stream_id: stream.clone(),
-                    expected: *expected,
-                    actual,
+                if !expected.matches(actual) {
+                    return Ok(InlineOutcome::Unit(UnitOutcome::Conflict {
+                        stream_id: stream.clone(),
+                        expected: *expected,
+                        actual,
+                    }));
+                }
+            }
+            let mut versions: HashMap<&str, u64> = HashMap::new();
+            let mut position = st.events.len() as u64;
+            unit.events
+                .iter()
+                .map(|e| {
+                    let version = versions
+                        .entry(&e.stream_id)
+                        .or_insert_with(|| st.versions.get(&e.stream_id).copied().unwrap_or(0));
+                    *version += 1;
+                    position += 1;
+                    AppendedEvent {
+                        message_id: e.message_id,
+                        stream_id: e.stream_id.clone(),
+                        version: *version,
+                        position,
+                    }
                 })
-            });
-            if let Some(conflict) = conflict {
-                result.units.push(conflict);
-                continue;
+                .collect::<Vec<_>>()
+        };
+        let mut tx = ReadModelTx::staged();
+        let Ok(applied) = apply.apply(&mut tx, &foreseen).await else {
+            return Ok(InlineOutcome::Refused);
+        };
+        let effects = tx.take_staged();
+        let mut st = self.lock();
+        let mut result = self.apply_batch(
+            &mut st,
+            instance,
+            WorkBatch {
+                units: vec![unit],
+                ..WorkBatch::default()
+            },
+        );
+        let outcome = result.units.pop().ok_or_else(|| {
+            StoreError::Corrupt("the batch answered nothing for the inline unit".into())
+        })?;
+        if let UnitOutcome::Committed { appended, .. } = &outcome {
+            if *appended != foreseen {
+                return Err(StoreError::Corrupt(format!(
+                    "an inline unit was appended at {appended:?}, not at {foreseen:?}"
+                )));
             }
-            for w in &unit.completes_inbox {
-                if st.complete(Queue::Inbox, instance, w) {
-                    completed = true;
-                } else {
-                    result.stale.push(w.message_id);
-                }
+            let now = Instant::now();
+            for key in applied {
+                st.read_models.insert(key, now);
             }
-            let mut appended = Vec::with_capacity(unit.events.len());
-            for envelope in unit.events {
-                let version = st.versions.entry(envelope.stream_id.clone()).or_default();
-                *version += 1;
-                let version = *version;
-                let position = st.events.len() as u64 + 1;
-                let index = st.events.len();
-                st.by_stream
-                    .entry(envelope.stream_id.clone())
-                    .or_default()
-                    .push(index);
-                st.by_correlation
-                    .entry(envelope.correlation_id)
-                    .or_default()
-                    .push(index);
-                appended.push(AppendedEvent {
-                    message_id: envelope.message_id,
-                    stream_id: envelope.stream_id.clone(),
-                    version,
-                    position,
-                });
-                st.events.push(StoredEvent {
-                    position,
-                    version,
-                    envelope,
-                });
-            }
-            if let Some(record) = unit.idempotency {
-                st.idempotency.insert(
-                    record.key.clone(),
-                    (
-                        now,
-                        IdempotencyRecord {
-                            record,
-                            appended: appended.clone(),
-                        },
-                    ),
-                );
-            }
-            let mut claimed_outbox = Vec::new();
-            for row in unit.outbox {
-                if st.outbox.rows.contains_key(&row.envelope.message_id) {
-                    continue; // the same message queued twice: already on its way
-                }
-                st.next_seq += 1;
-                let seq = st.next_seq;
-                let id = row.envelope.message_id;
-                let stream = row.envelope.stream_id.clone();
-                st.outbox.insert(Row {
-                    seq,
-                    envelope: row.envelope,
-                    topic: row.topic,
-                    partition: row.partition,
-                    attempts: 0,
-                    next_attempt: None,
-                    last_error: None,
-                    claimed: None,
-                    dead: false,
-                    received: now,
-                });
-                let claim = if unit.claim_for_writer {
-                    st.try_acquire(row.partition, instance, now, settings)
-                } else {
-                    None
-                };
-                match claim {
-                    Some(generation)
-                        if st.outbox.only_in_flight_before(
-                            &stream,
-                            seq,
-                            (instance, generation),
-                        ) =>
-                    {
-                        let r = st.outbox.rows.get_mut(&id).expect("just inserted");
-                        r.claimed = Some((instance, generation));
-                        claimed_outbox.push(OutboxWork {
-                            envelope: r.envelope.clone(),
-                            topic: r.topic.clone(),
-                            work: WorkRef {
-                                message_id: id,
-                                partition: row.partition,
-                                generation,
-                            },
-                            attempts: 0,
-                        });
-                    }
-                    _ => left_pending = true,
-                }
-            }
-            let mut claimed_inbox = Vec::new();
-            let mut duplicate_inbox = Vec::new();
-            for row in unit.inbox {
-                let id = row.envelope.message_id;
-                if st.is_duplicate_inbox(&id) {
-                    duplicate_inbox.push(id);
-                    continue;
-                }
-                st.next_seq += 1;
-                let seq = st.next_seq;
-                let stream = row.envelope.stream_id.clone();
-                st.inbox.insert(Row {
-                    seq,
-                    envelope: row.envelope,
-                    topic: String::new(),
-                    partition: row.partition,
-                    attempts: 0,
-                    next_attempt: None,
-                    last_error: None,
-                    claimed: None,
-                    dead: false,
-                    received: now,
-                });
-                let claim = if unit.claim_for_writer {
-                    st.try_acquire(row.partition, instance, now, settings)
-                } else {
-                    None
-                };
-                match claim {
-                    Some(generation)
-                        if st
-                            .inbox
-                            .only_in_flight_before(&stream, seq, (instance, generation)) =>
-                    {
-                        let r = st.inbox.rows.get_mut(&id).expect("just inserted");
-                        r.claimed = Some((instance, generation));
-                        claimed_inbox.push(InboxWork {
-                            envelope: r.envelope.clone(),
-                            work: WorkRef {
-                                message_id: id,
-                                partition: row.partition,
-                                generation,
-                            },
-                            attempts: 0,
-                        });
-                    }
-                    _ => left_pending = true,
-                }
-            }
-            result.units.push(UnitOutcome::Committed {
-                appended,
-                claimed_outbox,
-                claimed_inbox,
-                duplicate_inbox,
-            });
-        }
-
-        if let Some(budget) = batch.claim {
-            st.acquire_partitions_with_work(instance, now, settings);
-            let (known_outbox, known_inbox): (Option<HashSet<Uuid>>, Option<HashSet<Uuid>>) =
-                match &batch.in_flight {
-                    Some(f) => (
-                        Some(f.outbox.iter().copied().collect()),
-                        Some(f.inbox.iter().copied().collect()),
-                    ),
-                    None => (None, None),
-                };
-            for (id, work) in st.claim(
-                Queue::Outbox,
-                instance,
-                budget.outbox,
-                now,
-                known_outbox.as_ref(),
-            ) {
-                let row = &st.outbox.rows[&id];
-                result.claimed_outbox.push(OutboxWork {
-                    envelope: row.envelope.clone(),
-                    topic: row.topic.clone(),
-                    work,
-                    attempts: row.attempts,
-                });
-            }
-            for (id, work) in st.claim(
-                Queue::Inbox,
-                instance,
-                budget.inbox,
-                now,
-                known_inbox.as_ref(),
-            ) {
-                let row = &st.inbox.rows[&id];
-                result.claimed_inbox.push(InboxWork {
-                    envelope: row.envelope.clone(),
-                    work,
-                    attempts: row.attempts,
-                });
+            for effect in effects {
+                effect();
             }
         }
-        // A completion may leave a held partition idle while rows wait in a partition nobody
-        // holds (written while this instance was at max_partitions_per_instance): wake the
-        // coordinators so that a claim trades the idle partition for it, rather than leaving
-        // those rows to the fallback poll.
-        let starved = completed && st.has_unleased_rows(now);
-        if left_pending || starved || !result.dead_lettered.is_empty() {
-            self.bump();
-        }
-        Ok(result)
+        drop(st);
+        self.bump();
+        Ok(InlineOutcome::Unit(outcome))
     }
 
     async fn release_partitions(

@@ -27,6 +27,7 @@ pub mod memory;
 pub mod postgres;
 
 use crate::envelope::Envelope;
+pub use crate::read_model::{AppliedOnce, ApplyInTx, InlineApply};
 use async_trait::async_trait;
 use std::time::Duration;
 use uuid::Uuid;
@@ -206,6 +207,11 @@ pub struct InboxWork {
     /// Counted failed attempts before this claim (0 the first time); transient failures do
     /// not count.
     pub attempts: u32,
+    /// The event's version in its stream, when it is in this service's event store (`None`
+    /// for a command, or an event received from another service).
+    pub version: Option<u64>,
+    /// The event's position in this service's event store (`None` as for `version`).
+    pub position: Option<u64>,
 }
 
 /// Names a claimed row and the lease it was claimed under.
@@ -401,6 +407,16 @@ pub struct StoredEvent {
     pub version: u64,
     /// The event as it was appended.
     pub envelope: Envelope,
+}
+
+/// What [`Store::commit_inline`] did with a unit.
+#[derive(Debug, Clone)]
+pub enum InlineOutcome {
+    /// The unit's outcome: committed with its inline read models, or a conflict or a taken
+    /// key (nothing written).
+    Unit(UnitOutcome),
+    /// An inline read model refused: nothing of the unit was written.
+    Refused,
 }
 
 /// Which queue a row lives in.
@@ -649,6 +665,32 @@ pub trait Store: Send + Sync + 'static {
         instance: InstanceId,
         batch: WorkBatch,
     ) -> Result<WorkBatchResult, StoreError>;
+
+    /// Runs `apply` (one read model on one event) in one transaction that also records the
+    /// event `message_id` as applied by `read_model`: both commit, or neither. An event already
+    /// recorded is not applied again ([`AppliedOnce::AlreadyApplied`]) unless `replay` (a
+    /// rebuild of the read model) is set. Records are purged after the dedup retention. The
+    /// memory store has no transaction: it runs the effects `apply` staged, under one lock,
+    /// with the record.
+    async fn apply_once(
+        &self,
+        read_model: &str,
+        message_id: Uuid,
+        replay: bool,
+        apply: &dyn ApplyInTx,
+    ) -> Result<AppliedOnce, StoreError>;
+
+    /// Commits `unit` alone, in a transaction of its own in which `apply` then runs the inline
+    /// read models over the unit's appended events, and every (read model, event) pair it
+    /// answers is recorded as applied (as by [`Store::apply_once`]). If `apply` refuses,
+    /// nothing of the unit is written ([`InlineOutcome::Refused`]). The unit's new rows are not
+    /// leased to the writer: they wait, pending, for a claim.
+    async fn commit_inline(
+        &self,
+        instance: InstanceId,
+        unit: UnitOfWork,
+        apply: &dyn InlineApply,
+    ) -> Result<InlineOutcome, StoreError>;
 
     /// Gives up the given partitions, or all of them (graceful shutdown): their pending work
     /// becomes claimable by other instances at once.

@@ -97,7 +97,12 @@ pub(crate) fn dispatch_outcome<T>(result: &Result<T, crate::DispatchError>) -> u
             | E::InvalidMessage { .. }
             | E::ResultType { .. },
         ) => 6,
-        Err(E::Panicked { .. } | E::PerspectiveFailed { .. } | E::ScopeFailed { .. }) => 7,
+        Err(
+            E::Panicked { .. }
+            | E::PerspectiveFailed { .. }
+            | E::InlineReadModelFailed { .. }
+            | E::ScopeFailed { .. },
+        ) => 7,
     }
 }
 

@@ -52,6 +52,7 @@ mod contract {
     mod lost_answers;
     mod malformed;
     mod ordering;
+    mod read_models;
     mod read_your_writes;
     mod registry;
     mod replay;
@@ -68,6 +69,7 @@ mod postgres {
     mod idempotency;
     mod liveness;
     mod migrations;
+    mod read_models;
     mod runtime;
     mod secrets;
     mod tls;

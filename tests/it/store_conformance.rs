@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 use whizbang::envelope::{Envelope, MessageKind};
+use whizbang::read_model::{ReadModelTx, Refused};
 use whizbang::routing::partition_of;
 use whizbang::store::memory::MemoryStore;
 use whizbang::store::postgres::PostgresStore;
@@ -1743,6 +1744,9 @@ conformance!(
     a_unit_of_only_an_idempotency_record_commits,
     concurrent_units_with_one_key_commit_exactly_one,
     idempotency_keys_are_purged_after_the_retention,
+    a_read_model_applies_each_event_once,
+    an_inline_unit_commits_with_its_read_models_or_not_at_all,
+    an_inbox_claim_carries_the_events_version_and_position,
 );
 
 /// Postgres only (the memory store has no concurrent transactions): a partition above the fair
@@ -1984,5 +1988,315 @@ async fn postgres_queue_probes_use_their_indexes_after_a_vacuum_of_the_empty_que
         0,
         "the batches scanned wb_outbox or wb_inbox sequentially after the vacuum"
     );
+    let _ = drop_schemas(&[&schema]).await;
+}
+
+/// A read model's run for the store cases: counts its runs and stages one effect, counted when
+/// the store runs it (with the commit).
+struct Counted {
+    runs: std::sync::atomic::AtomicUsize,
+    effects: Arc<std::sync::atomic::AtomicUsize>,
+    refuse: bool,
+}
+
+impl Counted {
+    fn new(refuse: bool) -> Counted {
+        Counted {
+            runs: Default::default(),
+            effects: Default::default(),
+            refuse,
+        }
+    }
+    fn runs(&self) -> usize {
+        self.runs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn effects(&self) -> usize {
+        self.effects.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ApplyInTx for Counted {
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut ReadModelTx<'_>,
+    ) -> futures::future::BoxFuture<'a, Result<(), Refused>> {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let effects = self.effects.clone();
+        tx.on_commit(move || {
+            effects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let refuse = self.refuse;
+        Box::pin(async move { if refuse { Err(Refused) } else { Ok(()) } })
+    }
+}
+
+async fn a_read_model_applies_each_event_once(b: Backend) {
+    let store = open(b, settings()).await;
+    let id = Uuid::now_v7();
+    // Refused: nothing recorded, the staged effect never runs.
+    let refusing = Counted::new(true);
+    let r = store.apply_once("summary", id, false, &refusing).await;
+    assert_eq!(r.unwrap(), AppliedOnce::Refused);
+    assert_eq!((refusing.runs(), refusing.effects()), (1, 0));
+    // Applied once; a second run of the same event (a redelivery, a retry after a crash
+    // before the completion) is not applied again.
+    let model = Counted::new(false);
+    let r = store.apply_once("summary", id, false, &model).await;
+    assert_eq!(r.unwrap(), AppliedOnce::Applied);
+    let r = store.apply_once("summary", id, false, &model).await;
+    assert_eq!(r.unwrap(), AppliedOnce::AlreadyApplied);
+    assert_eq!((model.runs(), model.effects()), (1, 1));
+    // Another read model is recorded apart.
+    let other = Counted::new(false);
+    let r = store.apply_once("other", id, false, &other).await;
+    assert_eq!(r.unwrap(), AppliedOnce::Applied);
+    // A replay (a rebuild) applies it whatever was recorded, and the record stays.
+    let r = store.apply_once("summary", id, true, &model).await;
+    assert_eq!(r.unwrap(), AppliedOnce::Applied);
+    assert_eq!((model.runs(), model.effects()), (2, 2));
+    let r = store.apply_once("summary", id, false, &model).await;
+    assert_eq!(r.unwrap(), AppliedOnce::AlreadyApplied);
+}
+
+/// The inline read models of one unit, for the store cases: records the appended events it was
+/// given and answers each as applied by `model`.
+struct InlineModels {
+    model: &'static str,
+    refuse: bool,
+    seen: std::sync::Mutex<Vec<AppendedEvent>>,
+    effects: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl InlineModels {
+    fn new(model: &'static str, refuse: bool) -> InlineModels {
+        InlineModels {
+            model,
+            refuse,
+            seen: Default::default(),
+            effects: Default::default(),
+        }
+    }
+}
+
+impl InlineApply for InlineModels {
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut ReadModelTx<'_>,
+        appended: &'a [AppendedEvent],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<(String, Uuid)>, Refused>> {
+        self.seen.lock().unwrap().extend(appended.iter().cloned());
+        let effects = self.effects.clone();
+        tx.on_commit(move || {
+            effects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let answer = if self.refuse {
+            Err(Refused)
+        } else {
+            Ok(appended
+                .iter()
+                .map(|a| (self.model.to_string(), a.message_id))
+                .collect())
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+async fn an_inline_unit_commits_with_its_read_models_or_not_at_all(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    // Refused: nothing of the unit is written (no event, no queue row to claim).
+    let e0 = event("inline", 0);
+    let refusing = InlineModels::new("summary", true);
+    let r = store.commit_inline(a, unit(&e0, true), &refusing).await;
+    assert!(matches!(r.unwrap(), InlineOutcome::Refused));
+    assert_eq!(refusing.seen.lock().unwrap()[0].version, 1);
+    assert_eq!(
+        refusing.effects.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(store.read_stream("inline", 1).await.unwrap().is_empty());
+    let claimed = batch(&store, a, claim_all()).await;
+    assert!(claimed.claimed_outbox.is_empty() && claimed.claimed_inbox.is_empty());
+
+    // Committed: the read model saw the versions and positions the events got, its effect ran,
+    // and each event is recorded as applied by it.
+    let before = UnitOfWork {
+        events: vec![event("before", 1)],
+        ..UnitOfWork::default()
+    };
+    batch(&store, a, units(vec![before])).await;
+    let (e1, e2) = (event("inline", 1), event("inline", 2));
+    let mut u = unit(&e1, true);
+    u.events.push(e2.clone());
+    let models = InlineModels::new("summary", false);
+    let outcome = match store.commit_inline(a, u, &models).await.unwrap() {
+        InlineOutcome::Unit(o) => o,
+        InlineOutcome::Refused => panic!("refused"),
+    };
+    let appended = committed(&outcome).0.clone();
+    assert_eq!(
+        appended
+            .iter()
+            .map(|e| (e.version, e.position))
+            .collect::<Vec<_>>(),
+        [(1, 2), (2, 3)]
+    );
+    assert_eq!(*models.seen.lock().unwrap(), appended);
+    assert_eq!(models.effects.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(store.read_stream("inline", 1).await.unwrap().len(), 2);
+    for e in [&e1, &e2] {
+        let again = Counted::new(false);
+        let r = store
+            .apply_once("summary", e.message_id, false, &again)
+            .await;
+        assert_eq!(r.unwrap(), AppliedOnce::AlreadyApplied);
+    }
+    // Its rows were not leased to the writer: they wait for a claim.
+    let (_, claimed_outbox, claimed_inbox, _) = committed(&outcome);
+    assert!(claimed_outbox.is_empty() && claimed_inbox.is_empty());
+    let claimed = eventually(10, "the inline unit's rows to be claimed", || {
+        let store = store.clone();
+        async move {
+            let r = batch(&store, a, claim_all()).await;
+            (!r.claimed_inbox.is_empty()).then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(claimed.claimed_inbox.len(), 1, "the unit had one inbox row");
+    assert_eq!(
+        claimed.claimed_outbox.len(),
+        1,
+        "the unit had one outbox row"
+    );
+
+    // A version conflict writes nothing and runs no read model.
+    let mut late = unit(&event("inline", 3), true);
+    late.expectations = vec![("inline".into(), ExpectedVersion::Exact(1))];
+    let unrun = InlineModels::new("summary", false);
+    match store.commit_inline(a, late, &unrun).await.unwrap() {
+        InlineOutcome::Unit(UnitOutcome::Conflict { actual, .. }) => assert_eq!(actual, 2),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(unrun.seen.lock().unwrap().is_empty());
+    assert_eq!(store.read_stream("inline", 1).await.unwrap().len(), 2);
+}
+
+async fn an_inbox_claim_carries_the_events_version_and_position(b: Backend) {
+    let store = open(b, settings()).await;
+    let a = instance(&store).await;
+    let (e1, e2) = (event("placed", 1), event("placed", 2));
+    // Leased to the writer at once.
+    let r = batch(&store, a, units(vec![unit(&e1, true)])).await;
+    let claimed = &committed(&r.units[0]).2;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        (claimed[0].version, claimed[0].position),
+        (Some(1), Some(1))
+    );
+    // Claimed later.
+    batch(&store, a, units(vec![unit(&e2, false)])).await;
+    // An event received from elsewhere: not in this event store.
+    let received = event("received", 1);
+    batch(&store, a, units(vec![inbox_only(&received, false)])).await;
+    let mut found = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while found.len() < 2 && Instant::now() < deadline {
+        let r = batch(&store, a, claim_all()).await;
+        found.extend(r.claimed_inbox);
+    }
+    let place = |id: Uuid| {
+        let w = found
+            .iter()
+            .find(|w| w.envelope.message_id == id)
+            .unwrap_or_else(|| panic!("{id} claimed, of {found:?}"));
+        (w.version, w.position)
+    };
+    assert_eq!(place(e2.message_id), (Some(2), Some(2)));
+    assert_eq!(place(received.message_id), (None, None));
+}
+
+/// Postgres only: a read model's statements run in the transaction that records it, so a
+/// refusal after its write leaves nothing of the write, and an applied event's write and
+/// record are there together.
+#[tokio::test]
+async fn postgres_a_read_models_writes_commit_with_its_record() {
+    let _pg = pg::slot().await;
+    let (store, schema) = open_postgres(settings()).await;
+    let client = connect().await;
+    client
+        .execute(
+            &format!("CREATE TABLE {schema}.rm_rows (id uuid PRIMARY KEY)"),
+            &[],
+        )
+        .await
+        .unwrap();
+
+    struct Writes {
+        table: String,
+        id: Uuid,
+        refuse_after_write: bool,
+    }
+    impl ApplyInTx for Writes {
+        fn apply<'a>(
+            &'a self,
+            tx: &'a mut ReadModelTx<'_>,
+        ) -> futures::future::BoxFuture<'a, Result<(), Refused>> {
+            Box::pin(async move {
+                let pg = tx.postgres().expect("the Postgres transaction");
+                pg.execute(
+                    &format!("INSERT INTO {} (id) VALUES ($1)", self.table),
+                    &[&self.id],
+                )
+                .await
+                .map_err(|_| Refused)?;
+                if self.refuse_after_write {
+                    Err(Refused)
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+    let id = Uuid::now_v7();
+    let table = format!("{schema}.rm_rows");
+    let rows = || async {
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {schema}.rm_rows"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        let recorded: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {schema}.wb_read_model_applied"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n, recorded)
+    };
+    let refusing = Writes {
+        table: table.clone(),
+        id,
+        refuse_after_write: true,
+    };
+    let r = store
+        .apply_once("rows", id, false, &refusing)
+        .await
+        .unwrap();
+    assert_eq!(r, AppliedOnce::Refused);
+    assert_eq!(rows().await, (0, 0), "the write went with the refusal");
+    let writes = Writes {
+        table,
+        id,
+        refuse_after_write: false,
+    };
+    let r = store.apply_once("rows", id, false, &writes).await.unwrap();
+    assert_eq!(r, AppliedOnce::Applied);
+    assert_eq!(rows().await, (1, 1));
+    // Applied again, the insert would fail on its primary key: it is not run at all.
+    let r = store.apply_once("rows", id, false, &writes).await.unwrap();
+    assert_eq!(r, AppliedOnce::AlreadyApplied);
+    assert_eq!(rows().await, (1, 1));
     let _ = drop_schemas(&[&schema]).await;
 }

@@ -123,7 +123,11 @@ async fn one_trace_runs_from_the_order_command_through_the_broker_into_the_inven
             .await?;
         let order_service = Runtime::builder(order_config)
             .receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
-            .perspective::<OrderCreated, _>("order-summaries", OrderSummaries::memory())
+            .read_model::<OrderCreated, _>(
+                "order-summaries",
+                OrderSummaries::memory(),
+                whizbang::Consistency::Async,
+            )
             .start()
             .await?;
 

@@ -301,10 +301,15 @@ pub(super) fn read_answer(
                         attempts,
                     });
                 } else {
+                    // The event's place in the event store (NULL for a command or an event
+                    // received from another service).
+                    let place = |column: usize| row.get::<_, Option<i64>>(column).map(|v| v as u64);
                     result.claimed_inbox.push(InboxWork {
                         envelope,
                         work,
                         attempts,
+                        version: place(column::VERSION),
+                        position: place(column::POSITION),
                     });
                 }
             }
@@ -320,6 +325,7 @@ pub(super) fn read_answer(
         let u = m_unit[index] as usize;
         let unit = &mut batch.units[u];
         if let UnitOutcome::Committed {
+            appended,
             claimed_outbox,
             claimed_inbox,
             ..
@@ -345,10 +351,13 @@ pub(super) fn read_answer(
                 .iter()
                 .position(|r| r.envelope.message_id == work.message_id)
             {
+                let place = appended.iter().find(|a| a.message_id == work.message_id);
                 claimed_inbox.push(InboxWork {
                     envelope: unit.inbox.swap_remove(i).envelope,
                     work,
                     attempts: 0,
+                    version: place.map(|a| a.version),
+                    position: place.map(|a| a.position),
                 });
             }
         }

@@ -1,5 +1,5 @@
 //! Schema migrations: the numbered files of `schema/` (`0001_baseline.sql`,
-//! `0002_liveness_lock.sql`, `0003_idempotency.sql`) and `schema/functions/*.sql`, embedded in
+//! `0002_liveness_lock.sql`, `0003_idempotency.sql`, `0004_read_models.sql`) and `schema/functions/*.sql`, embedded in
 //! the binary.
 //!
 //! Owns bringing one schema to what this build expects, under a transaction-scoped advisory
@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "0003_idempotency.sql",
         sql: include_str!("../../../schema/0003_idempotency.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_read_models.sql",
+        sql: include_str!("../../../schema/0004_read_models.sql"),
     },
 ];
 

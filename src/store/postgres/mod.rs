@@ -38,6 +38,7 @@ use self::migrate::{describe, migrate};
 use self::vacuum::autovacuum_gaps;
 use super::*;
 use crate::config::Config;
+use crate::read_model::{AppliedOnce, ApplyInTx, InlineApply, ReadModelTx};
 use bb8_postgres::PostgresConnectionManager;
 use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -232,99 +233,13 @@ impl PostgresStore {
         .await
     }
 
-    /// Waits for `work` on a connection no longer than [`PostgresStore::answer_deadline`]. No answer
-    /// by then means a hung server or a half-open connection: the connection is marked broken
-    /// (the pool drops it) and the caller gets a retryable error. A batch that ends so is
-    /// recovered like one whose answer was lost.
-    async fn answered<T>(
+    /// Runs one work batch on `client` (a pooled connection, or a transaction open on it) with
+    /// its prepared statements (`wb_process_work_batch`, `wb_process_one_message`).
+    async fn run_batch(
         &self,
+        client: &impl tokio_postgres::GenericClient,
+        statements: (&tokio_postgres::Statement, &tokio_postgres::Statement),
         broken: &AtomicBool,
-        work: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.answer_deadline, work).await {
-            Ok(answer) => answer,
-            Err(_) => {
-                broken.store(true, Ordering::Relaxed);
-                Err(StoreError::unavailable(format!(
-                    "no answer from the database within {} ms (store.statement_timeout_ms + {} ms); \
-                     the connection is dropped",
-                    self.answer_deadline.as_millis(),
-                    ANSWER_MARGIN.as_millis()
-                )))
-            }
-        }
-    }
-}
-
-/// CTEs (after a `freed` CTE returning partitions) that clear the claims on the rows of the
-/// released partitions: they are nobody's work any more, and the search for partitions with
-/// work only looks at unclaimed rows and expired leases.
-fn clear_claims(s: &str) -> String {
-    format!(
-        "o_clear AS (UPDATE {s}.wb_outbox SET claimed_by = NULL, claimed_generation = NULL
-                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
-                      RETURNING 1),
-         i_clear AS (UPDATE {s}.wb_inbox SET claimed_by = NULL, claimed_generation = NULL
-                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
-                      RETURNING 1)"
-    )
-}
-
-#[async_trait]
-impl Store for PostgresStore {
-    async fn register_instance(
-        &self,
-        instance: InstanceId,
-        service: &str,
-        host: &str,
-    ) -> Result<(), StoreError> {
-        self.query(
-            &format!(
-                "INSERT INTO {}.wb_instances (instance_id, service, host) VALUES ($1, $2, $3)
-                 ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
-                self.schema
-            ),
-            &[&instance, &service, &host],
-        )
-        .await?;
-        // The liveness lock before any lease: from the first lease on, a death of this process
-        // frees its partitions at the next heartbeat of another instance.
-        self.liveness.want(instance);
-        if self.liveness.wait_held(instance, self.lock_deadline).await {
-            return Ok(());
-        }
-        self.liveness.forget(instance);
-        Err(StoreError::unavailable(format!(
-            "instance {instance}: its liveness lock was not taken within {} ms \
-             (store.startup_timeout_ms); see the warnings of its lock connection",
-            self.lock_deadline.as_millis()
-        )))
-    }
-
-    async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError> {
-        let conn = self.conn().await?;
-        let lease = self.settings.lease.as_secs_f64();
-        let retention = self.settings.dedup_retention.as_secs_f64();
-        let grace = self.liveness_grace.as_secs_f64();
-        let row = self
-            .answered(&conn.broken, async {
-                conn.client
-                    .query_one(&conn.heartbeat, &[&instance, &lease, &retention, &grace])
-                    .await
-                    .map_err(query_error)
-            })
-            .await?;
-        let held: Vec<i32> = row.get("held");
-        let released: Vec<i32> = row.get("released");
-        Ok(Heartbeat {
-            live_instances: row.get::<_, i32>("live_instances") as u32,
-            held_partitions: held.into_iter().map(|p| p as u32).collect(),
-            released: released.into_iter().map(|p| p as u32).collect(),
-        })
-    }
-
-    async fn process_work_batch(
-        &self,
         instance: InstanceId,
         batch: WorkBatch,
     ) -> Result<WorkBatchResult, StoreError> {
@@ -428,17 +343,13 @@ impl Store for PostgresStore {
             ]
         };
         let rows = {
-            let conn = self.conn().await?;
             let statement = if one_message {
-                &conn.one_message
+                statements.1
             } else {
-                &conn.batch
+                statements.0
             };
-            self.answered(&conn.broken, async {
-                conn.client
-                    .query(statement, &params)
-                    .await
-                    .map_err(query_error)
+            self.answered(broken, async {
+                client.query(statement, &params).await.map_err(query_error)
             })
             .await?
         };
@@ -451,6 +362,235 @@ impl Store for PostgresStore {
         };
         drop(a);
         read_answer(batch, places, rows)
+    }
+
+    /// Waits for `work` on a connection no longer than [`PostgresStore::answer_deadline`]. No answer
+    /// by then means a hung server or a half-open connection: the connection is marked broken
+    /// (the pool drops it) and the caller gets a retryable error. A batch that ends so is
+    /// recovered like one whose answer was lost.
+    async fn answered<T>(
+        &self,
+        broken: &AtomicBool,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.answer_deadline, work).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                broken.store(true, Ordering::Relaxed);
+                Err(StoreError::unavailable(format!(
+                    "no answer from the database within {} ms (store.statement_timeout_ms + {} ms); \
+                     the connection is dropped",
+                    self.answer_deadline.as_millis(),
+                    ANSWER_MARGIN.as_millis()
+                )))
+            }
+        }
+    }
+}
+
+/// CTEs (after a `freed` CTE returning partitions) that clear the claims on the rows of the
+/// released partitions: they are nobody's work any more, and the search for partitions with
+/// work only looks at unclaimed rows and expired leases.
+fn clear_claims(s: &str) -> String {
+    format!(
+        "o_clear AS (UPDATE {s}.wb_outbox SET claimed_by = NULL, claimed_generation = NULL
+                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
+                      RETURNING 1),
+         i_clear AS (UPDATE {s}.wb_inbox SET claimed_by = NULL, claimed_generation = NULL
+                      WHERE partition IN (SELECT partition FROM freed) AND claimed_by IS NOT NULL
+                      RETURNING 1)"
+    )
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn register_instance(
+        &self,
+        instance: InstanceId,
+        service: &str,
+        host: &str,
+    ) -> Result<(), StoreError> {
+        self.query(
+            &format!(
+                "INSERT INTO {}.wb_instances (instance_id, service, host) VALUES ($1, $2, $3)
+                 ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
+                self.schema
+            ),
+            &[&instance, &service, &host],
+        )
+        .await?;
+        // The liveness lock before any lease: from the first lease on, a death of this process
+        // frees its partitions at the next heartbeat of another instance.
+        self.liveness.want(instance);
+        if self.liveness.wait_held(instance, self.lock_deadline).await {
+            return Ok(());
+        }
+        self.liveness.forget(instance);
+        Err(StoreError::unavailable(format!(
+            "instance {instance}: its liveness lock was not taken within {} ms \
+             (store.startup_timeout_ms); see the warnings of its lock connection",
+            self.lock_deadline.as_millis()
+        )))
+    }
+
+    async fn heartbeat(&self, instance: InstanceId) -> Result<Heartbeat, StoreError> {
+        let conn = self.conn().await?;
+        let lease = self.settings.lease.as_secs_f64();
+        let retention = self.settings.dedup_retention.as_secs_f64();
+        let grace = self.liveness_grace.as_secs_f64();
+        let row = self
+            .answered(&conn.broken, async {
+                conn.client
+                    .query_one(&conn.heartbeat, &[&instance, &lease, &retention, &grace])
+                    .await
+                    .map_err(query_error)
+            })
+            .await?;
+        let held: Vec<i32> = row.get("held");
+        let released: Vec<i32> = row.get("released");
+        Ok(Heartbeat {
+            live_instances: row.get::<_, i32>("live_instances") as u32,
+            held_partitions: held.into_iter().map(|p| p as u32).collect(),
+            released: released.into_iter().map(|p| p as u32).collect(),
+        })
+    }
+
+    async fn process_work_batch(
+        &self,
+        instance: InstanceId,
+        batch: WorkBatch,
+    ) -> Result<WorkBatchResult, StoreError> {
+        let conn = self.conn().await?;
+        self.run_batch(
+            &conn.client,
+            (&conn.batch, &conn.one_message),
+            &conn.broken,
+            instance,
+            batch,
+        )
+        .await
+    }
+
+    async fn apply_once(
+        &self,
+        read_model: &str,
+        message_id: Uuid,
+        replay: bool,
+        apply: &dyn ApplyInTx,
+    ) -> Result<AppliedOnce, StoreError> {
+        let mut pooled = self.conn().await?;
+        let PgConnection { client, broken, .. } = &mut *pooled;
+        let broken: &AtomicBool = broken;
+        let s = &self.schema;
+        let tx = self
+            .answered(broken, async {
+                client.transaction().await.map_err(query_error)
+            })
+            .await?;
+        // The row first: a second instance applying the same event waits here for this
+        // transaction, then finds the row and skips the event. A replay (a rebuild of the read
+        // model) applies the event whatever was recorded.
+        let on_conflict = if replay {
+            "DO UPDATE SET applied_at = now()"
+        } else {
+            "DO NOTHING"
+        };
+        let record = format!(
+            "INSERT INTO {s}.wb_read_model_applied (read_model, message_id) VALUES ($1, $2)
+             ON CONFLICT (read_model, message_id) {on_conflict}"
+        );
+        let recorded = self
+            .answered(broken, async {
+                tx.execute(&record, &[&read_model, &message_id])
+                    .await
+                    .map_err(query_error)
+            })
+            .await?;
+        if recorded == 0 {
+            return Ok(AppliedOnce::AlreadyApplied);
+        }
+        let mut rm = ReadModelTx::with_postgres(&tx);
+        // Bounded by the handler timeout (the handle's guard), not by the answer deadline. A
+        // refusal rolls back when `tx` is dropped.
+        if apply.apply(&mut rm).await.is_err() {
+            return Ok(AppliedOnce::Refused);
+        }
+        let after = rm.take_staged();
+        drop(rm);
+        self.answered(broken, async { tx.commit().await.map_err(query_error) })
+            .await?;
+        for effect in after {
+            effect();
+        }
+        Ok(AppliedOnce::Applied)
+    }
+
+    async fn commit_inline(
+        &self,
+        instance: InstanceId,
+        mut unit: UnitOfWork,
+        apply: &dyn InlineApply,
+    ) -> Result<InlineOutcome, StoreError> {
+        unit.claim_for_writer = false;
+        let mut pooled = self.conn().await?;
+        let PgConnection {
+            client,
+            batch,
+            one_message,
+            broken,
+            ..
+        } = &mut *pooled;
+        let broken: &AtomicBool = broken;
+        let tx = self
+            .answered(broken, async {
+                client.transaction().await.map_err(query_error)
+            })
+            .await?;
+        let answer = self
+            .run_batch(
+                &tx,
+                (batch, one_message),
+                broken,
+                instance,
+                WorkBatch {
+                    units: vec![unit],
+                    ..WorkBatch::default()
+                },
+            )
+            .await?;
+        let outcome = answer.units.into_iter().next().ok_or_else(|| {
+            StoreError::Corrupt("the work batch answered nothing for the inline unit".into())
+        })?;
+        let UnitOutcome::Committed { appended, .. } = &outcome else {
+            // A conflict or a taken key wrote nothing: the transaction rolls back on drop.
+            return Ok(InlineOutcome::Unit(outcome));
+        };
+        let mut rm = ReadModelTx::with_postgres(&tx);
+        let Ok(applied) = apply.apply(&mut rm, appended).await else {
+            return Ok(InlineOutcome::Refused);
+        };
+        let after = rm.take_staged();
+        drop(rm);
+        let (names, ids): (Vec<&str>, Vec<Uuid>) =
+            applied.iter().map(|(n, id)| (n.as_str(), *id)).unzip();
+        let s = &self.schema;
+        self.answered(broken, async {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.wb_read_model_applied (read_model, message_id)
+                     SELECT * FROM unnest($1::text[], $2::uuid[]) ON CONFLICT DO NOTHING"
+                ),
+                &[&names, &ids],
+            )
+            .await
+            .map_err(query_error)?;
+            tx.commit().await.map_err(query_error)
+        })
+        .await?;
+        for effect in after {
+            effect();
+        }
+        Ok(InlineOutcome::Unit(outcome))
     }
 
     async fn release_partitions(

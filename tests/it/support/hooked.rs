@@ -58,6 +58,25 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
     ) -> Result<whizbang::store::WorkBatchResult, whizbang::store::StoreError> {
         self.hook.process(&self.inner, instance, batch).await
     }
+    async fn apply_once(
+        &self,
+        read_model: &str,
+        message_id: Uuid,
+        replay: bool,
+        apply: &dyn whizbang::store::ApplyInTx,
+    ) -> Result<whizbang::store::AppliedOnce, whizbang::store::StoreError> {
+        self.inner
+            .apply_once(read_model, message_id, replay, apply)
+            .await
+    }
+    async fn commit_inline(
+        &self,
+        instance: Uuid,
+        unit: whizbang::store::UnitOfWork,
+        apply: &dyn whizbang::store::InlineApply,
+    ) -> Result<whizbang::store::InlineOutcome, whizbang::store::StoreError> {
+        self.inner.commit_inline(instance, unit, apply).await
+    }
     async fn release_partitions(
         &self,
         instance: Uuid,

@@ -10,7 +10,7 @@ use crate::support::{config, publishing, subscribed, wait_for};
 use std::net::SocketAddr;
 use whizbang::telemetry::METRICS;
 use whizbang::testing::RecordingTransport;
-use whizbang::{Config, DispatchError, Runtime, StartError};
+use whizbang::{Config, Consistency, DispatchError, Runtime, StartError};
 
 const TOPIC: &str = "metrics-orders";
 const ORDERS: usize = 3;
@@ -66,7 +66,7 @@ async fn the_order_scenario_shows_in_the_documented_series() -> anyhow::Result<(
     let orders = Runtime::builder(orders_config)
         .transport(transport.clone())
         .receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
-        .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+        .read_model::<OrderCreated, _>("order-summary", summaries.clone(), Consistency::Async)
         .start()
         .await?;
     let inventory = Runtime::builder(listening(subscribed(

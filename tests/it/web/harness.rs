@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use whizbang::testing::{RecordingTransport, Tracker};
-use whizbang::{Config, Decision, Receptor, ReceptorContext, ReceptorError, Runtime};
+use whizbang::{Config, Consistency, Decision, Receptor, ReceptorContext, ReceptorError, Runtime};
 
 /// The topic the order service publishes `OrderCreated` to.
 pub const TOPIC: &str = "web-orders";
@@ -129,7 +129,7 @@ impl Api {
         let orders = Runtime::builder(config)
             .transport(transport.clone())
             .receptor::<CreateOrder, _>(receptor)
-            .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+            .read_model::<OrderCreated, _>("order-summary", summaries.clone(), Consistency::Async)
             .start()
             .await?;
         let reserved = Inventory::default();

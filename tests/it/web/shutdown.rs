@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use whizbang::{Runtime, StopSignal};
+use whizbang::{Consistency, Runtime, StopSignal};
 
 #[actix::test]
 async fn sigterm_finishes_the_requests_in_flight_then_stops() -> anyhow::Result<()> {
@@ -20,7 +20,7 @@ async fn sigterm_finishes_the_requests_in_flight_then_stops() -> anyhow::Result<
             delay: Duration::from_millis(1_500),
             entered: entered.clone(),
         })
-        .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+        .read_model::<OrderCreated, _>("order-summary", summaries.clone(), Consistency::Async)
         .start()
         .await?;
     let listener = TcpListener::bind("127.0.0.1:0")?;

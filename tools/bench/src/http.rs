@@ -27,7 +27,7 @@ use uuid::Uuid;
 use whizbang::config::ExposeSecret;
 use whizbang::config::StoreBackend;
 use whizbang::store::postgres::PostgresStore;
-use whizbang::{Config, Message, Runtime};
+use whizbang::{Config, Consistency, Message, Runtime};
 
 /// Arguments of the `http` suite.
 #[derive(Args)]
@@ -246,7 +246,7 @@ async fn run(args: &HttpArgs, base: &Config) -> BenchResult<()> {
         .map_err(|e| format!("order_summary table: {e:#}"))?;
     let runtime = Runtime::builder(base.clone())
         .receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
-        .perspective::<OrderCreated, _>("order-summary", summaries.clone())
+        .read_model::<OrderCreated, _>("order-summary", summaries.clone(), Consistency::Async)
         .start()
         .await?;
     let listener = TcpListener::bind("127.0.0.1:0")?;

@@ -412,6 +412,8 @@ async fn direct_call(
             causation_id: Some(ctx.message_id),
             stream_id: emitted.stream_id,
             timestamp_us: 0,
+            version: Some(1),
+            position: Some(1),
         };
         perspective.apply(event, meta).await?;
     }

@@ -155,6 +155,25 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.process_work_batch(i, b).await
     }
+    async fn apply_once(
+        &self,
+        r: &str,
+        id: Uuid,
+        replay: bool,
+        a: &dyn ApplyInTx,
+    ) -> Result<AppliedOnce, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.apply_once(r, id, replay, a).await
+    }
+    async fn commit_inline(
+        &self,
+        i: InstanceId,
+        u: UnitOfWork,
+        a: &dyn InlineApply,
+    ) -> Result<InlineOutcome, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.commit_inline(i, u, a).await
+    }
     async fn release_partitions(&self, i: InstanceId, p: Option<&[u32]>) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.release_partitions(i, p).await
