@@ -10,8 +10,8 @@
 //! moment; a new one with the same index resumes: a writer its streams from the event store, a
 //! consumer whatever its subscription and inbox hold. The consumers' read model is a Postgres
 //! table (`chaos_applied` in the run's read schema) with one row per application, written by an
-//! ordinary perspective, so the verdict counts duplicates and order from the data itself. The
-//! nodes decide nothing about the run's verdict.
+//! exactly-once read model (in the runtime's own transaction), so the verdict counts duplicates
+//! and order from the data itself. The nodes decide nothing about the run's verdict.
 
 use crate::{Append, Appended, ChaosResult};
 use clap::Args;
@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
-use whizbang::config::{ExposeSecret, SubscriptionConfig};
+use whizbang::config::SubscriptionConfig;
 use whizbang::dispatcher::{Dispatcher, LocalInvoke};
 use whizbang::store::Store;
 use whizbang::{
-    Config, Decision, DispatchError, EventMeta, ExpectedVersion, Message, Perspective,
-    PerspectiveError, Receptor, ReceptorContext, ReceptorError, Runtime,
+    Config, Consistency, Decision, DispatchError, EventMeta, ExpectedVersion, Message,
+    PerspectiveError, ReadModel, ReadModelTx, Receptor, ReceptorContext, ReceptorError, Runtime,
 };
 
 /// The writers' service name (all writer processes are instances of it).
@@ -187,10 +187,9 @@ impl ConsumerArgs {
 }
 
 /// The read model's table: one row per application, in the order they committed (`n`).
-/// Written by an ordinary perspective on its own connection, so a consumer killed between the
-/// insert and the inbox's completion applies the event again (a second row): the verdict
-/// counts those apart. With the transactional perspective kind, the same insert runs in the
-/// transaction that records the completion, and a second row can no longer happen.
+/// Written by an exactly-once read model: the insert runs in the transaction that records the
+/// event as applied, so a consumer killed anywhere cannot leave a second row (the verdict
+/// counts one after a kill apart, as `reapplied_after_consumer_kill`, bound 0).
 pub fn read_model_ddl(schema: &str) -> String {
     format!(
         "CREATE SCHEMA IF NOT EXISTS {schema}; \
@@ -383,71 +382,46 @@ async fn stdin_closed() {
 
 // ---- the consumer ------------------------------------------------------------------------
 
-/// The consumers' perspective: inserts one row per application into `chaos_applied`, and
-/// fails the chosen events until the run heals it.
-struct ReadModel {
-    db: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
-    url: String,
+/// The consumers' read model: inserts one row per application into `chaos_applied`, in the
+/// transaction in which the runtime records the event as applied (exactly once, whatever is
+/// killed or restarted where), and fails the chosen events until the run heals it.
+struct ChaosReadModel {
     insert: String,
     args: ConsumerArgs,
-}
-
-impl ReadModel {
-    async fn client(
-        &self,
-    ) -> Result<tokio::sync::MutexGuard<'_, Option<tokio_postgres::Client>>, PerspectiveError> {
-        let mut db = self.db.lock().await;
-        if db.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, connection) = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio_postgres::connect(&self.url, tokio_postgres::NoTls),
-            )
-            .await
-            .map_err(|_| failed("timed out connecting to the read model"))?
-            .map_err(|e| failed(format!("read model unreachable: {e}")))?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            *db = Some(client);
-        }
-        Ok(db)
-    }
 }
 
 fn failed(why: impl Into<String>) -> PerspectiveError {
     PerspectiveError(why.into())
 }
 
-impl Perspective<Appended> for ReadModel {
-    async fn apply(&self, event: Appended, meta: EventMeta) -> Result<(), PerspectiveError> {
+impl ReadModel<Appended> for ChaosReadModel {
+    async fn apply(
+        &self,
+        event: Appended,
+        meta: EventMeta,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), PerspectiveError> {
         if self.args.fails(&event.stream, event.seq) && !self.args.healed.exists() {
             return Err(failed(format!(
                 "{} seq {} fails until the run heals it",
                 event.stream, event.seq
             )));
         }
-        let mut db = self.client().await?;
-        let client = db.as_ref().ok_or_else(|| failed("no connection"))?;
-        // No client-side deadline: one that gave up on an insert the server then committed
-        // would be retried and leave a second row the runtime did not cause.
-        let inserted = client
-            .execute(
-                &self.insert,
-                &[
-                    &event.stream,
-                    &(event.seq as i64),
-                    &meta.message_id,
-                    &self.args.label,
-                ],
-            )
-            .await;
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                *db = None;
-                Err(failed(format!("read model insert failed: {e}")))
-            }
-        }
+        let tx = tx
+            .postgres()
+            .ok_or_else(|| failed("the chaos read model needs the Postgres store"))?;
+        tx.execute(
+            &self.insert,
+            &[
+                &event.stream,
+                &(event.seq as i64),
+                &meta.message_id,
+                &self.args.label,
+            ],
+        )
+        .await
+        .map_err(|e| failed(format!("read model insert failed: {e}")))?;
+        Ok(())
     }
 }
 
@@ -458,9 +432,7 @@ pub async fn consumer(args: ConsumerArgs) -> ChaosResult<()> {
         name: SUBSCRIPTION.into(),
     }];
     config.store.max_attempts = args.max_attempts;
-    let read_model = ReadModel {
-        db: tokio::sync::Mutex::new(None),
-        url: config.store.database_url.expose_secret().to_string(),
+    let read_model = ChaosReadModel {
         insert: format!(
             "INSERT INTO {}.chaos_applied (stream, seq, message_id, label) VALUES ($1, $2, $3, $4)",
             args.read_schema
@@ -468,7 +440,7 @@ pub async fn consumer(args: ConsumerArgs) -> ChaosResult<()> {
         args,
     };
     let runtime = Runtime::builder(config)
-        .perspective::<Appended, _>("chaos-read-model", read_model)
+        .read_model::<Appended, _>("chaos-read-model", read_model, Consistency::Async)
         .start()
         .await?;
     println!("instance {}", runtime.instance_id());

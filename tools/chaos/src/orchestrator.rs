@@ -638,6 +638,9 @@ impl Run {
         for (name, n) in [
             ("lost", counts.lost),
             ("duplicates", counts.duplicates),
+            // The consumers' read model is exactly once: a kill between its write and the
+            // inbox's completion must not apply an event again either.
+            ("reapplied_after_consumer_kill", counts.reapplied_after_kill),
             ("order_violations", counts.order_violations),
             ("phantoms", counts.phantoms),
             ("stuck_rows", stuck_rows as usize),

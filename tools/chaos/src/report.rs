@@ -24,7 +24,12 @@ fn bound(name: &str, figures: &Value) -> Option<(String, bool)> {
     let value = figures[name].as_f64()?;
     let number = |n: &str| figures[n].as_f64();
     Some(match name {
-        "lost" | "duplicates" | "order_violations" | "phantoms" | "stuck_rows" => {
+        "lost"
+        | "duplicates"
+        | "reapplied_after_consumer_kill"
+        | "order_violations"
+        | "phantoms"
+        | "stuck_rows" => {
             ("= 0".into(), value == 0.0)
         }
         "committed" => {

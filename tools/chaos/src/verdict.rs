@@ -35,9 +35,9 @@ pub struct Counts {
     /// dedup failed.
     pub duplicates: usize,
     /// Applications beyond the first of an event whose earlier application was made by a
-    /// process that was then SIGKILLed: an ordinary perspective's write commits apart from the
-    /// inbox's completion, so a kill between the two applies the event again (at least once;
-    /// the transactional perspective kind closes this gap).
+    /// process that was then SIGKILLed. The consumers' read model commits its write with the
+    /// record of the event (exactly once), so this must be 0 too; it is counted apart to say
+    /// which gap failed.
     pub reapplied_after_kill: usize,
     /// First applications of an event that did not come right after its predecessor in the
     /// stream (an earlier event was skipped or came later).
