@@ -167,7 +167,7 @@ pub fn headline(results: &Value, scenarios: &[Value]) -> String {
         out,
         "commit {}, {} cores, {} form: {} writers and {} consumers ({} shards, flush {}), {} \
          streams × {} events; {} kills ({} of consumers, {} during a server fault), the broker \
-         and Postgres each restarted and hung {} s; {} poison messages, {} failing events\n",
+         and Postgres each restarted{}; {} poison messages, {} failing events\n",
         results["commit"].as_str().unwrap_or("?"),
         shown(&results["cores"]),
         results["form"].as_str().unwrap_or("?"),
@@ -180,7 +180,11 @@ pub fn headline(results: &Value, scenarios: &[Value]) -> String {
         v("kills"),
         v("consumer_kills"),
         v("overlapping_kills"),
-        v("hang_s"),
+        if f["hangs"].as_f64().unwrap_or(0.0) > 0.0 {
+            format!(" and hung {} s", v("hang_s"))
+        } else {
+            " (no hangs)".to_string()
+        },
         v("poison_sent"),
         v("dead_lettered_store"),
     );
