@@ -29,9 +29,7 @@ fn bound(name: &str, figures: &Value) -> Option<(String, bool)> {
         | "reapplied_after_consumer_kill"
         | "order_violations"
         | "phantoms"
-        | "stuck_rows" => {
-            ("= 0".into(), value == 0.0)
-        }
+        | "stuck_rows" => ("= 0".into(), value == 0.0),
         "committed" => {
             let expected = number("expected_events")?;
             (format!("= {expected}"), value == expected)
