@@ -330,8 +330,9 @@ impl ReadModel<OrderCreated> for OrderSummaries {
                         "order_summary is a Postgres table: the store must be Postgres".into(),
                     )
                 })?;
-                // An upsert: a replay from scratch applies every event again.
-                pg.execute(
+                // An upsert: a replay from scratch applies every event again. Typed, so it is
+                // parsed, bound and run in one round trip (no prepare first).
+                pg.execute_typed(
                     &format!(
                         "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
                          VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
@@ -339,10 +340,10 @@ impl ReadModel<OrderCreated> for OrderSummaries {
                          total_cents = EXCLUDED.total_cents, updated_at = now()"
                     ),
                     &[
-                        &summary.order_id,
-                        &summary.customer_id,
-                        &summary.lines,
-                        &summary.total_cents,
+                        (&summary.order_id, Type::TEXT),
+                        (&summary.customer_id, Type::TEXT),
+                        (&summary.lines, Type::INT4),
+                        (&summary.total_cents, Type::INT8),
                     ],
                 )
                 .await

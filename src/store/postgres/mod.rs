@@ -43,7 +43,7 @@ use bb8_postgres::PostgresConnectionManager;
 use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 /// The durable store: one Postgres schema, reached through a connection pool, with a task
 /// that LISTENs for work notifications and one that holds the liveness lock of the instances
@@ -501,9 +501,13 @@ impl Store for PostgresStore {
         );
         let recorded = self
             .answered(broken, async {
-                tx.execute(&record, &[&read_model, &message_id])
-                    .await
-                    .map_err(query_error)
+                // Typed: parsed, bound and run in one round trip, with no prepare first.
+                tx.execute_typed(
+                    &record,
+                    &[(&read_model, Type::TEXT), (&message_id, Type::UUID)],
+                )
+                .await
+                .map_err(query_error)
             })
             .await?;
         if recorded == 0 {
