@@ -169,154 +169,174 @@ async fn run() -> anyhow::Result<()> {
         )
     );
 
-    // 1. LocalInvoke: typed result, and the read model already shows it.
-    println!(
-        "\n1. local_invoke(CreateOrder A-1001): waits for the event store, outbox and perspectives"
-    );
-    let created: OrderCreated = order_service
-        .local_invoke(CreateOrder {
-            order_id: "A-1001".into(),
-            customer_id: "alice".into(),
-            lines: vec![line("WIDGET", 2, 2_500), line("GIZMO", 10, 450)],
-        })
-        .await?;
-    println!(
-        "   -> OrderCreated {{ order_id: {}, total: {} }}",
-        created.order_id,
-        cents(created.total_cents)
-    );
-    let summary = summaries
-        .get("A-1001")
-        .await?
-        .context("read-your-writes broken: order summary missing right after local_invoke")?;
-    println!(
-        "   read model right after the call: customer {}, {} lines, total {}",
-        summary.customer_id,
-        summary.lines,
-        cents(summary.total_cents)
-    );
-
-    // 2. Send: a receipt now, perspectives asynchronously, status by correlation id.
-    println!(
-        "\n2. send(CreateOrder B-2002): returns a delivery receipt once the events are committed"
-    );
-    let receipt = order_service
-        .send(CreateOrder {
-            order_id: "B-2002".into(),
-            customer_id: "bob".into(),
-            lines: vec![line("GADGET", 3, 9_900)],
-        })
-        .await?;
-    println!(
-        "   -> receipt: message {} | correlation {} | {:?} | {} event(s), stream {} version {}",
-        receipt.message_id,
-        receipt.correlation_id,
-        receipt.status,
-        receipt.events.len(),
-        receipt.events[0].stream_id,
-        receipt.events[0].version
-    );
-    anyhow::ensure!(
-        receipt.status == ReceiptStatus::Delivered,
-        "expected a Delivered receipt"
-    );
-    let start = Instant::now();
-    let status = loop {
-        let status = order_service.status(receipt.correlation_id).await?;
-        if status.inbox_processed > 0 && status.outbox_pending == 0 {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("order B-2002 not processed in time: {status:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    println!(
-        "   status lookup by correlation id: events {:?}, perspectives applied {}, outbox pending {}",
-        status.events, status.inbox_processed, status.outbox_pending
-    );
-
-    // 3. The events crossed the transport into the inventory service.
-    if inventory_service.is_some() {
+    // SIGTERM (what an orchestrator sends) or Ctrl-C stops the walk-through between steps: both
+    // services then shut down cleanly, writing what they hold and releasing their leases.
+    let mut stop = whizbang::StopSignal::new()?;
+    let walk_through = async {
+        // 1. LocalInvoke: typed result, and the read model already shows it.
         println!(
-            "\n3. inventory-service: OrderCreated travelled outbox -> publisher -> transport -> consumer -> inbox -> perspective"
+            "\n1. local_invoke(CreateOrder A-1001): waits for the event store, outbox and perspectives"
         );
-        wait_until(
-            "the inventory perspective to see both orders",
-            Duration::from_secs(10),
-            || {
-                inventory.0.lock().unwrap().get("GADGET") == Some(&3)
-                    && inventory.0.lock().unwrap().get("WIDGET") == Some(&2)
-            },
-        )
-        .await?;
-        for (sku, qty) in inventory.0.lock().unwrap().iter() {
-            println!("   reserved {qty:>3} x {sku}");
-        }
-    } else {
-        // Step 2 waited for B-2002's outbox row to be published, i.e. accepted by the broker.
+        let created: OrderCreated = order_service
+            .local_invoke(CreateOrder {
+                order_id: "A-1001".into(),
+                customer_id: "alice".into(),
+                lines: vec![line("WIDGET", 2, 2_500), line("GIZMO", 10, 450)],
+            })
+            .await?;
         println!(
-            "\n3. inventory-service (separate process): OrderCreated was accepted by the broker on topic `{orders_topic}` (outbox pending 0); the inventory_service example applies it from `{orders_topic}/inventory`"
+            "   -> OrderCreated {{ order_id: {}, total: {} }}",
+            created.order_id,
+            cents(created.total_cents)
         );
-    }
+        let summary = summaries
+            .get("A-1001")
+            .await?
+            .context("read-your-writes broken: order summary missing right after local_invoke")?;
+        println!(
+            "   read model right after the call: customer {}, {} lines, total {}",
+            summary.customer_id,
+            summary.lines,
+            cents(summary.total_cents)
+        );
 
-    // 4. Rejected commands leave nothing behind.
-    println!("\n4. rejected commands: typed errors, nothing stored");
-    let rejected = [
-        (
-            "empty order",
-            CreateOrder {
-                order_id: "C-1".into(),
-                customer_id: "carol".into(),
-                lines: vec![],
-            },
-        ),
-        (
-            "unknown product",
-            CreateOrder {
-                order_id: "C-2".into(),
-                customer_id: "carol".into(),
-                lines: vec![line("DOODAD", 1, 100)],
-            },
-        ),
-        (
-            "over the credit limit",
-            CreateOrder {
-                order_id: "C-3".into(),
-                customer_id: "carol".into(),
-                lines: vec![line("GADGET", 20, 9_900)],
-            },
-        ),
-    ];
-    for (what, cmd) in rejected {
-        let stream = cmd.stream_id();
-        match order_service
-            .local_invoke::<CreateOrder, OrderCreated>(cmd)
-            .await
-        {
-            Err(e @ DispatchError::Rejected { .. }) => {
-                let stored = order_service.store().read_stream(&stream, 1).await?;
-                anyhow::ensure!(stored.is_empty(), "a rejected command stored events");
-                println!(
-                    "   {what:<22} -> HTTP {} {e}; events stored: {}",
-                    e.http_status(),
-                    stored.len()
-                );
+        // 2. Send: a receipt now, perspectives asynchronously, status by correlation id.
+        println!(
+            "\n2. send(CreateOrder B-2002): returns a delivery receipt once the events are committed"
+        );
+        let receipt = order_service
+            .send(CreateOrder {
+                order_id: "B-2002".into(),
+                customer_id: "bob".into(),
+                lines: vec![line("GADGET", 3, 9_900)],
+            })
+            .await?;
+        println!(
+            "   -> receipt: message {} | correlation {} | {:?} | {} event(s), stream {} version {}",
+            receipt.message_id,
+            receipt.correlation_id,
+            receipt.status,
+            receipt.events.len(),
+            receipt.events[0].stream_id,
+            receipt.events[0].version
+        );
+        anyhow::ensure!(
+            receipt.status == ReceiptStatus::Delivered,
+            "expected a Delivered receipt"
+        );
+        let start = Instant::now();
+        let status = loop {
+            let status = order_service.status(receipt.correlation_id).await?;
+            if status.inbox_processed > 0 && status.outbox_pending == 0 {
+                break status;
             }
-            other => bail!("{what}: expected a rejection, got {other:?}"),
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("order B-2002 not processed in time: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        println!(
+            "   status lookup by correlation id: events {:?}, perspectives applied {}, outbox pending {}",
+            status.events, status.inbox_processed, status.outbox_pending
+        );
+
+        // 3. The events crossed the transport into the inventory service.
+        if inventory_service.is_some() {
+            println!(
+                "\n3. inventory-service: OrderCreated travelled outbox -> publisher -> transport -> consumer -> inbox -> perspective"
+            );
+            wait_until(
+                "the inventory perspective to see both orders",
+                Duration::from_secs(10),
+                || {
+                    inventory.0.lock().unwrap().get("GADGET") == Some(&3)
+                        && inventory.0.lock().unwrap().get("WIDGET") == Some(&2)
+                },
+            )
+            .await?;
+            for (sku, qty) in inventory.0.lock().unwrap().iter() {
+                println!("   reserved {qty:>3} x {sku}");
+            }
+        } else {
+            // Step 2 waited for B-2002's outbox row to be published, i.e. accepted by the broker.
+            println!(
+                "\n3. inventory-service (separate process): OrderCreated was accepted by the broker on topic `{orders_topic}` (outbox pending 0); the inventory_service example applies it from `{orders_topic}/inventory`"
+            );
         }
-    }
-    anyhow::ensure!(
-        summaries.count().await? == 2,
-        "rejected orders reached the read model"
-    );
+
+        // 4. Rejected commands leave nothing behind.
+        println!("\n4. rejected commands: typed errors, nothing stored");
+        let rejected = [
+            (
+                "empty order",
+                CreateOrder {
+                    order_id: "C-1".into(),
+                    customer_id: "carol".into(),
+                    lines: vec![],
+                },
+            ),
+            (
+                "unknown product",
+                CreateOrder {
+                    order_id: "C-2".into(),
+                    customer_id: "carol".into(),
+                    lines: vec![line("DOODAD", 1, 100)],
+                },
+            ),
+            (
+                "over the credit limit",
+                CreateOrder {
+                    order_id: "C-3".into(),
+                    customer_id: "carol".into(),
+                    lines: vec![line("GADGET", 20, 9_900)],
+                },
+            ),
+        ];
+        for (what, cmd) in rejected {
+            let stream = cmd.stream_id();
+            match order_service
+                .local_invoke::<CreateOrder, OrderCreated>(cmd)
+                .await
+            {
+                Err(e @ DispatchError::Rejected { .. }) => {
+                    let stored = order_service.store().read_stream(&stream, 1).await?;
+                    anyhow::ensure!(stored.is_empty(), "a rejected command stored events");
+                    println!(
+                        "   {what:<22} -> HTTP {} {e}; events stored: {}",
+                        e.http_status(),
+                        stored.len()
+                    );
+                }
+                other => bail!("{what}: expected a rejection, got {other:?}"),
+            }
+        }
+        anyhow::ensure!(
+            summaries.count().await? == 2,
+            "rejected orders reached the read model"
+        );
+        Ok::<(), anyhow::Error>(())
+    };
+    let finished = tokio::select! {
+        walked = walk_through => {
+            walked?;
+            true
+        }
+        _ = stop.recv() => {
+            println!("\nstop requested (SIGTERM or Ctrl-C): shutting down");
+            false
+        }
+    };
 
     order_service.shutdown().await?;
     if let Some(inventory_service) = inventory_service {
         inventory_service.shutdown().await?;
     }
-    println!(
-        "\nDone: 2 orders accepted, 3 rejected, every perspective up to date. Shut down cleanly."
-    );
+    if finished {
+        println!(
+            "\nDone: 2 orders accepted, 3 rejected, every perspective up to date. Shut down cleanly."
+        );
+    } else {
+        println!("Stopped before the end of the walk-through. Shut down cleanly.");
+    }
     Ok(())
 }
