@@ -245,10 +245,7 @@ impl Names {
 }
 
 fn database_url(args: &AmqpArgs) -> String {
-    args.database_url
-        .clone()
-        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    crate::database_url(args.database_url.as_deref())
 }
 
 fn amqp_url(args: &AmqpArgs) -> String {

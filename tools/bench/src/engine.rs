@@ -165,12 +165,7 @@ fn memory_config(worker_threads: u32) -> Config {
 fn postgres_config(args: &EngineArgs, schema: &str) -> Config {
     let mut c = memory_config(0);
     c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = args
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
-        .into();
+    c.store.database_url = crate::database_url(args.database_url.as_deref()).into();
     c.store.schema = schema.into();
     c
 }

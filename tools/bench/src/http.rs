@@ -57,12 +57,7 @@ fn config(args: &HttpArgs, schema: &str) -> Config {
     let mut c = Config::default();
     c.service.name = "bench-http".into();
     c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = args
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
-        .into();
+    c.store.database_url = crate::database_url(args.database_url.as_deref()).into();
     c.store.schema = schema.to_string();
     c.store.pool_size = args.connections as u32;
     // One instance alone: it may hold every partition.

@@ -358,10 +358,18 @@ async fn write_results(
     Ok((path, results))
 }
 
+/// The database a suite works in: `given` (`--database-url`), else `WHIZBANG_DATABASE_URL`, else
+/// the local server.
+pub(crate) fn database_url(given: Option<&str>) -> String {
+    given
+        .map(str::to_string)
+        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
 /// The Postgres settings that move the store's figures.
 async fn postgres_settings() -> BenchResult<serde_json::Value> {
-    let url = std::env::var("WHIZBANG_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = database_url(None);
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     actix_rt::spawn(async move {
         let _ = conn.await;

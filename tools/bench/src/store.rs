@@ -231,12 +231,7 @@ fn config(args: &StoreArgs, schema: &str) -> Config {
     let mut c = Config::default();
     c.service.name = "bench".into();
     c.store.backend = StoreBackend::Postgres;
-    c.store.database_url = args
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("WHIZBANG_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into())
-        .into();
+    c.store.database_url = crate::database_url(args.database_url.as_deref()).into();
     c.store.schema = schema.to_string();
     // One instance alone: it may hold every partition (the default of 100 is a share for a
     // fleet). The store takes this from the config it is opened with, so it is set here, for
