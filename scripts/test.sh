@@ -56,9 +56,17 @@ for features in "--no-default-features" "--no-default-features --features postgr
     cargo clippy -p whizbang --lib $features -- -D warnings || die "the library does not build with $features"
 done
 
-# --no-fail-fast: every test binary runs, so one run reports every failure.
+# --no-fail-fast: every test binary runs, so one run reports every failure. A failure's panic
+# message sits in the middle of a long output: it is repeated at the end, where a CI summary that
+# keeps only the head and the tail of the log still shows it.
 step "cargo test --workspace --all-targets --no-fail-fast"
-cargo test --workspace --all-targets --no-fail-fast || die "tests failed (see the failures listed above)"
+test_log=$(mktemp)
+if ! cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$test_log"; then
+    echo "==> why they failed (each panic and the lines after it)"
+    grep -A6 -E "^---- |panicked at" "$test_log" | grep -vE "^ +[0-9]+: |^ +at " | head -120
+    die "tests failed (see the failures listed above)"
+fi
+rm -f "$test_log"
 
 # The runtime contracts (ordering, read-your-writes, failures, supervision, ...) and the whole
 # runtime on Postgres again, with every partition on one worker thread: the run above used one

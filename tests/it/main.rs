@@ -67,6 +67,7 @@ mod contract {
 mod postgres {
     mod deadlines;
     mod idempotency;
+    mod inbox_order;
     mod liveness;
     mod migrations;
     mod read_models;
