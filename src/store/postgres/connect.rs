@@ -134,15 +134,16 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        if conn.broken.load(Ordering::Relaxed) {
-            // Given up on while a statement was out: it may still run on the server.
+        if conn.broken.load(Ordering::Relaxed) || conn.client.is_closed() {
+            // Given up on, or cut off, maybe with a statement out: it may still run on the
+            // server (a half-open connection). Its process is ended before the next call.
             let mut lost = self.lost_answers.lock().unwrap_or_else(|p| p.into_inner());
             if !lost.contains(&conn.backend) {
                 lost.push(conn.backend.clone());
             }
             return true;
         }
-        conn.client.is_closed()
+        false
     }
 }
 
