@@ -233,6 +233,38 @@ pub enum AppliedOnce {
     Refused,
 }
 
+/// One item of [`crate::store::Store::apply_once_many`]: a read model's run on one event, and
+/// the inbox row (if any) whose completion commits with it.
+pub struct OnceWork<'a> {
+    /// The read model's name (what the applied record is keyed by).
+    pub read_model: &'a str,
+    /// The event's id.
+    pub message_id: Uuid,
+    /// The inbox row this run finishes (the event's only perspective): completed in the same
+    /// transaction, fenced by its lease generation as the work batch's completions are.
+    pub completes: Option<crate::store::WorkRef>,
+    /// The read model's run.
+    pub apply: &'a dyn ApplyInTx,
+}
+
+/// What `Store::apply_once_many` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppliedMany {
+    /// Every item committed in one transaction.
+    Committed {
+        /// Per item, in the order given: [`AppliedOnce::Applied`] or
+        /// [`AppliedOnce::AlreadyApplied`].
+        outcomes: Vec<AppliedOnce>,
+        /// The items' inbox rows ([`OnceWork::completes`]) were completed in it too (a row
+        /// whose lease was lost meanwhile is left to its new holder, which finds the event
+        /// applied).
+        completed: bool,
+    },
+    /// An item refused (or a statement of one failed): nothing of any item was written. Which
+    /// one is not said: the caller runs each alone to find out.
+    Refused,
+}
+
 /// One event for one read model, run by the partition actor through `Store::apply_once`.
 pub(crate) struct OneEvent<'e> {
     pub handle: &'e ReadModelHandle,
