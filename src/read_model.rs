@@ -65,6 +65,8 @@ pub enum Consistency {
 pub struct ReadModelTx<'t> {
     #[cfg(feature = "postgres")]
     postgres: Option<&'t tokio_postgres::Transaction<'t>>,
+    #[cfg(feature = "postgres")]
+    statements: Option<&'t Statements>,
     staged: Vec<Box<dyn FnOnce() + Send>>,
     #[cfg(not(feature = "postgres"))]
     _lifetime: PhantomData<&'t ()>,
@@ -76,6 +78,8 @@ impl<'t> ReadModelTx<'t> {
         ReadModelTx {
             #[cfg(feature = "postgres")]
             postgres: None,
+            #[cfg(feature = "postgres")]
+            statements: None,
             staged: Vec::new(),
             #[cfg(not(feature = "postgres"))]
             _lifetime: PhantomData,
@@ -87,6 +91,21 @@ impl<'t> ReadModelTx<'t> {
     pub fn with_postgres(tx: &'t tokio_postgres::Transaction<'t>) -> ReadModelTx<'t> {
         ReadModelTx {
             postgres: Some(tx),
+            statements: None,
+            staged: Vec::new(),
+        }
+    }
+
+    /// The open Postgres transaction and the prepared statements of its connection (the
+    /// Postgres store).
+    #[cfg(feature = "postgres")]
+    pub fn with_postgres_statements(
+        tx: &'t tokio_postgres::Transaction<'t>,
+        statements: &'t Statements,
+    ) -> ReadModelTx<'t> {
+        ReadModelTx {
+            postgres: Some(tx),
+            statements: Some(statements),
             staged: Vec::new(),
         }
     }
@@ -95,6 +114,30 @@ impl<'t> ReadModelTx<'t> {
     #[cfg(feature = "postgres")]
     pub fn postgres(&self) -> Option<&'t tokio_postgres::Transaction<'t>> {
         self.postgres
+    }
+
+    /// `sql` prepared (with parameters of `types`) on the transaction's connection: once per
+    /// pooled connection, the first use paying a round trip, every later one none, and the
+    /// server neither parsing nor planning it again. For the statements a read model runs on
+    /// every event. `None` on the memory store.
+    /// (The future holds the transaction, not `self`: it is `Send` whatever was staged.)
+    #[cfg(feature = "postgres")]
+    pub fn prepared<'a>(
+        &self,
+        sql: &'a str,
+        types: &'a [tokio_postgres::types::Type],
+    ) -> impl Future<Output = Option<Result<tokio_postgres::Statement, tokio_postgres::Error>>> + Send + 'a
+    where
+        't: 'a,
+    {
+        let (tx, statements) = (self.postgres, self.statements);
+        async move {
+            let tx = tx?;
+            Some(match statements {
+                Some(statements) => statements.get(tx, sql, types).await,
+                None => tx.prepare_typed(sql, types).await,
+            })
+        }
     }
 
     /// Stages an effect: run when the transaction commits (see the type's docs), never if it
@@ -106,6 +149,60 @@ impl<'t> ReadModelTx<'t> {
     /// The staged effects, for the store to run at commit.
     pub fn take_staged(&mut self) -> Vec<Box<dyn FnOnce() + Send>> {
         std::mem::take(&mut self.staged)
+    }
+}
+
+/// The statements prepared on one pooled connection of the Postgres store for read models
+/// ([`ReadModelTx::prepared`]), by text and parameter types. Bounded: past
+/// [`Statements::MAX`] it starts over (a read model that builds its SQL per event gains nothing
+/// from it, and must not grow it without end).
+#[cfg(feature = "postgres")]
+#[derive(Default)]
+pub struct Statements {
+    prepared: Mutex<
+        std::collections::HashMap<
+            (String, Vec<tokio_postgres::types::Type>),
+            tokio_postgres::Statement,
+        >,
+    >,
+}
+
+#[cfg(feature = "postgres")]
+impl Statements {
+    /// Most statements kept per connection.
+    pub const MAX: usize = 256;
+
+    /// `sql` prepared on `client`'s connection, from the cache or now.
+    pub async fn get(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        sql: &str,
+        types: &[tokio_postgres::types::Type],
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let key = (sql.to_string(), types.to_vec());
+        if let Some(statement) = self.lock().get(&key) {
+            return Ok(statement.clone());
+        }
+        // Two runs missing at once both prepare it; the second one's is kept. Harmless.
+        let statement = client.prepare_typed(sql, types).await?;
+        let mut prepared = self.lock();
+        if prepared.len() >= Self::MAX {
+            prepared.clear();
+        }
+        prepared.insert(key, statement.clone());
+        Ok(statement)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<
+            (String, Vec<tokio_postgres::types::Type>),
+            tokio_postgres::Statement,
+        >,
+    > {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -287,20 +287,32 @@ impl ReadModel<OrderCreated> for OrderSummaries {
                         "order_summary is a Postgres table: the store must be Postgres".into(),
                     )
                 })?;
-                // An upsert: a replay from scratch applies every event again. Typed, so it is
-                // parsed, bound and run in one round trip (no prepare first).
-                pg.execute_typed(
-                    &format!(
-                        "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
-                         customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
-                         total_cents = EXCLUDED.total_cents, updated_at = now()"
-                    ),
+                // An upsert: a replay from scratch applies every event again. Prepared once
+                // per connection of the runtime's pool: one round trip per event, no parse or
+                // plan on the server.
+                let upsert = tx
+                    .prepared(
+                        &format!(
+                            "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
+                             customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
+                             total_cents = EXCLUDED.total_cents, updated_at = now()"
+                        ),
+                        &[Type::TEXT, Type::TEXT, Type::INT4, Type::INT8],
+                    )
+                    .await
+                    .transpose()
+                    .map_err(|e| PerspectiveError(format!("order_summary: {e}")))?
+                    .ok_or_else(|| {
+                        PerspectiveError("order_summary: no Postgres transaction".into())
+                    })?;
+                pg.execute(
+                    &upsert,
                     &[
-                        (&summary.order_id, Type::TEXT),
-                        (&summary.customer_id, Type::TEXT),
-                        (&summary.lines, Type::INT4),
-                        (&summary.total_cents, Type::INT8),
+                        &summary.order_id,
+                        &summary.customer_id,
+                        &summary.lines,
+                        &summary.total_cents,
                     ],
                 )
                 .await

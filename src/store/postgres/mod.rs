@@ -479,8 +479,13 @@ impl Store for PostgresStore {
         apply: &dyn ApplyInTx,
     ) -> Result<AppliedOnce, StoreError> {
         let mut pooled = self.conn().await?;
-        let PgConnection { client, broken, .. } = &mut *pooled;
-        let broken: &AtomicBool = broken;
+        let PgConnection {
+            client,
+            broken,
+            statements,
+            ..
+        } = &mut *pooled;
+        let (broken, statements): (&AtomicBool, &_) = (broken, statements);
         let s = &self.schema;
         let tx = self
             .answered(broken, async {
@@ -513,7 +518,7 @@ impl Store for PostgresStore {
         if recorded == 0 {
             return Ok(AppliedOnce::AlreadyApplied);
         }
-        let mut rm = ReadModelTx::with_postgres(&tx);
+        let mut rm = ReadModelTx::with_postgres_statements(&tx, statements);
         // Bounded by the handler timeout (the handle's guard), not by the answer deadline. A
         // refusal rolls back when `tx` is dropped.
         if apply.apply(&mut rm).await.is_err() {
@@ -541,8 +546,13 @@ impl Store for PostgresStore {
             });
         }
         let mut pooled = self.conn().await?;
-        let PgConnection { client, broken, .. } = &mut *pooled;
-        let broken: &AtomicBool = broken;
+        let PgConnection {
+            client,
+            broken,
+            statements,
+            ..
+        } = &mut *pooled;
+        let (broken, statements): (&AtomicBool, &_) = (broken, statements);
         let s = &self.schema;
         let tx = self
             .answered(broken, async {
@@ -579,23 +589,31 @@ impl Store for PostgresStore {
         // Both sent at once (pipelined on the connection): one round trip.
         let recorded = self
             .answered(broken, async {
-                let params: [(&(dyn ToSql + Sync), Type); 2] =
-                    [(&names, Type::TEXT_ARRAY), (&ids, Type::UUID_ARRAY)];
-                let recording = tx.query_typed(&record, &params);
+                // Prepared once per connection: neither parsed nor planned again.
+                let recording = async {
+                    let statement = statements
+                        .get(&tx, &record, &[Type::TEXT_ARRAY, Type::UUID_ARRAY])
+                        .await?;
+                    tx.query(&statement, &[&names, &ids]).await
+                };
                 let completing = async {
                     if c_ids.is_empty() {
                         return Ok(0);
                     }
-                    tx.execute_typed(
-                        &complete,
-                        &[
-                            (&c_ids, Type::UUID_ARRAY),
-                            (&c_parts, Type::INT4_ARRAY),
-                            (&c_gens, Type::INT8_ARRAY),
-                            (&instance, Type::UUID),
-                        ],
-                    )
-                    .await
+                    let statement = statements
+                        .get(
+                            &tx,
+                            &complete,
+                            &[
+                                Type::UUID_ARRAY,
+                                Type::INT4_ARRAY,
+                                Type::INT8_ARRAY,
+                                Type::UUID,
+                            ],
+                        )
+                        .await?;
+                    tx.execute(&statement, &[&c_ids, &c_parts, &c_gens, &instance])
+                        .await
                 };
                 let (recorded, completed) = futures::join!(recording, completing);
                 completed.map_err(query_error)?;
@@ -620,7 +638,7 @@ impl Store for PostgresStore {
             .map(|(w, _)| {
                 let tx = &tx;
                 async move {
-                    let mut rm = ReadModelTx::with_postgres(tx);
+                    let mut rm = ReadModelTx::with_postgres_statements(tx, statements);
                     w.apply.apply(&mut rm).await.map(|()| rm.take_staged())
                 }
             });
