@@ -301,10 +301,7 @@ fn blueprint(
         let live_instances = live_instances.clone();
         // A quarter of the store's connections for read-model transactions at once: the
         // rest stay for work batches, inline commits and replies (see `apply_group`).
-        let read_model_transactions = std::env::var("WB_RM_TX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or((config.store.pool_size as usize / 4).max(1));
+        let read_model_transactions = (config.store.pool_size as usize / 4).max(1);
         let idle_after = (config.partitions.idle_actor_seconds > 0)
             .then(|| Duration::from_secs(config.partitions.idle_actor_seconds));
         move |lifelines: LifelineIssuer, recovering: bool| {
