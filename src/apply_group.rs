@@ -121,7 +121,9 @@ impl GroupApply {
         loop {
             let batch = {
                 let mut st = self.state();
-                let batch = take_batch(&mut st.queue);
+                let batch = take_batch(&mut st.queue, MAX_RUNS, |(run, _)| {
+                    (run.name.clone(), run.envelope.stream_id.clone())
+                });
                 if batch.is_empty() {
                     // Given back under the lock that saw the queue empty: a run queued after
                     // this finds the slot free and leads.
@@ -245,19 +247,18 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// The next transaction's runs, in arrival order: at most [`MAX_RUNS`], and at most one per
-/// (read model, stream) (a later one waits for the next transaction).
-fn take_batch(queue: &mut VecDeque<Waiting>) -> Vec<Waiting> {
+/// The next transaction's runs, in arrival order: at most `max`, and at most one per key
+/// ((read model, stream): a later one waits for the next transaction).
+fn take_batch<T>(
+    queue: &mut VecDeque<T>,
+    max: usize,
+    key: impl Fn(&T) -> (String, String),
+) -> Vec<T> {
     let mut batch = Vec::new();
     let mut seen: HashSet<(String, String)> = HashSet::new();
     let mut kept = VecDeque::new();
     while let Some(w) = queue.pop_front() {
-        if batch.len() >= MAX_RUNS {
-            kept.push_back(w);
-            continue;
-        }
-        let key = (w.0.name.clone(), w.0.envelope.stream_id.clone());
-        if seen.insert(key) {
+        if batch.len() < max && seen.insert(key(&w)) {
             batch.push(w);
         } else {
             kept.push_back(w);
@@ -265,4 +266,51 @@ fn take_batch(queue: &mut VecDeque<Waiting>) -> Vec<Waiting> {
     }
     *queue = kept;
     batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(w: &(&str, &str, u32)) -> (String, String) {
+        (w.0.to_string(), w.1.to_string())
+    }
+
+    #[test]
+    fn a_batch_takes_one_run_per_read_model_and_stream_in_arrival_order() {
+        let mut queue: VecDeque<_> = [
+            ("summary", "a", 1),
+            ("summary", "b", 1),
+            ("summary", "a", 2),
+            ("other", "a", 1),
+            ("summary", "c", 1),
+            ("summary", "a", 3),
+        ]
+        .into();
+        let batch = take_batch(&mut queue, 10, key);
+        assert_eq!(
+            batch,
+            [
+                ("summary", "a", 1),
+                ("summary", "b", 1),
+                ("other", "a", 1),
+                ("summary", "c", 1)
+            ]
+        );
+        // The later runs of stream a wait, still in their order.
+        assert_eq!(queue, [("summary", "a", 2), ("summary", "a", 3)]);
+        assert_eq!(take_batch(&mut queue, 10, key), [("summary", "a", 2)]);
+        assert_eq!(take_batch(&mut queue, 10, key), [("summary", "a", 3)]);
+        assert!(take_batch(&mut queue, 10, key).is_empty());
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_its_maximum() {
+        let mut queue: VecDeque<_> = [("m", "a", 1), ("m", "b", 1), ("m", "c", 1)].into();
+        assert_eq!(
+            take_batch(&mut queue, 2, key),
+            [("m", "a", 1), ("m", "b", 1)]
+        );
+        assert_eq!(queue, [("m", "c", 1)]);
+    }
 }

@@ -5,8 +5,10 @@
 //! is handed), the transaction handle [`ReadModelTx`], the choice made at registration,
 //! [`Consistency`] (after the command, from the inbox; or inline, inside the command's own
 //! transaction), and the hooks through which a store runs them inside its transaction
-//! ([`ApplyInTx`], [`InlineApply`]). It must not open or commit transactions (the stores do:
-//! `Store::apply_once`, `Store::commit_inline`) nor decide ordering (partition actors do).
+//! ([`ApplyInTx`], [`InlineApply`], [`OnceWork`]), and the statements prepared per connection
+//! for them (`Statements`, with the `postgres` feature). It must not open or commit transactions (the stores do:
+//! `Store::apply_once`, `Store::apply_once_many`, `Store::commit_inline`) nor decide ordering
+//! (partition actors do) or grouping (`apply_group` does).
 //!
 //! What "exactly once" means per store:
 //! - Postgres: the read model's statements run in the transaction that inserts the row
@@ -45,7 +47,8 @@ use uuid::Uuid;
 pub enum Consistency {
     /// After the command committed, from the inbox, like a plain perspective: the command's
     /// latency and its success do not depend on the read model. Each event is applied once,
-    /// in its own transaction.
+    /// in a transaction shared with the events of other partitions applied at the same time
+    /// (see `docs/architecture.md`).
     Async,
     /// Inside the command's own transaction: the read model is current when the command
     /// returns, and its failure rolls the command back (nothing written, the caller gets the
