@@ -133,6 +133,7 @@
 //! | [`telemetry`] | the metrics the runtime exports ([`telemetry::METRICS`]) and, with `telemetry.metrics_listen`, the listener serving `/metrics`, `/health/live`, `/health/ready` |
 //! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
+pub(crate) mod admission;
 mod apply_group;
 pub mod config;
 pub(crate) mod consumer;

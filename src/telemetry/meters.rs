@@ -121,6 +121,7 @@ pub(crate) struct Meters(Arc<Inner>);
 struct Inner {
     sink: Sink,
     in_flight: Gauge,
+    dispatch_limit: Gauge,
     batch_duration: [Histogram; 2],
     batch_size: [Histogram; 3],
     backlog: [Gauge; 2],
@@ -132,6 +133,7 @@ struct Inner {
     leases_held: Gauge,
     leases_acquired: Counter,
     leases_released: Counter,
+    leases_taken_over: Counter,
     restarts: [Counter; 5],
 }
 
@@ -168,6 +170,7 @@ impl Meters {
         let per_queue = |name| QUEUES.map(|q| sink.gauge(name, &[("queue", s(q))]));
         Meters(Arc::new(Inner {
             in_flight: sink.gauge("whizbang_dispatches_in_flight", &[]),
+            dispatch_limit: sink.gauge("whizbang_dispatch_limit", &[]),
             batch_duration: ["ok", "failed"].map(|o| {
                 sink.histogram("whizbang_work_batch_duration_seconds", &[("outcome", s(o))])
             }),
@@ -189,6 +192,7 @@ impl Meters {
             leases_held: sink.gauge("whizbang_leases_held", &[]),
             leases_acquired: sink.counter("whizbang_leases_acquired_total", &[]),
             leases_released: sink.counter("whizbang_leases_released_total", &[]),
+            leases_taken_over: sink.counter("whizbang_leases_taken_over_total", &[]),
             restarts: ACTORS.map(|a| {
                 sink.counter(
                     "whizbang_actor_restarts_total",
@@ -225,6 +229,11 @@ impl Meters {
     /// A dispatch was admitted (`1.0`) or finished (`-1.0`).
     pub(crate) fn in_flight(&self, delta: f64) {
         self.0.in_flight.increment(delta);
+    }
+
+    /// The in-flight limit is `limit` now.
+    pub(crate) fn dispatch_limit(&self, limit: u32) {
+        self.0.dispatch_limit.set(f64::from(limit));
     }
 
     /// The duration histograms of the receptor of `message_type`.
@@ -311,11 +320,13 @@ impl Meters {
         self.0.dead_letters.increment(rows as u64);
     }
 
-    /// A heartbeat's leases: held now, newly acquired since the last one, released by it.
-    pub(crate) fn leases(&self, held: usize, acquired: usize, released: usize) {
+    /// A heartbeat's leases: held now, newly acquired since the last one, released by it, and
+    /// taken over from another instance since the last one.
+    pub(crate) fn leases(&self, held: usize, acquired: usize, released: usize, taken_over: usize) {
         self.0.leases_held.set(held as f64);
         self.0.leases_acquired.increment(acquired as u64);
         self.0.leases_released.increment(released as u64);
+        self.0.leases_taken_over.increment(taken_over as u64);
     }
 
     /// A supervised actor of `kind` was restarted.

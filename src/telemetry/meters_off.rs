@@ -23,6 +23,7 @@ impl Meters {
         DispatchMeters
     }
     pub(crate) fn in_flight(&self, _delta: f64) {}
+    pub(crate) fn dispatch_limit(&self, _limit: u32) {}
     pub(crate) fn receptor(&self, _message_type: &str) -> HandlerMeters {
         HandlerMeters
     }
@@ -40,7 +41,14 @@ impl Meters {
     pub(crate) fn rows_in_flight(&self, _inbox: usize, _outbox: usize) {}
     pub(crate) fn retry(&self, _queue: Queue, _kind: FailureKind) {}
     pub(crate) fn dead_lettered(&self, _rows: usize) {}
-    pub(crate) fn leases(&self, _held: usize, _acquired: usize, _released: usize) {}
+    pub(crate) fn leases(
+        &self,
+        _held: usize,
+        _acquired: usize,
+        _released: usize,
+        _taken_over: usize,
+    ) {
+    }
     pub(crate) fn restarted(&self, _kind: ActorKind) {}
 }
 

@@ -126,7 +126,15 @@ pub const METRICS: &[MetricInfo] = &[
         kind: MetricKind::Gauge,
         unit: "",
         labels: &[],
-        help: "Dispatches admitted and not yet finished (counted against runtime.max_in_flight).",
+        help: "Dispatches admitted and not yet finished (counted against the in-flight limit).",
+    },
+    MetricInfo {
+        name: "whizbang_dispatch_limit",
+        kind: MetricKind::Gauge,
+        unit: "",
+        labels: &[],
+        help: "The in-flight limit now: runtime.max_in_flight, or below it the adaptive limit \
+               (runtime.adaptive_in_flight).",
     },
     MetricInfo {
         name: "whizbang_receptor_duration_seconds",
@@ -224,6 +232,15 @@ pub const METRICS: &[MetricInfo] = &[
         unit: "",
         labels: &[],
         help: "Partitions given up at a heartbeat (idle, or above this instance's fair share).",
+    },
+    MetricInfo {
+        name: "whizbang_leases_taken_over_total",
+        kind: MetricKind::Counter,
+        unit: "",
+        labels: &[],
+        help: "Partitions this instance took over from another one without its consent (that \
+               instance's lease ran out, or its liveness lock was found free), reported at the \
+               heartbeat after; also counted in whizbang_leases_acquired_total.",
     },
     MetricInfo {
         name: "whizbang_publish_total",
