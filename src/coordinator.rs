@@ -992,7 +992,18 @@ impl Handler<Report> for Coordinator {
             Report::OutboxReleased(w) => r.outbox_releases.push(w),
             Report::InboxDone(w) => r.inbox_completions.push(w),
             Report::InboxFailed(f) => r.inbox_failures.push(f),
-            Report::InboxCommitted(_) => {}
+            Report::InboxCommitted(w) => {
+                // Its completion is committed already: whoever waits for it as a row of
+                // another dispatch is answered now rather than at the next poll.
+                for tx in self
+                    .remote_waiters
+                    .remove(&w.message_id)
+                    .into_iter()
+                    .flatten()
+                {
+                    let _ = tx.send(Ok(()));
+                }
+            }
             Report::InboxReleased(w, waiters) => {
                 r.inbox_releases.push(w);
                 if !waiters.is_empty() {

@@ -116,6 +116,7 @@
 //! | [`routing`] | what a decision becomes: the unit of work, stream → partition hash |
 //! | `idempotency` (internal) | idempotent commands: recorded first outcomes, request hashes, one run per key |
 //! | `partition` (internal) | per-partition actors that run jobs strictly in order |
+//! | `apply_group` (internal) | read-model runs of many partitions committed in shared transactions |
 //! | `coordinator` (internal) | flush strategies, work batches, claims, heartbeats, hand-off |
 //! | `publisher` (internal) | outbox rows → transport, pipelined, in order per stream |
 //! | `consumer` (internal) | transport deliveries → inbox, settled after commit |
@@ -133,6 +134,7 @@
 //! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
 pub(crate) mod admission;
+mod apply_group;
 pub mod config;
 pub(crate) mod consumer;
 pub(crate) mod coordinator;

@@ -12,6 +12,7 @@
 //! parked until the retry). It must not write to the store itself: it reports to the
 //! coordinator.
 
+use crate::apply_group::{GroupApply, Run};
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::handler::EventMeta;
@@ -21,7 +22,7 @@ use crate::protocol::{
     AppliedReceiver, AppliedSender, AwaitProcessed, CommitAnswer, CommitOutcome, CoordinatorLink,
     Report, commit,
 };
-use crate::read_model::{AppliedOnce, InlineRun, OneEvent};
+use crate::read_model::{AppliedOnce, InlineRun};
 use crate::registry::RegistryView;
 use crate::registry::{PerspectiveRun, RegistryTable};
 use crate::routing::{Origin, plan_unit};
@@ -123,8 +124,8 @@ impl Message for Enqueue {
 /// What every partition actor shares.
 #[derive(Clone)]
 pub(crate) struct PartitionDeps {
-    /// Read models run their transactions on it (`Store::apply_once`, `Store::commit_inline`);
-    /// everything else goes through the coordinator.
+    /// Inline read models run their transactions on it (`Store::commit_inline`); everything
+    /// else goes through the coordinator (and `group`).
     pub store: Arc<dyn Store>,
     pub origin: Origin,
     pub registry: RegistryView,
@@ -136,6 +137,8 @@ pub(crate) struct PartitionDeps {
     /// An actor with nothing to do for this long stops (`partitions.idle_actor_seconds`);
     /// `None`: never.
     pub idle_after: Option<Duration>,
+    /// Where an inbox event's read models run: in transactions shared with other partitions'.
+    pub group: Arc<GroupApply>,
 }
 
 /// A live partition actor as the directory knows it.
@@ -282,7 +285,8 @@ impl Handler<StopNow> for PartitionActor {
 
 enum InboxResult {
     Done,
-    /// A command from the inbox: its completion was part of its unit.
+    /// Its completion is committed already: a command from the inbox's with its unit, an
+    /// event's with its only perspective, a read model (see `apply_group`).
     CommittedWithUnit,
     Failed(FailureKind, String, Vec<String>),
 }
@@ -859,15 +863,19 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 work.attempts,
             );
             let meta = &meta;
+            // An event with one perspective to run, a read model, has its inbox row completed
+            // in the read model's transaction.
+            let completes = (perspectives.len() == 1).then_some(work.work);
             let runs = perspectives.iter().map(|p| async move {
                 let started = Instant::now();
                 let result = match &p.run {
                     PerspectiveRun::Plain(handle) => handle
                         .apply(envelope, meta.clone())
                         .await
+                        .map(|()| false)
                         .map_err(Fail::Handler),
                     PerspectiveRun::Once { handle, .. } => {
-                        apply_once(deps, &p.name, handle, envelope, meta.clone()).await
+                        apply_once(deps, &p.name, handle, envelope, meta.clone(), completes).await
                     }
                 };
                 p.meters.record(result.is_ok(), started.elapsed());
@@ -876,9 +884,13 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
             let results = traces::within(&span, futures::future::join_all(runs)).await;
             let mut applied = skip;
             let mut failure: Option<(FailureKind, String)> = None;
+            let mut completed = false;
             for (p, result) in perspectives.iter().zip(results) {
                 match result {
-                    Ok(()) => applied.push(p.name.clone()),
+                    Ok(row_completed) => {
+                        completed |= row_completed;
+                        applied.push(p.name.clone());
+                    }
                     Err(Fail::Handler(HandlerFailure::Panicked(m))) => {
                         failure.get_or_insert((
                             FailureKind::Panicked,
@@ -900,6 +912,7 @@ async fn process_inbox(deps: &PartitionDeps, work: &InboxWork, skip: Vec<String>
                 }
             }
             match failure {
+                None if completed => InboxResult::CommittedWithUnit,
                 None => InboxResult::Done,
                 Some((kind, error)) => InboxResult::Failed(kind, error, applied),
             }
@@ -914,36 +927,38 @@ enum Fail {
     Store(crate::store::StoreError),
 }
 
-/// Runs one read model on one event in its own store transaction, which also records the event
-/// as applied by it; an event recorded before is not applied again.
+/// Runs one read model on one event in a store transaction (shared with other partitions'
+/// runs, see `apply_group`) that also records the event as applied by it, and completes
+/// `completes` (its inbox row) when given; an event recorded before is not applied again.
+/// Answers whether the row was completed with it.
 async fn apply_once(
     deps: &PartitionDeps,
     name: &str,
     handle: &crate::read_model::ReadModelHandle,
     envelope: &Envelope,
     meta: EventMeta,
-) -> Result<(), Fail> {
-    let one = OneEvent {
-        handle,
-        envelope,
-        meta,
-        failure: Default::default(),
-    };
-    match deps
-        .store
-        .apply_once(name, envelope.message_id, false, &one)
-        .await
-    {
+    completes: Option<WorkRef>,
+) -> Result<bool, Fail> {
+    let outcome = deps
+        .group
+        .run(Run {
+            name: name.to_string(),
+            handle: handle.clone(),
+            envelope: envelope.clone(),
+            meta,
+            completes,
+        })
+        .await;
+    match outcome.applied {
         Ok(AppliedOnce::Applied | AppliedOnce::AlreadyApplied) => {
             fault::read_model_at(&envelope.stream_id, fault::HoldAt::AfterCommit).await;
-            Ok(())
+            Ok(outcome.completed)
         }
-        Ok(AppliedOnce::Refused) => Err(Fail::Handler(
-            one.failure
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_else(|| HandlerFailure::Decode("refused without a reason".into())),
-        )),
+        Ok(AppliedOnce::Refused) => {
+            Err(Fail::Handler(outcome.failure.unwrap_or_else(|| {
+                HandlerFailure::Decode("refused without a reason".into())
+            })))
+        }
         Err(e) => Err(Fail::Store(e)),
     }
 }

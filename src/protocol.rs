@@ -94,8 +94,9 @@ pub enum Report {
     InboxFailed(Failure),
     /// Handed back unprocessed (its stream is parked); the waiters go with it.
     InboxReleased(WorkRef, Vec<AppliedSender>),
-    /// A command from the inbox whose completion was committed with its own unit: nothing to
-    /// write, only no longer in flight.
+    /// A row whose completion is committed already (a command from the inbox's with its own
+    /// unit, an event's with its read model's transaction): nothing to write, only no longer
+    /// in flight.
     InboxCommitted(WorkRef),
 }
 

@@ -5,8 +5,10 @@
 //! is handed), the transaction handle [`ReadModelTx`], the choice made at registration,
 //! [`Consistency`] (after the command, from the inbox; or inline, inside the command's own
 //! transaction), and the hooks through which a store runs them inside its transaction
-//! ([`ApplyInTx`], [`InlineApply`]). It must not open or commit transactions (the stores do:
-//! `Store::apply_once`, `Store::commit_inline`) nor decide ordering (partition actors do).
+//! ([`ApplyInTx`], [`InlineApply`], [`OnceWork`]), and the statements prepared per connection
+//! for them (`Statements`, with the `postgres` feature). It must not open or commit transactions (the stores do:
+//! `Store::apply_once`, `Store::apply_once_many`, `Store::commit_inline`) nor decide ordering
+//! (partition actors do) or grouping (`apply_group` does).
 //!
 //! What "exactly once" means per store:
 //! - Postgres: the read model's statements run in the transaction that inserts the row
@@ -45,7 +47,8 @@ use uuid::Uuid;
 pub enum Consistency {
     /// After the command committed, from the inbox, like a plain perspective: the command's
     /// latency and its success do not depend on the read model. Each event is applied once,
-    /// in its own transaction.
+    /// in a transaction shared with the events of other partitions applied at the same time
+    /// (see `docs/architecture.md`).
     Async,
     /// Inside the command's own transaction: the read model is current when the command
     /// returns, and its failure rolls the command back (nothing written, the caller gets the
@@ -65,6 +68,8 @@ pub enum Consistency {
 pub struct ReadModelTx<'t> {
     #[cfg(feature = "postgres")]
     postgres: Option<&'t tokio_postgres::Transaction<'t>>,
+    #[cfg(feature = "postgres")]
+    statements: Option<&'t Statements>,
     staged: Vec<Box<dyn FnOnce() + Send>>,
     #[cfg(not(feature = "postgres"))]
     _lifetime: PhantomData<&'t ()>,
@@ -76,6 +81,8 @@ impl<'t> ReadModelTx<'t> {
         ReadModelTx {
             #[cfg(feature = "postgres")]
             postgres: None,
+            #[cfg(feature = "postgres")]
+            statements: None,
             staged: Vec::new(),
             #[cfg(not(feature = "postgres"))]
             _lifetime: PhantomData,
@@ -87,6 +94,21 @@ impl<'t> ReadModelTx<'t> {
     pub fn with_postgres(tx: &'t tokio_postgres::Transaction<'t>) -> ReadModelTx<'t> {
         ReadModelTx {
             postgres: Some(tx),
+            statements: None,
+            staged: Vec::new(),
+        }
+    }
+
+    /// The open Postgres transaction and the prepared statements of its connection (the
+    /// Postgres store).
+    #[cfg(feature = "postgres")]
+    pub fn with_postgres_statements(
+        tx: &'t tokio_postgres::Transaction<'t>,
+        statements: &'t Statements,
+    ) -> ReadModelTx<'t> {
+        ReadModelTx {
+            postgres: Some(tx),
+            statements: Some(statements),
             staged: Vec::new(),
         }
     }
@@ -95,6 +117,30 @@ impl<'t> ReadModelTx<'t> {
     #[cfg(feature = "postgres")]
     pub fn postgres(&self) -> Option<&'t tokio_postgres::Transaction<'t>> {
         self.postgres
+    }
+
+    /// `sql` prepared (with parameters of `types`) on the transaction's connection: once per
+    /// pooled connection, the first use paying a round trip, every later one none, and the
+    /// server neither parsing nor planning it again. For the statements a read model runs on
+    /// every event. `None` on the memory store.
+    /// (The future holds the transaction, not `self`: it is `Send` whatever was staged.)
+    #[cfg(feature = "postgres")]
+    pub fn prepared<'a>(
+        &self,
+        sql: &'a str,
+        types: &'a [tokio_postgres::types::Type],
+    ) -> impl Future<Output = Option<Result<tokio_postgres::Statement, tokio_postgres::Error>>> + Send + 'a
+    where
+        't: 'a,
+    {
+        let (tx, statements) = (self.postgres, self.statements);
+        async move {
+            let tx = tx?;
+            Some(match statements {
+                Some(statements) => statements.get(tx, sql, types).await,
+                None => tx.prepare_typed(sql, types).await,
+            })
+        }
     }
 
     /// Stages an effect: run when the transaction commits (see the type's docs), never if it
@@ -106,6 +152,60 @@ impl<'t> ReadModelTx<'t> {
     /// The staged effects, for the store to run at commit.
     pub fn take_staged(&mut self) -> Vec<Box<dyn FnOnce() + Send>> {
         std::mem::take(&mut self.staged)
+    }
+}
+
+/// The statements prepared on one pooled connection of the Postgres store for read models
+/// ([`ReadModelTx::prepared`]), by text and parameter types. Bounded: past
+/// [`Statements::MAX`] it starts over (a read model that builds its SQL per event gains nothing
+/// from it, and must not grow it without end).
+#[cfg(feature = "postgres")]
+#[derive(Default)]
+pub struct Statements {
+    prepared: Mutex<
+        std::collections::HashMap<
+            (String, Vec<tokio_postgres::types::Type>),
+            tokio_postgres::Statement,
+        >,
+    >,
+}
+
+#[cfg(feature = "postgres")]
+impl Statements {
+    /// Most statements kept per connection.
+    pub const MAX: usize = 256;
+
+    /// `sql` prepared on `client`'s connection, from the cache or now.
+    pub async fn get(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        sql: &str,
+        types: &[tokio_postgres::types::Type],
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let key = (sql.to_string(), types.to_vec());
+        if let Some(statement) = self.lock().get(&key) {
+            return Ok(statement.clone());
+        }
+        // Two runs missing at once both prepare it; the second one's is kept. Harmless.
+        let statement = client.prepare_typed(sql, types).await?;
+        let mut prepared = self.lock();
+        if prepared.len() >= Self::MAX {
+            prepared.clear();
+        }
+        prepared.insert(key, statement.clone());
+        Ok(statement)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<
+            (String, Vec<tokio_postgres::types::Type>),
+            tokio_postgres::Statement,
+        >,
+    > {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -230,6 +330,38 @@ pub enum AppliedOnce {
     /// it): not applied again.
     AlreadyApplied,
     /// The read model refused; nothing was written.
+    Refused,
+}
+
+/// One item of [`crate::store::Store::apply_once_many`]: a read model's run on one event, and
+/// the inbox row (if any) whose completion commits with it.
+pub struct OnceWork<'a> {
+    /// The read model's name (what the applied record is keyed by).
+    pub read_model: &'a str,
+    /// The event's id.
+    pub message_id: Uuid,
+    /// The inbox row this run finishes (the event's only perspective): completed in the same
+    /// transaction, fenced by its lease generation as the work batch's completions are.
+    pub completes: Option<crate::store::WorkRef>,
+    /// The read model's run.
+    pub apply: &'a dyn ApplyInTx,
+}
+
+/// What `Store::apply_once_many` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppliedMany {
+    /// Every item committed in one transaction.
+    Committed {
+        /// Per item, in the order given: [`AppliedOnce::Applied`] or
+        /// [`AppliedOnce::AlreadyApplied`].
+        outcomes: Vec<AppliedOnce>,
+        /// The items' inbox rows ([`OnceWork::completes`]) were completed in it too (a row
+        /// whose lease was lost meanwhile is left to its new holder, which finds the event
+        /// applied).
+        completed: bool,
+    },
+    /// An item refused (or a statement of one failed): nothing of any item was written. Which
+    /// one is not said: the caller runs each alone to find out.
     Refused,
 }
 

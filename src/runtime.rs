@@ -8,6 +8,7 @@
 //! business logic.
 
 use crate::admission::Admission;
+use crate::apply_group::GroupApply;
 use crate::config::{Config, StoreBackend, TransportKind};
 use crate::consumer::{Consumer, ShardShare, StopConsumer};
 use crate::coordinator::{Coordinator, CoordinatorLinks, CoordinatorSettings, Shutdown};
@@ -298,6 +299,9 @@ fn blueprint(
         let window = config.transport.publisher_window as usize;
         let send_timeout = Duration::from_millis(config.transport.send_timeout_ms);
         let live_instances = live_instances.clone();
+        // A quarter of the store's connections for read-model transactions at once: the
+        // rest stay for work batches, inline commits and replies (see `apply_group`).
+        let read_model_transactions = (config.store.pool_size as usize / 4).max(1);
         let idle_after = (config.partitions.idle_actor_seconds > 0)
             .then(|| Duration::from_secs(config.partitions.idle_actor_seconds));
         move |lifelines: LifelineIssuer, recovering: bool| {
@@ -318,6 +322,11 @@ fn blueprint(
                 lifelines: lifelines.clone(),
                 placement: placement.clone(),
                 idle_after,
+                group: Arc::new(GroupApply::new(
+                    store.clone(),
+                    origin.instance,
+                    read_model_transactions,
+                )),
             });
             let publisher = {
                 let (transport, origin, health) =

@@ -157,41 +157,11 @@ pub struct OrderSummary {
     pub total_cents: i64,
 }
 
-type PgPool = bb8::Pool<SummaryConnections>;
-type Manager = bb8_postgres::PostgresConnectionManager<whizbang::store::postgres::tls::DatabaseTls>;
-use tokio_postgres::{Client, Statement, types::Type};
-
-/// Connections to the summaries table, each with the perspective's upsert prepared once: one
-/// round trip per event, and no parse and plan on the server for each (a query given as text
-/// costs a round trip of its own to prepare, every time).
-pub struct SummaryConnections {
-    inner: Manager,
-    upsert: String,
-}
-
-impl bb8::ManageConnection for SummaryConnections {
-    type Connection = (Client, Statement);
-    type Error = tokio_postgres::Error;
-
-    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let client = self.inner.connect().await?;
-        let upsert = client
-            .prepare_typed(
-                &self.upsert,
-                &[Type::TEXT, Type::TEXT, Type::INT4, Type::INT8],
-            )
-            .await?;
-        Ok((client, upsert))
-    }
-
-    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.inner.is_valid(&mut conn.0).await
-    }
-
-    fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        self.inner.has_broken(&mut conn.0)
-    }
-}
+/// Connections for reading the summaries (`GET /orders/{id}`); the read model writes through
+/// the runtime's transaction, not through these.
+type PgPool = bb8::Pool<bb8_postgres::PostgresConnectionManager<DatabaseTls>>;
+use tokio_postgres::types::Type;
+use whizbang::store::postgres::tls::DatabaseTls;
 
 /// Where the order summaries live: a map for the in-memory store, a table in the service's
 /// schema (`<store.schema>.order_summary`) for the Postgres store.
@@ -221,9 +191,12 @@ impl OrderSummaries {
         let manager = bb8_postgres::PostgresConnectionManager::new(pg, tls);
         let schema = &config.store.schema;
         let table = format!("{schema}.order_summary");
-        // The table first (the pool's connections prepare their upsert on it), on a connection
-        // of its own.
-        bb8::ManageConnection::connect(&manager)
+        // Opened as reads need them, up to as many as the runtime's own pool.
+        let pool = bb8::Pool::builder()
+            .max_size(config.store.pool_size.max(1))
+            .build(manager)
+            .await?;
+        pool.get()
             .await?
             .batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema};
@@ -236,20 +209,6 @@ impl OrderSummaries {
                  )"
             ))
             .await?;
-        let upsert = format!(
-            "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
-             customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
-             total_cents = EXCLUDED.total_cents, updated_at = now()"
-        );
-        // As many as the runtime's own pool: a perspective runs per partition at once.
-        let pool = bb8::Pool::builder()
-            .max_size(config.store.pool_size.max(1))
-            .build(SummaryConnections {
-                inner: manager,
-                upsert,
-            })
-            .await?;
         Ok(OrderSummaries::Postgres { pool, table })
     }
 
@@ -261,7 +220,6 @@ impl OrderSummaries {
                 let row = pool
                     .get()
                     .await?
-                    .0
                     .query_opt(
                         &format!(
                             "SELECT order_id, customer_id, lines, total_cents FROM {table} \
@@ -288,7 +246,6 @@ impl OrderSummaries {
                 let n: i64 = pool
                     .get()
                     .await?
-                    .0
                     .query_one(&format!("SELECT count(*) FROM {table}"), &[])
                     .await?
                     .get(0);
@@ -330,20 +287,32 @@ impl ReadModel<OrderCreated> for OrderSummaries {
                         "order_summary is a Postgres table: the store must be Postgres".into(),
                     )
                 })?;
-                // An upsert: a replay from scratch applies every event again. Typed, so it is
-                // parsed, bound and run in one round trip (no prepare first).
-                pg.execute_typed(
-                    &format!(
-                        "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
-                         customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
-                         total_cents = EXCLUDED.total_cents, updated_at = now()"
-                    ),
+                // An upsert: a replay from scratch applies every event again. Prepared once
+                // per connection of the runtime's pool: one round trip per event, no parse or
+                // plan on the server.
+                let upsert = tx
+                    .prepared(
+                        &format!(
+                            "INSERT INTO {table} (order_id, customer_id, lines, total_cents) \
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE SET \
+                             customer_id = EXCLUDED.customer_id, lines = EXCLUDED.lines, \
+                             total_cents = EXCLUDED.total_cents, updated_at = now()"
+                        ),
+                        &[Type::TEXT, Type::TEXT, Type::INT4, Type::INT8],
+                    )
+                    .await
+                    .transpose()
+                    .map_err(|e| PerspectiveError(format!("order_summary: {e}")))?
+                    .ok_or_else(|| {
+                        PerspectiveError("order_summary: no Postgres transaction".into())
+                    })?;
+                pg.execute(
+                    &upsert,
                     &[
-                        (&summary.order_id, Type::TEXT),
-                        (&summary.customer_id, Type::TEXT),
-                        (&summary.lines, Type::INT4),
-                        (&summary.total_cents, Type::INT8),
+                        &summary.order_id,
+                        &summary.customer_id,
+                        &summary.lines,
+                        &summary.total_cents,
                     ],
                 )
                 .await

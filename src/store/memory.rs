@@ -891,6 +891,48 @@ impl Store for MemoryStore {
         Ok(AppliedOnce::Applied)
     }
 
+    async fn apply_once_many(
+        &self,
+        _instance: InstanceId,
+        work: &[OnceWork<'_>],
+    ) -> Result<AppliedMany, StoreError> {
+        // One after another, their effects staged; recorded and run together under one lock,
+        // and only if none refused (the memory store's one transaction).
+        let mut staged = Vec::with_capacity(work.len());
+        for w in work {
+            let key = (w.read_model.to_string(), w.message_id);
+            if self.lock().read_models.contains_key(&key) {
+                staged.push(None);
+                continue;
+            }
+            let mut tx = ReadModelTx::staged();
+            if w.apply.apply(&mut tx).await.is_err() {
+                return Ok(AppliedMany::Refused);
+            }
+            staged.push(Some(tx.take_staged()));
+        }
+        let mut st = self.lock();
+        let mut outcomes = Vec::with_capacity(work.len());
+        for (w, effects) in work.iter().zip(staged) {
+            let key = (w.read_model.to_string(), w.message_id);
+            // Another run of the same event may have recorded it meanwhile: its effects stand.
+            match effects {
+                Some(effects) if !st.read_models.contains_key(&key) => {
+                    st.read_models.insert(key, Instant::now());
+                    for effect in effects {
+                        effect();
+                    }
+                    outcomes.push(AppliedOnce::Applied);
+                }
+                _ => outcomes.push(AppliedOnce::AlreadyApplied),
+            }
+        }
+        Ok(AppliedMany::Committed {
+            outcomes,
+            completed: false,
+        })
+    }
+
     async fn commit_inline(
         &self,
         instance: InstanceId,

@@ -27,7 +27,7 @@ pub mod memory;
 pub mod postgres;
 
 use crate::envelope::Envelope;
-pub use crate::read_model::{AppliedOnce, ApplyInTx, InlineApply};
+pub use crate::read_model::{AppliedMany, AppliedOnce, ApplyInTx, InlineApply, OnceWork};
 use async_trait::async_trait;
 use std::time::Duration;
 use uuid::Uuid;
@@ -683,6 +683,19 @@ pub trait Store: Send + Sync + 'static {
         replay: bool,
         apply: &dyn ApplyInTx,
     ) -> Result<AppliedOnce, StoreError>;
+
+    /// Runs several read-model runs ([`OnceWork`]) in ONE transaction, as
+    /// [`Store::apply_once`] runs one: each event recorded as applied by its read model, an
+    /// event recorded before not applied again, and the inbox rows the items complete
+    /// completed in it. All commit, or nothing does ([`AppliedMany::Refused`] when an item
+    /// refused). The items may run concurrently on the transaction: the caller gives at most
+    /// one event per stream. The memory store has no inbox rows to complete
+    /// (`completed: false`).
+    async fn apply_once_many(
+        &self,
+        instance: InstanceId,
+        work: &[OnceWork<'_>],
+    ) -> Result<AppliedMany, StoreError>;
 
     /// Commits `unit` alone, in a transaction of its own in which `apply` then runs the inline
     /// read models over the unit's appended events, and every (read model, event) pair it

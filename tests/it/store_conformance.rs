@@ -1759,6 +1759,7 @@ conformance!(
     concurrent_units_with_one_key_commit_exactly_one,
     idempotency_keys_are_purged_after_the_retention,
     a_read_model_applies_each_event_once,
+    several_read_model_runs_commit_together_or_not_at_all,
     an_inline_unit_commits_with_its_read_models_or_not_at_all,
     an_inbox_claim_carries_the_events_version_and_position,
 );
@@ -2072,6 +2073,82 @@ async fn a_read_model_applies_each_event_once(b: Backend) {
     assert_eq!(r.unwrap(), AppliedOnce::AlreadyApplied);
 }
 
+/// `Store::apply_once_many`: a refusal in the middle of the runs writes nothing of any of them
+/// (no record, no staged effect); then all of them commit together, and an event recorded
+/// before is not applied again beside the new ones.
+async fn several_read_model_runs_commit_together_or_not_at_all(b: Backend) {
+    let store = open(b, settings()).await;
+    let instance = Uuid::now_v7();
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let models = [Counted::new(false), Counted::new(true), Counted::new(false)];
+    fn work<'a>(ids: &[Uuid], models: &'a [Counted]) -> Vec<OnceWork<'a>> {
+        ids.iter()
+            .zip(models)
+            .map(|(id, m)| OnceWork {
+                read_model: "summary",
+                message_id: *id,
+                completes: None,
+                apply: m,
+            })
+            .collect()
+    }
+    let r = store.apply_once_many(instance, &work(&ids, &models)).await;
+    assert_eq!(r.unwrap(), AppliedMany::Refused);
+    assert_eq!(
+        models.iter().map(Counted::effects).sum::<usize>(),
+        0,
+        "no effect of any run"
+    );
+    // Nothing was recorded: the first event alone applies now.
+    let first = Counted::new(false);
+    let r = store.apply_once("summary", ids[0], false, &first).await;
+    assert_eq!(r.unwrap(), AppliedOnce::Applied);
+
+    let models = [
+        Counted::new(false),
+        Counted::new(false),
+        Counted::new(false),
+    ];
+    let r = store
+        .apply_once_many(instance, &work(&ids, &models))
+        .await
+        .unwrap();
+    let AppliedMany::Committed { outcomes, .. } = r else {
+        panic!("the runs commit: {r:?}");
+    };
+    assert_eq!(
+        outcomes,
+        [
+            AppliedOnce::AlreadyApplied,
+            AppliedOnce::Applied,
+            AppliedOnce::Applied
+        ]
+    );
+    assert_eq!(
+        models
+            .iter()
+            .map(|m| (m.runs(), m.effects()))
+            .collect::<Vec<_>>(),
+        [(0, 0), (1, 1), (1, 1)],
+        "the event recorded before is not run again; the others' effects ran with the commit"
+    );
+    let again = [
+        Counted::new(false),
+        Counted::new(false),
+        Counted::new(false),
+    ];
+    let r = store
+        .apply_once_many(instance, &work(&ids, &again))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r, AppliedMany::Committed { outcomes, .. }
+            if outcomes.iter().all(|o| *o == AppliedOnce::AlreadyApplied)),
+        "{r:?}"
+    );
+    assert_eq!(again.iter().map(Counted::runs).sum::<usize>(), 0);
+}
+
 /// The inline read models of one unit, for the store cases: records the appended events it was
 /// given and answers each as applied by `model`.
 struct InlineModels {
@@ -2312,5 +2389,136 @@ async fn postgres_a_read_models_writes_commit_with_its_record() {
     let r = store.apply_once("rows", id, false, &writes).await.unwrap();
     assert_eq!(r, AppliedOnce::AlreadyApplied);
     assert_eq!(rows().await, (1, 1));
+    let _ = drop_schemas(&[&schema]).await;
+}
+
+/// Postgres only: `apply_once_many` runs its read models in one transaction with the
+/// completions of the inbox rows they finish (fenced by the lease generation): the writes of
+/// all runs share one transaction id, the completed rows are gone and their dedup records say
+/// processed; a completion at a stale generation leaves its row to the lease's holder.
+#[tokio::test]
+async fn postgres_read_model_runs_share_one_transaction_with_their_completions() {
+    let _pg = pg::slot().await;
+    let (store, schema) = open_postgres(settings()).await;
+    let client = connect().await;
+    client
+        .execute(
+            &format!("CREATE TABLE {schema}.rm_rows (id uuid PRIMARY KEY)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    struct Insert {
+        table: String,
+        id: Uuid,
+    }
+    impl ApplyInTx for Insert {
+        fn apply<'a>(
+            &'a self,
+            tx: &'a mut ReadModelTx<'_>,
+        ) -> futures::future::BoxFuture<'a, Result<(), Refused>> {
+            Box::pin(async move {
+                let pg = tx.postgres().expect("the Postgres transaction");
+                pg.execute(
+                    &format!("INSERT INTO {} (id) VALUES ($1)", self.table),
+                    &[&self.id],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|_| Refused)
+            })
+        }
+    }
+    let a = instance(&store).await;
+    let events: Vec<Envelope> = (0..3).map(|i| event(&format!("s{i}"), 1)).collect();
+    let r = batch(
+        &store,
+        a,
+        units(events.iter().map(|e| unit(e, true)).collect()),
+    )
+    .await;
+    let claimed: Vec<WorkRef> = r
+        .units
+        .iter()
+        .flat_map(|u| committed(u).2.iter().map(|w| w.work))
+        .collect();
+    assert_eq!(
+        claimed.len(),
+        3,
+        "each event's inbox row leased to the writer"
+    );
+    let inserts: Vec<Insert> = events
+        .iter()
+        .map(|e| Insert {
+            table: format!("{schema}.rm_rows"),
+            id: e.message_id,
+        })
+        .collect();
+    // The third row's completion comes at a generation it was not claimed with.
+    let stale = WorkRef {
+        generation: claimed[2].generation + 1,
+        ..claimed[2]
+    };
+    let completes = [claimed[0], claimed[1], stale];
+    let work: Vec<OnceWork<'_>> = inserts
+        .iter()
+        .zip(completes)
+        .map(|(m, w)| OnceWork {
+            read_model: "rows",
+            message_id: m.id,
+            completes: Some(w),
+            apply: m,
+        })
+        .collect();
+    let r = store.apply_once_many(a, &work).await.unwrap();
+    assert_eq!(
+        r,
+        AppliedMany::Committed {
+            outcomes: vec![AppliedOnce::Applied; 3],
+            completed: true
+        }
+    );
+    let one = |sql: String| {
+        let client = &client;
+        async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        one(format!(
+            "SELECT count(DISTINCT xmin::text) FROM {schema}.rm_rows"
+        ))
+        .await,
+        1,
+        "the three runs wrote in one transaction"
+    );
+    assert_eq!(
+        one(format!(
+            "SELECT count(DISTINCT xmin::text) FROM {schema}.wb_read_model_applied"
+        ))
+        .await,
+        1
+    );
+    let ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
+    let left: Vec<Uuid> = client
+        .query(
+            &format!("SELECT message_id FROM {schema}.wb_inbox WHERE message_id = ANY($1)"),
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        [ids[2]],
+        "the fenced completions done, the stale one not"
+    );
+    assert_eq!(
+        one(format!(
+            "SELECT count(*) FROM {schema}.wb_dedup WHERE processed_at IS NOT NULL"
+        ))
+        .await,
+        2
+    );
     let _ = drop_schemas(&[&schema]).await;
 }

@@ -27,6 +27,9 @@ pub struct PgConnection {
     /// `wb_process_one_message`: the batches [`BatchArrays::one_message`] accepts.
     pub(super) one_message: Statement,
     pub(super) heartbeat: Statement,
+    /// The statements read models run per event (and the store's own for them), prepared on
+    /// first use on this connection ([`crate::read_model::Statements`]).
+    pub(super) statements: crate::read_model::Statements,
     /// Set when an answer did not come within the deadline: the connection may be half-open
     /// or its server hung, so the pool drops it instead of handing it out again.
     pub(super) broken: AtomicBool,
@@ -121,6 +124,7 @@ impl bb8::ManageConnection for PgManager {
             batch,
             one_message,
             heartbeat,
+            statements: Default::default(),
             broken: AtomicBool::new(false),
             backend: Backend {
                 pid: me.get(0),

@@ -38,7 +38,7 @@ use self::migrate::{describe, migrate};
 use self::vacuum::autovacuum_gaps;
 use super::*;
 use crate::config::Config;
-use crate::read_model::{AppliedOnce, ApplyInTx, InlineApply, ReadModelTx};
+use crate::read_model::{AppliedMany, AppliedOnce, ApplyInTx, InlineApply, OnceWork, ReadModelTx};
 use bb8_postgres::PostgresConnectionManager;
 use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -544,8 +544,13 @@ impl Store for PostgresStore {
         apply: &dyn ApplyInTx,
     ) -> Result<AppliedOnce, StoreError> {
         let mut pooled = self.conn().await?;
-        let PgConnection { client, broken, .. } = &mut *pooled;
-        let broken: &AtomicBool = broken;
+        let PgConnection {
+            client,
+            broken,
+            statements,
+            ..
+        } = &mut *pooled;
+        let (broken, statements): (&AtomicBool, &_) = (broken, statements);
         let s = &self.schema;
         let tx = self
             .answered(broken, async {
@@ -578,7 +583,7 @@ impl Store for PostgresStore {
         if recorded == 0 {
             return Ok(AppliedOnce::AlreadyApplied);
         }
-        let mut rm = ReadModelTx::with_postgres(&tx);
+        let mut rm = ReadModelTx::with_postgres_statements(&tx, statements);
         // Bounded by the handler timeout (the handle's guard), not by the answer deadline. A
         // refusal rolls back when `tx` is dropped.
         if apply.apply(&mut rm).await.is_err() {
@@ -592,6 +597,146 @@ impl Store for PostgresStore {
             effect();
         }
         Ok(AppliedOnce::Applied)
+    }
+
+    async fn apply_once_many(
+        &self,
+        instance: InstanceId,
+        work: &[OnceWork<'_>],
+    ) -> Result<AppliedMany, StoreError> {
+        if work.is_empty() {
+            return Ok(AppliedMany::Committed {
+                outcomes: Vec::new(),
+                completed: true,
+            });
+        }
+        let mut pooled = self.conn().await?;
+        let PgConnection {
+            client,
+            broken,
+            statements,
+            ..
+        } = &mut *pooled;
+        let (broken, statements): (&AtomicBool, &_) = (broken, statements);
+        let s = &self.schema;
+        let tx = self
+            .answered(broken, async {
+                client.transaction().await.map_err(query_error)
+            })
+            .await?;
+        let (names, ids): (Vec<&str>, Vec<Uuid>) =
+            work.iter().map(|w| (w.read_model, w.message_id)).unzip();
+        // The records first, in one order (two instances running overlapping runs lock the keys
+        // alike), as `apply_once` does: a second instance waits here, then skips.
+        let record = format!(
+            "INSERT INTO {s}.wb_read_model_applied (read_model, message_id)
+             SELECT * FROM unnest($1::text[], $2::uuid[]) AS t(n, id) ORDER BY n, id
+             ON CONFLICT (read_model, message_id) DO NOTHING
+             RETURNING read_model, message_id"
+        );
+        // The completions, fenced as the work batch fences them (the lease still this
+        // instance's, at the generation the row was claimed with).
+        let completes: Vec<&WorkRef> = work.iter().filter_map(|w| w.completes.as_ref()).collect();
+        let c_ids: Vec<Uuid> = completes.iter().map(|w| w.message_id).collect();
+        let c_parts: Vec<i32> = completes.iter().map(|w| w.partition as i32).collect();
+        let c_gens: Vec<i64> = completes.iter().map(|w| w.generation as i64).collect();
+        let complete = format!(
+            "WITH done AS (
+                DELETE FROM {s}.wb_inbox i
+                 USING unnest($1::uuid[], $2::integer[], $3::bigint[]) AS t(id, part, gen),
+                       {s}.wb_partition_leases l
+                 WHERE i.message_id = t.id AND i.claimed_by = $4 AND i.claimed_generation = t.gen
+                   AND l.partition = t.part AND l.instance_id = $4 AND l.generation = t.gen
+                RETURNING i.message_id)
+             UPDATE {s}.wb_dedup d SET processed_at = now() FROM done
+              WHERE d.message_id = done.message_id"
+        );
+        // Both sent at once (pipelined on the connection): one round trip.
+        let recorded = self
+            .answered(broken, async {
+                // Prepared once per connection: neither parsed nor planned again.
+                let recording = async {
+                    let statement = statements
+                        .get(&tx, &record, &[Type::TEXT_ARRAY, Type::UUID_ARRAY])
+                        .await?;
+                    tx.query(&statement, &[&names, &ids]).await
+                };
+                let completing = async {
+                    if c_ids.is_empty() {
+                        return Ok(0);
+                    }
+                    let statement = statements
+                        .get(
+                            &tx,
+                            &complete,
+                            &[
+                                Type::UUID_ARRAY,
+                                Type::INT4_ARRAY,
+                                Type::INT8_ARRAY,
+                                Type::UUID,
+                            ],
+                        )
+                        .await?;
+                    tx.execute(&statement, &[&c_ids, &c_parts, &c_gens, &instance])
+                        .await
+                };
+                let (recorded, completed) = futures::join!(recording, completing);
+                completed.map_err(query_error)?;
+                recorded.map_err(query_error)
+            })
+            .await?;
+        let fresh: std::collections::HashSet<(String, Uuid)> = recorded
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Uuid>(1)))
+            .collect();
+        let is_fresh: Vec<bool> = work
+            .iter()
+            .map(|w| fresh.contains(&(w.read_model.to_string(), w.message_id)))
+            .collect();
+        // The runs, concurrently on the one transaction (their statements are pipelined): the
+        // caller gives at most one event per stream. Each is bounded by the handler timeout
+        // (its handle's guard), not by the answer deadline.
+        let runs = work
+            .iter()
+            .zip(&is_fresh)
+            .filter(|(_, fresh)| **fresh)
+            .map(|(w, _)| {
+                let tx = &tx;
+                async move {
+                    let mut rm = ReadModelTx::with_postgres_statements(tx, statements);
+                    w.apply.apply(&mut rm).await.map(|()| rm.take_staged())
+                }
+            });
+        let mut after = Vec::new();
+        let mut refused = false;
+        for staged in futures::future::join_all(runs).await {
+            match staged {
+                Ok(staged) => after.extend(staged),
+                Err(_) => refused = true,
+            }
+        }
+        if refused {
+            // Everything rolls back when `tx` is dropped.
+            return Ok(AppliedMany::Refused);
+        }
+        self.answered(broken, async { tx.commit().await.map_err(query_error) })
+            .await?;
+        for effect in after {
+            effect();
+        }
+        Ok(AppliedMany::Committed {
+            outcomes: is_fresh
+                .into_iter()
+                .map(|fresh| {
+                    if fresh {
+                        AppliedOnce::Applied
+                    } else {
+                        AppliedOnce::AlreadyApplied
+                    }
+                })
+                .collect(),
+            completed: true,
+        })
     }
 
     async fn commit_inline(

@@ -2,7 +2,8 @@
 //! server:
 //!
 //! - a read model survives a SIGKILL of its process between its writes and its commit, and
-//!   between its commit and the completion of the inbox row: a child process (this test binary
+//!   after its commit (which completed the inbox row too) before the partition actor heard of
+//!   it: a child process (this test binary
 //!   run again, `read_model_child`) is held at that point by the `fault-injection` hook and
 //!   killed; a second instance resumes, and the read model's table holds every stored event
 //!   exactly once, with the version and position the event store gave it;
@@ -219,7 +220,8 @@ impl Drop for KillOnDrop {
 }
 
 /// A process running an exactly-once read model is SIGKILLed while held at `hold` (`before`:
-/// its writes made, its transaction open; `after`: committed, its inbox row not completed yet);
+/// its writes made, its transaction open; `after`: committed with its inbox row's completion,
+/// the partition actor not told yet);
 /// another instance resumes its partitions and the read model shows every event exactly once.
 async fn killed_at(hold: &str) {
     let _pg = pg::slot().await;
@@ -273,8 +275,10 @@ async fn killed_at(hold: &str) {
         .expect("the child is held in time")
         .expect("the child says it is held");
 
-    // Where it is held: the first event of HELD has its inbox row claimed by the child, and
-    // its read-model row is not there yet (before) or is committed (after).
+    // Where it is held: before the commit, the first event of HELD has its inbox row claimed
+    // by the child and its read-model row is not there yet; after it, both the read-model row
+    // and the row's completion are committed (the read model is the event's only
+    // perspective: its transaction completes the row too, see `apply_group`).
     let first_held = format!(
         "SELECT message_id FROM {schema}.wb_events WHERE stream_id = '{HELD}' AND version = 1"
     );
@@ -286,10 +290,22 @@ async fn killed_at(hold: &str) {
         ),
     )
     .await;
-    assert_eq!(
-        claimed, 1,
-        "the held event's inbox row is the child's, not completed"
-    );
+    let in_inbox = count(
+        &client,
+        &format!("SELECT count(*) FROM {schema}.wb_inbox WHERE message_id = ({first_held})"),
+    )
+    .await;
+    if hold == "before" {
+        assert_eq!(
+            claimed, 1,
+            "the held event's inbox row is the child's, not completed"
+        );
+    } else {
+        assert_eq!(
+            in_inbox, 0,
+            "the held event's inbox row was completed with its read model's commit"
+        );
+    }
     let applied = count(
         &client,
         &format!("SELECT count(*) FROM {table} WHERE message_id = ({first_held})"),
@@ -334,8 +350,155 @@ async fn a_read_model_killed_before_its_commit_shows_each_event_once() {
 }
 
 #[actix_rt::test]
-async fn a_read_model_killed_after_its_commit_before_its_completion_shows_each_event_once() {
+async fn a_read_model_killed_after_its_commit_before_its_report_shows_each_event_once() {
     killed_at("after").await;
+}
+
+// ---- shared transactions -----------------------------------------------------------------
+
+/// Events of many partitions arriving at once are applied in shared transactions (each
+/// transaction applying several, the read model's rows of one transaction sharing its id),
+/// with their inbox rows completed in them. A refusing event among them costs its batch mates
+/// nothing: that transaction is rolled back, each of its events applied alone, and the
+/// refusing one fails as it would have alone (its row retried, its stream's later event
+/// waiting behind it) while every other event is applied exactly once.
+#[actix_rt::test]
+async fn events_of_many_partitions_share_read_model_transactions_and_a_refusal_stays_alone() {
+    let _pg = pg::slot().await;
+    let client = connect().await;
+    let (schema, rm_schema) = (new_schema(), new_schema());
+    let table = read_model_table(&client, &rm_schema).await;
+    const POISON: u32 = 13;
+    const COMMANDS: u32 = 40;
+    let mut config = on_postgres(
+        config(&format!("shared-{}", Uuid::now_v7().simple())),
+        &schema,
+    );
+    // One read-model transaction at a time (a quarter of the pool): the events that arrive
+    // while it commits go together into the next.
+    config.store.pool_size = 4;
+    let rt = on_bus(config, &MemoryBus::new())
+        .receptor::<Bump, _>(BumpReceptor)
+        .read_model::<Bumped, _>(
+            "rows",
+            Rows {
+                table: table.clone(),
+                refuse_seq: Some(POISON),
+            },
+            Consistency::Async,
+        )
+        .start()
+        .await
+        .expect("start");
+
+    // Forty commands at once over eight streams, the poison one on a stream of its own with a
+    // later event behind it.
+    let mut commands: Vec<Bump> = (1..=COMMANDS)
+        .map(|seq| Bump {
+            stream: if seq == POISON {
+                "rm-poison".into()
+            } else {
+                format!("rm-{}", seq % 8)
+            },
+            seq,
+        })
+        .collect();
+    let sent = futures::future::join_all(commands.iter().map(|c| rt.send(c.clone()))).await;
+    for s in sent {
+        s.expect("sent");
+    }
+    commands.push(Bump {
+        stream: "rm-poison".into(),
+        seq: COMMANDS + 1,
+    });
+    rt.send(commands[COMMANDS as usize].clone())
+        .await
+        .expect("sent the event behind the poison");
+
+    let applied = (COMMANDS - 1) as i64;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let rows = count(&client, &format!("SELECT count(*) FROM {table}")).await;
+        let poison_tried = count(
+            &client,
+            &format!(
+                "SELECT count(*) FROM {schema}.wb_inbox
+                  WHERE stream_id = 'rm-poison' AND attempts > 0
+                    AND last_error LIKE '%seq {POISON} is refused%'"
+            ),
+        )
+        .await;
+        let inbox = count(&client, &format!("SELECT count(*) FROM {schema}.wb_inbox")).await;
+        if rows >= applied && poison_tried == 1 && inbox == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every other event applied ({rows} of {applied}) and completed (inbox {inbox}), \
+             the poison one failed ({poison_tried})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The event behind the poison waits for it; nothing else is left in the inbox.
+    let left: Vec<String> = client
+        .query(
+            &format!("SELECT stream_id FROM {schema}.wb_inbox ORDER BY stream_id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        ["rm-poison", "rm-poison"],
+        "only the poison stream waits"
+    );
+    assert_eq!(
+        count(
+            &client,
+            &format!("SELECT count(*) FROM {table} WHERE stream_id = 'rm-poison'")
+        )
+        .await,
+        0,
+        "nothing of the poison stream applied"
+    );
+    // Exactly once, each row with its event's version and position (the poison stream's two
+    // events are stored but not applied: counted apart).
+    let rows = count(&client, &format!("SELECT count(*) FROM {table}")).await;
+    assert_eq!(rows, applied);
+    let duplicates = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM (SELECT message_id FROM {table} GROUP BY message_id
+              HAVING count(*) > 1) d"
+        ),
+    )
+    .await;
+    assert_eq!(duplicates, 0, "events applied twice");
+    let matching = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM {table} r JOIN {schema}.wb_events e
+                ON e.message_id = r.message_id AND e.version = r.version
+               AND e.position = r.position"
+        ),
+    )
+    .await;
+    assert_eq!(matching, applied);
+    let transactions = count(
+        &client,
+        &format!("SELECT count(DISTINCT xmin::text) FROM {table}"),
+    )
+    .await;
+    assert!(
+        transactions < rows,
+        "{rows} events applied in {transactions} transactions: none shared"
+    );
+    eprintln!("{rows} events applied in {transactions} read-model transactions");
+    rt.shutdown().await.expect("shut down");
+    let _ = pg::drop_schemas(&[&schema, &rm_schema]).await;
 }
 
 // ---- inline ------------------------------------------------------------------------------

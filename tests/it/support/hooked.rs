@@ -69,6 +69,13 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
             .apply_once(read_model, message_id, replay, apply)
             .await
     }
+    async fn apply_once_many(
+        &self,
+        instance: Uuid,
+        work: &[whizbang::store::OnceWork<'_>],
+    ) -> Result<whizbang::store::AppliedMany, whizbang::store::StoreError> {
+        self.inner.apply_once_many(instance, work).await
+    }
     async fn commit_inline(
         &self,
         instance: Uuid,

@@ -9,13 +9,16 @@
 //! `--connections` database connections, each held by one request at a time. Figures:
 //! `http_invoke_per_s`, `http_raw_per_s`, `http_invoke_ratio_vs_raw` (the median of the rounds'
 //! ratios), `http_invoke_p99_ms`, `http_raw_p99_ms`, `http_invoke_p99_ratio_vs_raw`,
-//! `http_async_per_s`. Every answer's status is checked: a request not answered `201`/`202`
+//! `http_async_per_s`; and the CPU per request of each side, this process's and the Postgres
+//! server's (`http_{invoke,raw}_{process,server}_cpu_us_per_request`, medians of the rounds).
+//! Every answer's status is checked: a request not answered `201`/`202`
 //! fails the suite.
 
 #[allow(dead_code)] // the examples' domain and HTTP service; the bench uses a part of it
 #[path = "../../../examples/orders/mod.rs"]
 mod orders;
 
+use crate::cpu::CpuTime;
 use crate::{BenchResult, Samples, figure};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use clap::Args;
@@ -307,11 +310,25 @@ async fn measure(args: &HttpArgs, service_url: &str, raw_url: &str) -> BenchResu
 
     let (mut invoke, mut raw) = (Vec::new(), Vec::new());
     let (mut invoke_rates, mut raw_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU per request (this process: clients, servers, runtime; the Postgres server), which
+    // drifts less than a rate on a shared machine. The server's includes anyone else's work.
+    let mut cpu: [Vec<f64>; 4] = Default::default();
+    let mut record_cpu = |side: usize, before: CpuTime, n: usize| {
+        let (own, server) = CpuTime::now().us_per(before, n);
+        if let (Some(own), Some(server)) = (own, server) {
+            cpu[side * 2].push(own);
+            cpu[side * 2 + 1].push(server);
+        }
+    };
     for r in 0..args.rounds.max(1) {
+        let before = CpuTime::now();
         let (l, wall) = round(service_url, clients, requests, &format!("i{r}"), 201).await?;
+        record_cpu(0, before, l.len());
         let invoke_rate = per_s(&l, wall);
         invoke.extend(l);
+        let before = CpuTime::now();
         let (l, wall) = round(raw_url, clients, requests, &format!("r{r}"), 201).await?;
+        record_cpu(1, before, l.len());
         let raw_rate = per_s(&l, wall);
         raw.extend(l);
         invoke_rates.push(invoke_rate);
@@ -371,5 +388,21 @@ async fn measure(args: &HttpArgs, service_url: &str, raw_url: &str) -> BenchResu
         format!("{:.2}", invoke_p99 / raw_p99),
     );
     figure("http_async_per_s", format!("{async_rate:.0}"));
+    for (name, samples) in [
+        "http_invoke_process_cpu_us_per_request",
+        "http_invoke_server_cpu_us_per_request",
+        "http_raw_process_cpu_us_per_request",
+        "http_raw_server_cpu_us_per_request",
+    ]
+    .into_iter()
+    .zip(cpu)
+    {
+        if !samples.is_empty() {
+            figure(
+                name,
+                format!("{:.0}", Samples::of(samples).percentile(50.0)),
+            );
+        }
+    }
     Ok(())
 }

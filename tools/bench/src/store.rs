@@ -165,6 +165,14 @@ impl Store for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.apply_once(r, id, replay, a).await
     }
+    async fn apply_once_many(
+        &self,
+        i: InstanceId,
+        w: &[OnceWork<'_>],
+    ) -> Result<AppliedMany, StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.apply_once_many(i, w).await
+    }
     async fn commit_inline(
         &self,
         i: InstanceId,
