@@ -570,7 +570,12 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
     type Result = ResponseFuture<Result<R, DispatchError>>;
 
     fn handle(&mut self, msg: LocalInvoke<C, R>, _ctx: &mut Self::Context) -> Self::Result {
-        let span = traces::dispatch(&msg.parent, "local_invoke", C::TYPE_NAME);
+        let span = traces::dispatch(
+            &msg.parent,
+            &self.origin.sampler,
+            "local_invoke",
+            C::TYPE_NAME,
+        );
         traced(span.clone(), self.local_invoke(msg, &span))
     }
 }
@@ -725,7 +730,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     type Result = ResponseFuture<Result<DeliveryReceipt, DispatchError>>;
 
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
-        let span = traces::dispatch(&msg.parent, "send", C::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, &self.origin.sampler, "send", C::TYPE_NAME);
         traced(span.clone(), self.send_command(msg, &span))
     }
 }
@@ -810,7 +815,7 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
         };
         let deadline = msg.options.deadline;
-        let span = traces::dispatch(&msg.parent, "publish", E::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, &self.origin.sampler, "publish", E::TYPE_NAME);
         let envelope = self.envelope(
             MessageKind::Event,
             E::TYPE_NAME,

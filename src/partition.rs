@@ -675,6 +675,7 @@ async fn queue_command(
         parent,
         &envelope,
         deps.origin.partition(&envelope.stream_id),
+        None,
     );
     let started = Instant::now();
     let decided = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
@@ -771,6 +772,7 @@ async fn decide(
         &Span::none(),
         &envelope,
         deps.origin.partition(&envelope.stream_id),
+        Some(&deps.origin.sampler),
     );
     let started = Instant::now();
     let decided = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
