@@ -483,11 +483,7 @@ impl Dispatcher {
         envelope.metadata = options.metadata;
         envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
         if !span.is_disabled() {
-            traces::record_envelope(span, &envelope);
-            span.record(
-                "whizbang.partition",
-                self.origin.partition(&envelope.stream_id),
-            );
+            traces::record_dispatch(span, &envelope, self.origin.partition(&envelope.stream_id));
             traces::stamp(span, &mut envelope.metadata);
         }
         envelope

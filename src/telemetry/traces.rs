@@ -3,17 +3,22 @@
 //! reach.
 //!
 //! Owns the span names and their attributes (after the OpenTelemetry messaging conventions),
-//! and moving a trace context between a span and an envelope's metadata. It must not decide
+//! moving a trace context between a span and an envelope's metadata, and the head sampler
+//! ([`Sampler`]) that decides, where a trace starts, whether it is kept. It must not decide
 //! where spans go: the application's subscriber does, or `init_tracing` (feature `otel`).
 //! Span fields are recorded only when a subscriber wants the span (`tracing`'s static
 //! filtering), so with no subscriber, or one that does not want level `info` of the target
-//! `whizbang`, a span costs a check of a cached flag and builds no string.
+//! `whizbang`, a span costs a check of a cached flag, builds no string and reads no context.
+//!
+//! A trace is kept or dropped whole: only a step that starts a trace asks the sampler; every
+//! later step records a span only if its message carries a kept (sampled) trace context, so a
+//! dropped call pays for no span anywhere.
 //!
 //! | span | step | `messaging.operation.type` |
 //! |---|---|---|
 //! | `whizbang.dispatch` | `local_invoke`, `send`, `publish`: the call until its answer | `send` |
 //! | `whizbang.receptor` | a receptor deciding a command | `process` |
-//! | `whizbang.work_batch` | one store round trip of the coordinator | — |
+//! | `whizbang.work_batch` | one store round trip of the coordinator (with a kept unit) | — |
 //! | `whizbang.perspective` | the perspectives of one event (inbox row) | `process` |
 //! | `whizbang.publish` | one outbox row sent to the broker | `send` |
 //! | `whizbang.receive` | one broker delivery admitted (decoded and checked) | `receive` |
@@ -54,20 +59,22 @@ pub const TRACESTATE: &str = "tracestate";
 pub const SYSTEM: &str = "whizbang";
 
 /// An `info` span of a step of one message, with the identity fields every such span has
-/// (recorded later by [`record_envelope`]) after the given ones. A macro, not a function:
-/// `tracing` needs every span's field names at its call site.
+/// after the given ones, taken from `envelope` when the span is made: one visit of its fields,
+/// evaluated only if a subscriber wants the span (the dispatch span, made before its envelope,
+/// gets them from [`record_dispatch`]). A macro, not a function: `tracing` needs every span's
+/// field names at its call site.
 macro_rules! message_span {
-    ($parent:expr, $name:literal, $($field:tt)*) => {
+    ($parent:expr, $name:literal, envelope: $envelope:expr, $($field:tt)*) => {
         tracing::info_span!(
             target: "whizbang",
             parent: $parent,
             $name,
             $($field)*
-            messaging.message.id = Empty,
-            messaging.message.conversation_id = Empty,
-            whizbang.causation_id = Empty,
-            whizbang.message_type = Empty,
-            whizbang.stream_id = Empty,
+            messaging.message.id = display(&$envelope.message_id),
+            messaging.message.conversation_id = display(&$envelope.correlation_id),
+            whizbang.causation_id = $envelope.causation_id.as_ref().map(display),
+            whizbang.message_type = $envelope.message_type.as_str(),
+            whizbang.stream_id = $envelope.stream_id.as_str(),
         )
     };
 }
@@ -84,17 +91,21 @@ pub(crate) fn dispatch(
     if !wanted() || (parent.is_none() && !sampler.keep()) {
         return Span::none();
     }
-    let span = message_span!(
-        parent,
+    tracing::info_span!(
+        target: "whizbang",
+        parent: parent,
         "whizbang.dispatch",
         otel.kind = "producer",
         messaging.system = SYSTEM,
         messaging.operation.type = "send",
         messaging.operation.name = operation,
         whizbang.partition = Empty,
-    );
-    span.record("whizbang.message_type", message_type);
-    span
+        messaging.message.id = Empty,
+        messaging.message.conversation_id = Empty,
+        whizbang.causation_id = Empty,
+        whizbang.message_type = message_type,
+        whizbang.stream_id = Empty,
+    )
 }
 
 /// The span of a receptor deciding `envelope`, child of `parent` (the dispatch span of a
@@ -123,6 +134,7 @@ pub(crate) fn receptor(
     let span = message_span!(
         parent,
         "whizbang.receptor",
+        envelope: envelope,
         otel.kind = "consumer",
         messaging.system = SYSTEM,
         messaging.operation.type = "process",
@@ -132,7 +144,6 @@ pub(crate) fn receptor(
     if let Some(context) = continues {
         set_remote_parent(&span, context);
     }
-    record_envelope(&span, envelope);
     span
 }
 
@@ -144,6 +155,7 @@ pub(crate) fn perspective(envelope: &Envelope, partition: u32, attempts: u32) ->
     let span = message_span!(
         None,
         "whizbang.perspective",
+        envelope: envelope,
         otel.kind = "consumer",
         messaging.system = SYSTEM,
         messaging.operation.type = "process",
@@ -151,7 +163,7 @@ pub(crate) fn perspective(envelope: &Envelope, partition: u32, attempts: u32) ->
         whizbang.partition = partition,
         whizbang.attempts = attempts,
     );
-    continued(span, context, envelope)
+    continued(span, context)
 }
 
 /// The span of one outbox row sent to `topic`, continuing the trace of the row.
@@ -167,6 +179,7 @@ pub(crate) fn publish(
     let span = message_span!(
         None,
         "whizbang.publish",
+        envelope: envelope,
         otel.kind = "producer",
         messaging.system = system,
         messaging.operation.type = "send",
@@ -175,7 +188,7 @@ pub(crate) fn publish(
         otel.status_code = Empty,
         whizbang.partition = partition,
     );
-    continued(span, context, envelope)
+    continued(span, context)
 }
 
 /// The span of one delivery from `subscription` of `topic`, continuing the sender's trace; a
@@ -195,6 +208,7 @@ pub(crate) fn receive(
     let span = message_span!(
         None,
         "whizbang.receive",
+        envelope: envelope,
         otel.kind = "consumer",
         messaging.system = system,
         messaging.operation.type = "receive",
@@ -204,7 +218,7 @@ pub(crate) fn receive(
         otel.status_code = Empty,
         whizbang.partition = partition,
     );
-    continued(span, context, envelope)
+    continued(span, context)
 }
 
 /// The span of committing `count` received deliveries to the inbox and settling them, child of
@@ -296,12 +310,11 @@ fn continued_trace(envelope: &Envelope, source: Option<&Sampler>) -> Option<Opti
     }
 }
 
-/// `span` continuing `context` (none: a new trace), with the identity of `envelope` recorded.
-fn continued(span: Span, context: Option<Remote>, envelope: &Envelope) -> Span {
+/// `span` continuing `context` (none: a new trace).
+fn continued(span: Span, context: Option<Remote>) -> Span {
     if let Some(context) = context {
         set_remote_parent(&span, context);
     }
-    record_envelope(&span, envelope);
     span
 }
 
@@ -345,8 +358,9 @@ fn kept_context(_: &BTreeMap<String, String>) -> Kept {
     Kept::Trace(())
 }
 
-/// Records the identity of `envelope` on `span` (nothing when nobody wants the span).
-pub(crate) fn record_envelope(span: &Span, envelope: &Envelope) {
+/// Records the identity of `envelope` and its `partition` on the dispatch span (nothing when
+/// nobody wants it).
+pub(crate) fn record_dispatch(span: &Span, envelope: &Envelope, partition: u32) {
     if span.is_disabled() {
         return;
     }
@@ -358,8 +372,8 @@ pub(crate) fn record_envelope(span: &Span, envelope: &Envelope) {
     if let Some(cause) = &envelope.causation_id {
         span.record("whizbang.causation_id", display(cause));
     }
-    span.record("whizbang.message_type", envelope.message_type.as_str());
     span.record("whizbang.stream_id", envelope.stream_id.as_str());
+    span.record("whizbang.partition", partition);
 }
 
 /// Makes `context` the parent of `span` (call before the span is first entered).
