@@ -466,6 +466,11 @@ impl Dispatcher {
         self.admission.admit(message_type, counted, deadline, start)
     }
 
+    /// The envelope of a dispatched message, with the dispatch span's context written into
+    /// its metadata when `carries_trace` (it is stored or sent, and the next step continues
+    /// from there). A command for a local receptor does not: the receptor span is the dispatch
+    /// span's child in this process, and writes its own context (see `partition`).
+    #[allow(clippy::too_many_arguments)]
     fn envelope(
         &self,
         kind: MessageKind,
@@ -474,6 +479,7 @@ impl Dispatcher {
         payload: Vec<u8>,
         options: DispatchOptions,
         span: &Span,
+        carries_trace: bool,
     ) -> Envelope {
         let mut envelope = Envelope::new(kind, message_type, stream_id, payload);
         if let Some(c) = options.correlation_id {
@@ -484,7 +490,9 @@ impl Dispatcher {
         envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
         if !span.is_disabled() {
             traces::record_dispatch(span, &envelope, self.origin.partition(&envelope.stream_id));
-            traces::stamp(span, &mut envelope.metadata);
+            if carries_trace {
+                traces::stamp(span, &mut envelope.metadata);
+            }
         }
         envelope
     }
@@ -514,6 +522,7 @@ impl Dispatcher {
             Vec::new(),
             options,
             span,
+            false,
         );
         let (reply, rx) = oneshot::channel();
         // The receipt is taken now (its events are filled in once committed): the envelope
@@ -794,6 +803,7 @@ impl Dispatcher {
             payload,
             msg.options,
             span,
+            true,
         );
         match keyed {
             Some(keyed) => self.commit_keyed_admitted(C::TYPE_NAME, deadline, envelope, keyed),
@@ -819,6 +829,7 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             payload,
             msg.options,
             &span,
+            true,
         );
         traced(
             span,
@@ -961,6 +972,7 @@ impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
             Vec::new(),
             msg.options,
             &Span::none(),
+            true,
         );
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
         let partition = self.origin.partition(&envelope.stream_id);
