@@ -802,7 +802,7 @@ impl Coordinator {
             .filter(|p| self.held_partitions.binary_search(p).is_err())
             .count();
         let meters = self.health.meters().clone();
-        meters.leases(held.len(), acquired, hb.released.len());
+        meters.leases(held.len(), acquired, hb.released.len(), hb.taken_over.len());
         self.held_partitions = held;
         if meters.wants_backlog() {
             let store = self.store.clone();

@@ -161,13 +161,16 @@ BEGIN
     IF v_room <= 0 THEN
         RETURN;
     END IF;
+    -- Leased from another instance whose lease ran out: a takeover, reported by the next
+    -- heartbeat (taken_from). Its own lease that ran out, or a free partition, is not one.
     INSERT INTO {{schema}}.wb_partition_leases AS l (partition, instance_id, generation, expires_at)
     SELECT p, p_instance, 1, now() + p_lease_s * interval '1 second'
       FROM unnest(v_want[1:v_room]) AS p
         ON CONFLICT (partition) DO UPDATE
        SET instance_id = p_instance,
            generation = l.generation + 1,
-           expires_at = excluded.expires_at
+           expires_at = excluded.expires_at,
+           taken_from = CASE WHEN l.instance_id <> p_instance THEN l.instance_id END
      WHERE l.instance_id IS NULL OR l.expires_at < now();
 END;
 $$;
@@ -193,7 +196,7 @@ $$;
 CREATE OR REPLACE FUNCTION {{schema}}.wb_heartbeat(
     p_instance uuid, p_lease_s double precision, p_retention_s double precision,
     p_grace_s double precision DEFAULT 10
-) RETURNS TABLE (live_instances integer, held integer[], released integer[])
+) RETURNS TABLE (live_instances integer, held integer[], released integer[], taken_over integer[])
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
 DECLARE
@@ -206,6 +209,7 @@ DECLARE
     v_p integer;
     v_locked_at timestamptz;
     v_other record;
+    v_taken_over integer[];
 BEGIN
     -- Waits for this instance's batches that are writing rows into its partitions (they hold
     -- the shared lock from before their rows exist until they commit), and keeps new ones out
@@ -276,6 +280,14 @@ BEGIN
 
     UPDATE {{schema}}.wb_partition_leases SET expires_at = now() + p_lease_s * interval '1 second'
      WHERE instance_id = p_instance;
+    -- Partitions this instance took over since its last heartbeat (see wb_acquire): reported
+    -- once, before any of them is released below.
+    WITH taken AS (
+        UPDATE {{schema}}.wb_partition_leases SET taken_from = NULL
+         WHERE instance_id = p_instance AND taken_from IS NOT NULL
+        RETURNING partition
+    )
+    SELECT coalesce(array_agg(partition ORDER BY partition), '{}') INTO v_taken_over FROM taken;
     SELECT count(*) INTO v_live FROM {{schema}}.wb_instances
      WHERE last_seen > now() - p_lease_s * interval '1 second';
     v_live := greatest(v_live, 1);
@@ -367,6 +379,6 @@ BEGIN
     RETURN QUERY SELECT v_live,
         ARRAY(SELECT partition FROM {{schema}}.wb_partition_leases
                WHERE instance_id = p_instance ORDER BY partition),
-        v_released;
+        v_released, v_taken_over;
 END;
 $$;

@@ -119,6 +119,8 @@ struct State {
     leases: HashMap<u32, Lease>,
     generations: HashMap<u32, u64>,
     held: HashMap<InstanceId, BTreeSet<u32>>,
+    /// Partitions each instance took over from another since its last heartbeat.
+    taken_over: HashMap<InstanceId, BTreeSet<u32>>,
     instances: HashMap<InstanceId, Instant>,
     checkpoints: HashMap<String, u64>,
     /// Idempotency records by key, with when they were written (purged after the dedup
@@ -502,6 +504,7 @@ impl State {
         now: Instant,
         settings: &StoreSettings,
     ) -> Option<u64> {
+        let mut taken_from_another = false;
         if let Some(lease) = self.leases.get_mut(&partition) {
             if lease.instance == instance {
                 lease.expires = now + settings.lease;
@@ -510,6 +513,7 @@ impl State {
             if lease.expires > now {
                 return None;
             }
+            taken_from_another = true;
         }
         let held = self.held.get(&instance).map_or(0, |s| s.len());
         if held >= settings.max_partitions_per_instance as usize {
@@ -533,6 +537,12 @@ impl State {
             },
         );
         self.held.entry(instance).or_default().insert(partition);
+        if taken_from_another {
+            self.taken_over
+                .entry(instance)
+                .or_default()
+                .insert(partition);
+        }
         Some(generation)
     }
 
@@ -811,11 +821,18 @@ impl Store for MemoryStore {
         st.processed.retain(|_, (at, _)| *at + retention > now);
         st.idempotency.retain(|_, (at, _)| *at + retention > now);
         st.read_models.retain(|_, at| *at + retention > now);
-        let held_partitions = st
+        let held_partitions: Vec<u32> = st
             .held
             .get(&instance)
             .map(|s| s.iter().copied().collect())
             .unwrap_or_default();
+        let taken_over = st
+            .taken_over
+            .remove(&instance)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| mine.contains(p))
+            .collect();
         // Work behind a lease that ran out: wake every instance so one takes it over now
         // rather than at its next fallback poll.
         let orphaned = st.has_expired_leases_with_rows(now);
@@ -827,6 +844,7 @@ impl Store for MemoryStore {
             live_instances: live,
             held_partitions,
             released,
+            taken_over,
         })
     }
 

@@ -507,6 +507,10 @@ pub struct Heartbeat {
     pub held_partitions: Vec<u32>,
     /// Partitions given up in this heartbeat (idle, or above this instance's fair share).
     pub released: Vec<u32>,
+    /// Partitions this instance took over from another since its previous heartbeat: leased
+    /// while that instance still held them on paper (its lease had run out, or it was found
+    /// dead by its liveness lock), as opposed to free ones or ones given up.
+    pub taken_over: Vec<u32>,
 }
 
 /// The error beneath a [`StoreError`] (the database driver's, say), shared so that errors

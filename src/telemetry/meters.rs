@@ -132,6 +132,7 @@ struct Inner {
     leases_held: Gauge,
     leases_acquired: Counter,
     leases_released: Counter,
+    leases_taken_over: Counter,
     restarts: [Counter; 5],
 }
 
@@ -189,6 +190,7 @@ impl Meters {
             leases_held: sink.gauge("whizbang_leases_held", &[]),
             leases_acquired: sink.counter("whizbang_leases_acquired_total", &[]),
             leases_released: sink.counter("whizbang_leases_released_total", &[]),
+            leases_taken_over: sink.counter("whizbang_leases_taken_over_total", &[]),
             restarts: ACTORS.map(|a| {
                 sink.counter(
                     "whizbang_actor_restarts_total",
@@ -311,11 +313,13 @@ impl Meters {
         self.0.dead_letters.increment(rows as u64);
     }
 
-    /// A heartbeat's leases: held now, newly acquired since the last one, released by it.
-    pub(crate) fn leases(&self, held: usize, acquired: usize, released: usize) {
+    /// A heartbeat's leases: held now, newly acquired since the last one, released by it, and
+    /// taken over from another instance since the last one.
+    pub(crate) fn leases(&self, held: usize, acquired: usize, released: usize, taken_over: usize) {
         self.0.leases_held.set(held as f64);
         self.0.leases_acquired.increment(acquired as u64);
         self.0.leases_released.increment(released as u64);
+        self.0.leases_taken_over.increment(taken_over as u64);
     }
 
     /// A supervised actor of `kind` was restarted.

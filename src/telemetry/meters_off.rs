@@ -40,7 +40,14 @@ impl Meters {
     pub(crate) fn rows_in_flight(&self, _inbox: usize, _outbox: usize) {}
     pub(crate) fn retry(&self, _queue: Queue, _kind: FailureKind) {}
     pub(crate) fn dead_lettered(&self, _rows: usize) {}
-    pub(crate) fn leases(&self, _held: usize, _acquired: usize, _released: usize) {}
+    pub(crate) fn leases(
+        &self,
+        _held: usize,
+        _acquired: usize,
+        _released: usize,
+        _taken_over: usize,
+    ) {
+    }
     pub(crate) fn restarted(&self, _kind: ActorKind) {}
 }
 

@@ -226,6 +226,15 @@ pub const METRICS: &[MetricInfo] = &[
         help: "Partitions given up at a heartbeat (idle, or above this instance's fair share).",
     },
     MetricInfo {
+        name: "whizbang_leases_taken_over_total",
+        kind: MetricKind::Counter,
+        unit: "",
+        labels: &[],
+        help: "Partitions this instance took over from another one without its consent (that \
+               instance's lease ran out, or its liveness lock was found free), reported at the \
+               heartbeat after; also counted in whizbang_leases_acquired_total.",
+    },
+    MetricInfo {
         name: "whizbang_publish_total",
         kind: MetricKind::Counter,
         unit: "",

@@ -936,6 +936,16 @@ async fn orphaned_work_recovered_after_lease_expiry(b: Backend) {
         claimed.claimed_outbox[0].work.generation > a_work.generation,
         "fencing token grew"
     );
+    // C's next heartbeat reports the partition as taken over from A, once.
+    assert_eq!(
+        store.heartbeat(c).await.unwrap().taken_over,
+        vec![part("orphan")],
+        "taken over from A"
+    );
+    assert!(
+        store.heartbeat(c).await.unwrap().taken_over.is_empty(),
+        "a takeover is reported once"
+    );
     // A wakes up and reports: refused (fencing), and C's claim stands.
     let r = batch(&store, a, completing_outbox(a_work)).await;
     assert_eq!(r.stale, vec![a_work.message_id]);
@@ -1101,6 +1111,10 @@ async fn graceful_release_hands_over_at_once(b: Backend) {
     let r = batch(&store, c, claim_all()).await;
     assert_eq!(r.claimed_outbox.len(), 1);
     assert_eq!(r.claimed_inbox.len(), 1);
+    assert!(
+        store.heartbeat(c).await.unwrap().taken_over.is_empty(),
+        "a partition given up is not taken over"
+    );
 }
 
 async fn instances_share_partitions_without_overlap(b: Backend) {

@@ -1,5 +1,6 @@
 //! Schema migrations: the numbered files of `schema/` (`0001_baseline.sql`,
-//! `0002_liveness_lock.sql`, `0003_idempotency.sql`, `0004_read_models.sql`) and `schema/functions/*.sql`, embedded in
+//! `0002_liveness_lock.sql`, `0003_idempotency.sql`, `0004_read_models.sql`,
+//! `0005_lease_takeovers.sql`) and `schema/functions/*.sql`, embedded in
 //! the binary.
 //!
 //! Owns bringing one schema to what this build expects, under a transaction-scoped advisory
@@ -54,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "0004_read_models.sql",
         sql: include_str!("../../../schema/0004_read_models.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_lease_takeovers.sql",
+        sql: include_str!("../../../schema/0005_lease_takeovers.sql"),
     },
 ];
 

@@ -448,10 +448,12 @@ impl Store for PostgresStore {
             .await?;
         let held: Vec<i32> = row.get("held");
         let released: Vec<i32> = row.get("released");
+        let taken_over: Vec<i32> = row.get("taken_over");
         Ok(Heartbeat {
             live_instances: row.get::<_, i32>("live_instances") as u32,
             held_partitions: held.into_iter().map(|p| p as u32).collect(),
             released: released.into_iter().map(|p| p as u32).collect(),
+            taken_over: taken_over.into_iter().map(|p| p as u32).collect(),
         })
     }
 

@@ -263,6 +263,11 @@ async fn a_dead_instances_partitions_are_taken_over_at_the_next_heartbeat() {
     );
     assert_eq!(r.claimed_inbox.len(), 3);
     assert!(r.claimed_outbox[0].work.generation > claims[0].generation);
+    assert_eq!(
+        survivor_store.heartbeat(survivor).await.unwrap().taken_over,
+        vec![partition_of("crashed", PARTITIONS)],
+        "the survivor's heartbeat reports the takeover"
+    );
     // The old holder's late report is fenced; the new holder's is not.
     let late = survivor_store
         .process_work_batch(

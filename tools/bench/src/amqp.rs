@@ -15,7 +15,8 @@
 //! - `bare_drain_msgs_per_s`, `consume_ratio_vs_bare_drain`: the same queue pre-filled with the
 //!   same N envelopes, drained by a bare fe2o3-amqp receiver (credit windows of the runtime's
 //!   prefetch, accepting each message), timed from attach to the last accept; and the
-//!   runtime's consume rate over it.
+//!   runtime's consume rate over it. `--consume-rounds` rounds (default 3) in alternating
+//!   order, each on a fresh schema: the medians, and the ratio's median, min and max.
 //! - `e2e_p50_ms`, `e2e_p99_ms`: a sender runtime's `local_invoke` (receptor → event with a
 //!   topic → outbox → broker) to the perspective of a second runtime consuming the
 //!   subscription, at a fixed offered rate, timed from each event's intended send time (carried
@@ -75,6 +76,10 @@ pub struct AmqpArgs {
     /// the consumer falls behind and the queue, and with it the latency, keeps growing).
     #[arg(long, default_value_t = 250.0)]
     pub sustainable_p99_ms: f64,
+    /// Rounds of the consume figure: each times a runtime and the bare receiver over the same
+    /// pre-filled queue, in alternating order; the figures are the medians.
+    #[arg(long, default_value_t = 3)]
+    pub consume_rounds: usize,
 }
 
 /// How long any phase may take before the suite fails.
@@ -328,7 +333,17 @@ async fn clean_up(args: &AmqpArgs, names: &Names) {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            for s in names.schemas() {
+            // Every schema of the run: the fixed ones and the consume rounds' (`{con}_{round}`).
+            let like = format!("{}\\_%", names.schema);
+            let rounds = client
+                .query(
+                    "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1",
+                    &[&like],
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
+                .unwrap_or_else(|_| Vec::new());
+            for s in names.schemas().into_iter().chain(rounds) {
                 let _ = client
                     .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
                     .await;
@@ -416,13 +431,47 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     );
 
     // ---- 2. Broker → inbox → perspective (W3), without and with 10% duplicate deliveries ----
-    let rate = consume(args, names, &schemas[1], n, streams, None).await?;
-    figure("consume_events_per_s", format!("{rate:.0}"));
-    let drain = bare_drain(args, names, n, streams).await?;
-    figure("bare_drain_msgs_per_s", format!("{drain:.0}"));
+    // One pass of each is a few seconds on a shared machine: rounds, in alternating order, and
+    // the medians (the ratio is the median of each round's own ratio).
+    let (mut rates, mut drains, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.consume_rounds.max(1) {
+        let schema = format!("{}_{round}", schemas[1]);
+        let (rate, drain) = if round % 2 == 0 {
+            let rate = consume(args, names, &schema, n, streams, None).await?;
+            (rate, bare_drain(args, names, n, streams).await?)
+        } else {
+            let drain = bare_drain(args, names, n, streams).await?;
+            (
+                consume(args, names, &schema, n, streams, None).await?,
+                drain,
+            )
+        };
+        eprintln!("consume round {round}: runtime {rate:.0}/s, bare drain {drain:.0}/s");
+        rates.push(rate);
+        drains.push(drain);
+        ratios.push(rate / drain);
+    }
+    let (rates, drains, ratios) = (Samples::of(rates), Samples::of(drains), Samples::of(ratios));
+    figure("consume_rounds", ratios.0.len());
+    figure(
+        "consume_events_per_s",
+        format!("{:.0}", rates.percentile(50.0)),
+    );
+    figure(
+        "bare_drain_msgs_per_s",
+        format!("{:.0}", drains.percentile(50.0)),
+    );
     figure(
         "consume_ratio_vs_bare_drain",
-        format!("{:.2}", rate / drain),
+        format!("{:.2}", ratios.percentile(50.0)),
+    );
+    figure(
+        "consume_ratio_min",
+        format!("{:.2}", ratios.percentile(0.0)),
+    );
+    figure(
+        "consume_ratio_max",
+        format!("{:.2}", ratios.percentile(100.0)),
     );
     let rate = consume(args, names, &schemas[4], n, streams, Some(10)).await?;
     figure(
