@@ -287,7 +287,7 @@ impl ReceiveLoop {
                     Ok(mut envelope) => {
                         // The inbox row continues the trace from the receive span.
                         traces::stamp(&span, &mut envelope.metadata);
-                        if !span.is_none() {
+                        if !span.is_disabled() {
                             first_received.get_or_insert(span);
                         }
                         rows.push(NewInboxRow {

@@ -88,7 +88,7 @@ pub(crate) fn dispatch(
     operation: &'static str,
     message_type: &'static str,
 ) -> Span {
-    if !wanted() || (parent.is_none() && !sampler.keep()) {
+    if !wanted() || (parent.is_disabled() && !sampler.keep()) {
         return Span::none();
     }
     tracing::info_span!(
@@ -118,7 +118,7 @@ pub(crate) fn receptor(
     partition: u32,
     source: Option<&Sampler>,
 ) -> Span {
-    let continues = if parent.is_none() {
+    let continues = if parent.is_disabled() {
         if !wanted() {
             return Span::none();
         }
@@ -231,7 +231,7 @@ pub(crate) fn inbox_commit(
     first: &Span,
     count: usize,
 ) -> Span {
-    if first.is_none() {
+    if first.is_disabled() {
         return Span::none();
     }
     tracing::info_span!(
