@@ -26,7 +26,7 @@ pub struct TracingSettings {
     /// At most this many new traces started per second by one runtime (0: no cap); those
     /// past it are dropped at their source, whole. A trace continued from a caller or another
     /// service is not counted: its source decided. Bounds what tracing costs under load (each
-    /// kept `local_invoke` records about four spans) while a lightly loaded service, or one
+    /// kept `local_invoke` records about three spans) while a lightly loaded service, or one
     /// under test, keeps every trace.
     pub max_traces_per_second: u32,
     /// Which spans are exported, as a `tracing` filter directive (`RUST_LOG` syntax); the
