@@ -17,7 +17,7 @@
 //! partition actor of its stream. It must not run handlers or wait inside its own mailbox: each
 //! call is a future of its own, so calls on different streams proceed concurrently.
 
-use crate::config::RuntimeConfig;
+use crate::admission::Admission;
 use crate::envelope::{Envelope, MessageKind};
 use crate::error::DispatchError;
 use crate::idempotency::{KeyGuard, KeyLocks, Keyed, Outcome};
@@ -34,18 +34,16 @@ use crate::store::{
     Store, UnitOfWork,
 };
 use crate::supervision::EngineCell;
+use crate::telemetry::DispatchMeters;
 use crate::telemetry::traces;
-use crate::telemetry::{DispatchMeters, Meters, dispatch_outcome};
 use actix::prelude::*;
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Span;
 use uuid::Uuid;
 
@@ -268,165 +266,6 @@ pub struct Dispatcher {
     keys: KeyLocks,
     /// `whizbang_dispatches_total` per message type, registered the first time it is seen.
     dispatched: HashMap<&'static str, DispatchMeters>,
-}
-
-/// The edge's backpressure: at most `runtime.max_in_flight` dispatches at once, each bounded by
-/// its caller's deadline. Shared by the dispatcher and the runtime (which drains it on shutdown).
-#[derive(Clone)]
-pub(crate) struct Admission {
-    in_flight: Arc<Semaphore>,
-    /// Set by [`Admission::drain`]: new dispatches are refused at once.
-    closing: Arc<AtomicBool>,
-    max_in_flight: u32,
-    default_deadline: Duration,
-    /// `whizbang_dispatches_in_flight`.
-    meters: Meters,
-}
-
-impl Admission {
-    pub(crate) fn new(limits: &RuntimeConfig, meters: Meters) -> Admission {
-        Admission {
-            meters,
-            in_flight: Arc::new(Semaphore::new(limits.max_in_flight as usize)),
-            closing: Arc::new(AtomicBool::new(false)),
-            max_in_flight: limits.max_in_flight,
-            default_deadline: Duration::from_millis(limits.dispatch_timeout_ms),
-        }
-    }
-
-    /// Stops taking new dispatches (answered [`DispatchError::Unavailable`] at once) and waits, up
-    /// to `deadline`, for those in flight to end. Answers how many were still in flight then.
-    pub(crate) async fn drain(&self, deadline: Duration) -> u32 {
-        self.closing.store(true, Ordering::SeqCst);
-        let left =
-            match tokio::time::timeout(deadline, self.in_flight.acquire_many(self.max_in_flight))
-                .await
-            {
-                Ok(Ok(all)) => {
-                    all.forget();
-                    0
-                }
-                _ => self
-                    .max_in_flight
-                    .saturating_sub(self.in_flight.available_permits() as u32),
-            };
-        self.in_flight.close();
-        left
-    }
-
-    /// Runs `start` (which queues the work and returns the future of its answer) once there is
-    /// room, and bounds the wait for room and answer by the caller's deadline. With room at
-    /// once, `start` runs now, before the handler returns: calls keep their arrival order.
-    ///
-    /// Past the deadline the caller gets [`DispatchError::Timeout`] and the work goes on in the
-    /// background, still holding its place under the limit until it ends; without room by then,
-    /// [`DispatchError::Overloaded`] and nothing was started.
-    fn admit<T: 'static>(
-        &self,
-        message_type: &'static str,
-        counted: DispatchMeters,
-        deadline: Option<Duration>,
-        start: impl FnOnce() -> ResponseFuture<Result<T, DispatchError>> + 'static,
-    ) -> ResponseFuture<Result<T, DispatchError>> {
-        if self.closing.load(Ordering::SeqCst) {
-            return Box::pin(async move {
-                let refused = Err(DispatchError::Unavailable(
-                    "the runtime is shutting down".into(),
-                ));
-                counted.record(dispatch_outcome(&refused));
-                refused
-            });
-        }
-        let deadline = deadline.unwrap_or(self.default_deadline);
-        let meters = self.meters.clone();
-        match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => Box::pin(answer_within(
-                message_type,
-                deadline,
-                Admitted::new(permit, meters, counted),
-                start(),
-            )),
-            Err(_) => {
-                let in_flight = self.in_flight.clone();
-                let max_in_flight = self.max_in_flight;
-                Box::pin(async move {
-                    let asked = Instant::now();
-                    let refused =
-                        match tokio::time::timeout(deadline, in_flight.acquire_owned()).await {
-                            Ok(Ok(permit)) => {
-                                let left = deadline.saturating_sub(asked.elapsed());
-                                let admitted = Admitted::new(permit, meters, counted);
-                                return answer_within(message_type, left, admitted, start()).await;
-                            }
-                            Ok(Err(_)) => Err(DispatchError::Unavailable(
-                                "the runtime is shutting down".into(),
-                            )),
-                            Err(_) => Err(DispatchError::Overloaded {
-                                message_type: message_type.into(),
-                                max_in_flight,
-                            }),
-                        };
-                    counted.record(dispatch_outcome(&refused));
-                    refused
-                })
-            }
-        }
-    }
-}
-
-/// A dispatch's place under `runtime.max_in_flight`, counted in `whizbang_dispatches_in_flight`
-/// until it is dropped with the work.
-struct Admitted {
-    _permit: OwnedSemaphorePermit,
-    meters: Meters,
-    counted: DispatchMeters,
-}
-
-impl Admitted {
-    fn new(permit: OwnedSemaphorePermit, meters: Meters, counted: DispatchMeters) -> Admitted {
-        meters.in_flight(1.0);
-        Admitted {
-            _permit: permit,
-            meters,
-            counted,
-        }
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.meters.in_flight(-1.0);
-    }
-}
-
-/// Awaits `work` for at most `deadline`; past it, answers [`DispatchError::Timeout`] and lets the
-/// work finish in the background on this arbiter, `permit` held until it does.
-async fn answer_within<T: 'static>(
-    message_type: &'static str,
-    deadline: Duration,
-    admitted: Admitted,
-    work: ResponseFuture<Result<T, DispatchError>>,
-) -> Result<T, DispatchError> {
-    let counted = admitted.counted.clone();
-    let mut work = Box::pin(async move {
-        let answer = work.await;
-        drop(admitted);
-        answer
-    });
-    let answer = match tokio::time::timeout(deadline, &mut work).await {
-        Ok(answer) => answer,
-        Err(_) => {
-            actix::spawn(async move {
-                let _ = work.await;
-            });
-            Err(DispatchError::Timeout {
-                message_type: message_type.into(),
-                deadline_ms: deadline.as_millis() as u64,
-            })
-        }
-    };
-    counted.record(dispatch_outcome(&answer));
-    answer
 }
 
 impl Dispatcher {

@@ -112,16 +112,17 @@ pub enum DispatchError {
         /// The limit that passed.
         timeout_ms: u64,
     },
-    /// The instance had `runtime.max_in_flight` dispatches in flight for the whole of the
-    /// caller's deadline; nothing of this one was started. Retry later (HTTP 503).
+    /// The instance was at its in-flight limit (`runtime.max_in_flight`, or below it the
+    /// adaptive limit, see `runtime.adaptive_in_flight`) for half the caller's deadline;
+    /// nothing of this one was started. Retry later (HTTP 503).
     #[error(
         "`{message_type}` not started: the instance is at its limit of {max_in_flight} \
-         dispatches in flight (runtime.max_in_flight); retry later"
+         dispatches in flight (runtime.max_in_flight, runtime.adaptive_in_flight); retry later"
     )]
     Overloaded {
         /// The message's type name.
         message_type: String,
-        /// The limit that was reached.
+        /// The limit that was reached (the adaptive one, when it is on).
         max_in_flight: u32,
     },
     /// The idempotency key was already used for another command (another type or another

@@ -132,6 +132,7 @@
 //! | [`telemetry`] | the metrics the runtime exports ([`telemetry::METRICS`]) and, with `telemetry.metrics_listen`, the listener serving `/metrics`, `/health/live`, `/health/ready` |
 //! | [`testing`] | for an application's tests: dispatch, wait until everything it caused has settled, inspect what was published |
 
+pub(crate) mod admission;
 pub mod config;
 pub(crate) mod consumer;
 pub(crate) mod coordinator;

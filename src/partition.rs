@@ -370,12 +370,8 @@ impl PartitionActor {
                             }
                             Ok(queued) => {
                                 *act.committing.entry(stream.clone()).or_default() += 1;
-                                ctx.spawn(
-                                    async move {
-                                        let _ = reply.send(queued.committed().await);
-                                    }
-                                    .into_actor(act)
-                                    .map(move |_, act, ctx| {
+                                ctx.spawn(queued.committed().into_actor(act).map(
+                                    move |outcome, act, ctx| {
                                         if let Some(n) = act.committing.get_mut(&stream) {
                                             *n -= 1;
                                             if *n == 0 {
@@ -383,8 +379,18 @@ impl PartitionActor {
                                             }
                                         }
                                         act.pump(ctx);
-                                    }),
-                                );
+                                        // The caller hears once, when the perspectives of the
+                                        // events have run (they run here, in this actor's
+                                        // queue): one wake-up of its thread, not one for the
+                                        // commit and another for the perspectives.
+                                        ctx.spawn(
+                                            async move {
+                                                let _ = reply.send(applied(outcome).await);
+                                            }
+                                            .into_actor(act),
+                                        );
+                                    },
+                                ));
                             }
                         }
                         act.pump(ctx);
@@ -509,6 +515,20 @@ impl PartitionActor {
             }
         }
     }
+}
+
+/// `outcome` once the perspectives of its events have run: its receivers all resolved (none
+/// left to wait for), or the first perspective failure.
+async fn applied(
+    outcome: Result<CommandOutcome, DispatchError>,
+) -> Result<CommandOutcome, DispatchError> {
+    let mut outcome = outcome?;
+    for applied in std::mem::take(&mut outcome.applied) {
+        applied
+            .await
+            .map_err(|_| DispatchError::Unavailable("partition actor stopped".into()))??;
+    }
+    Ok(outcome)
 }
 
 /// A command whose receptor has run and whose unit is queued at the coordinator.

@@ -7,12 +7,12 @@
 //! It must be called inside a running actix system (`#[actix::main]`). It must not hold
 //! business logic.
 
+use crate::admission::Admission;
 use crate::config::{Config, StoreBackend, TransportKind};
 use crate::consumer::{Consumer, ShardShare, StopConsumer};
 use crate::coordinator::{Coordinator, CoordinatorLinks, CoordinatorSettings, Shutdown};
 use crate::dispatcher::{
-    Admission, DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent,
-    SendCommand, Status,
+    DeliveryReceipt, DispatchOptions, Dispatcher, LocalInvoke, PublishEvent, SendCommand, Status,
 };
 use crate::error::{DispatchError, StartError};
 use crate::handler::{Perspective, Receptor};
@@ -574,6 +574,12 @@ impl Runtime {
     pub fn unhealthy(&self) -> impl Future<Output = ()> + 'static {
         let health = self.supervised.health.clone();
         async move { health.unhealthy().await }
+    }
+
+    /// The in-flight limit now: `runtime.max_in_flight`, or below it the adaptive limit
+    /// (`runtime.adaptive_in_flight`), which follows how long dispatches take once admitted.
+    pub fn dispatch_limit(&self) -> u32 {
+        self.admission.limit()
     }
 
     /// The store this instance writes to.

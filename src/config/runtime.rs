@@ -12,9 +12,13 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Most dispatches (`local_invoke`, `send`, `publish`) in the instance at once, from the call
-    /// until its work is done; a caller beyond it waits for room up to its deadline, then gets
-    /// `DispatchError::Overloaded`.
+    /// until its work is done; a caller beyond it waits for room up to half its deadline, then
+    /// gets `DispatchError::Overloaded`.
     pub max_in_flight: u32,
+    /// The in-flight limit adapts below `max_in_flight` (from 512, between 16 and it) to the time
+    /// dispatches take once admitted: cut when they take more than a quarter of their deadline,
+    /// grown while quick ones wait for room. Off: the limit is `max_in_flight`.
+    pub adaptive_in_flight: bool,
     /// A dispatch's deadline when its `DispatchOptions` name none: past it the caller gets
     /// `DispatchError::Timeout` (the work may still commit).
     pub dispatch_timeout_ms: u64,
@@ -38,6 +42,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             max_in_flight: 10_000,
+            adaptive_in_flight: true,
             dispatch_timeout_ms: 30_000,
             shutdown_timeout_ms: 10_000,
             max_restarts: 5,

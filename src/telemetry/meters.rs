@@ -121,6 +121,7 @@ pub(crate) struct Meters(Arc<Inner>);
 struct Inner {
     sink: Sink,
     in_flight: Gauge,
+    dispatch_limit: Gauge,
     batch_duration: [Histogram; 2],
     batch_size: [Histogram; 3],
     backlog: [Gauge; 2],
@@ -169,6 +170,7 @@ impl Meters {
         let per_queue = |name| QUEUES.map(|q| sink.gauge(name, &[("queue", s(q))]));
         Meters(Arc::new(Inner {
             in_flight: sink.gauge("whizbang_dispatches_in_flight", &[]),
+            dispatch_limit: sink.gauge("whizbang_dispatch_limit", &[]),
             batch_duration: ["ok", "failed"].map(|o| {
                 sink.histogram("whizbang_work_batch_duration_seconds", &[("outcome", s(o))])
             }),
@@ -227,6 +229,11 @@ impl Meters {
     /// A dispatch was admitted (`1.0`) or finished (`-1.0`).
     pub(crate) fn in_flight(&self, delta: f64) {
         self.0.in_flight.increment(delta);
+    }
+
+    /// The in-flight limit is `limit` now.
+    pub(crate) fn dispatch_limit(&self, limit: u32) {
+        self.0.dispatch_limit.set(f64::from(limit));
     }
 
     /// The duration histograms of the receptor of `message_type`.

@@ -23,6 +23,7 @@ impl Meters {
         DispatchMeters
     }
     pub(crate) fn in_flight(&self, _delta: f64) {}
+    pub(crate) fn dispatch_limit(&self, _limit: u32) {}
     pub(crate) fn receptor(&self, _message_type: &str) -> HandlerMeters {
         HandlerMeters
     }

@@ -126,7 +126,15 @@ pub const METRICS: &[MetricInfo] = &[
         kind: MetricKind::Gauge,
         unit: "",
         labels: &[],
-        help: "Dispatches admitted and not yet finished (counted against runtime.max_in_flight).",
+        help: "Dispatches admitted and not yet finished (counted against the in-flight limit).",
+    },
+    MetricInfo {
+        name: "whizbang_dispatch_limit",
+        kind: MetricKind::Gauge,
+        unit: "",
+        labels: &[],
+        help: "The in-flight limit now: runtime.max_in_flight, or below it the adaptive limit \
+               (runtime.adaptive_in_flight).",
     },
     MetricInfo {
         name: "whizbang_receptor_duration_seconds",

@@ -7,7 +7,7 @@
 //! waits for A's transaction. Deciding B's claim of 6 with a snapshot from before that wait
 //! did not see A's 5 and leased 6 to B's writer at once, so B applied 6 before it polled 5.
 
-use crate::support::pg::{self, connect, database_url, drop_schemas, new_schema};
+use crate::support::pg::{self, connect, drop_schemas, new_schema, on_postgres};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -19,10 +19,7 @@ use whizbang::store::*;
 const PARTITIONS: u32 = 16;
 
 async fn open(schema: &str) -> Arc<dyn Store> {
-    let mut c = whizbang::Config::default();
-    c.store.backend = whizbang::config::StoreBackend::Postgres;
-    c.store.database_url = database_url().into();
-    c.store.schema = schema.into();
+    let mut c = on_postgres(whizbang::Config::default(), schema);
     c.store.startup_timeout_ms = 10_000;
     c.store.pool_size = 2;
     c.service.name = "inbox-order".into();

@@ -453,26 +453,30 @@ async fn run(args: &AmqpArgs, names: &Names) -> BenchResult<()> {
     }
     let (rates, drains, ratios) = (Samples::of(rates), Samples::of(drains), Samples::of(ratios));
     figure("consume_rounds", ratios.0.len());
-    figure(
-        "consume_events_per_s",
-        format!("{:.0}", rates.percentile(50.0)),
-    );
-    figure(
-        "bare_drain_msgs_per_s",
-        format!("{:.0}", drains.percentile(50.0)),
-    );
-    figure(
-        "consume_ratio_vs_bare_drain",
-        format!("{:.2}", ratios.percentile(50.0)),
-    );
-    figure(
-        "consume_ratio_min",
-        format!("{:.2}", ratios.percentile(0.0)),
-    );
-    figure(
-        "consume_ratio_max",
-        format!("{:.2}", ratios.percentile(100.0)),
-    );
+    for (name, value) in [
+        (
+            "consume_events_per_s",
+            format!("{:.0}", rates.percentile(50.0)),
+        ),
+        (
+            "bare_drain_msgs_per_s",
+            format!("{:.0}", drains.percentile(50.0)),
+        ),
+        (
+            "consume_ratio_vs_bare_drain",
+            format!("{:.2}", ratios.percentile(50.0)),
+        ),
+        (
+            "consume_ratio_min",
+            format!("{:.2}", ratios.percentile(0.0)),
+        ),
+        (
+            "consume_ratio_max",
+            format!("{:.2}", ratios.percentile(100.0)),
+        ),
+    ] {
+        figure(name, value);
+    }
     let rate = consume(args, names, &schemas[4], n, streams, Some(10)).await?;
     figure(
         "consume_10pct_duplicates_deliveries_per_s",
