@@ -69,6 +69,7 @@ mod postgres {
     mod idempotency;
     mod inbox_order;
     mod liveness;
+    mod lost_answer;
     mod migrations;
     mod read_models;
     mod runtime;

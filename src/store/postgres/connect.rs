@@ -30,7 +30,24 @@ pub struct PgConnection {
     /// Set when an answer did not come within the deadline: the connection may be half-open
     /// or its server hung, so the pool drops it instead of handing it out again.
     pub(super) broken: AtomicBool,
+    /// The server process behind this connection, recorded at connect.
+    pub(super) backend: Backend,
 }
+
+/// A server process of the pool: its pid and start time (together they name it; a pid alone
+/// may be reused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub(super) pid: i32,
+    pub(super) started: String,
+}
+
+/// Server processes of connections dropped with a statement whose answer never came: such a
+/// statement may still run and commit on the server after the store gave up on it (a server
+/// that was stopped reads it when it resumes). The store ends them (see
+/// `PostgresStore::fence_lost_answers`) before its next work batch, so that batch sees what they
+/// did, or that they did nothing.
+pub type LostAnswers = Arc<std::sync::Mutex<Vec<Backend>>>;
 
 /// Deadlines of every connection: TCP keepalives on an idle connection and `TCP_USER_TIMEOUT`
 /// on unacknowledged data (`store.tcp_user_timeout_ms`), so a vanished database host is noticed
@@ -68,6 +85,8 @@ pub(super) fn with_statement_timeout(
 pub struct PgManager {
     pub(super) inner: PostgresConnectionManager<DatabaseTls>,
     pub(super) schema: String,
+    /// Where a broken connection's server process goes when the pool drops it.
+    pub(super) lost_answers: LostAnswers,
 }
 
 /// `SELECT * FROM schema.function($1, …, $arity)`.
@@ -90,12 +109,23 @@ impl bb8::ManageConnection for PgManager {
             .prepare(&call(s, "wb_process_one_message", 21))
             .await?;
         let heartbeat = client.prepare(&call(s, "wb_heartbeat", 4)).await?;
+        let me = client
+            .query_one(
+                "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity \
+                  WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await?;
         Ok(PgConnection {
             client,
             batch,
             one_message,
             heartbeat,
             broken: AtomicBool::new(false),
+            backend: Backend {
+                pid: me.get(0),
+                started: me.get(1),
+            },
         })
     }
 
@@ -104,7 +134,15 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        conn.client.is_closed() || conn.broken.load(Ordering::Relaxed)
+        if conn.broken.load(Ordering::Relaxed) {
+            // Given up on while a statement was out: it may still run on the server.
+            let mut lost = self.lost_answers.lock().unwrap_or_else(|p| p.into_inner());
+            if !lost.contains(&conn.backend) {
+                lost.push(conn.backend.clone());
+            }
+            return true;
+        }
+        conn.client.is_closed()
     }
 }
 

@@ -30,8 +30,8 @@ pub mod vacuum;
 use self::answer::{MessagePlaces, check_batch_columns, read_answer, stored_event};
 use self::batch::{BatchArrays, Numbering, OneMessage, PackedAppends};
 use self::connect::{
-    PgConnection, PgManager, connect_at_start, endpoint, pool_error, query_error, unavailable,
-    with_deadlines, with_statement_timeout,
+    LostAnswers, PgConnection, PgManager, connect_at_start, endpoint, pool_error, query_error,
+    unavailable, with_deadlines, with_statement_timeout,
 };
 use self::liveness::{Liveness, Role, keep_open};
 use self::migrate::{describe, migrate};
@@ -42,6 +42,7 @@ use crate::read_model::{AppliedOnce, ApplyInTx, InlineApply, ReadModelTx};
 use bb8_postgres::PostgresConnectionManager;
 use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -69,6 +70,8 @@ pub struct PostgresStore {
     one_message_path: bool,
     /// The longest wait for one answer: the server's statement timeout plus [`ANSWER_MARGIN`].
     answer_deadline: Duration,
+    /// Server processes of connections given up on with a statement out (see [`LostAnswers`]).
+    lost_answers: LostAnswers,
 }
 
 /// How much longer than the server's statement timeout the store waits for an answer: the
@@ -130,12 +133,14 @@ impl PostgresStore {
         }
         drop(client);
 
+        let lost_answers = LostAnswers::default();
         let manager = PgManager {
             inner: PostgresConnectionManager::new(
                 with_statement_timeout(&pg_config, config),
                 tls.clone(),
             ),
             schema: schema.clone(),
+            lost_answers: lost_answers.clone(),
         };
         let pool = bb8::Pool::builder()
             .max_size(config.store.pool_size)
@@ -182,6 +187,7 @@ impl PostgresStore {
             one_message_path: true,
             answer_deadline: Duration::from_millis(config.store.statement_timeout_ms)
                 + ANSWER_MARGIN,
+            lost_answers,
         })
     }
 
@@ -217,8 +223,65 @@ impl PostgresStore {
         &self.schema
     }
 
+    /// A pooled connection, once every statement whose answer was lost has ended.
     async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
+        self.fence_lost_answers().await?;
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Ends the server processes of connections given up on with a statement out, and waits
+    /// until they are gone. A statement the store stopped waiting for (a hung server, a
+    /// half-open connection) may still run and commit afterwards, when the server reads it:
+    /// a work batch that claimed rows for this instance's writer, committed after the recovery
+    /// batch that gives up the claims the coordinator never heard of, left a row claimed for a
+    /// writer that did not have it, and the stream's next rows went out ahead of it (an order
+    /// violation of the chaos run with a hung Postgres). Once the process is gone, its
+    /// statement has committed or never will, and the next statement sees which.
+    async fn fence_lost_answers(&self) -> Result<(), StoreError> {
+        let lost = self
+            .lost_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        let give_up = Instant::now() + self.answer_deadline;
+        for backend in &lost {
+            loop {
+                let alive: i64 = self
+                    .answered(&conn.broken, async {
+                        conn.client
+                            .query_one(
+                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                                  WHERE pid = $1 AND backend_start::text = $2",
+                                &[&backend.pid, &backend.started],
+                            )
+                            .await
+                            .map_err(query_error)
+                    })
+                    .await?
+                    .get(0);
+                if alive == 0 {
+                    break;
+                }
+                if Instant::now() > give_up {
+                    return Err(StoreError::unavailable(format!(
+                        "server process {} of a connection whose answer was lost is still \
+                         running; its statement may yet commit",
+                        backend.pid
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tracing::info!(pid = backend.pid, "server process of a lost answer ended");
+            self.lost_answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|b| b != backend);
+        }
+        Ok(())
     }
 
     async fn query(
