@@ -268,7 +268,8 @@ impl ReceiveLoop {
             fault::check(self.origin.instance, ActorKind::Consumer);
             let mut accepted = Vec::new();
             let mut rows = Vec::new();
-            // The receive span of the first delivery admitted: the inbox commit's parent.
+            // The receive span of the first delivery admitted that records one: the inbox
+            // commit's parent.
             let mut first_received = None;
             for delivery in deliveries {
                 let span = match &delivery.message {
@@ -278,6 +279,7 @@ impl ReceiveLoop {
                         &self.subscription,
                         envelope,
                         self.origin.partition(&envelope.stream_id),
+                        &self.origin.sampler,
                     ),
                     Err(_) => tracing::Span::none(),
                 };
@@ -285,7 +287,9 @@ impl ReceiveLoop {
                     Ok(mut envelope) => {
                         // The inbox row continues the trace from the receive span.
                         traces::stamp(&span, &mut envelope.metadata);
-                        first_received.get_or_insert(span);
+                        if !span.is_disabled() {
+                            first_received.get_or_insert(span);
+                        }
                         rows.push(NewInboxRow {
                             partition: self.origin.partition(&envelope.stream_id),
                             envelope,

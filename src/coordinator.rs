@@ -442,15 +442,17 @@ impl Coordinator {
         let (n_units, n_reports) = (batch.units.len(), batch.reports());
         let started = std::time::Instant::now();
         let meters = self.health.meters().clone();
-        let span = crate::telemetry::traces::work_batch(n_units, n_reports, claimed);
-        if !span.is_disabled() {
-            for unit in &batch.units {
+        let span = crate::telemetry::traces::work_batch(
+            n_units,
+            n_reports,
+            claimed,
+            batch.units.iter().filter_map(|unit| {
                 let first = unit.inbox.first().map(|r| &r.envelope);
-                if let Some(envelope) = first.or(unit.outbox.first().map(|r| &r.envelope)) {
-                    crate::telemetry::traces::link(&span, &envelope.metadata);
-                }
-            }
-        }
+                first
+                    .or(unit.outbox.first().map(|r| &r.envelope))
+                    .map(|e| &e.metadata)
+            }),
+        );
         let batch_span = span.clone();
         ctx.spawn(
             async move {

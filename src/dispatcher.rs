@@ -305,6 +305,11 @@ impl Dispatcher {
         self.admission.admit(message_type, counted, deadline, start)
     }
 
+    /// The envelope of a dispatched message, with the dispatch span's context written into
+    /// its metadata when `carries_trace` (it is stored or sent, and the next step continues
+    /// from there). A command for a local receptor does not: the receptor span is the dispatch
+    /// span's child in this process, and writes its own context (see `partition`).
+    #[allow(clippy::too_many_arguments)]
     fn envelope(
         &self,
         kind: MessageKind,
@@ -313,6 +318,7 @@ impl Dispatcher {
         payload: Vec<u8>,
         options: DispatchOptions,
         span: &Span,
+        carries_trace: bool,
     ) -> Envelope {
         let mut envelope = Envelope::new(kind, message_type, stream_id, payload);
         if let Some(c) = options.correlation_id {
@@ -322,12 +328,10 @@ impl Dispatcher {
         envelope.metadata = options.metadata;
         envelope.push_hop(self.origin.hop(&envelope.stream_id, None));
         if !span.is_disabled() {
-            traces::record_envelope(span, &envelope);
-            span.record(
-                "whizbang.partition",
-                self.origin.partition(&envelope.stream_id),
-            );
-            traces::stamp(span, &mut envelope.metadata);
+            traces::record_dispatch(span, &envelope, self.origin.partition(&envelope.stream_id));
+            if carries_trace {
+                traces::stamp(span, &mut envelope.metadata);
+            }
         }
         envelope
     }
@@ -357,6 +361,7 @@ impl Dispatcher {
             Vec::new(),
             options,
             span,
+            false,
         );
         let (reply, rx) = oneshot::channel();
         // The receipt is taken now (its events are filled in once committed): the envelope
@@ -409,7 +414,12 @@ impl<C: Command, R: Send + 'static> Handler<LocalInvoke<C, R>> for Dispatcher {
     type Result = ResponseFuture<Result<R, DispatchError>>;
 
     fn handle(&mut self, msg: LocalInvoke<C, R>, _ctx: &mut Self::Context) -> Self::Result {
-        let span = traces::dispatch(&msg.parent, "local_invoke", C::TYPE_NAME);
+        let span = traces::dispatch(
+            &msg.parent,
+            &self.origin.sampler,
+            "local_invoke",
+            C::TYPE_NAME,
+        );
         traced(span.clone(), self.local_invoke(msg, &span))
     }
 }
@@ -564,7 +574,7 @@ impl<C: Command> Handler<SendCommand<C>> for Dispatcher {
     type Result = ResponseFuture<Result<DeliveryReceipt, DispatchError>>;
 
     fn handle(&mut self, msg: SendCommand<C>, _ctx: &mut Self::Context) -> Self::Result {
-        let span = traces::dispatch(&msg.parent, "send", C::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, &self.origin.sampler, "send", C::TYPE_NAME);
         traced(span.clone(), self.send_command(msg, &span))
     }
 }
@@ -632,6 +642,7 @@ impl Dispatcher {
             payload,
             msg.options,
             span,
+            true,
         );
         match keyed {
             Some(keyed) => self.commit_keyed_admitted(C::TYPE_NAME, deadline, envelope, keyed),
@@ -649,7 +660,7 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             Err(e) => return Box::pin(async move { Err(DispatchError::Codec(e.to_string())) }),
         };
         let deadline = msg.options.deadline;
-        let span = traces::dispatch(&msg.parent, "publish", E::TYPE_NAME);
+        let span = traces::dispatch(&msg.parent, &self.origin.sampler, "publish", E::TYPE_NAME);
         let envelope = self.envelope(
             MessageKind::Event,
             E::TYPE_NAME,
@@ -657,6 +668,7 @@ impl<E: Event> Handler<PublishEvent<E>> for Dispatcher {
             payload,
             msg.options,
             &span,
+            true,
         );
         traced(
             span,
@@ -799,6 +811,7 @@ impl<C: Command> Handler<ScopedInvoke<C>> for Dispatcher {
             Vec::new(),
             msg.options,
             &Span::none(),
+            true,
         );
         let receipt = DeliveryReceipt::of(&envelope, ReceiptStatus::Delivered, Vec::new());
         let partition = self.origin.partition(&envelope.stream_id);

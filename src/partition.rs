@@ -699,12 +699,18 @@ async fn queue_command(
         parent,
         &envelope,
         deps.origin.partition(&envelope.stream_id),
+        None,
     );
     let started = Instant::now();
     let decided = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;
     receptor.meters.record(decided.is_ok(), started.elapsed());
-    // The messages it causes inherit the envelope's metadata: they continue the receptor's trace.
-    traces::stamp(&span, &mut envelope.metadata);
+    // The messages it causes inherit the envelope's metadata: they continue the receptor's
+    // trace (or the dispatch span's, should a filter want that one and not the receptor's: the
+    // dispatcher left the command's metadata to this step).
+    traces::stamp(
+        if span.is_disabled() { parent } else { &span },
+        &mut envelope.metadata,
+    );
     let decision = match decided {
         Ok(decision) => decision,
         Err(failure) => {
@@ -795,6 +801,7 @@ async fn decide(
         &Span::none(),
         &envelope,
         deps.origin.partition(&envelope.stream_id),
+        Some(&deps.origin.sampler),
     );
     let started = Instant::now();
     let decided = traces::within(&span, receptor.handle.invoke(&envelope, typed)).await;

@@ -40,6 +40,8 @@ pub(crate) struct Origin {
     pub max_message_bytes: usize,
     /// `messaging.system` of the publish and receive spans (see `telemetry`).
     pub messaging_system: &'static str,
+    /// Which new traces are kept (`[telemetry.tracing]`; see `telemetry::traces`).
+    pub sampler: crate::telemetry::traces::Sampler,
 }
 
 impl Origin {
@@ -172,6 +174,7 @@ mod tests {
             partition_count: 16,
             max_message_bytes: limit,
             messaging_system: "test",
+            sampler: crate::telemetry::traces::Sampler::new(&Default::default()),
         };
         (origin, view.current())
     }

@@ -156,6 +156,7 @@ impl RuntimeBuilder {
                     crate::config::AmqpFlavour::ServiceBus => "servicebus",
                 },
             },
+            sampler: crate::telemetry::traces::Sampler::new(&config.telemetry.tracing),
         };
         let view = RegistryView::default();
         let handler_timeout = Duration::from_millis(config.coordinator.handler_timeout_ms);

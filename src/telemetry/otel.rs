@@ -8,11 +8,14 @@
 
 use super::traces::{TRACEPARENT, TRACESTATE};
 use crate::config::Config;
-use opentelemetry::Context;
 use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+    TracerProvider as _,
 };
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{
+    Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample,
+};
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use tracing::Span;
@@ -171,10 +174,42 @@ fn exporter_provider(config: &Config) -> Result<Option<SdkTracerProvider>, Traci
     }
 }
 
-/// Keeps `ratio` of new traces and follows the caller's decision for continued ones.
+/// Follows the caller's decision for continued traces; of new ones keeps every trace the
+/// runtime starts (its spans are named `whizbang.*`; the runtime's own head sampler already
+/// applied `sample_ratio` and `max_traces_per_second` where it started them, see
+/// `traces::Sampler`) and `ratio` of those the application starts.
 #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
 fn sampler(ratio: f64) -> Sampler {
-    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+    Sampler::ParentBased(Box::new(RuntimeRoots(Sampler::TraceIdRatioBased(ratio))))
+}
+
+/// The root sampler of [`sampler`]: the runtime's roots are kept (sampled once, at the
+/// source), others go to the wrapped sampler.
+#[derive(Clone, Debug)]
+struct RuntimeRoots(Sampler);
+
+impl ShouldSample for RuntimeRoots {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        if name.starts_with("whizbang.") {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: parent_context
+                    .map(|cx| cx.span().span_context().trace_state().clone())
+                    .unwrap_or_default(),
+            };
+        }
+        self.0
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
 }
 
 /// `service.name` of exported spans.
@@ -245,13 +280,8 @@ pub(crate) fn format(context: &SpanContext) -> String {
     )
 }
 
-pub(super) fn continue_trace(span: &Span, metadata: &BTreeMap<String, String>) {
-    if span.is_disabled() {
-        return;
-    }
-    if let Some(context) = parse(metadata) {
-        let _ = span.set_parent(Context::new().with_remote_span_context(context));
-    }
+pub(super) fn set_remote_parent(span: &Span, context: SpanContext) {
+    let _ = span.set_parent(Context::new().with_remote_span_context(context));
 }
 
 pub(super) fn stamp(span: &Span, metadata: &mut BTreeMap<String, String>) {
@@ -267,13 +297,8 @@ pub(super) fn stamp(span: &Span, metadata: &mut BTreeMap<String, String>) {
     }
 }
 
-pub(super) fn link(span: &Span, metadata: &BTreeMap<String, String>) {
-    if span.is_disabled() {
-        return;
-    }
-    if let Some(context) = parse(metadata) {
-        span.add_link(context);
-    }
+pub(super) fn add_link(span: &Span, context: SpanContext) {
+    span.add_link(context);
 }
 
 #[cfg(test)]

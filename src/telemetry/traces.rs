@@ -3,17 +3,22 @@
 //! reach.
 //!
 //! Owns the span names and their attributes (after the OpenTelemetry messaging conventions),
-//! and moving a trace context between a span and an envelope's metadata. It must not decide
+//! moving a trace context between a span and an envelope's metadata, and the head sampler
+//! ([`Sampler`]) that decides, where a trace starts, whether it is kept. It must not decide
 //! where spans go: the application's subscriber does, or `init_tracing` (feature `otel`).
 //! Span fields are recorded only when a subscriber wants the span (`tracing`'s static
 //! filtering), so with no subscriber, or one that does not want level `info` of the target
-//! `whizbang`, a span costs a check of a cached flag and builds no string.
+//! `whizbang`, a span costs a check of a cached flag, builds no string and reads no context.
+//!
+//! A trace is kept or dropped whole: only a step that starts a trace asks the sampler; every
+//! later step records a span only if its message carries a kept (sampled) trace context, so a
+//! dropped call pays for no span anywhere.
 //!
 //! | span | step | `messaging.operation.type` |
 //! |---|---|---|
 //! | `whizbang.dispatch` | `local_invoke`, `send`, `publish`: the call until its answer | `send` |
 //! | `whizbang.receptor` | a receptor deciding a command | `process` |
-//! | `whizbang.work_batch` | one store round trip of the coordinator | — |
+//! | `whizbang.work_batch` | one store round trip of the coordinator (with a kept unit) | — |
 //! | `whizbang.perspective` | the perspectives of one event (inbox row) | `process` |
 //! | `whizbang.publish` | one outbox row sent to the broker | `send` |
 //! | `whizbang.receive` | one broker delivery admitted (decoded and checked) | `receive` |
@@ -33,9 +38,15 @@
 //! `DispatchOptions::metadata` or an upstream service) is inherited by every message caused,
 //! like all metadata, so a trace passes unbroken through a service built without the feature.
 
+use crate::config::TracingSettings;
 use crate::envelope::Envelope;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 use tracing::Span;
 use tracing::field::{Empty, display};
 
@@ -48,64 +59,103 @@ pub const TRACESTATE: &str = "tracestate";
 pub const SYSTEM: &str = "whizbang";
 
 /// An `info` span of a step of one message, with the identity fields every such span has
-/// (recorded later by [`record_envelope`]) after the given ones. A macro, not a function:
-/// `tracing` needs every span's field names at its call site.
+/// after the given ones, taken from `envelope` when the span is made: one visit of its fields,
+/// evaluated only if a subscriber wants the span (the dispatch span, made before its envelope,
+/// gets them from [`record_dispatch`]). A macro, not a function: `tracing` needs every span's
+/// field names at its call site.
 macro_rules! message_span {
-    ($parent:expr, $name:literal, $($field:tt)*) => {
+    ($parent:expr, $name:literal, envelope: $envelope:expr, $($field:tt)*) => {
         tracing::info_span!(
             target: "whizbang",
             parent: $parent,
             $name,
             $($field)*
-            messaging.message.id = Empty,
-            messaging.message.conversation_id = Empty,
-            whizbang.causation_id = Empty,
-            whizbang.message_type = Empty,
-            whizbang.stream_id = Empty,
+            messaging.message.id = display(&$envelope.message_id),
+            messaging.message.conversation_id = display(&$envelope.correlation_id),
+            whizbang.causation_id = $envelope.causation_id.as_ref().map(display),
+            whizbang.message_type = $envelope.message_type.as_str(),
+            whizbang.stream_id = $envelope.stream_id.as_str(),
         )
     };
 }
 
 /// The span of a dispatch (`local_invoke`, `send`, `publish`), child of `parent` (the caller's
-/// span when the call was made; none: a new trace).
-pub(crate) fn dispatch(parent: &Span, operation: &'static str, message_type: &'static str) -> Span {
-    let span = message_span!(
-        parent,
+/// span when the call was made). With no caller span the dispatch starts a trace, if `sampler`
+/// keeps one now; if not, the call and every step it causes record no span.
+pub(crate) fn dispatch(
+    parent: &Span,
+    sampler: &Sampler,
+    operation: &'static str,
+    message_type: &'static str,
+) -> Span {
+    if !wanted() || (parent.is_disabled() && !sampler.keep()) {
+        return Span::none();
+    }
+    tracing::info_span!(
+        target: "whizbang",
+        parent: parent,
         "whizbang.dispatch",
         otel.kind = "producer",
         messaging.system = SYSTEM,
         messaging.operation.type = "send",
         messaging.operation.name = operation,
         whizbang.partition = Empty,
-    );
-    span.record("whizbang.message_type", message_type);
-    span
+        messaging.message.id = Empty,
+        messaging.message.conversation_id = Empty,
+        whizbang.causation_id = Empty,
+        whizbang.message_type = message_type,
+        whizbang.stream_id = Empty,
+    )
 }
 
 /// The span of a receptor deciding `envelope`, child of `parent` (the dispatch span of a
-/// command from this process; none: the context in the envelope, for a command from the inbox).
-pub(crate) fn receptor(parent: &Span, envelope: &Envelope, partition: u32) -> Span {
+/// command from this process). Without one it continues the kept trace in the envelope (a
+/// command from the inbox, or whose caller passed a context); with no trace there, a command
+/// of a request scope (`source`) starts one if the sampler keeps it, any other records none.
+pub(crate) fn receptor(
+    parent: &Span,
+    envelope: &Envelope,
+    partition: u32,
+    source: Option<&Sampler>,
+) -> Span {
+    let continues = if parent.is_disabled() {
+        if !wanted() {
+            return Span::none();
+        }
+        match kept_context(&envelope.metadata) {
+            Kept::Trace(context) => Some(context),
+            Kept::Dropped => return Span::none(),
+            Kept::Absent if source.is_some_and(Sampler::keep) => None,
+            Kept::Absent => return Span::none(),
+        }
+    } else {
+        None
+    };
     let span = message_span!(
         parent,
         "whizbang.receptor",
+        envelope: envelope,
         otel.kind = "consumer",
         messaging.system = SYSTEM,
         messaging.operation.type = "process",
         messaging.operation.name = "receptor",
         whizbang.partition = partition,
     );
-    if parent.is_none() {
-        continue_trace(&span, &envelope.metadata);
+    if let Some(context) = continues {
+        set_remote_parent(&span, context);
     }
-    record_envelope(&span, envelope);
     span
 }
 
 /// The span of the perspectives of one event (an inbox row), continuing its trace.
 pub(crate) fn perspective(envelope: &Envelope, partition: u32, attempts: u32) -> Span {
+    let Some(context) = continued_trace(envelope, None) else {
+        return Span::none();
+    };
     let span = message_span!(
         None,
         "whizbang.perspective",
+        envelope: envelope,
         otel.kind = "consumer",
         messaging.system = SYSTEM,
         messaging.operation.type = "process",
@@ -113,7 +163,7 @@ pub(crate) fn perspective(envelope: &Envelope, partition: u32, attempts: u32) ->
         whizbang.partition = partition,
         whizbang.attempts = attempts,
     );
-    continued(span, envelope)
+    continued(span, context)
 }
 
 /// The span of one outbox row sent to `topic`, continuing the trace of the row.
@@ -123,9 +173,13 @@ pub(crate) fn publish(
     envelope: &Envelope,
     partition: u32,
 ) -> Span {
+    let Some(context) = continued_trace(envelope, None) else {
+        return Span::none();
+    };
     let span = message_span!(
         None,
         "whizbang.publish",
+        envelope: envelope,
         otel.kind = "producer",
         messaging.system = system,
         messaging.operation.type = "send",
@@ -134,20 +188,27 @@ pub(crate) fn publish(
         otel.status_code = Empty,
         whizbang.partition = partition,
     );
-    continued(span, envelope)
+    continued(span, context)
 }
 
-/// The span of one delivery from `subscription` of `topic`, continuing the sender's trace.
+/// The span of one delivery from `subscription` of `topic`, continuing the sender's trace; a
+/// delivery without one (from a producer that does not trace) starts a trace if `sampler` keeps
+/// one now.
 pub(crate) fn receive(
     system: &'static str,
     topic: &str,
     subscription: &str,
     envelope: &Envelope,
     partition: u32,
+    sampler: &Sampler,
 ) -> Span {
+    let Some(context) = continued_trace(envelope, Some(sampler)) else {
+        return Span::none();
+    };
     let span = message_span!(
         None,
         "whizbang.receive",
+        envelope: envelope,
         otel.kind = "consumer",
         messaging.system = system,
         messaging.operation.type = "receive",
@@ -157,11 +218,12 @@ pub(crate) fn receive(
         otel.status_code = Empty,
         whizbang.partition = partition,
     );
-    continued(span, envelope)
+    continued(span, context)
 }
 
 /// The span of committing `count` received deliveries to the inbox and settling them, child of
-/// the receive span of the first of them (its trace; the others' traces are linked).
+/// the first recorded receive span among them (its trace; the other kept traces are linked);
+/// none when no delivery of the commit is in a kept trace.
 pub(crate) fn inbox_commit(
     system: &'static str,
     topic: &str,
@@ -169,6 +231,9 @@ pub(crate) fn inbox_commit(
     first: &Span,
     count: usize,
 ) -> Span {
+    if first.is_disabled() {
+        return Span::none();
+    }
     tracing::info_span!(
         target: "whizbang",
         parent: first,
@@ -184,10 +249,27 @@ pub(crate) fn inbox_commit(
     )
 }
 
-/// The span of one work batch of the coordinator (its own trace: a batch serves many
-/// messages; with `otel` it links the trace of each unit's first message).
-pub(crate) fn work_batch(units: usize, reports: usize, claims: bool) -> Span {
-    tracing::info_span!(
+/// The span of one work batch of the coordinator, recorded when the batch writes a unit of a
+/// kept trace: a trace of its own (a batch serves many messages), linked to the kept trace of
+/// each such unit's first message (`metadata`: those messages' metadata). A batch serving no
+/// kept trace records no span.
+pub(crate) fn work_batch<'a>(
+    units: usize,
+    reports: usize,
+    claims: bool,
+    metadata: impl Iterator<Item = &'a BTreeMap<String, String>>,
+) -> Span {
+    if !wanted() {
+        return Span::none();
+    }
+    let mut links = metadata.filter_map(|m| match kept_context(m) {
+        Kept::Trace(context) => Some(context),
+        Kept::Dropped | Kept::Absent => None,
+    });
+    let Some(first) = links.next() else {
+        return Span::none();
+    };
+    let span = tracing::info_span!(
         target: "whizbang",
         parent: None,
         "whizbang.work_batch",
@@ -197,7 +279,11 @@ pub(crate) fn work_batch(units: usize, reports: usize, claims: bool) -> Span {
         whizbang.claimed_outbox = Empty,
         whizbang.claimed_inbox = Empty,
         error.type = Empty,
-    )
+    );
+    for context in std::iter::once(first).chain(links) {
+        add_link(&span, context);
+    }
+    span
 }
 
 /// Runs `work` inside `span`; when nobody wants the span, just runs it.
@@ -209,15 +295,72 @@ pub(crate) async fn within<F: Future>(span: &Span, work: F) -> F::Output {
     }
 }
 
-/// `span` continuing the trace in `envelope`'s metadata, with its identity recorded.
-fn continued(span: Span, envelope: &Envelope) -> Span {
-    continue_trace(&span, &envelope.metadata);
-    record_envelope(&span, envelope);
+/// What a step with no parent span does with the context in `envelope`: `Some`: record a
+/// span (continuing that trace, or starting one at a source whose `sampler` keeps it now);
+/// `None`: record nothing (nobody wants the span, the trace was dropped at its source, or the
+/// message is in no trace and this step does not start one).
+fn continued_trace(envelope: &Envelope, source: Option<&Sampler>) -> Option<Option<Remote>> {
+    if !wanted() {
+        return None;
+    }
+    match kept_context(&envelope.metadata) {
+        Kept::Trace(context) => Some(Some(context)),
+        Kept::Dropped => None,
+        Kept::Absent => source.is_some_and(Sampler::keep).then_some(None),
+    }
+}
+
+/// `span` continuing `context` (none: a new trace).
+fn continued(span: Span, context: Option<Remote>) -> Span {
+    if let Some(context) = context {
+        set_remote_parent(&span, context);
+    }
     span
 }
 
-/// Records the identity of `envelope` on `span` (nothing when nobody wants the span).
-pub(crate) fn record_envelope(span: &Span, envelope: &Envelope) {
+/// Whether a subscriber wants the runtime's spans at all: one check of a cached interest, so
+/// that with telemetry off no trace context is read.
+fn wanted() -> bool {
+    tracing::enabled!(target: "whizbang", tracing::Level::INFO)
+}
+
+/// A trace context read from a message (an OpenTelemetry span context with `otel`).
+#[cfg(feature = "otel")]
+type Remote = opentelemetry::trace::SpanContext;
+/// Without `otel` no context is read: every step with spans wanted records one.
+#[cfg(not(feature = "otel"))]
+type Remote = ();
+
+/// The trace a message is in, as its metadata says.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+enum Kept {
+    /// A trace kept at its source (sampled flag set): its steps record spans.
+    Trace(Remote),
+    /// A trace dropped at its source (sampled flag clear): its steps record nothing.
+    Dropped,
+    /// No (well-formed) trace context.
+    Absent,
+}
+
+#[cfg(feature = "otel")]
+fn kept_context(metadata: &BTreeMap<String, String>) -> Kept {
+    match super::otel::parse(metadata) {
+        Some(context) if context.is_sampled() => Kept::Trace(context),
+        Some(_) => Kept::Dropped,
+        None => Kept::Absent,
+    }
+}
+
+/// Without `otel` every step records its span as a trace of its own (no context is read, see
+/// the module docs): the sampler decides only where a dispatch starts.
+#[cfg(not(feature = "otel"))]
+fn kept_context(_: &BTreeMap<String, String>) -> Kept {
+    Kept::Trace(())
+}
+
+/// Records the identity of `envelope` and its `partition` on the dispatch span (nothing when
+/// nobody wants it).
+pub(crate) fn record_dispatch(span: &Span, envelope: &Envelope, partition: u32) {
     if span.is_disabled() {
         return;
     }
@@ -229,17 +372,24 @@ pub(crate) fn record_envelope(span: &Span, envelope: &Envelope) {
     if let Some(cause) = &envelope.causation_id {
         span.record("whizbang.causation_id", display(cause));
     }
-    span.record("whizbang.message_type", envelope.message_type.as_str());
     span.record("whizbang.stream_id", envelope.stream_id.as_str());
+    span.record("whizbang.partition", partition);
 }
 
-/// Makes the trace context in `metadata` the parent of `span` (with `otel`; nothing without:
-/// see the module docs). Call before the span is first entered.
-pub(crate) fn continue_trace(span: &Span, metadata: &BTreeMap<String, String>) {
+/// Makes `context` the parent of `span` (call before the span is first entered).
+fn set_remote_parent(span: &Span, context: Remote) {
     #[cfg(feature = "otel")]
-    super::otel::continue_trace(span, metadata);
+    super::otel::set_remote_parent(span, context);
     #[cfg(not(feature = "otel"))]
-    let _ = (span, metadata);
+    let _ = (span, context);
+}
+
+/// Links `context` to `span`.
+fn add_link(span: &Span, context: Remote) {
+    #[cfg(feature = "otel")]
+    super::otel::add_link(span, context);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, context);
 }
 
 /// Writes `span`'s trace context into `metadata`, for the messages that carry the trace on
@@ -251,10 +401,135 @@ pub(crate) fn stamp(span: &Span, metadata: &mut BTreeMap<String, String>) {
     let _ = (span, metadata);
 }
 
-/// Links the trace context in `metadata` to `span` (with `otel`; nothing without).
+/// Links the kept trace in `metadata` to `span` (with `otel`; nothing without).
 pub(crate) fn link(span: &Span, metadata: &BTreeMap<String, String>) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Kept::Trace(context) = kept_context(metadata) {
+        add_link(span, context);
+    }
+}
+
+/// The runtime's head sampler: whether a trace the runtime would start now is kept. Asked
+/// only where a trace starts (a dispatch with no caller span, a delivery or a request-scope
+/// command with no trace context); every later step follows the decision written in the
+/// message's `traceparent` (or its absence), so a dropped call records no span anywhere and
+/// a kept one records all of its spans, in every service.
+///
+/// A trace is kept with probability `telemetry.tracing.sample_ratio`, and at most
+/// `telemetry.tracing.max_traces_per_second` are started per second by this runtime (0: no
+/// cap). Without `otel` there are no traces to sample: every dispatch records its span.
+#[derive(Clone, Debug)]
+pub(crate) struct Sampler(Arc<SamplerState>);
+
+#[derive(Debug)]
+struct SamplerState {
+    /// A trace is kept when a random `u64` is below this (`u64::MAX`: always).
+    threshold: u64,
+    /// The cap per second (0: none).
+    per_second: u32,
+    /// The start of the seconds counted.
+    epoch: Instant,
+    /// The second (since `epoch`) that `started` counts.
+    second: AtomicU64,
+    /// Traces started (or refused for the cap) in `second`.
+    started: AtomicU32,
+}
+
+impl Sampler {
+    /// The sampler of `[telemetry.tracing]`.
+    pub(crate) fn new(settings: &TracingSettings) -> Sampler {
+        let ratio = settings.sample_ratio.clamp(0.0, 1.0);
+        let threshold = if ratio >= 1.0 {
+            u64::MAX
+        } else {
+            // `as` saturates; 0.0 keeps nothing (a random u64 is never below 0).
+            (ratio * u64::MAX as f64) as u64
+        };
+        Sampler(Arc::new(SamplerState {
+            threshold,
+            per_second: settings.max_traces_per_second,
+            epoch: Instant::now(),
+            second: AtomicU64::new(0),
+            started: AtomicU32::new(0),
+        }))
+    }
+
+    /// Whether to start a trace now.
+    pub(crate) fn keep(&self) -> bool {
+        if !cfg!(feature = "otel") {
+            return true;
+        }
+        let state = &*self.0;
+        if state.threshold != u64::MAX && random() >= state.threshold {
+            return false;
+        }
+        if state.per_second == 0 {
+            return true;
+        }
+        // A budget per whole second; the reset may race with another thread's count, which
+        // costs at most a few traces more or less in that second.
+        let now = state.epoch.elapsed().as_secs();
+        if state.second.load(Ordering::Relaxed) != now
+            && state.second.swap(now, Ordering::Relaxed) != now
+        {
+            state.started.store(0, Ordering::Relaxed);
+        }
+        state.started.fetch_add(1, Ordering::Relaxed) < state.per_second
+    }
+}
+
+/// A random `u64` from a per-thread xorshift generator (sampling needs no cryptographic
+/// quality, and a shared generator would be contended).
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let seed = RandomState::new().hash_one(std::thread::current().id());
+            seed | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(ratio: f64, per_second: u32) -> Sampler {
+        Sampler::new(&TracingSettings {
+            sample_ratio: ratio,
+            max_traces_per_second: per_second,
+            ..TracingSettings::default()
+        })
+    }
+
     #[cfg(feature = "otel")]
-    super::otel::link(span, metadata);
-    #[cfg(not(feature = "otel"))]
-    let _ = (span, metadata);
+    #[test]
+    fn the_ratio_keeps_about_its_share() {
+        let kept = |s: &Sampler| (0..100_000).filter(|_| s.keep()).count();
+        assert_eq!(kept(&sampler(1.0, 0)), 100_000);
+        assert_eq!(kept(&sampler(0.0, 0)), 0);
+        let tenth = kept(&sampler(0.1, 0));
+        assert!((9_000..11_000).contains(&tenth), "{tenth}");
+    }
+
+    #[cfg(feature = "otel")]
+    #[test]
+    fn the_cap_bounds_the_traces_started_per_second() {
+        let s = sampler(1.0, 50);
+        // Well within one second (the count restarts when the second turns).
+        let started = Instant::now();
+        let kept = (0..1_000).filter(|_| s.keep()).count();
+        if started.elapsed() < std::time::Duration::from_millis(900) {
+            assert!((50..=100).contains(&kept), "{kept}");
+        }
+    }
 }

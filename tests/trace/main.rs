@@ -241,3 +241,106 @@ async fn one_trace_runs_from_the_order_command_through_the_broker_into_the_inven
     drop(exporter);
     result
 }
+
+/// The exported spans whose `whizbang.stream_id` is `stream`.
+fn spans_of_stream(stream: &str) -> Vec<SpanData> {
+    exporter()
+        .get_finished_spans()
+        .expect("the in-memory exporter answers")
+        .into_iter()
+        .filter(|s| text(s, "whizbang.stream_id") == stream)
+        .collect()
+}
+
+/// A `local_invoke` of `CreateOrder` for `order_id` with no caller span; answers its stream.
+async fn order(runtime: &Runtime, order_id: String) -> anyhow::Result<String> {
+    let created: OrderCreated = runtime
+        .local_invoke::<CreateOrder, OrderCreated>(CreateOrder {
+            order_id: order_id.clone(),
+            customer_id: "c-1".into(),
+            lines: vec![line("GIZMO", 1, 450)],
+        })
+        .await?;
+    assert_eq!(created.order_id, order_id);
+    Ok(format!("order-{order_id}"))
+}
+
+/// Head sampling (`telemetry.tracing.sample_ratio`, `max_traces_per_second`) is decided once,
+/// where the trace starts: a dropped call records no span at any step, a kept one all of them,
+/// and a call inside a caller's recorded span follows the caller whatever the sampler says.
+#[actix::test]
+async fn a_trace_is_kept_or_dropped_whole_where_it_starts() -> anyhow::Result<()> {
+    exporter();
+    let id = Uuid::now_v7().simple().to_string();
+    let start = |ratio: f64, per_second: u32| {
+        let mut config = config("sampled-service");
+        config.telemetry.tracing.sample_ratio = ratio;
+        config.telemetry.tracing.max_traces_per_second = per_second;
+        Runtime::builder(config)
+            .receptor::<CreateOrder, _>(CreateOrderReceptor::standard())
+            .perspective::<OrderCreated, _>("inventory", Inventory::default())
+            .start()
+    };
+    let full_trace = |stream: &str| {
+        let spans = spans_of_stream(stream);
+        let names: Vec<_> = spans.iter().map(|s| s.name.to_string()).collect();
+        [
+            "whizbang.dispatch",
+            "whizbang.receptor",
+            "whizbang.perspective",
+        ]
+        .iter()
+        .all(|n| names.iter().any(|m| m == n))
+            && spans
+                .iter()
+                .all(|s| s.span_context.trace_id() == spans[0].span_context.trace_id())
+    };
+
+    // sample_ratio 0: a call on its own starts no trace; inside a caller's span it follows it.
+    let never = start(0.0, 0).await?;
+    let dropped = order(&never, format!("dropped-{id}")).await?;
+    let request = tracing::info_span!(target: "trace", "POST /orders");
+    let followed = order(&never, format!("followed-{id}"))
+        .instrument(request.clone())
+        .await?;
+    drop(request);
+    // The calls run one after the other, so once the second's spans are exported the first's
+    // would have been too.
+    wait_until("the followed call's spans to be exported", || {
+        full_trace(&followed)
+    })
+    .await?;
+    assert!(
+        spans_of_stream(&dropped).is_empty(),
+        "a dropped call recorded spans: {:?}",
+        spans_of_stream(&dropped)
+            .iter()
+            .map(|s| &s.name)
+            .collect::<Vec<_>>()
+    );
+    never.shutdown().await?;
+
+    // max_traces_per_second 3: of 30 calls in a row at most 3 a second start a trace, each
+    // with all its spans; the others record none.
+    let capped = start(1.0, 3).await?;
+    let started = std::time::Instant::now();
+    let mut streams = Vec::new();
+    for n in 0..30 {
+        streams.push(order(&capped, format!("capped-{n}-{id}")).await?);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    capped.shutdown().await?;
+    let kept: Vec<_> = streams
+        .iter()
+        .filter(|s| !spans_of_stream(s).is_empty())
+        .collect();
+    assert!(
+        !kept.is_empty() && kept.len() as u64 <= 3 * seconds,
+        "{} of 30 calls kept in {seconds} s",
+        kept.len()
+    );
+    for stream in kept {
+        wait_until("a kept call's trace to be whole", || full_trace(stream)).await?;
+    }
+    Ok(())
+}

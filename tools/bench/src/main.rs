@@ -521,6 +521,7 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
         return Err("telemetry on, yet the runtime's info spans are not enabled".into());
     }
     let traced = core_runtime(&args, Balances::default()).await?;
+    let tracing_settings = traced.config().telemetry.tracing.clone();
     throughput(&traced, streams, callers, args.warmup.div_ceil(callers)).await?;
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.telemetry_rounds.max(1) {
@@ -591,6 +592,12 @@ async fn core(args: CoreArgs) -> BenchResult<()> {
         format!("{:.3}", ratios.percentile(100.0)),
     );
     figure("telemetry_spans_exported", telemetry.spans_exported());
+    // The head sampler the "on" side ran with ([telemetry.tracing] of the configuration).
+    figure("telemetry_sample_ratio", tracing_settings.sample_ratio);
+    figure(
+        "telemetry_max_traces_per_second",
+        tracing_settings.max_traces_per_second,
+    );
     figure("telemetry_metric_lines", telemetry.metric_lines());
     Ok(())
 }
