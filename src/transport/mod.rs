@@ -147,4 +147,9 @@ pub trait Subscription: Send {
 
     /// Settles one delivery; called only after its inbox row is committed (or for poison).
     async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError>;
+
+    /// Gives the subscription up. The deliveries it has not settled go back to the broker
+    /// ahead of everything after them, before another receiver (a standby of the same shard)
+    /// is handed anything. Dropping a subscription gives them back too, without that promise.
+    async fn close(self: Box<Self>) {}
 }

@@ -433,3 +433,50 @@ async fn a_rejected_delivery_lands_in_the_dead_letter_queue() -> anyhow::Result<
     runtime.shutdown().await?;
     Ok(())
 }
+
+/// A receiver that goes away holding deliveries it has not settled (its instance stopped, or an
+/// inbox commit failed) gives them back ahead of everything after them: the standby that the
+/// broker activates next receives them first. On RabbitMQ a detached link's unsettled
+/// deliveries stay with its session until that ends, while the next consumer is activated at
+/// the detach: a link detached before its connection closed let the standby receive later
+/// messages first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_closed_with_unsettled_deliveries_gives_them_back_first() -> anyhow::Result<()> {
+    let _broker = require_broker().await?;
+    let topic = unique("giveback");
+    let _topology = Topology::declare(&[(&topic, &["inventory/1"])])?;
+    let stream = "gb-1";
+    let mut sender = PlainSender::open(&topic).await?;
+    for seq in 1..=6 {
+        sender.send(&Bumped::new(stream, seq)).await?;
+    }
+    sender.close().await;
+    let mut config = amqp_transport_config();
+    config.amqp.shards = 1;
+    let a = whizbang::transport::amqp::AmqpTransport::from_config(&config, "giveback-a")?;
+    let b = whizbang::transport::amqp::AmqpTransport::from_config(&config, "giveback-b")?;
+    use whizbang::transport::Transport as _;
+    let mut first = a.subscribe_receiver(&topic, "inventory", 0, 2).await?;
+    let held = tokio::time::timeout(DEADLINE, first.receive(2)).await??;
+    anyhow::ensure!(!held.is_empty(), "the active receiver got deliveries");
+    let mut standby = b.subscribe_receiver(&topic, "inventory", 0, 10).await?;
+    // Its unsettled deliveries go back as it closes; the standby takes over.
+    first.close().await;
+    let mut seqs = Vec::new();
+    while seqs.len() < 6 {
+        for d in tokio::time::timeout(DEADLINE, standby.receive(10)).await?? {
+            let envelope = d.message.map_err(|e| anyhow::anyhow!("{}", e.reason))?;
+            let event: Bumped = whizbang::message::decode(&envelope.payload)?;
+            seqs.push(event.seq);
+            standby
+                .settle(d.tag, whizbang::transport::Settlement::Accept)
+                .await?;
+        }
+    }
+    anyhow::ensure!(
+        seqs == (1..=6).collect::<Vec<_>>(),
+        "the standby received {seqs:?}"
+    );
+    standby.close().await;
+    Ok(())
+}
