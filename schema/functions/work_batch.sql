@@ -105,7 +105,6 @@ DECLARE
     v_claimed_id uuid[];
     v_claimed_gen bigint[];
     v_taken integer[] := '{}';
-    v_fresh uuid[];
 BEGIN
     -- The writer's new rows go into partitions it leases (below) without locking each lease
     -- row; this shared lock is what the heartbeat's exclusive one waits for before it gives up
@@ -523,13 +522,15 @@ BEGIN
              WHERE inbox AND NOT (u = ANY (v_conflicts));
         END IF;
         IF v_count > 0 THEN
-            -- The dedup keys go first, in a statement of their own. A key that another
-            -- transaction holds uncommitted (another instance storing the same redelivered
-            -- message) is waited for here, and the claims below are decided by the next
-            -- statement, on a snapshot taken after that wait: one that sees the other
-            -- instance's row. Decided in this statement, they read the snapshot from before the
-            -- wait, missed that earlier row of the stream and leased a later one to the writer
-            -- ahead of it (tests/it/postgres/inbox_order.rs).
+            -- One statement: the inbox insert reads the dedup insert's answer. A dedup key that
+            -- another transaction holds uncommitted (another instance storing the same redelivered
+            -- message) is waited for, but the rest of the statement keeps the snapshot from
+            -- before the wait: it cannot see that instance's row of the message. So a row whose
+            -- stream has a duplicate earlier in this batch is not leased to the writer (the
+            -- duplicate's own row may be another's claim, or not claimed yet); it is claimed in
+            -- order with the rest. Before, the next row of such a stream was leased to the
+            -- writer ahead of the other instance's row (tests/it/postgres/inbox_order.rs).
+            RETURN QUERY
             WITH m AS (
                 SELECT t.*, min(t.ord) OVER (PARTITION BY t.id) AS first_ord
                   FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_corr, m_cause, m_type, m_ts,
@@ -542,20 +543,19 @@ BEGIN
                 SELECT id, corr FROM m WHERE ord = first_ord ORDER BY ord
                     ON CONFLICT (message_id) DO NOTHING
                 RETURNING message_id
-            )
-            SELECT coalesce(array_agg(fresh.message_id), '{}') INTO v_fresh FROM fresh;
-            RETURN QUERY
-            WITH m AS (
-                SELECT t.*, min(t.ord) OVER (PARTITION BY t.id) AS first_ord
-                  FROM unnest(m_unit, m_id, m_kind, m_stream, m_part, m_corr, m_cause, m_type, m_ts,
-                              m_meta, m_payload, m_inbox)
-                       WITH ORDINALITY AS t(u, id, kind, stream, part, corr, cause, typ, ts, meta, payload, inbox, ord)
-                 WHERE t.inbox AND NOT (t.u = ANY (v_conflicts))
+            ),
+            first_dup AS (
+                SELECT m.stream, min(m.ord) AS ord
+                  FROM m
+                 WHERE m.ord <> m.first_ord OR m.id NOT IN (SELECT message_id FROM fresh)
+                 GROUP BY m.stream
             ),
             firsts AS (
-                SELECT m.*, CASE WHEN v_gen[m.ord] > 0 THEN v_gen[m.ord] END AS lease_gen
+                SELECT m.*, CASE WHEN v_gen[m.ord] > 0 AND (d.ord IS NULL OR d.ord > m.ord)
+                                 THEN v_gen[m.ord] END AS lease_gen
                   FROM m
-                 WHERE m.ord = m.first_ord AND m.id = ANY (v_fresh)
+                  LEFT JOIN first_dup d ON d.stream = m.stream
+                 WHERE m.ord = m.first_ord AND m.id IN (SELECT message_id FROM fresh)
             ),
             decided AS (
                 SELECT f.*, CASE WHEN h.held IS NULL THEN f.lease_gen END AS gen
@@ -579,7 +579,7 @@ BEGIN
             SELECT 'dup', m.u, m.id, NULL::text, NULL::bigint, NULL::bigint, NULL::integer, NULL::bigint,
                    NULL::integer, NULL::text, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::bigint,
                    NULL::bytea, NULL::bytea
-              FROM m WHERE m.ord <> m.first_ord OR NOT (m.id = ANY (v_fresh))
+              FROM m WHERE m.ord <> m.first_ord OR m.id NOT IN (SELECT message_id FROM fresh)
             UNION ALL
             SELECT 'wclaim_i', NULL::integer, ins.message_id, NULL::text, NULL::bigint, NULL::bigint,
                    ins.partition, ins.claimed_generation, NULL::integer, NULL::text, NULL::uuid,
