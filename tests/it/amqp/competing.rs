@@ -304,7 +304,16 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
             wait_until("a third of the events to be applied", || {
                 log.len() >= total / 3
             })
-            .await?;
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}: {} of {total} applied ({:?}), first instance active on {} shards, second on {}",
+                    log.len(),
+                    log.by_instance(),
+                    first.active_shards(),
+                    second.active_shards()
+                )
+            })?;
             // Mid-stream: the sender is still sending, and deliveries are in flight at the
             // first instance (received, being committed, or applied and not yet completed).
             anyhow::ensure!(
