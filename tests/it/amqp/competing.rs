@@ -310,7 +310,7 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
                     "{e}: {} of {total} applied ({:?}), first instance active on {} shards, second on {}",
                     log.len(),
                     log.by_instance(),
-                    first.active_shards(),
+                    first.as_ref().map_or(0, |r| r.active_shards()),
                     second.active_shards()
                 )
             })?;
