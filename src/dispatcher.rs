@@ -454,7 +454,7 @@ impl Dispatcher {
                         rx.await.map_err(gone)?
                     };
                     match once_per_key(keys, store, keyed, run).await? {
-                        KeyedAnswer::Ran(outcome) => typed_result::<C, R>(outcome).await,
+                        KeyedAnswer::Ran(outcome) => typed_result::<C, R>(outcome),
                         KeyedAnswer::Replayed(outcome, _) => {
                             replayed_result::<C, R>(&registry, &engine.awaits(), outcome).await
                         }
@@ -465,7 +465,7 @@ impl Dispatcher {
         let (_, queue, rx) = self.run_locally(msg.command, msg.options, true, None, span);
         self.admit(C::TYPE_NAME, deadline, move || {
             queue();
-            Box::pin(async move { typed_result::<C, R>(rx.await.map_err(gone)??).await })
+            Box::pin(async move { typed_result::<C, R>(rx.await.map_err(gone)??) })
         })
     }
 }
@@ -476,11 +476,9 @@ fn keyed_command<C: Command>(key: String, command: &C) -> Result<Keyed, Dispatch
     Ok(Keyed::new(key, C::TYPE_NAME, &payload))
 }
 
-/// A handled command's typed result, once the perspectives of its events have run.
-async fn typed_result<C: Command, R: 'static>(outcome: CommandOutcome) -> Result<R, DispatchError> {
-    for applied in outcome.applied {
-        applied.await.map_err(gone)??;
-    }
+/// A handled command's typed result. The partition answers once the perspectives of its
+/// events have run (see `partition::applied`), so nothing is left to wait for here.
+fn typed_result<C: Command, R: 'static>(outcome: CommandOutcome) -> Result<R, DispatchError> {
     downcast_result::<C, R>(outcome.result)
 }
 
