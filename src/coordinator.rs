@@ -137,6 +137,10 @@ pub struct Coordinator {
     /// Tells the supervisor when this actor ends (see `supervision`).
     _lifeline: Lifeline,
     shutdown_reply: Option<oneshot::Sender<Result<(), DispatchError>>>,
+    /// A heartbeat is running: the next beat is skipped rather than started beside it. Beats
+    /// that overlap (a heartbeat slower than its interval, on a loaded server) queue on the
+    /// instance's liveness lock, each holding a pooled connection, until no batch gets one.
+    beating: bool,
     /// Instances of this service the last heartbeat saw alive (this one included), read by the
     /// consumers that balance shard queues over the instances.
     live_instances: Arc<AtomicU32>,
@@ -191,6 +195,7 @@ impl Coordinator {
             publisher: links.publisher,
             stopped: false,
             shutdown_reply: None,
+            beating: false,
             live_instances: links.live_instances,
             held_partitions: Vec::new(),
             health: links.health,
@@ -873,39 +878,57 @@ impl Actor for Coordinator {
             act.check_remote_waiters(ctx);
         });
         ctx.run_interval(s.heartbeat_interval, |act, ctx| {
+            if act.beating {
+                return;
+            }
+            act.beating = true;
             let store = act.store.clone();
             let instance = act.instance;
             ctx.spawn(
                 async move { store.heartbeat(instance).await }
                     .into_actor(act)
-                    .map(|result, act, ctx| match result {
-                        Ok(hb) if !hb.released.is_empty() => {
-                            act.heartbeat_seen(&hb, ctx);
-                            act.health.heartbeat_ok();
-                            act.live_instances
-                                .store(hb.live_instances.max(1), Ordering::Relaxed);
-                            tracing::debug!(
-                                released = hb.released.len(),
-                                held = hb.held_partitions.len(),
-                                live = hb.live_instances,
-                                "heartbeat released partitions"
-                            );
-                        }
-                        Ok(hb) => {
-                            act.heartbeat_seen(&hb, ctx);
-                            act.health.heartbeat_ok();
-                            act.live_instances
-                                .store(hb.live_instances.max(1), Ordering::Relaxed)
-                        }
-                        Err(e) => {
-                            act.health.store_failed();
-                            tracing::warn!(error = %e, "heartbeat failed")
-                        }
+                    .map(|result, act, ctx| {
+                        act.beating = false;
+                        act.heartbeat_done(result, ctx)
                     }),
             );
         });
         self.arm_work_signal(ctx, self.store.work_signal());
         self.flush(ctx);
+    }
+}
+
+impl Coordinator {
+    /// Takes in what a heartbeat answered.
+    fn heartbeat_done(
+        &mut self,
+        result: Result<Heartbeat, crate::store::StoreError>,
+        ctx: &mut Context<Self>,
+    ) {
+        match result {
+            Ok(hb) if !hb.released.is_empty() => {
+                self.heartbeat_seen(&hb, ctx);
+                self.health.heartbeat_ok();
+                self.live_instances
+                    .store(hb.live_instances.max(1), Ordering::Relaxed);
+                tracing::debug!(
+                    released = hb.released.len(),
+                    held = hb.held_partitions.len(),
+                    live = hb.live_instances,
+                    "heartbeat released partitions"
+                );
+            }
+            Ok(hb) => {
+                self.heartbeat_seen(&hb, ctx);
+                self.health.heartbeat_ok();
+                self.live_instances
+                    .store(hb.live_instances.max(1), Ordering::Relaxed)
+            }
+            Err(e) => {
+                self.health.store_failed();
+                tracing::warn!(error = %e, "heartbeat failed")
+            }
+        }
     }
 }
 

@@ -47,6 +47,7 @@ mod contract {
     mod deferred_completions;
     mod failures;
     mod handler_timeout;
+    mod heartbeats;
     mod idempotency;
     mod inbox_dedup;
     mod lost_answers;

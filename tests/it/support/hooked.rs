@@ -1,6 +1,7 @@
-//! A memory store whose work batches go through a test's hook (delay them, fail them, lose their
-//! answers): a stand-in for a database whose replies are slow or lost. Every other call goes
-//! straight to the memory store; the hook must not touch anything but the batch it is given.
+//! A memory store whose work batches and heartbeats go through a test's hook (delay them, fail
+//! them, lose their answers): a stand-in for a database whose replies are slow or lost. Every
+//! other call goes straight to the memory store; the hook must not touch anything but the batch
+//! or heartbeat it is given.
 
 use uuid::Uuid;
 use whizbang::Config;
@@ -15,6 +16,15 @@ pub trait BatchHook: Send + Sync + 'static {
         instance: Uuid,
         batch: whizbang::store::WorkBatch,
     ) -> Result<whizbang::store::WorkBatchResult, whizbang::store::StoreError>;
+
+    /// Runs a heartbeat (straight through unless a test wants it slow).
+    async fn heartbeat(
+        &self,
+        inner: &whizbang::store::memory::MemoryStore,
+        instance: Uuid,
+    ) -> Result<whizbang::store::Heartbeat, whizbang::store::StoreError> {
+        whizbang::store::Store::heartbeat(inner, instance).await
+    }
 }
 
 /// A memory store whose work batches go through `hook`: a stand-in for a database whose
@@ -49,7 +59,7 @@ impl<H: BatchHook> whizbang::store::Store for HookedStore<H> {
         &self,
         instance: Uuid,
     ) -> Result<whizbang::store::Heartbeat, whizbang::store::StoreError> {
-        self.inner.heartbeat(instance).await
+        self.hook.heartbeat(&self.inner, instance).await
     }
     async fn process_work_batch(
         &self,
