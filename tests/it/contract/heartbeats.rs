@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 use whizbang::store::memory::MemoryStore;
-use whizbang::store::{Heartbeat, StoreError, WorkBatch, WorkBatchResult};
+use whizbang::store::{Heartbeat, StoreError};
 
 /// Makes every heartbeat take three heartbeat intervals, and counts how many run at once.
 #[derive(Default)]
@@ -21,15 +21,6 @@ const SLOW_BEAT: Duration = Duration::from_secs(3);
 
 #[async_trait::async_trait]
 impl BatchHook for SlowBeats {
-    async fn process(
-        &self,
-        inner: &MemoryStore,
-        instance: Uuid,
-        batch: WorkBatch,
-    ) -> Result<WorkBatchResult, StoreError> {
-        whizbang::store::Store::process_work_batch(inner, instance, batch).await
-    }
-
     async fn heartbeat(
         &self,
         inner: &MemoryStore,

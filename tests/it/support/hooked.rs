@@ -10,12 +10,15 @@ use whizbang::Config;
 /// other call goes straight to the memory store.
 #[async_trait::async_trait]
 pub trait BatchHook: Send + Sync + 'static {
+    /// Runs a work batch (straight through unless a test wants it changed).
     async fn process(
         &self,
         inner: &whizbang::store::memory::MemoryStore,
         instance: Uuid,
         batch: whizbang::store::WorkBatch,
-    ) -> Result<whizbang::store::WorkBatchResult, whizbang::store::StoreError>;
+    ) -> Result<whizbang::store::WorkBatchResult, whizbang::store::StoreError> {
+        whizbang::store::Store::process_work_batch(inner, instance, batch).await
+    }
 
     /// Runs a heartbeat (straight through unless a test wants it slow).
     async fn heartbeat(
