@@ -138,8 +138,16 @@ BEGIN
     IF cardinality(v_want) = 0 THEN
         RETURN;
     END IF;
-    SELECT p_max - count(*) INTO v_room
-      FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+    -- p_max at the largest integer means no limit: the caller passes it when the instance may
+    -- hold every partition (partitions.max_partitions_per_instance >= partition_count), so the
+    -- limit cannot bind. The count is then skipped: it reads every lease the instance holds,
+    -- thousands of rows on each call while an instance alone leases its partitions.
+    IF p_max = 2147483647 THEN
+        v_room := cardinality(v_want);
+    ELSE
+        SELECT p_max - count(*) INTO v_room
+          FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+    END IF;
     -- Giving up an idle partition is safe only while no other batch of this instance is
     -- writing rows (still invisible here) into it: they hold the shared lock.
     IF cardinality(v_want) > v_room
