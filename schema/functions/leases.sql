@@ -24,7 +24,12 @@
 -- that is alive but stalled or cut off: its connections stay open, so its lock stays held.
 --
 -- Every function here runs generic plans (planned once per connection, not per call), with
--- sequential scans off: see work_batch.sql for why both.
+-- sequential scans off: see work_batch.sql for why both. And with JIT off: a sequential scan
+-- that is still the only path (the heartbeat's look at wb_instances, which has no index on
+-- last_seen) is costed above jit_above_cost once sequential scans are off, so the heartbeat,
+-- called on its own rather than from a batch function that already turned JIT off, compiled
+-- such statements on every call: 0.6-0.7 s per heartbeat in whizbang-bench http, all of it
+-- holding the instance's exclusive lock, so every writing batch of the instance waited.
 
 -- The key of an instance's advisory lock (per schema: instances of services in other schemas
 -- never wait for each other).
@@ -59,7 +64,7 @@ $$;
 -- each lock once per session (a second take would need a second release).
 CREATE OR REPLACE FUNCTION {{schema}}.wb_take_liveness(p_instances uuid[]) RETURNS void
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_held uuid[];
 BEGIN
@@ -101,7 +106,7 @@ $$;
 CREATE OR REPLACE FUNCTION {{schema}}.wb_acquire(
     p_instance uuid, p_parts integer[], p_lease_s double precision, p_max integer
 ) RETURNS void LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_want integer[];
     v_room integer;
@@ -206,7 +211,7 @@ CREATE OR REPLACE FUNCTION {{schema}}.wb_heartbeat(
     p_grace_s double precision DEFAULT 10
 ) RETURNS TABLE (live_instances integer, held integer[], released integer[], taken_over integer[])
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_live integer;
     v_total integer;
