@@ -24,7 +24,12 @@
 -- that is alive but stalled or cut off: its connections stay open, so its lock stays held.
 --
 -- Every function here runs generic plans (planned once per connection, not per call), with
--- sequential scans off: see work_batch.sql for why both.
+-- sequential scans off: see work_batch.sql for why both. And with JIT off: a sequential scan
+-- that is still the only path (the heartbeat's look at wb_instances, which has no index on
+-- last_seen) is costed above jit_above_cost once sequential scans are off, so the heartbeat,
+-- called on its own rather than from a batch function that already turned JIT off, compiled
+-- such statements on every call: 0.6-0.7 s per heartbeat in whizbang-bench http, all of it
+-- holding the instance's exclusive lock, so every writing batch of the instance waited.
 
 -- The key of an instance's advisory lock (per schema: instances of services in other schemas
 -- never wait for each other).
@@ -59,7 +64,7 @@ $$;
 -- each lock once per session (a second take would need a second release).
 CREATE OR REPLACE FUNCTION {{schema}}.wb_take_liveness(p_instances uuid[]) RETURNS void
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_held uuid[];
 BEGIN
@@ -101,7 +106,7 @@ $$;
 CREATE OR REPLACE FUNCTION {{schema}}.wb_acquire(
     p_instance uuid, p_parts integer[], p_lease_s double precision, p_max integer
 ) RETURNS void LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_want integer[];
     v_room integer;
@@ -138,8 +143,16 @@ BEGIN
     IF cardinality(v_want) = 0 THEN
         RETURN;
     END IF;
-    SELECT p_max - count(*) INTO v_room
-      FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+    -- p_max at the largest integer means no limit: the caller passes it when the instance may
+    -- hold every partition (partitions.max_partitions_per_instance >= partition_count), so the
+    -- limit cannot bind. The count is then skipped: it reads every lease the instance holds,
+    -- thousands of rows on each call while an instance alone leases its partitions.
+    IF p_max = 2147483647 THEN
+        v_room := cardinality(v_want);
+    ELSE
+        SELECT p_max - count(*) INTO v_room
+          FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+    END IF;
     -- Giving up an idle partition is safe only while no other batch of this instance is
     -- writing rows (still invisible here) into it: they hold the shared lock.
     IF cardinality(v_want) > v_room
@@ -198,7 +211,7 @@ CREATE OR REPLACE FUNCTION {{schema}}.wb_heartbeat(
     p_grace_s double precision DEFAULT 10
 ) RETURNS TABLE (live_instances integer, held integer[], released integer[], taken_over integer[])
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+SET plan_cache_mode = force_generic_plan SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_live integer;
     v_total integer;

@@ -119,11 +119,14 @@ BEGIN
     -- Published outbox rows only (what a writer's own publisher reports): one DELETE, fenced
     -- row by row; the reports it did not apply are looked for only when there are some.
     WITH done AS (
-        -- The lease joined: the same fence as a look-up per row, with fewer plan nodes.
+        -- The lease looked up by primary key, row by row (a scalar subquery): joined, the
+        -- generic plan (made while the lease table was small) read all of the instance's
+        -- leases into a hash on every call, whose cost grew with the partitions it holds.
         DELETE FROM {{schema}}.wb_outbox o
-         USING unnest(r_id, r_part, r_gen) AS t(id, part, gen), {{schema}}.wb_partition_leases l
+         USING unnest(r_id, r_part, r_gen) AS t(id, part, gen)
          WHERE o.message_id = t.id AND o.claimed_by = p_instance AND o.claimed_generation = t.gen
-           AND l.partition = t.part AND l.instance_id = p_instance AND l.generation = t.gen
+           AND (SELECT l.generation FROM {{schema}}.wb_partition_leases l
+                 WHERE l.partition = t.part AND l.instance_id = p_instance) = t.gen
         RETURNING o.message_id
     )
     SELECT array_agg(done.message_id) INTO v_done FROM done;
@@ -610,8 +613,13 @@ BEGIN
     END IF;
     IF p_claim_outbox > 0 OR p_claim_inbox > 0 THEN
         -- At the maximum, wb_acquire trades idle partitions of this instance for busy ones.
-        SELECT greatest(p_max_partitions - count(*), 16) INTO v_room
-          FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+        -- (p_max_partitions at the largest integer: no limit, see wb_acquire; not counted.)
+        IF p_max_partitions = 2147483647 THEN
+            v_room := p_max_partitions;
+        ELSE
+            SELECT greatest(p_max_partitions - count(*), 16) INTO v_room
+              FROM {{schema}}.wb_partition_leases WHERE instance_id = p_instance;
+        END IF;
         IF v_room > 0 THEN
             v_parts := {{schema}}.wb_unheld_partitions_with_work(v_room);
             IF cardinality(v_parts) > 0 THEN

@@ -39,7 +39,9 @@ pub type InstanceId = Uuid;
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     /// How many partitions streams are hashed into (`partitions.partition_count`). Rows come
-    /// with their partition already computed; the stores do not read this.
+    /// with their partition already computed; the stores read this only to tell whether
+    /// `max_partitions_per_instance` can bind (the Postgres store skips counting an
+    /// instance's leases when it cannot).
     pub partition_count: u32,
     /// Most partitions one instance leases at once (`partitions.max_partitions_per_instance`).
     pub max_partitions_per_instance: u32,

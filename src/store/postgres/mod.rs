@@ -310,7 +310,13 @@ impl PostgresStore {
         let mut a = BatchArrays::of(&batch, &mut positions);
         let s = &self.settings;
         let lease = s.lease.as_secs_f64();
-        let max_partitions = s.max_partitions_per_instance as i32;
+        // A maximum the instance cannot reach (every partition) is sent as no limit
+        // (`i32::MAX`): wb_acquire then skips counting the leases it holds (see leases.sql).
+        let max_partitions = if s.max_partitions_per_instance >= s.partition_count {
+            i32::MAX
+        } else {
+            s.max_partitions_per_instance as i32
+        };
         let max_attempts = s.max_attempts as i32;
         let base = s.backoff_base.as_millis() as i64;
         let cap = s.backoff_max.as_millis() as i64;
@@ -635,7 +641,10 @@ impl Store for PostgresStore {
              RETURNING read_model, message_id"
         );
         // The completions, fenced as the work batch fences them (the lease still this
-        // instance's, at the generation the row was claimed with).
+        // instance's, at the generation the row was claimed with). The lease is looked up by
+        // primary key, row by row: joined, the generic plan hashed all of the instance's
+        // leases on every call (most of this statement's cost with thousands of partitions
+        // held).
         let completes: Vec<&WorkRef> = work.iter().filter_map(|w| w.completes.as_ref()).collect();
         let c_ids: Vec<Uuid> = completes.iter().map(|w| w.message_id).collect();
         let c_parts: Vec<i32> = completes.iter().map(|w| w.partition as i32).collect();
@@ -643,10 +652,10 @@ impl Store for PostgresStore {
         let complete = format!(
             "WITH done AS (
                 DELETE FROM {s}.wb_inbox i
-                 USING unnest($1::uuid[], $2::integer[], $3::bigint[]) AS t(id, part, gen),
-                       {s}.wb_partition_leases l
+                 USING unnest($1::uuid[], $2::integer[], $3::bigint[]) AS t(id, part, gen)
                  WHERE i.message_id = t.id AND i.claimed_by = $4 AND i.claimed_generation = t.gen
-                   AND l.partition = t.part AND l.instance_id = $4 AND l.generation = t.gen
+                   AND (SELECT l.generation FROM {s}.wb_partition_leases l
+                         WHERE l.partition = t.part AND l.instance_id = $4) = t.gen
                 RETURNING i.message_id)
              UPDATE {s}.wb_dedup d SET processed_at = now() FROM done
               WHERE d.message_id = done.message_id"
