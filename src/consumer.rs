@@ -225,7 +225,7 @@ impl ReceiveLoop {
                 Ok(ReceiveEnd::HandOver) => {
                     // Everything received was committed and settled: the standby that the
                     // broker activates now starts exactly where this receiver stopped.
-                    sub.close().await;
+                    drop(sub);
                     tracing::info!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, "shard handed over to a standby instance (more than this instance's share was active)");
                 }
                 Ok(ReceiveEnd::CommitFailed) => {
@@ -233,16 +233,15 @@ impl ReceiveLoop {
                     // prefetch window). Committing them before the released ones come back would
                     // put a later message of a stream ahead of an earlier one in the inbox, so
                     // the link goes: the broker takes back every unsettled delivery and hands
-                    // them out again in queue order, ahead of what follows them (`close`
-                    // promises that; a plain drop does not wait for it).
-                    sub.close().await;
+                    // them out again in queue order.
+                    drop(sub);
                     let delay = commit_backoff.next_delay();
                     tracing::warn!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, retry_in_ms = delay.as_millis() as u64, "inbox commit failed; reopening the subscription so the released deliveries come first");
                     tokio::time::sleep(delay).await;
                 }
                 // The session went idle with nothing unsettled: give it back, take the next.
                 Err(crate::transport::TransportError::SessionIdle(why)) => {
-                    sub.close().await;
+                    drop(sub);
                     tracing::debug!(topic = %self.topic, subscription = %self.subscription, receiver = self.receiver, %why, "session given back");
                 }
                 Err(e) => {
@@ -403,9 +402,7 @@ impl ReceiveLoop {
     }
 }
 
-/// Stops receiving. The subscription is dropped with the receive loop: its unsettled deliveries
-/// go back to the broker ahead of what follows them (the transport's drop keeps that order, as
-/// `Subscription::close` does; it only does not wait for it).
+/// Stops receiving. Unsettled deliveries go back to the broker when the link closes.
 pub struct StopConsumer;
 
 impl Message for StopConsumer {

@@ -38,45 +38,11 @@ impl Drop for AbortOnDrop {
 /// The connection and session of an attached link, watched: `closed` resolves (with the
 /// reason) as soon as the broker ends the session or the connection stops, which fe2o3-amqp
 /// does not report to a sender waiting for outcomes. Dropping it ends the session, closes the
-/// connection and stops the CBS token renewal; [`LinkGuard::retire`] does so in an order that
-/// keeps a receiver's unsettled deliveries ahead of everything after them.
+/// connection and stops the CBS token renewal.
 pub(super) struct LinkGuard {
     pub(super) closed: oneshot::Receiver<String>,
-    /// Hands the link to the watcher, which closes the connection before it lets the link go.
-    retire: Option<oneshot::Sender<Retired>>,
-    watcher: Option<JoinHandle<()>>,
+    _watcher: AbortOnDrop,
     _renewal: Option<AbortOnDrop>,
-}
-
-/// A link handed to its watcher to be let go of after its connection closed.
-pub(super) type Retired = Box<dyn Send>;
-
-/// How long a retiring link waits for the broker to confirm its connection's close.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl LinkGuard {
-    /// Closes the connection first and drops `link` only after it: the broker then ends the
-    /// link together with its session, and takes a receiver's unsettled deliveries back before
-    /// it activates another consumer of the queue (RabbitMQ's single-active-consumer standby).
-    /// A link dropped on its own sends its detach first: the broker activates the standby at
-    /// the detach, hands it what follows, and puts the unsettled deliveries back only when the
-    /// session ends, behind what the standby already has. The returned task ends once the
-    /// connection has closed (or after [`CLOSE_WAIT`]).
-    pub(super) fn retire(mut self, link: Retired) -> Option<JoinHandle<()>> {
-        let retire = self.retire.take()?;
-        // Given back (the watcher has stopped): nothing is open any more to order.
-        retire.send(link).ok()?;
-        self.watcher.take()
-    }
-}
-
-impl Drop for LinkGuard {
-    fn drop(&mut self) {
-        // Not retired: stop the watcher, which drops the session and connection.
-        if let Some(watcher) = self.watcher.take() {
-            watcher.abort();
-        }
-    }
 }
 
 impl LinkConnection {
@@ -99,31 +65,18 @@ impl LinkConnection {
             renewal,
         } = self;
         let (tx, closed) = oneshot::channel();
-        let (retire, mut retired) = oneshot::channel::<Retired>();
         let watcher = tokio::spawn(async move {
-            let link = tokio::select! {
-                r = session.on_end() => {
-                    let _ = tx.send(format!("the session ended ({r:?})"));
-                    retired.await
-                }
-                r = connection.on_close() => {
-                    let _ = tx.send(format!("the connection closed ({r:?})"));
-                    retired.await
-                }
-                link = &mut retired => link,
+            let reason = tokio::select! {
+                r = session.on_end() => format!("the session ended ({r:?})"),
+                r = connection.on_close() => format!("the connection closed ({r:?})"),
             };
-            // Keep both handles until the link is retired (or this task aborted); then close
-            // the connection before the link goes (see `LinkGuard::retire`).
-            if let Ok(link) = link {
-                let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
-                drop(link);
-                drop(session);
-            }
+            let _ = tx.send(reason);
+            // Keep both handles until the link is dropped (which aborts this task).
+            std::future::pending::<()>().await;
         });
         LinkGuard {
             closed,
-            retire: Some(retire),
-            watcher: Some(watcher),
+            _watcher: AbortOnDrop(watcher),
             _renewal: renewal,
         }
     }

@@ -31,17 +31,15 @@ use fe2o3_amqp_management::client::MgmtClient;
 use futures::FutureExt as _;
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 /// The error condition of a rejected delivery (its description is the consumer's reason).
 pub const REJECT_CONDITION: &str = "whizbang:rejected";
 
 /// A receiver link with its credit window and the deliveries not yet settled.
 pub(super) struct AmqpSubscription {
-    /// Present until the subscription is closed or dropped; then handed to the guard, which
-    /// lets it go only after the connection closed (see `LinkGuard::retire`).
-    receiver: Option<Receiver>,
-    guard: Option<LinkGuard>,
+    // Field order is drop order: the link goes before its session and connection.
+    receiver: Receiver,
+    guard: LinkGuard,
     address: String,
     unsettled: HashMap<u64, DeliveryInfo>,
     next_tag: u64,
@@ -94,8 +92,8 @@ impl AmqpSubscription {
             .await
             .map_err(|e| connection_error(&address, "granting credit failed", e))?;
         Ok(AmqpSubscription {
-            receiver: Some(receiver),
-            guard: Some(connection.watch()),
+            receiver,
+            guard: connection.watch(),
             address,
             unsettled: HashMap::new(),
             next_tag: 0,
@@ -181,8 +179,8 @@ impl AmqpSubscription {
             .map_err(|e| connection_error(&address, "granting credit failed", e))?;
         tracing::debug!(%address, session = %session_id, "session accepted");
         Ok(AmqpSubscription {
-            receiver: Some(receiver),
-            guard: Some(connection.watch()),
+            receiver,
+            guard: connection.watch(),
             address,
             unsettled: HashMap::new(),
             next_tag: 0,
@@ -228,10 +226,10 @@ impl Subscription for AmqpSubscription {
             }
         };
         let first = tokio::select! {
-            delivery = link(&mut self.receiver).recv::<Body<Value>>() => {
+            delivery = self.receiver.recv::<Body<Value>>() => {
                 delivery.map_err(|e| connection_error(&self.address, "receive failed", e))?
             }
-            reason = closed(&mut self.guard) => {
+            reason = &mut self.guard.closed => {
                 let reason = reason.unwrap_or_else(|_| "the connection watcher stopped".into());
                 return Err(connection_error(&self.address, "link lost", reason));
             }
@@ -250,10 +248,7 @@ impl Subscription for AmqpSubscription {
         // next call (once swallowed, a delivery that failed stayed unsettled on the link and
         // never came back while the link lived).
         while out.len() < max.max(1).min(self.credit_left as usize) {
-            match link(&mut self.receiver)
-                .recv::<Body<Value>>()
-                .now_or_never()
-            {
+            match self.receiver.recv::<Body<Value>>().now_or_never() {
                 Some(Ok(delivery)) => out.push(self.admit(delivery)),
                 Some(Err(e)) => {
                     self.failed = Some(connection_error(&self.address, "receive failed", e));
@@ -266,7 +261,7 @@ impl Subscription for AmqpSubscription {
         if self.credit_left == 0 {
             // The window is used up, so nothing is in flight: the new credit cannot overlap
             // transfers the broker already sent.
-            link(&mut self.receiver)
+            self.receiver
                 .set_credit(self.window)
                 .await
                 .map_err(|e| connection_error(&self.address, "granting credit failed", e))?;
@@ -280,54 +275,17 @@ impl Subscription for AmqpSubscription {
             return Ok(()); // settling twice is harmless
         };
         let result = match settlement {
-            Settlement::Accept => link(&mut self.receiver).accept(info).await,
+            Settlement::Accept => self.receiver.accept(info).await,
             Settlement::Reject(reason) => {
                 let error = definitions::Error::new(
                     ErrorCondition::Custom(Symbol::from(REJECT_CONDITION)),
                     Some(reason),
                     None,
                 );
-                link(&mut self.receiver).reject(info, error).await
+                self.receiver.reject(info, error).await
             }
-            Settlement::Release => link(&mut self.receiver).release(info).await,
+            Settlement::Release => self.receiver.release(info).await,
         };
         result.map_err(|e| connection_error(&self.address, "settle failed", e))
-    }
-
-    async fn close(mut self: Box<Self>) {
-        if let Some(closing) = self.retire() {
-            let _ = closing.await;
-        }
-    }
-}
-
-impl AmqpSubscription {
-    /// Hands the link to its guard, which closes the connection before it lets the link go
-    /// (see `LinkGuard::retire`); the task that does it, to wait for if the caller wants to.
-    fn retire(&mut self) -> Option<tokio::task::JoinHandle<()>> {
-        let (link, guard) = (self.receiver.take()?, self.guard.take()?);
-        guard.retire(Box::new(link))
-    }
-}
-
-impl Drop for AmqpSubscription {
-    fn drop(&mut self) {
-        // Dropped without `close` (its consumer stopped): the same order, not waited for.
-        let _ = self.retire();
-    }
-}
-
-/// The receiver link of a subscription that is not closed (it is taken only by `retire`).
-fn link(receiver: &mut Option<Receiver>) -> &mut Receiver {
-    receiver
-        .as_mut()
-        .expect("a subscription's link is there until it is closed")
-}
-
-/// Resolves with the reason once the link's session or connection is gone.
-async fn closed(guard: &mut Option<LinkGuard>) -> Result<String, oneshot::error::RecvError> {
-    match guard {
-        Some(guard) => (&mut guard.closed).await,
-        None => std::future::pending().await,
     }
 }
