@@ -245,6 +245,9 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
     let _topology = Topology::declare(&[(&topic, &["inventory/4"])])?;
     let schema = format!("t_{}_c", Uuid::now_v7().simple());
     let log = Applied::default();
+    // The runtimes' warnings, shown if the run fails (the buffer is shared with the tests
+    // running beside this one).
+    let logs = captured_logs();
     let result = async {
         let streams = streams("order", STREAMS);
         let mut sender = PlainSender::open(&topic).await?;
@@ -365,6 +368,14 @@ async fn two_instances(stop_midway: bool) -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
+    if result.is_err() {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "last warnings of the process:\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    }
     drop_schemas(&[&schema]).await?;
     result
 }
