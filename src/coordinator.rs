@@ -906,23 +906,19 @@ impl Coordinator {
         ctx: &mut Context<Self>,
     ) {
         match result {
-            Ok(hb) if !hb.released.is_empty() => {
-                self.heartbeat_seen(&hb, ctx);
-                self.health.heartbeat_ok();
-                self.live_instances
-                    .store(hb.live_instances.max(1), Ordering::Relaxed);
-                tracing::debug!(
-                    released = hb.released.len(),
-                    held = hb.held_partitions.len(),
-                    live = hb.live_instances,
-                    "heartbeat released partitions"
-                );
-            }
             Ok(hb) => {
                 self.heartbeat_seen(&hb, ctx);
                 self.health.heartbeat_ok();
                 self.live_instances
-                    .store(hb.live_instances.max(1), Ordering::Relaxed)
+                    .store(hb.live_instances.max(1), Ordering::Relaxed);
+                if !hb.released.is_empty() {
+                    tracing::debug!(
+                        released = hb.released.len(),
+                        held = hb.held_partitions.len(),
+                        live = hb.live_instances,
+                        "heartbeat released partitions"
+                    );
+                }
             }
             Err(e) => {
                 self.health.store_failed();

@@ -148,8 +148,11 @@ pub trait Subscription: Send {
     /// Settles one delivery; called only after its inbox row is committed (or for poison).
     async fn settle(&mut self, tag: u64, settlement: Settlement) -> Result<(), TransportError>;
 
-    /// Gives the subscription up. The deliveries it has not settled go back to the broker
-    /// ahead of everything after them, before another receiver (a standby of the same shard)
-    /// is handed anything. Dropping a subscription gives them back too, without that promise.
+    /// Gives the subscription up: the deliveries it has not settled go back to the broker. A
+    /// transport overrides it when it can promise they go back ahead of everything after
+    /// them, before another receiver (a standby of the same shard) is handed anything. The
+    /// default drops the subscription, without that promise: the AMQP transport's drop sends
+    /// the link's detach before its session ends, and RabbitMQ activates the standby at the
+    /// detach but returns the unsettled deliveries only at the session's end.
     async fn close(self: Box<Self>) {}
 }
